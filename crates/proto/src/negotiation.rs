@@ -1,0 +1,419 @@
+//! The option-haggling phase: a state machine that turns each option request
+//! into replies, and decides when transmission starts.
+//!
+//! It does no I/O and knows no storage. Read-only questions about exports
+//! (LIST, INFO, meta-context queries) go to a [`Catalog`]; opening an export
+//! for GO or EXPORT_NAME may create a disk, so it is handed back to the caller
+//! as [`Step::Open`], whose result comes back through
+//! [`Negotiator::finish_open`]. INFO therefore can never create anything.
+
+use crate::codec::{DecodeError, PutBe, Reader};
+use crate::consts::*;
+use crate::handshake::{clip, put_export_name_reply, put_option_error, put_option_reply};
+
+/// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    pub min: u32,
+    pub preferred: u32,
+    pub max: u32,
+}
+
+/// What a client learns about an export before transmission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// The export's canonical name (the default export "" resolves to it).
+    pub name: String,
+    pub size: u64,
+    /// Flags as the export would have them with structured replies on; the
+    /// negotiator drops those the session cannot use.
+    pub flags: TransmissionFlags,
+    pub block_size: BlockSize,
+    pub description: Option<String>,
+}
+
+/// One entry of an `NBD_OPT_LIST` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportListing {
+    pub name: String,
+    pub description: Option<String>,
+}
+
+/// Why an export cannot be described or opened; each maps to one option error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupError {
+    /// No such export.
+    Unknown(String),
+    /// The name or request is refused by policy (bad name, limit reached).
+    Policy(String),
+    /// The server failed to set the export up (e.g. mkfs failed).
+    Platform(String),
+    /// The server is going down.
+    Shutdown(String),
+}
+
+impl LookupError {
+    fn code_and_message(&self) -> (OptError, &str) {
+        match self {
+            LookupError::Unknown(m) => (OptError::Unknown, m),
+            LookupError::Policy(m) => (OptError::Policy, m),
+            LookupError::Platform(m) => (OptError::Platform, m),
+            LookupError::Shutdown(m) => (OptError::Shutdown, m),
+        }
+    }
+}
+
+/// Read-only view of the exports, for questions that must not create one.
+pub trait Catalog {
+    fn list(&self) -> Vec<ExportListing>;
+    fn info(&self, name: &str) -> Result<ExportInfo, LookupError>;
+}
+
+/// How transmission replies are framed, fixed when transmission starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    Simple,
+    Structured,
+    Extended,
+}
+
+/// Everything transmission needs from the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub export: ExportInfo,
+    pub mode: ReplyMode,
+    /// Context id for `base:allocation`, when the client selected it for
+    /// this export; BLOCK_STATUS is refused otherwise.
+    pub base_allocation: Option<u32>,
+}
+
+/// Which option asked to open an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenVia {
+    ExportName,
+    Go { info_requests: Vec<u16> },
+}
+
+/// What the caller does after [`Negotiator::handle`] filled its output buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Send the output and read the next option.
+    Continue,
+    /// Send the output, then close the connection.
+    Close,
+    /// Open the named export (creating it if need be) and pass the result to
+    /// [`Negotiator::finish_open`].
+    Open { name: String, via: OpenVia },
+}
+
+/// Result of [`Negotiator::finish_open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// Send the output; transmission starts right after it.
+    Transmit(Session),
+    /// Send the output and read the next option (GO failed).
+    Continue,
+    /// Send the output (if any) and close (EXPORT_NAME failed).
+    Close,
+}
+
+/// The id scratchd gives `base:allocation`; any nonzero value would do.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// State of one connection's option haggling.
+#[derive(Debug, Default)]
+pub struct Negotiator {
+    /// The client may skip the 124 zero bytes of the EXPORT_NAME reply.
+    no_zeroes: bool,
+    structured: bool,
+    extended: bool,
+    /// Export name for which `base:allocation` was selected, if any.
+    meta_for: Option<String>,
+}
+
+impl Negotiator {
+    pub fn new(no_zeroes: bool) -> Self {
+        Negotiator {
+            no_zeroes,
+            ..Default::default()
+        }
+    }
+
+    fn reply_mode(&self) -> ReplyMode {
+        if self.extended {
+            ReplyMode::Extended
+        } else if self.structured {
+            ReplyMode::Structured
+        } else {
+            ReplyMode::Simple
+        }
+    }
+
+    /// Handles one option request, appending its replies to `out`.
+    pub fn handle(
+        &mut self,
+        option: u32,
+        payload: &[u8],
+        catalog: &dyn Catalog,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        match option {
+            OPT_EXPORT_NAME => self.export_name(payload),
+            OPT_ABORT => {
+                put_option_reply(out, option, REP_ACK, &[]);
+                Step::Close
+            }
+            OPT_LIST => {
+                if !payload.is_empty() {
+                    return invalid(out, option, "NBD_OPT_LIST takes no data");
+                }
+                for e in catalog.list() {
+                    let mut data = Vec::with_capacity(4 + e.name.len());
+                    data.put_u32(e.name.len() as u32);
+                    data.extend_from_slice(e.name.as_bytes());
+                    if let Some(d) = &e.description {
+                        data.extend_from_slice(clip(d).as_bytes());
+                    }
+                    put_option_reply(out, option, REP_SERVER, &data);
+                }
+                put_option_reply(out, option, REP_ACK, &[]);
+                Step::Continue
+            }
+            OPT_STARTTLS => {
+                put_option_error(
+                    out,
+                    option,
+                    OptError::Policy,
+                    "TLS is not enabled on this server",
+                );
+                Step::Continue
+            }
+            OPT_INFO | OPT_GO => match parse_info_request(payload) {
+                Err(e) => invalid(out, option, &format!("malformed request: {e}")),
+                Ok((name, info_requests)) if option == OPT_GO => Step::Open {
+                    name: name.to_owned(),
+                    via: OpenVia::Go { info_requests },
+                },
+                Ok((name, info_requests)) => {
+                    match catalog.info(name) {
+                        Ok(info) => self.put_export_info(out, option, &info, &info_requests),
+                        Err(e) => put_lookup_error(out, option, &e),
+                    }
+                    Step::Continue
+                }
+            },
+            OPT_STRUCTURED_REPLY => {
+                if !payload.is_empty() {
+                    invalid(out, option, "NBD_OPT_STRUCTURED_REPLY takes no data")
+                } else if self.extended {
+                    put_option_error(
+                        out,
+                        option,
+                        OptError::ExtHeaderReqd,
+                        "extended headers are already negotiated",
+                    );
+                    Step::Continue
+                } else {
+                    self.structured = true;
+                    put_option_reply(out, option, REP_ACK, &[]);
+                    Step::Continue
+                }
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !payload.is_empty() {
+                    return invalid(out, option, "NBD_OPT_EXTENDED_HEADERS takes no data");
+                }
+                self.extended = true;
+                put_option_reply(out, option, REP_ACK, &[]);
+                Step::Continue
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_context(option, payload, catalog, out)
+            }
+            _ => {
+                put_option_error(
+                    out,
+                    option,
+                    OptError::Unsup,
+                    &format!("option {option} is not supported"),
+                );
+                Step::Continue
+            }
+        }
+    }
+
+    fn export_name(&mut self, payload: &[u8]) -> Step {
+        if self.extended {
+            // The reply has no room for an error, so the only answer is to
+            // hang up, as the spec demands once extended headers are on.
+            return Step::Close;
+        }
+        match Reader::new(payload).string(payload.len(), MAX_STRING_LEN) {
+            Ok(name) => Step::Open {
+                name: name.to_owned(),
+                via: OpenVia::ExportName,
+            },
+            Err(_) => Step::Close,
+        }
+    }
+
+    /// Completes GO or EXPORT_NAME once the caller has tried to open `name`.
+    pub fn finish_open(
+        &mut self,
+        via: &OpenVia,
+        result: Result<ExportInfo, LookupError>,
+        out: &mut Vec<u8>,
+    ) -> Opened {
+        let info = match (via, result) {
+            (_, Ok(info)) => info,
+            (OpenVia::Go { .. }, Err(e)) => {
+                put_lookup_error(out, OPT_GO, &e);
+                return Opened::Continue;
+            }
+            (OpenVia::ExportName, Err(_)) => return Opened::Close,
+        };
+        let flags = self.session_flags(info.flags);
+        match via {
+            OpenVia::Go { info_requests } => {
+                self.put_export_info(out, OPT_GO, &info, info_requests);
+            }
+            OpenVia::ExportName => put_export_name_reply(out, info.size, flags.0, self.no_zeroes),
+        }
+        let base_allocation = match &self.meta_for {
+            Some(n) if *n == info.name => Some(BASE_ALLOCATION_ID),
+            _ => None,
+        };
+        Opened::Transmit(Session {
+            export: ExportInfo { flags, ..info },
+            mode: self.reply_mode(),
+            base_allocation,
+        })
+    }
+
+    /// The export's flags less those this session cannot use.
+    fn session_flags(&self, flags: TransmissionFlags) -> TransmissionFlags {
+        let mut f = flags.0 | TransmissionFlags::HAS_FLAGS;
+        if self.reply_mode() == ReplyMode::Simple {
+            f &= !TransmissionFlags::SEND_DF;
+        }
+        // Payloads on BLOCK_STATUS are not implemented, so never offered.
+        f &= !TransmissionFlags::BLOCK_STATUS_PAYLOAD;
+        TransmissionFlags(f)
+    }
+
+    /// INFO/GO answer: INFO_EXPORT always, BLOCK_SIZE always (our constraints
+    /// are only hints a client may rely on), NAME and DESCRIPTION on request.
+    fn put_export_info(&self, out: &mut Vec<u8>, option: u32, info: &ExportInfo, requests: &[u16]) {
+        let flags = self.session_flags(info.flags);
+        let mut d = Vec::with_capacity(16);
+        d.put_u16(INFO_EXPORT);
+        d.put_u64(info.size);
+        d.put_u16(flags.0);
+        put_option_reply(out, option, REP_INFO, &d);
+
+        d.clear();
+        d.put_u16(INFO_BLOCK_SIZE);
+        d.put_u32(info.block_size.min);
+        d.put_u32(info.block_size.preferred);
+        d.put_u32(info.block_size.max);
+        put_option_reply(out, option, REP_INFO, &d);
+
+        if requests.contains(&INFO_NAME) {
+            d.clear();
+            d.put_u16(INFO_NAME);
+            d.extend_from_slice(info.name.as_bytes());
+            put_option_reply(out, option, REP_INFO, &d);
+        }
+        if let (true, Some(desc)) = (requests.contains(&INFO_DESCRIPTION), &info.description) {
+            d.clear();
+            d.put_u16(INFO_DESCRIPTION);
+            d.extend_from_slice(clip(desc).as_bytes());
+            put_option_reply(out, option, REP_INFO, &d);
+        }
+        put_option_reply(out, option, REP_ACK, &[]);
+    }
+
+    fn meta_context(
+        &mut self,
+        option: u32,
+        payload: &[u8],
+        catalog: &dyn Catalog,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        let (name, queries) = match parse_meta_query(payload) {
+            Ok(q) => q,
+            Err(e) => return invalid(out, option, &format!("malformed request: {e}")),
+        };
+        if self.reply_mode() == ReplyMode::Simple {
+            return invalid(
+                out,
+                option,
+                "meta contexts need structured replies or extended headers first",
+            );
+        }
+        let info = match catalog.info(name) {
+            Ok(info) => info,
+            Err(e) => {
+                put_lookup_error(out, option, &e);
+                return Step::Continue;
+            }
+        };
+        let listing = option == OPT_LIST_META_CONTEXT;
+        let selected = if listing {
+            queries.is_empty()
+                || queries
+                    .iter()
+                    .any(|q| *q == "base:" || *q == BASE_ALLOCATION)
+        } else {
+            queries.contains(&BASE_ALLOCATION)
+        };
+        if selected {
+            let mut d = Vec::with_capacity(4 + BASE_ALLOCATION.len());
+            d.put_u32(if listing { 0 } else { BASE_ALLOCATION_ID });
+            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            put_option_reply(out, option, REP_META_CONTEXT, &d);
+        }
+        if !listing {
+            self.meta_for = selected.then_some(info.name);
+        }
+        put_option_reply(out, option, REP_ACK, &[]);
+        Step::Continue
+    }
+}
+
+fn invalid(out: &mut Vec<u8>, option: u32, message: &str) -> Step {
+    put_option_error(out, option, OptError::Invalid, message);
+    Step::Continue
+}
+
+fn put_lookup_error(out: &mut Vec<u8>, option: u32, e: &LookupError) {
+    let (code, message) = e.code_and_message();
+    put_option_error(out, option, code, message);
+}
+
+/// INFO/GO payload: u32 name length, name, u16 count, count × u16 info type.
+pub fn parse_info_request(payload: &[u8]) -> Result<(&str, Vec<u16>), DecodeError> {
+    let mut r = Reader::new(payload);
+    let name = r.string32(MAX_STRING_LEN)?;
+    let n = r.u16()? as usize;
+    // Bound the allocation by what the payload can actually hold.
+    let mut requests = Vec::with_capacity(n.min(r.remaining() / 2));
+    for _ in 0..n {
+        requests.push(r.u16()?);
+    }
+    r.finish()?;
+    Ok((name, requests))
+}
+
+/// Meta-context payload: export name, then u32 count of u32-length queries.
+pub fn parse_meta_query(payload: &[u8]) -> Result<(&str, Vec<&str>), DecodeError> {
+    let mut r = Reader::new(payload);
+    let name = r.string32(MAX_STRING_LEN)?;
+    let n = r.u32()? as usize;
+    let mut queries = Vec::with_capacity(n.min(r.remaining() / 4));
+    for _ in 0..n {
+        queries.push(r.string32(MAX_STRING_LEN)?);
+    }
+    r.finish()?;
+    Ok((name, queries))
+}

@@ -1,0 +1,344 @@
+//! One client connection: the handshake, then the transmission loop.
+//!
+//! The connection's thread reads requests. Requests for backends that never
+//! block run right here and their replies are gathered in one buffer, which
+//! is written when no further request is already waiting in the input
+//! buffer: a client with 32 requests in flight gets 32 replies in one system
+//! call. Requests for backends that may block go to the worker pool, which
+//! writes each reply when it completes, so replies leave out of order.
+
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex};
+
+use scratchd_proto::handshake::{self, ClientFlags, OptionHeader, PayloadPlan, OPTION_HEADER_LEN};
+use scratchd_proto::negotiation::{Negotiator, Opened, ReplyMode, Session, Step};
+use scratchd_proto::reply::{self, ReplyTo};
+use scratchd_proto::request::{self, Command, PayloadPlan as RequestPayload, RequestHeader};
+use scratchd_proto::Errno;
+use scratchd_store::BlockDevice;
+use tracing::{debug, info, warn};
+
+use crate::executor::{self, ReplyContext, Scratch};
+use crate::export::OpenExport;
+use crate::listener::ServerContext;
+use crate::transport::Transport;
+use crate::workers::InFlight;
+
+/// Input buffer size: holds dozens of small requests, so one read() serves many.
+const INPUT_BUFFER: usize = 256 * 1024;
+/// Gathered replies are written once they reach this size, even if more
+/// requests are waiting, to keep memory and latency bounded.
+const FLUSH_AT: usize = 256 * 1024;
+/// Requests one connection may have on the worker pool at once.
+const MAX_IN_FLIGHT: usize = 64;
+/// Buffers grown by a large request are shrunk back to this when idle.
+const IDLE_BUFFER: usize = 1024 * 1024;
+
+type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Serves one client from greeting to close. Errors are logged, not returned:
+/// one client's misbehaviour never concerns anyone else.
+pub fn serve(transport: Transport, ctx: &ServerContext) {
+    let peer = transport.peer.clone();
+    debug!(%peer, "connection opened");
+    match run(transport, ctx) {
+        Ok(()) => debug!(%peer, "connection closed"),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            debug!(%peer, "client went away")
+        }
+        Err(e) => info!(%peer, error = %e, "connection ended"),
+    }
+}
+
+fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
+    let Transport { reader, mut writer, .. } = transport;
+    let mut input = Input::new(reader);
+    let Some((session, export)) = handshake(&mut input, &mut writer, ctx)? else {
+        return Ok(());
+    };
+    info!(export = %session.export.name, mode = ?session.mode, "transmission started");
+    transmission(input, writer, session, export, ctx)
+}
+
+fn handshake(
+    input: &mut Input,
+    writer: &mut Box<dyn Write + Send>,
+    ctx: &ServerContext,
+) -> io::Result<Option<(Session, OpenExport)>> {
+    writer.write_all(&handshake::greeting())?;
+    writer.flush()?;
+    let mut raw = [0u8; 4];
+    input.read_exact(&mut raw)?;
+    let ClientFlags { no_zeroes } =
+        handshake::parse_client_flags(u32::from_be_bytes(raw)).map_err(invalid_data)?;
+    let mut negotiator = Negotiator::new(no_zeroes);
+    let mut out = Vec::new();
+    let mut payload = Vec::new();
+    loop {
+        let mut raw = [0u8; OPTION_HEADER_LEN];
+        input.read_exact(&mut raw)?;
+        let header = OptionHeader::parse(&raw).map_err(invalid_data)?;
+        out.clear();
+        match header.payload_plan().map_err(invalid_data)? {
+            PayloadPlan::DrainAndRefuse => {
+                input.discard(header.len as u64)?;
+                handshake::put_option_error(
+                    &mut out,
+                    header.option,
+                    scratchd_proto::consts::OptError::TooBig,
+                    "option data is too long",
+                );
+                writer.write_all(&out)?;
+                continue;
+            }
+            PayloadPlan::Read => {
+                payload.resize(header.len as usize, 0);
+                input.read_exact(&mut payload)?;
+            }
+        }
+        let step = negotiator.handle(header.option, &payload, ctx.exports.as_ref(), &mut out);
+        let opened = match step {
+            Step::Continue => None,
+            Step::Close => {
+                let _ = writer.write_all(&out);
+                return Ok(None);
+            }
+            Step::Open { name, via } => {
+                let result = ctx.exports.open(&name);
+                let (info, export) = match result {
+                    Ok(e) => (Ok(e.info.clone()), Some(e)),
+                    Err(e) => (Err(e), None),
+                };
+                match negotiator.finish_open(&via, info, &mut out) {
+                    Opened::Transmit(session) => export.map(|e| (session, e)),
+                    Opened::Continue => None,
+                    Opened::Close => {
+                        let _ = writer.write_all(&out);
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        writer.write_all(&out)?;
+        writer.flush()?;
+        if opened.is_some() {
+            return Ok(opened);
+        }
+    }
+}
+
+fn invalid_data(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+fn transmission(
+    mut input: Input,
+    writer: Box<dyn Write + Send>,
+    session: Session,
+    export: OpenExport,
+    ctx: &ServerContext,
+) -> io::Result<()> {
+    let writer: SharedWriter = Arc::new(Mutex::new(writer));
+    let device = export.device.clone();
+    let inline = !device.capabilities().may_block;
+    let cx = ReplyContext {
+        mode: session.mode,
+        base_allocation: session.base_allocation,
+    };
+    let header_len = request::request_len(session.mode);
+    let in_flight = Arc::new(InFlight::new(MAX_IN_FLIGHT));
+    let mut out: Vec<u8> = Vec::with_capacity(FLUSH_AT);
+    let mut scratch = Scratch::default();
+    let mut big_payload: Vec<u8> = Vec::new();
+
+    let result = (|| -> io::Result<()> {
+        loop {
+            if input.buffered().len() < header_len {
+                flush(&writer, &mut out)?;
+                if out.capacity() > IDLE_BUFFER {
+                    out.shrink_to(IDLE_BUFFER);
+                }
+                big_payload = Vec::new();
+                if !input.fill(header_len)? {
+                    return Ok(()); // clean EOF between requests
+                }
+            }
+            let header = RequestHeader::parse(&input.buffered()[..header_len], session.mode)
+                .map_err(invalid_data)?;
+            input.consume(header_len);
+            let to = ReplyTo {
+                cookie: header.cookie,
+                offset: header.offset,
+            };
+            let payload_len = match header.payload_plan(session.mode) {
+                RequestPayload::None => 0,
+                RequestPayload::Receive(n) => n as usize,
+                RequestPayload::Discard(n) => {
+                    input.discard(n)?;
+                    reply::put_error(&mut out, cx.mode, to, Errno::Inval, "payload too large");
+                    continue;
+                }
+                RequestPayload::Disconnect => {
+                    return Err(invalid_data(format!(
+                        "request payload of {} bytes is beyond any sane size",
+                        header.length
+                    )));
+                }
+            };
+            // Small payloads are used in place from the input buffer; large
+            // ones are read straight into a buffer of their own.
+            let in_buffer = payload_len <= INPUT_BUFFER;
+            let payload: &[u8] = if in_buffer {
+                if !input.fill(payload_len)? {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                &input.buffered()[..payload_len]
+            } else {
+                big_payload.resize(payload_len, 0);
+                input.read_exact(&mut big_payload)?;
+                &big_payload
+            };
+            let command = request::validate(&header, &session);
+            match command {
+                Err(refusal) => {
+                    reply::put_error(&mut out, cx.mode, to, refusal.errno, refusal.message);
+                }
+                Ok(Command::Disconnect) => return Ok(()),
+                Ok(cmd) if inline => {
+                    executor::execute(device.as_ref(), cmd, payload, cx, to, &mut out, &mut scratch);
+                }
+                Ok(cmd) => {
+                    // Replies gathered so far go first: the worker's may be quick.
+                    flush(&writer, &mut out)?;
+                    in_flight.acquire();
+                    let job = Job {
+                        device: device.clone(),
+                        writer: writer.clone(),
+                        in_flight: in_flight.clone(),
+                        payload: payload.to_vec(),
+                    };
+                    ctx.workers.submit(move || job.run(cmd, cx, to));
+                }
+            }
+            if in_buffer {
+                input.consume(payload_len);
+            }
+            if out.len() >= FLUSH_AT {
+                flush(&writer, &mut out)?;
+            }
+        }
+    })();
+    // DISC, EOF or error: whatever was answered goes out, and the export is
+    // released only after every request still running has finished.
+    let flushed = flush(&writer, &mut out);
+    in_flight.wait_idle();
+    drop(export);
+    result.and(flushed)
+}
+
+fn flush(writer: &SharedWriter, out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+    let r = w.write_all(out);
+    out.clear();
+    r
+}
+
+/// A request running on the worker pool.
+struct Job {
+    device: Arc<dyn BlockDevice>,
+    writer: SharedWriter,
+    in_flight: Arc<InFlight>,
+    payload: Vec<u8>,
+}
+
+impl Job {
+    fn run(self, cmd: Command, cx: ReplyContext, to: ReplyTo) {
+        let mut out = Vec::new();
+        let mut scratch = Scratch::default();
+        executor::execute(self.device.as_ref(), cmd, &self.payload, cx, to, &mut out, &mut scratch);
+        // A failed write means the client is gone; the connection thread
+        // notices on its next read.
+        let _ = flush(&self.writer, &mut out);
+        self.in_flight.release();
+    }
+}
+
+/// A read buffer that lets the transmission loop parse requests in place.
+struct Input {
+    reader: Box<dyn Read + Send>,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Input {
+    fn new(reader: Box<dyn Read + Send>) -> Self {
+        Input {
+            reader,
+            buf: vec![0u8; INPUT_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads until at least `n` (≤ buffer size) bytes are buffered. Returns
+    /// false on end of stream with nothing buffered; end of stream part-way
+    /// through a message is an error.
+    fn fill(&mut self, n: usize) -> io::Result<bool> {
+        debug_assert!(n <= self.buf.len());
+        if self.end - self.start >= n {
+            return Ok(true);
+        }
+        if self.start + n > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end - self.start < n {
+            match self.reader.read(&mut self.buf[self.end..]) {
+                Ok(0) if self.end == self.start => return Ok(false),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => self.end += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Fills `dst` from the buffer first, then straight from the stream.
+    fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
+        let have = self.buffered().len().min(dst.len());
+        dst[..have].copy_from_slice(&self.buffered()[..have]);
+        self.consume(have);
+        self.reader.read_exact(&mut dst[have..])
+    }
+
+    /// Reads and drops `n` bytes without holding more than the buffer.
+    fn discard(&mut self, mut n: u64) -> io::Result<()> {
+        while n > 0 {
+            if self.buffered().is_empty() && !self.fill(1)? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let k = (self.buffered().len() as u64).min(n);
+            self.consume(k as usize);
+            n -= k;
+        }
+        Ok(())
+    }
+}

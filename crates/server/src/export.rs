@@ -1,0 +1,122 @@
+//! The export registry: how a connection finds the disk behind a name.
+//!
+//! [`Exports`] separates looking (the [`Catalog`] half: LIST, INFO and
+//! meta-context queries, which must never create anything) from opening
+//! (GO/EXPORT_NAME, which may create a disk and holds it while connected).
+
+use std::sync::Arc;
+
+use scratchd_proto::negotiation::{BlockSize, Catalog, ExportInfo, ExportListing, LookupError};
+use scratchd_proto::request::MAX_PAYLOAD;
+use scratchd_proto::TransmissionFlags;
+use scratchd_store::{BlockDevice, Capabilities};
+
+/// An export held open by one connection.
+pub struct OpenExport {
+    pub info: ExportInfo,
+    pub device: Arc<dyn BlockDevice>,
+    /// Dropped when the connection (and all its in-flight requests) is done;
+    /// registries that count users (scratch disks) hang their guard here.
+    pub lease: Option<Box<dyn Send + Sync>>,
+}
+
+/// Names → disks, shared by every connection of a server.
+pub trait Exports: Catalog + Send + Sync {
+    /// Opens `name` for transmission, creating its disk if the registry does
+    /// that; the returned lease keeps it alive.
+    fn open(&self, name: &str) -> Result<OpenExport, LookupError>;
+}
+
+/// Block sizes every scratchd export advertises: any alignment is served,
+/// 4 KiB is what backends like best, payloads up to 32 MiB.
+pub const BLOCK_SIZE: BlockSize = BlockSize {
+    min: 1,
+    preferred: 4096,
+    max: MAX_PAYLOAD,
+};
+
+/// Transmission flags for a backend's capabilities.
+pub fn flags_for(caps: Capabilities, read_only: bool) -> TransmissionFlags {
+    type F = TransmissionFlags;
+    let mut f = F::HAS_FLAGS | F::SEND_FLUSH | F::SEND_FUA | F::SEND_DF | F::SEND_CACHE;
+    if read_only || caps.read_only {
+        f |= F::READ_ONLY;
+    } else {
+        f |= F::SEND_WRITE_ZEROES;
+        if caps.trim {
+            f |= F::SEND_TRIM;
+        }
+        if caps.fast_zero {
+            f |= F::SEND_FAST_ZERO;
+        }
+    }
+    if caps.multi_conn {
+        f |= F::CAN_MULTI_CONN;
+    }
+    TransmissionFlags(f)
+}
+
+/// One device served under one name (`-e NAME`, default ""), as qemu-nbd and
+/// nbd-server do: the empty default name also reaches it, any other name is
+/// unknown.
+pub struct SingleExport {
+    name: String,
+    description: Option<String>,
+    device: Arc<dyn BlockDevice>,
+    read_only: bool,
+}
+
+impl SingleExport {
+    pub fn new(
+        name: String,
+        description: Option<String>,
+        device: Arc<dyn BlockDevice>,
+        read_only: bool,
+    ) -> Self {
+        SingleExport {
+            name,
+            description,
+            device,
+            read_only,
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Result<ExportInfo, LookupError> {
+        if name != self.name && !name.is_empty() {
+            return Err(LookupError::Unknown(format!(
+                "no export named {name:?} (this server exports {:?})",
+                self.name
+            )));
+        }
+        Ok(ExportInfo {
+            name: self.name.clone(),
+            size: self.device.size(),
+            flags: flags_for(self.device.capabilities(), self.read_only),
+            block_size: BLOCK_SIZE,
+            description: self.description.clone(),
+        })
+    }
+}
+
+impl Catalog for SingleExport {
+    fn list(&self) -> Vec<ExportListing> {
+        vec![ExportListing {
+            name: self.name.clone(),
+            description: self.description.clone(),
+        }]
+    }
+
+    fn info(&self, name: &str) -> Result<ExportInfo, LookupError> {
+        self.lookup(name)
+    }
+}
+
+impl Exports for SingleExport {
+    fn open(&self, name: &str) -> Result<OpenExport, LookupError> {
+        Ok(OpenExport {
+            info: self.lookup(name)?,
+            device: self.device.clone(),
+            lease: None,
+        })
+    }
+}

@@ -1,0 +1,23 @@
+//! scratchd's NBD server: everything between a socket and a storage backend.
+//!
+//! Layout:
+//! - [`export`]: the export registry (names → disks) seen by connections.
+//! - [`transport`]: the byte streams a connection runs over (Unix, TCP, stdio).
+//! - [`listener`]: listening sockets, socket activation, accept loops.
+//! - [`connection`]: one client: the handshake, then the transmission loop.
+//! - [`executor`]: runs a validated request against a backend and encodes
+//!   its reply.
+//! - [`workers`]: the thread pool that runs requests for backends that may
+//!   block, so a slow request never holds up fast ones.
+
+pub mod connection;
+pub mod executor;
+pub mod export;
+pub mod listener;
+pub mod transport;
+pub mod workers;
+
+pub use connection::serve;
+pub use export::{Exports, OpenExport, SingleExport};
+pub use listener::{Listener, ServerContext};
+pub use transport::Transport;

@@ -1,0 +1,151 @@
+//! Listening sockets and accept loops.
+//!
+//! Each accepted client gets a thread of its own: a connection's work is a
+//! tight read–execute–reply loop, and a blocking thread with a small stack
+//! does that with fewer system calls and wake-ups than an async runtime.
+//! Requests that may block run on the shared worker pool instead (see
+//! [`crate::workers`]), so threads never multiply per request.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use tracing::{error, info, warn};
+
+use crate::connection;
+use crate::export::Exports;
+use crate::transport::Transport;
+use crate::workers::WorkerPool;
+
+/// Stack for connection threads: their buffers live on the heap.
+const CONNECTION_STACK: usize = 512 * 1024;
+
+/// What every connection of a server shares.
+pub struct ServerContext {
+    pub exports: Arc<dyn Exports>,
+    pub workers: WorkerPool,
+}
+
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+    /// Inherited through systemd socket activation; the socket file (if any)
+    /// belongs to systemd.
+    InheritedUnix(UnixListener),
+}
+
+impl Listener {
+    pub fn unix(path: &Path) -> io::Result<Self> {
+        let l = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display()))
+        })?;
+        Ok(Listener::Unix(l, path.to_owned()))
+    }
+
+    /// Binds `addr:port`; without an address, every interface (IPv6 socket
+    /// accepting IPv4 too, or IPv4 alone where IPv6 is missing).
+    pub fn tcp(addr: Option<&str>, port: u16) -> io::Result<Vec<Self>> {
+        let bind = |a: &str| {
+            TcpListener::bind((a, port))
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}:{port}: {e}")))
+        };
+        match addr {
+            Some(a) => Ok(vec![Listener::Tcp(bind(a)?)]),
+            None => match bind("::") {
+                Ok(l) => Ok(vec![Listener::Tcp(l)]),
+                Err(_) => Ok(vec![Listener::Tcp(bind("0.0.0.0")?)]),
+            },
+        }
+    }
+
+    /// Listeners passed by systemd (`LISTEN_PID`/`LISTEN_FDS`), if any.
+    pub fn from_systemd() -> io::Result<Vec<Self>> {
+        let pid_matches = std::env::var("LISTEN_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            == Some(std::process::id());
+        let count = std::env::var("LISTEN_FDS")
+            .ok()
+            .and_then(|n| n.parse::<RawFd>().ok())
+            .unwrap_or(0);
+        if !pid_matches || count <= 0 {
+            return Ok(Vec::new());
+        }
+        // Children (e.g. the --run command) must not think the sockets are theirs.
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+        let mut out = Vec::new();
+        for fd in 3..3 + count {
+            // SAFETY: systemd hands these descriptors to this process and
+            // nothing else in it has taken ownership of them.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+            let local = rustix::net::getsockname(&owned)?;
+            if local.address_family() == rustix::net::AddressFamily::UNIX {
+                out.push(Listener::InheritedUnix(UnixListener::from(owned)));
+            } else {
+                out.push(Listener::Tcp(TcpListener::from(owned)));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn tcp_port(&self) -> Option<u16> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a: SocketAddr| a.port()),
+            _ => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::InheritedUnix(_) => "unix (socket activation)".to_owned(),
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp:{a}"),
+                Err(_) => "tcp".to_owned(),
+            },
+        }
+    }
+
+    /// Accepts clients until the process exits, one thread each.
+    pub fn spawn(self, ctx: Arc<ServerContext>) -> io::Result<()> {
+        let name = self.describe();
+        info!(listener = %name, "listening");
+        thread::Builder::new()
+            .name(format!("accept {name}"))
+            .spawn(move || loop {
+                match self.accept() {
+                    Ok(t) => spawn_connection(t, ctx.clone()),
+                    Err(e) => {
+                        warn!(listener = %name, error = %e, "accept failed");
+                        // EMFILE and friends: don't spin while they last.
+                        thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    fn accept(&self) -> io::Result<Transport> {
+        match self {
+            Listener::Unix(l, _) | Listener::InheritedUnix(l) => Transport::unix(l.accept()?.0),
+            Listener::Tcp(l) => Transport::tcp(l.accept()?.0),
+        }
+    }
+}
+
+pub fn spawn_connection(transport: Transport, ctx: Arc<ServerContext>) {
+    let spawned = thread::Builder::new()
+        .name("connection".to_owned())
+        .stack_size(CONNECTION_STACK)
+        .spawn(move || connection::serve(transport, &ctx));
+    if let Err(e) = spawned {
+        error!(error = %e, "cannot start a connection thread; client dropped");
+    }
+}

@@ -1,0 +1,59 @@
+//! The byte streams a connection runs over.
+//!
+//! A connection reads on one thread and writes from several (its own, and
+//! workers finishing requests), so a transport is split into independent
+//! read and write halves up front. Unix and TCP sockets are cloned; stdio
+//! (`-s`) is naturally two descriptors. A TLS transport can provide the same
+//! two halves over a shared session.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+
+pub struct Transport {
+    pub reader: Box<dyn Read + Send>,
+    pub writer: Box<dyn Write + Send>,
+    /// Who is on the other end, for logs.
+    pub peer: String,
+}
+
+impl Transport {
+    pub fn unix(stream: UnixStream) -> io::Result<Self> {
+        let writer = stream.try_clone()?;
+        Ok(Transport {
+            reader: Box::new(stream),
+            writer: Box::new(writer),
+            peer: "unix".to_owned(),
+        })
+    }
+
+    pub fn tcp(stream: TcpStream) -> io::Result<Self> {
+        // Replies are small and latency-bound; never let Nagle hold them.
+        stream.set_nodelay(true)?;
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "tcp".to_owned());
+        let writer = stream.try_clone()?;
+        Ok(Transport {
+            reader: Box::new(stream),
+            writer: Box::new(writer),
+            peer,
+        })
+    }
+
+    /// The process's stdin and stdout, for `-s` (one connection, inetd-style).
+    pub fn stdio() -> io::Result<Self> {
+        let dup = |fd| -> io::Result<File> {
+            let owned: OwnedFd = rustix::io::fcntl_dupfd_cloexec(fd, 3)?;
+            Ok(File::from(owned))
+        };
+        Ok(Transport {
+            reader: Box::new(dup(rustix::stdio::stdin())?),
+            writer: Box::new(dup(rustix::stdio::stdout())?),
+            peer: "stdio".to_owned(),
+        })
+    }
+}

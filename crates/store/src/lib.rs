@@ -1,0 +1,133 @@
+//! Storage backends for scratchd, behind one small trait.
+//!
+//! The server never knows what holds an export's bytes: it range-checks a
+//! request against [`BlockDevice::size`], then calls one method of the trait.
+//! Backends know nothing of NBD either; they speak bytes, ranges and
+//! `std::io::Error`, and the server maps errno values to NBD error codes.
+//!
+//! Layout:
+//! - [`memory`]: a sparse in-memory disk shared by every connection.
+//! - [`file`]: an existing regular file or block device.
+
+use std::io;
+
+pub mod file;
+pub mod memory;
+#[cfg(test)]
+mod testing;
+
+pub use file::FileDevice;
+pub use memory::MemoryDevice;
+
+/// What a backend can do; the server turns this into NBD transmission flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Writes, trims and zeroing are refused with `EPERM`.
+    pub read_only: bool,
+    /// `flush` and FUA make data durable (false: they are accepted no-ops).
+    pub durable_flush: bool,
+    /// `trim` can give space back.
+    pub trim: bool,
+    /// `zero` without `may_trim` or `fast` is always possible; `fast` zeroing
+    /// (no slower than a write would be) is possible when this is true.
+    pub fast_zero: bool,
+    /// Every handle sees every completed write at once (one shared store or
+    /// page cache), so clients may open several connections.
+    pub multi_conn: bool,
+    /// Calls may sleep on I/O (disk, fsync). The server then runs them on
+    /// worker threads so a slow request does not hold up fast ones; when false
+    /// it runs them inline on the connection's thread, which is cheaper.
+    pub may_block: bool,
+}
+
+/// How to zero a range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The backend may deallocate the range (NBD: no NO_HOLE flag).
+    pub may_trim: bool,
+    /// Fail with `EOPNOTSUPP` rather than fall back to something slower than a
+    /// plain write of zeros would be (NBD FAST_ZERO).
+    pub fast: bool,
+}
+
+/// Allocation state of a run of bytes, as reported by [`BlockDevice::extents`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Backed by storage; contents may be anything.
+    Data,
+    /// Not backed by storage; reads as zeros.
+    Hole,
+}
+
+/// One run of bytes of the same [`ExtentKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub kind: ExtentKind,
+}
+
+/// A disk: a fixed-size range of bytes that many connections may use at once.
+///
+/// Callers guarantee `offset + len <= size()` for every call; backends may
+/// still check and return `EINVAL`. Every method takes `&self`: concurrent
+/// calls on disjoint ranges must not serialise on one lock. Concurrent calls
+/// on overlapping ranges may interleave in any order (NBD leaves the outcome
+/// unspecified), but must never corrupt the backend's own bookkeeping.
+pub trait BlockDevice: Send + Sync {
+    /// Size in bytes; fixed for the life of the device.
+    fn size(&self) -> u64;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Fills `buf` with the bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Stores `data` at `offset`; with `fua`, durably before returning.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Hints that the range is no longer needed. Afterwards it reads as zeros
+    /// or as its old contents (NBD allows both); backends here give zeros.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
+
+    /// Makes the range read as zeros.
+    fn zero(&self, offset: u64, len: u64, flags: ZeroFlags, fua: bool) -> io::Result<()>;
+
+    /// Appends extents that exactly cover `[offset, offset + len)` to `out`,
+    /// in order, without gaps, each with `len > 0`, adjacent ones of different
+    /// kinds (merged). Nothing is appended when `len == 0`.
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> io::Result<()>;
+
+    /// Hints that the range will be read soon.
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+}
+
+/// Checks `[offset, offset + len)` against a device of `size` bytes and
+/// returns the end of the range, or `EINVAL`.
+pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<u64> {
+    offset
+        .checked_add(len)
+        .filter(|&end| end <= size)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Appends a run of `len` bytes of `kind` to `out`, merging it into the last
+/// extent when that one has the same kind and index `first` or later (earlier
+/// entries belong to the caller and are left alone).
+pub(crate) fn push_extent(out: &mut Vec<Extent>, first: usize, len: u64, kind: ExtentKind) {
+    if len == 0 {
+        return;
+    }
+    if out.len() > first {
+        if let Some(last) = out.last_mut().filter(|last| last.kind == kind) {
+            last.len += len;
+            return;
+        }
+    }
+    out.push(Extent { len, kind });
+}

@@ -1,0 +1,43 @@
+//! `scratchd`: fast throw-away NBD disks for package builds.
+//!
+//! This binary is only the edge: command-line parsing, logging, listeners
+//! and process lifetime (`--run`, pidfile, signals). The protocol lives in
+//! `scratchd-proto`, storage in `scratchd-store`, connections in
+//! `scratchd-server`.
+
+mod backend;
+mod serve;
+mod size;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "scratchd", version, about = "Fast throw-away NBD scratch disks for package builds")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a backend over NBD.
+    #[command(after_help = concat!(
+        "Backends:\n",
+        "  memory   sparse RAM disk shared by all connections\n",
+        "           size=SIZE  disk size, e.g. 1G (required)\n",
+        "  file     an existing regular file or block device\n",
+        "           path=PATH  file or device (required)\n\n",
+        "Examples:\n",
+        "  scratchd serve -U - memory size=1G --run 'nbdinfo \"$uri\"'\n",
+        "  scratchd serve -U /run/scratchd.sock file path=disk.img"
+    ))]
+    Serve(serve::ServeArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Serve(args) => serve::main(args),
+    };
+    std::process::exit(code);
+}

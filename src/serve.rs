@@ -1,0 +1,308 @@
+//! `scratchd serve`: set up listeners for one backend and serve until told
+//! to stop (signal, parent death, or the end of the `--run` command).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use scratchd_server::{workers::WorkerPool, Exports, Listener, ServerContext, SingleExport, Transport};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tracing::{error, info};
+
+use crate::backend::{open_backend, BackendError};
+
+/// Exit status for bad usage, as clap uses.
+const EXIT_USAGE: i32 = 2;
+const DEFAULT_PORT: u16 = 10809;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Listen on a Unix socket at PATH; `-` makes a private one in a fresh
+    /// temporary directory (for --run).
+    #[arg(short = 'U', long = "unix", value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// Listen on TCP port N (default 10809 when no other listener is given;
+    /// 0 picks a free port).
+    #[arg(short = 'p', long, value_name = "N")]
+    port: Option<u16>,
+    /// Listen on this TCP address only (default: all addresses).
+    #[arg(short = 'i', long, value_name = "ADDR")]
+    ipaddr: Option<String>,
+    /// Captive mode: serve, run CMD with `sh -c` ($uri, $unixsocket, $port and
+    /// $exportname set), then exit with its status.
+    #[arg(long, value_name = "CMD")]
+    run: Option<String>,
+    /// Refuse writes, trims and zeroing (EPERM).
+    #[arg(short = 'r', long)]
+    readonly: bool,
+    /// Name of the export (clients may also ask for the default name "").
+    #[arg(short = 'e', long = "export-name", value_name = "NAME", default_value = "")]
+    export_name: String,
+    /// Description sent to clients that ask for it (nbdinfo shows it).
+    #[arg(long, value_name = "TEXT")]
+    description: Option<String>,
+    /// Write the server's PID here once it is ready for clients.
+    #[arg(short = 'P', long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+    /// Exit when the parent process exits.
+    #[arg(long)]
+    exit_with_parent: bool,
+    /// Serve exactly one connection on stdin/stdout, then exit.
+    #[arg(short = 's', long)]
+    single: bool,
+    /// Accepted for nbdkit compatibility: scratchd always stays in the foreground.
+    #[arg(short = 'f', long)]
+    foreground: bool,
+    /// Worker threads for backends that may block (file).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    threads: usize,
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Backend: memory or file.
+    backend: String,
+    /// Backend parameters, KEY=VALUE.
+    #[arg(value_name = "KEY=VALUE")]
+    params: Vec<String>,
+}
+
+/// Files and directories to remove however the server ends.
+#[derive(Default)]
+struct Cleanup {
+    sockets: Vec<PathBuf>,
+    pidfile: Option<PathBuf>,
+    tempdir: Option<tempfile::TempDir>,
+}
+
+impl Cleanup {
+    fn run(&mut self) {
+        for p in &self.sockets {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(p) = self.pidfile.take() {
+            let _ = std::fs::remove_file(p);
+        }
+        self.tempdir.take();
+    }
+}
+
+pub fn main(args: ServeArgs) -> i32 {
+    init_logging(args.verbose, args.log_level.as_deref());
+    let _ = args.foreground;
+    let device = match open_backend(&args.backend, &args.params, args.readonly) {
+        Ok(d) => d,
+        Err(BackendError::Usage(m)) => {
+            eprintln!("scratchd: {m}");
+            return EXIT_USAGE;
+        }
+        Err(BackendError::Open(m)) => {
+            eprintln!("scratchd: {m}");
+            return 1;
+        }
+    };
+    let may_block = device.capabilities().may_block;
+    let exports: Arc<dyn Exports> = Arc::new(SingleExport::new(
+        args.export_name.clone(),
+        args.description.clone(),
+        device,
+        args.readonly,
+    ));
+    let workers = match WorkerPool::new(if may_block { args.threads } else { 1 }) {
+        Ok(w) => w,
+        Err(e) => return fail(format!("cannot start worker threads: {e}")),
+    };
+    let ctx = Arc::new(ServerContext { exports, workers });
+    if args.exit_with_parent {
+        if let Err(e) = exit_with_parent() {
+            return fail(format!("--exit-with-parent: {e}"));
+        }
+    }
+    if args.single {
+        return match Transport::stdio() {
+            Ok(t) => {
+                scratchd_server::serve(t, &ctx);
+                0
+            }
+            Err(e) => fail(format!("cannot use stdin/stdout: {e}")),
+        };
+    }
+    let cleanup = Arc::new(Mutex::new(Cleanup::default()));
+    let result = start_listeners(&args, &ctx, &cleanup);
+    let code = match result {
+        Err(m) => fail(m),
+        Ok(env) => {
+            if let Some(p) = &args.pidfile {
+                if let Err(e) = write_pidfile(p) {
+                    cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
+                    return fail(format!("cannot write pidfile {}: {e}", p.display()));
+                }
+                cleanup.lock().unwrap_or_else(|e| e.into_inner()).pidfile = Some(p.clone());
+            }
+            match &args.run {
+                Some(cmd) => run_captive(cmd, &env, &cleanup),
+                None => wait_for_signal(),
+            }
+        }
+    };
+    cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
+    code
+}
+
+fn fail(message: String) -> i32 {
+    error!("{message}");
+    eprintln!("scratchd: {message}");
+    1
+}
+
+fn init_logging(verbose: u8, level: Option<&str>) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level.unwrap_or(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// The environment `--run` commands get: how to reach the server.
+struct RunEnv {
+    uri: String,
+    unixsocket: Option<PathBuf>,
+    port: Option<u16>,
+    exportname: String,
+}
+
+fn start_listeners(
+    args: &ServeArgs,
+    ctx: &Arc<ServerContext>,
+    cleanup: &Arc<Mutex<Cleanup>>,
+) -> Result<RunEnv, String> {
+    let mut listeners = Listener::from_systemd().map_err(|e| format!("socket activation: {e}"))?;
+    let mut unixsocket = None;
+    if let Some(path) = &args.unix {
+        let path = if path == Path::new("-") {
+            let dir = tempfile::Builder::new()
+                .prefix("scratchd-")
+                .tempdir()
+                .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+            let p = dir.path().join("nbd.sock");
+            cleanup.lock().unwrap_or_else(|e| e.into_inner()).tempdir = Some(dir);
+            p
+        } else {
+            path.clone()
+        };
+        listeners.push(Listener::unix(&path).map_err(|e| e.to_string())?);
+        unixsocket = Some(path);
+    }
+    if args.port.is_some() || args.ipaddr.is_some() || listeners.is_empty() {
+        let port = args.port.unwrap_or(DEFAULT_PORT);
+        listeners.extend(Listener::tcp(args.ipaddr.as_deref(), port).map_err(|e| e.to_string())?);
+    }
+    let port = listeners.iter().find_map(Listener::tcp_port);
+    let mut c = cleanup.lock().unwrap_or_else(|e| e.into_inner());
+    for l in listeners {
+        if let Listener::Unix(_, p) = &l {
+            c.sockets.push(p.clone());
+        }
+        l.spawn(ctx.clone()).map_err(|e| format!("cannot start listener: {e}"))?;
+    }
+    let uri = match (&unixsocket, port) {
+        (Some(sock), _) => format!(
+            "nbd+unix:///{}?socket={}",
+            percent_encode(&args.export_name),
+            percent_encode(&sock.to_string_lossy())
+        ),
+        (None, Some(port)) => format!("nbd://localhost:{port}/{}", percent_encode(&args.export_name)),
+        (None, None) => String::new(),
+    };
+    Ok(RunEnv {
+        uri,
+        unixsocket,
+        port,
+        exportname: args.export_name.clone(),
+    })
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters and `/`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn write_pidfile(path: &Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{}", std::process::id())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn exit_with_parent() -> std::io::Result<()> {
+    let parent = rustix::process::getppid();
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
+    // The parent may have died before the request took effect.
+    if rustix::process::getppid() != parent {
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
+fn wait_for_signal() -> i32 {
+    match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(mut signals) => {
+            if let Some(sig) = signals.forever().next() {
+                info!(signal = sig, "shutting down");
+            }
+            0
+        }
+        Err(e) => fail(format!("cannot install signal handlers: {e}")),
+    }
+}
+
+/// Runs the captive command; the server ends when it does, with its status.
+fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
+    let mut p = Process::new("sh");
+    p.arg("-c").arg(cmd).env("uri", &env.uri).env("exportname", &env.exportname);
+    match &env.unixsocket {
+        Some(s) => p.env("unixsocket", s),
+        None => p.env_remove("unixsocket"),
+    };
+    match env.port {
+        Some(port) => p.env("port", port.to_string()),
+        None => p.env_remove("port"),
+    };
+    // A signal to the server stops the captive command too, then cleans up.
+    let cleanup = cleanup.clone();
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
+                std::process::exit(128 + sig);
+            }
+        });
+    }
+    match p.status() {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+        }
+        Err(e) => fail(format!("cannot run {cmd:?}: {e}")),
+    }
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `scratchd` binary driven by real NBD clients
+//! (libnbd's tools, qemu, fio) and by raw sockets for malformed input.
+//!
+//! One test binary with modules keeps link time down on small machines.
+//! The clients are installed by `scripts/test.sh`; a missing one fails the
+//! test with a message saying what to install, never skips it silently.
+
+mod util;
