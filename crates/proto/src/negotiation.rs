@@ -417,3 +417,193 @@ pub fn parse_meta_query(payload: &[u8]) -> Result<(&str, Vec<&str>), DecodeError
     r.finish()?;
     Ok((name, queries))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Reader;
+
+    struct OneExport;
+
+    impl Catalog for OneExport {
+        fn list(&self) -> Vec<ExportListing> {
+            vec![ExportListing {
+                name: "disk".into(),
+                description: Some("a disk".into()),
+            }]
+        }
+        fn info(&self, name: &str) -> Result<ExportInfo, LookupError> {
+            match name {
+                "" | "disk" => Ok(ExportInfo {
+                    name: "disk".into(),
+                    size: 1 << 20,
+                    flags: TransmissionFlags(
+                        TransmissionFlags::HAS_FLAGS | TransmissionFlags::SEND_DF,
+                    ),
+                    block_size: BlockSize { min: 1, preferred: 4096, max: 1 << 25 },
+                    description: Some("a disk".into()),
+                }),
+                _ => Err(LookupError::Unknown(format!("no {name}"))),
+            }
+        }
+    }
+
+    /// Splits option replies into (option, type, data).
+    fn replies(out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut r = Reader::new(out);
+        let mut v = Vec::new();
+        while r.remaining() > 0 {
+            assert_eq!(r.u64().unwrap(), OPTION_REPLY_MAGIC);
+            let opt = r.u32().unwrap();
+            let ty = r.u32().unwrap();
+            let len = r.u32().unwrap() as usize;
+            v.push((opt, ty, r.bytes(len).unwrap().to_vec()));
+        }
+        v
+    }
+
+    fn name_request(name: &str, infos: &[u16]) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.put_u32(name.len() as u32);
+        p.extend_from_slice(name.as_bytes());
+        p.put_u16(infos.len() as u16);
+        for i in infos {
+            p.put_u16(*i);
+        }
+        p
+    }
+
+    fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.put_u32(name.len() as u32);
+        p.extend_from_slice(name.as_bytes());
+        p.put_u32(queries.len() as u32);
+        for q in queries {
+            p.put_u32(q.len() as u32);
+            p.extend_from_slice(q.as_bytes());
+        }
+        p
+    }
+
+    fn handle(n: &mut Negotiator, opt: u32, payload: &[u8]) -> (Step, Vec<(u32, u32, Vec<u8>)>) {
+        let mut out = Vec::new();
+        let step = n.handle(opt, payload, &OneExport, &mut out);
+        (step, replies(&out))
+    }
+
+    #[test]
+    fn info_describes_without_opening_and_go_asks_to_open() {
+        let mut n = Negotiator::new(true);
+        let (step, r) = handle(&mut n, OPT_INFO, &name_request("", &[INFO_NAME, INFO_DESCRIPTION]));
+        assert_eq!(step, Step::Continue);
+        let types: Vec<u32> = r.iter().map(|x| x.1).collect();
+        assert_eq!(types, [REP_INFO, REP_INFO, REP_INFO, REP_INFO, REP_ACK]);
+        // INFO_EXPORT without SEND_DF: no structured replies yet.
+        assert_eq!(r[0].2, [0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 1]);
+        assert_eq!(&r[2].2[2..], b"disk");
+        assert_eq!(&r[3].2[2..], b"a disk");
+
+        let (step, r) = handle(&mut n, OPT_GO, &name_request("disk", &[]));
+        assert!(r.is_empty());
+        let Step::Open { name, via } = step else { panic!("GO must open") };
+        assert_eq!(name, "disk");
+        let mut out = Vec::new();
+        let opened = n.finish_open(&via, OneExport.info("disk"), &mut out);
+        let Opened::Transmit(s) = opened else { panic!("GO must transmit") };
+        assert_eq!(s.mode, ReplyMode::Simple);
+        assert_eq!(s.base_allocation, None);
+        assert_eq!(replies(&out).last().unwrap().1, REP_ACK);
+    }
+
+    #[test]
+    fn failed_go_keeps_negotiating_and_failed_export_name_closes() {
+        let mut n = Negotiator::new(false);
+        let via = OpenVia::Go { info_requests: vec![] };
+        let mut out = Vec::new();
+        let err = Err(LookupError::Unknown("nope".into()));
+        assert_eq!(n.finish_open(&via, err.clone(), &mut out), Opened::Continue);
+        assert_eq!(replies(&out)[0].1, OptError::Unknown as u32);
+        out.clear();
+        assert_eq!(n.finish_open(&OpenVia::ExportName, err, &mut out), Opened::Close);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn export_name_reply_has_zeroes_unless_no_zeroes() {
+        for (no_zeroes, len) in [(false, 134), (true, 10)] {
+            let mut n = Negotiator::new(no_zeroes);
+            let mut out = Vec::new();
+            let opened = n.finish_open(&OpenVia::ExportName, OneExport.info(""), &mut out);
+            assert!(matches!(opened, Opened::Transmit(_)));
+            assert_eq!(out.len(), len);
+        }
+    }
+
+    #[test]
+    fn meta_contexts_need_structured_replies_and_bind_to_the_export() {
+        let mut n = Negotiator::new(true);
+        let q = meta_request("disk", &[BASE_ALLOCATION]);
+        let (_, r) = handle(&mut n, OPT_SET_META_CONTEXT, &q);
+        assert_eq!(r[0].1, OptError::Invalid as u32);
+
+        let (_, r) = handle(&mut n, OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(r[0].1, REP_ACK);
+        let (_, r) = handle(&mut n, OPT_LIST_META_CONTEXT, &meta_request("disk", &["base:"]));
+        assert_eq!(r[0].1, REP_META_CONTEXT);
+        assert_eq!(&r[0].2[..4], &[0, 0, 0, 0]);
+        assert_eq!(&r[0].2[4..], BASE_ALLOCATION.as_bytes());
+        // "base:" is only a wildcard for LIST; SET selects nothing with it.
+        let (_, r) = handle(&mut n, OPT_SET_META_CONTEXT, &meta_request("disk", &["base:", "x:y"]));
+        assert_eq!(r.len(), 1);
+        let (_, r) = handle(&mut n, OPT_SET_META_CONTEXT, &q);
+        assert_eq!(r[0].1, REP_META_CONTEXT);
+        assert_eq!(&r[0].2[..4], &BASE_ALLOCATION_ID.to_be_bytes());
+
+        let via = OpenVia::Go { info_requests: vec![] };
+        let Opened::Transmit(s) = n.finish_open(&via, OneExport.info(""), &mut Vec::new()) else {
+            panic!("GO must transmit")
+        };
+        assert_eq!(s.mode, ReplyMode::Structured);
+        assert_eq!(s.base_allocation, Some(BASE_ALLOCATION_ID));
+        assert!(s.export.flags.contains(TransmissionFlags::SEND_DF));
+    }
+
+    #[test]
+    fn extended_headers_win_over_structured_replies() {
+        let mut n = Negotiator::new(true);
+        assert_eq!(handle(&mut n, OPT_EXTENDED_HEADERS, &[]).1[0].1, REP_ACK);
+        assert_eq!(
+            handle(&mut n, OPT_STRUCTURED_REPLY, &[]).1[0].1,
+            OptError::ExtHeaderReqd as u32
+        );
+        assert_eq!(n.reply_mode(), ReplyMode::Extended);
+        // EXPORT_NAME has no error reply, so it can only hang up now.
+        assert_eq!(handle(&mut n, OPT_EXPORT_NAME, b"disk").0, Step::Close);
+    }
+
+    #[test]
+    fn malformed_and_unknown_options_are_answered_not_fatal() {
+        let mut n = Negotiator::new(true);
+        let mut bad = name_request("disk", &[]);
+        bad.push(0);
+        assert_eq!(handle(&mut n, OPT_GO, &bad).1[0].1, OptError::Invalid as u32);
+        let mut bad = name_request("disk", &[]);
+        bad[3] = 200;
+        assert_eq!(handle(&mut n, OPT_INFO, &bad).1[0].1, OptError::Invalid as u32);
+        let (step, r) = handle(&mut n, 0x1234, b"junk");
+        assert_eq!(step, Step::Continue);
+        assert_eq!((r[0].0, r[0].1), (0x1234, OptError::Unsup as u32));
+        assert_eq!(handle(&mut n, OPT_LIST, b"x").1[0].1, OptError::Invalid as u32);
+        assert_eq!(handle(&mut n, OPT_STARTTLS, &[]).1[0].1, OptError::Policy as u32);
+        assert_eq!(handle(&mut n, OPT_ABORT, &[]).0, Step::Close);
+    }
+
+    #[test]
+    fn list_names_every_export() {
+        let mut n = Negotiator::new(true);
+        let (_, r) = handle(&mut n, OPT_LIST, &[]);
+        assert_eq!(r[0].1, REP_SERVER);
+        assert_eq!(r[0].2, b"\0\0\0\x04diska disk");
+        assert_eq!(r[1].1, REP_ACK);
+    }
+}

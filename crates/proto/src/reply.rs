@@ -162,3 +162,56 @@ pub fn put_block_status(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TO: ReplyTo = ReplyTo { cookie: 0x1122, offset: 4096 };
+
+    #[test]
+    fn simple_replies() {
+        let mut out = Vec::new();
+        put_ok(&mut out, ReplyMode::Simple, TO);
+        put_error(&mut out, ReplyMode::Simple, TO, Errno::NoSpc, "ignored");
+        assert_eq!(
+            out,
+            [
+                0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11, 0x22, //
+                0x67, 0x44, 0x66, 0x98, 0, 0, 0, 28, 0, 0, 0, 0, 0, 0, 0x11, 0x22
+            ]
+        );
+    }
+
+    #[test]
+    fn structured_chunks() {
+        let mut out = Vec::new();
+        put_read_hole(&mut out, ReplyMode::Structured, TO, 8192, 512, false);
+        assert_eq!(out.len(), 20 + 12);
+        assert_eq!(&out[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&out[4..8], &[0, 0, 0, 2]); // no DONE, OFFSET_HOLE
+        assert_eq!(&out[16..20], &[0, 0, 0, 12]);
+        assert_eq!(&out[20..], &[0, 0, 0, 0, 0, 0, 0x20, 0, 0, 0, 2, 0]);
+        out.clear();
+        put_error(&mut out, ReplyMode::Structured, TO, Errno::Inval, "bad");
+        assert_eq!(&out[4..8], &[0, 1, 0x80, 0x01]);
+        assert_eq!(&out[16..], &[0, 0, 0, 9, 0, 0, 0, 22, 0, 3, b'b', b'a', b'd']);
+    }
+
+    #[test]
+    fn extended_chunks_echo_the_request_offset() {
+        let mut out = Vec::new();
+        put_read_data(&mut out, ReplyMode::Extended, TO, 8192, 4, true);
+        assert_eq!(out.len(), read_header_len(ReplyMode::Extended));
+        assert_eq!(&out[..4], &EXTENDED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&out[16..24], &4096u64.to_be_bytes());
+        assert_eq!(&out[24..32], &12u64.to_be_bytes());
+        assert_eq!(&out[32..40], &8192u64.to_be_bytes());
+        out.clear();
+        let d = [Descriptor { len: 1 << 33, status: 3 }];
+        put_block_status(&mut out, ReplyMode::Extended, TO, 1, &d);
+        assert_eq!(&out[6..8], &REPLY_TYPE_BLOCK_STATUS_EXT.to_be_bytes());
+        assert_eq!(&out[24..32], &24u64.to_be_bytes());
+        assert_eq!(&out[32..], &[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3]);
+    }
+}

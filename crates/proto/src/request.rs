@@ -183,13 +183,14 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
             Ok(len as u32)
         }
     };
-    let writable = |advertised: bool| -> Result<(), Refusal> {
+    // Past the end, writes get ENOSPC but a trim EINVAL, as the spec says.
+    let writable = |advertised: bool, past_end: Errno| -> Result<(), Refusal> {
         if read_only {
             Err(refuse(Errno::Perm, "export is read-only"))
         } else if !advertised {
             Err(refuse(Errno::Inval, "command not supported by this export"))
         } else if !within {
-            Err(refuse(Errno::NoSpc, "request goes past the end of the export"))
+            Err(refuse(past_end, "request goes past the end of the export"))
         } else {
             Ok(())
         }
@@ -209,13 +210,13 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
         }
         CMD_WRITE => {
             let len = payload(len)?;
-            writable(true)?;
+            writable(true, Errno::NoSpc)?;
             Ok(Command::Write { offset, len, fua })
         }
         CMD_DISC => Ok(Command::Disconnect),
         CMD_FLUSH if flags.contains(TransmissionFlags::SEND_FLUSH) => Ok(Command::Flush),
         CMD_TRIM => {
-            writable(flags.contains(TransmissionFlags::SEND_TRIM))?;
+            writable(flags.contains(TransmissionFlags::SEND_TRIM), Errno::Inval)?;
             Ok(Command::Trim { offset, len, fua })
         }
         CMD_CACHE if flags.contains(TransmissionFlags::SEND_CACHE) => {
@@ -223,7 +224,7 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
             Ok(Command::Cache { offset, len })
         }
         CMD_WRITE_ZEROES => {
-            writable(flags.contains(TransmissionFlags::SEND_WRITE_ZEROES))?;
+            writable(flags.contains(TransmissionFlags::SEND_WRITE_ZEROES), Errno::NoSpc)?;
             Ok(Command::WriteZeroes {
                 offset,
                 len,
@@ -243,5 +244,143 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
             Ok(Command::BlockStatus { offset, len, req_one: h.flags & CMD_FLAG_REQ_ONE != 0 })
         }
         _ => Err(refuse(Errno::Inval, "unknown or unsupported command")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::PutBe;
+    use crate::negotiation::{BlockSize, ExportInfo};
+    use proptest::prelude::*;
+
+    fn encode(h: &RequestHeader, mode: ReplyMode) -> Vec<u8> {
+        let mut b = Vec::new();
+        let extended = mode == ReplyMode::Extended;
+        b.put_u32(if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC });
+        b.put_u16(h.flags);
+        b.put_u16(h.kind);
+        b.put_u64(h.cookie);
+        b.put_u64(h.offset);
+        if extended {
+            b.put_u64(h.length);
+        } else {
+            b.put_u32(h.length as u32);
+        }
+        b
+    }
+
+    fn session(mode: ReplyMode, read_only: bool) -> Session {
+        type F = TransmissionFlags;
+        let mut flags = F::HAS_FLAGS
+            | F::SEND_FLUSH
+            | F::SEND_FUA
+            | F::SEND_TRIM
+            | F::SEND_WRITE_ZEROES
+            | F::SEND_FAST_ZERO
+            | F::SEND_CACHE;
+        if mode != ReplyMode::Simple {
+            flags |= F::SEND_DF;
+        }
+        if read_only {
+            flags |= F::READ_ONLY;
+        }
+        Session {
+            export: ExportInfo {
+                name: String::new(),
+                size: 1 << 20,
+                flags: TransmissionFlags(flags),
+                block_size: BlockSize { min: 1, preferred: 4096, max: MAX_PAYLOAD },
+                description: None,
+            },
+            mode,
+            base_allocation: (mode != ReplyMode::Simple).then_some(1),
+        }
+    }
+
+    fn header(kind: u16, flags: u16, offset: u64, length: u64) -> RequestHeader {
+        RequestHeader { flags, kind, cookie: 7, offset, length }
+    }
+
+    fn errno(h: RequestHeader, s: &Session) -> Option<Errno> {
+        validate(&h, s).err().map(|r| r.errno)
+    }
+
+    proptest! {
+        #[test]
+        fn headers_round_trip(flags: u16, kind: u16, cookie: u64, offset: u64, length: u32, ext: bool) {
+            let mode = if ext { ReplyMode::Extended } else { ReplyMode::Simple };
+            let h = RequestHeader { flags, kind, cookie, offset, length: length as u64 };
+            prop_assert_eq!(RequestHeader::parse(&encode(&h, mode), mode), Ok(h));
+        }
+
+        #[test]
+        fn validation_never_panics_and_accepted_ranges_fit(
+            flags: u16, kind in 0u16..10, offset: u64, length: u64, mode in 0..3
+        ) {
+            let mode = [ReplyMode::Simple, ReplyMode::Structured, ReplyMode::Extended][mode as usize];
+            let s = session(mode, false);
+            if let Ok(cmd) = validate(&header(kind, flags, offset, length), &s) {
+                if !matches!(cmd, Command::Disconnect | Command::Flush) {
+                    prop_assert!(offset.checked_add(length).is_some_and(|e| e <= s.export.size));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_magic_is_reported() {
+        let mut b = encode(&header(CMD_READ, 0, 0, 1), ReplyMode::Simple);
+        b[0] ^= 1;
+        assert!(RequestHeader::parse(&b, ReplyMode::Simple).is_err());
+        // A compact header is not an extended one.
+        let b = encode(&header(CMD_READ, 0, 0, 1), ReplyMode::Extended);
+        assert!(RequestHeader::parse(&b[..28], ReplyMode::Simple).is_err());
+    }
+
+    #[test]
+    fn errors_follow_the_spec() {
+        let s = session(ReplyMode::Structured, false);
+        let end = 1 << 20;
+        assert_eq!(errno(header(CMD_READ, 0, end, 1), &s), Some(Errno::Inval));
+        assert_eq!(errno(header(CMD_TRIM, 0, end - 1, 2), &s), Some(Errno::Inval));
+        assert_eq!(errno(header(CMD_CACHE, 0, end, 1), &s), Some(Errno::Inval));
+        assert_eq!(errno(header(CMD_WRITE, 0, end, 1), &s), Some(Errno::NoSpc));
+        assert_eq!(errno(header(CMD_WRITE_ZEROES, 0, u64::MAX, 2), &s), Some(Errno::NoSpc));
+        assert_eq!(errno(header(CMD_READ, 0, 0, MAX_PAYLOAD as u64 + 1), &s), Some(Errno::Inval));
+        assert_eq!(errno(header(42, 0, 0, 0), &s), Some(Errno::Inval));
+        assert_eq!(errno(header(CMD_READ, 1 << 9, 0, 1), &s), Some(Errno::Inval));
+        assert_eq!(errno(header(CMD_WRITE, CMD_FLAG_DF, 0, 1), &s), Some(Errno::Inval));
+        assert_eq!(errno(header(CMD_BLOCK_STATUS, 0, 0, 0), &s), Some(Errno::Inval));
+        // FUA is valid on every command once SEND_FUA is advertised.
+        assert_eq!(errno(header(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), &s), None);
+        assert_eq!(errno(header(CMD_READ, CMD_FLAG_DF | CMD_FLAG_FUA, 0, 1), &s), None);
+        // Zero-length requests are fine.
+        assert_eq!(errno(header(CMD_WRITE, 0, end, 0), &s), None);
+
+        let simple = session(ReplyMode::Simple, false);
+        assert_eq!(errno(header(CMD_READ, CMD_FLAG_DF, 0, 1), &simple), Some(Errno::Inval));
+        assert_eq!(errno(header(CMD_BLOCK_STATUS, 0, 0, 1), &simple), Some(Errno::Inval));
+
+        let ro = session(ReplyMode::Simple, true);
+        for kind in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
+            assert_eq!(errno(header(kind, 0, 0, 1), &ro), Some(Errno::Perm));
+        }
+    }
+
+    #[test]
+    fn payload_plans_keep_the_stream_in_sync() {
+        let big = MAX_PAYLOAD as u64 + 1;
+        let compact = ReplyMode::Structured;
+        let ext = ReplyMode::Extended;
+        assert_eq!(header(CMD_READ, 0, 0, big).payload_plan(compact), PayloadPlan::None);
+        assert_eq!(header(CMD_WRITE, 0, 0, 5).payload_plan(compact), PayloadPlan::Receive(5));
+        assert_eq!(header(CMD_WRITE, 0, 0, big).payload_plan(compact), PayloadPlan::Discard(big));
+        assert_eq!(header(CMD_WRITE, 0, 0, u32::MAX as u64).payload_plan(compact), PayloadPlan::Disconnect);
+        assert_eq!(header(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, big).payload_plan(ext), PayloadPlan::Disconnect);
+        // PAYLOAD_LEN on another command carries a payload to consume.
+        let h = header(CMD_TRIM, CMD_FLAG_PAYLOAD_LEN, 0, 16);
+        assert_eq!(h.payload_plan(ext), PayloadPlan::Receive(16));
+        assert!(validate(&h, &session(ext, false)).is_err());
     }
 }

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+# Vendored from the project's shared benchmark helpers (shared/bench/compare.py).
+"""Compare two NBD servers on the same fio workloads, alternating A B B A ... in one run.
+
+    compare.py --a 'nbdkit -f -U {sock} memory 4G' \
+               --b 'target/release/scratchd serve -U {sock} memory size=4G' [--rounds 3]
+
+Each round starts a fresh server from each template ({sock} is replaced by a private Unix socket
+path; {uri} by its NBD URI inside --uri-suffix aware templates), waits for the socket, runs every
+workload with fio's nbd engine, records throughput and the server's CPU time per operation (user+sys
+of the whole process), then stops the server with SIGTERM. It prints medians per workload and the
+ratio B/A for IOPS and for CPU per op. Alternating servers in one run keeps the comparison fair on a
+noisy machine; quote the ratios, not the absolute figures.
+"""
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HZ = os.sysconf("SC_CLK_TCK")
+DEFAULT_WORKLOADS = "randwrite:4k randread:4k write:1M read:1M"
+
+
+def cpu_ticks(pid):
+    """User+system ticks of a process and its reaped children."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime=14, stime=15, cutime=16, cstime=17
+    return sum(int(fields[i - 3]) for i in (14, 15, 16, 17))
+
+
+def start(template, sock):
+    cmd = template.replace("{sock}", sock)
+    proc = subprocess.Popen(shlex.split(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    for _ in range(200):
+        if os.path.exists(sock):
+            return proc
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")
+            sys.exit(f"server exited early: {cmd}\n{err}")
+        time.sleep(0.05)
+    stop(proc)
+    sys.exit(f"server did not create {sock}: {cmd}")
+
+
+def stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_fio(uri, rw, bs, args):
+    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+           f"--iodepth={args.qd}", f"--numjobs={args.jobs}", "--group_reporting",
+           f"--size={args.size}", f"--runtime={args.runtime}", "--time_based",
+           "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    ops = job["read"]["total_ios"] + job["write"]["total_ios"]
+    iops = job["read"]["iops"] + job["write"]["iops"]
+    mbps = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / 1e6
+    return ops, iops, mbps
+
+
+def measure(template, workloads, args):
+    results = {}
+    with tempfile.TemporaryDirectory() as d:
+        sock = os.path.join(d, "sock")
+        proc = start(template, sock)
+        uri = f"nbd+unix:///{args.export}?socket={sock}"
+        try:
+            for w in workloads:
+                rw, bs = w.split(":")
+                t0 = cpu_ticks(proc.pid)
+                ops, iops, mbps = run_fio(uri, rw, bs, args)
+                t1 = cpu_ticks(proc.pid)
+                us_per_op = (t1 - t0) / HZ * 1e6 / ops if ops else float("nan")
+                results[w] = (iops, mbps, us_per_op)
+        finally:
+            stop(proc)
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--a", required=True, help="server A command template (the anchor)")
+    p.add_argument("--b", required=True, help="server B command template (the candidate)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--runtime", type=int, default=5, help="seconds per workload")
+    p.add_argument("--qd", type=int, default=32)
+    p.add_argument("--jobs", type=int, default=1, help="fio jobs, one NBD connection each")
+    p.add_argument("--size", default="1G")
+    p.add_argument("--export", default="", help="export name to connect to")
+    p.add_argument("--workloads", default=DEFAULT_WORKLOADS)
+    args = p.parse_args()
+    workloads = args.workloads.split()
+    runs = {"A": {w: [] for w in workloads}, "B": {w: [] for w in workloads}}
+    for r in range(args.rounds):
+        order = (("A", args.a), ("B", args.b))
+        for name, tmpl in (order if r % 2 == 0 else order[::-1]):  # ABBA: no server always goes first
+            for w, v in measure(tmpl, workloads, args).items():
+                runs[name][w].append(v)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    print(f"A = {args.a}\nB = {args.b}\nmedians of {args.rounds} rounds, qd={args.qd} jobs={args.jobs}")
+    print(f"{'workload':<14}{'A IOPS':>10}{'B IOPS':>10}{'B/A':>7}{'A us/op':>10}{'B us/op':>10}{'B/A':>7}"
+          f"{'A MB/s':>9}{'B MB/s':>9}")
+    for w in workloads:
+        a = [statistics.median(x) for x in zip(*runs["A"][w])]
+        b = [statistics.median(x) for x in zip(*runs["B"][w])]
+        print(f"{w:<14}{a[0]:>10.0f}{b[0]:>10.0f}{b[0] / a[0]:>7.2f}{a[2]:>10.2f}{b[2]:>10.2f}"
+              f"{b[2] / a[2]:>7.2f}{a[1]:>9.0f}{b[1]:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine: installs the real NBD
+# clients the tests drive (when missing), then runs formatting and lint
+# checks, unit/property tests and the end-to-end suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for tool in nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdfuse:nbdfuse qemu-img:qemu-utils \
+            fio:fio nbdkit:nbdkit mkfs.ext4:e2fsprogs; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
+done
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing test clients: ${need[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
