@@ -1,0 +1,245 @@
+//! A model-based test that every backend's tests run: random sequences of
+//! operations go to a device and to a `Vec<u8>` model of it, and after each
+//! one the device must read back exactly as the model does and report extents
+//! that cover the asked range, merged, with holes only where the model holds
+//! zeros.
+//!
+//! Offsets and lengths favour block boundaries and their neighbours, so that
+//! unaligned and block-straddling requests are common.
+
+use std::fmt::Debug;
+
+use proptest::prelude::*;
+
+use crate::{BlockDevice, ExtentKind, ZeroFlags};
+
+/// The block size that offsets are drawn around.
+const BLOCK: u64 = 4096;
+
+/// One request to a device.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    /// Writes `len` bytes made from `seed`.
+    Write {
+        offset: u64,
+        len: u64,
+        seed: u64,
+    },
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    },
+    Extents {
+        offset: u64,
+        len: u64,
+    },
+    Cache {
+        offset: u64,
+        len: u64,
+    },
+    Flush,
+}
+
+/// An offset in `[0, size]`, often on or near a block boundary.
+fn position(size: u64) -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0..=size,
+        (
+            0..=size / BLOCK,
+            prop_oneof![Just(0), 1..8u64, BLOCK - 8..BLOCK]
+        )
+            .prop_map(move |(block, delta)| (block * BLOCK + delta).min(size)),
+        Just(size),
+    ]
+}
+
+/// A range inside `[0, size]`, as `(offset, len)`.
+fn range(size: u64) -> impl Strategy<Value = (u64, u64)> {
+    prop_oneof![
+        // Up to three blocks and a bit.
+        (position(size), 0..=3 * BLOCK + 16)
+            .prop_map(move |(offset, len)| (offset, len.min(size - offset))),
+        // Up to the whole disk.
+        (position(size), position(size)).prop_map(|(a, b)| (a.min(b), a.abs_diff(b))),
+    ]
+}
+
+fn op(size: u64) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (range(size), any::<u64>())
+            .prop_map(|((offset, len), seed)| Op::Write { offset, len, seed }),
+        2 => range(size).prop_map(|(offset, len)| Op::Read { offset, len }),
+        2 => range(size).prop_map(|(offset, len)| Op::Trim { offset, len }),
+        2 => (range(size), any::<bool>(), any::<bool>()).prop_map(
+            |((offset, len), may_trim, fast)| Op::Zero {
+                offset,
+                len,
+                flags: ZeroFlags { may_trim, fast },
+            }
+        ),
+        2 => range(size).prop_map(|(offset, len)| Op::Extents { offset, len }),
+        1 => range(size).prop_map(|(offset, len)| Op::Cache { offset, len }),
+        1 => Just(Op::Flush),
+    ]
+}
+
+/// A disk size in `[min, max]` (a multiple of the block size half the time)
+/// and up to 32 operations on a disk of that size.
+pub(crate) fn sized_ops(min: u64, max: u64) -> impl Strategy<Value = (u64, Vec<Op>)> {
+    prop_oneof![
+        (min / BLOCK..=max / BLOCK).prop_map(|blocks| blocks * BLOCK),
+        min..=max,
+    ]
+    .prop_flat_map(|size| (Just(size), prop::collection::vec(op(size), 1..32)))
+}
+
+/// `len` pseudo-random bytes from `seed` (splitmix64).
+fn bytes(seed: u64, len: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(len as usize + 8);
+    while (out.len() as u64) < len {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len as usize);
+    out
+}
+
+fn fail(step: usize, op: &Op, what: impl Debug) -> TestCaseError {
+    TestCaseError::fail(format!("step {step}, {op:?}: {what:?}"))
+}
+
+/// Compares a read of `[offset, offset + expected.len())` with `expected`.
+fn compare(
+    dev: &dyn BlockDevice,
+    offset: u64,
+    expected: &[u8],
+    step: usize,
+    op: &Op,
+) -> Result<(), TestCaseError> {
+    let mut buf = vec![0xa5; expected.len()];
+    dev.read(offset, &mut buf).map_err(|e| fail(step, op, e))?;
+    // Slice equality is a memcmp, fast even in unoptimised test builds.
+    if buf == expected {
+        return Ok(());
+    }
+    match buf.iter().zip(expected).position(|(a, b)| a != b) {
+        None => Ok(()),
+        Some(i) => Err(fail(
+            step,
+            op,
+            format!(
+                "byte {} reads {:#04x}, model has {:#04x}",
+                offset + i as u64,
+                buf[i],
+                expected[i]
+            ),
+        )),
+    }
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    bytes
+        .chunks(ZEROS.len())
+        .all(|chunk| chunk == &ZEROS[..chunk.len()])
+}
+
+/// Checks the device's extents of `[offset, offset + len)` against the model.
+fn check_extents(
+    dev: &dyn BlockDevice,
+    model: &[u8],
+    offset: u64,
+    len: u64,
+    step: usize,
+    op: &Op,
+) -> Result<(), TestCaseError> {
+    let mut out = Vec::new();
+    dev.extents(offset, len, &mut out)
+        .map_err(|e| fail(step, op, e))?;
+    let mut pos = offset;
+    for (i, extent) in out.iter().enumerate() {
+        let end = pos + extent.len;
+        if extent.len == 0 || end > offset + len {
+            return Err(fail(step, op, ("bad extent length", &out)));
+        }
+        if i > 0 && out[i - 1].kind == extent.kind {
+            return Err(fail(step, op, ("unmerged extents", &out)));
+        }
+        if extent.kind == ExtentKind::Hole && !is_zero(&model[pos as usize..end as usize]) {
+            return Err(fail(step, op, ("hole over data", pos, end, &out)));
+        }
+        pos = end;
+    }
+    if pos != offset + len {
+        return Err(fail(step, op, ("extents do not cover the range", &out)));
+    }
+    Ok(())
+}
+
+/// Runs `ops` on `dev`, a zero-filled device, and on a model of it, checking
+/// after each step that the whole device reads as the model does.
+///
+/// `trim_zeroes`: whether trims make their range read as zeros (else they
+/// must leave it unchanged). Writes and no-hole zeroing may fail with
+/// `ENOSPC`, and fast zeroing with `EOPNOTSUPP`; either failure must leave
+/// the device unchanged.
+pub(crate) fn check(
+    dev: &dyn BlockDevice,
+    ops: &[Op],
+    trim_zeroes: bool,
+) -> Result<(), TestCaseError> {
+    let size = dev.size();
+    let mut model = vec![0u8; size as usize];
+    for (step, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Write { offset, len, seed } => {
+                let data = bytes(seed, len);
+                match dev.write(offset, &data, false) {
+                    Ok(()) => model[offset as usize..][..len as usize].copy_from_slice(&data),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {}
+                    Err(e) => return Err(fail(step, op, e)),
+                }
+            }
+            Op::Read { offset, len } => {
+                compare(
+                    dev,
+                    offset,
+                    &model[offset as usize..][..len as usize],
+                    step,
+                    op,
+                )?;
+            }
+            Op::Trim { offset, len } => {
+                dev.trim(offset, len, false)
+                    .map_err(|e| fail(step, op, e))?;
+                if trim_zeroes {
+                    model[offset as usize..][..len as usize].fill(0);
+                }
+            }
+            Op::Zero { offset, len, flags } => match dev.zero(offset, len, flags, false) {
+                Ok(()) => model[offset as usize..][..len as usize].fill(0),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && !flags.may_trim => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && flags.fast => {}
+                Err(e) => return Err(fail(step, op, e)),
+            },
+            Op::Extents { offset, len } => check_extents(dev, &model, offset, len, step, op)?,
+            Op::Cache { offset, len } => dev.cache(offset, len).map_err(|e| fail(step, op, e))?,
+            Op::Flush => dev.flush().map_err(|e| fail(step, op, e))?,
+        }
+        compare(dev, 0, &model, step, op)?;
+    }
+    check_extents(dev, &model, 0, size, ops.len(), &Op::Flush)
+}
