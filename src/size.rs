@@ -42,10 +42,11 @@ pub fn parse_size(what: &str, text: &str) -> Result<u64, String> {
     }
     let scale = 10u128.pow(frac.len() as u32);
     let mult = 1u128 << shift;
+    let fraction = parse(frac)? * mult;
     let total = parse(whole)?
         .checked_mul(mult)
         .and_then(|w| w.checked_mul(scale))
-        .and_then(|w| w.checked_add(parse(frac)? * mult))
+        .and_then(|w| w.checked_add(fraction))
         .ok_or_else(|| bad("too large"))?;
     if total % scale != 0 {
         return Err(bad("not a whole number of bytes"));

@@ -11,12 +11,12 @@ use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 
 use scratchd_proto::handshake::{self, ClientFlags, OptionHeader, PayloadPlan, OPTION_HEADER_LEN};
-use scratchd_proto::negotiation::{Negotiator, Opened, ReplyMode, Session, Step};
+use scratchd_proto::negotiation::{Negotiator, Opened, Session, Step};
 use scratchd_proto::reply::{self, ReplyTo};
 use scratchd_proto::request::{self, Command, PayloadPlan as RequestPayload, RequestHeader};
 use scratchd_proto::Errno;
 use scratchd_store::BlockDevice;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::executor::{self, ReplyContext, Scratch};
 use crate::export::OpenExport;

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 pub struct Transport {
@@ -46,13 +46,13 @@ impl Transport {
 
     /// The process's stdin and stdout, for `-s` (one connection, inetd-style).
     pub fn stdio() -> io::Result<Self> {
-        let dup = |fd| -> io::Result<File> {
-            let owned: OwnedFd = rustix::io::fcntl_dupfd_cloexec(fd, 3)?;
+        let dup = |fd: BorrowedFd| -> io::Result<File> {
+            let owned: OwnedFd = fd.try_clone_to_owned()?;
             Ok(File::from(owned))
         };
         Ok(Transport {
-            reader: Box::new(dup(rustix::stdio::stdin())?),
-            writer: Box::new(dup(rustix::stdio::stdout())?),
+            reader: Box::new(dup(io::stdin().as_fd())?),
+            writer: Box::new(dup(io::stdout().as_fd())?),
             peer: "stdio".to_owned(),
         })
     }
