@@ -5,4 +5,11 @@
 //! The clients are installed by `scripts/test.sh`; a missing one fails the
 //! test with a message saying what to install, never skips it silently.
 
+mod bad_input;
+mod fio;
+mod nbdcopy;
+mod nbdinfo;
+mod nbdsh;
+mod qemu;
 mod util;
+mod wire;

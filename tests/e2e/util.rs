@@ -46,7 +46,10 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("scratchd did not listen on {} within 10 s", self.sock.display());
+        panic!(
+            "scratchd did not listen on {} within 10 s",
+            self.sock.display()
+        );
     }
 
     /// URI of the default export.
@@ -89,12 +92,17 @@ pub fn require(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "{tool} is not installed; run scripts/test.sh, which installs the test clients");
+    assert!(
+        found,
+        "{tool} is not installed; run scripts/test.sh, which installs the test clients"
+    );
 }
 
 /// Runs a command, panicking with its output unless it succeeds.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -113,11 +121,19 @@ pub fn stdout(out: &Output) -> String {
 /// bindings (`python3-libnbd`); `args` become `sys.argv[1:]`.
 pub fn python(script: &str, args: &[&str]) -> Output {
     require("nbdsh");
-    run(Command::new("/usr/bin/python3").arg("-c").arg(script).args(args))
+    run(Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .args(args))
 }
 
 /// Writes a file of `len` pseudo-random bytes (xorshift; deterministic).
 pub fn random_file(path: &Path, len: usize, seed: u64) {
+    std::fs::write(path, random_bytes(len, seed)).expect("write random file");
+}
+
+/// `len` pseudo-random bytes (xorshift; deterministic for a seed).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     let mut data = Vec::with_capacity(len);
     while data.len() < len {
@@ -127,7 +143,7 @@ pub fn random_file(path: &Path, len: usize, seed: u64) {
         data.extend_from_slice(&x.to_le_bytes());
     }
     data.truncate(len);
-    std::fs::write(path, data).expect("write random file");
+    data
 }
 
 /// Reads exactly `n` bytes from a raw socket.
@@ -139,4 +155,260 @@ pub fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
 
 pub fn send(s: &mut UnixStream, bytes: &[u8]) {
     s.write_all(bytes).expect("write to server");
+}
+
+/// `scratchd serve ARGS...` as a command, for tests that run it themselves
+/// (captive `--run`, `-s`).
+pub fn scratchd_serve(args: &[&str]) -> Command {
+    let mut cmd = Command::new(SCRATCHD);
+    cmd.arg("serve").args(args).stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a command that may fail; returns its exit code and output.
+pub fn run_status(cmd: &mut Command) -> (i32, Output) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let code = out
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("{cmd:?} killed: {}", out.status));
+    (code, out)
+}
+
+/// A JSON document flattened to `path → value`: object keys and array
+/// indexes joined with `.` (`exports.0.can_trim`), strings unquoted, other
+/// leaves as JSON text (`true`, `1048576`, `null`).
+pub struct Json(std::collections::BTreeMap<String, String>);
+
+const FLATTEN_JSON: &str = r#"
+import json, sys
+text = sys.stdin.read()
+def walk(path, v):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            walk(path + [k], x)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            walk(path + [str(i)], x)
+    else:
+        print(".".join(path) + "\t" + (v if isinstance(v, str) else json.dumps(v)).replace("\n", "\\n"))
+lines = text.splitlines(True)
+first = next(i for i, l in enumerate(lines) if l[:1] and l[:1] in "{[")
+walk([], json.loads("".join(lines[first:])))
+"#;
+
+impl Json {
+    /// Parses `text`; lines before the first one starting with `{` or `[`
+    /// (tool chatter) are skipped.
+    pub fn parse(text: &str) -> Json {
+        let mut child = Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(FLATTEN_JSON)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run /usr/bin/python3");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "not JSON:\n{text}");
+        Json(
+            stdout(&out)
+                .lines()
+                .map(|l| l.split_once('\t').expect("flattened line"))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        )
+    }
+
+    /// The value at `path`; panics (showing the document) if there is none.
+    pub fn get(&self, path: &str) -> &str {
+        self.0
+            .get(path)
+            .unwrap_or_else(|| panic!("no {path} in JSON:\n{:#?}", self.0))
+    }
+
+    /// The value at `path` as an integer.
+    pub fn int(&self, path: &str) -> u64 {
+        let v = self.get(path);
+        v.parse()
+            .unwrap_or_else(|_| panic!("{path} = {v} is not an integer"))
+    }
+
+    /// How many elements the array at `path` has (`""` for a top-level one).
+    pub fn len(&self, path: &str) -> usize {
+        let prefix = if path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}.")
+        };
+        (0..)
+            .take_while(|i| {
+                let p = format!("{prefix}{i}");
+                self.0
+                    .keys()
+                    .any(|k| k == &p || k.starts_with(&format!("{p}.")))
+            })
+            .count()
+    }
+}
+
+/// Python prelude for [`libnbd`] scripts: `URI` (second argument), `ARGS`
+/// (the rest), and helpers on libnbd handles. It runs the script (first
+/// argument) so that tracebacks give line numbers within it.
+const LIBNBD_PRELUDE: &str = r#"
+import errno, sys, nbd
+SCRIPT, URI, ARGS = sys.argv[1], sys.argv[2] or None, sys.argv[3:]
+
+def connect(uri=None, argv=None):
+    """A handle asking for base:allocation, connected to a URI or a command."""
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    if argv:
+        h.connect_command(argv)
+    else:
+        h.connect_uri(uri or URI)
+    return h
+
+def fails(errname, f, *args):
+    """Asserts that f(*args) fails with errno `errname` (e.g. "EINVAL")."""
+    try:
+        f(*args)
+    except nbd.Error as e:
+        want = getattr(errno, errname)
+        assert e.errnum == want, f"{f.__name__}{args}: wanted {errname}, got {errno.errorcode.get(e.errnum)}: {e}"
+        return
+    raise AssertionError(f"{f.__name__}{args} succeeded; wanted {errname}")
+
+def extents(h, count, offset, flags=0):
+    """base:allocation as [(length, flags)], checking the context and offset."""
+    out = []
+    def cb(context, off, entries, err):
+        assert context == "base:allocation", context
+        assert off == offset, (off, offset)
+        out.extend(zip(entries[0::2], entries[1::2]))
+        return 0
+    h.block_status(count, offset, cb, flags)
+    return out
+
+def chunks(h, count, offset, flags=0):
+    """A structured read as [(status, offset, length)] in offset order, and its bytes."""
+    out = []
+    def cb(buf, off, status, err):
+        out.append((status, off, len(buf)))
+        return 0
+    data = h.pread_structured(count, offset, cb, flags)
+    return sorted(out, key=lambda c: c[1]), data
+
+def eq(got, want, what=""):
+    assert got == want, f"{what}: got {got!r}, wanted {want!r}"
+
+exec(compile(SCRIPT, "script", "exec"))
+"#;
+
+/// Runs a libnbd Python script (with the helpers of [`LIBNBD_PRELUDE`]),
+/// `uri` and `args` as its arguments; a failed assertion or an unexpected
+/// libnbd error fails the test with the script's traceback.
+pub fn libnbd(uri: &str, script: &str, args: &[&str]) -> Output {
+    require("nbdsh");
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", LIBNBD_PRELUDE, script, uri])
+        .args(args)
+        .output()
+        .expect("run /usr/bin/python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "libnbd script failed ({}):\n{stderr}",
+        out.status
+    );
+    out
+}
+
+/// Exit status of `nbdinfo --can|--is WHAT URI`: 0 true, 2 false.
+pub fn nbdinfo_test(test: &str, what: &str, uri: &str) -> i32 {
+    require("nbdinfo");
+    run_status(Command::new("nbdinfo").args([test, what, uri])).0
+}
+
+/// `nbdinfo --map` (base:allocation) of `uri` as `(offset, length, type, description)`.
+pub fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u32, String)> {
+    require("nbdinfo");
+    let out = run(Command::new("nbdinfo").arg("--map").arg(uri));
+    parse_map(&stdout(&out))
+}
+
+/// Parses `nbdinfo --map` lines: `OFFSET LENGTH TYPE DESCRIPTION`.
+pub fn parse_map(text: &str) -> Vec<(u64, u64, u32, String)> {
+    text.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 4, "unexpected map line {l:?}");
+            let n = |s: &str| {
+                s.parse::<u64>()
+                    .unwrap_or_else(|_| panic!("bad map line {l:?}"))
+            };
+            (n(f[0]), n(f[1]), n(f[2]) as u32, f[3].to_owned())
+        })
+        .collect()
+}
+
+/// A data run and a hole run in the form [`nbdinfo_map`] returns.
+pub fn data(offset: u64, len: u64) -> (u64, u64, u32, String) {
+    (offset, len, 0, "data".into())
+}
+
+pub fn hole(offset: u64, len: u64) -> (u64, u64, u32, String) {
+    (offset, len, 3, "hole,zero".into())
+}
+
+/// Creates a sparse file of `len` bytes with pseudo-random data written at
+/// each `(offset, length)`; the rest are holes.
+pub fn sparse_file(path: &Path, len: u64, runs: &[(u64, usize)]) {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::create(path).expect("create sparse file");
+    f.set_len(len).unwrap();
+    for (i, &(offset, n)) in runs.iter().enumerate() {
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(&random_bytes(n, 0x5eed + i as u64)).unwrap();
+    }
+}
+
+/// Panics at the first differing byte unless the files are identical.
+pub fn assert_files_equal(a: &Path, b: &Path) {
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (la, lb) = (fa.metadata().unwrap().len(), fb.metadata().unwrap().len());
+    assert_eq!(
+        la,
+        lb,
+        "{} and {} differ in length",
+        a.display(),
+        b.display()
+    );
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut at = 0u64;
+    while at < la {
+        let n = (la - at).min(ba.len() as u64) as usize;
+        fa.read_exact(&mut ba[..n]).unwrap();
+        fb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            let i = (0..n).find(|&i| ba[i] != bb[i]).unwrap();
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                at + i as u64
+            );
+        }
+        at += n as u64;
+    }
 }

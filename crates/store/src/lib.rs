@@ -89,7 +89,8 @@ pub trait BlockDevice: Send + Sync {
     fn flush(&self) -> io::Result<()>;
 
     /// Hints that the range is no longer needed. Afterwards it reads as zeros
-    /// or as its old contents (NBD allows both); backends here give zeros.
+    /// or as its old contents (NBD allows both): memory gives zeros, a file
+    /// gives zeros where its filesystem can punch holes.
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
 
     /// Makes the range read as zeros.
