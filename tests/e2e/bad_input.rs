@@ -930,3 +930,29 @@ fn disc_after_pipelined_writes_completes_them_first() {
         assert_server_still_serves(&mut server);
     }
 }
+
+/// A client that connects and then says nothing is dropped after the
+/// handshake timeout (10 s), so silent clients cannot pin server threads;
+/// a client idle in transmission is not.
+#[test]
+fn silent_client_is_dropped_after_handshake_timeout() {
+    let mut server = memory_server();
+    let mut idle = Conn::open(&server, Mode::Simple);
+    let (mut silent, _) = greeted(&server);
+    silent
+        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    let n = std::io::Read::read(&mut silent, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "server sent bytes to a silent client");
+    let waited = start.elapsed();
+    assert!(
+        (std::time::Duration::from_secs(9)..std::time::Duration::from_secs(14)).contains(&waited),
+        "silent client dropped after {waited:?}, expected about 10 s"
+    );
+    // The idle transmission-phase client is still served.
+    idle.write(1, 0, &[7u8; 512]);
+    assert_eq!(idle.read(2, 0, 512), vec![7u8; 512]);
+    assert_server_still_serves(&mut server);
+}

@@ -31,6 +31,9 @@ const INPUT_BUFFER: usize = 256 * 1024;
 const FLUSH_AT: usize = 256 * 1024;
 /// Requests one connection may have on the worker pool at once.
 const MAX_IN_FLIGHT: usize = 64;
+/// A client must send each handshake message within this time (as in
+/// qemu-nbd), so silent connections cannot pin threads forever.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Buffers grown by a large request are shrunk back to this when idle.
 const IDLE_BUFFER: usize = 1024 * 1024;
 
@@ -51,11 +54,19 @@ pub fn serve(transport: Transport, ctx: &ServerContext) {
 }
 
 fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
-    let Transport { reader, mut writer, .. } = transport;
+    let Transport {
+        reader,
+        mut writer,
+        set_read_timeout,
+        ..
+    } = transport;
     let mut input = Input::new(reader);
+    set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let Some((session, export)) = handshake(&mut input, &mut writer, ctx)? else {
         return Ok(());
     };
+    // Clients may stay idle for as long as they like once connected.
+    set_read_timeout(None)?;
     info!(export = %session.export.name, mode = ?session.mode, "transmission started");
     transmission(input, writer, session, export, ctx)
 }
@@ -205,7 +216,15 @@ fn transmission(
                 }
                 Ok(Command::Disconnect) => return Ok(()),
                 Ok(cmd) if inline => {
-                    executor::execute(device.as_ref(), cmd, payload, cx, to, &mut out, &mut scratch);
+                    executor::execute(
+                        device.as_ref(),
+                        cmd,
+                        payload,
+                        cx,
+                        to,
+                        &mut out,
+                        &mut scratch,
+                    );
                 }
                 Ok(cmd) => {
                     // Replies gathered so far go first: the worker's may be quick.
@@ -258,7 +277,15 @@ impl Job {
     fn run(self, cmd: Command, cx: ReplyContext, to: ReplyTo) {
         let mut out = Vec::new();
         let mut scratch = Scratch::default();
-        executor::execute(self.device.as_ref(), cmd, &self.payload, cx, to, &mut out, &mut scratch);
+        executor::execute(
+            self.device.as_ref(),
+            cmd,
+            &self.payload,
+            cx,
+            to,
+            &mut out,
+            &mut scratch,
+        );
         // A failed write means the client is gone; the connection thread
         // notices on its next read.
         let _ = flush(&self.writer, &mut out);

@@ -54,20 +54,33 @@ pub fn execute(
     let mark = out.len();
     let result = match cmd {
         Command::Read { offset, len, df } => read(dev, offset, len, df, cx.mode, to, out, scratch),
-        Command::Write { offset, fua, .. } => dev.write(offset, payload, fua).map(|_| ok(cx, to, out)),
+        Command::Write { offset, fua, .. } => {
+            dev.write(offset, payload, fua).map(|_| ok(cx, to, out))
+        }
         Command::Flush => dev.flush().map(|_| ok(cx, to, out)),
         Command::Trim { len: 0, .. }
         | Command::Cache { len: 0, .. }
         | Command::WriteZeroes { len: 0, .. } => Ok(ok(cx, to, out)),
         Command::Trim { offset, len, fua } => dev.trim(offset, len, fua).map(|_| ok(cx, to, out)),
         Command::Cache { offset, len } => dev.cache(offset, len).map(|_| ok(cx, to, out)),
-        Command::WriteZeroes { offset, len, fua, no_hole, fast } => {
-            let flags = ZeroFlags { may_trim: !no_hole, fast };
+        Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            no_hole,
+            fast,
+        } => {
+            let flags = ZeroFlags {
+                may_trim: !no_hole,
+                fast,
+            };
             dev.zero(offset, len, flags, fua).map(|_| ok(cx, to, out))
         }
-        Command::BlockStatus { offset, len, req_one } => {
-            block_status(dev, offset, len, req_one, cx, to, out, scratch)
-        }
+        Command::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => block_status(dev, offset, len, req_one, cx, to, out, scratch),
         // The connection handles DISC itself; it has no reply.
         Command::Disconnect => Ok(()),
     };

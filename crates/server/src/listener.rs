@@ -41,7 +41,10 @@ pub enum Listener {
 impl Listener {
     pub fn unix(path: &Path) -> io::Result<Self> {
         let l = UnixListener::bind(path).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display()))
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", path.display()),
+            )
         })?;
         Ok(Listener::Unix(l, path.to_owned()))
     }

@@ -11,21 +11,26 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 pub struct Transport {
     pub reader: Box<dyn Read + Send>,
     pub writer: Box<dyn Write + Send>,
     /// Who is on the other end, for logs.
     pub peer: String,
+    /// Sets or clears the read timeout (a no-op where the stream has none).
+    pub set_read_timeout: Box<dyn Fn(Option<Duration>) -> io::Result<()> + Send>,
 }
 
 impl Transport {
     pub fn unix(stream: UnixStream) -> io::Result<Self> {
         let writer = stream.try_clone()?;
+        let control = stream.try_clone()?;
         Ok(Transport {
             reader: Box::new(stream),
             writer: Box::new(writer),
             peer: "unix".to_owned(),
+            set_read_timeout: Box::new(move |t| control.set_read_timeout(t)),
         })
     }
 
@@ -37,10 +42,12 @@ impl Transport {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "tcp".to_owned());
         let writer = stream.try_clone()?;
+        let control = stream.try_clone()?;
         Ok(Transport {
             reader: Box::new(stream),
             writer: Box::new(writer),
             peer,
+            set_read_timeout: Box::new(move |t| control.set_read_timeout(t)),
         })
     }
 
@@ -54,6 +61,7 @@ impl Transport {
             reader: Box::new(dup(io::stdin().as_fd())?),
             writer: Box::new(dup(io::stdout().as_fd())?),
             peer: "stdio".to_owned(),
+            set_read_timeout: Box::new(|_| Ok(())),
         })
     }
 }
