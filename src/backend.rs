@@ -12,13 +12,16 @@ use scratchd_store::{BlockDevice, FileDevice, MemoryDevice};
 
 use crate::size::parse_size;
 
+/// Builds a backend's device from its key values (and `-r`).
+type OpenFn = fn(&Values, bool) -> Result<Arc<dyn BlockDevice>, BackendError>;
+
 /// A backend name and the keys it takes (the first one is the bare value's).
 struct BackendSpec {
     name: &'static str,
     keys: &'static [(&'static str, &'static str)],
     summary: &'static str,
     /// Builds the device from the values of `keys`, in the same order.
-    open: fn(&Values, bool) -> Result<Arc<dyn BlockDevice>, BackendError>,
+    open: OpenFn,
 }
 
 /// Parameter values in the order of their backend's keys.
@@ -30,9 +33,12 @@ struct Values<'a> {
 impl Values<'_> {
     fn required(&self, slot: usize) -> Result<&str, BackendError> {
         let (key, doc) = self.spec.keys[slot];
-        self.values[slot]
-            .as_deref()
-            .ok_or_else(|| BackendError::Usage(format!("backend {} needs {key}=... ({doc})", self.spec.name)))
+        self.values[slot].as_deref().ok_or_else(|| {
+            BackendError::Usage(format!(
+                "backend {} needs {key}=... ({doc})",
+                self.spec.name
+            ))
+        })
     }
 }
 
@@ -73,6 +79,10 @@ pub fn backends_help() -> String {
         for (k, doc) in b.keys {
             s.push_str(&format!("           {k}=...  {doc}\n"));
         }
+    }
+    s.push_str("  tmpdisk  one throw-away disk per export name (build)\n");
+    for (k, doc) in crate::tmpdisk::KEYS {
+        s.push_str(&format!("           {k}=...  {doc}\n"));
     }
     s
 }

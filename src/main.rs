@@ -8,11 +8,16 @@
 mod backend;
 mod serve;
 mod size;
+mod tmpdisk;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "scratchd", version, about = "Fast throw-away NBD scratch disks for package builds")]
+#[command(
+    name = "scratchd",
+    version,
+    about = "Fast throw-away NBD scratch disks for package builds"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,10 +31,19 @@ enum Command {
         "  memory   sparse RAM disk shared by all connections\n",
         "           size=SIZE  disk size, e.g. 1G (required)\n",
         "  file     an existing regular file or block device\n",
-        "           path=PATH  file or device (required)\n\n",
+        "           path=PATH  file or device (required)\n",
+        "  tmpdisk  one throw-away disk per export name (build), shared by its\n",
+        "           connections, created on first connect, destroyed after the last\n",
+        "           size=SIZE  disk size, e.g. 20G (required)\n",
+        "           type=TYPE  mkfs -t TYPE (default ext4 without journal); none: blank\n",
+        "           label=L  command='...'  backing=memory|dir:PATH  linger=30s\n",
+        "           pool=N  format-timeout=60s  KEY=VALUE (environment of command=)\n",
+        "           limits: --max-exports N --memory-limit SIZE --disk-limit SIZE\n",
+        "                   --name-prefix P\n\n",
         "Examples:\n",
         "  scratchd serve -U - memory size=1G --run 'nbdinfo \"$uri\"'\n",
-        "  scratchd serve -U /run/scratchd.sock file path=disk.img"
+        "  scratchd serve -U /run/scratchd.sock file path=disk.img\n",
+        "  scratchd serve -U /run/scratchd.sock tmpdisk size=20G linger=30s pool=2"
     ))]
     Serve(serve::ServeArgs),
 }

@@ -7,11 +7,15 @@ use std::process::Command as Process;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
-use scratchd_server::{workers::WorkerPool, Exports, Listener, ServerContext, SingleExport, Transport};
+use scratchd_server::{
+    workers::WorkerPool, Exports, Listener, ServerContext, SingleExport, Transport,
+};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info};
 
 use crate::backend::{open_backend, BackendError};
+use crate::size::parse_size;
+use crate::tmpdisk;
 
 /// Exit status for bad usage, as clap uses.
 const EXIT_USAGE: i32 = 2;
@@ -38,7 +42,12 @@ pub struct ServeArgs {
     #[arg(short = 'r', long)]
     readonly: bool,
     /// Name of the export (clients may also ask for the default name "").
-    #[arg(short = 'e', long = "export-name", value_name = "NAME", default_value = "")]
+    #[arg(
+        short = 'e',
+        long = "export-name",
+        value_name = "NAME",
+        default_value = ""
+    )]
     export_name: String,
     /// Description sent to clients that ask for it (nbdinfo shows it).
     #[arg(long, value_name = "TEXT")]
@@ -64,7 +73,22 @@ pub struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
-    /// Backend: memory or file.
+    /// tmpdisk: at most N scratch disks at once (lingering ones are evicted
+    /// first).
+    #[arg(long, value_name = "N")]
+    max_exports: Option<usize>,
+    /// tmpdisk: RAM that all memory-backed disks may hold together (default:
+    /// half of the machine's RAM).
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
+    /// tmpdisk with backing=dir: space all disk files may allocate together
+    /// (default: until the file system is full).
+    #[arg(long, value_name = "SIZE")]
+    disk_limit: Option<String>,
+    /// tmpdisk: export names must start with P.
+    #[arg(long, value_name = "P")]
+    name_prefix: Option<String>,
+    /// Backend: memory, file or tmpdisk.
     backend: String,
     /// Backend parameters, KEY=VALUE.
     #[arg(value_name = "KEY=VALUE")]
@@ -94,8 +118,8 @@ impl Cleanup {
 pub fn main(args: ServeArgs) -> i32 {
     init_logging(args.verbose, args.log_level.as_deref());
     let _ = args.foreground;
-    let device = match open_backend(&args.backend, &args.params, args.readonly) {
-        Ok(d) => d,
+    let (exports, may_block) = match build_exports(&args) {
+        Ok(e) => e,
         Err(BackendError::Usage(m)) => {
             eprintln!("scratchd: {m}");
             return EXIT_USAGE;
@@ -105,13 +129,6 @@ pub fn main(args: ServeArgs) -> i32 {
             return 1;
         }
     };
-    let may_block = device.capabilities().may_block;
-    let exports: Arc<dyn Exports> = Arc::new(SingleExport::new(
-        args.export_name.clone(),
-        args.description.clone(),
-        device,
-        args.readonly,
-    ));
     let workers = match WorkerPool::new(if may_block { args.threads } else { 1 }) {
         Ok(w) => w,
         Err(e) => return fail(format!("cannot start worker threads: {e}")),
@@ -151,6 +168,57 @@ pub fn main(args: ServeArgs) -> i32 {
     };
     cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
     code
+}
+
+/// The exports to serve, and whether their backend may block.
+fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendError> {
+    if args.backend == "tmpdisk" {
+        return build_tmpdisk(args);
+    }
+    let tmpdisk_only = [
+        ("--max-exports", args.max_exports.is_some()),
+        ("--memory-limit", args.memory_limit.is_some()),
+        ("--disk-limit", args.disk_limit.is_some()),
+        ("--name-prefix", args.name_prefix.is_some()),
+    ];
+    if let Some((flag, _)) = tmpdisk_only.iter().find(|f| f.1) {
+        return Err(BackendError::Usage(format!(
+            "{flag} applies to the tmpdisk backend only"
+        )));
+    }
+    let device = open_backend(&args.backend, &args.params, args.readonly)?;
+    let may_block = device.capabilities().may_block;
+    let export = SingleExport::new(
+        args.export_name.clone(),
+        args.description.clone(),
+        device,
+        args.readonly,
+    );
+    Ok((Arc::new(export), may_block))
+}
+
+fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendError> {
+    let size = |flag: &str, text: &Option<String>| {
+        text.as_deref()
+            .map(|t| parse_size(flag, t))
+            .transpose()
+            .map_err(BackendError::Usage)
+    };
+    let limits = tmpdisk::Limits {
+        max_exports: args.max_exports,
+        memory_limit: size("--memory-limit", &args.memory_limit)?,
+        disk_limit: size("--disk-limit", &args.disk_limit)?,
+        name_prefix: args.name_prefix.clone(),
+    };
+    let export = tmpdisk::ExportOptions {
+        default_name: Some(args.export_name.clone()).filter(|n| !n.is_empty()),
+        description: args.description.clone(),
+        read_only: args.readonly,
+    };
+    let config = tmpdisk::config(&args.params, limits, export)?;
+    let may_block = matches!(config.backing, scratchd_scratch::Backing::Dir(_));
+    let exports = scratchd_scratch::from_config(config).map_err(BackendError::Open)?;
+    Ok((Arc::new(exports), may_block))
 }
 
 fn fail(message: String) -> i32 {
@@ -214,7 +282,8 @@ fn start_listeners(
         if let Listener::Unix(_, p) = &l {
             c.sockets.push(p.clone());
         }
-        l.spawn(ctx.clone()).map_err(|e| format!("cannot start listener: {e}"))?;
+        l.spawn(ctx.clone())
+            .map_err(|e| format!("cannot start listener: {e}"))?;
     }
     let uri = match (&unixsocket, port) {
         (Some(sock), _) => format!(
@@ -222,7 +291,10 @@ fn start_listeners(
             percent_encode(&args.export_name),
             percent_encode(&sock.to_string_lossy())
         ),
-        (None, Some(port)) => format!("nbd://localhost:{port}/{}", percent_encode(&args.export_name)),
+        (None, Some(port)) => format!(
+            "nbd://localhost:{port}/{}",
+            percent_encode(&args.export_name)
+        ),
         (None, None) => String::new(),
     };
     Ok(RunEnv {
@@ -279,7 +351,10 @@ fn wait_for_signal() -> i32 {
 /// Runs the captive command; the server ends when it does, with its status.
 fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
     let mut p = Process::new("sh");
-    p.arg("-c").arg(cmd).env("uri", &env.uri).env("exportname", &env.exportname);
+    p.arg("-c")
+        .arg(cmd)
+        .env("uri", &env.uri)
+        .env("exportname", &env.exportname);
     match &env.unixsocket {
         Some(s) => p.env("unixsocket", s),
         None => p.env_remove("unixsocket"),
@@ -301,7 +376,9 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
     match p.status() {
         Ok(status) => {
             use std::os::unix::process::ExitStatusExt;
-            status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+            status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
         }
         Err(e) => fail(format!("cannot run {cmd:?}: {e}")),
     }

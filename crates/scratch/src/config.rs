@@ -1,0 +1,173 @@
+//! What a `tmpdisk` server makes: the disk template and the server-wide
+//! limits, plus the small parsers the command line needs (durations, the
+//! names of extra environment variables, the default memory budget).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::names::NamePolicy;
+
+/// Environment variables every format command gets; extra `KEY=VALUE`s may
+/// not reuse them.
+pub const RESERVED_ENV: &[&str] = &["disk", "size", "type", "label"];
+
+/// Where disks keep their bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// In RAM, charged to the memory budget (`--memory-limit`).
+    Memory,
+    /// In an unnamed sparse file under this directory (`O_TMPFILE`), charged
+    /// to the disk budget (`--disk-limit`) when there is one.
+    Dir(PathBuf),
+}
+
+/// How a new disk is formatted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormatKind {
+    /// Left blank (all zeros).
+    None,
+    /// `mkfs -t TYPE` with options suited to a throw-away disk.
+    Filesystem(String),
+    /// A shell command (`sh -c`), with `$disk`, `$size`, `$type`, `$label`
+    /// and the extra variables in its environment.
+    Command(String),
+}
+
+/// The format step of the template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatSpec {
+    pub kind: FormatKind,
+    /// `type=`, passed to commands as `$type` (`none` when blank).
+    pub fs_type: String,
+    pub label: Option<String>,
+    /// Extra variables for a format command (validated identifiers).
+    pub env: Vec<(String, String)>,
+    /// A format command still running after this is killed.
+    pub timeout: Duration,
+}
+
+/// Everything a [`crate::ScratchExports`] needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Size of every disk, in bytes.
+    pub size: u64,
+    pub format: FormatSpec,
+    pub backing: Backing,
+    /// How long a disk outlives its last connection.
+    pub linger: Duration,
+    /// Formatted disks kept ready.
+    pub pool: usize,
+    /// At most this many names at once (live, being created or lingering).
+    pub max_exports: Option<usize>,
+    /// Bytes of RAM that all memory-backed disks together may hold.
+    pub memory_limit: u64,
+    /// Bytes that all dir-backed disks together may allocate (None: until
+    /// the file system is full).
+    pub disk_limit: Option<u64>,
+    pub names: NamePolicy,
+    /// The name that the default export name `""` stands for (`-e NAME`);
+    /// without one, `""` is refused.
+    pub default_name: Option<String>,
+    pub description: Option<String>,
+    pub read_only: bool,
+}
+
+/// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or plain (possibly
+/// fractional) seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+            "invalid duration {text:?}: unknown unit {unit:?} (examples: 30s, 500ms, 2m, 1h, 10)"
+        ))
+        }
+    };
+    let value: f64 = number.parse().map_err(|_| {
+        format!("invalid duration {text:?}: not a number (examples: 30s, 500ms, 2m, 1h, 10)")
+    })?;
+    Duration::try_from_secs_f64(value * scale)
+        .map_err(|_| format!("invalid duration {text:?}: out of range"))
+}
+
+/// Checks that `key` can be a shell variable (`[A-Za-z_][A-Za-z0-9_]*`) and
+/// is not one of [`RESERVED_ENV`].
+pub fn check_env_key(key: &str) -> Result<(), String> {
+    let mut chars = key.chars();
+    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!(
+            "extra key {key:?} is not a valid shell variable name ([A-Za-z_][A-Za-z0-9_]*), so the format command could not see it"
+        ));
+    }
+    if RESERVED_ENV.contains(&key) {
+        return Err(format!(
+            "extra key {key:?} is reserved: format commands get ${key} from scratchd"
+        ));
+    }
+    Ok(())
+}
+
+/// The default memory budget: half of the machine's RAM (`MemTotal` in
+/// `/proc/meminfo`), so that scratch disks can never push the host into the
+/// OOM killer; unlimited if that cannot be read.
+pub fn default_memory_limit() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_memtotal(&text))
+        .map_or(u64::MAX, |total| total / 2)
+}
+
+/// `MemTotal` in bytes from the text of `/proc/meminfo`.
+fn parse_memtotal(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let ms = Duration::from_millis;
+        assert_eq!(parse_duration("30s"), Ok(ms(30_000)));
+        assert_eq!(parse_duration("500ms"), Ok(ms(500)));
+        assert_eq!(parse_duration("2m"), Ok(ms(120_000)));
+        assert_eq!(parse_duration("1h"), Ok(ms(3_600_000)));
+        assert_eq!(parse_duration("10"), Ok(ms(10_000)));
+        assert_eq!(parse_duration("0"), Ok(ms(0)));
+        assert_eq!(parse_duration("1.5s"), Ok(ms(1500)));
+        for bad in ["", "s", "-1s", "1d", "x", "1e400", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_keys() {
+        for good in ["counter", "_x", "A1_b"] {
+            assert_eq!(check_env_key(good), Ok(()));
+        }
+        for bad in ["1x", "a-b", "", "a b", "é", "disk", "size", "type", "label"] {
+            assert!(check_env_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn memtotal() {
+        let text = "MemTotal:       24683656 kB\nMemFree:  1 kB\n";
+        assert_eq!(parse_memtotal(text), Some(24683656 * 1024));
+        assert_eq!(parse_memtotal("MemFree: 1 kB"), None);
+        assert!(default_memory_limit() > 0);
+    }
+}

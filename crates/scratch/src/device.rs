@@ -1,0 +1,414 @@
+//! [`ScratchDevice`]: the block device every scratch disk serves, and the
+//! disk-space accounting of file-backed disks.
+//!
+//! A scratch disk is thrown away with its build, so durability is wasted
+//! work: FLUSH succeeds at once and FUA is stripped before the store sees a
+//! write (both are counted). Everything else is delegated to the store, a
+//! [`MemoryDevice`] or a [`FileDevice`], through a two-armed `match` rather
+//! than a trait object, and counted in relaxed atomics.
+//!
+//! # Disk budget
+//!
+//! A file's allocation is known only after the fact (`st_blocks`), so a
+//! budgeted file works in two steps: before a write or a `NO_HOLE` zeroing,
+//! it reserves the whole range rounded out to 4 KiB blocks (or, when that
+//! does not fit, only the holes inside the range, found with `SEEK_DATA`);
+//! after the call it sets its charge to `st_blocks * 512` plus what calls
+//! still in progress have reserved. The budget can therefore be exceeded only
+//! by what the file system allocates beyond the data itself (extent tree
+//! blocks), and a write is refused only when the data it may add does not
+//! fit.
+
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use scratchd_store::memory::Budget;
+use scratchd_store::{
+    BlockDevice, Capabilities, Extent, ExtentKind, FileDevice, MemoryDevice, ZeroFlags,
+};
+
+use crate::stats::{Stats, StatsSnapshot};
+
+/// Reservations are made in units of this many bytes.
+const BLOCK: u64 = 4096;
+
+/// A scratch disk's storage with flush/FUA dropped and every call counted.
+#[derive(Debug)]
+pub struct ScratchDevice {
+    store: Store,
+    stats: Stats,
+}
+
+#[derive(Debug)]
+enum Store {
+    Memory(MemoryDevice),
+    File(BudgetedFile),
+}
+
+/// Runs `$body` with `$dev` bound to the store as a `&dyn`-free reference.
+macro_rules! delegate {
+    ($self:ident, $dev:ident => $body:expr) => {
+        match &$self.store {
+            Store::Memory($dev) => $body,
+            Store::File($dev) => $body,
+        }
+    };
+}
+
+impl ScratchDevice {
+    /// A disk held in memory.
+    pub fn memory(dev: MemoryDevice) -> Self {
+        Self::with_store(Store::Memory(dev))
+    }
+
+    /// A disk held in a file.
+    pub(crate) fn file(dev: BudgetedFile) -> Self {
+        Self::with_store(Store::File(dev))
+    }
+
+    fn with_store(store: Store) -> Self {
+        ScratchDevice {
+            store,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Memory or disk space the disk holds now.
+    pub fn allocated_bytes(&self) -> u64 {
+        match &self.store {
+            Store::Memory(dev) => dev.allocated_bytes(),
+            Store::File(dev) => dev.allocated(),
+        }
+    }
+
+    /// The I/O counters and the allocation; connection counts and age are
+    /// the registry's to fill in.
+    pub fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            allocated_bytes: self.allocated_bytes(),
+            ..self.stats.snapshot()
+        }
+    }
+
+    fn drop_fua(&self, fua: bool) {
+        if fua {
+            self.stats
+                .fua_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a scratch disk advertises, given its store's capabilities.
+pub(crate) fn scratch_capabilities(store: Capabilities) -> Capabilities {
+    Capabilities {
+        durable_flush: false,
+        multi_conn: true,
+        ..store
+    }
+}
+
+impl BlockDevice for ScratchDevice {
+    fn size(&self) -> u64 {
+        delegate!(self, dev => dev.size())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        scratch_capabilities(delegate!(self, dev => dev.capabilities()))
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        delegate!(self, dev => dev.read(offset, buf))?;
+        self.stats.read.add(buf.len() as u64);
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.drop_fua(fua);
+        delegate!(self, dev => dev.write(offset, data, false))?;
+        self.stats.written.add(data.len() as u64);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.stats
+            .flushes_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.drop_fua(fua);
+        delegate!(self, dev => dev.trim(offset, len, false))?;
+        self.stats.trimmed.add(len);
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64, flags: ZeroFlags, fua: bool) -> io::Result<()> {
+        self.drop_fua(fua);
+        delegate!(self, dev => dev.zero(offset, len, flags, false))?;
+        self.stats.zeroed.add(len);
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> io::Result<()> {
+        delegate!(self, dev => dev.extents(offset, len, out))
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        delegate!(self, dev => dev.cache(offset, len))
+    }
+}
+
+/// A [`FileDevice`] whose allocation is charged to a shared [`Budget`] (see
+/// the [module documentation](self)).
+#[derive(Debug)]
+pub(crate) struct BudgetedFile {
+    dev: FileDevice,
+    /// The same file, kept for `fstat`.
+    inode: File,
+    budget: Option<Arc<Budget>>,
+    charge: Mutex<Charge>,
+}
+
+/// Bytes this file holds in its budget.
+#[derive(Debug, Default)]
+struct Charge {
+    /// Everything held.
+    held: u64,
+    /// The part reserved by calls still running.
+    pending: u64,
+}
+
+impl BudgetedFile {
+    /// Wraps `dev`, whose file is also open as `inode`, charging its current
+    /// allocation to `budget`.
+    ///
+    /// # Errors
+    ///
+    /// `ENOSPC` when the budget cannot hold what the file already uses.
+    pub(crate) fn new(
+        dev: FileDevice,
+        inode: File,
+        budget: Option<Arc<Budget>>,
+    ) -> io::Result<Self> {
+        let file = BudgetedFile {
+            dev,
+            inode,
+            budget,
+            charge: Mutex::new(Charge::default()),
+        };
+        if let Some(budget) = &file.budget {
+            let used = file.allocated();
+            if !budget.try_reserve(used) {
+                return Err(enospc());
+            }
+            file.lock().held = used;
+        }
+        Ok(file)
+    }
+
+    /// Bytes the file system has allocated to the file.
+    pub(crate) fn allocated(&self) -> u64 {
+        rustix::fs::fstat(&self.inode).map_or(0, |st| st.st_blocks as u64 * 512)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Charge> {
+        self.charge.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `op`, which may allocate up to `[offset, offset + len)`, within
+    /// the budget.
+    fn charged(
+        &self,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let Some(budget) = &self.budget else {
+            return op();
+        };
+        let mut estimate = blocks_spanned(offset, len);
+        if !budget.try_reserve(estimate) {
+            // Near the limit: only holes can grow the file.
+            estimate = self.hole_bytes(offset, len)?;
+            if !budget.try_reserve(estimate) {
+                return Err(enospc());
+            }
+        }
+        {
+            let mut c = self.lock();
+            c.held += estimate;
+            c.pending += estimate;
+        }
+        let result = op();
+        let mut c = self.lock();
+        c.pending -= estimate;
+        self.reconcile(budget, &mut c);
+        result
+    }
+
+    /// Sets the charge to the file's allocation plus pending reservations.
+    fn reconcile(&self, budget: &Budget, c: &mut Charge) {
+        let target = self.allocated() + c.pending;
+        if c.held > target {
+            budget.release(c.held - target);
+            c.held = target;
+        } else if c.held < target && budget.try_reserve(target - c.held) {
+            // The file system allocated more than the data (metadata).
+            c.held = target;
+        }
+    }
+
+    /// Bytes of `[offset, offset + len)` in holes, in whole blocks.
+    fn hole_bytes(&self, offset: u64, len: u64) -> io::Result<u64> {
+        let mut extents = Vec::new();
+        self.dev.extents(offset, len, &mut extents)?;
+        let mut pos = offset;
+        let mut holes = 0;
+        for e in extents {
+            if e.kind == ExtentKind::Hole {
+                holes += blocks_spanned(pos, e.len);
+            }
+            pos += e.len;
+        }
+        Ok(holes)
+    }
+
+    /// Gives back what a trim or a hole-punching zero freed.
+    fn after_free(&self, result: io::Result<()>) -> io::Result<()> {
+        if let Some(budget) = &self.budget {
+            self.reconcile(budget, &mut self.lock());
+        }
+        result
+    }
+}
+
+impl Drop for BudgetedFile {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.release(self.lock().held);
+        }
+    }
+}
+
+impl BlockDevice for BudgetedFile {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.dev.capabilities()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.dev.read(offset, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.charged(offset, data.len() as u64, || {
+            self.dev.write(offset, data, fua)
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.dev.flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.after_free(self.dev.trim(offset, len, fua))
+    }
+
+    fn zero(&self, offset: u64, len: u64, flags: ZeroFlags, fua: bool) -> io::Result<()> {
+        if flags.may_trim {
+            self.after_free(self.dev.zero(offset, len, flags, fua))
+        } else {
+            self.charged(offset, len, || self.dev.zero(offset, len, flags, fua))
+        }
+    }
+
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> io::Result<()> {
+        self.dev.extents(offset, len, out)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.dev.cache(offset, len)
+    }
+}
+
+/// Bytes of the 4 KiB blocks that `[offset, offset + len)` touches.
+fn blocks_spanned(offset: u64, len: u64) -> u64 {
+    if len == 0 {
+        return 0;
+    }
+    let first = offset / BLOCK;
+    let end = offset.saturating_add(len).div_ceil(BLOCK);
+    (end - first) * BLOCK
+}
+
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flush_and_fua_are_dropped_and_counted() {
+        let dev = ScratchDevice::memory(MemoryDevice::new(1 << 20).unwrap());
+        let caps = dev.capabilities();
+        assert!(caps.multi_conn && !caps.durable_flush);
+        dev.write(0, &[1; 4096], true).unwrap();
+        dev.write(8192, &[2; 100], false).unwrap();
+        dev.flush().unwrap();
+        dev.trim(0, 4096, true).unwrap();
+        dev.zero(0, 10, ZeroFlags::default(), false).unwrap();
+        let mut buf = [0u8; 100];
+        dev.read(8192, &mut buf).unwrap();
+        let s = dev.stats();
+        assert_eq!((s.writes, s.written_bytes), (2, 4196));
+        assert_eq!((s.reads, s.read_bytes), (1, 100));
+        assert_eq!(
+            (s.trims, s.trimmed_bytes, s.zeroes, s.zeroed_bytes),
+            (1, 4096, 1, 10)
+        );
+        assert_eq!((s.flushes_dropped, s.fua_dropped), (1, 2));
+        assert_eq!(s.allocated_bytes, dev.allocated_bytes());
+    }
+
+    #[test]
+    fn budgeted_file_refuses_writes_past_its_budget_and_refunds_trims() {
+        let dir = tempfile::tempdir().unwrap();
+        let inode = tempfile::tempfile_in(dir.path()).unwrap();
+        inode.set_len(16 << 20).unwrap();
+        let path = crate::disk::proc_path(&inode);
+        let budget = Arc::new(Budget::new(1 << 20));
+        let dev = BudgetedFile::new(
+            FileDevice::open(&path, false).unwrap(),
+            inode,
+            Some(budget.clone()),
+        )
+        .unwrap();
+        dev.write(0, &vec![1; 512 << 10], false).unwrap();
+        assert!(budget.used() >= 512 << 10 && budget.used() <= 1 << 20);
+        // Overwrites need no new space even at the limit.
+        dev.write(0, &vec![2; 512 << 10], false).unwrap();
+        let err = dev.write(4 << 20, &vec![3; 1 << 20], false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        dev.trim(0, 512 << 10, false).unwrap();
+        assert_eq!(budget.used(), dev.allocated());
+        dev.write(4 << 20, &vec![3; 768 << 10], false).unwrap();
+        drop(dev);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn blocks() {
+        assert_eq!(blocks_spanned(0, 0), 0);
+        assert_eq!(blocks_spanned(0, 1), 4096);
+        assert_eq!(blocks_spanned(4095, 2), 8192);
+        assert_eq!(blocks_spanned(4096, 4096), 4096);
+    }
+}

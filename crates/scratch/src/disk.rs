@@ -1,0 +1,273 @@
+//! Making a new, formatted scratch disk.
+//!
+//! Nothing ever gets a name in the file system, so nothing can be left
+//! behind, whatever happens to the process:
+//!
+//! - `backing=memory`: a memfd of the disk's size is formatted, then its data
+//!   extents (`SEEK_DATA`/`SEEK_HOLE`) are copied into a budgeted
+//!   [`MemoryDevice`], skipping all-zero blocks, and the memfd is closed. The
+//!   memfd's pages are not charged to the budget, but live only while mkfs
+//!   runs (a few MiB of metadata with the default options); the copy is, and
+//!   a budget too small for it fails the creation with a clear error.
+//! - `backing=dir:PATH`: an unnamed file (`O_TMPFILE`, or on file systems
+//!   without it a random name unlinked at once) is sized, formatted, and
+//!   served by a [`FileDevice`] opened through `/proc/self/fd`.
+//!
+//! [`DiskFactory`] is what the registry and the pool see, so tests can swap
+//! in a fast fake.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs::{memfd_create, seek, MemfdFlags, SeekFrom};
+use rustix::io::Errno;
+use scratchd_store::memory::Budget;
+use scratchd_store::{BlockDevice, Capabilities, FileDevice, MemoryDevice};
+
+use crate::device::{scratch_capabilities, BudgetedFile, ScratchDevice};
+use crate::format::Format;
+
+/// Makes new, formatted disks.
+pub trait DiskFactory: Send + Sync {
+    /// A new disk, ready to serve; the error is a one-line reason.
+    fn create(&self) -> Result<ScratchDevice, String>;
+    /// Size of the disks made.
+    fn size(&self) -> u64;
+    /// What the disks made can do (for INFO on names without a disk).
+    fn capabilities(&self) -> Capabilities;
+}
+
+/// Where a [`Maker`]'s disks live, with their budget.
+pub enum Store {
+    Memory(Arc<Budget>),
+    Dir {
+        path: PathBuf,
+        budget: Option<Arc<Budget>>,
+    },
+}
+
+/// The real [`DiskFactory`]: a store and a formatter.
+pub struct Maker {
+    pub size: u64,
+    pub store: Store,
+    pub format: Box<dyn Format>,
+}
+
+impl Maker {
+    /// Checks that disks can be made at all (the directory exists and takes
+    /// unnamed files), so that a bad `backing=` fails at startup.
+    pub fn check(&self) -> io::Result<()> {
+        match &self.store {
+            Store::Memory(_) => MemoryDevice::new(self.size).map(drop),
+            Store::Dir { path, .. } => tempfile::tempfile_in(path).map(drop),
+        }
+    }
+
+    fn create_in_memory(&self, budget: &Arc<Budget>) -> Result<ScratchDevice, String> {
+        let dev = MemoryDevice::with_budget(self.size, budget.clone())
+            .map_err(|e| format!("cannot create a {}-byte memory disk: {e}", self.size))?;
+        if !self.format.is_blank() {
+            let memfd = memfd_create("scratchd-disk", MemfdFlags::CLOEXEC)
+                .map(File::from)
+                .map_err(|e| format!("memfd_create: {e}"))?;
+            memfd
+                .set_len(self.size)
+                .map_err(|e| format!("cannot size the memfd: {e}"))?;
+            self.format.format(&proc_path(&memfd), self.size)?;
+            import(&memfd, &dev).map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) => format!(
+                    "the memory budget is exhausted ({} of {} bytes in use)",
+                    budget.used(),
+                    budget.limit()
+                ),
+                _ => format!("cannot load the formatted disk: {e}"),
+            })?;
+        }
+        Ok(ScratchDevice::memory(dev))
+    }
+
+    fn create_in_dir(
+        &self,
+        path: &Path,
+        budget: &Option<Arc<Budget>>,
+    ) -> Result<ScratchDevice, String> {
+        let inode = tempfile::tempfile_in(path)
+            .map_err(|e| format!("cannot create a file in {}: {e}", path.display()))?;
+        inode
+            .set_len(self.size)
+            .map_err(|e| format!("cannot size the disk file: {e}"))?;
+        let fd_path = proc_path(&inode);
+        self.format.format(&fd_path, self.size)?;
+        let dev = FileDevice::open(&fd_path, false)
+            .map_err(|e| format!("cannot reopen the disk file: {e}"))?;
+        let dev =
+            BudgetedFile::new(dev, inode, budget.clone()).map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) => "the disk budget is exhausted".to_string(),
+                _ => e.to_string(),
+            })?;
+        Ok(ScratchDevice::file(dev))
+    }
+}
+
+impl DiskFactory for Maker {
+    fn create(&self) -> Result<ScratchDevice, String> {
+        match &self.store {
+            Store::Memory(budget) => self.create_in_memory(budget),
+            Store::Dir { path, budget } => self.create_in_dir(path, budget),
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let store = match &self.store {
+            Store::Memory(_) => MemoryDevice::new(0).map(|d| d.capabilities()),
+            Store::Dir { path, .. } => tempfile::tempfile_in(path)
+                .and_then(|f| FileDevice::open(&proc_path(&f), false))
+                .map(|d| d.capabilities()),
+        };
+        // A failed probe is answered with what the store normally offers;
+        // creating the disk will report the real problem.
+        scratch_capabilities(store.unwrap_or(Capabilities {
+            read_only: false,
+            durable_flush: false,
+            trim: true,
+            fast_zero: true,
+            multi_conn: true,
+            may_block: matches!(self.store, Store::Dir { .. }),
+        }))
+    }
+}
+
+/// A path through which a child process (or this one) can open `file`.
+pub(crate) fn proc_path(file: &File) -> PathBuf {
+    PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        file.as_raw_fd()
+    ))
+}
+
+/// Copies the data extents of `file` into `dev`, skipping all-zero blocks.
+fn import(file: &File, dev: &MemoryDevice) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    const BLOCK: usize = 4096;
+    let size = dev.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    while pos < size {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(data) => data,
+            Err(Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = match seek(file, SeekFrom::Hole(data)) {
+            Ok(hole) => hole.min(size),
+            Err(e) => return Err(e.into()),
+        };
+        let mut at = data;
+        while at < hole {
+            let n = (hole - at).min(CHUNK) as usize;
+            let chunk = &mut buf[..n];
+            file.read_exact_at(chunk, at)?;
+            // Write runs of blocks that are not all zeros.
+            let mut run: Option<usize> = None;
+            for (i, block) in chunk.chunks(BLOCK).enumerate() {
+                let zero = block.iter().all(|&b| b == 0);
+                match (zero, run) {
+                    (false, None) => run = Some(i * BLOCK),
+                    (true, Some(start)) => {
+                        dev.write(at + start as u64, &chunk[start..i * BLOCK], false)?;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(start) = run {
+                dev.write(at + start as u64, &chunk[start..], false)?;
+            }
+            at += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{FormatKind, FormatSpec};
+
+    fn spec(kind: FormatKind) -> Box<dyn Format> {
+        Box::new(FormatSpec {
+            kind,
+            fs_type: "ext4".into(),
+            label: None,
+            env: vec![],
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    #[test]
+    fn import_copies_only_nonzero_blocks() {
+        let maker = Maker {
+            size: 64 << 20,
+            store: Store::Memory(Arc::new(Budget::new(u64::MAX))),
+            format: spec(FormatKind::Command(
+                "printf abc | dd of=$disk bs=1 seek=5000 conv=notrunc 2>/dev/null; \
+                 head -c 8192 /dev/zero | dd of=$disk bs=1 seek=1048576 conv=notrunc 2>/dev/null"
+                    .into(),
+            )),
+        };
+        let dev = maker.create().unwrap();
+        assert_eq!(dev.allocated_bytes(), 4096);
+        let mut buf = [0u8; 3];
+        dev.read(5000, &mut buf).unwrap();
+        assert_eq!(&buf, b"abc");
+    }
+
+    #[test]
+    fn mkfs_ext4_makes_a_filesystem_in_memory_and_in_a_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        for store in [
+            Store::Memory(Arc::new(Budget::new(u64::MAX))),
+            Store::Dir {
+                path: dir.path().to_owned(),
+                budget: None,
+            },
+        ] {
+            let maker = Maker {
+                size: 64 << 20,
+                store,
+                format: spec(FormatKind::Filesystem("ext4".into())),
+            };
+            let dev = maker.create().unwrap();
+            let mut magic = [0u8; 2];
+            dev.read(1080, &mut magic).unwrap();
+            assert_eq!(u16::from_le_bytes(magic), 0xEF53);
+            assert!(dev.allocated_bytes() > 0);
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+
+    #[test]
+    fn a_budget_too_small_for_the_filesystem_fails_creation() {
+        let budget = Arc::new(Budget::new(8192));
+        let maker = Maker {
+            size: 64 << 20,
+            store: Store::Memory(budget.clone()),
+            format: spec(FormatKind::Filesystem("ext4".into())),
+        };
+        let err = maker.create().unwrap_err();
+        assert!(err.contains("memory budget"), "{err}");
+        assert_eq!(budget.used(), 0);
+    }
+}

@@ -1,0 +1,311 @@
+//! Formatting a new disk: `mkfs` with throw-away options, or the operator's
+//! shell command, run with a time limit.
+//!
+//! The disk is handed to the command as `/proc/PID/fd/N`: a path to an open
+//! descriptor of this process (a memfd or an unnamed file), so nothing with a
+//! name exists while mkfs runs and a crash leaves nothing behind.
+//!
+//! The command runs in its own process group with stdin and stdout on
+//! `/dev/null` and stderr on a pipe. One thread waits for it with `poll` on a
+//! pidfd and the pipe together, keeping the last few KiB of stderr, so there
+//! is no sleeping and no extra thread. When the command exits, or overruns
+//! the timeout, the whole group gets SIGKILL (a format command must not leave
+//! helpers holding the disk open); the leader is reaped only after that, so
+//! its process-group id cannot have been reused.
+
+use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::process::{kill_process_group, pidfd_open, Pid, PidfdFlags, Signal};
+
+use crate::config::{FormatKind, FormatSpec};
+
+/// Stderr bytes kept for the error message.
+const STDERR_KEEP: usize = 4096;
+/// The longest stderr summary put in an NBD error message.
+const SUMMARY_LEN: usize = 300;
+
+/// Something that turns a blank disk into a formatted one.
+pub trait Format: Send + Sync {
+    /// Formats the `size`-byte disk at `disk`; the error is a one-line
+    /// summary for the client and the log.
+    fn format(&self, disk: &Path, size: u64) -> Result<(), String>;
+
+    /// Whether [`Format::format`] does nothing (`type=none`).
+    fn is_blank(&self) -> bool {
+        false
+    }
+}
+
+impl Format for FormatSpec {
+    fn format(&self, disk: &Path, size: u64) -> Result<(), String> {
+        match self.command(disk, size) {
+            Some(cmd) => run_with_timeout(cmd, self.timeout),
+            None => Ok(()),
+        }
+    }
+
+    fn is_blank(&self) -> bool {
+        self.kind == FormatKind::None
+    }
+}
+
+impl FormatSpec {
+    /// The command that formats `disk`, or `None` for a blank disk.
+    fn command(&self, disk: &Path, size: u64) -> Option<Command> {
+        let label = self.label.as_deref();
+        let cmd = match &self.kind {
+            FormatKind::None => return None,
+            FormatKind::Command(script) => {
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c")
+                    .arg(script)
+                    .env("disk", disk)
+                    .env("size", size.to_string())
+                    .env("type", &self.fs_type)
+                    .env("label", label.unwrap_or(""))
+                    .envs(self.env.iter().map(|(k, v)| (k, v)));
+                cmd
+            }
+            FormatKind::Filesystem(fs) => {
+                let mut cmd = Command::new("mkfs");
+                cmd.arg("-t")
+                    .arg(fs)
+                    .args(mkfs_options(fs, label))
+                    .arg(disk);
+                cmd
+            }
+        };
+        Some(cmd)
+    }
+}
+
+/// `mkfs` options for a throw-away disk of type `fs`.
+///
+/// ext2/3/4: no reserved blocks (`-m 0`: nobody needs root's 5% on a build
+/// disk), lazy inode table and journal initialisation, no discard pass
+/// (the disk is already all zeros). ext4 also drops the journal, as OBS does
+/// for its build roots: a scratch disk never has to survive a crash. Types
+/// without a known quiet or force flag get only the label.
+pub(crate) fn mkfs_options(fs: &str, label: Option<&str>) -> Vec<String> {
+    let mut args: Vec<&str> = match fs {
+        "ext4" => vec![
+            "-F",
+            "-q",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            "-O",
+            "^has_journal",
+        ],
+        "ext2" | "ext3" => vec![
+            "-F",
+            "-q",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+        ],
+        "xfs" | "btrfs" => vec!["-f", "-q", "-K"],
+        _ => vec![],
+    };
+    if let Some(label) = label {
+        args.push(if matches!(fs, "vfat" | "fat" | "msdos") {
+            "-n"
+        } else {
+            "-L"
+        });
+        args.push(label);
+    }
+    args.into_iter().map(String::from).collect()
+}
+
+/// Runs `cmd` to completion within `timeout`; the error summarises why it
+/// failed and the end of its stderr.
+pub(crate) fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<(), String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let pid = Pid::from_raw(child.id() as i32).ok_or("spawned a child without a pid")?;
+    let mut stderr = child.stderr.take().ok_or("no stderr pipe")?;
+    let watched = pidfd_open(pid, PidfdFlags::empty())
+        .map_err(io::Error::from)
+        .and_then(|pidfd| {
+            rustix::io::ioctl_fionbio(&stderr, true)?;
+            Ok(wait(&pidfd, &mut stderr, Instant::now() + timeout))
+        });
+    // Whatever happened, no member of the group may outlive the format step.
+    let _ = kill_process_group(pid, Signal::KILL);
+    let status = child.wait();
+    let (exited, tail) = watched.map_err(|e| format!("cannot watch {program}: {e}"))?;
+    let summary = summarize(&tail);
+    let status = status.map_err(|e| format!("cannot wait for {program}: {e}"))?;
+    let why = if !exited {
+        format!("format command timed out after {timeout:?} and was killed")
+    } else if status.success() {
+        return Ok(());
+    } else if let Some(code) = status.code() {
+        format!("format command failed with exit status {code}")
+    } else {
+        format!(
+            "format command killed by signal {}",
+            status.signal().unwrap_or(0)
+        )
+    };
+    Err(if summary.is_empty() {
+        why
+    } else {
+        format!("{why}: {summary}")
+    })
+}
+
+/// Collects stderr until the process behind `pidfd` exits (true) or the
+/// deadline passes (false); returns that and the last bytes of stderr.
+fn wait(pidfd: &impl AsFd, stderr: &mut impl ReadFd, deadline: Instant) -> (bool, Vec<u8>) {
+    let mut tail = Vec::new();
+    let mut open = true;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (false, tail);
+        }
+        let timeout = Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let mut fds = vec![PollFd::new(pidfd, PollFlags::IN)];
+        if open {
+            fds.push(PollFd::new(stderr, PollFlags::IN));
+        }
+        if poll(&mut fds, Some(&timeout)).is_err() {
+            continue; // EINTR
+        }
+        let exited = !fds[0].revents().is_empty();
+        let readable = fds.get(1).is_some_and(|f| !f.revents().is_empty());
+        drop(fds);
+        if readable || exited {
+            open = drain(stderr, &mut tail) && open;
+        }
+        if exited {
+            return (true, tail);
+        }
+    }
+}
+
+/// A readable descriptor (the stderr pipe).
+trait ReadFd: Read + AsFd {}
+impl<T: Read + AsFd> ReadFd for T {}
+
+/// Reads what is available into `tail` (keeping its last [`STDERR_KEEP`]
+/// bytes); false at end of file.
+fn drain(r: &mut impl Read, tail: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > STDERR_KEEP {
+                    tail.drain(..tail.len() - STDERR_KEEP);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return e.kind() == io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
+/// The last non-empty lines of `stderr`, joined with ` | ` and clipped to
+/// [`SUMMARY_LEN`] bytes (from the end: the last words matter most).
+fn summarize(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let joined = lines[lines.len().saturating_sub(3)..].join(" | ");
+    if joined.len() <= SUMMARY_LEN {
+        return joined;
+    }
+    let mut start = joined.len() - SUMMARY_LEN;
+    while !joined.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &joined[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str, timeout: Duration) -> Result<(), String> {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script);
+        run_with_timeout(cmd, timeout)
+    }
+
+    #[test]
+    fn success_failure_and_stderr_summary() {
+        assert_eq!(sh("echo fine >&2; exit 0", Duration::from_secs(10)), Ok(()));
+        let err = sh(
+            "echo one >&2; echo; echo boom >&2; exit 3",
+            Duration::from_secs(10),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("exit status 3") && err.ends_with("one | boom"),
+            "{err}"
+        );
+        let err = sh("kill -9 $$", Duration::from_secs(10)).unwrap_err();
+        assert!(err.contains("signal 9"), "{err}");
+    }
+
+    #[test]
+    fn a_hanging_command_and_its_children_are_killed_at_the_timeout() {
+        let start = Instant::now();
+        let err = sh(
+            "echo started >&2; sleep 30 & sleep 30",
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("timed out") && err.ends_with("started"),
+            "{err}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn stderr_is_clipped_from_the_end() {
+        let long = "x".repeat(1000) + "END";
+        let s = summarize(long.as_bytes());
+        assert!(s.len() <= SUMMARY_LEN + 3 && s.ends_with("END") && s.starts_with("..."));
+        assert_eq!(summarize(b""), "");
+        let err = sh(
+            "head -c 100000 /dev/zero | tr '\\0' y >&2; exit 1",
+            Duration::from_secs(10),
+        )
+        .unwrap_err();
+        assert!(err.len() < 400, "{err}");
+    }
+
+    #[test]
+    fn filesystem_options() {
+        assert!(mkfs_options("ext4", None).contains(&"^has_journal".to_string()));
+        assert_eq!(mkfs_options("vfat", Some("L")), ["-n", "L"]);
+        assert_eq!(mkfs_options("xfs", Some("L"))[3..], ["-L", "L"]);
+        assert!(mkfs_options("weird", None).is_empty());
+    }
+}

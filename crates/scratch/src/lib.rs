@@ -1,0 +1,78 @@
+//! Build scratch disks: one throw-away disk per export name.
+//!
+//! The export name is the build's identity. The first connection that opens
+//! a new name creates its disk (sparse, in memory or in an unnamed file,
+//! formatted by mkfs or the operator's command); every later connection with
+//! that name shares it, so `CAN_MULTI_CONN` holds; after the last one closes
+//! (and an optional linger) the disk is destroyed and its memory or space
+//! returned. Flush and FUA are no-ops: nothing here must survive a crash, and
+//! nothing does, since no disk ever has a name in the file system.
+//!
+//! Layout:
+//! - [`config`]: the template and limits, and their small parsers.
+//! - [`names`]: which export names are allowed.
+//! - [`registry`]: [`ScratchExports`], the name → disk map and its lifecycle.
+//! - [`disk`]: making a disk (memfd or `O_TMPFILE`, format, load).
+//! - [`format`]: running mkfs or the format command under a timeout.
+//! - [`device`]: [`ScratchDevice`], stats and the disk budget of files.
+//! - `pool`: formatted disks kept ready.
+//! - [`stats`]: per-disk counters.
+//!
+//! The design and its trade-offs are written up in `docs/SCRATCH.md`.
+
+use std::sync::Arc;
+
+use scratchd_store::memory::Budget;
+
+pub mod config;
+pub mod device;
+pub mod disk;
+pub mod format;
+pub mod names;
+mod pool;
+pub mod registry;
+pub mod stats;
+
+pub use config::{Backing, Config, FormatKind, FormatSpec};
+pub use device::ScratchDevice;
+pub use registry::{ScratchExports, Settings};
+pub use stats::StatsSnapshot;
+
+/// Builds the registry a [`Config`] describes.
+///
+/// # Errors
+///
+/// A one-line reason when disks cannot be made at all (a `backing=dir:`
+/// that does not exist or takes no files) or a thread cannot start.
+pub fn from_config(config: Config) -> Result<ScratchExports, String> {
+    let store = match &config.backing {
+        Backing::Memory => disk::Store::Memory(Arc::new(Budget::new(config.memory_limit))),
+        Backing::Dir(path) => disk::Store::Dir {
+            path: path.clone(),
+            budget: config.disk_limit.map(|limit| Arc::new(Budget::new(limit))),
+        },
+    };
+    let maker = disk::Maker {
+        size: config.size,
+        store,
+        format: Box::new(config.format.clone()),
+    };
+    maker.check().map_err(|e| match &config.backing {
+        Backing::Memory => format!("cannot make a {}-byte memory disk: {e}", config.size),
+        Backing::Dir(path) => format!(
+            "backing=dir:{}: cannot create files there: {e}",
+            path.display()
+        ),
+    })?;
+    let settings = Settings {
+        names: config.names,
+        default_name: config.default_name,
+        description: config.description,
+        linger: config.linger,
+        max_exports: config.max_exports,
+        read_only: config.read_only,
+        pool: config.pool,
+        ..Settings::new(config.format.timeout)
+    };
+    ScratchExports::new(settings, Arc::new(maker)).map_err(|e| format!("cannot start threads: {e}"))
+}

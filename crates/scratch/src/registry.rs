@@ -1,0 +1,791 @@
+//! [`ScratchExports`]: export names → scratch disks, created on first open,
+//! shared by every connection with that name, destroyed after the last.
+//!
+//! # States
+//!
+//! One `HashMap` behind one mutex holds an [`Entry`] per name. The mutex is
+//! held only to look at or change an entry, never while a disk is made,
+//! formatted or destroyed, and never on the data path (connections hold the
+//! device itself).
+//!
+//! - `Creating`: the first opener inserts it, lets go of the lock and makes
+//!   the disk in its own thread (from the pool when one is ready), so
+//!   different names are created in parallel. Openers of the same name wait
+//!   on the entry's [`Pending`] slot, bounded by a timeout, and never start
+//!   a second mkfs. A failure removes the entry and is passed to every
+//!   waiter.
+//! - `Live`: a disk and its connection count. Each open returns a lease whose
+//!   drop (when the connection and all its requests are done) decrements it.
+//! - `Lingering`: no connections, kept until a deadline (`linger=`). An open
+//!   revives it; otherwise a reaper thread removes it at the deadline.
+//!
+//! A disk is destroyed by dropping it outside the lock: memory goes back to
+//! the budget and files are closed (they never had names). Its statistics are
+//! logged then.
+//!
+//! `--max-exports` counts every entry. When it is reached, the lingering
+//! disk closest to its deadline is destroyed to make room; only when none
+//! lingers is a new name refused.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use scratchd_proto::negotiation::{Catalog, ExportInfo, ExportListing, LookupError};
+use scratchd_server::export::{flags_for, BLOCK_SIZE};
+use scratchd_server::{Exports, OpenExport};
+use scratchd_store::{BlockDevice, Capabilities};
+use tracing::{info, warn};
+
+use crate::device::ScratchDevice;
+use crate::disk::DiskFactory;
+use crate::names::NamePolicy;
+use crate::pool::Pool;
+use crate::stats::StatsSnapshot;
+
+/// Waiting for another connection's disk creation gives up after the format
+/// timeout plus this.
+const CREATE_WAIT_SLACK: Duration = Duration::from_secs(30);
+
+/// The registry's policy: everything but the disks themselves.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub names: NamePolicy,
+    /// What the default name `""` stands for; None: `""` is refused.
+    pub default_name: Option<String>,
+    pub description: Option<String>,
+    pub linger: Duration,
+    pub max_exports: Option<usize>,
+    /// How long to wait for another connection's disk creation.
+    pub create_timeout: Duration,
+    pub read_only: bool,
+    /// Formatted disks kept ready.
+    pub pool: usize,
+}
+
+impl Settings {
+    /// Settings with the given format timeout and no other policy.
+    pub fn new(format_timeout: Duration) -> Settings {
+        Settings {
+            names: NamePolicy::default(),
+            default_name: None,
+            description: None,
+            linger: Duration::ZERO,
+            max_exports: None,
+            create_timeout: format_timeout + CREATE_WAIT_SLACK,
+            read_only: false,
+            pool: 0,
+        }
+    }
+}
+
+/// Scratch disks by export name; see the [module documentation](self).
+pub struct ScratchExports {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: Settings,
+    factory: Arc<dyn DiskFactory>,
+    /// What every disk can do, for INFO on names without one.
+    template_caps: Capabilities,
+    pool: Option<Pool>,
+    state: Mutex<State>,
+    /// Wakes the reaper when a deadline is added or the registry stops.
+    reaper: Condvar,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<String, Entry>,
+    /// Lingering deadlines: (when, disk id, name). Stale ones (the disk was
+    /// revived or is gone) are skipped when they come up.
+    deadlines: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    stop: bool,
+}
+
+enum Entry {
+    Creating(Arc<Pending>),
+    Live { disk: Arc<Disk>, connections: u64 },
+    Lingering { disk: Arc<Disk>, until: Instant },
+}
+
+/// The outcome of a creation, for connections waiting on it.
+#[derive(Default)]
+struct Pending {
+    outcome: Mutex<Option<Result<(), LookupError>>>,
+    done: Condvar,
+}
+
+/// A named disk.
+struct Disk {
+    id: u64,
+    name: String,
+    device: Arc<ScratchDevice>,
+    attached: Instant,
+    connections_total: AtomicU64,
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let s = self.stats(0);
+        info!(
+            export = %self.name,
+            age_s = s.age.as_secs_f64(),
+            connections = s.connections_total,
+            reads = s.reads,
+            read_bytes = s.read_bytes,
+            writes = s.writes,
+            written_bytes = s.written_bytes,
+            trims = s.trims,
+            trimmed_bytes = s.trimmed_bytes,
+            zeroes = s.zeroes,
+            zeroed_bytes = s.zeroed_bytes,
+            flushes_dropped = s.flushes_dropped,
+            fua_dropped = s.fua_dropped,
+            allocated_bytes = s.allocated_bytes,
+            "scratch disk destroyed"
+        );
+    }
+}
+
+impl Disk {
+    fn stats(&self, connections: u64) -> StatsSnapshot {
+        StatsSnapshot {
+            connections,
+            connections_total: self.connections_total.load(Ordering::Relaxed),
+            age: self.attached.elapsed(),
+            ..self.device.stats()
+        }
+    }
+}
+
+/// Held by one connection; releases its disk when dropped.
+struct Lease {
+    shared: Arc<Shared>,
+    disk: Arc<Disk>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.shared.release(&self.disk);
+    }
+}
+
+impl ScratchExports {
+    /// A registry making disks with `factory` (and a pool of
+    /// `settings.pool` of them), with a reaper thread for lingering disks.
+    ///
+    /// # Errors
+    ///
+    /// When a thread cannot be started.
+    pub fn new(
+        settings: Settings,
+        factory: Arc<dyn DiskFactory>,
+    ) -> std::io::Result<ScratchExports> {
+        let pool = match settings.pool {
+            0 => None,
+            n => Some(Pool::start(n, factory.clone())?),
+        };
+        let shared = Arc::new(Shared {
+            template_caps: factory.capabilities(),
+            settings,
+            factory,
+            pool,
+            state: Mutex::new(State::default()),
+            reaper: Condvar::new(),
+            next_id: AtomicU64::new(1),
+        });
+        if !shared.settings.linger.is_zero() {
+            let reaper = shared.clone();
+            thread::Builder::new()
+                .name("scratch-reaper".into())
+                .spawn(move || reaper.reap())?;
+        }
+        Ok(ScratchExports { shared })
+    }
+
+    /// Statistics of every disk with a name (live or lingering), by name.
+    pub fn stats(&self) -> Vec<(String, StatsSnapshot)> {
+        let disks: Vec<(Arc<Disk>, u64)> = {
+            let state = self.shared.lock();
+            state
+                .entries
+                .values()
+                .filter_map(|e| match e {
+                    Entry::Live { disk, connections } => Some((disk.clone(), *connections)),
+                    Entry::Lingering { disk, .. } => Some((disk.clone(), 0)),
+                    Entry::Creating(_) => None,
+                })
+                .collect()
+        };
+        let mut out: Vec<_> = disks
+            .into_iter()
+            .map(|(disk, n)| (disk.name.clone(), disk.stats(n)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Formatted disks ready in the pool.
+    pub fn pool_ready(&self) -> usize {
+        self.shared.pool.as_ref().map_or(0, Pool::ready)
+    }
+}
+
+impl Drop for ScratchExports {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.reaper.notify_all();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The name a client's `name` stands for, if policy allows it.
+    fn resolve<'a>(&'a self, name: &'a str) -> Result<&'a str, LookupError> {
+        let name = match (&self.settings.default_name, name) {
+            (Some(default), "") => default.as_str(),
+            _ => name,
+        };
+        self.settings.names.check(name)?;
+        Ok(name)
+    }
+
+    fn info(&self, name: &str, device: Option<&dyn BlockDevice>) -> ExportInfo {
+        let (size, caps) = match device {
+            Some(dev) => (dev.size(), dev.capabilities()),
+            None => (self.factory.size(), self.template_caps),
+        };
+        ExportInfo {
+            name: name.to_owned(),
+            size,
+            flags: flags_for(caps, self.settings.read_only),
+            block_size: BLOCK_SIZE,
+            description: self.settings.description.clone(),
+        }
+    }
+
+    fn open(self: &Arc<Self>, name: &str) -> Result<OpenExport, LookupError> {
+        let deadline = Instant::now() + self.settings.create_timeout;
+        loop {
+            let mut state = self.lock();
+            if state.stop {
+                return Err(LookupError::Shutdown("the server is shutting down".into()));
+            }
+            let pending = match state.entries.get_mut(name) {
+                Some(Entry::Live { disk, connections }) => {
+                    *connections += 1;
+                    let disk = disk.clone();
+                    drop(state);
+                    return Ok(self.attach(disk));
+                }
+                Some(Entry::Lingering { disk, .. }) => {
+                    let disk = disk.clone();
+                    let live = Entry::Live {
+                        disk: disk.clone(),
+                        connections: 1,
+                    };
+                    state.entries.insert(name.to_owned(), live);
+                    drop(state);
+                    return Ok(self.attach(disk));
+                }
+                Some(Entry::Creating(pending)) => pending.clone(),
+                None => {
+                    let evicted = self.make_room(&mut state)?;
+                    let pending = Arc::new(Pending::default());
+                    state
+                        .entries
+                        .insert(name.to_owned(), Entry::Creating(pending.clone()));
+                    drop(state);
+                    drop(evicted);
+                    return self.create(name, &pending);
+                }
+            };
+            drop(state);
+            pending.wait(deadline)?;
+            // Created: go round and attach to it like any later connection.
+        }
+    }
+
+    /// Frees a slot for a new name under `--max-exports`, evicting the
+    /// lingering disk nearest its deadline if need be; the caller drops the
+    /// evicted disk after unlocking.
+    fn make_room(&self, state: &mut State) -> Result<Option<Arc<Disk>>, LookupError> {
+        let Some(max) = self.settings.max_exports else {
+            return Ok(None);
+        };
+        if state.entries.len() < max {
+            return Ok(None);
+        }
+        let victim = state
+            .entries
+            .iter()
+            .filter_map(|(name, e)| match e {
+                Entry::Lingering { until, .. } => Some((*until, name.clone())),
+                _ => None,
+            })
+            .min();
+        match victim.and_then(|(_, name)| state.entries.remove(&name)) {
+            Some(Entry::Lingering { disk, .. }) => {
+                info!(export = %disk.name, "evicting a lingering disk to stay within --max-exports");
+                Ok(Some(disk))
+            }
+            _ => Err(LookupError::Policy(format!(
+                "too many exports: this server holds at most {max} scratch disks at once"
+            ))),
+        }
+    }
+
+    /// Makes the disk for `name`, whose entry is `Creating(pending)`.
+    fn create(self: &Arc<Self>, name: &str, pending: &Pending) -> Result<OpenExport, LookupError> {
+        let start = Instant::now();
+        let pooled = self.pool.as_ref().and_then(Pool::take);
+        let from_pool = pooled.is_some();
+        let made = match pooled {
+            Some(device) => Ok(device),
+            None => self.factory.create(),
+        };
+        let result = match made {
+            Ok(device) => {
+                info!(export = %name, from_pool, ms = start.elapsed().as_secs_f64() * 1e3, "scratch disk created");
+                let disk = Arc::new(Disk {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    name: name.to_owned(),
+                    device: Arc::new(device),
+                    attached: Instant::now(),
+                    connections_total: AtomicU64::new(0),
+                });
+                self.lock().entries.insert(
+                    name.to_owned(),
+                    Entry::Live {
+                        disk: disk.clone(),
+                        connections: 1,
+                    },
+                );
+                Ok(self.attach(disk))
+            }
+            Err(why) => {
+                warn!(export = %name, "cannot create scratch disk: {why}");
+                self.lock().entries.remove(name);
+                Err(LookupError::Platform(format!(
+                    "cannot create the scratch disk: {why}"
+                )))
+            }
+        };
+        pending.finish(result.as_ref().map(drop).map_err(Clone::clone));
+        result
+    }
+
+    /// A connection's handle on `disk`, already counted in its entry.
+    fn attach(self: &Arc<Self>, disk: Arc<Disk>) -> OpenExport {
+        disk.connections_total.fetch_add(1, Ordering::Relaxed);
+        OpenExport {
+            info: self.info(&disk.name, Some(disk.device.as_ref())),
+            device: disk.device.clone(),
+            lease: Some(Box::new(Lease {
+                shared: self.clone(),
+                disk,
+            })),
+        }
+    }
+
+    /// A connection of `disk` is done.
+    fn release(&self, disk: &Arc<Disk>) {
+        let mut state = self.lock();
+        let Some(Entry::Live {
+            disk: live,
+            connections,
+        }) = state.entries.get_mut(&disk.name)
+        else {
+            return;
+        };
+        if !Arc::ptr_eq(live, disk) {
+            return;
+        }
+        *connections -= 1;
+        if *connections > 0 {
+            return;
+        }
+        let linger = self.settings.linger;
+        if linger.is_zero() || state.stop {
+            let removed = state.entries.remove(&disk.name);
+            drop(state);
+            drop(removed);
+            return;
+        }
+        let until = Instant::now() + linger;
+        let entry = Entry::Lingering {
+            disk: disk.clone(),
+            until,
+        };
+        state.entries.insert(disk.name.clone(), entry);
+        state
+            .deadlines
+            .push(Reverse((until, disk.id, disk.name.clone())));
+        drop(state);
+        self.reaper.notify_all();
+    }
+
+    /// The reaper thread: destroys lingering disks at their deadlines.
+    fn reap(&self) {
+        let mut state = self.lock();
+        while !state.stop {
+            let now = Instant::now();
+            let next = state.deadlines.peek().map(|Reverse((when, _, _))| *when);
+            match next {
+                None => state = self.reaper.wait(state).unwrap_or_else(|e| e.into_inner()),
+                Some(when) if when > now => {
+                    state = self
+                        .reaper
+                        .wait_timeout(state, when - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                Some(_) => {
+                    let Some(Reverse((when, id, name))) = state.deadlines.pop() else {
+                        continue;
+                    };
+                    let expired = matches!(state.entries.get(&name),
+                        Some(Entry::Lingering { disk, until }) if disk.id == id && *until == when);
+                    if expired {
+                        let removed = state.entries.remove(&name);
+                        drop(state);
+                        drop(removed);
+                        state = self.lock();
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Pending {
+    fn finish(&self, outcome: Result<(), LookupError>) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        self.done.notify_all();
+    }
+
+    /// Waits until the creation is over (or `deadline`); its outcome.
+    fn wait(&self, deadline: Instant) -> Result<(), LookupError> {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(outcome) = outcome.as_ref() {
+                return outcome.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LookupError::Platform(
+                    "timed out waiting for disk creation".into(),
+                ));
+            }
+            outcome = self
+                .done
+                .wait_timeout(outcome, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Catalog for ScratchExports {
+    fn list(&self) -> Vec<ExportListing> {
+        let state = self.shared.lock();
+        let mut names: Vec<ExportListing> = state
+            .entries
+            .iter()
+            .filter(|(_, e)| !matches!(e, Entry::Creating(_)))
+            .map(|(name, _)| ExportListing {
+                name: name.clone(),
+                description: self.shared.settings.description.clone(),
+            })
+            .collect();
+        drop(state);
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        names
+    }
+
+    fn info(&self, name: &str) -> Result<ExportInfo, LookupError> {
+        let name = self.shared.resolve(name)?;
+        let device = match self.shared.lock().entries.get(name) {
+            Some(Entry::Live { disk, .. } | Entry::Lingering { disk, .. }) => {
+                Some(disk.device.clone())
+            }
+            _ => None,
+        };
+        Ok(self
+            .shared
+            .info(name, device.as_deref().map(|d| d as &dyn BlockDevice)))
+    }
+}
+
+impl Exports for ScratchExports {
+    fn open(&self, name: &str) -> Result<OpenExport, LookupError> {
+        let name = self.shared.resolve(name)?;
+        self.shared.open(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use scratchd_store::MemoryDevice;
+
+    use super::*;
+
+    /// Makes blank memory disks, counting them; can be held at a gate or
+    /// told to fail.
+    #[derive(Default)]
+    struct Fake {
+        made: AtomicU64,
+        fail: AtomicBool,
+        gate: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Fake {
+        fn hold(&self) {
+            *self.gate.lock().unwrap() = true;
+        }
+        fn open_gate(&self) {
+            *self.gate.lock().unwrap() = false;
+            self.opened.notify_all();
+        }
+        fn made(&self) -> u64 {
+            self.made.load(Ordering::SeqCst)
+        }
+    }
+
+    impl DiskFactory for Fake {
+        fn create(&self) -> Result<ScratchDevice, String> {
+            self.made.fetch_add(1, Ordering::SeqCst);
+            drop(
+                self.opened
+                    .wait_while(self.gate.lock().unwrap(), |held| *held)
+                    .unwrap(),
+            );
+            if self.fail.load(Ordering::SeqCst) {
+                return Err("boom".into());
+            }
+            Ok(ScratchDevice::memory(MemoryDevice::new(1 << 20).unwrap()))
+        }
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn capabilities(&self) -> Capabilities {
+            crate::device::scratch_capabilities(MemoryDevice::new(0).unwrap().capabilities())
+        }
+    }
+
+    fn registry(settings: Settings) -> (ScratchExports, Arc<Fake>) {
+        let fake = Arc::new(Fake::default());
+        (ScratchExports::new(settings, fake.clone()).unwrap(), fake)
+    }
+
+    fn settings() -> Settings {
+        Settings::new(Duration::from_secs(5))
+    }
+
+    fn names(r: &ScratchExports) -> Vec<String> {
+        r.list().into_iter().map(|l| l.name).collect()
+    }
+
+    /// Polls `f` for up to 5 s.
+    fn eventually(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn connections_share_a_disk_that_goes_with_the_last() {
+        let (r, fake) = registry(settings());
+        let a1 = r.open("a").unwrap();
+        let a2 = r.open("a").unwrap();
+        let b = r.open("b").unwrap();
+        assert!(Arc::ptr_eq(&a1.device, &a2.device));
+        assert!(!Arc::ptr_eq(&a1.device, &b.device));
+        assert!(a1.info.flags.0 & scratchd_proto::TransmissionFlags::CAN_MULTI_CONN != 0);
+        assert_eq!(fake.made(), 2);
+        a1.device.write(0, b"x", false).unwrap();
+        let stats = r.stats();
+        assert_eq!(stats[0].0, "a");
+        assert_eq!(
+            (stats[0].1.connections, stats[0].1.connections_total),
+            (2, 2)
+        );
+        assert_eq!(stats[0].1.writes, 1);
+        drop(a1);
+        assert_eq!(names(&r), ["a", "b"]);
+        drop(a2);
+        assert_eq!(names(&r), ["b"]);
+        let a3 = r.open("a").unwrap();
+        let mut buf = [9u8];
+        a3.device.read(0, &mut buf).unwrap();
+        assert_eq!(buf, [0], "a new disk after the last connection left");
+        assert_eq!(fake.made(), 3);
+    }
+
+    #[test]
+    fn concurrent_opens_of_a_new_name_wait_for_one_creation() {
+        let (r, fake) = registry(settings());
+        fake.hold();
+        let devices = thread::scope(|s| {
+            let openers: Vec<_> = (0..4).map(|_| s.spawn(|| r.open("a").unwrap())).collect();
+            eventually("the creation to start", || fake.made() == 1);
+            // INFO and LIST meanwhile neither wait nor create.
+            assert_eq!(r.info("a").unwrap().size, 1 << 20);
+            assert!(names(&r).is_empty());
+            fake.open_gate();
+            openers
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(fake.made(), 1);
+        assert!(devices
+            .iter()
+            .all(|d| Arc::ptr_eq(&d.device, &devices[0].device)));
+        assert_eq!(r.stats()[0].1.connections, 4);
+    }
+
+    #[test]
+    fn a_failed_creation_reaches_every_waiter_and_leaves_nothing() {
+        let (r, fake) = registry(settings());
+        fake.fail.store(true, Ordering::SeqCst);
+        fake.hold();
+        let errors = thread::scope(|s| {
+            let openers: Vec<_> = (0..3).map(|_| s.spawn(|| r.open("a").err())).collect();
+            eventually("the creation to start", || fake.made() == 1);
+            fake.open_gate();
+            openers
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        for e in errors {
+            match e {
+                Some(LookupError::Platform(m)) => assert!(m.contains("boom"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(names(&r).is_empty() && r.stats().is_empty());
+        // (An opener that arrived after the failure tried again, and failed.)
+        let made = fake.made();
+        fake.fail.store(false, Ordering::SeqCst);
+        r.open("a").unwrap();
+        assert_eq!(fake.made(), made + 1);
+    }
+
+    #[test]
+    fn waiting_for_a_creation_is_bounded() {
+        let (r, fake) = registry(Settings {
+            create_timeout: Duration::from_millis(100),
+            ..settings()
+        });
+        fake.hold();
+        thread::scope(|s| {
+            let creator = s.spawn(|| r.open("a").map(drop));
+            eventually("the creation to start", || fake.made() == 1);
+            match r.open("a").err() {
+                Some(LookupError::Platform(m)) => assert!(m.contains("timed out"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+            fake.open_gate();
+            creator.join().unwrap().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_lingering_disk_is_revived_then_reaped() {
+        let (r, fake) = registry(Settings {
+            linger: Duration::from_millis(200),
+            ..settings()
+        });
+        let a = r.open("a").unwrap();
+        a.device.write(0, b"kept", false).unwrap();
+        let device = a.device.clone();
+        drop(a);
+        assert_eq!(names(&r), ["a"], "lingering disks are listed");
+        let again = r.open("a").unwrap();
+        assert!(Arc::ptr_eq(&again.device, &device));
+        assert_eq!(r.stats()[0].1.connections_total, 2);
+        drop(again);
+        let start = Instant::now();
+        eventually("the reaper", || names(&r).is_empty());
+        assert!(start.elapsed() >= Duration::from_millis(150));
+        // The registry let go of the disk; only our clone holds it.
+        assert_eq!(Arc::strong_count(&device), 1);
+        r.open("a").unwrap();
+        assert_eq!(fake.made(), 2);
+    }
+
+    #[test]
+    fn max_exports_evicts_lingering_disks_then_refuses() {
+        let (r, _fake) = registry(Settings {
+            max_exports: Some(2),
+            linger: Duration::from_secs(60),
+            ..settings()
+        });
+        let a = r.open("a").unwrap();
+        drop(r.open("b").unwrap()); // lingers
+        let c = r.open("c").unwrap(); // evicts b
+        assert_eq!(names(&r), ["a", "c"]);
+        match r.open("d").err() {
+            Some(LookupError::Policy(m)) => assert!(m.contains("too many"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Existing names still open.
+        r.open("a").unwrap();
+        drop((a, c));
+    }
+
+    #[test]
+    fn names_are_checked_and_info_never_creates() {
+        let (r, fake) = registry(settings());
+        for bad in ["", "../x", ".hidden", &"x".repeat(200)] {
+            assert!(
+                matches!(r.info(bad), Err(LookupError::Policy(_))),
+                "{bad:?}"
+            );
+            assert!(
+                matches!(r.open(bad), Err(LookupError::Policy(_))),
+                "{bad:?}"
+            );
+        }
+        let info = r.info("new").unwrap();
+        assert_eq!((info.name.as_str(), info.size), ("new", 1 << 20));
+        assert!(names(&r).is_empty());
+        assert_eq!(fake.made(), 0);
+
+        let (r, _) = registry(Settings {
+            default_name: Some("build".into()),
+            ..settings()
+        });
+        let open = r.open("").unwrap();
+        assert_eq!(open.info.name, "build");
+        assert_eq!(names(&r), ["build"]);
+    }
+
+    #[test]
+    fn dropping_the_registry_stops_the_reaper() {
+        let (r, _) = registry(Settings {
+            linger: Duration::from_secs(60),
+            ..settings()
+        });
+        let shared = Arc::downgrade(&r.shared);
+        drop(r.open("a").unwrap());
+        drop(r);
+        eventually("the reaper to exit", || shared.strong_count() == 0);
+    }
+}

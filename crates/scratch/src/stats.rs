@@ -1,0 +1,86 @@
+//! Per-disk counters, kept with relaxed atomics on the data path and read as
+//! a [`StatsSnapshot`] by the registry (for logs now, for the admin command
+//! and metrics later).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// One operation kind: how many calls and how many bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Counter {
+    ops: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Counter {
+    pub(crate) fn add(&self, bytes: u64) {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (u64, u64) {
+        (
+            self.ops.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Live counters of one disk.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) read: Counter,
+    pub(crate) written: Counter,
+    pub(crate) trimmed: Counter,
+    pub(crate) zeroed: Counter,
+    pub(crate) flushes_dropped: AtomicU64,
+    pub(crate) fua_dropped: AtomicU64,
+}
+
+/// A disk's statistics at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Connections attached now.
+    pub connections: u64,
+    /// Connections attached since the disk was created.
+    pub connections_total: u64,
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub written_bytes: u64,
+    pub trims: u64,
+    pub trimmed_bytes: u64,
+    pub zeroes: u64,
+    pub zeroed_bytes: u64,
+    /// FLUSH requests answered without doing anything.
+    pub flushes_dropped: u64,
+    /// Requests whose FUA flag was ignored.
+    pub fua_dropped: u64,
+    /// Memory or disk space the disk holds now.
+    pub allocated_bytes: u64,
+    /// Time since the disk was given its name.
+    pub age: Duration,
+}
+
+impl Stats {
+    /// The I/O counters, with the other fields left for the caller.
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let (reads, read_bytes) = self.read.get();
+        let (writes, written_bytes) = self.written.get();
+        let (trims, trimmed_bytes) = self.trimmed.get();
+        let (zeroes, zeroed_bytes) = self.zeroed.get();
+        StatsSnapshot {
+            reads,
+            read_bytes,
+            writes,
+            written_bytes,
+            trims,
+            trimmed_bytes,
+            zeroes,
+            zeroed_bytes,
+            flushes_dropped: self.flushes_dropped.load(Ordering::Relaxed),
+            fua_dropped: self.fua_dropped.load(Ordering::Relaxed),
+            ..StatsSnapshot::default()
+        }
+    }
+}

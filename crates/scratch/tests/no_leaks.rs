@@ -1,0 +1,63 @@
+//! A failed disk creation leaves no file, no descriptor and no budget
+//! behind. Descriptors are counted process-wide, so this is its own test
+//! binary with a single test: nothing else opens files meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scratchd_scratch::config::{FormatKind, FormatSpec};
+use scratchd_scratch::disk::{DiskFactory, Maker, Store};
+use scratchd_store::memory::Budget;
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn failing(timeout: Duration, script: &str) -> Box<FormatSpec> {
+    Box::new(FormatSpec {
+        kind: FormatKind::Command(script.into()),
+        fs_type: "ext4".into(),
+        label: None,
+        env: vec![],
+        timeout,
+    })
+}
+
+#[test]
+fn failed_and_timed_out_creations_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Arc::new(Budget::new(u64::MAX));
+    let stores = || {
+        [
+            Store::Memory(budget.clone()),
+            Store::Dir {
+                path: dir.path().to_owned(),
+                budget: Some(budget.clone()),
+            },
+        ]
+    };
+    let cases = [
+        (Duration::from_secs(10), "echo boom >&2; exit 1", "boom"),
+        (
+            Duration::from_millis(200),
+            "echo slow >&2; sleep 30",
+            "timed out",
+        ),
+    ];
+    for (timeout, script, expect) in cases {
+        for store in stores() {
+            let maker = Maker {
+                size: 1 << 20,
+                store,
+                format: failing(timeout, script),
+            };
+            maker.check().unwrap();
+            let before = open_fds();
+            let err = maker.create().unwrap_err();
+            assert!(err.contains(expect), "{err}");
+            assert_eq!(open_fds(), before, "descriptors leaked by {script:?}");
+        }
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    assert_eq!(budget.used(), 0);
+}

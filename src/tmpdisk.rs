@@ -1,0 +1,232 @@
+//! `tmpdisk`: the build scratch-disk backend's keys, turned into a
+//! [`scratchd_scratch::Config`].
+//!
+//! Unlike the other backends, tmpdisk accepts keys it does not know when a
+//! `command=` is given: they become environment variables of the format
+//! command, so each must be a valid shell variable name. Without `command=`
+//! an unknown key is an error naming it, as for every backend.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use scratchd_scratch::config::{check_env_key, default_memory_limit, parse_duration};
+use scratchd_scratch::names::NamePolicy;
+use scratchd_scratch::{Backing, Config, FormatKind, FormatSpec};
+
+use crate::backend::BackendError;
+use crate::size::parse_size;
+
+/// The keys tmpdisk knows, with their help (the first is the bare value's).
+pub const KEYS: &[(&str, &str)] = &[
+    ("size", "size of each disk, e.g. 20G (required)"),
+    (
+        "type",
+        "filesystem for mkfs -t (default ext4, no journal); none: blank",
+    ),
+    ("label", "filesystem label"),
+    (
+        "command",
+        "format with `sh -c COMMAND` ($disk $size $type $label, extra KEY=VALUEs)",
+    ),
+    (
+        "backing",
+        "memory (default) or dir:PATH (unnamed sparse files in PATH)",
+    ),
+    (
+        "linger",
+        "keep a disk this long after its last connection (default 0; 30s, 2m)",
+    ),
+    ("pool", "keep N formatted disks ready (default 0)"),
+    (
+        "format-timeout",
+        "kill a format command running longer (default 60s)",
+    ),
+];
+
+/// Server flags that only tmpdisk uses.
+pub struct Limits {
+    pub max_exports: Option<usize>,
+    pub memory_limit: Option<u64>,
+    pub disk_limit: Option<u64>,
+    pub name_prefix: Option<String>,
+}
+
+/// Export-level settings shared with the other backends.
+pub struct ExportOptions {
+    pub default_name: Option<String>,
+    pub description: Option<String>,
+    pub read_only: bool,
+}
+
+/// Builds the configuration from `params` (`KEY=VALUE`, or the size alone
+/// first).
+pub fn config(
+    params: &[String],
+    limits: Limits,
+    export: ExportOptions,
+) -> Result<Config, BackendError> {
+    let usage = BackendError::Usage;
+    let mut known: Vec<Option<&str>> = vec![None; KEYS.len()];
+    let mut extra = Vec::new();
+    for (i, p) in params.iter().enumerate() {
+        let (key, value) = match p.split_once('=') {
+            Some(kv) => kv,
+            None if i == 0 => ("size", p.as_str()),
+            None => return Err(usage(format!("parameter {p:?} is not KEY=VALUE"))),
+        };
+        match KEYS.iter().position(|k| k.0 == key) {
+            Some(slot) if known[slot].replace(value).is_some() => {
+                return Err(usage(format!("key {key:?} given twice")));
+            }
+            Some(_) => {}
+            None => extra.push((key.to_owned(), value.to_owned())),
+        }
+    }
+    let get = |key: &str| known[KEYS.iter().position(|k| k.0 == key).unwrap_or(0)];
+    let size = parse_size(
+        "size",
+        get("size")
+            .ok_or_else(|| usage("backend tmpdisk needs size=... (e.g. size=20G)".into()))?,
+    )
+    .map_err(usage)?;
+    let fs_type = get("type").unwrap_or("ext4").to_owned();
+    if fs_type.is_empty()
+        || !fs_type
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err(usage(format!("type={fs_type:?} is not a filesystem type")));
+    }
+    let kind = match (get("command"), fs_type.as_str()) {
+        (Some(command), _) => FormatKind::Command(command.to_owned()),
+        (None, "none") => FormatKind::None,
+        (None, fs) => FormatKind::Filesystem(fs.to_owned()),
+    };
+    if let Some((key, _)) = extra.first() {
+        if !matches!(kind, FormatKind::Command(_)) {
+            let valid: Vec<&str> = KEYS.iter().map(|k| k.0).collect();
+            return Err(usage(format!(
+                "unknown key {key:?} for backend tmpdisk; valid keys: {} (other keys are passed to command= only)",
+                valid.join(", ")
+            )));
+        }
+    }
+    for (key, _) in &extra {
+        check_env_key(key).map_err(usage)?;
+    }
+    let duration = |key: &str, default: Duration| match get(key) {
+        Some(text) => parse_duration(text).map_err(|e| usage(format!("{key}: {e}"))),
+        None => Ok(default),
+    };
+    let backing = match get("backing").unwrap_or("memory") {
+        "memory" => Backing::Memory,
+        other => match other.strip_prefix("dir:") {
+            Some(dir) if !dir.is_empty() => Backing::Dir(PathBuf::from(dir)),
+            _ => {
+                return Err(usage(format!(
+                    "backing={other:?}: expected memory or dir:PATH"
+                )))
+            }
+        },
+    };
+    if backing == Backing::Memory && limits.disk_limit.is_some() {
+        return Err(usage(
+            "--disk-limit applies to backing=dir:PATH only; use --memory-limit".into(),
+        ));
+    }
+    let pool = match get("pool") {
+        Some(n) => n
+            .parse()
+            .map_err(|_| usage(format!("pool={n:?} is not a number")))?,
+        None => 0,
+    };
+    Ok(Config {
+        size,
+        format: FormatSpec {
+            kind,
+            fs_type,
+            label: get("label").map(str::to_owned),
+            env: extra,
+            timeout: duration("format-timeout", Duration::from_secs(60))?,
+        },
+        backing,
+        linger: duration("linger", Duration::ZERO)?,
+        pool,
+        max_exports: limits.max_exports,
+        memory_limit: limits.memory_limit.unwrap_or_else(default_memory_limit),
+        disk_limit: limits.disk_limit,
+        names: NamePolicy {
+            prefix: limits.name_prefix.unwrap_or_default(),
+        },
+        default_name: export.default_name,
+        description: export.description,
+        read_only: export.read_only,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(params: &[&str]) -> Result<Config, String> {
+        let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
+        let limits = Limits {
+            max_exports: None,
+            memory_limit: Some(1 << 30),
+            disk_limit: None,
+            name_prefix: None,
+        };
+        let export = ExportOptions {
+            default_name: None,
+            description: None,
+            read_only: false,
+        };
+        config(&params, limits, export).map_err(|e| match e {
+            BackendError::Usage(m) | BackendError::Open(m) => m,
+        })
+    }
+
+    #[test]
+    fn defaults_and_keys() {
+        let c = parse(&["20G"]).unwrap();
+        assert_eq!(c.size, 20 << 30);
+        assert_eq!(c.format.kind, FormatKind::Filesystem("ext4".into()));
+        assert_eq!(
+            (c.linger, c.pool, c.backing),
+            (Duration::ZERO, 0, Backing::Memory)
+        );
+        let c = parse(&[
+            "size=1M",
+            "type=none",
+            "backing=dir:/var/tmp",
+            "linger=500ms",
+            "pool=2",
+            "format-timeout=2m",
+            "label=L",
+        ])
+        .unwrap();
+        assert_eq!(c.format.kind, FormatKind::None);
+        assert_eq!(c.backing, Backing::Dir("/var/tmp".into()));
+        assert_eq!((c.linger, c.pool), (Duration::from_millis(500), 2));
+        assert_eq!(c.format.timeout, Duration::from_secs(120));
+        assert_eq!(c.format.label.as_deref(), Some("L"));
+    }
+
+    #[test]
+    fn extra_keys_need_a_command_and_valid_names() {
+        let c = parse(&["size=1M", "command=true", "counter=/tmp/x"]).unwrap();
+        assert_eq!(
+            c.format.env,
+            [("counter".to_string(), "/tmp/x".to_string())]
+        );
+        let e = parse(&["size=1M", "counter=/tmp/x"]).unwrap_err();
+        assert!(e.contains("\"counter\""), "{e}");
+        assert!(parse(&["size=1M", "command=true", "bad-key=1"]).is_err());
+        assert!(parse(&["size=1M", "command=true", "disk=1"]).is_err());
+        assert!(parse(&["size=1M", "size=2M"]).is_err());
+        assert!(parse(&["type=ext4"]).is_err());
+        assert!(parse(&["1M", "backing=disk"]).is_err());
+        assert!(parse(&["1M", "type=../x"]).is_err());
+        assert!(parse(&["1M", "linger=forever"]).is_err());
+    }
+}
