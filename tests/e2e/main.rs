@@ -11,5 +11,6 @@ mod nbdcopy;
 mod nbdinfo;
 mod nbdsh;
 mod qemu;
+mod tmpdisk;
 mod util;
 mod wire;

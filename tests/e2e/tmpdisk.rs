@@ -1,0 +1,510 @@
+//! The `tmpdisk` backend with real clients: one throw-away disk per export
+//! name, shared by all of that name's connections.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{libnbd, require, run, run_status, stdout, Server};
+
+/// Python helpers for the scripts below: `uri(name)` of an export on the
+/// server whose socket is `ARGS[0]`, and `go_error(name)`, the error message
+/// the server gave for NBD_OPT_GO (libnbd shows it only in its debug log).
+const HELPERS: &str = r#"
+def uri(name):
+    return f"nbd+unix:///{name}?socket={ARGS[0]}"
+
+def go_error(name):
+    h = nbd.NBD()
+    log = []
+    h.set_debug(True)
+    h.set_debug_callback(lambda ctx, msg: log.append(msg))
+    h.set_export_name(name)
+    try:
+        h.connect_unix(ARGS[0])
+    except nbd.Error:
+        text = "\n".join(m for m in log if "server error message" in m)
+        assert text, "no server error message in " + repr(log[-5:])
+        return text
+    raise AssertionError(f"connecting to {name!r} succeeded")
+
+EXT4_MAGIC = b"\x53\xef"
+"#;
+
+/// Runs a libnbd script with [`HELPERS`] against `server`.
+fn script(server: &Server, body: &str, args: &[&str]) -> String {
+    let sock = server.sock.to_string_lossy().into_owned();
+    let mut all = vec![sock.as_str()];
+    all.extend_from_slice(args);
+    let out = libnbd(&server.uri(), &format!("{HELPERS}\n{body}"), &all);
+    stdout(&out)
+}
+
+fn start(args: &[&str]) -> Server {
+    let mut all = vec!["tmpdisk"];
+    all.extend_from_slice(args);
+    Server::start(&all)
+}
+
+/// Files in `dir`.
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+/// Polls `f` every 20 ms for up to `secs` seconds.
+fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Names that `nbdinfo --list` shows.
+fn listed(server: &Server) -> Vec<String> {
+    require("nbdinfo");
+    let out = run(Command::new("nbdinfo").args(["--list", "--json", &server.uri()]));
+    let j = crate::util::Json::parse(&stdout(&out));
+    (0..j.len("exports"))
+        .map(|i| j.get(&format!("exports.{i}.export-name")).to_owned())
+        .collect()
+}
+
+/// Two connections to one build see each other's writes at once; another
+/// build has its own, freshly formatted ext4 disk.
+#[test]
+fn connections_to_one_build_share_a_disk_and_builds_are_independent() {
+    let server = start(&["size=64M"]);
+    script(
+        &server,
+        r#"
+a1, a2, b = connect(uri("build-a")), connect(uri("build-a")), connect(uri("build-b"))
+for h in (a1, a2, b):
+    eq(h.can_multi_conn(), True, "multi-conn")
+    eq(h.get_size(), 64 << 20, "size")
+    eq(h.pread(2, 1080), EXT4_MAGIC, "ext4 superblock magic")
+data = bytes(range(256)) * 64
+a1.pwrite(data, 32 << 20)
+eq(a2.pread(len(data), 32 << 20), data, "the other connection sees the write")
+a2.pwrite(b"back", 40 << 20, nbd.CMD_FLAG_FUA)
+a2.flush()
+eq(a1.pread(4, 40 << 20), b"back", "and the other way round")
+eq(b.pread(len(data), 32 << 20), bytes(len(data)), "build-b is untouched")
+"#,
+        &[],
+    );
+    // The ext4 detection of a real client, on a build nobody wrote to.
+    require("nbdinfo");
+    let out = run(Command::new("nbdinfo").arg(server.uri_for("build-c")));
+    assert!(stdout(&out).contains("filesystem data"), "{}", stdout(&out));
+}
+
+/// nbdcopy (several connections) in and out of one build, then four fio
+/// jobs on one build name, verified with crc32c.
+#[test]
+fn nbdcopy_and_four_fio_connections_on_one_build() {
+    require("nbdcopy");
+    require("fio");
+    let server = start(&["size=64M", "type=none"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (src, back) = (dir.path().join("src"), dir.path().join("back"));
+    crate::util::random_file(&src, 64 << 20, 7);
+    // The disk outlives a single nbdcopy only while connected, so copy in
+    // and out within one connection held open by a reader.
+    let holder = Holder::start(&server, "copy");
+    let uri = server.uri_for("copy");
+    run(Command::new("nbdcopy").args(["--connections=4", src.to_str().unwrap(), &uri]));
+    run(Command::new("nbdcopy").args(["--connections=4", &uri, back.to_str().unwrap()]));
+    crate::util::assert_files_equal(&src, &back);
+    drop(holder);
+
+    let out = run(Command::new("fio").args([
+        "--name=scratch",
+        "--ioengine=nbd",
+        &format!("--uri={}", server.uri_for("fio")),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--numjobs=4",
+        "--iodepth=8",
+        "--size=8M",
+        "--offset_increment=8M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--output-format=json",
+    ]));
+    let log = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(log.matches("connected to NBD server").count(), 4);
+    let j = crate::util::Json::parse(&stdout(&out));
+    for i in 0..4 {
+        assert_eq!(j.int(&format!("jobs.{i}.error")), 0, "fio job {i}");
+        assert_eq!(
+            j.int(&format!("jobs.{i}.read.io_bytes")),
+            8 << 20,
+            "job {i} verified"
+        );
+    }
+}
+
+/// A connection kept open (by a Python libnbd handle) so that a build's
+/// disk stays alive between clients.
+struct Holder(Child);
+
+impl Holder {
+    fn start(server: &Server, name: &str) -> Holder {
+        let mut child = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('ready', flush=True)\nsys.stdin.read()",
+                &server.uri_for(name),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run /usr/bin/python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "holder did not connect");
+        Holder(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `nbdinfo` asks INFO then GO: the disk is formatted exactly once. INFO
+/// and LIST alone create nothing.
+#[test]
+fn info_then_go_formats_once_and_info_or_list_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("count");
+    let counter_kv = format!("counter={}", counter.display());
+    let server = start(&[
+        "size=64M",
+        "command=echo x >> $counter; mkfs -t ext4 -q -F $disk",
+        &counter_kv,
+    ]);
+    script(
+        &server,
+        r#"
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.connect_uri(uri("never-opened"))
+h.opt_info()
+eq(h.get_size(), 64 << 20, "INFO reports the template size")
+eq(h.can_multi_conn(), True, "INFO reports multi-conn")
+names = []
+h.opt_list(lambda name, desc: names.append(name))
+eq(names, [], "LIST")
+h.opt_abort()
+"#,
+        &[],
+    );
+    assert!(!counter.exists(), "INFO or LIST ran the format command");
+    require("nbdinfo");
+    let out = run(Command::new("nbdinfo").arg(server.uri_for("build-1")));
+    assert!(stdout(&out).contains("filesystem data"), "{}", stdout(&out));
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "x\n");
+}
+
+/// With linger, a reconnect finds the data; after it, a fresh filesystem.
+#[test]
+fn linger_keeps_a_disk_for_a_reconnect_then_destroys_it() {
+    let server = start(&["size=64M", "linger=1s"]);
+    script(
+        &server,
+        r#"
+h = connect(uri("koji-1"))
+h.pwrite(b"mock run 1", 10 << 20)
+h.shutdown()
+h = connect(uri("koji-1"))
+eq(h.pread(10, 10 << 20), b"mock run 1", "data after a reconnect within linger")
+"#,
+        &[],
+    );
+    assert_eq!(listed(&server), ["koji-1"], "a lingering disk is listed");
+    eventually("the lingering disk to go", 10, || {
+        listed(&server).is_empty()
+    });
+    script(
+        &server,
+        r#"
+h = connect(uri("koji-1"))
+eq(h.pread(10, 10 << 20), bytes(10), "fresh disk after linger")
+eq(h.pread(2, 1080), EXT4_MAGIC, "formatted")
+"#,
+        &[],
+    );
+}
+
+/// Writes past the memory budget fail with ENOSPC for that client only;
+/// the memory comes back when the build disconnects.
+#[test]
+fn memory_budget_gives_enospc_and_comes_back_after_disconnect() {
+    let server = Server::start(&["--memory-limit", "8M", "tmpdisk", "size=64M", "type=none"]);
+    script(
+        &server,
+        r#"
+import time
+a, b = connect(uri("a")), connect(uri("b"))
+a.pwrite(b"\1" * (5 << 20), 0)
+fails("ENOSPC", a.pwrite, b"\2" * (4 << 20), 8 << 20)
+b.pwrite(b"\3" * (2 << 20), 0)
+eq(b.pread(16, 0), b"\3" * 16, "another build keeps working")
+fails("ENOSPC", b.pwrite, b"\3" * (2 << 20), 4 << 20)
+a.shutdown()
+c = connect(uri("c"))
+deadline = time.monotonic() + 10
+while True:  # a's memory is returned once its connection is torn down
+    try:
+        c.pwrite(b"\4" * (5 << 20), 0)
+        break
+    except nbd.Error as e:
+        assert e.errnum == errno.ENOSPC and time.monotonic() < deadline, e
+        time.sleep(0.02)
+eq(c.pread(16, 0), b"\4" * 16, "budget reused")
+"#,
+        &[],
+    );
+}
+
+/// A failing and a hanging format command: the client gets an NBD error
+/// with the command's stderr; the server goes on serving other names; no
+/// file is left in the backing directory.
+#[test]
+fn format_failure_and_timeout_are_clean_errors_and_leave_nothing() {
+    let backing = tempfile::tempdir().unwrap();
+    let dir_kv = format!("backing=dir:{}", backing.path().display());
+    // The first format fails, later ones work: a server that failed once
+    // still creates disks.
+    let flag_dir = tempfile::tempdir().unwrap();
+    let flag = flag_dir.path().join("failed-once");
+    let flag_kv = format!("flag={}", flag.display());
+    let server = start(&[
+        "size=64M",
+        &dir_kv,
+        "command=[ -e $flag ] && exec mkfs -t ext4 -q -F $disk; touch $flag; echo boom >&2; exit 1",
+        &flag_kv,
+    ]);
+    let out = script(
+        &server,
+        r#"
+msg = go_error("build-a")
+assert "boom" in msg, msg
+print("error:", msg)
+h = connect(uri("build-b"))
+eq(h.pread(2, 1080), EXT4_MAGIC, "the next build is formatted")
+"#,
+        &[],
+    );
+    assert!(out.contains("format command failed"), "{out}");
+    assert!(entries(backing.path()).is_empty());
+    drop(server);
+
+    let hang = start(&[
+        "size=64M",
+        &dir_kv,
+        "format-timeout=1s",
+        "command=echo zzz >&2; sleep 30",
+    ]);
+    let start_time = Instant::now();
+    let out = script(&hang, "print(go_error('slow'))", &[]);
+    assert!(out.contains("timed out") && out.contains("zzz"), "{out}");
+    assert!(
+        start_time.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start_time.elapsed()
+    );
+    // The server still serves, and nothing is left behind.
+    script(&hang, "print(go_error('slow-2'))", &[]);
+    assert!(entries(backing.path()).is_empty());
+}
+
+/// With backing=dir: the disk lives in the directory without a name while
+/// it is in use, and nothing is left after a normal end or a SIGKILL.
+#[test]
+fn dir_backing_leaves_no_files_after_destroy_or_sigkill() {
+    let backing = tempfile::tempdir().unwrap();
+    let dir_kv = format!("backing=dir:{}", backing.path().display());
+    let server = start(&["size=64M", &dir_kv]);
+    script(
+        &server,
+        r#"
+h = connect(uri("build-a"))
+h.pwrite(b"x" * 65536, 0)
+eq(h.pread(2, 1080), b"xx", "own data over the superblock")
+"#,
+        &[],
+    );
+    assert!(entries(backing.path()).is_empty(), "after a normal destroy");
+
+    let holder = Holder::start(&server, "build-b");
+    // The disk is open in the server, unlinked, inside the backing dir.
+    let fds = format!("/proc/{}/fd", server.pid());
+    let backing_dir = backing.path().canonicalize().unwrap();
+    let open_in_dir = std::fs::read_dir(&fds)
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|target| target.starts_with(&backing_dir))
+        .count();
+    assert!(
+        open_in_dir >= 1,
+        "no disk file open in {}",
+        backing_dir.display()
+    );
+    assert!(entries(backing.path()).is_empty(), "while live");
+    drop(server); // SIGKILL
+    drop(holder);
+    assert!(entries(backing.path()).is_empty(), "after SIGKILL");
+}
+
+/// Bad names get a policy error with a reason; the server keeps serving.
+#[test]
+fn bad_export_names_are_refused_by_policy() {
+    let server = Server::start(&["--name-prefix", "ci-", "tmpdisk", "size=16M", "type=none"]);
+    let long = format!("ci-{}", "x".repeat(200));
+    script(
+        &server,
+        r#"
+for name, why in [("ci-../x", "contains"), ("ci-a b", "contains"), (ARGS[1], "long"),
+                  ("build-1", "start with"), ("", "build")]:
+    msg = go_error(name)
+    assert why in msg, (name, msg)
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.connect_uri(uri("x"))
+names = []
+h.opt_list(lambda name, desc: names.append(name))
+eq(names, [], "nothing was created")
+h.opt_abort()
+h = connect(uri("ci-ok.1_2-3"))
+eq(h.get_size(), 16 << 20, "a good name works")
+"#,
+        &[&long],
+    );
+    // Without a prefix: path-like and hidden names.
+    let server = start(&["size=16M", "type=none"]);
+    script(
+        &server,
+        r#"
+for name in ("../x", ".hidden", "x" * 200):
+    go_error(name)
+"#,
+        &[],
+    );
+}
+
+/// Unmounts, detaches and stops whatever an end-to-end mount set up, in
+/// reverse order, whatever happened.
+#[derive(Default)]
+struct MountGuard {
+    mounted: Option<PathBuf>,
+    loop_dev: Option<String>,
+    fuse_dir: Option<PathBuf>,
+    nbdfuse: Option<Child>,
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            let _ = Command::new("umount").arg(&m).status();
+        }
+        if let Some(l) = self.loop_dev.take() {
+            let _ = Command::new("losetup").args(["-d", &l]).status();
+        }
+        if let Some(f) = self.fuse_dir.take() {
+            let _ = Command::new("umount").arg(&f).status();
+        }
+        if let Some(mut c) = self.nbdfuse.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Exposes build `name` as a file with nbdfuse, attaches it to a loop
+/// device and mounts it under `dir`.
+fn fuse_mount(server: &Server, name: &str, dir: &Path) -> (MountGuard, PathBuf) {
+    let mut guard = MountGuard::default();
+    let (fuse, mnt, pidfile) = (dir.join("fuse"), dir.join("mnt"), dir.join("pid"));
+    std::fs::create_dir(&fuse).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let child = Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(fuse.join("disk"))
+        .arg(server.uri_for(name))
+        .spawn()
+        .expect("run nbdfuse");
+    guard.nbdfuse = Some(child);
+    guard.fuse_dir = Some(fuse.clone());
+    eventually("nbdfuse to be ready", 10, || {
+        std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0)
+    });
+    let out = run(Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(fuse.join("disk")));
+    guard.loop_dev = Some(stdout(&out).trim().to_owned());
+    run(Command::new("mount")
+        .arg(guard.loop_dev.as_ref().unwrap())
+        .arg(&mnt));
+    guard.mounted = Some(mnt.clone());
+    (guard, mnt)
+}
+
+/// Why the end-to-end mount test cannot run here, if it cannot.
+fn mount_unavailable() -> Option<String> {
+    let uid = run(Command::new("id").arg("-u"));
+    if stdout(&uid).trim() != "0" {
+        return Some("not root".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("no /dev/fuse".into());
+    }
+    if run_status(&mut Command::new("losetup").arg("-f")).0 != 0 {
+        return Some("no free loop device (losetup -f failed)".into());
+    }
+    None
+}
+
+/// The real thing: two builds' disks mounted at once through nbdfuse and
+/// loop devices, files written and read back, then everything taken down.
+#[test]
+fn two_builds_mounted_at_once_through_nbdfuse_and_loop() {
+    if let Some(why) = mount_unavailable() {
+        eprintln!("SKIPPED two_builds_mounted_at_once_through_nbdfuse_and_loop: {why}");
+        return;
+    }
+    require("nbdfuse");
+    let server = start(&["size=256M"]);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (guard_a, mnt_a) = fuse_mount(&server, "build-a", da.path());
+    let (guard_b, mnt_b) = fuse_mount(&server, "build-b", db.path());
+    let payload = crate::util::random_bytes(3 << 20, 42);
+    std::fs::write(mnt_a.join("a.bin"), &payload).unwrap();
+    std::fs::create_dir(mnt_b.join("rpmbuild")).unwrap();
+    std::fs::write(mnt_b.join("rpmbuild/b.txt"), "build b").unwrap();
+    run(&mut Command::new("sync"));
+    assert_eq!(std::fs::read(mnt_a.join("a.bin")).unwrap(), payload);
+    assert_eq!(
+        std::fs::read_to_string(mnt_b.join("rpmbuild/b.txt")).unwrap(),
+        "build b"
+    );
+    assert!(!mnt_a.join("rpmbuild").exists(), "builds share nothing");
+    assert!(!mnt_b.join("a.bin").exists(), "builds share nothing");
+    drop(guard_a);
+    drop(guard_b);
+    eventually("both disks to be destroyed", 10, || {
+        listed(&server).is_empty()
+    });
+}
