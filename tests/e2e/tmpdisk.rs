@@ -508,3 +508,64 @@ fn two_builds_mounted_at_once_through_nbdfuse_and_loop() {
         listed(&server).is_empty()
     });
 }
+
+/// With `pool=1` a new build gets a disk formatted in advance: its GO does
+/// not wait for the (deliberately slow) format command, and the pool is
+/// refilled in the background.
+#[test]
+fn pool_hands_out_disks_formatted_in_advance() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("count");
+    let counter_kv = format!("counter={}", counter.display());
+    let server = start(&[
+        "size=64M",
+        "pool=1",
+        "command=sleep 1; mkfs -t ext4 -q -F $disk; echo x >> $counter",
+        &counter_kv,
+    ]);
+    let formats = || std::fs::read_to_string(&counter).map_or(0, |s| s.lines().count());
+    eventually("the pool to fill", 10, || formats() == 1);
+    let out = script(
+        &server,
+        r#"
+import time
+t = time.monotonic()
+h = connect(uri("pooled"))
+print(time.monotonic() - t)
+eq(h.pread(2, 1080), EXT4_MAGIC, "formatted")
+"#,
+        &[],
+    );
+    let seconds: f64 = out.trim().parse().unwrap();
+    assert!(seconds < 0.5, "GO took {seconds} s: the format command ran");
+    eventually("the pool to refill", 10, || formats() == 2);
+}
+
+/// `--disk-limit` caps what dir-backed disks allocate together: a write
+/// past it fails with ENOSPC, and space comes back with TRIM.
+#[test]
+fn disk_limit_gives_enospc_with_dir_backing() {
+    let backing = tempfile::tempdir().unwrap();
+    let dir_kv = format!("backing=dir:{}", backing.path().display());
+    let server = Server::start(&[
+        "--disk-limit",
+        "8M",
+        "tmpdisk",
+        "size=64M",
+        "type=none",
+        &dir_kv,
+    ]);
+    script(
+        &server,
+        r#"
+a, b = connect(uri("a")), connect(uri("b"))
+a.pwrite(b"\1" * (5 << 20), 0)
+fails("ENOSPC", b.pwrite, b"\2" * (4 << 20), 0)
+b.pwrite(b"\2" * (2 << 20), 0)
+a.trim(5 << 20, 0)
+b.pwrite(b"\3" * (4 << 20), 8 << 20)
+eq(b.pread(4, 8 << 20), b"\3" * 4, "space from the trim")
+"#,
+        &[],
+    );
+}
