@@ -98,8 +98,8 @@ impl OptionHeader {
 
     pub fn payload_plan(&self) -> Result<PayloadPlan, HandshakeError> {
         match self.len {
-            0..=MAX_OPTION_LEN => Ok(PayloadPlan::Read),
-            ..=MAX_OPTION_DRAIN => Ok(PayloadPlan::DrainAndRefuse),
+            len if len <= MAX_OPTION_LEN => Ok(PayloadPlan::Read),
+            len if len <= MAX_OPTION_DRAIN => Ok(PayloadPlan::DrainAndRefuse),
             len => Err(HandshakeError::AbsurdOptionLength {
                 option: self.option,
                 len,

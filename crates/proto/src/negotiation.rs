@@ -440,7 +440,11 @@ mod tests {
                     flags: TransmissionFlags(
                         TransmissionFlags::HAS_FLAGS | TransmissionFlags::SEND_DF,
                     ),
-                    block_size: BlockSize { min: 1, preferred: 4096, max: 1 << 25 },
+                    block_size: BlockSize {
+                        min: 1,
+                        preferred: 4096,
+                        max: 1 << 25,
+                    },
                     description: Some("a disk".into()),
                 }),
                 _ => Err(LookupError::Unknown(format!("no {name}"))),
@@ -494,7 +498,11 @@ mod tests {
     #[test]
     fn info_describes_without_opening_and_go_asks_to_open() {
         let mut n = Negotiator::new(true);
-        let (step, r) = handle(&mut n, OPT_INFO, &name_request("", &[INFO_NAME, INFO_DESCRIPTION]));
+        let (step, r) = handle(
+            &mut n,
+            OPT_INFO,
+            &name_request("", &[INFO_NAME, INFO_DESCRIPTION]),
+        );
         assert_eq!(step, Step::Continue);
         let types: Vec<u32> = r.iter().map(|x| x.1).collect();
         assert_eq!(types, [REP_INFO, REP_INFO, REP_INFO, REP_INFO, REP_ACK]);
@@ -505,11 +513,15 @@ mod tests {
 
         let (step, r) = handle(&mut n, OPT_GO, &name_request("disk", &[]));
         assert!(r.is_empty());
-        let Step::Open { name, via } = step else { panic!("GO must open") };
+        let Step::Open { name, via } = step else {
+            panic!("GO must open")
+        };
         assert_eq!(name, "disk");
         let mut out = Vec::new();
         let opened = n.finish_open(&via, OneExport.info("disk"), &mut out);
-        let Opened::Transmit(s) = opened else { panic!("GO must transmit") };
+        let Opened::Transmit(s) = opened else {
+            panic!("GO must transmit")
+        };
         assert_eq!(s.mode, ReplyMode::Simple);
         assert_eq!(s.base_allocation, None);
         assert_eq!(replies(&out).last().unwrap().1, REP_ACK);
@@ -518,13 +530,18 @@ mod tests {
     #[test]
     fn failed_go_keeps_negotiating_and_failed_export_name_closes() {
         let mut n = Negotiator::new(false);
-        let via = OpenVia::Go { info_requests: vec![] };
+        let via = OpenVia::Go {
+            info_requests: vec![],
+        };
         let mut out = Vec::new();
         let err = Err(LookupError::Unknown("nope".into()));
         assert_eq!(n.finish_open(&via, err.clone(), &mut out), Opened::Continue);
         assert_eq!(replies(&out)[0].1, OptError::Unknown as u32);
         out.clear();
-        assert_eq!(n.finish_open(&OpenVia::ExportName, err, &mut out), Opened::Close);
+        assert_eq!(
+            n.finish_open(&OpenVia::ExportName, err, &mut out),
+            Opened::Close
+        );
         assert!(out.is_empty());
     }
 
@@ -548,18 +565,28 @@ mod tests {
 
         let (_, r) = handle(&mut n, OPT_STRUCTURED_REPLY, &[]);
         assert_eq!(r[0].1, REP_ACK);
-        let (_, r) = handle(&mut n, OPT_LIST_META_CONTEXT, &meta_request("disk", &["base:"]));
+        let (_, r) = handle(
+            &mut n,
+            OPT_LIST_META_CONTEXT,
+            &meta_request("disk", &["base:"]),
+        );
         assert_eq!(r[0].1, REP_META_CONTEXT);
         assert_eq!(&r[0].2[..4], &[0, 0, 0, 0]);
         assert_eq!(&r[0].2[4..], BASE_ALLOCATION.as_bytes());
         // "base:" is only a wildcard for LIST; SET selects nothing with it.
-        let (_, r) = handle(&mut n, OPT_SET_META_CONTEXT, &meta_request("disk", &["base:", "x:y"]));
+        let (_, r) = handle(
+            &mut n,
+            OPT_SET_META_CONTEXT,
+            &meta_request("disk", &["base:", "x:y"]),
+        );
         assert_eq!(r.len(), 1);
         let (_, r) = handle(&mut n, OPT_SET_META_CONTEXT, &q);
         assert_eq!(r[0].1, REP_META_CONTEXT);
         assert_eq!(&r[0].2[..4], &BASE_ALLOCATION_ID.to_be_bytes());
 
-        let via = OpenVia::Go { info_requests: vec![] };
+        let via = OpenVia::Go {
+            info_requests: vec![],
+        };
         let Opened::Transmit(s) = n.finish_open(&via, OneExport.info(""), &mut Vec::new()) else {
             panic!("GO must transmit")
         };
@@ -586,15 +613,27 @@ mod tests {
         let mut n = Negotiator::new(true);
         let mut bad = name_request("disk", &[]);
         bad.push(0);
-        assert_eq!(handle(&mut n, OPT_GO, &bad).1[0].1, OptError::Invalid as u32);
+        assert_eq!(
+            handle(&mut n, OPT_GO, &bad).1[0].1,
+            OptError::Invalid as u32
+        );
         let mut bad = name_request("disk", &[]);
         bad[3] = 200;
-        assert_eq!(handle(&mut n, OPT_INFO, &bad).1[0].1, OptError::Invalid as u32);
+        assert_eq!(
+            handle(&mut n, OPT_INFO, &bad).1[0].1,
+            OptError::Invalid as u32
+        );
         let (step, r) = handle(&mut n, 0x1234, b"junk");
         assert_eq!(step, Step::Continue);
         assert_eq!((r[0].0, r[0].1), (0x1234, OptError::Unsup as u32));
-        assert_eq!(handle(&mut n, OPT_LIST, b"x").1[0].1, OptError::Invalid as u32);
-        assert_eq!(handle(&mut n, OPT_STARTTLS, &[]).1[0].1, OptError::Policy as u32);
+        assert_eq!(
+            handle(&mut n, OPT_LIST, b"x").1[0].1,
+            OptError::Invalid as u32
+        );
+        assert_eq!(
+            handle(&mut n, OPT_STARTTLS, &[]).1[0].1,
+            OptError::Policy as u32
+        );
         assert_eq!(handle(&mut n, OPT_ABORT, &[]).0, Step::Close);
     }
 

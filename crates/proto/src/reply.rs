@@ -104,7 +104,14 @@ pub fn put_read_data(
     match mode {
         ReplyMode::Simple => put_simple(out, 0, to.cookie),
         _ => {
-            put_chunk_header(out, mode, to, done(last), REPLY_TYPE_OFFSET_DATA, 8 + len as u64);
+            put_chunk_header(
+                out,
+                mode,
+                to,
+                done(last),
+                REPLY_TYPE_OFFSET_DATA,
+                8 + len as u64,
+            );
             out.put_u64(offset);
         }
     }
@@ -144,7 +151,14 @@ pub fn put_block_status(
     let n = descriptors.len() as u64;
     match mode {
         ReplyMode::Extended => {
-            put_chunk_header(out, mode, to, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * n);
+            put_chunk_header(
+                out,
+                mode,
+                to,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS_EXT,
+                8 + 16 * n,
+            );
             out.put_u32(context_id);
             out.put_u32(descriptors.len() as u32);
             for d in descriptors {
@@ -153,7 +167,14 @@ pub fn put_block_status(
             }
         }
         _ => {
-            put_chunk_header(out, mode, to, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n);
+            put_chunk_header(
+                out,
+                mode,
+                to,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                4 + 8 * n,
+            );
             out.put_u32(context_id);
             for d in descriptors {
                 out.put_u32(d.len as u32);
@@ -167,7 +188,10 @@ pub fn put_block_status(
 mod tests {
     use super::*;
 
-    const TO: ReplyTo = ReplyTo { cookie: 0x1122, offset: 4096 };
+    const TO: ReplyTo = ReplyTo {
+        cookie: 0x1122,
+        offset: 4096,
+    };
 
     #[test]
     fn simple_replies() {
@@ -195,7 +219,10 @@ mod tests {
         out.clear();
         put_error(&mut out, ReplyMode::Structured, TO, Errno::Inval, "bad");
         assert_eq!(&out[4..8], &[0, 1, 0x80, 0x01]);
-        assert_eq!(&out[16..], &[0, 0, 0, 9, 0, 0, 0, 22, 0, 3, b'b', b'a', b'd']);
+        assert_eq!(
+            &out[16..],
+            &[0, 0, 0, 9, 0, 0, 0, 22, 0, 3, b'b', b'a', b'd']
+        );
     }
 
     #[test]
@@ -208,10 +235,16 @@ mod tests {
         assert_eq!(&out[24..32], &12u64.to_be_bytes());
         assert_eq!(&out[32..40], &8192u64.to_be_bytes());
         out.clear();
-        let d = [Descriptor { len: 1 << 33, status: 3 }];
+        let d = [Descriptor {
+            len: 1 << 33,
+            status: 3,
+        }];
         put_block_status(&mut out, ReplyMode::Extended, TO, 1, &d);
         assert_eq!(&out[6..8], &REPLY_TYPE_BLOCK_STATUS_EXT.to_be_bytes());
         assert_eq!(&out[24..32], &24u64.to_be_bytes());
-        assert_eq!(&out[32..], &[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3]);
+        assert_eq!(
+            &out[32..],
+            &[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3]
+        );
     }
 }

@@ -120,14 +120,39 @@ pub enum PayloadPlan {
 /// A validated request, ready for a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, len: u32, df: bool },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Disconnect,
     Flush,
-    Trim { offset: u64, len: u64, fua: bool },
-    Cache { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64, fua: bool, no_hole: bool, fast: bool },
-    BlockStatus { offset: u64, len: u64, req_one: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        no_hole: bool,
+        fast: bool,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    },
 }
 
 /// A refused request: the error to send and a message for structured replies.
@@ -178,7 +203,10 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
     let fua = h.flags & CMD_FLAG_FUA != 0;
     let payload = |len: u64| -> Result<u32, Refusal> {
         if len > MAX_PAYLOAD as u64 {
-            Err(refuse(Errno::Inval, "request exceeds the maximum payload size"))
+            Err(refuse(
+                Errno::Inval,
+                "request exceeds the maximum payload size",
+            ))
         } else {
             Ok(len as u32)
         }
@@ -199,14 +227,21 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
         if within {
             Ok(())
         } else {
-            Err(refuse(Errno::Inval, "request goes past the end of the export"))
+            Err(refuse(
+                Errno::Inval,
+                "request goes past the end of the export",
+            ))
         }
     };
     match h.kind {
         CMD_READ => {
             let len = payload(len)?;
             in_range()?;
-            Ok(Command::Read { offset, len, df: h.flags & CMD_FLAG_DF != 0 })
+            Ok(Command::Read {
+                offset,
+                len,
+                df: h.flags & CMD_FLAG_DF != 0,
+            })
         }
         CMD_WRITE => {
             let len = payload(len)?;
@@ -224,7 +259,10 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
             Ok(Command::Cache { offset, len })
         }
         CMD_WRITE_ZEROES => {
-            writable(flags.contains(TransmissionFlags::SEND_WRITE_ZEROES), Errno::NoSpc)?;
+            writable(
+                flags.contains(TransmissionFlags::SEND_WRITE_ZEROES),
+                Errno::NoSpc,
+            )?;
             Ok(Command::WriteZeroes {
                 offset,
                 len,
@@ -241,7 +279,11 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
                 return Err(refuse(Errno::Inval, "block status of zero bytes"));
             }
             in_range()?;
-            Ok(Command::BlockStatus { offset, len, req_one: h.flags & CMD_FLAG_REQ_ONE != 0 })
+            Ok(Command::BlockStatus {
+                offset,
+                len,
+                req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
+            })
         }
         _ => Err(refuse(Errno::Inval, "unknown or unsupported command")),
     }
@@ -257,7 +299,11 @@ mod tests {
     fn encode(h: &RequestHeader, mode: ReplyMode) -> Vec<u8> {
         let mut b = Vec::new();
         let extended = mode == ReplyMode::Extended;
-        b.put_u32(if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC });
+        b.put_u32(if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        });
         b.put_u16(h.flags);
         b.put_u16(h.kind);
         b.put_u64(h.cookie);
@@ -290,7 +336,11 @@ mod tests {
                 name: String::new(),
                 size: 1 << 20,
                 flags: TransmissionFlags(flags),
-                block_size: BlockSize { min: 1, preferred: 4096, max: MAX_PAYLOAD },
+                block_size: BlockSize {
+                    min: 1,
+                    preferred: 4096,
+                    max: MAX_PAYLOAD,
+                },
                 description: None,
             },
             mode,
@@ -299,7 +349,13 @@ mod tests {
     }
 
     fn header(kind: u16, flags: u16, offset: u64, length: u64) -> RequestHeader {
-        RequestHeader { flags, kind, cookie: 7, offset, length }
+        RequestHeader {
+            flags,
+            kind,
+            cookie: 7,
+            offset,
+            length,
+        }
     }
 
     fn errno(h: RequestHeader, s: &Session) -> Option<Errno> {
@@ -343,24 +399,51 @@ mod tests {
         let s = session(ReplyMode::Structured, false);
         let end = 1 << 20;
         assert_eq!(errno(header(CMD_READ, 0, end, 1), &s), Some(Errno::Inval));
-        assert_eq!(errno(header(CMD_TRIM, 0, end - 1, 2), &s), Some(Errno::Inval));
+        assert_eq!(
+            errno(header(CMD_TRIM, 0, end - 1, 2), &s),
+            Some(Errno::Inval)
+        );
         assert_eq!(errno(header(CMD_CACHE, 0, end, 1), &s), Some(Errno::Inval));
         assert_eq!(errno(header(CMD_WRITE, 0, end, 1), &s), Some(Errno::NoSpc));
-        assert_eq!(errno(header(CMD_WRITE_ZEROES, 0, u64::MAX, 2), &s), Some(Errno::NoSpc));
-        assert_eq!(errno(header(CMD_READ, 0, 0, MAX_PAYLOAD as u64 + 1), &s), Some(Errno::Inval));
+        assert_eq!(
+            errno(header(CMD_WRITE_ZEROES, 0, u64::MAX, 2), &s),
+            Some(Errno::NoSpc)
+        );
+        assert_eq!(
+            errno(header(CMD_READ, 0, 0, MAX_PAYLOAD as u64 + 1), &s),
+            Some(Errno::Inval)
+        );
         assert_eq!(errno(header(42, 0, 0, 0), &s), Some(Errno::Inval));
-        assert_eq!(errno(header(CMD_READ, 1 << 9, 0, 1), &s), Some(Errno::Inval));
-        assert_eq!(errno(header(CMD_WRITE, CMD_FLAG_DF, 0, 1), &s), Some(Errno::Inval));
-        assert_eq!(errno(header(CMD_BLOCK_STATUS, 0, 0, 0), &s), Some(Errno::Inval));
+        assert_eq!(
+            errno(header(CMD_READ, 1 << 9, 0, 1), &s),
+            Some(Errno::Inval)
+        );
+        assert_eq!(
+            errno(header(CMD_WRITE, CMD_FLAG_DF, 0, 1), &s),
+            Some(Errno::Inval)
+        );
+        assert_eq!(
+            errno(header(CMD_BLOCK_STATUS, 0, 0, 0), &s),
+            Some(Errno::Inval)
+        );
         // FUA is valid on every command once SEND_FUA is advertised.
         assert_eq!(errno(header(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), &s), None);
-        assert_eq!(errno(header(CMD_READ, CMD_FLAG_DF | CMD_FLAG_FUA, 0, 1), &s), None);
+        assert_eq!(
+            errno(header(CMD_READ, CMD_FLAG_DF | CMD_FLAG_FUA, 0, 1), &s),
+            None
+        );
         // Zero-length requests are fine.
         assert_eq!(errno(header(CMD_WRITE, 0, end, 0), &s), None);
 
         let simple = session(ReplyMode::Simple, false);
-        assert_eq!(errno(header(CMD_READ, CMD_FLAG_DF, 0, 1), &simple), Some(Errno::Inval));
-        assert_eq!(errno(header(CMD_BLOCK_STATUS, 0, 0, 1), &simple), Some(Errno::Inval));
+        assert_eq!(
+            errno(header(CMD_READ, CMD_FLAG_DF, 0, 1), &simple),
+            Some(Errno::Inval)
+        );
+        assert_eq!(
+            errno(header(CMD_BLOCK_STATUS, 0, 0, 1), &simple),
+            Some(Errno::Inval)
+        );
 
         let ro = session(ReplyMode::Simple, true);
         for kind in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
@@ -373,11 +456,26 @@ mod tests {
         let big = MAX_PAYLOAD as u64 + 1;
         let compact = ReplyMode::Structured;
         let ext = ReplyMode::Extended;
-        assert_eq!(header(CMD_READ, 0, 0, big).payload_plan(compact), PayloadPlan::None);
-        assert_eq!(header(CMD_WRITE, 0, 0, 5).payload_plan(compact), PayloadPlan::Receive(5));
-        assert_eq!(header(CMD_WRITE, 0, 0, big).payload_plan(compact), PayloadPlan::Discard(big));
-        assert_eq!(header(CMD_WRITE, 0, 0, u32::MAX as u64).payload_plan(compact), PayloadPlan::Disconnect);
-        assert_eq!(header(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, big).payload_plan(ext), PayloadPlan::Disconnect);
+        assert_eq!(
+            header(CMD_READ, 0, 0, big).payload_plan(compact),
+            PayloadPlan::None
+        );
+        assert_eq!(
+            header(CMD_WRITE, 0, 0, 5).payload_plan(compact),
+            PayloadPlan::Receive(5)
+        );
+        assert_eq!(
+            header(CMD_WRITE, 0, 0, big).payload_plan(compact),
+            PayloadPlan::Discard(big)
+        );
+        assert_eq!(
+            header(CMD_WRITE, 0, 0, u32::MAX as u64).payload_plan(compact),
+            PayloadPlan::Disconnect
+        );
+        assert_eq!(
+            header(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, big).payload_plan(ext),
+            PayloadPlan::Disconnect
+        );
         // PAYLOAD_LEN on another command carries a payload to consume.
         let h = header(CMD_TRIM, CMD_FLAG_PAYLOAD_LEN, 0, 16);
         assert_eq!(h.payload_plan(ext), PayloadPlan::Receive(16));

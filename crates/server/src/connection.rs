@@ -18,7 +18,7 @@ use scratchd_proto::Errno;
 use scratchd_store::BlockDevice;
 use tracing::{debug, info};
 
-use crate::executor::{self, ReplyContext, Scratch};
+use crate::executor::{self, send, Output, ReplyContext, Scratch, SharedWriter};
 use crate::export::OpenExport;
 use crate::listener::ServerContext;
 use crate::transport::Transport;
@@ -34,10 +34,10 @@ const MAX_IN_FLIGHT: usize = 64;
 /// A client must send each handshake message within this time (as in
 /// qemu-nbd), so silent connections cannot pin threads forever.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Buffers grown by a large request are shrunk back to this when idle.
-const IDLE_BUFFER: usize = 1024 * 1024;
-
-type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+/// Buffers larger than this (grown by a huge request) are freed when the
+/// connection goes idle; smaller ones are kept, so steady 1 MiB traffic
+/// allocates nothing.
+const KEEP_BUFFER: usize = 2 * 1024 * 1024;
 
 /// Serves one client from greeting to close. Errors are logged, not returned:
 /// one client's misbehaviour never concerns anyone else.
@@ -165,11 +165,14 @@ fn transmission(
     let result = (|| -> io::Result<()> {
         loop {
             if input.buffered().len() < header_len {
-                flush(&writer, &mut out)?;
-                if out.capacity() > IDLE_BUFFER {
-                    out.shrink_to(IDLE_BUFFER);
+                send(&writer, &mut out)?;
+                // Buffers grown by a huge request are not kept while idle.
+                if out.capacity() > KEEP_BUFFER {
+                    out = Vec::with_capacity(FLUSH_AT);
                 }
-                big_payload = Vec::new();
+                if big_payload.capacity() > KEEP_BUFFER {
+                    big_payload = Vec::new();
+                }
                 if !input.fill(header_len)? {
                     return Ok(()); // clean EOF between requests
                 }
@@ -196,9 +199,40 @@ fn transmission(
                     )));
                 }
             };
-            // Small payloads are used in place from the input buffer; large
-            // ones are read straight into a buffer of their own.
+            let cmd = match request::validate(&header, &session) {
+                Ok(Command::Disconnect) => return Ok(()),
+                Ok(cmd) => cmd,
+                Err(refusal) => {
+                    input.discard(payload_len as u64)?;
+                    reply::put_error(&mut out, cx.mode, to, refusal.errno, refusal.message);
+                    continue;
+                }
+            };
+            // Small payloads are used in place from the input buffer. Large
+            // ones go straight into storage that offers its memory, or else
+            // into a buffer of their own.
             let in_buffer = payload_len <= INPUT_BUFFER;
+            if let (false, true, Command::Write { offset, fua, .. }) = (in_buffer, inline, cmd) {
+                let mut src = Payload {
+                    input: &mut input,
+                    left: payload_len,
+                    failed: false,
+                };
+                match device.write_from(offset, payload_len, &mut src, fua) {
+                    Some(Ok(())) => {
+                        reply::put_ok(&mut out, cx.mode, to);
+                        continue;
+                    }
+                    Some(Err(e)) if src.failed => return Err(e),
+                    Some(Err(e)) => {
+                        let left = src.left as u64;
+                        input.discard(left)?;
+                        executor::put_storage_error(&mut out, cx.mode, to, &e);
+                        continue;
+                    }
+                    None => {}
+                }
+            }
             let payload: &[u8] = if in_buffer {
                 if !input.fill(payload_len)? {
                     return Err(io::ErrorKind::UnexpectedEof.into());
@@ -209,60 +243,46 @@ fn transmission(
                 input.read_exact(&mut big_payload)?;
                 &big_payload
             };
-            let command = request::validate(&header, &session);
-            match command {
-                Err(refusal) => {
-                    reply::put_error(&mut out, cx.mode, to, refusal.errno, refusal.message);
-                }
-                Ok(Command::Disconnect) => return Ok(()),
-                Ok(cmd) if inline => {
-                    executor::execute(
-                        device.as_ref(),
-                        cmd,
-                        payload,
-                        cx,
-                        to,
-                        &mut out,
-                        &mut scratch,
-                    );
-                }
-                Ok(cmd) => {
-                    // Replies gathered so far go first: the worker's may be quick.
-                    flush(&writer, &mut out)?;
-                    in_flight.acquire();
-                    let job = Job {
-                        device: device.clone(),
-                        writer: writer.clone(),
-                        in_flight: in_flight.clone(),
-                        payload: payload.to_vec(),
-                    };
-                    ctx.workers.submit(move || job.run(cmd, cx, to));
-                }
+            if inline {
+                let mut output = Output {
+                    buf: &mut out,
+                    direct: Some(&writer),
+                };
+                executor::execute(
+                    device.as_ref(),
+                    cmd,
+                    payload,
+                    cx,
+                    to,
+                    &mut output,
+                    &mut scratch,
+                )?;
+            } else {
+                // Replies gathered so far go first: the worker's may be quick.
+                send(&writer, &mut out)?;
+                in_flight.acquire();
+                let job = Job {
+                    device: device.clone(),
+                    writer: writer.clone(),
+                    in_flight: in_flight.clone(),
+                    payload: payload.to_vec(),
+                };
+                ctx.workers.submit(move || job.run(cmd, cx, to));
             }
             if in_buffer {
                 input.consume(payload_len);
             }
             if out.len() >= FLUSH_AT {
-                flush(&writer, &mut out)?;
+                send(&writer, &mut out)?;
             }
         }
     })();
     // DISC, EOF or error: whatever was answered goes out, and the export is
     // released only after every request still running has finished.
-    let flushed = flush(&writer, &mut out);
+    let flushed = send(&writer, &mut out);
     in_flight.wait_idle();
     drop(export);
     result.and(flushed)
-}
-
-fn flush(writer: &SharedWriter, out: &mut Vec<u8>) -> io::Result<()> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-    let r = w.write_all(out);
-    out.clear();
-    r
 }
 
 /// A request running on the worker pool.
@@ -275,9 +295,15 @@ struct Job {
 
 impl Job {
     fn run(self, cmd: Command, cx: ReplyContext, to: ReplyTo) {
-        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        let mut out = Output {
+            buf: &mut buf,
+            direct: None,
+        };
         let mut scratch = Scratch::default();
-        executor::execute(
+        // Without a direct writer, execute cannot fail; a failed send means
+        // the client is gone, which the connection notices on its next read.
+        let _ = executor::execute(
             self.device.as_ref(),
             cmd,
             &self.payload,
@@ -286,10 +312,29 @@ impl Job {
             &mut out,
             &mut scratch,
         );
-        // A failed write means the client is gone; the connection thread
-        // notices on its next read.
-        let _ = flush(&self.writer, &mut out);
+        let _ = send(&self.writer, &mut buf);
         self.in_flight.release();
+    }
+}
+
+/// A WRITE payload read straight from the connection by storage; remembers
+/// how much is left and whether the connection failed.
+struct Payload<'a> {
+    input: &'a mut Input,
+    left: usize,
+    failed: bool,
+}
+
+impl Read for Payload<'_> {
+    fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        let want = dst.len().min(self.left);
+        let r = self.input.read_some(&mut dst[..want]);
+        match &r {
+            Ok(0) if want > 0 => self.failed = true,
+            Ok(n) => self.left -= n,
+            Err(_) => self.failed = true,
+        }
+        r
     }
 }
 
@@ -354,6 +399,18 @@ impl Input {
         dst[..have].copy_from_slice(&self.buffered()[..have]);
         self.consume(have);
         self.reader.read_exact(&mut dst[have..])
+    }
+
+    /// Reads at most `dst.len()` bytes: buffered ones first, else straight
+    /// from the stream.
+    fn read_some(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        if self.buffered().is_empty() {
+            return self.reader.read(dst);
+        }
+        let n = self.buffered().len().min(dst.len());
+        dst[..n].copy_from_slice(&self.buffered()[..n]);
+        self.consume(n);
+        Ok(n)
     }
 
     /// Reads and drops `n` bytes without holding more than the buffer.

@@ -5,7 +5,8 @@
 //! its own. Nothing is sent until a reply is complete, so a READ that fails
 //! halfway is rolled back and answered with a clean error, in every framing.
 
-use std::io;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
 
 use scratchd_proto::consts::{STATE_HOLE, STATE_ZERO};
 use scratchd_proto::negotiation::ReplyMode;
@@ -18,6 +19,10 @@ use scratchd_store::{BlockDevice, Extent, ExtentKind, ZeroFlags};
 /// replies), so sparse regions go out as 12-byte OFFSET_HOLE chunks instead
 /// of zeros. Shorter reads skip the check: it would cost more than it saves.
 const HOLE_SCAN_MIN: u32 = 64 * 1024;
+
+/// Single-chunk READ replies at least this long go straight from storage to
+/// the socket when the backend offers its memory, skipping the reply buffer.
+const DIRECT_READ_MIN: u32 = 128 * 1024;
 
 /// Longest range one BLOCK_STATUS answer describes (the spec lets a server
 /// answer less than asked); keeps every compact descriptor within 32 bits and
@@ -42,27 +47,60 @@ pub struct ReplyContext {
     pub base_allocation: Option<u32>,
 }
 
+/// The connection's socket writer, shared by its thread and the workers
+/// running its requests; each reply is written whole under the lock.
+pub type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Writes the gathered replies in `out` (if any) and empties it.
+pub fn send(writer: &SharedWriter, out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+    let r = w.write_all(out);
+    out.clear();
+    r
+}
+
+/// Where replies go.
+pub struct Output<'a> {
+    /// Replies gathered for one write.
+    pub buf: &'a mut Vec<u8>,
+    /// The socket, for READ replies large enough to be worth sending straight
+    /// from storage (after whatever `buf` holds); `None` to always gather.
+    pub direct: Option<&'a SharedWriter>,
+}
+
+/// Runs `cmd` and appends (or sends) its reply. Storage errors become error
+/// replies; an `Err` means the socket failed part-way through a reply sent
+/// directly, and the connection must close.
 pub fn execute(
     dev: &dyn BlockDevice,
     cmd: Command,
     payload: &[u8],
     cx: ReplyContext,
     to: ReplyTo,
-    out: &mut Vec<u8>,
+    out: &mut Output,
     scratch: &mut Scratch,
-) {
-    let mark = out.len();
+) -> io::Result<()> {
+    let mark = out.buf.len();
+    // READ and BLOCK_STATUS build their own replies; the rest answer "ok".
+    let answers_itself = matches!(cmd, Command::Read { .. } | Command::BlockStatus { .. });
     let result = match cmd {
-        Command::Read { offset, len, df } => read(dev, offset, len, df, cx.mode, to, out, scratch),
-        Command::Write { offset, fua, .. } => {
-            dev.write(offset, payload, fua).map(|_| ok(cx, to, out))
+        Command::Read { offset, len, df } => {
+            match read(dev, offset, len, df, cx.mode, to, out, scratch) {
+                Err(ReadError::Socket(e)) => return Err(e),
+                Err(ReadError::Storage(e)) => Err(e),
+                Ok(()) => Ok(()),
+            }
         }
-        Command::Flush => dev.flush().map(|_| ok(cx, to, out)),
+        Command::Write { offset, fua, .. } => dev.write(offset, payload, fua),
+        Command::Flush => dev.flush(),
         Command::Trim { len: 0, .. }
         | Command::Cache { len: 0, .. }
-        | Command::WriteZeroes { len: 0, .. } => Ok(ok(cx, to, out)),
-        Command::Trim { offset, len, fua } => dev.trim(offset, len, fua).map(|_| ok(cx, to, out)),
-        Command::Cache { offset, len } => dev.cache(offset, len).map(|_| ok(cx, to, out)),
+        | Command::WriteZeroes { len: 0, .. } => Ok(()),
+        Command::Trim { offset, len, fua } => dev.trim(offset, len, fua),
+        Command::Cache { offset, len } => dev.cache(offset, len),
         Command::WriteZeroes {
             offset,
             len,
@@ -74,32 +112,114 @@ pub fn execute(
                 may_trim: !no_hole,
                 fast,
             };
-            dev.zero(offset, len, flags, fua).map(|_| ok(cx, to, out))
+            dev.zero(offset, len, flags, fua)
         }
         Command::BlockStatus {
             offset,
             len,
             req_one,
-        } => block_status(dev, offset, len, req_one, cx, to, out, scratch),
+        } => block_status(dev, offset, len, req_one, cx, to, out.buf, scratch),
         // The connection handles DISC itself; it has no reply.
-        Command::Disconnect => Ok(()),
+        Command::Disconnect => return Ok(()),
     };
-    if let Err(e) = result {
-        out.truncate(mark);
-        let errno = Errno::from_os_error(e.raw_os_error());
-        reply::put_error(out, cx.mode, to, errno, &e.to_string());
+    match result {
+        Ok(()) if !answers_itself => reply::put_ok(out.buf, cx.mode, to),
+        Ok(()) => {}
+        Err(e) => {
+            out.buf.truncate(mark);
+            put_storage_error(out.buf, cx.mode, to, &e);
+        }
+    }
+    Ok(())
+}
+
+/// Appends the error reply for a failed storage call.
+pub fn put_storage_error(out: &mut Vec<u8>, mode: ReplyMode, to: ReplyTo, e: &io::Error) {
+    let errno = Errno::from_os_error(e.raw_os_error());
+    reply::put_error(out, mode, to, errno, &e.to_string());
+}
+
+enum ReadError {
+    /// Storage failed before any of the reply was sent: answer with an error.
+    Storage(io::Error),
+    /// The socket failed mid-reply: the connection is lost.
+    Socket(io::Error),
+}
+
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> Self {
+        ReadError::Storage(e)
     }
 }
 
-fn ok(cx: ReplyContext, to: ReplyTo, out: &mut Vec<u8>) {
-    reply::put_ok(out, cx.mode, to);
-}
-
-/// Appends `len` bytes read at `offset` to `out`.
+/// Appends `len` bytes read at `offset` to `out`, copying once from storage
+/// that offers its memory, or reading into the buffer otherwise.
 fn read_into(dev: &dyn BlockDevice, offset: u64, len: u32, out: &mut Vec<u8>) -> io::Result<()> {
     let start = out.len();
+    let mut append = |bytes: &[u8]| {
+        out.extend_from_slice(bytes);
+        Ok(())
+    };
+    if let Some(result) = dev.read_to(offset, len as usize, &mut append) {
+        return result;
+    }
     out.resize(start + len as usize, 0);
     dev.read(offset, &mut out[start..])
+}
+
+/// One data chunk (or simple reply) for the whole range, sent straight from
+/// storage to the socket when it is large and storage allows, else gathered.
+#[allow(clippy::too_many_arguments)]
+fn read_one_chunk(
+    dev: &dyn BlockDevice,
+    offset: u64,
+    len: u32,
+    mode: ReplyMode,
+    to: ReplyTo,
+    out: &mut Output,
+) -> Result<(), ReadError> {
+    let mark = out.buf.len();
+    reply::put_read_data(out.buf, mode, to, offset, len, true);
+    let Some(writer) = out.direct.filter(|_| len >= DIRECT_READ_MIN) else {
+        return Ok(read_into(dev, offset, len, out.buf)?);
+    };
+    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+    // Earlier gathered replies and this header go first, on the first slice:
+    // until then nothing is sent, so a storage error can still be answered.
+    let mut socket_error = None;
+    let mut pending = Some(&mut *out.buf);
+    let mut send = |bytes: &[u8]| {
+        let r = match pending.take() {
+            Some(head) => w.write_all(head).and_then(|_| w.write_all(bytes)),
+            None => w.write_all(bytes),
+        };
+        r.inspect_err(|e| socket_error = Some(io::Error::new(e.kind(), e.to_string())))
+    };
+    match dev.read_to(offset, len as usize, &mut send) {
+        None => {
+            drop(w);
+            Ok(read_into(dev, offset, len, out.buf)?)
+        }
+        Some(result) => {
+            let started = pending.is_none();
+            drop(w);
+            match (result, socket_error) {
+                (_, Some(e)) => Err(ReadError::Socket(e)),
+                (Ok(()), None) => {
+                    out.buf.clear();
+                    Ok(())
+                }
+                (Err(e), None) if !started => {
+                    out.buf.truncate(mark);
+                    Err(ReadError::Storage(e))
+                }
+                (Err(e), None) => Err(ReadError::Socket(io::Error::new(
+                    e.kind(),
+                    format!("storage failed mid-reply: {e}"),
+                ))),
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -110,19 +230,25 @@ fn read(
     df: bool,
     mode: ReplyMode,
     to: ReplyTo,
-    out: &mut Vec<u8>,
+    out: &mut Output,
     scratch: &mut Scratch,
-) -> io::Result<()> {
+) -> Result<(), ReadError> {
+    if len == 0 && mode != ReplyMode::Simple {
+        reply::put_ok(out.buf, mode, to);
+        return Ok(());
+    }
     if mode == ReplyMode::Simple || df || len < HOLE_SCAN_MIN {
-        if len == 0 && mode != ReplyMode::Simple {
-            reply::put_ok(out, mode, to);
-            return Ok(());
-        }
-        reply::put_read_data(out, mode, to, offset, len, true);
-        return read_into(dev, offset, len, out);
+        return read_one_chunk(dev, offset, len, mode, to, out);
     }
     scratch.extents.clear();
     dev.extents(offset, len as u64, &mut scratch.extents)?;
+    if let [Extent {
+        kind: ExtentKind::Data,
+        ..
+    }] = scratch.extents[..]
+    {
+        return read_one_chunk(dev, offset, len, mode, to, out);
+    }
     let mut at = offset;
     let n = scratch.extents.len();
     for (i, e) in scratch.extents.iter().enumerate() {
@@ -130,10 +256,10 @@ fn read(
         let elen = e.len as u32;
         let last = i + 1 == n;
         match e.kind {
-            ExtentKind::Hole => reply::put_read_hole(out, mode, to, at, elen, last),
+            ExtentKind::Hole => reply::put_read_hole(out.buf, mode, to, at, elen, last),
             ExtentKind::Data => {
-                reply::put_read_data(out, mode, to, at, elen, last);
-                read_into(dev, at, elen, out)?;
+                reply::put_read_data(out.buf, mode, to, at, elen, last);
+                read_into(dev, at, elen, out.buf)?;
             }
         }
         at += e.len;

@@ -101,6 +101,37 @@ pub trait BlockDevice: Send + Sync {
     /// kinds (merged). Nothing is appended when `len == 0`.
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> io::Result<()>;
 
+    /// Hands the `len` bytes at `offset` to `sink` in order, in one or more
+    /// slices of the backend's own memory, so that a reply can go from
+    /// storage to the socket without a copy in between. Returns `None` when
+    /// the backend has no such memory (callers then use [`BlockDevice::read`]
+    /// into a buffer of their own); errors from `sink` are passed through.
+    fn read_to(
+        &self,
+        offset: u64,
+        len: usize,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
+        let _ = (offset, len, sink);
+        None
+    }
+
+    /// Receives `len` bytes from `src` straight into the backend's memory at
+    /// `offset` (durably with `fua`), sparing the copy through an
+    /// intermediate buffer. Returns `None` when the backend has no such memory
+    /// (callers then use [`BlockDevice::write`]). When storage refuses the
+    /// write (`ENOSPC`), it does so before reading anything from `src`.
+    fn write_from(
+        &self,
+        offset: u64,
+        len: usize,
+        src: &mut dyn io::Read,
+        fua: bool,
+    ) -> Option<io::Result<()>> {
+        let _ = (offset, len, src, fua);
+        None
+    }
+
     /// Hints that the range will be read soon.
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         let _ = (offset, len);

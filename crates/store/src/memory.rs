@@ -60,6 +60,8 @@ use crate::{check_range, push_extent, BlockDevice, Capabilities, Extent, ExtentK
 
 /// Smallest allocation block; the system page size is used where larger.
 const MIN_BLOCK_SIZE: u64 = 4096;
+/// Zeros handed out for unallocated ranges by `read_to`.
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 /// Bitmap words per leaf.
 const LEAF_WORDS: usize = 512;
 /// Blocks covered by one leaf.
@@ -482,6 +484,71 @@ impl BlockDevice for MemoryDevice {
         // touch these bytes only for overlapping requests (see `fill_zeros`).
         unsafe { ptr::copy_nonoverlapping(data.as_ptr(), self.at(offset), data.len()) };
         Ok(())
+    }
+
+    fn read_to(
+        &self,
+        offset: u64,
+        len: usize,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
+        Some((|| {
+            let end = check_range(self.size, offset, len as u64)?;
+            for (start, stop, allocated) in self.runs(offset, end) {
+                if allocated {
+                    // SAFETY: `[start, stop)` lies within `[0, size]`, inside
+                    // the mapping, which lives as long as `self`. The slice is
+                    // only copied out (to a buffer or the kernel) before this
+                    // call returns; other threads write these bytes only for
+                    // overlapping requests (see `fill_zeros`).
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(self.at(start), (stop - start) as usize)
+                    };
+                    sink(bytes)?;
+                } else {
+                    let mut left = stop - start;
+                    while left > 0 {
+                        let n = left.min(ZEROES.len() as u64) as usize;
+                        sink(&ZEROES[..n])?;
+                        left -= n as u64;
+                    }
+                }
+            }
+            Ok(())
+        })())
+    }
+
+    fn write_from(
+        &self,
+        offset: u64,
+        len: usize,
+        src: &mut dyn io::Read,
+        _fua: bool,
+    ) -> Option<io::Result<()>> {
+        Some((|| {
+            let end = check_range(self.size, offset, len as u64)?;
+            if len == 0 {
+                return Ok(());
+            }
+            self.allocate(self.block_of(offset), self.block_after(end))?;
+            let mut at = offset;
+            while at < end {
+                // SAFETY: `[at, end)` lies within `[0, size]`, inside the
+                // mapping, and the slice does not outlive this iteration. Only
+                // `src` writes into it (the kernel, for a socket); other
+                // threads touch these bytes only for overlapping requests
+                // (see `fill_zeros`).
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(self.at(at), (end - at) as usize) };
+                match src.read(dst) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => at += n as u64,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })())
     }
 
     fn flush(&self) -> io::Result<()> {
