@@ -471,7 +471,7 @@ fn mount_unavailable() -> Option<String> {
     if !Path::new("/dev/fuse").exists() {
         return Some("no /dev/fuse".into());
     }
-    if run_status(&mut Command::new("losetup").arg("-f")).0 != 0 {
+    if run_status(Command::new("losetup").arg("-f")).0 != 0 {
         return Some("no free loop device (losetup -f failed)".into());
     }
     None

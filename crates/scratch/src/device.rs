@@ -156,6 +156,34 @@ impl BlockDevice for ScratchDevice {
         delegate!(self, dev => dev.extents(offset, len, out))
     }
 
+    fn read_to(
+        &self,
+        offset: u64,
+        len: usize,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
+        let result = delegate!(self, dev => dev.read_to(offset, len, sink))?;
+        if result.is_ok() {
+            self.stats.read.add(len as u64);
+        }
+        Some(result)
+    }
+
+    fn write_from(
+        &self,
+        offset: u64,
+        len: usize,
+        src: &mut dyn io::Read,
+        fua: bool,
+    ) -> Option<io::Result<()>> {
+        let result = delegate!(self, dev => dev.write_from(offset, len, src, false))?;
+        self.drop_fua(fua);
+        if result.is_ok() {
+            self.stats.written.add(len as u64);
+        }
+        Some(result)
+    }
+
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         delegate!(self, dev => dev.cache(offset, len))
     }
@@ -367,14 +395,27 @@ mod tests {
         dev.zero(0, 10, ZeroFlags::default(), false).unwrap();
         let mut buf = [0u8; 100];
         dev.read(8192, &mut buf).unwrap();
+        // The zero-copy paths are delegated and counted too.
+        let mut src: &[u8] = &[5; 4096];
+        dev.write_from(16384, 4096, &mut src, true)
+            .unwrap()
+            .unwrap();
+        let mut seen = 0;
+        dev.read_to(16384, 4096, &mut |b| {
+            seen += b.iter().filter(|&&x| x == 5).count();
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(seen, 4096);
         let s = dev.stats();
-        assert_eq!((s.writes, s.written_bytes), (2, 4196));
-        assert_eq!((s.reads, s.read_bytes), (1, 100));
+        assert_eq!((s.writes, s.written_bytes), (3, 8292));
+        assert_eq!((s.reads, s.read_bytes), (2, 4196));
         assert_eq!(
             (s.trims, s.trimmed_bytes, s.zeroes, s.zeroed_bytes),
             (1, 4096, 1, 10)
         );
-        assert_eq!((s.flushes_dropped, s.fua_dropped), (1, 2));
+        assert_eq!((s.flushes_dropped, s.fua_dropped), (1, 3));
         assert_eq!(s.allocated_bytes, dev.allocated_bytes());
     }
 
