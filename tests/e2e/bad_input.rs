@@ -791,7 +791,7 @@ fn pipelined_on(server: &mut Server, backend: &str, n: u64) {
     for (m, mode) in MODES.into_iter().enumerate() {
         let seed = |i: u64| (m as u64) << 32 | i;
         let cookie = |i: u64| 0xc0de_0000_0000 | i;
-        let mut c = Conn::open(&server, mode);
+        let mut c = Conn::open(server, mode);
 
         // 2000 WRITEs of 4 KiB without reading a reply in between.
         let reader = {

@@ -11,7 +11,7 @@ const MIB: u64 = 1 << 20;
 /// slice (jobs share one disk, so their ranges must not overlap) in random
 /// 4 KiB blocks with `iodepth` in flight, then verifying every block by
 /// crc32c. Asserts every job's exact byte counts and no errors.
-fn fio_randwrite_verify(uri: &str, jobs: u64, per_job: u64, iodepth: u32) {
+pub fn fio_randwrite_verify(uri: &str, jobs: u64, per_job: u64, iodepth: u32) {
     require("fio");
     let size = format!("{}M", per_job / MIB);
     let out = run(Command::new("fio").args([

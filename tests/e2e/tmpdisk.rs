@@ -122,32 +122,7 @@ fn nbdcopy_and_four_fio_connections_on_one_build() {
     crate::util::assert_files_equal(&src, &back);
     drop(holder);
 
-    let out = run(Command::new("fio").args([
-        "--name=scratch",
-        "--ioengine=nbd",
-        &format!("--uri={}", server.uri_for("fio")),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--numjobs=4",
-        "--iodepth=8",
-        "--size=8M",
-        "--offset_increment=8M",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--output-format=json",
-    ]));
-    let log = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(log.matches("connected to NBD server").count(), 4);
-    let j = crate::util::Json::parse(&stdout(&out));
-    for i in 0..4 {
-        assert_eq!(j.int(&format!("jobs.{i}.error")), 0, "fio job {i}");
-        assert_eq!(
-            j.int(&format!("jobs.{i}.read.io_bytes")),
-            8 << 20,
-            "job {i} verified"
-        );
-    }
+    crate::fio::fio_randwrite_verify(&server.uri_for("fio"), 4, 8 << 20, 8);
 }
 
 /// A connection kept open (by a Python libnbd handle) so that a build's
