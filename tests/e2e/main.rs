@@ -10,6 +10,7 @@ mod fio;
 mod nbdcopy;
 mod nbdinfo;
 mod nbdsh;
+mod ordering;
 mod qemu;
 mod tmpdisk;
 mod util;
