@@ -8,12 +8,21 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use scratchd_store::memory::Budget;
 use scratchd_store::{BlockDevice, FileDevice, MemoryDevice};
 
 use crate::size::parse_size;
 
-/// Builds a backend's device from its key values (and `-r`).
-type OpenFn = fn(&Values, bool) -> Result<Arc<dyn BlockDevice>, BackendError>;
+/// Server options that backends take into account.
+pub struct Options {
+    /// `-r`: open read-only.
+    pub read_only: bool,
+    /// Bytes of RAM a memory disk may hold (`--memory-limit`).
+    pub memory_limit: u64,
+}
+
+/// Builds a backend's device from its key values and the server options.
+type OpenFn = fn(&Values, &Options) -> Result<Arc<dyn BlockDevice>, BackendError>;
 
 /// A backend name and the keys it takes (the first one is the bare value's).
 struct BackendSpec {
@@ -42,16 +51,18 @@ impl Values<'_> {
     }
 }
 
-fn open_memory(v: &Values, _read_only: bool) -> Result<Arc<dyn BlockDevice>, BackendError> {
+fn open_memory(v: &Values, o: &Options) -> Result<Arc<dyn BlockDevice>, BackendError> {
     let size = parse_size("size", v.required(0)?).map_err(BackendError::Usage)?;
-    let dev = MemoryDevice::new(size)
+    // Writes past the budget fail with ENOSPC instead of the machine running
+    // out of memory.
+    let dev = MemoryDevice::with_budget(size, Arc::new(Budget::new(o.memory_limit)))
         .map_err(|e| BackendError::Open(format!("cannot create a {size}-byte memory disk: {e}")))?;
     Ok(Arc::new(dev))
 }
 
-fn open_file(v: &Values, read_only: bool) -> Result<Arc<dyn BlockDevice>, BackendError> {
+fn open_file(v: &Values, o: &Options) -> Result<Arc<dyn BlockDevice>, BackendError> {
     let path = PathBuf::from(v.required(0)?);
-    let dev = FileDevice::open(&path, read_only)
+    let dev = FileDevice::open(&path, o.read_only)
         .map_err(|e| BackendError::Open(format!("cannot open {}: {e}", path.display())))?;
     Ok(Arc::new(dev))
 }
@@ -98,7 +109,7 @@ pub enum BackendError {
 pub fn open_backend(
     name: &str,
     params: &[String],
-    read_only: bool,
+    options: &Options,
 ) -> Result<Arc<dyn BlockDevice>, BackendError> {
     let spec = BACKENDS.iter().find(|b| b.name == name).ok_or_else(|| {
         BackendError::Usage(format!(
@@ -129,5 +140,5 @@ pub fn open_backend(
             return Err(BackendError::Usage(format!("key {key:?} given twice")));
         }
     }
-    (spec.open)(&Values { spec, values }, read_only)
+    (spec.open)(&Values { spec, values }, options)
 }

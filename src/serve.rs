@@ -13,9 +13,10 @@ use scratchd_server::{
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info};
 
-use crate::backend::{open_backend, BackendError};
+use crate::backend::{open_backend, BackendError, Options};
 use crate::size::parse_size;
 use crate::tmpdisk;
+use scratchd_scratch::config::default_memory_limit;
 
 /// Exit status for bad usage, as clap uses.
 const EXIT_USAGE: i32 = 2;
@@ -77,8 +78,8 @@ pub struct ServeArgs {
     /// first).
     #[arg(long, value_name = "N")]
     max_exports: Option<usize>,
-    /// tmpdisk: RAM that all memory-backed disks may hold together (default:
-    /// half of the machine's RAM).
+    /// memory and tmpdisk: RAM that all memory disks may hold together;
+    /// writes past it fail with ENOSPC (default: half of the machine's RAM).
     #[arg(long, value_name = "SIZE")]
     memory_limit: Option<String>,
     /// tmpdisk with backing=dir: space all disk files may allocate together
@@ -177,7 +178,6 @@ fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
     }
     let tmpdisk_only = [
         ("--max-exports", args.max_exports.is_some()),
-        ("--memory-limit", args.memory_limit.is_some()),
         ("--disk-limit", args.disk_limit.is_some()),
         ("--name-prefix", args.name_prefix.is_some()),
     ];
@@ -186,7 +186,15 @@ fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
             "{flag} applies to the tmpdisk backend only"
         )));
     }
-    let device = open_backend(&args.backend, &args.params, args.readonly)?;
+    let memory_limit = match &args.memory_limit {
+        Some(text) => parse_size("--memory-limit", text).map_err(BackendError::Usage)?,
+        None => default_memory_limit(),
+    };
+    let options = Options {
+        read_only: args.readonly,
+        memory_limit,
+    };
+    let device = open_backend(&args.backend, &args.params, &options)?;
     let may_block = device.capabilities().may_block;
     let export = SingleExport::new(
         args.export_name.clone(),

@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod fio;
+mod limits;
 mod nbdcopy;
 mod nbdinfo;
 mod nbdsh;
