@@ -13,13 +13,16 @@ fn on_memory_disk(flags: &[&str], size: &str, script: &str) {
     libnbd(&server.uri(), script, &[]);
 }
 
+/// [`on_memory_disk`] for the usual case: a 1 MiB disk, default flags.
+fn on_1m_disk(script: &str) {
+    on_memory_disk(&[], "1M", script);
+}
+
 /// Structured replies, base:allocation, every capability flag and the
 /// block sizes are negotiated as advertised.
 #[test]
 fn negotiation_reports_structured_replies_meta_context_and_capabilities() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h = connect()
 eq(h.get_structured_replies_negotiated(), True, "structured replies")
@@ -62,9 +65,7 @@ eq(h.pread(32 << 20, 16 << 20) == big, True, "32 MiB round trip")
 /// is a hole|zero (3) extent.
 #[test]
 fn trim_turns_data_into_zero_reading_hole() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h = connect()
 h.pwrite(b"\xff" * 65536, 65536)
@@ -82,9 +83,7 @@ eq(extents(h, 1 << 20, 0), [(1 << 20, 3)], "all trimmed")
 /// stays allocated (data), and FAST_ZERO succeeds on memory; all read zeros.
 #[test]
 fn write_zeroes_no_hole_and_fast_zero_read_zero_with_right_allocation() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h = connect()
 h.pwrite(b"\xee" * (192 << 10), 0)
@@ -103,9 +102,7 @@ eq(h.pread(65536, 0), bytes(65536), "still zero")
 /// CACHE succeeds and changes neither data nor allocation.
 #[test]
 fn cache_succeeds_and_changes_nothing() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h = connect()
 h.pwrite(b"c" * 4096, 4096)
@@ -121,9 +118,7 @@ eq(extents(h, 1 << 20, 0), [(4096, 3), (4096, 0), ((1 << 20) - 8192, 3)], "alloc
 /// than the request; without it the descriptors cover the range exactly.
 #[test]
 fn block_status_req_one_gives_one_descriptor_within_the_request() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h = connect()
 h.pwrite(b"d" * 8192, 0)
@@ -143,9 +138,7 @@ eq(extents(h, 70000, 1000), [(7192, 0), (57344, 3), (4096, 0), (1368, 3)], "with
 /// a read under 64 KiB is one data chunk; a DF read is one data chunk.
 #[test]
 fn structured_reads_send_hole_chunks_and_df_reads_one_data_chunk() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h = connect()
 h.pwrite(b"x" * 4096, 65536)
@@ -171,9 +164,7 @@ eq(buf, bytes(65536) + b"x" * 4096 + bytes(192512), "DF bytes")
 /// BLOCK_STATUS: EINVAL; WRITE, WRITE_ZEROES: ENOSPC) and change nothing.
 #[test]
 fn requests_past_the_end_fail_with_einval_or_enospc() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h = connect()
 h.set_strict_mode(0)
@@ -196,9 +187,7 @@ eq(extents(h, END, 0), [(END, 3)], "nothing allocated")
 /// working afterwards.
 #[test]
 fn unknown_and_misplaced_flags_fail_with_einval_and_fua_is_accepted_everywhere() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h = connect()
 h.set_strict_mode(0)
@@ -227,9 +216,7 @@ eq(h.pread(512, 0), b"ok" * 256, "still works")
 /// very end of the disk.
 #[test]
 fn zero_length_requests_succeed() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h = connect()
 h.set_strict_mode(nbd.STRICT_MASK & ~nbd.STRICT_ZERO_SIZE)
@@ -279,9 +266,7 @@ for i, b in enumerate(reads):
 /// connection reads at once.
 #[test]
 fn second_connection_sees_first_connections_writes_and_trims() {
-    on_memory_disk(
-        &[],
-        "1M",
+    on_1m_disk(
         r#"
 h1, h2 = connect(), connect()
 eq(h2.can_multi_conn(), True, "multi-conn")

@@ -35,20 +35,33 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     text
 }
 
+/// Starts a memory disk of `size` and runs `qemu-io` `cmds` on it (see
+/// [`qemu_io`]); returns the server, to keep alive, and its URI.
+fn qemu_io_on_memory_disk(size: &str, cmds: &[&str]) -> (Server, String) {
+    let server = Server::start(&["memory", &format!("size={size}")]);
+    let uri = server.uri();
+    qemu_io(&uri, cmds);
+    (server, uri)
+}
+
+/// Runs `qemu-img ARGS...` and parses its JSON output.
+fn qemu_img_json(args: &[&str]) -> Json {
+    Json::parse(&stdout(&run(&mut qemu_img(args))))
+}
+
 /// `qemu-img info` sees the exact size, through the raw format over an NBD
 /// URI and through the nbd driver given as `--image-opts`.
 #[test]
 fn qemu_img_info_reports_exact_size_via_uri_and_image_opts() {
     let server = Server::start(&["memory", "size=67112960"]);
-    let info = |args: &[&str]| Json::parse(&stdout(&run(&mut qemu_img(args))));
-    let j = info(&["info", "--output=json", "-f", "raw", &server.uri()]);
+    let j = qemu_img_json(&["info", "--output=json", "-f", "raw", &server.uri()]);
     assert_eq!(j.int("virtual-size"), 64 * MIB + 4096);
     assert_eq!(j.get("format"), "raw");
     let opts = format!(
         "driver=nbd,server.type=unix,server.path={}",
         server.sock.display()
     );
-    let j = info(&["info", "--output=json", "--image-opts", &opts]);
+    let j = qemu_img_json(&["info", "--output=json", "--image-opts", &opts]);
     assert_eq!(j.int("virtual-size"), 64 * MIB + 4096);
     assert_eq!(j.get("format"), "nbd");
 }
@@ -80,23 +93,15 @@ fn qemu_img_convert_then_compare_identical_and_detects_one_byte_change() {
 /// everything else as zero, at exact offsets.
 #[test]
 fn qemu_img_map_lists_data_and_zero_extents_exactly() {
-    let server = Server::start(&["memory", "size=1M"]);
-    let uri = server.uri();
-    qemu_io(
-        &uri,
+    let (_server, uri) = qemu_io_on_memory_disk(
+        "1M",
         &[
             "write -P 0xab 64k 4k",
             "write -P 1 512k 8k",
             "write -P 2 1023k 1k",
         ],
     );
-    let j = Json::parse(&stdout(&run(&mut qemu_img(&[
-        "map",
-        "--output=json",
-        "-f",
-        "raw",
-        &uri,
-    ]))));
+    let j = qemu_img_json(&["map", "--output=json", "-f", "raw", &uri]);
     let entries: Vec<(u64, u64, &str, &str)> = (0..j.len(""))
         .map(|i| {
             let f = |k: &str| format!("{i}.{k}");
@@ -128,10 +133,8 @@ fn qemu_img_map_lists_data_and_zero_extents_exactly() {
 /// the same pattern in qemu-io and, over a second client, in libnbd.
 #[test]
 fn qemu_io_pattern_writes_read_back_in_qemu_and_libnbd() {
-    let server = Server::start(&["memory", "size=8M"]);
-    let uri = server.uri();
-    qemu_io(
-        &uri,
+    let (_server, uri) = qemu_io_on_memory_disk(
+        "8M",
         &[
             "write -P 0xab 0 64k",
             "read -P 0xab 0 64k",
@@ -171,10 +174,8 @@ eq(h.pread(1002, 5255224), b"\0" + b"\x77" * 1000 + b"\0", "5M+12345")
 /// their flags say.
 #[test]
 fn qemu_io_write_zeroes_variants_and_discard_read_zero_with_right_allocation() {
-    let server = Server::start(&["memory", "size=1M"]);
-    let uri = server.uri();
-    qemu_io(
-        &uri,
+    let (_server, uri) = qemu_io_on_memory_disk(
+        "1M",
         &[
             "write -P 0x11 0 320k",
             "write -z 0 64k",

@@ -32,8 +32,9 @@ def go_error(name):
 EXT4_MAGIC = b"\x53\xef"
 "#;
 
-/// Runs a libnbd script with [`HELPERS`] against `server`.
-fn script(server: &Server, body: &str, args: &[&str]) -> String {
+/// Runs a libnbd script with [`HELPERS`] against `server`; `args` follow
+/// the socket in `ARGS`. Returns its standard output.
+fn script_with_args(server: &Server, body: &str, args: &[&str]) -> String {
     let sock = server.sock.to_string_lossy().into_owned();
     let mut all = vec![sock.as_str()];
     all.extend_from_slice(args);
@@ -41,10 +42,40 @@ fn script(server: &Server, body: &str, args: &[&str]) -> String {
     stdout(&out)
 }
 
+/// [`script_with_args`] without extra arguments.
+fn script(server: &Server, body: &str) -> String {
+    script_with_args(server, body, &[])
+}
+
 fn start(args: &[&str]) -> Server {
     let mut all = vec!["tmpdisk"];
     all.extend_from_slice(args);
     Server::start(&all)
+}
+
+/// A file path in a fresh temporary directory (returned too, to keep) and
+/// the server argument `VAR=PATH` that gives it to the format command as
+/// `$VAR`.
+fn command_file(var: &str, file: &str) -> (tempfile::TempDir, PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file);
+    let kv = format!("{var}={}", path.display());
+    (dir, path, kv)
+}
+
+/// A fresh backing directory and the `backing=dir:PATH` argument for it.
+fn backing_dir() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = format!("backing=dir:{}", dir.path().display());
+    (dir, kv)
+}
+
+/// A real client's ext4 detection: `nbdinfo` on build `name` (creating
+/// its disk if need be) finds filesystem data.
+fn assert_nbdinfo_finds_filesystem(server: &Server, name: &str) {
+    require("nbdinfo");
+    let out = run(Command::new("nbdinfo").arg(server.uri_for(name)));
+    assert!(stdout(&out).contains("filesystem data"), "{}", stdout(&out));
 }
 
 /// Files in `dir`.
@@ -95,12 +126,9 @@ a2.flush()
 eq(a1.pread(4, 40 << 20), b"back", "and the other way round")
 eq(b.pread(len(data), 32 << 20), bytes(len(data)), "build-b is untouched")
 "#,
-        &[],
     );
     // The ext4 detection of a real client, on a build nobody wrote to.
-    require("nbdinfo");
-    let out = run(Command::new("nbdinfo").arg(server.uri_for("build-c")));
-    assert!(stdout(&out).contains("filesystem data"), "{}", stdout(&out));
+    assert_nbdinfo_finds_filesystem(&server, "build-c");
 }
 
 /// nbdcopy (several connections) in and out of one build, then four fio
@@ -161,9 +189,7 @@ impl Drop for Holder {
 /// and LIST alone create nothing.
 #[test]
 fn info_then_go_formats_once_and_info_or_list_create_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let counter = dir.path().join("count");
-    let counter_kv = format!("counter={}", counter.display());
+    let (_dir, counter, counter_kv) = command_file("counter", "count");
     let server = start(&[
         "size=64M",
         "command=echo x >> $counter; mkfs -t ext4 -q -F $disk",
@@ -183,12 +209,9 @@ h.opt_list(lambda name, desc: names.append(name))
 eq(names, [], "LIST")
 h.opt_abort()
 "#,
-        &[],
     );
     assert!(!counter.exists(), "INFO or LIST ran the format command");
-    require("nbdinfo");
-    let out = run(Command::new("nbdinfo").arg(server.uri_for("build-1")));
-    assert!(stdout(&out).contains("filesystem data"), "{}", stdout(&out));
+    assert_nbdinfo_finds_filesystem(&server, "build-1");
     assert_eq!(std::fs::read_to_string(&counter).unwrap(), "x\n");
 }
 
@@ -205,7 +228,6 @@ h.shutdown()
 h = connect(uri("koji-1"))
 eq(h.pread(10, 10 << 20), b"mock run 1", "data after a reconnect within linger")
 "#,
-        &[],
     );
     assert_eq!(listed(&server), ["koji-1"], "a lingering disk is listed");
     eventually("the lingering disk to go", 10, || {
@@ -218,7 +240,6 @@ h = connect(uri("koji-1"))
 eq(h.pread(10, 10 << 20), bytes(10), "fresh disk after linger")
 eq(h.pread(2, 1080), EXT4_MAGIC, "formatted")
 "#,
-        &[],
     );
 }
 
@@ -249,7 +270,6 @@ while True:  # a's memory is returned once its connection is torn down
         time.sleep(0.02)
 eq(c.pread(16, 0), b"\4" * 16, "budget reused")
 "#,
-        &[],
     );
 }
 
@@ -258,13 +278,10 @@ eq(c.pread(16, 0), b"\4" * 16, "budget reused")
 /// file is left in the backing directory.
 #[test]
 fn format_failure_and_timeout_are_clean_errors_and_leave_nothing() {
-    let backing = tempfile::tempdir().unwrap();
-    let dir_kv = format!("backing=dir:{}", backing.path().display());
+    let (backing, dir_kv) = backing_dir();
     // The first format fails, later ones work: a server that failed once
     // still creates disks.
-    let flag_dir = tempfile::tempdir().unwrap();
-    let flag = flag_dir.path().join("failed-once");
-    let flag_kv = format!("flag={}", flag.display());
+    let (_flag_dir, _, flag_kv) = command_file("flag", "failed-once");
     let server = start(&[
         "size=64M",
         &dir_kv,
@@ -280,7 +297,6 @@ print("error:", msg)
 h = connect(uri("build-b"))
 eq(h.pread(2, 1080), EXT4_MAGIC, "the next build is formatted")
 "#,
-        &[],
     );
     assert!(out.contains("format command failed"), "{out}");
     assert!(entries(backing.path()).is_empty());
@@ -293,7 +309,7 @@ eq(h.pread(2, 1080), EXT4_MAGIC, "the next build is formatted")
         "command=echo zzz >&2; sleep 30",
     ]);
     let start_time = Instant::now();
-    let out = script(&hang, "print(go_error('slow'))", &[]);
+    let out = script(&hang, "print(go_error('slow'))");
     assert!(out.contains("timed out") && out.contains("zzz"), "{out}");
     assert!(
         start_time.elapsed() < Duration::from_secs(8),
@@ -301,7 +317,7 @@ eq(h.pread(2, 1080), EXT4_MAGIC, "the next build is formatted")
         start_time.elapsed()
     );
     // The server still serves, and nothing is left behind.
-    script(&hang, "print(go_error('slow-2'))", &[]);
+    script(&hang, "print(go_error('slow-2'))");
     assert!(entries(backing.path()).is_empty());
 }
 
@@ -309,8 +325,7 @@ eq(h.pread(2, 1080), EXT4_MAGIC, "the next build is formatted")
 /// it is in use, and nothing is left after a normal end or a SIGKILL.
 #[test]
 fn dir_backing_leaves_no_files_after_destroy_or_sigkill() {
-    let backing = tempfile::tempdir().unwrap();
-    let dir_kv = format!("backing=dir:{}", backing.path().display());
+    let (backing, dir_kv) = backing_dir();
     let server = start(&["size=64M", &dir_kv]);
     script(
         &server,
@@ -319,7 +334,6 @@ h = connect(uri("build-a"))
 h.pwrite(b"x" * 65536, 0)
 eq(h.pread(2, 1080), b"xx", "own data over the superblock")
 "#,
-        &[],
     );
     assert!(entries(backing.path()).is_empty(), "after a normal destroy");
 
@@ -348,7 +362,7 @@ eq(h.pread(2, 1080), b"xx", "own data over the superblock")
 fn bad_export_names_are_refused_by_policy() {
     let server = Server::start(&["--name-prefix", "ci-", "tmpdisk", "size=16M", "type=none"]);
     let long = format!("ci-{}", "x".repeat(200));
-    script(
+    script_with_args(
         &server,
         r#"
 for name, why in [("ci-../x", "contains"), ("ci-a b", "contains"), (ARGS[1], "long"),
@@ -375,7 +389,6 @@ eq(h.get_size(), 16 << 20, "a good name works")
 for name in ("../x", ".hidden", "x" * 200):
     go_error(name)
 "#,
-        &[],
     );
 }
 
@@ -489,9 +502,7 @@ fn two_builds_mounted_at_once_through_nbdfuse_and_loop() {
 /// refilled in the background.
 #[test]
 fn pool_hands_out_disks_formatted_in_advance() {
-    let dir = tempfile::tempdir().unwrap();
-    let counter = dir.path().join("count");
-    let counter_kv = format!("counter={}", counter.display());
+    let (_dir, counter, counter_kv) = command_file("counter", "count");
     let server = start(&[
         "size=64M",
         "pool=1",
@@ -509,7 +520,6 @@ h = connect(uri("pooled"))
 print(time.monotonic() - t)
 eq(h.pread(2, 1080), EXT4_MAGIC, "formatted")
 "#,
-        &[],
     );
     let seconds: f64 = out.trim().parse().unwrap();
     assert!(seconds < 0.5, "GO took {seconds} s: the format command ran");
@@ -520,8 +530,7 @@ eq(h.pread(2, 1080), EXT4_MAGIC, "formatted")
 /// past it fails with ENOSPC, and space comes back with TRIM.
 #[test]
 fn disk_limit_gives_enospc_with_dir_backing() {
-    let backing = tempfile::tempdir().unwrap();
-    let dir_kv = format!("backing=dir:{}", backing.path().display());
+    let (_backing, dir_kv) = backing_dir();
     let server = Server::start(&[
         "--disk-limit",
         "8M",
@@ -541,6 +550,5 @@ a.trim(5 << 20, 0)
 b.pwrite(b"\3" * (4 << 20), 8 << 20)
 eq(b.pread(4, 8 << 20), b"\3" * 4, "space from the trim")
 "#,
-        &[],
     );
 }

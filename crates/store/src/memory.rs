@@ -410,14 +410,12 @@ impl MemoryDevice {
 
     /// Makes `[offset, end)` read as zeros, freeing every whole block in it.
     fn punch(&self, offset: u64, end: u64) -> io::Result<()> {
-        let (first, last) = self.whole_blocks(offset, end);
-        let head_end = self.block_start(first).min(end);
-        self.zero_allocated(offset, head_end);
-        self.zero_allocated(self.block_start(last).max(head_end), end);
-        if first < last {
-            self.deallocate(first, last)?;
-        }
-        Ok(())
+        self.zero_by_blocks(
+            offset,
+            end,
+            |start, stop| self.zero_allocated(start, stop),
+            |first, last| self.deallocate(first, last),
+        )
     }
 
     /// Makes `[offset, end)` read as zeros and allocated.
@@ -426,13 +424,31 @@ impl MemoryDevice {
             return Ok(());
         }
         self.allocate(self.block_of(offset), self.block_after(end))?;
+        self.zero_by_blocks(
+            offset,
+            end,
+            |start, stop| self.fill_zeros(start, stop),
+            // Whole blocks stay allocated but need no memory until written.
+            |first, last| self.discard(first, last),
+        )
+    }
+
+    /// Zeros `[offset, end)` in two parts: `partial` zeros the bytes before
+    /// the first and after the last whole block (two ranges, either may be
+    /// empty), then `whole` the whole blocks `[first, last)`, if there are any.
+    fn zero_by_blocks(
+        &self,
+        offset: u64,
+        end: u64,
+        partial: impl Fn(u64, u64),
+        whole: impl FnOnce(u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
         let (first, last) = self.whole_blocks(offset, end);
         let head_end = self.block_start(first).min(end);
-        self.fill_zeros(offset, head_end);
-        self.fill_zeros(self.block_start(last).max(head_end), end);
+        partial(offset, head_end);
+        partial(self.block_start(last).max(head_end), end);
         if first < last {
-            // Whole blocks stay allocated but need no memory until written.
-            self.discard(first, last)?;
+            whole(first, last)?;
         }
         Ok(())
     }
@@ -1164,29 +1180,26 @@ mod tests {
         });
         assert!(budget.used() <= budget.limit());
         assert_eq!(budget.used(), dev.allocated_bytes());
-        let mut out = Vec::new();
-        dev.extents(0, size, &mut out).unwrap();
-        let data: u64 = out
-            .iter()
-            .filter(|e| e.kind == ExtentKind::Data)
-            .map(|e| e.len)
-            .sum();
-        assert_eq!(data, dev.allocated_bytes());
+        assert_eq!(data_bytes(&dev), dev.allocated_bytes());
         dev.trim(0, size, false).unwrap();
         assert_eq!((dev.allocated_bytes(), budget.used()), (0, 0));
+    }
+
+    /// Bytes in data extents, over the whole disk.
+    fn data_bytes(dev: &MemoryDevice) -> u64 {
+        let mut out = Vec::new();
+        dev.extents(0, dev.size(), &mut out).unwrap();
+        out.iter()
+            .filter(|e| e.kind == ExtentKind::Data)
+            .map(|e| e.len)
+            .sum()
     }
 
     /// Checks that the counters agree with the bitmap, then that trimming
     /// everything returns them to zero.
     fn check_accounting(dev: &MemoryDevice, budget: Option<&Budget>) -> Result<(), TestCaseError> {
         let size = dev.size();
-        let mut out = Vec::new();
-        dev.extents(0, size, &mut out).unwrap();
-        let data: u64 = out
-            .iter()
-            .filter(|e| e.kind == ExtentKind::Data)
-            .map(|e| e.len)
-            .sum();
+        let data = data_bytes(dev);
         // The last block may reach past the end of the disk.
         let allocated = dev.allocated_bytes();
         prop_assert!(data <= allocated && allocated < data + dev.block_size());
