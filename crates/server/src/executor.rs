@@ -84,16 +84,21 @@ pub fn execute(
     scratch: &mut Scratch,
 ) -> io::Result<()> {
     let mark = out.buf.len();
+    let mut answer = Answer {
+        dev,
+        mode: cx.mode,
+        to,
+        out,
+        scratch,
+    };
     // READ and BLOCK_STATUS build their own replies; the rest answer "ok".
     let answers_itself = matches!(cmd, Command::Read { .. } | Command::BlockStatus { .. });
     let result = match cmd {
-        Command::Read { offset, len, df } => {
-            match read(dev, offset, len, df, cx.mode, to, out, scratch) {
-                Err(ReadError::Socket(e)) => return Err(e),
-                Err(ReadError::Storage(e)) => Err(e),
-                Ok(()) => Ok(()),
-            }
-        }
+        Command::Read { offset, len, df } => match answer.read(offset, len, df) {
+            Err(ReadError::Socket(e)) => return Err(e),
+            Err(ReadError::Storage(e)) => Err(e),
+            Ok(()) => Ok(()),
+        },
         Command::Write { offset, fua, .. } => dev.write(offset, payload, fua),
         Command::Flush => dev.flush(),
         Command::Trim { len: 0, .. }
@@ -118,16 +123,21 @@ pub fn execute(
             offset,
             len,
             req_one,
-        } => block_status(dev, offset, len, req_one, cx, to, out.buf, scratch),
+        } => match cx.base_allocation {
+            Some(context_id) => answer.block_status(offset, len, req_one, context_id),
+            // validate() refuses BLOCK_STATUS without a context already.
+            None => Err(io::Error::from_raw_os_error(Errno::Inval as i32)),
+        },
         // The connection handles DISC itself; it has no reply.
         Command::Disconnect => return Ok(()),
     };
+    let buf = &mut *answer.out.buf;
     match result {
-        Ok(()) if !answers_itself => reply::put_ok(out.buf, cx.mode, to),
+        Ok(()) if !answers_itself => reply::put_ok(buf, cx.mode, to),
         Ok(()) => {}
         Err(e) => {
-            out.buf.truncate(mark);
-            put_storage_error(out.buf, cx.mode, to, &e);
+            buf.truncate(mark);
+            put_storage_error(buf, cx.mode, to, &e);
         }
     }
     Ok(())
@@ -167,133 +177,124 @@ fn read_into(dev: &dyn BlockDevice, offset: u64, len: u32, out: &mut Vec<u8>) ->
     dev.read(offset, &mut out[start..])
 }
 
-/// One data chunk (or simple reply) for the whole range, sent straight from
-/// storage to the socket when it is large and storage allows, else gathered.
-#[allow(clippy::too_many_arguments)]
-fn read_one_chunk(
-    dev: &dyn BlockDevice,
-    offset: u64,
-    len: u32,
+/// One request being answered: the backend, how the reply is framed, and
+/// where it goes.
+struct Answer<'r, 'o> {
+    dev: &'r dyn BlockDevice,
     mode: ReplyMode,
     to: ReplyTo,
-    out: &mut Output,
-) -> Result<(), ReadError> {
-    let mark = out.buf.len();
-    reply::put_read_data(out.buf, mode, to, offset, len, true);
-    let Some(writer) = out.direct.filter(|_| len >= DIRECT_READ_MIN) else {
-        return Ok(read_into(dev, offset, len, out.buf)?);
-    };
-    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-    // Earlier gathered replies and this header go first, on the first slice:
-    // until then nothing is sent, so a storage error can still be answered.
-    let mut socket_error = None;
-    let mut pending = Some(&mut *out.buf);
-    let mut send = |bytes: &[u8]| {
-        let r = match pending.take() {
-            Some(head) => w.write_all(head).and_then(|_| w.write_all(bytes)),
-            None => w.write_all(bytes),
+    out: &'r mut Output<'o>,
+    scratch: &'r mut Scratch,
+}
+
+impl Answer<'_, '_> {
+    fn read(&mut self, offset: u64, len: u32, df: bool) -> Result<(), ReadError> {
+        let (mode, to) = (self.mode, self.to);
+        if len == 0 && mode != ReplyMode::Simple {
+            reply::put_ok(self.out.buf, mode, to);
+            return Ok(());
+        }
+        if mode == ReplyMode::Simple || df || len < HOLE_SCAN_MIN {
+            return self.read_one_chunk(offset, len);
+        }
+        let extents = &mut self.scratch.extents;
+        extents.clear();
+        self.dev.extents(offset, len as u64, extents)?;
+        if let [Extent {
+            kind: ExtentKind::Data,
+            ..
+        }] = extents[..]
+        {
+            return self.read_one_chunk(offset, len);
+        }
+        let mut at = offset;
+        let n = extents.len();
+        for (i, e) in extents.iter().enumerate() {
+            // Extents exactly cover the range, so each fits in the read's u32.
+            let elen = e.len as u32;
+            let last = i + 1 == n;
+            match e.kind {
+                ExtentKind::Hole => reply::put_read_hole(self.out.buf, mode, to, at, elen, last),
+                ExtentKind::Data => {
+                    reply::put_read_data(self.out.buf, mode, to, at, elen, last);
+                    read_into(self.dev, at, elen, self.out.buf)?;
+                }
+            }
+            at += e.len;
+        }
+        Ok(())
+    }
+
+    /// One data chunk (or simple reply) for the whole range, sent straight
+    /// from storage to the socket when it is large and storage allows, else
+    /// gathered.
+    fn read_one_chunk(&mut self, offset: u64, len: u32) -> Result<(), ReadError> {
+        let out = &mut *self.out;
+        let mark = out.buf.len();
+        reply::put_read_data(out.buf, self.mode, self.to, offset, len, true);
+        let Some(writer) = out.direct.filter(|_| len >= DIRECT_READ_MIN) else {
+            return Ok(read_into(self.dev, offset, len, out.buf)?);
         };
-        r.inspect_err(|e| socket_error = Some(io::Error::new(e.kind(), e.to_string())))
-    };
-    match dev.read_to(offset, len as usize, &mut send) {
-        None => {
+        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        // Earlier gathered replies and this header go first, on the first
+        // slice: until then nothing is sent, so a storage error can still be
+        // answered.
+        let mut socket_error = None;
+        let mut pending = Some(&mut *out.buf);
+        let mut send = |bytes: &[u8]| {
+            let r = match pending.take() {
+                Some(head) => w.write_all(head).and_then(|_| w.write_all(bytes)),
+                None => w.write_all(bytes),
+            };
+            r.inspect_err(|e| socket_error = Some(io::Error::new(e.kind(), e.to_string())))
+        };
+        let Some(result) = self.dev.read_to(offset, len as usize, &mut send) else {
             drop(w);
-            Ok(read_into(dev, offset, len, out.buf)?)
-        }
-        Some(result) => {
-            let started = pending.is_none();
-            drop(w);
-            match (result, socket_error) {
-                (_, Some(e)) => Err(ReadError::Socket(e)),
-                (Ok(()), None) => {
-                    out.buf.clear();
-                    Ok(())
-                }
-                (Err(e), None) if !started => {
-                    out.buf.truncate(mark);
-                    Err(ReadError::Storage(e))
-                }
-                (Err(e), None) => Err(ReadError::Socket(io::Error::new(
-                    e.kind(),
-                    format!("storage failed mid-reply: {e}"),
-                ))),
+            return Ok(read_into(self.dev, offset, len, out.buf)?);
+        };
+        let started = pending.is_none();
+        drop(w);
+        match (result, socket_error) {
+            (_, Some(e)) => Err(ReadError::Socket(e)),
+            (Ok(()), None) => {
+                out.buf.clear();
+                Ok(())
             }
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn read(
-    dev: &dyn BlockDevice,
-    offset: u64,
-    len: u32,
-    df: bool,
-    mode: ReplyMode,
-    to: ReplyTo,
-    out: &mut Output,
-    scratch: &mut Scratch,
-) -> Result<(), ReadError> {
-    if len == 0 && mode != ReplyMode::Simple {
-        reply::put_ok(out.buf, mode, to);
-        return Ok(());
-    }
-    if mode == ReplyMode::Simple || df || len < HOLE_SCAN_MIN {
-        return read_one_chunk(dev, offset, len, mode, to, out);
-    }
-    scratch.extents.clear();
-    dev.extents(offset, len as u64, &mut scratch.extents)?;
-    if let [Extent {
-        kind: ExtentKind::Data,
-        ..
-    }] = scratch.extents[..]
-    {
-        return read_one_chunk(dev, offset, len, mode, to, out);
-    }
-    let mut at = offset;
-    let n = scratch.extents.len();
-    for (i, e) in scratch.extents.iter().enumerate() {
-        // Extents exactly cover the range, so each fits in the read's u32.
-        let elen = e.len as u32;
-        let last = i + 1 == n;
-        match e.kind {
-            ExtentKind::Hole => reply::put_read_hole(out.buf, mode, to, at, elen, last),
-            ExtentKind::Data => {
-                reply::put_read_data(out.buf, mode, to, at, elen, last);
-                read_into(dev, at, elen, out.buf)?;
+            (Err(e), None) if !started => {
+                out.buf.truncate(mark);
+                Err(ReadError::Storage(e))
             }
+            (Err(e), None) => Err(ReadError::Socket(io::Error::new(
+                e.kind(),
+                format!("storage failed mid-reply: {e}"),
+            ))),
         }
-        at += e.len;
     }
-    Ok(())
-}
 
-#[allow(clippy::too_many_arguments)]
-fn block_status(
-    dev: &dyn BlockDevice,
-    offset: u64,
-    len: u64,
-    req_one: bool,
-    cx: ReplyContext,
-    to: ReplyTo,
-    out: &mut Vec<u8>,
-    scratch: &mut Scratch,
-) -> io::Result<()> {
-    let Some(context_id) = cx.base_allocation else {
-        return Err(io::Error::from_raw_os_error(Errno::Inval as i32));
-    };
-    scratch.extents.clear();
-    dev.extents(offset, len.min(MAX_STATUS_RANGE), &mut scratch.extents)?;
-    let keep = if req_one { 1 } else { MAX_DESCRIPTORS };
-    scratch.descriptors.clear();
-    scratch
-        .descriptors
-        .extend(scratch.extents.iter().take(keep).map(|e| Descriptor {
+    fn block_status(
+        &mut self,
+        offset: u64,
+        len: u64,
+        req_one: bool,
+        context_id: u32,
+    ) -> io::Result<()> {
+        let Scratch {
+            extents,
+            descriptors,
+        } = &mut *self.scratch;
+        extents.clear();
+        self.dev
+            .extents(offset, len.min(MAX_STATUS_RANGE), extents)?;
+        let keep = if req_one { 1 } else { MAX_DESCRIPTORS };
+        descriptors.clear();
+        descriptors.extend(extents.iter().take(keep).map(|e| Descriptor {
             len: e.len,
             status: match e.kind {
                 ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
                 ExtentKind::Data => 0,
             },
         }));
-    reply::put_block_status(out, cx.mode, to, context_id, &scratch.descriptors);
-    Ok(())
+        reply::put_block_status(self.out.buf, self.mode, self.to, context_id, descriptors);
+        Ok(())
+    }
 }
