@@ -265,7 +265,12 @@ fn transmission(
                     device: device.clone(),
                     writer: writer.clone(),
                     in_flight: in_flight.clone(),
-                    payload: payload.to_vec(),
+                    // A large payload's buffer moves to the job as it is.
+                    payload: if in_buffer {
+                        payload.to_vec()
+                    } else {
+                        std::mem::take(&mut big_payload)
+                    },
                 };
                 ctx.workers.submit(move || job.run(cmd, cx, to));
             }
