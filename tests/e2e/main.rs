@@ -6,6 +6,7 @@
 //! test with a message saying what to install, never skips it silently.
 
 mod bad_input;
+mod cli;
 mod fio;
 mod limits;
 mod nbdcopy;
