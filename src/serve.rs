@@ -11,7 +11,7 @@ use scratchd_server::{
     workers::WorkerPool, Exports, Listener, ServerContext, SingleExport, Transport,
 };
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tracing::{error, info};
+use tracing::info;
 
 use crate::backend::{open_backend, BackendError, Options};
 use crate::size::parse_size;
@@ -229,8 +229,9 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
     Ok((Arc::new(exports), may_block))
 }
 
+/// Reports a fatal error once, on stderr (where the logs go too), and
+/// returns the exit status for it.
 fn fail(message: String) -> i32 {
-    error!("{message}");
     eprintln!("scratchd: {message}");
     1
 }

@@ -56,3 +56,75 @@ fn unopenable_backend_exits_1() {
     let (code, stderr) = refused(&["file", &format!("path={}", dir.path().display())]);
     assert_eq!(code, 1, "a directory is not a disk; stderr: {stderr}");
 }
+
+/// Systemd socket activation: with `LISTEN_PID`/`LISTEN_FDS` naming a
+/// listening socket on fd 3, scratchd serves it and opens no listener of its
+/// own (so no TCP port 10809 either).
+#[test]
+fn serves_a_socket_passed_by_systemd() {
+    crate::util::require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("activated.sock");
+    // Python binds the socket, puts it on fd 3 and execs scratchd in its own
+    // process, so LISTEN_PID is scratchd's PID, as systemd would set it.
+    let launcher = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen()
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+os.execv(sys.argv[2], [sys.argv[2], "serve", "memory", "size=1M"])
+"#;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", launcher])
+        .arg(&sock)
+        .arg(crate::util::SCRATCHD)
+        .spawn()
+        .unwrap();
+    let mut info = None;
+    for _ in 0..100 {
+        let out = std::process::Command::new("nbdinfo")
+            .arg("--size")
+            .arg(format!("nbd+unix:///?socket={}", sock.display()))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            info = Some(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        info.as_deref(),
+        Some("1048576"),
+        "nbdinfo through the activated socket"
+    );
+}
+
+/// A LISTEN_FDS naming a descriptor that is not open is refused cleanly
+/// (exit 1 with a message), not a crash.
+#[test]
+fn socket_activation_with_a_closed_descriptor_is_an_error() {
+    let launcher = r#"
+import os, sys
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+os.closerange(3, 4)
+os.execv(sys.argv[1], [sys.argv[1], "serve", "memory", "size=1M"])
+"#;
+    let (code, out) = run_status(
+        std::process::Command::new("/usr/bin/python3")
+            .args(["-c", launcher])
+            .arg(crate::util::SCRATCHD),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 1, "stderr: {stderr}");
+    assert!(
+        stderr.contains("descriptor 3, which is not open"),
+        "{stderr}"
+    );
+}

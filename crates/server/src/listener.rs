@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,8 +84,16 @@ impl Listener {
         std::env::remove_var("LISTEN_FDNAMES");
         let mut out = Vec::new();
         for fd in 3..3 + count {
-            // SAFETY: systemd hands these descriptors to this process and
-            // nothing else in it has taken ownership of them.
+            // SAFETY: only asks whether `fd` is open; the borrow ends at once.
+            let open = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).is_ok();
+            if !open {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("LISTEN_FDS={count} names descriptor {fd}, which is not open"),
+                ));
+            }
+            // SAFETY: `fd` is open, systemd hands it to this process, and
+            // nothing else in it has taken ownership of it.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
             rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
             let local = rustix::net::getsockname(&owned)?;
