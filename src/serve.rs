@@ -224,7 +224,7 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
         read_only: args.readonly,
     };
     let config = tmpdisk::config(&args.params, limits, export)?;
-    let may_block = matches!(config.backing, scratchd_scratch::Backing::Dir(_));
+    let may_block = !matches!(config.backing, scratchd_scratch::Backing::Memory);
     let exports = scratchd_scratch::from_config(config).map_err(BackendError::Open)?;
     Ok((Arc::new(exports), may_block))
 }

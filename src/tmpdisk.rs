@@ -30,7 +30,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     (
         "backing",
-        "memory (default) or dir:PATH (unnamed sparse files in PATH)",
+        "memory (default), dir:PATH (unnamed sparse files in PATH), or memory,spill=dir:PATH (RAM, then files in PATH)",
     ),
     (
         "linger",
@@ -120,11 +120,15 @@ pub fn config(
     };
     let backing = match get("backing").unwrap_or("memory") {
         "memory" => Backing::Memory,
-        other => match other.strip_prefix("dir:") {
-            Some(dir) if !dir.is_empty() => Backing::Dir(PathBuf::from(dir)),
+        other => match (
+            other.strip_prefix("dir:"),
+            other.strip_prefix("memory,spill=dir:"),
+        ) {
+            (Some(dir), _) if !dir.is_empty() => Backing::Dir(PathBuf::from(dir)),
+            (_, Some(dir)) if !dir.is_empty() => Backing::MemorySpill(PathBuf::from(dir)),
             _ => {
                 return Err(usage(format!(
-                    "backing={other:?}: expected memory or dir:PATH"
+                    "backing={other:?}: expected memory, dir:PATH or memory,spill=dir:PATH"
                 )))
             }
         },
@@ -210,6 +214,8 @@ mod tests {
         assert_eq!((c.linger, c.pool), (Duration::from_millis(500), 2));
         assert_eq!(c.format.timeout, Duration::from_secs(120));
         assert_eq!(c.format.label.as_deref(), Some("L"));
+        let c = parse(&["1M", "backing=memory,spill=dir:/var/tmp"]).unwrap();
+        assert_eq!(c.backing, Backing::MemorySpill("/var/tmp".into()));
     }
 
     #[test]
@@ -226,6 +232,8 @@ mod tests {
         assert!(parse(&["size=1M", "size=2M"]).is_err());
         assert!(parse(&["type=ext4"]).is_err());
         assert!(parse(&["1M", "backing=disk"]).is_err());
+        assert!(parse(&["1M", "backing=memory,spill=dir:"]).is_err());
+        assert!(parse(&["1M", "backing=memory,spill=/tmp"]).is_err());
         assert!(parse(&["1M", "type=../x"]).is_err());
         assert!(parse(&["1M", "linger=forever"]).is_err());
     }

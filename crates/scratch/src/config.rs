@@ -19,6 +19,10 @@ pub enum Backing {
     /// In an unnamed sparse file under this directory (`O_TMPFILE`), charged
     /// to the disk budget (`--disk-limit`) when there is one.
     Dir(PathBuf),
+    /// In RAM until the memory budget is reached, then in an unnamed sparse
+    /// file under this directory (`backing=memory,spill=dir:PATH`); the file
+    /// part is charged to the disk budget when there is one.
+    MemorySpill(PathBuf),
 }
 
 /// How a new disk is formatted.

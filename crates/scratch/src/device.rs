@@ -4,8 +4,8 @@
 //! A scratch disk is thrown away with its build, so durability is wasted
 //! work: FLUSH succeeds at once and FUA is stripped before the store sees a
 //! write (both are counted). Everything else is delegated to the store, a
-//! [`MemoryDevice`] or a [`FileDevice`], through a two-armed `match` rather
-//! than a trait object, and counted in relaxed atomics.
+//! [`MemoryDevice`], a [`FileDevice`] or a [`SpillDevice`] (both), through a
+//! `match` rather than a trait object, and counted in relaxed atomics.
 //!
 //! # Disk budget
 //!
@@ -28,6 +28,7 @@ use scratchd_store::{
     BlockDevice, Capabilities, Extent, ExtentKind, FileDevice, MemoryDevice, ZeroFlags,
 };
 
+use crate::spill::SpillDevice;
 use crate::stats::{Stats, StatsSnapshot};
 
 /// Reservations are made in units of this many bytes.
@@ -44,6 +45,7 @@ pub struct ScratchDevice {
 enum Store {
     Memory(MemoryDevice),
     File(BudgetedFile),
+    Spill(SpillDevice),
 }
 
 /// Runs `$body` with `$dev` bound to the store as a `&dyn`-free reference.
@@ -52,6 +54,7 @@ macro_rules! delegate {
         match &$self.store {
             Store::Memory($dev) => $body,
             Store::File($dev) => $body,
+            Store::Spill($dev) => $body,
         }
     };
 }
@@ -67,6 +70,11 @@ impl ScratchDevice {
         Self::with_store(Store::File(dev))
     }
 
+    /// A disk in memory that spills to a file.
+    pub(crate) fn spill(dev: SpillDevice) -> Self {
+        Self::with_store(Store::Spill(dev))
+    }
+
     fn with_store(store: Store) -> Self {
         ScratchDevice {
             store,
@@ -79,6 +87,7 @@ impl ScratchDevice {
         match &self.store {
             Store::Memory(dev) => dev.allocated_bytes(),
             Store::File(dev) => dev.allocated(),
+            Store::Spill(dev) => dev.allocated_bytes(),
         }
     }
 

@@ -12,6 +12,10 @@
 //! - `backing=dir:PATH`: an unnamed file (`O_TMPFILE`, or on file systems
 //!   without it a random name unlinked at once) is sized, formatted, and
 //!   served by a [`FileDevice`] opened through `/proc/self/fd`.
+//! - `backing=memory,spill=dir:PATH`: a budgeted [`MemoryDevice`] and such
+//!   an unnamed file of the same size, joined in a [`SpillDevice`]; the
+//!   memfd is formatted and loaded as for `memory`, so what the budget does
+//!   not hold of the file system's metadata already lands in the file.
 //!
 //! [`DiskFactory`] is what the registry and the pool see, so tests can swap
 //! in a fast fake.
@@ -30,6 +34,7 @@ use scratchd_store::{BlockDevice, Capabilities, FileDevice, MemoryDevice};
 
 use crate::device::{scratch_capabilities, BudgetedFile, ScratchDevice};
 use crate::format::Format;
+use crate::spill::SpillDevice;
 
 /// Makes new, formatted disks.
 pub trait DiskFactory: Send + Sync {
@@ -48,6 +53,12 @@ pub enum Store {
         path: PathBuf,
         budget: Option<Arc<Budget>>,
     },
+    /// RAM charged to `memory`, then a file in `path` charged to `disk`.
+    Spill {
+        path: PathBuf,
+        memory: Arc<Budget>,
+        disk: Option<Arc<Budget>>,
+    },
 }
 
 /// The real [`DiskFactory`]: a store and a formatter.
@@ -64,29 +75,80 @@ impl Maker {
         match &self.store {
             Store::Memory(_) => MemoryDevice::new(self.size).map(drop),
             Store::Dir { path, .. } => tempfile::tempfile_in(path).map(drop),
+            Store::Spill { path, .. } => {
+                MemoryDevice::new(self.size)?;
+                tempfile::tempfile_in(path).map(drop)
+            }
         }
+    }
+
+    /// A sparse unnamed file of the disk's size in `path`, and a path to
+    /// open it by.
+    fn unnamed_file(&self, path: &Path) -> Result<(File, PathBuf), String> {
+        let inode = tempfile::tempfile_in(path)
+            .map_err(|e| format!("cannot create a file in {}: {e}", path.display()))?;
+        inode
+            .set_len(self.size)
+            .map_err(|e| format!("cannot size the disk file: {e}"))?;
+        let fd_path = proc_path(&inode);
+        Ok((inode, fd_path))
+    }
+
+    /// Formats a memfd and loads it into `dev`; `no_space` says why the load
+    /// failed with `ENOSPC`.
+    fn format_into(
+        &self,
+        dev: &dyn BlockDevice,
+        no_space: impl FnOnce() -> String,
+    ) -> Result<(), String> {
+        if self.format.is_blank() {
+            return Ok(());
+        }
+        let memfd = memfd_create("scratchd-disk", MemfdFlags::CLOEXEC)
+            .map(File::from)
+            .map_err(|e| format!("memfd_create: {e}"))?;
+        memfd
+            .set_len(self.size)
+            .map_err(|e| format!("cannot size the memfd: {e}"))?;
+        self.format.format(&proc_path(&memfd), self.size)?;
+        import(&memfd, dev).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOSPC) => no_space(),
+            _ => format!("cannot load the formatted disk: {e}"),
+        })
+    }
+
+    fn create_spilling(
+        &self,
+        path: &Path,
+        memory: &Arc<Budget>,
+        disk: &Option<Arc<Budget>>,
+    ) -> Result<ScratchDevice, String> {
+        let (inode, fd_path) = self.unnamed_file(path)?;
+        let file = FileDevice::open(&fd_path, false)
+            .map_err(|e| format!("cannot reopen the disk file: {e}"))?;
+        let file = BudgetedFile::new(file, inode, disk.clone()).map_err(|e| e.to_string())?;
+        let mem = MemoryDevice::with_budget(self.size, memory.clone())
+            .map_err(|e| format!("cannot create a {}-byte memory disk: {e}", self.size))?;
+        let dev = SpillDevice::new(mem, memory.clone(), file).map_err(|e| e.to_string())?;
+        self.format_into(&dev, || {
+            format!(
+                "no space for the formatted disk: the memory budget is full and the spill file in {} refused the rest",
+                path.display()
+            )
+        })?;
+        Ok(ScratchDevice::spill(dev))
     }
 
     fn create_in_memory(&self, budget: &Arc<Budget>) -> Result<ScratchDevice, String> {
         let dev = MemoryDevice::with_budget(self.size, budget.clone())
             .map_err(|e| format!("cannot create a {}-byte memory disk: {e}", self.size))?;
-        if !self.format.is_blank() {
-            let memfd = memfd_create("scratchd-disk", MemfdFlags::CLOEXEC)
-                .map(File::from)
-                .map_err(|e| format!("memfd_create: {e}"))?;
-            memfd
-                .set_len(self.size)
-                .map_err(|e| format!("cannot size the memfd: {e}"))?;
-            self.format.format(&proc_path(&memfd), self.size)?;
-            import(&memfd, &dev).map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOSPC) => format!(
-                    "the memory budget is exhausted ({} of {} bytes in use)",
-                    budget.used(),
-                    budget.limit()
-                ),
-                _ => format!("cannot load the formatted disk: {e}"),
-            })?;
-        }
+        self.format_into(&dev, || {
+            format!(
+                "the memory budget is exhausted ({} of {} bytes in use)",
+                budget.used(),
+                budget.limit()
+            )
+        })?;
         Ok(ScratchDevice::memory(dev))
     }
 
@@ -95,12 +157,7 @@ impl Maker {
         path: &Path,
         budget: &Option<Arc<Budget>>,
     ) -> Result<ScratchDevice, String> {
-        let inode = tempfile::tempfile_in(path)
-            .map_err(|e| format!("cannot create a file in {}: {e}", path.display()))?;
-        inode
-            .set_len(self.size)
-            .map_err(|e| format!("cannot size the disk file: {e}"))?;
-        let fd_path = proc_path(&inode);
+        let (inode, fd_path) = self.unnamed_file(path)?;
         self.format.format(&fd_path, self.size)?;
         let dev = FileDevice::open(&fd_path, false)
             .map_err(|e| format!("cannot reopen the disk file: {e}"))?;
@@ -118,6 +175,7 @@ impl DiskFactory for Maker {
         match &self.store {
             Store::Memory(budget) => self.create_in_memory(budget),
             Store::Dir { path, budget } => self.create_in_dir(path, budget),
+            Store::Spill { path, memory, disk } => self.create_spilling(path, memory, disk),
         }
     }
 
@@ -131,6 +189,15 @@ impl DiskFactory for Maker {
             Store::Dir { path, .. } => tempfile::tempfile_in(path)
                 .and_then(|f| FileDevice::open(&proc_path(&f), false))
                 .map(|d| d.capabilities()),
+            // What a SpillDevice always offers.
+            Store::Spill { .. } => Ok(Capabilities {
+                read_only: false,
+                durable_flush: false,
+                trim: true,
+                fast_zero: true,
+                multi_conn: true,
+                may_block: true,
+            }),
         };
         // A failed probe is answered with what the store normally offers;
         // creating the disk will report the real problem.
@@ -140,7 +207,7 @@ impl DiskFactory for Maker {
             trim: true,
             fast_zero: true,
             multi_conn: true,
-            may_block: matches!(self.store, Store::Dir { .. }),
+            may_block: !matches!(self.store, Store::Memory(_)),
         }))
     }
 }
@@ -155,7 +222,7 @@ pub(crate) fn proc_path(file: &File) -> PathBuf {
 }
 
 /// Copies the data extents of `file` into `dev`, skipping all-zero blocks.
-fn import(file: &File, dev: &MemoryDevice) -> io::Result<()> {
+fn import(file: &File, dev: &dyn BlockDevice) -> io::Result<()> {
     const CHUNK: u64 = 1 << 20;
     const BLOCK: usize = 4096;
     let size = dev.size();
@@ -235,13 +302,19 @@ mod tests {
     }
 
     #[test]
-    fn mkfs_ext4_makes_a_filesystem_in_memory_and_in_a_dir() {
+    fn mkfs_ext4_makes_a_filesystem_in_memory_in_a_dir_and_spilling() {
         let dir = tempfile::tempdir().unwrap();
         for store in [
             Store::Memory(Arc::new(Budget::new(u64::MAX))),
             Store::Dir {
                 path: dir.path().to_owned(),
                 budget: None,
+            },
+            // A budget far smaller than the metadata: most of it spills.
+            Store::Spill {
+                path: dir.path().to_owned(),
+                memory: Arc::new(Budget::new(64 << 10)),
+                disk: None,
             },
         ] {
             let maker = Maker {

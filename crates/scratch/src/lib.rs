@@ -14,6 +14,7 @@
 //! - [`registry`]: [`ScratchExports`], the name → disk map and its lifecycle.
 //! - [`disk`]: making a disk (memfd or `O_TMPFILE`, format, load).
 //! - [`format`]: running mkfs or the format command under a timeout.
+//! - [`spill`]: [`spill::SpillDevice`], RAM first, then an unnamed file.
 //! - [`device`]: [`ScratchDevice`], stats and the disk budget of files.
 //! - `pool`: formatted disks kept ready.
 //! - [`stats`]: per-disk counters.
@@ -31,6 +32,7 @@ pub mod format;
 pub mod names;
 mod pool;
 pub mod registry;
+pub mod spill;
 pub mod stats;
 
 pub use config::{Backing, Config, FormatKind, FormatSpec};
@@ -51,6 +53,11 @@ pub fn from_config(config: Config) -> Result<ScratchExports, String> {
             path: path.clone(),
             budget: config.disk_limit.map(|limit| Arc::new(Budget::new(limit))),
         },
+        Backing::MemorySpill(path) => disk::Store::Spill {
+            path: path.clone(),
+            memory: Arc::new(Budget::new(config.memory_limit)),
+            disk: config.disk_limit.map(|limit| Arc::new(Budget::new(limit))),
+        },
     };
     let maker = disk::Maker {
         size: config.size,
@@ -61,6 +68,10 @@ pub fn from_config(config: Config) -> Result<ScratchExports, String> {
         Backing::Memory => format!("cannot make a {}-byte memory disk: {e}", config.size),
         Backing::Dir(path) => format!(
             "backing=dir:{}: cannot create files there: {e}",
+            path.display()
+        ),
+        Backing::MemorySpill(path) => format!(
+            "backing=memory,spill=dir:{}: cannot create files there: {e}",
             path.display()
         ),
     })?;

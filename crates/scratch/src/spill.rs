@@ -1,0 +1,486 @@
+//! `backing=memory,spill=dir:PATH`: a disk in RAM until the memory budget is
+//! reached, then in an unnamed sparse file.
+//!
+//! A [`SpillDevice`] is a budgeted [`MemoryDevice`] and a [`BudgetedFile`]
+//! (`O_TMPFILE` under PATH) of the same size, plus one "spilled" bit per
+//! memory block (4 KiB, or the page size where larger) saying which of the
+//! two holds the block. Two invariants make the bit the whole truth:
+//!
+//! - a block that is not spilled reads as zeros in the file;
+//! - a spilled block holds no memory (it is unallocated in the memory
+//!   device).
+//!
+//! A write (or a `NO_HOLE` zeroing) goes to the file for spilled blocks and
+//! to memory for the others. When memory refuses with `ENOSPC` (which it does
+//! before changing anything), the blocks of that run that already hold
+//! memory are written there (that needs no more budget); of the rest —
+//! unallocated, so zeros on both sides — as many whole blocks as the budget
+//! still has room for go to memory, and the others are marked spilled and
+//! written to the file. A trim or a zeroing that may trim punches both sides and clears
+//! the bits of whole spilled blocks, so later writes try RAM first again.
+//!
+//! Nothing takes a lock. Bits only change with `fetch_or` / `fetch_and`.
+//! As in the memory device, concurrent requests on the same bytes have an
+//! unspecified outcome; in addition, two concurrent writes to *different*
+//! bytes of one block that is just being spilled may lose the one that went
+//! to memory (it lands in a block whose bit already points at the file).
+//! Clients writing whole 4 KiB blocks (file systems with 4 KiB blocks, the
+//! kernel's page cache) never do that.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use scratchd_store::memory::Budget;
+
+use scratchd_store::{BlockDevice, Capabilities, Extent, ExtentKind, MemoryDevice, ZeroFlags};
+
+use crate::device::BudgetedFile;
+
+/// RAM first, then an unnamed file (see the [module documentation](self)).
+#[derive(Debug)]
+pub struct SpillDevice {
+    mem: MemoryDevice,
+    file: BudgetedFile,
+    /// One bit per block: set when the block lives in the file.
+    spilled: Box<[AtomicU64]>,
+    block_shift: u32,
+    /// The memory device's budget, to fill what is left of it first.
+    budget: Arc<Budget>,
+}
+
+fn enospc(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+/// Appends `e` to `out`, merging it with the last extent from index `first`
+/// on when of the same kind.
+fn push_merged(out: &mut Vec<Extent>, first: usize, e: Extent) {
+    if e.len == 0 {
+        return;
+    }
+    if out.len() > first {
+        if let Some(last) = out.last_mut().filter(|l| l.kind == e.kind) {
+            last.len += e.len;
+            return;
+        }
+    }
+    out.push(e);
+}
+
+/// Calls `f(word index, mask)` for the bits of blocks `[first, end)`.
+fn for_words(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
+    let mut b = first;
+    while b < end {
+        let w = b / 64;
+        let lo = b % 64;
+        let hi = (end - w * 64).min(64);
+        let n = hi - lo;
+        let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << lo };
+        f(w as usize, mask);
+        b = w * 64 + hi;
+    }
+}
+
+impl SpillDevice {
+    /// Joins `mem`, charged to `budget`, and `file`, which must have the
+    /// same size; nothing is spilled yet, so the file must read as zeros.
+    pub(crate) fn new(
+        mem: MemoryDevice,
+        budget: Arc<Budget>,
+        file: BudgetedFile,
+    ) -> io::Result<Self> {
+        if mem.size() != file.size() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "memory and spill file differ in size",
+            ));
+        }
+        let block_shift = mem.block_size().trailing_zeros();
+        let blocks = mem.size().div_ceil(mem.block_size());
+        let words = usize::try_from(blocks.div_ceil(64))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        Ok(Self {
+            mem,
+            file,
+            spilled: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            block_shift,
+            budget,
+        })
+    }
+
+    /// Bytes of RAM held.
+    pub fn memory_bytes(&self) -> u64 {
+        self.mem.allocated_bytes()
+    }
+
+    /// Bytes the file system allocated to the spill file.
+    pub fn file_bytes(&self) -> u64 {
+        self.file.allocated()
+    }
+
+    /// RAM plus file space held.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.memory_bytes() + self.file_bytes()
+    }
+
+    fn block_of(&self, offset: u64) -> u64 {
+        offset >> self.block_shift
+    }
+
+    fn block_after(&self, offset: u64) -> u64 {
+        offset.div_ceil(1 << self.block_shift)
+    }
+
+    fn block_start(&self, block: u64) -> u64 {
+        block << self.block_shift
+    }
+
+    fn mark(&self, first: u64, end: u64) {
+        for_words(first, end, |w, mask| {
+            self.spilled[w].fetch_or(mask, Ordering::AcqRel);
+        });
+    }
+
+    fn unmark(&self, first: u64, end: u64) {
+        for_words(first, end, |w, mask| {
+            if self.spilled[w].load(Ordering::Relaxed) & mask != 0 {
+                self.spilled[w].fetch_and(!mask, Ordering::AcqRel);
+            }
+        });
+    }
+
+    /// Whether `block` is spilled, and the first block in `(block, end]`
+    /// whose state differs (or `end`).
+    fn run(&self, block: u64, end: u64) -> (bool, u64) {
+        let word = |b: u64| self.spilled[(b / 64) as usize].load(Ordering::Acquire);
+        let state = word(block) >> (block % 64) & 1 == 1;
+        let mut b = block;
+        while b < end {
+            let raw = word(b);
+            let differs = if state { !raw } else { raw } >> (b % 64);
+            if differs != 0 {
+                return (state, (b + u64::from(differs.trailing_zeros())).min(end));
+            }
+            b = (b / 64 + 1) * 64;
+        }
+        (state, end)
+    }
+
+    /// Maximal runs of `[start, end)` with one spilled state:
+    /// `(run start, run end, spilled)`.
+    fn runs(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
+        let end_block = self.block_after(end);
+        let mut pos = start;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let (spilled, run_end) = self.run(self.block_of(pos), end_block);
+            let stop = self.block_start(run_end).min(end);
+            let run = (pos, stop, spilled);
+            pos = stop;
+            Some(run)
+        })
+    }
+
+    /// Stores `[offset, end)`: `mem(start, stop)` for blocks kept in RAM,
+    /// `file(start, stop)` for spilled ones, spilling what memory refuses.
+    fn place(
+        &self,
+        offset: u64,
+        end: u64,
+        mem: impl Fn(u64, u64) -> io::Result<()>,
+        file: impl Fn(u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        for (start, stop, spilled) in self.runs(offset, end) {
+            if spilled {
+                file(start, stop)?;
+                continue;
+            }
+            match mem(start, stop) {
+                Err(e) if enospc(&e) => {}
+                other => {
+                    other?;
+                    continue;
+                }
+            }
+            // Memory is full: blocks that hold memory stay there, the
+            // others (zeros in memory and in the file) move to the file.
+            let mut held = Vec::new();
+            self.mem.extents(start, stop - start, &mut held)?;
+            let mut pos = start;
+            for e in held {
+                let next = pos + e.len;
+                match e.kind {
+                    ExtentKind::Data => mem(pos, next)?,
+                    ExtentKind::Hole => {
+                        // What is left of the budget is filled first.
+                        let room = self.budget.limit().saturating_sub(self.budget.used());
+                        let split = self
+                            .block_start(self.block_of(pos) + (room >> self.block_shift))
+                            .clamp(pos, next);
+                        let mut rest = pos;
+                        if split > pos {
+                            match mem(pos, split) {
+                                Ok(()) => rest = split,
+                                Err(e) if enospc(&e) => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        if rest < next {
+                            self.mark(self.block_of(rest), self.block_after(next));
+                            file(rest, next)?;
+                        }
+                    }
+                }
+                pos = next;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, end)` read as zeros, freeing what can be freed, and
+    /// brings whole spilled blocks back to RAM (for later writes).
+    fn punch(&self, offset: u64, end: u64, fast: bool) -> io::Result<()> {
+        let flags = ZeroFlags {
+            may_trim: true,
+            fast,
+        };
+        for (start, stop, spilled) in self.runs(offset, end) {
+            if !spilled {
+                self.mem.zero(start, stop - start, flags, false)?;
+                continue;
+            }
+            self.file.zero(start, stop - start, flags, false)?;
+            // The file now reads zeros here and memory holds nothing.
+            let last = if stop == self.size() {
+                self.block_after(stop)
+            } else {
+                self.block_of(stop)
+            };
+            let first = self.block_after(start);
+            if first < last {
+                self.unmark(first, last);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for SpillDevice {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: false,
+            durable_flush: false,
+            trim: true,
+            fast_zero: true,
+            multi_conn: true,
+            may_block: true,
+        }
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = check_range(self.size(), offset, buf.len() as u64)?;
+        for (start, stop, spilled) in self.runs(offset, end) {
+            let chunk = &mut buf[(start - offset) as usize..(stop - offset) as usize];
+            if spilled {
+                self.file.read(start, chunk)?;
+            } else {
+                self.mem.read(start, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
+        let end = check_range(self.size(), offset, data.len() as u64)?;
+        let part =
+            |start: u64, stop: u64| &data[(start - offset) as usize..(stop - offset) as usize];
+        self.place(
+            offset,
+            end,
+            |start, stop| self.mem.write(start, part(start, stop), false),
+            |start, stop| self.file.write(start, part(start, stop), false),
+        )
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64, _fua: bool) -> io::Result<()> {
+        let end = check_range(self.size(), offset, len)?;
+        self.punch(offset, end, false)
+    }
+
+    fn zero(&self, offset: u64, len: u64, flags: ZeroFlags, _fua: bool) -> io::Result<()> {
+        let end = check_range(self.size(), offset, len)?;
+        if flags.may_trim {
+            return self.punch(offset, end, flags.fast);
+        }
+        self.place(
+            offset,
+            end,
+            |start, stop| self.mem.zero(start, stop - start, flags, false),
+            |start, stop| self.file.zero(start, stop - start, flags, false),
+        )
+    }
+
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> io::Result<()> {
+        let end = check_range(self.size(), offset, len)?;
+        let first = out.len();
+        let mut part = Vec::new();
+        for (start, stop, spilled) in self.runs(offset, end) {
+            part.clear();
+            if spilled {
+                self.file.extents(start, stop - start, &mut part)?;
+            } else {
+                self.mem.extents(start, stop - start, &mut part)?;
+            }
+            for e in &part {
+                push_merged(out, first, *e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `offset + len`, or `EINVAL` past the end of a device of `size` bytes.
+fn check_range(size: u64, offset: u64, len: u64) -> io::Result<u64> {
+    offset
+        .checked_add(len)
+        .filter(|&end| end <= size)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use scratchd_store::FileDevice;
+
+    use super::*;
+    use crate::disk::proc_path;
+
+    /// A spill device of `size` bytes with a memory budget of `limit`, its
+    /// file in `dir`.
+    fn device(dir: &std::path::Path, size: u64, limit: u64) -> (SpillDevice, Arc<Budget>) {
+        let budget = Arc::new(Budget::new(limit));
+        let inode = tempfile::tempfile_in(dir).unwrap();
+        inode.set_len(size).unwrap();
+        let file = FileDevice::open(&proc_path(&inode), false).unwrap();
+        let file = BudgetedFile::new(file, inode, None).unwrap();
+        let mem = MemoryDevice::with_budget(size, budget.clone()).unwrap();
+        (SpillDevice::new(mem, budget.clone(), file).unwrap(), budget)
+    }
+
+    #[test]
+    fn writes_past_the_budget_land_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dev, budget) = device(dir.path(), 1 << 20, 64 << 10);
+        let data: Vec<u8> = (0..256 << 10).map(|i| (i % 251) as u8).collect();
+        dev.write(4096, &data, false).unwrap();
+        assert_eq!(budget.used(), budget.limit());
+        assert_eq!(dev.memory_bytes(), 64 << 10);
+        assert!(dev.file_bytes() > 0, "nothing allocated in the file");
+        let mut back = vec![0; data.len()];
+        dev.read(4096, &mut back).unwrap();
+        assert_eq!(back, data);
+        // A trim of everything gives the memory back and brings the blocks
+        // home: the next write goes to RAM.
+        dev.trim(0, 1 << 20, false).unwrap();
+        assert_eq!(budget.used(), 0);
+        dev.write(0, &[7; 4096], false).unwrap();
+        assert_eq!(budget.used(), 4096);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(u64, usize, u8),
+        Read(u64, usize),
+        Trim(u64, u64),
+        Zero(u64, u64, bool),
+        Extents(u64, u64),
+    }
+
+    const SIZE: u64 = 256 << 10;
+
+    fn range() -> impl Strategy<Value = (u64, u64)> {
+        (0..SIZE).prop_flat_map(|off| (Just(off), 0..=(SIZE - off).min(40 << 10)))
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (range(), any::<u8>()).prop_map(|((o, l), b)| Op::Write(o, l as usize, b)),
+            2 => range().prop_map(|(o, l)| Op::Read(o, l as usize)),
+            1 => range().prop_map(|(o, l)| Op::Trim(o, l)),
+            1 => (range(), any::<bool>()).prop_map(|((o, l), t)| Op::Zero(o, l, t)),
+            1 => range().prop_map(|(o, l)| Op::Extents(o, l)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn behaves_like_a_byte_array(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let (dev, budget) = device(dir.path(), SIZE, 32 << 10);
+            let mut model = vec![0u8; SIZE as usize];
+            for op in ops {
+                match op {
+                    Op::Write(o, l, b) => {
+                        let data: Vec<u8> = (0..l).map(|i| b.wrapping_add(i as u8) | 1).collect();
+                        dev.write(o, &data, false).unwrap();
+                        model[o as usize..o as usize + l].copy_from_slice(&data);
+                    }
+                    Op::Read(o, l) => {
+                        let mut buf = vec![0xAA; l];
+                        dev.read(o, &mut buf).unwrap();
+                        prop_assert_eq!(&buf[..], &model[o as usize..o as usize + l]);
+                    }
+                    Op::Trim(o, l) | Op::Zero(o, l, true) => {
+                        if matches!(op, Op::Trim(..)) {
+                            dev.trim(o, l, false).unwrap();
+                        } else {
+                            dev.zero(o, l, ZeroFlags { may_trim: true, fast: false }, false).unwrap();
+                        }
+                        model[o as usize..(o + l) as usize].fill(0);
+                    }
+                    Op::Zero(o, l, false) => {
+                        dev.zero(o, l, ZeroFlags::default(), false).unwrap();
+                        model[o as usize..(o + l) as usize].fill(0);
+                    }
+                    Op::Extents(o, l) => {
+                        let mut out = vec![Extent { len: 1, kind: ExtentKind::Data }];
+                        dev.extents(o, l, &mut out).unwrap();
+                        prop_assert_eq!(out.iter().skip(1).map(|e| e.len).sum::<u64>(), l);
+                        let mut at = o;
+                        for pair in out[1..].windows(2) {
+                            prop_assert!(pair[0].kind != pair[1].kind, "unmerged {:?}", out);
+                        }
+                        for e in &out[1..] {
+                            prop_assert!(e.len > 0);
+                            if e.kind == ExtentKind::Hole {
+                                let hole = &model[at as usize..(at + e.len) as usize];
+                                prop_assert!(hole.iter().all(|&b| b == 0), "hole with data at {}", at);
+                            }
+                            at += e.len;
+                        }
+                    }
+                }
+                prop_assert!(budget.used() <= budget.limit());
+            }
+            let mut all = vec![0; SIZE as usize];
+            dev.read(0, &mut all).unwrap();
+            prop_assert!(all == model, "final contents differ");
+            dev.trim(0, SIZE, false).unwrap();
+            prop_assert_eq!(budget.used(), 0);
+            prop_assert!(dev.spilled.iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        }
+    }
+}
