@@ -65,7 +65,7 @@ pub struct ServeArgs {
     /// Accepted for nbdkit compatibility: scratchd always stays in the foreground.
     #[arg(short = 'f', long)]
     foreground: bool,
-    /// Worker threads for backends that may block (file).
+    /// Worker threads for backends that may block (file; tmpdisk with dir: or spill=).
     #[arg(long, value_name = "N", default_value_t = 16)]
     threads: usize,
     /// More log output (-v info, -vv debug, -vvv trace).
