@@ -5,13 +5,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::Args;
 use scratchd_server::{
-    workers::WorkerPool, Exports, Listener, ServerContext, SingleExport, Transport,
+    shutdown::Shutdown, workers::WorkerPool, Exports, Listener, ServerContext, SingleExport,
+    Transport,
 };
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::backend::{open_backend, BackendError, Options};
 use crate::size::parse_size;
@@ -21,6 +23,8 @@ use scratchd_scratch::config::default_memory_limit;
 /// Exit status for bad usage, as clap uses.
 const EXIT_USAGE: i32 = 2;
 const DEFAULT_PORT: u16 = 10809;
+/// How long a stopping server waits for connections to finish their requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -134,7 +138,11 @@ pub fn main(args: ServeArgs) -> i32 {
         Ok(w) => w,
         Err(e) => return fail(format!("cannot start worker threads: {e}")),
     };
-    let ctx = Arc::new(ServerContext { exports, workers });
+    let ctx = Arc::new(ServerContext {
+        exports,
+        workers,
+        shutdown: Shutdown::default(),
+    });
     if args.exit_with_parent {
         if let Err(e) = exit_with_parent() {
             return fail(format!("--exit-with-parent: {e}"));
@@ -163,7 +171,7 @@ pub fn main(args: ServeArgs) -> i32 {
             }
             match &args.run {
                 Some(cmd) => run_captive(cmd, &env, &cleanup),
-                None => wait_for_signal(),
+                None => serve_until_signal(&ctx, &cleanup),
             }
         }
     };
@@ -345,16 +353,27 @@ fn exit_with_parent() -> std::io::Result<()> {
     Ok(())
 }
 
-fn wait_for_signal() -> i32 {
-    match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
-        Ok(mut signals) => {
-            if let Some(sig) = signals.forever().next() {
-                info!(signal = sig, "shutting down");
-            }
-            0
-        }
-        Err(e) => fail(format!("cannot install signal handlers: {e}")),
+/// Serves until SIGINT, SIGTERM or SIGHUP, then stops gracefully: the
+/// socket files go first (no new clients), every connection stops reading,
+/// requests already received are answered, and connections close; those
+/// still open after [`SHUTDOWN_GRACE`] are cut off.
+fn serve_until_signal(ctx: &ServerContext, cleanup: &Mutex<Cleanup>) -> i32 {
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot install signal handlers: {e}")),
+    };
+    if let Some(sig) = signals.forever().next() {
+        info!(signal = sig, "shutting down");
     }
+    cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
+    let left = ctx.shutdown.begin(SHUTDOWN_GRACE);
+    if left > 0 {
+        warn!(
+            connections = left,
+            "still open at the shutdown deadline; closing them"
+        );
+    }
+    0
 }
 
 /// Runs the captive command; the server ends when it does, with its status.

@@ -14,6 +14,7 @@ mod nbdinfo;
 mod nbdsh;
 mod ordering;
 mod qemu;
+mod shutdown;
 mod tmpdisk;
 mod util;
 mod wire;

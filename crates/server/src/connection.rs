@@ -10,6 +10,7 @@
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 
+use scratchd_proto::consts::OptError;
 use scratchd_proto::handshake::{self, ClientFlags, OptionHeader, PayloadPlan, OPTION_HEADER_LEN};
 use scratchd_proto::negotiation::{Negotiator, Opened, Session, Step};
 use scratchd_proto::reply::{self, ReplyTo};
@@ -44,6 +45,13 @@ const KEEP_BUFFER: usize = 2 * 1024 * 1024;
 pub fn serve(transport: Transport, ctx: &ServerContext) {
     let peer = transport.peer.clone();
     debug!(%peer, "connection opened");
+    let registration = match transport.control.try_clone() {
+        Ok(control) => ctx.shutdown.register(control),
+        Err(e) => {
+            info!(%peer, error = %e, "connection dropped");
+            return;
+        }
+    };
     match run(transport, ctx) {
         Ok(()) => debug!(%peer, "connection closed"),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -51,22 +59,23 @@ pub fn serve(transport: Transport, ctx: &ServerContext) {
         }
         Err(e) => info!(%peer, error = %e, "connection ended"),
     }
+    drop(registration);
 }
 
 fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     let Transport {
         reader,
         mut writer,
-        set_read_timeout,
+        control,
         ..
     } = transport;
     let mut input = Input::new(reader);
-    set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let Some((session, export)) = handshake(&mut input, &mut writer, ctx)? else {
         return Ok(());
     };
     // Clients may stay idle for as long as they like once connected.
-    set_read_timeout(None)?;
+    control.set_read_timeout(None)?;
     info!(export = %session.export.name, mode = ?session.mode, "transmission started");
     transmission(input, writer, session, export, ctx)
 }
@@ -96,7 +105,7 @@ fn handshake(
                 handshake::put_option_error(
                     &mut out,
                     header.option,
-                    scratchd_proto::consts::OptError::TooBig,
+                    OptError::TooBig,
                     "option data is too long",
                 );
                 writer.write_all(&out)?;
@@ -106,6 +115,16 @@ fn handshake(
                 payload.resize(header.len as usize, 0);
                 input.read_exact(&mut payload)?;
             }
+        }
+        if ctx.shutdown.is_started() {
+            handshake::put_option_error(
+                &mut out,
+                header.option,
+                OptError::Shutdown,
+                "server is shutting down",
+            );
+            let _ = writer.write_all(&out);
+            return Ok(None);
         }
         let step = negotiator.handle(header.option, &payload, ctx.exports.as_ref(), &mut out);
         let opened = match step {
@@ -199,6 +218,17 @@ fn transmission(
                     )));
                 }
             };
+            if ctx.shutdown.is_started() {
+                input.discard(payload_len as u64)?;
+                reply::put_error(
+                    &mut out,
+                    cx.mode,
+                    to,
+                    Errno::Shutdown,
+                    "server is shutting down",
+                );
+                continue;
+            }
             let cmd = match request::validate(&header, &session) {
                 Ok(Command::Disconnect) => return Ok(()),
                 Ok(cmd) => cmd,

@@ -7,6 +7,8 @@
 //! - [`connection`]: one client: the handshake, then the transmission loop.
 //! - [`executor`]: runs a validated request against a backend and encodes
 //!   its reply.
+//! - [`shutdown`]: graceful stop: end reading everywhere, finish in-flight
+//!   requests, wait for connections to close.
 //! - [`workers`]: the thread pool that runs requests for backends that may
 //!   block, so a slow request never holds up fast ones.
 
@@ -14,6 +16,7 @@ pub mod connection;
 pub mod executor;
 pub mod export;
 pub mod listener;
+pub mod shutdown;
 pub mod transport;
 pub mod workers;
 

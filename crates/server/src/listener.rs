@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::connection;
 use crate::export::Exports;
+use crate::shutdown::Shutdown;
 use crate::transport::Transport;
 use crate::workers::WorkerPool;
 
@@ -28,6 +29,8 @@ const CONNECTION_STACK: usize = 512 * 1024;
 pub struct ServerContext {
     pub exports: Arc<dyn Exports>,
     pub workers: WorkerPool,
+    /// Every live connection, for a graceful stop.
+    pub shutdown: Shutdown,
 }
 
 pub enum Listener {

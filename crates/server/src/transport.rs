@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{self, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -22,8 +22,46 @@ pub struct Transport {
     pub writer: Box<dyn Write + Send>,
     /// Who is on the other end, for logs.
     pub peer: String,
-    /// Sets or clears the read timeout (a no-op where the stream has none).
-    pub set_read_timeout: Box<dyn Fn(Option<Duration>) -> io::Result<()> + Send>,
+    /// The socket beneath, for timeouts and shutdown.
+    pub control: Control,
+}
+
+/// A handle on a transport's socket, for what is neither reading nor
+/// writing: read timeouts, and ending the reading side at shutdown.
+pub enum Control {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+    /// stdio: no socket to control.
+    None,
+}
+
+impl Control {
+    /// Sets or clears the read timeout (a no-op without a socket).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Control::Unix(s) => s.set_read_timeout(timeout),
+            Control::Tcp(s) => s.set_read_timeout(timeout),
+            Control::None => Ok(()),
+        }
+    }
+
+    /// Makes the connection's next read see end of stream (after whatever is
+    /// already buffered), so its thread finishes up and closes.
+    pub fn stop_reading(&self) {
+        let _ = match self {
+            Control::Unix(s) => s.shutdown(net::Shutdown::Read),
+            Control::Tcp(s) => s.shutdown(net::Shutdown::Read),
+            Control::None => Ok(()),
+        };
+    }
+
+    pub fn try_clone(&self) -> io::Result<Control> {
+        Ok(match self {
+            Control::Unix(s) => Control::Unix(s.try_clone()?),
+            Control::Tcp(s) => Control::Tcp(s.try_clone()?),
+            Control::None => Control::None,
+        })
+    }
 }
 
 impl Transport {
@@ -33,13 +71,11 @@ impl Transport {
         // sockets: on TCP a fixed size would switch off buffer autotuning.)
         // The kernel caps it at net.core.wmem_max; failure only costs speed.
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, UNIX_SEND_BUFFER);
-        let writer = stream.try_clone()?;
-        let control = stream.try_clone()?;
         Ok(Transport {
-            reader: Box::new(stream),
-            writer: Box::new(writer),
+            reader: Box::new(stream.try_clone()?),
+            writer: Box::new(stream.try_clone()?),
             peer: "unix".to_owned(),
-            set_read_timeout: Box::new(move |t| control.set_read_timeout(t)),
+            control: Control::Unix(stream),
         })
     }
 
@@ -50,13 +86,11 @@ impl Transport {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "tcp".to_owned());
-        let writer = stream.try_clone()?;
-        let control = stream.try_clone()?;
         Ok(Transport {
-            reader: Box::new(stream),
-            writer: Box::new(writer),
+            reader: Box::new(stream.try_clone()?),
+            writer: Box::new(stream.try_clone()?),
             peer,
-            set_read_timeout: Box::new(move |t| control.set_read_timeout(t)),
+            control: Control::Tcp(stream),
         })
     }
 
@@ -70,7 +104,7 @@ impl Transport {
             reader: Box::new(dup(io::stdin().as_fd())?),
             writer: Box::new(dup(io::stdout().as_fd())?),
             peer: "stdio".to_owned(),
-            set_read_timeout: Box::new(|_| Ok(())),
+            control: Control::None,
         })
     }
 }

@@ -1,0 +1,88 @@
+//! Graceful shutdown: stop taking work, finish what is in flight, close.
+//!
+//! Every connection registers its socket here. Shutdown makes each one's
+//! reading side end (`shutdown(SHUT_RD)`), so a thread blocked in `read`
+//! wakes up; requests already received are still answered (those parsed
+//! after shutdown began get `ESHUTDOWN`, options `ERR_SHUTDOWN`), in-flight
+//! requests finish, and the connection closes. The caller then waits, with
+//! a deadline, for every connection to be gone.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::transport::Control;
+
+#[derive(Default)]
+pub struct Shutdown {
+    started: AtomicBool,
+    live: Mutex<Live>,
+    /// Signalled whenever a connection goes away.
+    gone: Condvar,
+}
+
+#[derive(Default)]
+struct Live {
+    next_id: u64,
+    connections: HashMap<u64, Control>,
+}
+
+/// Keeps a connection registered while it lives.
+pub struct Registration<'a> {
+    shutdown: &'a Shutdown,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.shutdown.lock().connections.remove(&self.id);
+        self.shutdown.gone.notify_all();
+    }
+}
+
+impl Shutdown {
+    fn lock(&self) -> MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    /// Registers a connection's socket until the returned guard drops. A
+    /// connection arriving after shutdown began is told to stop at once.
+    pub fn register(&self, control: Control) -> Registration<'_> {
+        let mut live = self.lock();
+        if self.is_started() {
+            control.stop_reading();
+        }
+        let id = live.next_id;
+        live.next_id += 1;
+        live.connections.insert(id, control);
+        Registration { shutdown: self, id }
+    }
+
+    /// Starts shutting down and waits up to `deadline` for every connection
+    /// to finish; returns how many were still open at the deadline.
+    pub fn begin(&self, deadline: Duration) -> usize {
+        let mut live = self.lock();
+        self.started.store(true, Ordering::Release);
+        for c in live.connections.values() {
+            c.stop_reading();
+        }
+        let until = Instant::now() + deadline;
+        while !live.connections.is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            live = self
+                .gone
+                .wait_timeout(live, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        live.connections.len()
+    }
+}
