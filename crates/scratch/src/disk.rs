@@ -189,15 +189,7 @@ impl DiskFactory for Maker {
             Store::Dir { path, .. } => tempfile::tempfile_in(path)
                 .and_then(|f| FileDevice::open(&proc_path(&f), false))
                 .map(|d| d.capabilities()),
-            // What a SpillDevice always offers.
-            Store::Spill { .. } => Ok(Capabilities {
-                read_only: false,
-                durable_flush: false,
-                trim: true,
-                fast_zero: true,
-                multi_conn: true,
-                may_block: true,
-            }),
+            Store::Spill { .. } => Ok(SpillDevice::CAPABILITIES),
         };
         // A failed probe is answered with what the store normally offers;
         // creating the disk will report the real problem.

@@ -33,7 +33,10 @@ use std::sync::Arc;
 
 use scratchd_store::memory::Budget;
 
-use scratchd_store::{BlockDevice, Capabilities, Extent, ExtentKind, MemoryDevice, ZeroFlags};
+use scratchd_store::{
+    check_range, push_extent, BlockDevice, Capabilities, Extent, ExtentKind, MemoryDevice,
+    ZeroFlags,
+};
 
 use crate::device::BudgetedFile;
 
@@ -53,21 +56,6 @@ fn enospc(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC)
 }
 
-/// Appends `e` to `out`, merging it with the last extent from index `first`
-/// on when of the same kind.
-fn push_merged(out: &mut Vec<Extent>, first: usize, e: Extent) {
-    if e.len == 0 {
-        return;
-    }
-    if out.len() > first {
-        if let Some(last) = out.last_mut().filter(|l| l.kind == e.kind) {
-            last.len += e.len;
-            return;
-        }
-    }
-    out.push(e);
-}
-
 /// Calls `f(word index, mask)` for the bits of blocks `[first, end)`.
 fn for_words(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
     let mut b = first;
@@ -83,6 +71,18 @@ fn for_words(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
 }
 
 impl SpillDevice {
+    /// What a spill disk offers, whatever its state: RAM and file share one
+    /// view (multi-conn), flush is a no-op for scratch data, and the file
+    /// part may block, so requests run on the worker pool.
+    pub const CAPABILITIES: Capabilities = Capabilities {
+        read_only: false,
+        durable_flush: false,
+        trim: true,
+        fast_zero: true,
+        multi_conn: true,
+        may_block: true,
+    };
+
     /// Joins `mem`, charged to `budget`, and `file`, which must have the
     /// same size; nothing is spilled yet, so the file must read as zeros.
     pub(crate) fn new(
@@ -274,14 +274,7 @@ impl BlockDevice for SpillDevice {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            read_only: false,
-            durable_flush: false,
-            trim: true,
-            fast_zero: true,
-            multi_conn: true,
-            may_block: true,
-        }
+        SpillDevice::CAPABILITIES
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -343,19 +336,11 @@ impl BlockDevice for SpillDevice {
                 self.mem.extents(start, stop - start, &mut part)?;
             }
             for e in &part {
-                push_merged(out, first, *e);
+                push_extent(out, first, e.len, e.kind);
             }
         }
         Ok(())
     }
-}
-
-/// `offset + len`, or `EINVAL` past the end of a device of `size` bytes.
-fn check_range(size: u64, offset: u64, len: u64) -> io::Result<u64> {
-    offset
-        .checked_add(len)
-        .filter(|&end| end <= size)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 #[cfg(test)]

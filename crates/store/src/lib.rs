@@ -140,8 +140,9 @@ pub trait BlockDevice: Send + Sync {
 }
 
 /// Checks `[offset, offset + len)` against a device of `size` bytes and
-/// returns the end of the range, or `EINVAL`.
-pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<u64> {
+/// returns the end of the range, or `EINVAL`. For every backend, including
+/// those built on top of this crate's.
+pub fn check_range(size: u64, offset: u64, len: u64) -> io::Result<u64> {
     offset
         .checked_add(len)
         .filter(|&end| end <= size)
@@ -150,8 +151,9 @@ pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<u64> {
 
 /// Appends a run of `len` bytes of `kind` to `out`, merging it into the last
 /// extent when that one has the same kind and index `first` or later (earlier
-/// entries belong to the caller and are left alone).
-pub(crate) fn push_extent(out: &mut Vec<Extent>, first: usize, len: u64, kind: ExtentKind) {
+/// entries belong to the caller and are left alone). Backends use it to keep
+/// the [`BlockDevice::extents`] contract (merged, no empty extents).
+pub fn push_extent(out: &mut Vec<Extent>, first: usize, len: u64, kind: ExtentKind) {
     if len == 0 {
         return;
     }
