@@ -924,3 +924,20 @@ fn silent_client_is_dropped_after_handshake_timeout() {
     assert_eq!(idle.read(2, 0, 512), vec![7u8; 512]);
     assert_server_still_serves(&mut server);
 }
+
+/// With extended headers a WRITE must carry PAYLOAD_LEN; one that omits it
+/// is still taken as carrying its payload (documented choice), so the stream
+/// stays in sync and the data lands.
+#[test]
+fn extended_write_without_payload_len_keeps_the_stream_in_sync() {
+    let mut server = memory_server();
+    let mut c = Conn::open(&server, Mode::Extended);
+    let data = random_bytes(4096, 77);
+    let mut b = c.header(0, CMD_WRITE, 1, 8192, data.len() as u64);
+    b.extend_from_slice(&data);
+    send(&mut c.s, &b);
+    c.expect_ok(1, 8192);
+    assert_eq!(c.read(2, 8192, 4096), data);
+    c.disconnect();
+    assert_server_still_serves(&mut server);
+}
