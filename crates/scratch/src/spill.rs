@@ -19,17 +19,19 @@
 //! written to the file. A trim or a zeroing that may trim punches both sides and clears
 //! the bits of whole spilled blocks, so later writes try RAM first again.
 //!
-//! Nothing takes a lock. Bits only change with `fetch_or` / `fetch_and`.
-//! As in the memory device, concurrent requests on the same bytes have an
-//! unspecified outcome; in addition, two concurrent writes to *different*
-//! bytes of one block that is just being spilled may lose the one that went
-//! to memory (it lands in a block whose bit already points at the file).
-//! Clients writing whole 4 KiB blocks (file systems with 4 KiB blocks, the
-//! kernel's page cache) never do that.
+//! Bits only change with `fetch_or` / `fetch_and`, and whole blocks take no
+//! lock. As in the memory device, concurrent requests on the same bytes
+//! have an unspecified outcome. Requests on *different* bytes of one block
+//! must both land, though, and that block may be spilling just then: one
+//! write could put its bytes in RAM while the other marks the block spilled
+//! and writes the file, losing the first. So the parts of a request that
+//! cover a block only in part (at most its first and last block) hold one of
+//! [`PARTIAL_LOCKS`] striped locks, chosen by block, while they are placed.
+//! File systems and the page cache write whole 4 KiB blocks and never wait.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use scratchd_store::memory::Budget;
 
@@ -39,6 +41,10 @@ use scratchd_store::{
 };
 
 use crate::device::BudgetedFile;
+
+/// How many locks serialise requests that cover part of a block; a power of
+/// two, enough that unrelated blocks rarely share one.
+const PARTIAL_LOCKS: usize = 64;
 
 /// RAM first, then an unnamed file (see the [module documentation](self)).
 #[derive(Debug)]
@@ -50,6 +56,8 @@ pub struct SpillDevice {
     block_shift: u32,
     /// The memory device's budget, to fill what is left of it first.
     budget: Arc<Budget>,
+    /// Held while part of a block is placed or punched, by block number.
+    partial: Box<[Mutex<()>]>,
 }
 
 fn enospc(e: &io::Error) -> bool {
@@ -106,6 +114,7 @@ impl SpillDevice {
             spilled: (0..words).map(|_| AtomicU64::new(0)).collect(),
             block_shift,
             budget,
+            partial: (0..PARTIAL_LOCKS).map(|_| Mutex::new(())).collect(),
         })
     }
 
@@ -184,6 +193,34 @@ impl SpillDevice {
         })
     }
 
+    /// Calls `f` for `[offset, end)` in up to three pieces: a first and a
+    /// last one that cover a block only in part, each under that block's
+    /// partial lock, and the whole blocks between them.
+    fn by_pieces(
+        &self,
+        offset: u64,
+        end: u64,
+        f: impl Fn(u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let head = self.block_start(self.block_after(offset)).min(end);
+        let tail = self.block_start(self.block_of(end)).max(head);
+        let partial = |start: u64, stop: u64| {
+            let lock = &self.partial[self.block_of(start) as usize % PARTIAL_LOCKS];
+            let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+            f(start, stop)
+        };
+        if offset < head {
+            partial(offset, head)?;
+        }
+        if head < tail {
+            f(head, tail)?;
+        }
+        if tail < end {
+            partial(tail, end)?;
+        }
+        Ok(())
+    }
+
     /// Stores `[offset, end)`: `mem(start, stop)` for blocks kept in RAM,
     /// `file(start, stop)` for spilled ones, spilling what memory refuses.
     fn place(
@@ -192,6 +229,19 @@ impl SpillDevice {
         end: u64,
         mem: impl Fn(u64, u64) -> io::Result<()>,
         file: impl Fn(u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.by_pieces(offset, end, |start, stop| {
+            self.place_runs(start, stop, &mem, &file)
+        })
+    }
+
+    /// [`place`](Self::place) for one piece.
+    fn place_runs(
+        &self,
+        offset: u64,
+        end: u64,
+        mem: &impl Fn(u64, u64) -> io::Result<()>,
+        file: &impl Fn(u64, u64) -> io::Result<()>,
     ) -> io::Result<()> {
         for (start, stop, spilled) in self.runs(offset, end) {
             if spilled {
@@ -243,6 +293,13 @@ impl SpillDevice {
     /// Makes `[offset, end)` read as zeros, freeing what can be freed, and
     /// brings whole spilled blocks back to RAM (for later writes).
     fn punch(&self, offset: u64, end: u64, fast: bool) -> io::Result<()> {
+        self.by_pieces(offset, end, |start, stop| {
+            self.punch_runs(start, stop, fast)
+        })
+    }
+
+    /// [`punch`](Self::punch) for one piece.
+    fn punch_runs(&self, offset: u64, end: u64, fast: bool) -> io::Result<()> {
         let flags = ZeroFlags {
             may_trim: true,
             fast,
@@ -382,6 +439,38 @@ mod tests {
         dev.write(0, &[7; 4096], false).unwrap();
         assert_eq!(budget.used(), 4096);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// Two writes to different halves of one fresh block, racing for the
+    /// last block of budget: whichever way it goes (RAM or file), both
+    /// halves land, and trimming the block gives back all it took.
+    #[test]
+    fn racing_partial_writes_at_the_spill_point_both_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = 8;
+        let (dev, budget) = device(dir.path(), 1 << 20, (kept + 1) * 4096);
+        dev.write(0, &vec![1; kept as usize * 4096], false).unwrap();
+        let block = kept * 4096;
+        let start = std::sync::Barrier::new(2);
+        for round in 0..10_000u32 {
+            let (a, b) = ([round as u8 | 1; 2048], [round as u8 | 2; 2048]);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    start.wait();
+                    dev.write(block, &a, false).unwrap();
+                });
+                start.wait();
+                dev.write(block + 2048, &b, false).unwrap();
+            });
+            let mut back = [0; 4096];
+            dev.read(block, &mut back).unwrap();
+            assert!(
+                back[..2048] == a && back[2048..] == b,
+                "round {round}: a write was lost"
+            );
+            dev.trim(block, 4096, false).unwrap();
+            assert_eq!(budget.used(), kept * 4096, "round {round}: memory leaked");
+        }
     }
 
     #[derive(Debug, Clone)]
