@@ -321,6 +321,35 @@ eq(h.pread(2, 1080), EXT4_MAGIC, "the next build is formatted")
     assert!(entries(backing.path()).is_empty());
 }
 
+/// A format command that fills the memfd past `--memory-limit` (zeros
+/// too take memory there) is stopped with an error naming the budget,
+/// instead of taking the server's memory; the next build is formatted.
+#[test]
+fn a_format_command_outgrowing_the_memory_budget_is_a_clean_error() {
+    let (_flag_dir, _, flag_kv) = command_file("flag", "greedy-once");
+    let server = Server::start(&[
+        "--memory-limit",
+        "16M",
+        "tmpdisk",
+        "size=256M",
+        "command=[ -e $flag ] && exec mkfs -t ext4 -q -F $disk; touch $flag; \
+         dd if=/dev/zero of=$disk bs=1M count=128 conv=notrunc",
+        &flag_kv,
+    ]);
+    let out = script(
+        &server,
+        r#"
+print(go_error("greedy"))
+h = connect(uri("build-b"))
+eq(h.pread(2, 1080), EXT4_MAGIC, "the next build is formatted")
+"#,
+    );
+    assert!(
+        out.contains("format command exceeded the memory budget"),
+        "{out}"
+    );
+}
+
 /// With backing=dir: the disk lives in the directory without a name while
 /// it is in use, and nothing is left after a normal end or a SIGKILL.
 #[test]

@@ -5,17 +5,21 @@
 //!
 //! - `backing=memory`: a memfd of the disk's size is formatted, then its data
 //!   extents (`SEEK_DATA`/`SEEK_HOLE`) are copied into a budgeted
-//!   [`MemoryDevice`], skipping all-zero blocks, and the memfd is closed. The
-//!   memfd's pages are not charged to the budget, but live only while mkfs
-//!   runs (a few MiB of metadata with the default options); the copy is, and
-//!   a budget too small for it fails the creation with a clear error.
+//!   [`MemoryDevice`], skipping all-zero blocks, and the memfd is closed.
+//!   The memfd's pages are charged to the budget too, while it exists: the
+//!   format command is watched every few milliseconds and killed when they
+//!   outgrow the budget (a `command=` could otherwise fill RAM), and the
+//!   charge is given back only after the copy has charged its own pages, so
+//!   the peak of both is within the budget. A budget too small for either
+//!   fails the creation with a clear error.
 //! - `backing=dir:PATH`: an unnamed file (`O_TMPFILE`, or on file systems
 //!   without it a random name unlinked at once) is sized, formatted, and
 //!   served by a [`FileDevice`] opened through `/proc/self/fd`.
 //! - `backing=memory,spill=dir:PATH`: a budgeted [`MemoryDevice`] and such
 //!   an unnamed file of the same size, joined in a [`SpillDevice`]; the
-//!   memfd is formatted and loaded as for `memory`, so what the budget does
-//!   not hold of the file system's metadata already lands in the file.
+//!   memfd is formatted (charged to the memory budget, which must hold it)
+//!   and loaded as for `memory`, so what the budget does not hold of the
+//!   file system's metadata already lands in the file.
 //!
 //! [`DiskFactory`] is what the registry and the pool see, so tests can swap
 //! in a fast fake.
@@ -27,7 +31,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustix::fs::{memfd_create, seek, MemfdFlags, SeekFrom};
+use rustix::fs::{fstat, memfd_create, seek, MemfdFlags, SeekFrom};
 use rustix::io::Errno;
 use scratchd_store::memory::Budget;
 use scratchd_store::{BlockDevice, Capabilities, FileDevice, MemoryDevice};
@@ -94,11 +98,12 @@ impl Maker {
         Ok((inode, fd_path))
     }
 
-    /// Formats a memfd and loads it into `dev`; `no_space` says why the load
-    /// failed with `ENOSPC`.
+    /// Formats a memfd, charging its pages to `budget`, and loads it into
+    /// `dev`; `no_space` says why the load failed with `ENOSPC`.
     fn format_into(
         &self,
         dev: &dyn BlockDevice,
+        budget: &Budget,
         no_space: impl FnOnce() -> String,
     ) -> Result<(), String> {
         if self.format.is_blank() {
@@ -110,11 +115,26 @@ impl Maker {
         memfd
             .set_len(self.size)
             .map_err(|e| format!("cannot size the memfd: {e}"))?;
-        self.format.format(&proc_path(&memfd), self.size)?;
-        import(&memfd, dev).map_err(|e| match e.raw_os_error() {
+        // Charged while the command runs, so that a command filling the
+        // memfd is stopped at the budget instead of using RAM outside it.
+        let mut charge = MemfdCharge {
+            memfd: &memfd,
+            budget,
+            charged: 0,
+        };
+        let mut watch = || charge.update();
+        self.format
+            .format(&proc_path(&memfd), self.size, Some(&mut watch))?;
+        // The command may have written more since the last check.
+        charge.update()?;
+        let loaded = import(&memfd, dev).map_err(|e| match e.raw_os_error() {
             Some(libc::ENOSPC) => no_space(),
             _ => format!("cannot load the formatted disk: {e}"),
-        })
+        });
+        // Only now: the copy has charged its own pages, so memfd and copy
+        // together were within the budget.
+        drop(charge);
+        loaded
     }
 
     fn create_spilling(
@@ -130,7 +150,7 @@ impl Maker {
         let mem = MemoryDevice::with_budget(self.size, memory.clone())
             .map_err(|e| format!("cannot create a {}-byte memory disk: {e}", self.size))?;
         let dev = SpillDevice::new(mem, memory.clone(), file).map_err(|e| e.to_string())?;
-        self.format_into(&dev, || {
+        self.format_into(&dev, memory, || {
             format!(
                 "no space for the formatted disk: the memory budget is full and the spill file in {} refused the rest",
                 path.display()
@@ -142,7 +162,7 @@ impl Maker {
     fn create_in_memory(&self, budget: &Arc<Budget>) -> Result<ScratchDevice, String> {
         let dev = MemoryDevice::with_budget(self.size, budget.clone())
             .map_err(|e| format!("cannot create a {}-byte memory disk: {e}", self.size))?;
-        self.format_into(&dev, || {
+        self.format_into(&dev, budget, || {
             format!(
                 "the memory budget is exhausted ({} of {} bytes in use)",
                 budget.used(),
@@ -158,7 +178,7 @@ impl Maker {
         budget: &Option<Arc<Budget>>,
     ) -> Result<ScratchDevice, String> {
         let (inode, fd_path) = self.unnamed_file(path)?;
-        self.format.format(&fd_path, self.size)?;
+        self.format.format(&fd_path, self.size, None)?;
         let dev = FileDevice::open(&fd_path, false)
             .map_err(|e| format!("cannot reopen the disk file: {e}"))?;
         let dev =
@@ -201,6 +221,40 @@ impl DiskFactory for Maker {
             multi_conn: true,
             may_block: !matches!(self.store, Store::Memory(_)),
         }))
+    }
+}
+
+/// The memory a memfd holds, charged to a budget for as long as this lives.
+struct MemfdCharge<'a> {
+    memfd: &'a File,
+    budget: &'a Budget,
+    /// Bytes taken from `budget`.
+    charged: u64,
+}
+
+impl MemfdCharge<'_> {
+    /// Brings the charge to the memfd's allocated bytes; fails when the
+    /// budget cannot take the growth.
+    fn update(&mut self) -> Result<(), String> {
+        let stat = fstat(self.memfd).map_err(|e| format!("cannot measure the memfd: {e}"))?;
+        let allocated = stat.st_blocks as u64 * 512;
+        if allocated < self.charged {
+            self.budget.release(self.charged - allocated);
+        } else if !self.budget.try_reserve(allocated - self.charged) {
+            let others = self.budget.used().saturating_sub(self.charged);
+            return Err(format!(
+                "the format command exceeded the memory budget (its disk holds {allocated} bytes, other disks {others}, limit {})",
+                self.budget.limit()
+            ));
+        }
+        self.charged = allocated;
+        Ok(())
+    }
+}
+
+impl Drop for MemfdCharge<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.charged);
     }
 }
 
@@ -297,15 +351,16 @@ mod tests {
     fn mkfs_ext4_makes_a_filesystem_in_memory_in_a_dir_and_spilling() {
         let dir = tempfile::tempdir().unwrap();
         for store in [
-            Store::Memory(Arc::new(Budget::new(u64::MAX))),
+            // Far more than the ~300 KiB of metadata.
+            Store::Memory(Arc::new(Budget::new(16 << 20))),
             Store::Dir {
                 path: dir.path().to_owned(),
                 budget: None,
             },
-            // A budget far smaller than the metadata: most of it spills.
+            // Room for the memfd, not for a copy beside it: the copy spills.
             Store::Spill {
                 path: dir.path().to_owned(),
-                memory: Arc::new(Budget::new(64 << 10)),
+                memory: Arc::new(Budget::new(512 << 10)),
                 disk: None,
             },
         ] {
@@ -320,6 +375,55 @@ mod tests {
             assert_eq!(u16::from_le_bytes(magic), 0xEF53);
             assert!(dev.allocated_bytes() > 0);
             assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+            // The memfd's charge is gone; the disk's own memory is left.
+            let budget = match &maker.store {
+                Store::Memory(budget) => {
+                    assert_eq!(budget.used(), dev.allocated_bytes());
+                    budget
+                }
+                Store::Spill { memory, .. } => {
+                    assert!((1..dev.allocated_bytes()).contains(&memory.used()));
+                    memory
+                }
+                Store::Dir { .. } => continue,
+            };
+            drop(dev);
+            assert_eq!(budget.used(), 0);
+        }
+    }
+
+    /// A format command writing far past the budget into the memfd is
+    /// killed, with its helpers, as soon as the watch sees it.
+    #[test]
+    fn a_format_command_outgrowing_the_budget_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pid_file, done_file) = (dir.path().join("pid"), dir.path().join("done"));
+        let budget = Arc::new(Budget::new(16 << 20));
+        let maker = Maker {
+            size: 256 << 20,
+            store: Store::Memory(budget.clone()),
+            format: spec(FormatKind::Command(format!(
+                "dd if=/dev/urandom of=$disk bs=1M count=64 conv=notrunc 2>/dev/null & \
+                 echo $! > {}; wait; touch {}",
+                pid_file.display(),
+                done_file.display()
+            ))),
+        };
+        let err = maker.create().unwrap_err();
+        assert!(
+            err.starts_with("the format command exceeded the memory budget"),
+            "{err}"
+        );
+        assert_eq!(budget.used(), 0);
+        assert!(!done_file.exists(), "the command ran to its end");
+        // The background dd was killed with the group (and then reaped by
+        // init, so allow a moment for its zombie to go).
+        let dd = std::fs::read_to_string(&pid_file).unwrap();
+        let stat = format!("/proc/{}/stat", dd.trim());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+            assert!(std::time::Instant::now() < deadline, "dd still runs");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

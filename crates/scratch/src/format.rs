@@ -8,10 +8,13 @@
 //! The command runs in its own process group with stdin and stdout on
 //! `/dev/null` and stderr on a pipe. One thread waits for it with `poll` on a
 //! pidfd and the pipe together, keeping the last few KiB of stderr, so there
-//! is no sleeping and no extra thread. When the command exits, or overruns
-//! the timeout, the whole group gets SIGKILL (a format command must not leave
-//! helpers holding the disk open); the leader is reaped only after that, so
-//! its process-group id cannot have been reused.
+//! is no sleeping and no extra thread. A caller may also pass a [`Watch`],
+//! which that thread calls at least every [`WATCH_INTERVAL`] and which can
+//! stop the command (a memfd outgrowing the memory budget). When the command
+//! exits, overruns the timeout or is stopped, the whole group gets SIGKILL (a
+//! format command must not leave helpers holding the disk open); the leader
+//! is reaped only after that, so its process-group id cannot have been
+//! reused.
 
 use std::io::{self, Read};
 use std::os::fd::AsFd;
@@ -29,12 +32,20 @@ use crate::config::{FormatKind, FormatSpec};
 const STDERR_KEEP: usize = 4096;
 /// The longest stderr summary put in an NBD error message.
 const SUMMARY_LEN: usize = 300;
+/// How often a [`Watch`] is called while the command runs: what the command
+/// can write in between is how far it can overshoot what the watch checks.
+const WATCH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Called while a format command runs; an error stops the command and is
+/// the reason given for the failure.
+pub type Watch<'a> = &'a mut dyn FnMut() -> Result<(), String>;
 
 /// Something that turns a blank disk into a formatted one.
 pub trait Format: Send + Sync {
-    /// Formats the `size`-byte disk at `disk`; the error is a one-line
-    /// summary for the client and the log.
-    fn format(&self, disk: &Path, size: u64) -> Result<(), String>;
+    /// Formats the `size`-byte disk at `disk`, calling `watch` (if any)
+    /// while the command runs; the error is a one-line summary for the
+    /// client and the log.
+    fn format(&self, disk: &Path, size: u64, watch: Option<Watch>) -> Result<(), String>;
 
     /// Whether [`Format::format`] does nothing (`type=none`).
     fn is_blank(&self) -> bool {
@@ -43,9 +54,9 @@ pub trait Format: Send + Sync {
 }
 
 impl Format for FormatSpec {
-    fn format(&self, disk: &Path, size: u64) -> Result<(), String> {
+    fn format(&self, disk: &Path, size: u64, watch: Option<Watch>) -> Result<(), String> {
         match self.command(disk, size) {
-            Some(cmd) => run_with_timeout(cmd, self.timeout),
+            Some(cmd) => run_with_timeout(cmd, self.timeout, watch),
             None => Ok(()),
         }
     }
@@ -126,9 +137,21 @@ pub(crate) fn mkfs_options(fs: &str, label: Option<&str>) -> Vec<String> {
     args.into_iter().map(String::from).collect()
 }
 
-/// Runs `cmd` to completion within `timeout`; the error summarises why it
-/// failed and the end of its stderr.
-pub(crate) fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<(), String> {
+/// How the wait for a format command ended.
+enum Ending {
+    Exited,
+    TimedOut,
+    /// The watch stopped it, for this reason.
+    Stopped(String),
+}
+
+/// Runs `cmd` to completion within `timeout`, unless `watch` stops it; the
+/// error summarises why it failed and the end of its stderr.
+pub(crate) fn run_with_timeout(
+    mut cmd: Command,
+    timeout: Duration,
+    watch: Option<Watch>,
+) -> Result<(), String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -143,25 +166,25 @@ pub(crate) fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<()
         .map_err(io::Error::from)
         .and_then(|pidfd| {
             rustix::io::ioctl_fionbio(&stderr, true)?;
-            Ok(wait(&pidfd, &mut stderr, Instant::now() + timeout))
+            Ok(wait(&pidfd, &mut stderr, Instant::now() + timeout, watch))
         });
     // Whatever happened, no member of the group may outlive the format step.
     let _ = kill_process_group(pid, Signal::KILL);
     let status = child.wait();
-    let (exited, tail) = watched.map_err(|e| format!("cannot watch {program}: {e}"))?;
+    let (ending, tail) = watched.map_err(|e| format!("cannot watch {program}: {e}"))?;
     let summary = summarize(&tail);
     let status = status.map_err(|e| format!("cannot wait for {program}: {e}"))?;
-    let why = if !exited {
-        format!("format command timed out after {timeout:?} and was killed")
-    } else if status.success() {
-        return Ok(());
-    } else if let Some(code) = status.code() {
-        format!("format command failed with exit status {code}")
-    } else {
-        format!(
-            "format command killed by signal {}",
-            status.signal().unwrap_or(0)
-        )
+    let why = match ending {
+        Ending::TimedOut => format!("format command timed out after {timeout:?} and was killed"),
+        Ending::Stopped(why) => why,
+        Ending::Exited if status.success() => return Ok(()),
+        Ending::Exited => match status.code() {
+            Some(code) => format!("format command failed with exit status {code}"),
+            None => format!(
+                "format command killed by signal {}",
+                status.signal().unwrap_or(0)
+            ),
+        },
     };
     Err(if summary.is_empty() {
         why
@@ -170,15 +193,23 @@ pub(crate) fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<()
     })
 }
 
-/// Collects stderr until the process behind `pidfd` exits (true) or the
-/// deadline passes (false); returns that and the last bytes of stderr.
-fn wait(pidfd: &impl AsFd, stderr: &mut impl ReadFd, deadline: Instant) -> (bool, Vec<u8>) {
+/// Collects stderr until the process behind `pidfd` exits, the deadline
+/// passes or `watch` fails; returns which, and the last bytes of stderr.
+fn wait(
+    pidfd: &impl AsFd,
+    stderr: &mut impl ReadFd,
+    deadline: Instant,
+    mut watch: Option<Watch>,
+) -> (Ending, Vec<u8>) {
     let mut tail = Vec::new();
     let mut open = true;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let mut left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return (false, tail);
+            return (Ending::TimedOut, tail);
+        }
+        if watch.is_some() {
+            left = left.min(WATCH_INTERVAL);
         }
         let timeout = Timespec::try_from(left).unwrap_or(Timespec {
             tv_sec: i64::MAX,
@@ -198,7 +229,10 @@ fn wait(pidfd: &impl AsFd, stderr: &mut impl ReadFd, deadline: Instant) -> (bool
             open = drain(stderr, &mut tail) && open;
         }
         if exited {
-            return (true, tail);
+            return (Ending::Exited, tail);
+        }
+        if let Some(Err(why)) = watch.as_mut().map(|watch| watch()) {
+            return (Ending::Stopped(why), tail);
         }
     }
 }
@@ -253,7 +287,7 @@ mod tests {
     fn sh(script: &str, timeout: Duration) -> Result<(), String> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(script);
-        run_with_timeout(cmd, timeout)
+        run_with_timeout(cmd, timeout, None)
     }
 
     #[test]
@@ -284,6 +318,26 @@ mod tests {
             err.contains("timed out") && err.ends_with("started"),
             "{err}"
         );
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_watch_is_called_while_the_command_runs_and_can_stop_it() {
+        let start = Instant::now();
+        let mut calls = 0;
+        let mut watch = || {
+            calls += 1;
+            if calls < 5 {
+                Ok(())
+            } else {
+                Err("stopped by the watch".to_string())
+            }
+        };
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("sleep 30 & sleep 30");
+        let err = run_with_timeout(cmd, Duration::from_secs(60), Some(&mut watch)).unwrap_err();
+        assert_eq!(err, "stopped by the watch");
+        assert_eq!(calls, 5);
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 
