@@ -6,20 +6,23 @@
 //! - `backing=memory`: a memfd of the disk's size is formatted, then its data
 //!   extents (`SEEK_DATA`/`SEEK_HOLE`) are copied into a budgeted
 //!   [`MemoryDevice`], skipping all-zero blocks, and the memfd is closed.
-//!   The memfd's pages are charged to the budget too, while it exists: the
-//!   format command is watched every few milliseconds and killed when they
-//!   outgrow the budget (a `command=` could otherwise fill RAM), and the
-//!   charge is given back only after the copy has charged its own pages, so
-//!   the peak of both is within the budget. A budget too small for either
-//!   fails the creation with a clear error.
 //! - `backing=dir:PATH`: an unnamed file (`O_TMPFILE`, or on file systems
 //!   without it a random name unlinked at once) is sized, formatted, and
 //!   served by a [`FileDevice`] opened through `/proc/self/fd`.
 //! - `backing=memory,spill=dir:PATH`: a budgeted [`MemoryDevice`] and such
-//!   an unnamed file of the same size, joined in a [`SpillDevice`]; the
-//!   memfd is formatted (charged to the memory budget, which must hold it)
-//!   and loaded as for `memory`, so what the budget does not hold of the
-//!   file system's metadata already lands in the file.
+//!   an unnamed file of the same size, joined in a [`SpillDevice`]; a second
+//!   unnamed file in PATH is formatted and loaded as for `memory` (a file,
+//!   not a memfd, so that a full memory budget does not stop the creation),
+//!   so what the memory budget does not hold of the metadata lands in the
+//!   spill file.
+//!
+//! What the format command writes is charged to the budget of where it
+//! lives (memory for the memfd, `--disk-limit` for files) while it runs: a
+//! `command=` could otherwise fill RAM or disk outside the budget. The
+//! command is watched every few milliseconds and killed when its image
+//! outgrows the budget. A separate image's charge is given back only after
+//! the copy has charged its own blocks, so the peak of both is within the
+//! budget.
 //!
 //! [`DiskFactory`] is what the registry and the pool see, so tests can swap
 //! in a fast fake.
@@ -37,7 +40,7 @@ use scratchd_store::memory::Budget;
 use scratchd_store::{BlockDevice, Capabilities, FileDevice, MemoryDevice};
 
 use crate::device::{scratch_capabilities, BudgetedFile, ScratchDevice};
-use crate::format::Format;
+use crate::format::{Format, Watch};
 use crate::spill::SpillDevice;
 
 /// Makes new, formatted disks.
@@ -98,43 +101,67 @@ impl Maker {
         Ok((inode, fd_path))
     }
 
-    /// Formats a memfd, charging its pages to `budget`, and loads it into
-    /// `dev`; `no_space` says why the load failed with `ENOSPC`.
+    /// Runs the format command on `image` (unless the format is blank),
+    /// charging what the image allocates to `budget` while it runs, so that
+    /// a command filling it is stopped at the budget instead of using RAM or
+    /// space outside it. The charge lasts as long as the returned guard:
+    /// callers drop it once the disk has charged its own blocks, so that
+    /// image and disk together stay within the budget.
+    fn format_charged<'a>(
+        &self,
+        image: &'a File,
+        budget: Option<(&'a Budget, &'static str)>,
+    ) -> Result<ImageCharge<'a>, String> {
+        let mut charge = ImageCharge {
+            image,
+            budget,
+            charged: 0,
+        };
+        if self.format.is_blank() {
+            return Ok(charge);
+        }
+        let mut watch = || charge.update();
+        let watch: Option<Watch> = match budget {
+            Some(_) => Some(&mut watch),
+            None => None,
+        };
+        self.format.format(&proc_path(image), self.size, watch)?;
+        // The command may have written more since the last check.
+        charge.update()?;
+        Ok(charge)
+    }
+
+    /// Formats `image` (see [`format_charged`](Self::format_charged)) and
+    /// loads its data into `dev`; `no_space` says why the load failed with
+    /// `ENOSPC`.
     fn format_into(
         &self,
         dev: &dyn BlockDevice,
-        budget: &Budget,
+        image: &File,
+        budget: Option<(&Budget, &'static str)>,
         no_space: impl FnOnce() -> String,
     ) -> Result<(), String> {
         if self.format.is_blank() {
             return Ok(());
         }
+        let charge = self.format_charged(image, budget)?;
+        let loaded = import(image, dev).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOSPC) => no_space(),
+            _ => format!("cannot load the formatted disk: {e}"),
+        });
+        drop(charge);
+        loaded
+    }
+
+    /// A memfd of the disk's size, for formatting a disk that lives in RAM.
+    fn memfd(&self) -> Result<File, String> {
         let memfd = memfd_create("scratchd-disk", MemfdFlags::CLOEXEC)
             .map(File::from)
             .map_err(|e| format!("memfd_create: {e}"))?;
         memfd
             .set_len(self.size)
             .map_err(|e| format!("cannot size the memfd: {e}"))?;
-        // Charged while the command runs, so that a command filling the
-        // memfd is stopped at the budget instead of using RAM outside it.
-        let mut charge = MemfdCharge {
-            memfd: &memfd,
-            budget,
-            charged: 0,
-        };
-        let mut watch = || charge.update();
-        self.format
-            .format(&proc_path(&memfd), self.size, Some(&mut watch))?;
-        // The command may have written more since the last check.
-        charge.update()?;
-        let loaded = import(&memfd, dev).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOSPC) => no_space(),
-            _ => format!("cannot load the formatted disk: {e}"),
-        });
-        // Only now: the copy has charged its own pages, so memfd and copy
-        // together were within the budget.
-        drop(charge);
-        loaded
+        Ok(memfd)
     }
 
     fn create_spilling(
@@ -150,7 +177,10 @@ impl Maker {
         let mem = MemoryDevice::with_budget(self.size, memory.clone())
             .map_err(|e| format!("cannot create a {}-byte memory disk: {e}", self.size))?;
         let dev = SpillDevice::new(mem, memory.clone(), file).map_err(|e| e.to_string())?;
-        self.format_into(&dev, memory, || {
+        // Formatted in a second unnamed file beside the spill file, not in
+        // RAM: a spill disk must be creatable when the memory budget is full.
+        let (image, _) = self.unnamed_file(path)?;
+        self.format_into(&dev, &image, disk.as_deref().map(|b| (b, "disk")), || {
             format!(
                 "no space for the formatted disk: the memory budget is full and the spill file in {} refused the rest",
                 path.display()
@@ -162,7 +192,8 @@ impl Maker {
     fn create_in_memory(&self, budget: &Arc<Budget>) -> Result<ScratchDevice, String> {
         let dev = MemoryDevice::with_budget(self.size, budget.clone())
             .map_err(|e| format!("cannot create a {}-byte memory disk: {e}", self.size))?;
-        self.format_into(&dev, budget, || {
+        let memfd = self.memfd()?;
+        self.format_into(&dev, &memfd, Some((budget, "memory")), || {
             format!(
                 "the memory budget is exhausted ({} of {} bytes in use)",
                 budget.used(),
@@ -178,7 +209,9 @@ impl Maker {
         budget: &Option<Arc<Budget>>,
     ) -> Result<ScratchDevice, String> {
         let (inode, fd_path) = self.unnamed_file(path)?;
-        self.format.format(&fd_path, self.size, None)?;
+        // The image is the disk itself: its charge ends here and the disk
+        // charges the same blocks just below.
+        drop(self.format_charged(&inode, budget.as_deref().map(|b| (b, "disk")))?);
         let dev = FileDevice::open(&fd_path, false)
             .map_err(|e| format!("cannot reopen the disk file: {e}"))?;
         let dev =
@@ -224,27 +257,32 @@ impl DiskFactory for Maker {
     }
 }
 
-/// The memory a memfd holds, charged to a budget for as long as this lives.
-struct MemfdCharge<'a> {
-    memfd: &'a File,
-    budget: &'a Budget,
-    /// Bytes taken from `budget`.
+/// What a disk image being formatted holds (RAM for a memfd, space for a
+/// file), charged to a budget for as long as this lives.
+struct ImageCharge<'a> {
+    image: &'a File,
+    /// The budget, and what it counts ("memory", "disk"), for messages.
+    budget: Option<(&'a Budget, &'static str)>,
+    /// Bytes taken from the budget.
     charged: u64,
 }
 
-impl MemfdCharge<'_> {
-    /// Brings the charge to the memfd's allocated bytes; fails when the
+impl ImageCharge<'_> {
+    /// Brings the charge to the image's allocated bytes; fails when the
     /// budget cannot take the growth.
     fn update(&mut self) -> Result<(), String> {
-        let stat = fstat(self.memfd).map_err(|e| format!("cannot measure the memfd: {e}"))?;
+        let Some((budget, kind)) = self.budget else {
+            return Ok(());
+        };
+        let stat = fstat(self.image).map_err(|e| format!("cannot measure the disk image: {e}"))?;
         let allocated = stat.st_blocks as u64 * 512;
         if allocated < self.charged {
-            self.budget.release(self.charged - allocated);
-        } else if !self.budget.try_reserve(allocated - self.charged) {
-            let others = self.budget.used().saturating_sub(self.charged);
+            budget.release(self.charged - allocated);
+        } else if !budget.try_reserve(allocated - self.charged) {
+            let others = budget.used().saturating_sub(self.charged);
             return Err(format!(
-                "the format command exceeded the memory budget (its disk holds {allocated} bytes, other disks {others}, limit {})",
-                self.budget.limit()
+                "the format command exceeded the {kind} budget (its disk holds {allocated} bytes, other disks {others}, limit {})",
+                budget.limit()
             ));
         }
         self.charged = allocated;
@@ -252,9 +290,11 @@ impl MemfdCharge<'_> {
     }
 }
 
-impl Drop for MemfdCharge<'_> {
+impl Drop for ImageCharge<'_> {
     fn drop(&mut self) {
-        self.budget.release(self.charged);
+        if let Some((budget, _)) = self.budget {
+            budget.release(self.charged);
+        }
     }
 }
 
@@ -357,11 +397,12 @@ mod tests {
                 path: dir.path().to_owned(),
                 budget: None,
             },
-            // Room for the memfd, not for a copy beside it: the copy spills.
+            // A budget far smaller than the metadata: most of it spills (the
+            // image is formatted in a file, so it needs no memory).
             Store::Spill {
                 path: dir.path().to_owned(),
-                memory: Arc::new(Budget::new(512 << 10)),
-                disk: None,
+                memory: Arc::new(Budget::new(64 << 10)),
+                disk: Some(Arc::new(Budget::new(64 << 20))),
             },
         ] {
             let maker = Maker {
@@ -375,55 +416,90 @@ mod tests {
             assert_eq!(u16::from_le_bytes(magic), 0xEF53);
             assert!(dev.allocated_bytes() > 0);
             assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-            // The memfd's charge is gone; the disk's own memory is left.
-            let budget = match &maker.store {
+            // The image's charge is gone; the disk's own blocks are left.
+            let budgets = match &maker.store {
                 Store::Memory(budget) => {
                     assert_eq!(budget.used(), dev.allocated_bytes());
-                    budget
+                    vec![budget]
                 }
-                Store::Spill { memory, .. } => {
-                    assert!((1..dev.allocated_bytes()).contains(&memory.used()));
-                    memory
+                Store::Spill {
+                    memory,
+                    disk: Some(disk),
+                    ..
+                } => {
+                    assert_eq!(memory.used(), memory.limit());
+                    assert_eq!(memory.used() + disk.used(), dev.allocated_bytes());
+                    vec![memory, disk]
                 }
-                Store::Dir { .. } => continue,
+                _ => continue,
             };
             drop(dev);
-            assert_eq!(budget.used(), 0);
+            assert!(budgets.iter().all(|b| b.used() == 0));
         }
     }
 
-    /// A format command writing far past the budget into the memfd is
-    /// killed, with its helpers, as soon as the watch sees it.
+    /// A format command writing far past the budget into its image (a
+    /// memfd, the disk file, or the spill disk's image file) is killed, with
+    /// its helpers, as soon as the watch sees it, and nothing stays charged.
     #[test]
     fn a_format_command_outgrowing_the_budget_is_stopped() {
         let dir = tempfile::tempdir().unwrap();
         let (pid_file, done_file) = (dir.path().join("pid"), dir.path().join("done"));
-        let budget = Arc::new(Budget::new(16 << 20));
-        let maker = Maker {
-            size: 256 << 20,
-            store: Store::Memory(budget.clone()),
-            format: spec(FormatKind::Command(format!(
-                "dd if=/dev/urandom of=$disk bs=1M count=64 conv=notrunc 2>/dev/null & \
-                 echo $! > {}; wait; touch {}",
-                pid_file.display(),
-                done_file.display()
-            ))),
-        };
-        let err = maker.create().unwrap_err();
-        assert!(
-            err.starts_with("the format command exceeded the memory budget"),
-            "{err}"
-        );
-        assert_eq!(budget.used(), 0);
-        assert!(!done_file.exists(), "the command ran to its end");
-        // The background dd was killed with the group (and then reaped by
-        // init, so allow a moment for its zombie to go).
-        let dd = std::fs::read_to_string(&pid_file).unwrap();
-        let stat = format!("/proc/{}/stat", dd.trim());
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
-            assert!(std::time::Instant::now() < deadline, "dd still runs");
-            std::thread::sleep(Duration::from_millis(10));
+        let backing = tempfile::tempdir().unwrap();
+        let budget = || Arc::new(Budget::new(16 << 20));
+        for (store, kind) in [
+            (Store::Memory(budget()), "memory"),
+            (
+                Store::Dir {
+                    path: backing.path().to_owned(),
+                    budget: Some(budget()),
+                },
+                "disk",
+            ),
+            (
+                Store::Spill {
+                    path: backing.path().to_owned(),
+                    memory: budget(),
+                    disk: Some(budget()),
+                },
+                "disk",
+            ),
+        ] {
+            // 256 MiB, one MiB per dd, in a background job of the command.
+            let maker = Maker {
+                size: 256 << 20,
+                store,
+                format: spec(FormatKind::Command(format!(
+                    "(i=0; while [ $i -lt 256 ]; do \
+                       dd if=/dev/zero of=$disk bs=1M count=1 seek=$i conv=notrunc 2>/dev/null; \
+                       i=$((i+1)); done) & echo $! > {}; wait; touch {}",
+                    pid_file.display(),
+                    done_file.display()
+                ))),
+            };
+            let err = maker.create().unwrap_err();
+            let expected = format!("the format command exceeded the {kind} budget");
+            assert!(err.starts_with(&expected), "{err}");
+            let budgets: Vec<&Arc<Budget>> = match &maker.store {
+                Store::Memory(b) => vec![b],
+                Store::Dir { budget, .. } => budget.iter().collect(),
+                Store::Spill { memory, disk, .. } => disk.iter().chain([memory]).collect(),
+            };
+            assert!(budgets.iter().all(|b| b.used() == 0), "{kind}: charge left");
+            assert!(!done_file.exists(), "the command ran to its end");
+            assert_eq!(std::fs::read_dir(backing.path()).unwrap().count(), 0);
+            // The background writer was killed with the group (and then
+            // reaped by init, so allow a moment for its zombie to go).
+            let writer = std::fs::read_to_string(&pid_file).unwrap();
+            let stat = format!("/proc/{}/stat", writer.trim());
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the writer still runs"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 
