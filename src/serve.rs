@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use clap::Args;
 use scratchd_server::{
-    shutdown::Shutdown, workers::WorkerPool, Exports, Listener, ServerContext, SingleExport,
-    Transport,
+    shutdown::Shutdown, workers::WorkerPool, ConnectionLimit, Exports, Listener, ServerContext,
+    SingleExport, Transport,
 };
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// Accepted for nbdkit compatibility: scratchd always stays in the foreground.
     #[arg(short = 'f', long)]
     foreground: bool,
+    /// At most N client connections at once (0: no limit); a client past it
+    /// is closed at once. Each connection holds a thread and its buffers.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_connections: usize,
     /// Worker threads for backends that may block (file; tmpdisk with dir: or spill=).
     #[arg(long, value_name = "N", default_value_t = 16)]
     threads: usize,
@@ -138,10 +142,14 @@ pub fn main(args: ServeArgs) -> i32 {
         Ok(w) => w,
         Err(e) => return fail(format!("cannot start worker threads: {e}")),
     };
+    raise_open_file_limit();
     let ctx = Arc::new(ServerContext {
         exports,
         workers,
         shutdown: Shutdown::default(),
+        connections: ConnectionLimit::new(
+            (args.max_connections > 0).then_some(args.max_connections),
+        ),
     });
     if args.exit_with_parent {
         if let Err(e) = exit_with_parent() {
@@ -177,6 +185,20 @@ pub fn main(args: ServeArgs) -> i32 {
     };
     cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
     code
+}
+
+/// Raises the soft limit on open files to the hard one: every connection
+/// takes a descriptor (and a file-backed disk more), and the usual soft
+/// limit of 1024 would refuse clients long before `--max-connections`.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            warn!(error = %e, "cannot raise the open-file limit");
+        }
+    }
 }
 
 /// The exports to serve, and whether their backend may block.

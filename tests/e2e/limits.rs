@@ -24,3 +24,42 @@ eq(h.pread(4096, 1 << 20), b"b" * 4096, "write after trim")
         &[],
     );
 }
+
+/// With `--max-connections 2`, a third client is closed at once while two
+/// are open (before any handshake), the two keep working, and once one of
+/// them leaves a new client is served.
+#[test]
+fn clients_past_max_connections_are_closed_until_one_leaves() {
+    let server = Server::start(&["--max-connections", "2", "memory", "size=1M"]);
+    libnbd(
+        &server.uri(),
+        r#"
+import time
+
+def admitted():
+    """A client, retried while slots of clients that just left are freed
+    (the server's readiness probe is one)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return connect()
+        except nbd.Error:
+            assert time.monotonic() < deadline, "no room for a client"
+            time.sleep(0.05)
+
+a, b = admitted(), admitted()
+try:
+    connect()
+    raise AssertionError("a third client was served")
+except nbd.Error as e:
+    print("third client:", e)
+a.pwrite(b"a" * 512, 0)
+eq(b.pread(512, 0), b"a" * 512, "the two admitted clients work")
+a.shutdown()
+del a
+c = admitted()
+eq(c.pread(512, 0), b"a" * 512, "a client admitted after one left")
+"#,
+        &[],
+    );
+}

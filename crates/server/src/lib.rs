@@ -22,5 +22,5 @@ pub mod workers;
 
 pub use connection::serve;
 pub use export::{Exports, OpenExport, SingleExport};
-pub use listener::{Listener, ServerContext};
+pub use listener::{ConnectionLimit, Listener, ServerContext};
 pub use transport::Transport;

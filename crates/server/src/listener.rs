@@ -11,6 +11,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -31,6 +32,54 @@ pub struct ServerContext {
     pub workers: WorkerPool,
     /// Every live connection, for a graceful stop.
     pub shutdown: Shutdown,
+    pub connections: ConnectionLimit,
+}
+
+/// How many connections may be open at once. Each holds a thread and its
+/// buffers, so a flood of clients must not be able to take them without
+/// bound; a client past the limit is closed as soon as it is accepted
+/// (before the handshake, so it costs no thread).
+pub struct ConnectionLimit {
+    max: Option<usize>,
+    live: AtomicUsize,
+}
+
+impl ConnectionLimit {
+    /// `None`: no limit.
+    pub fn new(max: Option<usize>) -> Self {
+        ConnectionLimit {
+            max,
+            live: AtomicUsize::new(0),
+        }
+    }
+
+    /// Connections open now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+/// One connection's place within [`ConnectionLimit`], given back on drop.
+struct ConnectionSlot(Arc<ServerContext>);
+
+impl ConnectionSlot {
+    fn take(ctx: &Arc<ServerContext>) -> Option<Self> {
+        let limit = &ctx.connections;
+        let max = limit.max.unwrap_or(usize::MAX);
+        limit
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(ctx.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.live.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub enum Listener {
@@ -154,11 +203,23 @@ impl Listener {
     }
 }
 
+/// Serves `transport` on a thread of its own, or closes it at once when
+/// `--max-connections` are already open.
 pub fn spawn_connection(transport: Transport, ctx: Arc<ServerContext>) {
+    let Some(slot) = ConnectionSlot::take(&ctx) else {
+        warn!(
+            peer = %transport.peer,
+            limit = ctx.connections.max.unwrap_or(usize::MAX),
+            "too many connections; client closed"
+        );
+        return;
+    };
     let spawned = thread::Builder::new()
         .name("connection".to_owned())
         .stack_size(CONNECTION_STACK)
-        .spawn(move || connection::serve(transport, &ctx));
+        .spawn(move || {
+            connection::serve(transport, &slot.0);
+        });
     if let Err(e) = spawned {
         error!(error = %e, "cannot start a connection thread; client dropped");
     }
