@@ -52,11 +52,6 @@ impl ConnectionLimit {
             live: AtomicUsize::new(0),
         }
     }
-
-    /// Connections open now.
-    pub fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
 }
 
 /// One connection's place within [`ConnectionLimit`], given back on drop.
