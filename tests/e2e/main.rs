@@ -8,6 +8,7 @@
 mod bad_input;
 mod cli;
 mod fio;
+mod idle;
 mod limits;
 mod nbdcopy;
 mod nbdinfo;

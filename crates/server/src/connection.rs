@@ -6,9 +6,15 @@
 //! buffer: a client with 32 requests in flight gets 32 replies in one system
 //! call. Requests for backends that may block go to the worker pool, which
 //! writes each reply when it completes, so replies leave out of order.
+//!
+//! A connection that has received nothing for [`IDLE_AFTER`] gives the pages
+//! of its buffers back to the system (they keep their addresses and fault
+//! in again on use), so thousands of idle connections cost little more than
+//! their threads' stacks.
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use scratchd_proto::consts::OptError;
 use scratchd_proto::handshake::{self, ClientFlags, OptionHeader, PayloadPlan, OPTION_HEADER_LEN};
@@ -22,7 +28,7 @@ use tracing::{debug, info};
 use crate::executor::{self, send, Output, ReplyContext, Scratch, SharedWriter};
 use crate::export::OpenExport;
 use crate::listener::ServerContext;
-use crate::transport::Transport;
+use crate::transport::{Control, Transport};
 use crate::workers::InFlight;
 
 /// Input buffer size: holds dozens of small requests, so one read() serves many.
@@ -34,7 +40,11 @@ const FLUSH_AT: usize = 256 * 1024;
 const MAX_IN_FLIGHT: usize = 64;
 /// A client must send each handshake message within this time (as in
 /// qemu-nbd), so silent connections cannot pin threads forever.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After this long without a byte from the client, a connection in
+/// transmission gives its buffers' pages back. Clients may stay idle, or
+/// pause mid-request, for as long as they like.
+const IDLE_AFTER: Duration = Duration::from_secs(2);
 /// Buffers larger than this (grown by a huge request) are freed when the
 /// connection goes idle; smaller ones are kept, so steady 1 MiB traffic
 /// allocates nothing.
@@ -69,13 +79,12 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
         control,
         ..
     } = transport;
-    let mut input = Input::new(reader);
     control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut input = Input::new(reader);
     let Some((session, export)) = handshake(&mut input, &mut writer, ctx)? else {
         return Ok(());
     };
-    // Clients may stay idle for as long as they like once connected.
-    control.set_read_timeout(None)?;
+    input.watch_idle(control)?;
     info!(export = %session.export.name, mode = ?session.mode, "transmission started");
     transmission(input, writer, session, export, ctx)
 }
@@ -192,8 +201,16 @@ fn transmission(
                 if big_payload.capacity() > KEEP_BUFFER {
                     big_payload = Vec::new();
                 }
-                if !input.fill(header_len)? {
-                    return Ok(()); // clean EOF between requests
+                match input.fill_or_idle(header_len)? {
+                    Filled::Ready => {}
+                    Filled::End => return Ok(()), // clean EOF between requests
+                    Filled::Idle => {
+                        out.clear();
+                        big_payload.clear();
+                        give_back_vec(&mut out);
+                        give_back_vec(&mut big_payload);
+                        continue;
+                    }
                 }
             }
             let header = RequestHeader::parse(&input.buffered()[..header_len], session.mode)
@@ -379,6 +396,67 @@ struct Input {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// In transmission: the socket, whose read timeout ([`IDLE_AFTER`])
+    /// says the client has gone quiet; a timeout is then no error.
+    idle: Option<IdleWatch>,
+}
+
+struct IdleWatch {
+    control: Control,
+    /// Whether the timeout is set: it is cleared once the connection is
+    /// idle (nothing more to give back) and set again when bytes come.
+    armed: bool,
+}
+
+/// What [`Input::fill_or_idle`] found.
+enum Filled {
+    Ready,
+    /// End of stream, nothing buffered.
+    End,
+    /// Nothing came for [`IDLE_AFTER`] and nothing is buffered; the input
+    /// buffer's pages were given back.
+    Idle,
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Gives the whole pages of a vector's spare capacity back to the system.
+fn give_back_vec(v: &mut Vec<u8>) {
+    let spare = v.spare_capacity_mut();
+    // SAFETY: the spare capacity belongs to `v`, borrowed mutably, and
+    // holds nothing the vector considers initialised.
+    unsafe { give_back(spare.as_mut_ptr().cast(), spare.len()) }
+}
+
+/// Gives the whole pages inside `[start, start + len)` back to the system:
+/// they keep their addresses, read as zeros, and fault in again when next
+/// touched.
+///
+/// # Safety
+/// The range must be memory the caller owns and may overwrite with zeros
+/// (heap memory, which is private and anonymous), with no live references
+/// into it.
+unsafe fn give_back(start: *mut u8, len: usize) {
+    let page = rustix::param::page_size();
+    let first = (start as usize).next_multiple_of(page);
+    let end = (start as usize + len) / page * page;
+    if first < end {
+        // SAFETY: whole pages within the caller's range (see above).
+        // MADV_DONTNEED only makes them read as zeros; failure just keeps
+        // them.
+        let _ = unsafe {
+            rustix::mm::madvise(
+                first as *mut std::ffi::c_void,
+                end - first,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        };
+    }
 }
 
 impl Input {
@@ -388,6 +466,30 @@ impl Input {
             buf: vec![0u8; INPUT_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
+            idle: None,
+        }
+    }
+
+    /// From now on, a read timeout on `control` means the client is idle.
+    fn watch_idle(&mut self, control: Control) -> io::Result<()> {
+        control.set_read_timeout(Some(IDLE_AFTER))?;
+        self.idle = Some(IdleWatch {
+            control,
+            armed: true,
+        });
+        Ok(())
+    }
+
+    /// Reads from the stream into `dst`, part of a message. Read timeouts
+    /// while watching for idleness are no error: a client may pause
+    /// mid-request.
+    fn read_stream(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.reader.read(dst) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) && self.idle.is_some() => {}
+                r => return r,
+            }
         }
     }
 
@@ -407,9 +509,22 @@ impl Input {
     /// false on end of stream with nothing buffered; end of stream part-way
     /// through a message is an error.
     fn fill(&mut self, n: usize) -> io::Result<bool> {
+        loop {
+            match self.fill_or_idle(n)? {
+                Filled::Ready => return Ok(true),
+                Filled::End => return Ok(false),
+                Filled::Idle => {}
+            }
+        }
+    }
+
+    /// [`fill`](Self::fill), but returns when the client has been idle for
+    /// [`IDLE_AFTER`] with nothing buffered, having given back the buffer's
+    /// pages, so that the caller can give back its own.
+    fn fill_or_idle(&mut self, n: usize) -> io::Result<Filled> {
         debug_assert!(n <= self.buf.len());
         if self.end - self.start >= n {
-            return Ok(true);
+            return Ok(Filled::Ready);
         }
         if self.start + n > self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
@@ -418,14 +533,46 @@ impl Input {
         }
         while self.end - self.start < n {
             match self.reader.read(&mut self.buf[self.end..]) {
-                Ok(0) if self.end == self.start => return Ok(false),
+                Ok(0) if self.end == self.start => return Ok(Filled::End),
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(k) => self.end += k,
+                Ok(k) => {
+                    self.end += k;
+                    self.rearm()?;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Quiet mid-message: keep waiting.
+                Err(e) if is_timeout(&e) && self.idle.is_some() && self.end > self.start => {}
+                Err(e) if is_timeout(&e) && self.idle.is_some() => {
+                    self.go_idle()?;
+                    return Ok(Filled::Idle);
+                }
                 Err(e) => return Err(e),
             }
         }
-        Ok(true)
+        Ok(Filled::Ready)
+    }
+
+    /// Gives the (empty) buffer's pages back and stops the timeout until
+    /// bytes come again.
+    fn go_idle(&mut self) -> io::Result<()> {
+        // SAFETY: the buffer is ours and holds nothing (`start == end`).
+        unsafe { give_back(self.buf.as_mut_ptr(), self.buf.len()) };
+        if let Some(watch) = &mut self.idle {
+            watch.control.set_read_timeout(None)?;
+            watch.armed = false;
+        }
+        Ok(())
+    }
+
+    fn rearm(&mut self) -> io::Result<()> {
+        match &mut self.idle {
+            Some(watch) if !watch.armed => {
+                watch.control.set_read_timeout(Some(IDLE_AFTER))?;
+                watch.armed = true;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Fills `dst` from the buffer first, then straight from the stream.
@@ -433,14 +580,21 @@ impl Input {
         let have = self.buffered().len().min(dst.len());
         dst[..have].copy_from_slice(&self.buffered()[..have]);
         self.consume(have);
-        self.reader.read_exact(&mut dst[have..])
+        let mut at = have;
+        while at < dst.len() {
+            match self.read_stream(&mut dst[at..])? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                k => at += k,
+            }
+        }
+        Ok(())
     }
 
     /// Reads at most `dst.len()` bytes: buffered ones first, else straight
     /// from the stream.
     fn read_some(&mut self, dst: &mut [u8]) -> io::Result<usize> {
         if self.buffered().is_empty() {
-            return self.reader.read(dst);
+            return self.read_stream(dst);
         }
         let n = self.buffered().len().min(dst.len());
         dst[..n].copy_from_slice(&self.buffered()[..n]);
