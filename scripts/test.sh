@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine: installs the real NBD
-# clients the tests drive (when missing), then runs formatting and lint
-# checks, unit/property tests and the end-to-end suite.
+# clients the tests drive (when missing), then runs formatting, lint and
+# doc-link checks, unit/property tests and the end-to-end suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +20,9 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Doc comments link to what they name; a broken link fails the run.
+RUSTDOCFLAGS="-D warnings -A rustdoc::private-intra-doc-links" \
+  cargo doc --workspace --no-deps --document-private-items --locked -q
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"

@@ -1,7 +1,7 @@
 //! Bounded big-endian decoding and encoding.
 //!
 //! [`Reader`] never reads past its slice: every accessor returns
-//! [`Truncated`] instead, and [`Reader::finish`] rejects trailing bytes, so a
+//! [`DecodeError::Truncated`] instead, and [`Reader::finish`] rejects trailing bytes, so a
 //! message whose inner lengths disagree with its outer length is always caught.
 
 use thiserror::Error;

@@ -13,7 +13,7 @@
 //! - [`names`]: which export names are allowed.
 //! - [`registry`]: [`ScratchExports`], the name → disk map and its lifecycle.
 //! - [`disk`]: making a disk (memfd or `O_TMPFILE`, format, load).
-//! - [`format`]: running mkfs or the format command under a timeout.
+//! - [`format`](mod@format): running mkfs or the format command under a timeout.
 //! - [`spill`]: [`spill::SpillDevice`], RAM first, then an unnamed file.
 //! - [`device`]: [`ScratchDevice`], stats and the disk budget of files.
 //! - `pool`: formatted disks kept ready.

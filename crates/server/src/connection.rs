@@ -7,7 +7,7 @@
 //! call. Requests for backends that may block go to the worker pool, which
 //! writes each reply when it completes, so replies leave out of order.
 //!
-//! A connection that has received nothing for [`IDLE_AFTER`] gives the pages
+//! A connection that has received nothing for `IDLE_AFTER` (2 s) gives the pages
 //! of its buffers back to the system (they keep their addresses and fault
 //! in again on use), so thousands of idle connections cost little more than
 //! their threads' stacks.

@@ -7,7 +7,7 @@
 //!
 //! Layout:
 //! - [`memory`]: a sparse in-memory disk shared by every connection.
-//! - [`file`]: an existing regular file or block device.
+//! - [`file`](mod@file): an existing regular file or block device.
 
 use std::io;
 
