@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::util::{run, Server};
-use crate::wire::{negotiating, Conn, Mode};
+use crate::wire::{negotiating, Conn, Mode, CMD_READ};
 
 /// Reads until end of stream, which must come within `within`.
 fn expect_eof(s: &mut std::os::unix::net::UnixStream, within: Duration, what: &str) {
@@ -75,4 +75,129 @@ fn sigterm_answers_requests_already_received() {
     expect_eof(&mut c.s, Duration::from_secs(5), "after the last reply");
     let status = server.wait_for_exit(Duration::from_secs(5));
     assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
+/// Requests the server has received but not yet parsed when SIGTERM comes
+/// get ESHUTDOWN, deterministically. The disk is a file whose reads hang:
+/// an nbdfuse view of a second server that is stopped (SIGSTOP). With one
+/// worker thread and 64 slow READs (the per-connection limit on requests in
+/// flight), the connection thread waits for a slot for a 65th, with 7 more
+/// requests unparsed in its input buffer. Then SIGTERM, then the second
+/// server is let go: the 65 READs are answered with their data, the 7 with
+/// ESHUTDOWN, and the server closes and exits 0.
+#[test]
+fn requests_unparsed_at_sigterm_get_eshutdown() {
+    if let Some(why) = fuse_unavailable() {
+        eprintln!("SKIPPED requests_unparsed_at_sigterm_get_eshutdown: {why}");
+        return;
+    }
+    const IN_FLIGHT: u64 = 64; // MAX_IN_FLIGHT in crates/server/src/connection.rs
+    const WAITING: u64 = 8;
+    let inner = Server::start(&["memory", "size=1M"]);
+    let dir = tempfile::tempdir().unwrap();
+    // nbdfuse mounts the directory holding the file, so the pidfile goes
+    // elsewhere.
+    let (fuse, pidfile) = (dir.path().join("fuse"), dir.path().join("pid"));
+    std::fs::create_dir(&fuse).unwrap();
+    let disk = fuse.join("disk");
+    let nbdfuse = Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(&disk)
+        .arg(inner.uri())
+        .spawn()
+        .expect("run nbdfuse");
+    let _nbdfuse = Unmount(fuse.clone(), nbdfuse);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0) {
+        assert!(Instant::now() < deadline, "nbdfuse did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut server = Server::start(&[
+        "--threads",
+        "1",
+        "file",
+        &format!("path={}", disk.display()),
+    ]);
+    let mut c = Conn::open(&server, Mode::Simple);
+
+    let signal = |sig: &str, pid: u32| run(Command::new("kill").args([sig, &pid.to_string()]));
+    signal("-STOP", inner.pid());
+    let _resume = Resume(inner.pid());
+    // One write, so that the server receives every request at once. Reads
+    // of pages never read before, so the page cache cannot answer them.
+    let mut batch = Vec::new();
+    for i in 0..IN_FLIGHT + WAITING {
+        batch.extend(c.header(0, CMD_READ, i, i * 4096, 4096));
+    }
+    crate::util::send(&mut c.s, &batch);
+    std::thread::sleep(Duration::from_millis(300));
+    signal("-TERM", server.pid());
+    std::thread::sleep(Duration::from_millis(300));
+    signal("-CONT", inner.pid());
+
+    let mut answered = std::collections::BTreeMap::new();
+    for _ in 0..IN_FLIGHT + WAITING {
+        let (error, cookie) = c.read_simple();
+        if error == 0 {
+            crate::util::read_n(&mut c.s, 4096);
+        }
+        assert!(
+            answered.insert(cookie, error).is_none(),
+            "cookie {cookie} twice"
+        );
+    }
+    // The 65th was parsed too (it was waiting for a slot), so normally
+    // requests 0..=64 succeed and the rest get ESHUTDOWN. Those past the
+    // 65th can never be parsed before SIGTERM; on a very slow host fewer
+    // may have been parsed by then, but never a success after an ESHUTDOWN.
+    let errors: Vec<u32> = answered.values().copied().collect();
+    assert!(
+        errors[IN_FLIGHT as usize + 1..]
+            .iter()
+            .all(|&e| e == ESHUTDOWN),
+        "unparsed requests not refused: {answered:?}"
+    );
+    let parsed = errors.iter().take_while(|&&e| e == 0).count();
+    assert!(
+        errors[parsed..].iter().all(|&e| e == ESHUTDOWN),
+        "replies other than data then ESHUTDOWN: {answered:?}"
+    );
+    expect_eof(&mut c.s, Duration::from_secs(5), "after the last reply");
+    let status = server.wait_for_exit(Duration::from_secs(5));
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
+const ESHUTDOWN: u32 = 108;
+
+/// Why a FUSE mount cannot be made here, if it cannot.
+fn fuse_unavailable() -> Option<&'static str> {
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return Some("no /dev/fuse");
+    }
+    let uid = run(Command::new("id").arg("-u"));
+    (crate::util::stdout(&uid).trim() != "0").then_some("not root")
+}
+
+/// Sends SIGCONT to a stopped process when dropped (even on a failed
+/// assertion), so that it can be killed and reaped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Unmounts an nbdfuse directory and reaps nbdfuse when dropped.
+struct Unmount(std::path::PathBuf, std::process::Child);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = self.1.kill();
+        let _ = self.1.wait();
+    }
 }
