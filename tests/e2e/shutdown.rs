@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::util::{run, Server};
-use crate::wire::{negotiating, Conn, Mode, CMD_READ};
+use crate::wire::{negotiating, Conn, Mode, CMD_FLUSH, CMD_READ};
 
 /// Reads until end of stream, which must come within `within`.
 fn expect_eof(s: &mut std::os::unix::net::UnixStream, within: Duration, what: &str) {
@@ -120,6 +120,9 @@ fn requests_unparsed_at_sigterm_get_eshutdown() {
         &format!("path={}", disk.display()),
     ]);
     let mut c = Conn::open(&server, Mode::Simple);
+    // A second client, to see when shutdown has begun: sends to it fail
+    // with EPIPE once the server has stopped reading.
+    let mut probe = Conn::open(&server, Mode::Simple);
 
     let signal = |sig: &str, pid: u32| run(Command::new("kill").args([sig, &pid.to_string()]));
     signal("-STOP", inner.pid());
@@ -133,17 +136,20 @@ fn requests_unparsed_at_sigterm_get_eshutdown() {
     crate::util::send(&mut c.s, &batch);
     std::thread::sleep(Duration::from_millis(300));
     signal("-TERM", server.pid());
-    // The socket file goes just before shutdown begins; a loaded host may
-    // take a while to get there.
+    // Only once shutdown has begun may the disk come unstuck (a loaded host
+    // can take a while to handle the signal, and the socket file goes a
+    // little before). Until then each probe is a harmless FLUSH, queued
+    // behind the stuck READs.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while server.sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "socket still there after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
+    let flush = probe.header(0, CMD_FLUSH, 0, 0, 0);
+    loop {
+        match std::io::Write::write_all(&mut probe.s, &flush) {
+            Ok(()) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(e) => panic!("probe: {e}"),
+        }
+        assert!(Instant::now() < deadline, "no shutdown 10 s after SIGTERM");
     }
-    std::thread::sleep(Duration::from_millis(100));
     signal("-CONT", inner.pid());
 
     let mut answered = std::collections::BTreeMap::new();
