@@ -10,7 +10,7 @@
 //! pidfd and the pipe together, keeping the last few KiB of stderr, so there
 //! is no sleeping and no extra thread. A caller may also pass a [`Watch`],
 //! which that thread calls at least every [`WATCH_INTERVAL`] and which can
-//! stop the command (a memfd outgrowing the memory budget). When the command
+//! stop the command (a disk image outgrowing its budget). When the command
 //! exits, overruns the timeout or is stopped, the whole group gets SIGKILL (a
 //! format command must not leave helpers holding the disk open); the leader
 //! is reaped only after that, so its process-group id cannot have been
