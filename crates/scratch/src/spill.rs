@@ -36,8 +36,8 @@ use std::sync::{Arc, Mutex};
 use scratchd_store::memory::Budget;
 
 use scratchd_store::{
-    check_range, push_extent, BlockDevice, Capabilities, Extent, ExtentKind, MemoryDevice,
-    ZeroFlags,
+    block_runs, check_range, push_extent, BlockDevice, Capabilities, Extent, ExtentKind,
+    MemoryDevice, ZeroFlags,
 };
 
 use crate::device::BudgetedFile;
@@ -179,17 +179,8 @@ impl SpillDevice {
     /// Maximal runs of `[start, end)` with one spilled state:
     /// `(run start, run end, spilled)`.
     fn runs(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
-        let end_block = self.block_after(end);
-        let mut pos = start;
-        std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
-            }
-            let (spilled, run_end) = self.run(self.block_of(pos), end_block);
-            let stop = self.block_start(run_end).min(end);
-            let run = (pos, stop, spilled);
-            pos = stop;
-            Some(run)
+        block_runs(start, end, self.block_shift, |block, end_block| {
+            self.run(block, end_block)
         })
     }
 

@@ -139,6 +139,32 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// Splits `[start, end)` into maximal runs of blocks (`1 << shift` bytes
+/// each) that share a state, clipped to the range: `(run start, run end,
+/// state)`. `run(block, end_block)` gives the state of `block` and the first
+/// block in `(block, end_block]` whose state differs (or `end_block`). For
+/// backends that keep a bit per block, including those built on top of this
+/// crate's.
+pub fn block_runs<'a>(
+    start: u64,
+    end: u64,
+    shift: u32,
+    run: impl Fn(u64, u64) -> (bool, u64) + 'a,
+) -> impl Iterator<Item = (u64, u64, bool)> + 'a {
+    let end_block = end.div_ceil(1 << shift);
+    let mut pos = start;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let (state, run_end) = run(pos >> shift, end_block);
+        let stop = (run_end << shift).min(end);
+        let piece = (pos, stop, state);
+        pos = stop;
+        Some(piece)
+    })
+}
+
 /// Checks `[offset, offset + len)` against a device of `size` bytes and
 /// returns the end of the range, or `EINVAL`. For every backend, including
 /// those built on top of this crate's.

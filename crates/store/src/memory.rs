@@ -56,7 +56,9 @@ use std::sync::Arc;
 
 use rustix::mm::{self, Advice, MapFlags, ProtFlags};
 
-use crate::{check_range, push_extent, BlockDevice, Capabilities, Extent, ExtentKind, ZeroFlags};
+use crate::{
+    block_runs, check_range, push_extent, BlockDevice, Capabilities, Extent, ExtentKind, ZeroFlags,
+};
 
 /// Smallest allocation block; the system page size is used where larger.
 const MIN_BLOCK_SIZE: u64 = 4096;
@@ -245,17 +247,8 @@ impl MemoryDevice {
     /// Splits `[start, end)` into maximal runs of allocated or unallocated
     /// blocks, clipped to the range: `(run start, run end, allocated)`.
     fn runs(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
-        let end_block = self.block_after(end);
-        let mut pos = start;
-        std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
-            }
-            let (allocated, run_end) = self.bitmap.run(self.block_of(pos), end_block);
-            let stop = self.block_start(run_end).min(end);
-            let run = (pos, stop, allocated);
-            pos = stop;
-            Some(run)
+        block_runs(start, end, self.block_shift, |block, end_block| {
+            self.bitmap.run(block, end_block)
         })
     }
 
