@@ -12,6 +12,7 @@ use scratchd_server::{
     shutdown::Shutdown, workers::WorkerPool, ConnectionLimit, Exports, Listener, ServerContext,
     SingleExport, Transport,
 };
+use scratchd_store::sync;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
@@ -172,10 +173,10 @@ pub fn main(args: ServeArgs) -> i32 {
         Ok(env) => {
             if let Some(p) = &args.pidfile {
                 if let Err(e) = write_pidfile(p) {
-                    cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
+                    sync::lock(&cleanup).run();
                     return fail(format!("cannot write pidfile {}: {e}", p.display()));
                 }
-                cleanup.lock().unwrap_or_else(|e| e.into_inner()).pidfile = Some(p.clone());
+                sync::lock(&cleanup).pidfile = Some(p.clone());
             }
             match &args.run {
                 Some(cmd) => run_captive(cmd, &env, &cleanup),
@@ -183,7 +184,7 @@ pub fn main(args: ServeArgs) -> i32 {
             }
         }
     };
-    cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
+    sync::lock(&cleanup).run();
     code
 }
 
@@ -303,7 +304,7 @@ fn start_listeners(
                 .tempdir()
                 .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
             let p = dir.path().join("nbd.sock");
-            cleanup.lock().unwrap_or_else(|e| e.into_inner()).tempdir = Some(dir);
+            sync::lock(&cleanup).tempdir = Some(dir);
             p
         } else {
             path.clone()
@@ -316,7 +317,7 @@ fn start_listeners(
         listeners.extend(Listener::tcp(args.ipaddr.as_deref(), port).map_err(|e| e.to_string())?);
     }
     let port = listeners.iter().find_map(Listener::tcp_port);
-    let mut c = cleanup.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = sync::lock(&cleanup);
     for l in listeners {
         if let Listener::Unix(_, p) = &l {
             c.sockets.push(p.clone());
@@ -387,7 +388,7 @@ fn serve_until_signal(ctx: &ServerContext, cleanup: &Mutex<Cleanup>) -> i32 {
     if let Some(sig) = signals.forever().next() {
         info!(signal = sig, "shutting down");
     }
-    cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
+    sync::lock(&cleanup).run();
     let left = ctx.shutdown.begin(SHUTDOWN_GRACE);
     if left > 0 {
         warn!(
@@ -418,7 +419,7 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
     if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                cleanup.lock().unwrap_or_else(|e| e.into_inner()).run();
+                sync::lock(&cleanup).run();
                 std::process::exit(128 + sig);
             }
         });

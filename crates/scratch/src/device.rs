@@ -24,6 +24,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use scratchd_store::memory::Budget;
+use scratchd_store::sync;
 use scratchd_store::{
     BlockDevice, Capabilities, Extent, ExtentKind, FileDevice, MemoryDevice, ZeroFlags,
 };
@@ -252,7 +253,7 @@ impl BudgetedFile {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Charge> {
-        self.charge.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.charge)
     }
 
     /// Runs `op`, which may allocate up to `[offset, offset + len)`, within

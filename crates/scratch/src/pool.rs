@@ -8,9 +8,11 @@
 //! back-off that doubles up to 30 s; a build that finds the pool empty
 //! simply makes its own disk.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
+
+use scratchd_store::sync;
 
 use tracing::warn;
 
@@ -38,7 +40,7 @@ struct State {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.state)
     }
 }
 
@@ -91,10 +93,7 @@ fn fill(shared: &Shared, factory: &dyn DiskFactory) {
         {
             let mut state = shared.lock();
             while !state.stop && state.ready.len() >= shared.target {
-                state = shared
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|e| e.into_inner());
+                state = sync::wait(&shared.changed, state);
             }
             if state.stop {
                 return;
@@ -118,7 +117,7 @@ fn fill(shared: &Shared, factory: &dyn DiskFactory) {
                 let _ = shared
                     .changed
                     .wait_timeout_while(state, backoff, |s| !s.stop)
-                    .unwrap_or_else(|e| e.into_inner());
+                    .unwrap_or_else(PoisonError::into_inner);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }

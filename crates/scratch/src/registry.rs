@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use scratchd_proto::negotiation::{Catalog, ExportInfo, ExportListing, LookupError};
 use scratchd_server::export::{flags_for, BLOCK_SIZE};
 use scratchd_server::{Exports, OpenExport};
+use scratchd_store::sync;
 use scratchd_store::{BlockDevice, Capabilities};
 use tracing::{info, warn};
 
@@ -246,7 +247,7 @@ impl Drop for ScratchExports {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.state)
     }
 
     /// The name a client's `name` stands for, if policy allows it.
@@ -441,13 +442,9 @@ impl Shared {
             let now = Instant::now();
             let next = state.deadlines.peek().map(|Reverse((when, _, _))| *when);
             match next {
-                None => state = self.reaper.wait(state).unwrap_or_else(|e| e.into_inner()),
+                None => state = sync::wait(&self.reaper, state),
                 Some(when) if when > now => {
-                    state = self
-                        .reaper
-                        .wait_timeout(state, when - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    state = sync::wait_timeout(&self.reaper, state, when - now).0;
                 }
                 Some(_) => {
                     let Some(Reverse((when, id, name))) = state.deadlines.pop() else {
@@ -469,13 +466,13 @@ impl Shared {
 
 impl Pending {
     fn finish(&self, outcome: Result<(), LookupError>) {
-        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        *sync::lock(&self.outcome) = Some(outcome);
         self.done.notify_all();
     }
 
     /// Waits until the creation is over (or `deadline`); its outcome.
     fn wait(&self, deadline: Instant) -> Result<(), LookupError> {
-        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let mut outcome = sync::lock(&self.outcome);
         loop {
             if let Some(outcome) = outcome.as_ref() {
                 return outcome.clone();
@@ -486,11 +483,7 @@ impl Pending {
                     "timed out waiting for disk creation".into(),
                 ));
             }
-            outcome = self
-                .done
-                .wait_timeout(outcome, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            outcome = sync::wait_timeout(&self.done, outcome, left).0;
         }
     }
 }

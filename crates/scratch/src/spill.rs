@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use scratchd_store::memory::Budget;
+use scratchd_store::sync;
 
 use scratchd_store::{
     block_runs, check_range, push_extent, BlockDevice, Capabilities, Extent, ExtentKind,
@@ -197,7 +198,7 @@ impl SpillDevice {
         let tail = self.block_start(self.block_of(end)).max(head);
         let partial = |start: u64, stop: u64| {
             let lock = &self.partial[self.block_of(start) as usize % PARTIAL_LOCKS];
-            let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _held = sync::lock(&lock);
             f(start, stop)
         };
         if offset < head {

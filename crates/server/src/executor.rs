@@ -13,6 +13,7 @@ use scratchd_proto::negotiation::ReplyMode;
 use scratchd_proto::reply::{self, Descriptor, ReplyTo};
 use scratchd_proto::request::Command;
 use scratchd_proto::Errno;
+use scratchd_store::sync;
 use scratchd_store::{BlockDevice, Extent, ExtentKind, ZeroFlags};
 
 /// Reads at least this long are first checked for holes (with structured
@@ -56,7 +57,7 @@ pub fn send(writer: &SharedWriter, out: &mut Vec<u8>) -> io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }
-    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+    let mut w = sync::lock(&writer);
     let r = w.write_all(out);
     out.clear();
     r
@@ -235,7 +236,7 @@ impl Answer<'_, '_> {
         let Some(writer) = out.direct.filter(|_| len >= DIRECT_READ_MIN) else {
             return Ok(read_into(self.dev, offset, len, out.buf)?);
         };
-        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = sync::lock(&writer);
         // Earlier gathered replies and this header go first, on the first
         // slice: until then nothing is sent, so a storage error can still be
         // answered.

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use scratchd_store::sync;
+
 use crate::transport::Control;
 
 #[derive(Default)]
@@ -43,7 +45,7 @@ impl Drop for Registration<'_> {
 
 impl Shutdown {
     fn lock(&self) -> MutexGuard<'_, Live> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.live)
     }
 
     pub fn is_started(&self) -> bool {
@@ -77,11 +79,7 @@ impl Shutdown {
             if left.is_zero() {
                 break;
             }
-            live = self
-                .gone
-                .wait_timeout(live, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            live = sync::wait_timeout(&self.gone, live, left).0;
         }
         live.connections.len()
     }

@@ -7,6 +7,8 @@
 use std::sync::{Condvar, Mutex};
 use std::thread;
 
+use scratchd_store::sync;
+
 use crossbeam_channel::{unbounded, Sender};
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -57,24 +59,24 @@ impl InFlight {
 
     /// Waits for a free slot, then takes it.
     pub fn acquire(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = sync::lock(&self.count);
         while *n >= self.limit {
-            n = self.changed.wait(n).unwrap_or_else(|e| e.into_inner());
+            n = sync::wait(&self.changed, n);
         }
         *n += 1;
     }
 
     pub fn release(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = sync::lock(&self.count);
         *n -= 1;
         self.changed.notify_all();
     }
 
     /// Waits until every request taken has been released.
     pub fn wait_idle(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = sync::lock(&self.count);
         while *n > 0 {
-            n = self.changed.wait(n).unwrap_or_else(|e| e.into_inner());
+            n = sync::wait(&self.changed, n);
         }
     }
 }

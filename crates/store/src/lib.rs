@@ -8,11 +8,13 @@
 //! Layout:
 //! - [`memory`]: a sparse in-memory disk shared by every connection.
 //! - [`file`](mod@file): an existing regular file or block device.
+//! - [`sync`]: lock helpers that recover from poisoning, shared by every crate.
 
 use std::io;
 
 pub mod file;
 pub mod memory;
+pub mod sync;
 #[cfg(test)]
 mod testing;
 
