@@ -57,7 +57,7 @@ pub fn send(writer: &SharedWriter, out: &mut Vec<u8>) -> io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }
-    let mut w = sync::lock(&writer);
+    let mut w = sync::lock(writer);
     let r = w.write_all(out);
     out.clear();
     r
@@ -236,7 +236,7 @@ impl Answer<'_, '_> {
         let Some(writer) = out.direct.filter(|_| len >= DIRECT_READ_MIN) else {
             return Ok(read_into(self.dev, offset, len, out.buf)?);
         };
-        let mut w = sync::lock(&writer);
+        let mut w = sync::lock(writer);
         // Earlier gathered replies and this header go first, on the first
         // slice: until then nothing is sent, so a storage error can still be
         // answered.
