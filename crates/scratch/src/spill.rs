@@ -198,7 +198,7 @@ impl SpillDevice {
         let tail = self.block_start(self.block_of(end)).max(head);
         let partial = |start: u64, stop: u64| {
             let lock = &self.partial[self.block_of(start) as usize % PARTIAL_LOCKS];
-            let _held = sync::lock(&lock);
+            let _held = sync::lock(lock);
             f(start, stop)
         };
         if offset < head {
