@@ -304,7 +304,7 @@ fn start_listeners(
                 .tempdir()
                 .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
             let p = dir.path().join("nbd.sock");
-            sync::lock(&cleanup).tempdir = Some(dir);
+            sync::lock(cleanup).tempdir = Some(dir);
             p
         } else {
             path.clone()
@@ -317,7 +317,7 @@ fn start_listeners(
         listeners.extend(Listener::tcp(args.ipaddr.as_deref(), port).map_err(|e| e.to_string())?);
     }
     let port = listeners.iter().find_map(Listener::tcp_port);
-    let mut c = sync::lock(&cleanup);
+    let mut c = sync::lock(cleanup);
     for l in listeners {
         if let Listener::Unix(_, p) = &l {
             c.sockets.push(p.clone());
@@ -388,7 +388,7 @@ fn serve_until_signal(ctx: &ServerContext, cleanup: &Mutex<Cleanup>) -> i32 {
     if let Some(sig) = signals.forever().next() {
         info!(signal = sig, "shutting down");
     }
-    sync::lock(&cleanup).run();
+    sync::lock(cleanup).run();
     let left = ctx.shutdown.begin(SHUTDOWN_GRACE);
     if left > 0 {
         warn!(
