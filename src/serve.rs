@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// Worker threads for backends that may block (file; tmpdisk with dir: or spill=).
     #[arg(long, value_name = "N", default_value_t = 16)]
     threads: usize,
+    /// Cut off a client that reads none of its replies for this long while
+    /// some are waiting for it (its queued replies are dropped).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_reply_timeout)]
+    reply_timeout: std::time::Duration,
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     verbose: u8,
@@ -151,6 +155,7 @@ pub fn main(args: ServeArgs) -> i32 {
         connections: ConnectionLimit::new(
             (args.max_connections > 0).then_some(args.max_connections),
         ),
+        reply_timeout: args.reply_timeout,
     });
     if args.exit_with_parent {
         if let Err(e) = exit_with_parent() {
@@ -432,5 +437,13 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
                 .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
         }
         Err(e) => fail(format!("cannot run {cmd:?}: {e}")),
+    }
+}
+
+fn parse_reply_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match scratchd_scratch::config::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
 }

@@ -127,6 +127,11 @@ fn requests_unparsed_at_sigterm_get_eshutdown() {
     let signal = |sig: &str, pid: u32| run(Command::new("kill").args([sig, &pid.to_string()]));
     signal("-STOP", inner.pid());
     let _resume = Resume(inner.pid());
+    // SIGSTOP takes effect as each thread next leaves the kernel: a thread
+    // of the inner server busy on another core could still answer a read
+    // (the page cache would then serve its neighbours). Wait until every
+    // thread is stopped.
+    wait_until_stopped(inner.pid());
     // One write, so that the server receives every request at once. Reads
     // of pages never read before, so the page cache cannot answer them.
     let mut batch = Vec::new();
@@ -185,6 +190,24 @@ fn requests_unparsed_at_sigterm_get_eshutdown() {
 }
 
 const ESHUTDOWN: u32 = 108;
+
+/// Waits until every thread of process `pid` is stopped (state `T`).
+fn wait_until_stopped(pid: u32) {
+    let stopped = || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stopped() {
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
 
 /// Why a FUSE mount cannot be made here, if it cannot.
 fn fuse_unavailable() -> Option<&'static str> {

@@ -1,20 +1,32 @@
-//! Runs one validated request against a backend and appends its reply.
+//! Runs validated requests against a backend: every command is executed
+//! here, and nowhere else.
 //!
-//! Replies are built in a caller-owned buffer, never sent from here: the
-//! connection thread batches many replies into one write, and a worker sends
-//! its own. Nothing is sent until a reply is complete, so a READ that fails
-//! halfway is rolled back and answered with a clean error, in every framing.
+//! A reply is built in an [`Output`] (see [`crate::replies`]): appended to
+//! the buffer the connection gathers replies in, or, for a large READ on an
+//! inline connection, sent straight from storage to the socket after what
+//! was gathered. Nothing is sent until a reply is complete or storage has
+//! delivered its first bytes, so a READ that fails early is rolled back and
+//! answered with a clean error, in every framing.
+//!
+//! Three entry points, by where the request runs:
+//! - [`execute`]: the connection's own thread (inline backends) or a worker;
+//! - [`write_in_place`]: a WRITE too large for the input buffer, received
+//!   straight from the socket into storage that offers its memory;
+//! - [`PoolRequest::run`]: a request on the worker pool, whose reply is
+//!   posted with its [`Ticket`].
 
-use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
+use std::io::{self, Read};
+use std::sync::Arc;
 
 use scratchd_proto::consts::{STATE_HOLE, STATE_ZERO};
 use scratchd_proto::negotiation::ReplyMode;
 use scratchd_proto::reply::{self, Descriptor, ReplyTo};
 use scratchd_proto::request::Command;
 use scratchd_proto::Errno;
-use scratchd_store::sync;
 use scratchd_store::{BlockDevice, Extent, ExtentKind, ZeroFlags};
+
+use crate::input::Input;
+use crate::replies::{Output, Ticket};
 
 /// Reads at least this long are first checked for holes (with structured
 /// replies), so sparse regions go out as 12-byte OFFSET_HOLE chunks instead
@@ -46,30 +58,6 @@ pub struct Scratch {
 pub struct ReplyContext {
     pub mode: ReplyMode,
     pub base_allocation: Option<u32>,
-}
-
-/// The connection's socket writer, shared by its thread and the workers
-/// running its requests; each reply is written whole under the lock.
-pub type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
-
-/// Writes the gathered replies in `out` (if any) and empties it.
-pub fn send(writer: &SharedWriter, out: &mut Vec<u8>) -> io::Result<()> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    let mut w = sync::lock(writer);
-    let r = w.write_all(out);
-    out.clear();
-    r
-}
-
-/// Where replies go.
-pub struct Output<'a> {
-    /// Replies gathered for one write.
-    pub buf: &'a mut Vec<u8>,
-    /// The socket, for READ replies large enough to be worth sending straight
-    /// from storage (after whatever `buf` holds); `None` to always gather.
-    pub direct: Option<&'a SharedWriter>,
 }
 
 /// Runs `cmd` and appends (or sends) its reply. Storage errors become error
@@ -233,10 +221,10 @@ impl Answer<'_, '_> {
         let out = &mut *self.out;
         let mark = out.buf.len();
         reply::put_read_data(out.buf, self.mode, self.to, offset, len, true);
-        let Some(writer) = out.direct.filter(|_| len >= DIRECT_READ_MIN) else {
+        let Some(direct) = out.direct.filter(|_| len >= DIRECT_READ_MIN) else {
             return Ok(read_into(self.dev, offset, len, out.buf)?);
         };
-        let mut w = sync::lock(writer);
+        let mut w = direct.lock();
         // Earlier gathered replies and this header go first, on the first
         // slice: until then nothing is sent, so a storage error can still be
         // answered.
@@ -297,5 +285,96 @@ impl Answer<'_, '_> {
         }));
         reply::put_block_status(self.out.buf, self.mode, self.to, context_id, descriptors);
         Ok(())
+    }
+}
+
+/// Runs an inline WRITE whose payload is too large for the input buffer,
+/// receiving it from `input` straight into storage that offers its memory,
+/// and appends the reply to `out`. `None`: the backend offers no memory
+/// (nothing was read; the caller receives the payload into a buffer). An
+/// `Err` means the connection failed mid-payload.
+pub fn write_in_place(
+    dev: &dyn BlockDevice,
+    (offset, len, fua): (u64, usize, bool),
+    input: &mut Input,
+    cx: ReplyContext,
+    to: ReplyTo,
+    out: &mut Vec<u8>,
+) -> Option<io::Result<()>> {
+    let mut src = Payload {
+        input,
+        left: len,
+        failed: false,
+    };
+    let result = dev.write_from(offset, len, &mut src, fua)?;
+    Some(match result {
+        Ok(()) => {
+            reply::put_ok(out, cx.mode, to);
+            Ok(())
+        }
+        Err(e) if src.failed => Err(e),
+        // Storage refused: skip what it did not take, so the stream stays
+        // in sync, and answer with the error.
+        Err(e) => {
+            let left = src.left as u64;
+            src.input
+                .discard(left)
+                .map(|()| put_storage_error(out, cx.mode, to, &e))
+        }
+    })
+}
+
+/// A WRITE payload read straight from the connection by storage; remembers
+/// how much is left and whether the connection failed.
+struct Payload<'a> {
+    input: &'a mut Input,
+    left: usize,
+    failed: bool,
+}
+
+impl Read for Payload<'_> {
+    fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        let want = dst.len().min(self.left);
+        let r = self.input.read_some(&mut dst[..want]);
+        match &r {
+            Ok(0) if want > 0 => self.failed = true,
+            Ok(n) => self.left -= n,
+            Err(_) => self.failed = true,
+        }
+        r
+    }
+}
+
+/// A request running on the worker pool.
+pub struct PoolRequest {
+    pub device: Arc<dyn BlockDevice>,
+    pub cmd: Command,
+    pub cx: ReplyContext,
+    pub to: ReplyTo,
+    pub payload: Vec<u8>,
+    /// Room reserved for it on its connection, and the way its reply goes.
+    pub ticket: Ticket,
+}
+
+impl PoolRequest {
+    pub fn run(self) {
+        let mut buf = Vec::new();
+        let mut out = Output {
+            buf: &mut buf,
+            direct: None,
+        };
+        // Without a direct writer, execute cannot fail.
+        let _ = execute(
+            self.device.as_ref(),
+            self.cmd,
+            &self.payload,
+            self.cx,
+            self.to,
+            &mut out,
+            &mut Scratch::default(),
+        );
+        // The payload's memory goes back before the reply may wait.
+        drop(self.payload);
+        self.ticket.post(buf);
     }
 }

@@ -15,7 +15,9 @@
 pub mod connection;
 pub mod executor;
 pub mod export;
+pub mod input;
 pub mod listener;
+pub mod replies;
 pub mod shutdown;
 pub mod transport;
 pub mod workers;

@@ -33,6 +33,9 @@ pub struct ServerContext {
     /// Every live connection, for a graceful stop.
     pub shutdown: Shutdown,
     pub connections: ConnectionLimit,
+    /// A client that reads none of its replies for this long, while some
+    /// wait for it, is cut off (see [`crate::replies`]).
+    pub reply_timeout: std::time::Duration,
 }
 
 /// How many connections may be open at once. Each holds a thread and its

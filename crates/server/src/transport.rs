@@ -5,6 +5,11 @@
 //! read and write halves up front. Unix and TCP sockets are cloned; stdio
 //! (`-s`) is naturally two descriptors. A TLS transport can provide the same
 //! two halves over a shared session.
+//!
+//! The write half of a socket never blocks: [`WriteHalf::try_write`] sends
+//! what fits now (`MSG_DONTWAIT`), so a worker thread shared by every
+//! connection can never be held by one client that stopped reading; the
+//! connection decides who waits for the rest (see [`crate::replies`]).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -19,7 +24,7 @@ const UNIX_SEND_BUFFER: usize = 2 * 1024 * 1024;
 
 pub struct Transport {
     pub reader: Box<dyn Read + Send>,
-    pub writer: Box<dyn Write + Send>,
+    pub writer: WriteHalf,
     /// Who is on the other end, for logs.
     pub peer: String,
     /// The socket beneath, for timeouts and shutdown.
@@ -42,6 +47,26 @@ impl Control {
             Control::Unix(s) => s.set_read_timeout(timeout),
             Control::Tcp(s) => s.set_read_timeout(timeout),
             Control::None => Ok(()),
+        }
+    }
+
+    /// Ends both directions: a client that stopped reading its replies is
+    /// cut off, and the connection's thread wakes from any read.
+    pub fn cut(&self) {
+        let _ = match self {
+            Control::Unix(s) => s.shutdown(net::Shutdown::Both),
+            Control::Tcp(s) => s.shutdown(net::Shutdown::Both),
+            Control::None => Ok(()),
+        };
+    }
+
+    /// Waits until the socket can take more bytes, at most `timeout`; false
+    /// when the time ran out. Without a socket, it can always.
+    pub fn wait_writable(&self, timeout: Duration) -> io::Result<bool> {
+        match self {
+            Control::Unix(s) => wait_writable(s.as_fd(), timeout),
+            Control::Tcp(s) => wait_writable(s.as_fd(), timeout),
+            Control::None => Ok(true),
         }
     }
 
@@ -73,7 +98,7 @@ impl Transport {
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, UNIX_SEND_BUFFER);
         Ok(Transport {
             reader: Box::new(stream.try_clone()?),
-            writer: Box::new(stream.try_clone()?),
+            writer: WriteHalf::Socket(OwnedFd::from(stream.try_clone()?)),
             peer: "unix".to_owned(),
             control: Control::Unix(stream),
         })
@@ -88,7 +113,7 @@ impl Transport {
             .unwrap_or_else(|_| "tcp".to_owned());
         Ok(Transport {
             reader: Box::new(stream.try_clone()?),
-            writer: Box::new(stream.try_clone()?),
+            writer: WriteHalf::Socket(OwnedFd::from(stream.try_clone()?)),
             peer,
             control: Control::Tcp(stream),
         })
@@ -102,9 +127,99 @@ impl Transport {
         };
         Ok(Transport {
             reader: Box::new(dup(io::stdin().as_fd())?),
-            writer: Box::new(dup(io::stdout().as_fd())?),
+            // Blocking writes: `-s` serves one client, so there is nobody
+            // else for it to hold up.
+            writer: WriteHalf::Stream(Box::new(dup(io::stdout().as_fd())?)),
             peer: "stdio".to_owned(),
             control: Control::None,
         })
     }
+}
+
+/// The writing side of a transport.
+pub enum WriteHalf {
+    /// A socket, written without ever blocking.
+    Socket(OwnedFd),
+    /// Any other stream (stdout for `-s`), written with blocking writes.
+    Stream(Box<dyn Write + Send>),
+}
+
+impl WriteHalf {
+    /// Writes as much of `buf` as the socket takes now; `WouldBlock` when
+    /// it takes nothing. A [`WriteHalf::Stream`] blocks instead.
+    pub fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            WriteHalf::Socket(fd) => {
+                let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+                loop {
+                    match rustix::net::send(&*fd, buf, flags) {
+                        Err(rustix::io::Errno::INTR) => {}
+                        r => return r.map_err(io::Error::from),
+                    }
+                }
+            }
+            WriteHalf::Stream(w) => {
+                let n = w.write(buf)?;
+                w.flush()?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Waits until the socket can take more, at most `timeout`; false when
+    /// the time ran out.
+    pub fn wait_writable(&self, timeout: Duration) -> io::Result<bool> {
+        match self {
+            WriteHalf::Socket(fd) => wait_writable(fd.as_fd(), timeout),
+            WriteHalf::Stream(_) => Ok(true),
+        }
+    }
+
+    /// Writes all of `buf`, waiting for the socket as needed, but never
+    /// longer than `stall` without progress (the client stopped reading).
+    pub fn write_all(&mut self, mut buf: &[u8], stall: Duration) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.try_write(buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !self.wait_writable(stall)? {
+                        return Err(stalled(stall));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `fd` can be written, at most `timeout`; false when the time
+/// ran out.
+fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::OUT,
+    )];
+    // A day stands for "forever": the caller waits again if it must.
+    let timeout = timeout.min(Duration::from_secs(86_400));
+    let timeout = rustix::event::Timespec::try_from(timeout).unwrap_or_default();
+    loop {
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+            Ok(n) => return Ok(n > 0),
+        }
+    }
+}
+
+/// The error for a client that has not read any of its replies for `stall`.
+pub fn stalled(stall: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "client read none of its replies for {} s",
+            stall.as_secs_f32()
+        ),
+    )
 }

@@ -4,10 +4,7 @@
 //! replies leave in completion order. The pool is shared by all connections,
 //! so thousands of clients never mean thousands of extra threads.
 
-use std::sync::{Condvar, Mutex};
 use std::thread;
-
-use scratchd_store::sync;
 
 use crossbeam_channel::{unbounded, Sender};
 
@@ -36,47 +33,5 @@ impl WorkerPool {
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
         // Workers live as long as the process, so the channel never closes.
         let _ = self.jobs.send(Box::new(job));
-    }
-}
-
-/// Counts one connection's requests that are still running elsewhere, to
-/// bound them (memory per connection stays bounded) and to let DISC wait for
-/// all of them before the connection closes.
-pub struct InFlight {
-    count: Mutex<usize>,
-    changed: Condvar,
-    limit: usize,
-}
-
-impl InFlight {
-    pub fn new(limit: usize) -> Self {
-        InFlight {
-            count: Mutex::new(0),
-            changed: Condvar::new(),
-            limit,
-        }
-    }
-
-    /// Waits for a free slot, then takes it.
-    pub fn acquire(&self) {
-        let mut n = sync::lock(&self.count);
-        while *n >= self.limit {
-            n = sync::wait(&self.changed, n);
-        }
-        *n += 1;
-    }
-
-    pub fn release(&self) {
-        let mut n = sync::lock(&self.count);
-        *n -= 1;
-        self.changed.notify_all();
-    }
-
-    /// Waits until every request taken has been released.
-    pub fn wait_idle(&self) {
-        let mut n = sync::lock(&self.count);
-        while *n > 0 {
-            n = sync::wait(&self.changed, n);
-        }
     }
 }

@@ -1,0 +1,412 @@
+//! Where a connection's replies leave, and how much may wait to leave.
+//!
+//! Every reply of a connection goes through its [`Replies`]: no other code
+//! writes to a client. There are two ways a reply leaves:
+//!
+//! - **Inline** (backends that never block): the connection's own thread
+//!   runs each request and gathers the replies in one buffer, written with
+//!   one system call when no further request is waiting. It may wait for the
+//!   client to read (only its own client waits with it), and READ replies
+//!   large enough go straight from storage to the socket.
+//! - **Pooled** (backends that may block): requests run on workers shared by
+//!   every connection, so a worker must never wait for one client. Each
+//!   request is first admitted with a [`Ticket`] that reserves room for its
+//!   payload and reply; the worker hands its reply to [`Ticket::post`],
+//!   which sends what the socket takes at once and queues the rest. A
+//!   flusher thread of the connection's own (started the first time anything
+//!   is queued) waits for the client and sends the queue. When the queue and
+//!   the running requests fill the connection's budget, [`Replies::admit`]
+//!   waits: that connection stops reading requests, and nobody else notices.
+//!
+//! Either way, a client that reads none of its replies for the stall timeout
+//! (`--reply-timeout`) while some are waiting is cut off, and what it had
+//! queued is dropped.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use scratchd_store::sync;
+use tracing::{debug, warn};
+
+use crate::transport::{stalled, Control, WriteHalf};
+
+/// Requests one connection may have running or answered-but-unsent at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Bytes one connection's pooled requests may hold at once (payloads
+/// received, replies expected or queued). One request is always admitted
+/// when nothing else is held, so a 32 MiB READ still runs.
+pub const BUDGET: usize = 32 * 1024 * 1024;
+/// Small requests (up to [`SMALL`] bytes) may use this much room beyond
+/// [`BUDGET`], so that a large READ never holds up the small ones behind it:
+/// they still overtake it, as the worker pool allows.
+const SMALL_HEADROOM: usize = 1024 * 1024;
+const SMALL: usize = 64 * 1024;
+/// Gathered inline replies are written once they reach this size, even if
+/// more requests are waiting, to keep memory and latency bounded.
+pub const FLUSH_AT: usize = 256 * 1024;
+/// Stack of a connection's flusher thread: it only moves buffers.
+const FLUSHER_STACK: usize = 64 * 1024;
+
+/// A connection's replies: the gathering buffer of its own thread, and the
+/// state it shares with the workers running its requests.
+pub struct Replies {
+    shared: Arc<Shared>,
+    /// Replies gathered by the connection's thread, sent by [`Self::flush`].
+    batch: Vec<u8>,
+    /// Whether requests run on the worker pool (see the module docs).
+    pooled: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when room is freed, when the queue gets work, and on close.
+    changed: Condvar,
+    /// The socket, to wait for it without holding the state's lock and to
+    /// cut off a stalled client.
+    control: Control,
+    stall: Duration,
+}
+
+struct State {
+    writer: WriteHalf,
+    /// Replies, or their unsent ends, waiting for the client to read; sent
+    /// in order, each whole before the next.
+    queue: VecDeque<Vec<u8>>,
+    queued_bytes: usize,
+    /// Admitted requests that have not posted a reply yet.
+    running: usize,
+    /// Bytes the running requests reserved.
+    reserved: usize,
+    /// The client is gone or was cut off: replies are dropped from now on.
+    closed: bool,
+    flusher: bool,
+    /// When the client last took bytes of a queued reply.
+    progress: Instant,
+}
+
+impl State {
+    fn used(&self) -> usize {
+        self.reserved + self.queued_bytes
+    }
+
+    /// Sends queued replies until the queue is empty or the socket is full
+    /// (`WouldBlock`).
+    fn send_queued(&mut self) -> io::Result<()> {
+        while let Some(front) = self.queue.front_mut() {
+            let n = self.writer.try_write(front)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.progress = Instant::now();
+            self.queued_bytes -= n;
+            if n == front.len() {
+                self.queue.pop_front();
+            } else {
+                front.drain(..n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `reply` now as far as the socket takes it, after anything
+    /// already queued; queues the rest.
+    fn send_or_queue(&mut self, mut reply: Vec<u8>) -> io::Result<()> {
+        if self.queue.is_empty() {
+            match self.writer.try_write(&reply) {
+                Ok(n) if n == reply.len() => return Ok(()),
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.progress = Instant::now();
+                    reply.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.progress = Instant::now(),
+                Err(e) => return Err(e),
+            }
+        }
+        self.queued_bytes += reply.len();
+        self.queue.push_back(reply);
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        self.closed = true;
+        self.queue.clear();
+        self.queued_bytes = 0;
+    }
+}
+
+impl Replies {
+    pub fn new(writer: WriteHalf, control: Control, stall: Duration, pooled: bool) -> Self {
+        Replies {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    writer,
+                    queue: VecDeque::new(),
+                    queued_bytes: 0,
+                    running: 0,
+                    reserved: 0,
+                    closed: false,
+                    flusher: false,
+                    progress: Instant::now(),
+                }),
+                changed: Condvar::new(),
+                control,
+                stall,
+            }),
+            batch: Vec::with_capacity(FLUSH_AT),
+            pooled,
+        }
+    }
+
+    /// The buffer the connection's thread appends replies to.
+    pub fn batch(&mut self) -> &mut Vec<u8> {
+        &mut self.batch
+    }
+
+    /// Whether enough is gathered to send it even with requests waiting.
+    pub fn batch_is_full(&self) -> bool {
+        self.batch.len() >= FLUSH_AT
+    }
+
+    /// Sends what the connection's thread gathered. Inline, this waits for
+    /// the client (up to the stall timeout); pooled, it never waits.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        if self.pooled {
+            let batch = std::mem::take(&mut self.batch);
+            return self.shared.post(batch, None);
+        }
+        let r = self.writer().write_all(&self.batch);
+        self.batch.clear();
+        r
+    }
+
+    /// Where the connection's thread puts the reply of a request it runs.
+    pub fn output(&mut self) -> Output<'_> {
+        Output {
+            buf: &mut self.batch,
+            // Only an inline connection may wait on its client.
+            direct: (!self.pooled).then_some(Direct(&self.shared)),
+        }
+    }
+
+    fn writer(&self) -> Writer<'_> {
+        Direct(&self.shared).lock()
+    }
+
+    /// Waits for room for a pooled request holding `bytes` (its payload and
+    /// expected reply), then reserves it. Fails once the client is gone.
+    pub fn admit(&self, bytes: usize) -> io::Result<Ticket> {
+        let shared = &self.shared;
+        let mut st = sync::lock(&shared.state);
+        loop {
+            if st.closed {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the client stopped taking replies",
+                ));
+            }
+            let limit = if bytes <= SMALL {
+                BUDGET + SMALL_HEADROOM
+            } else {
+                BUDGET
+            };
+            let fits = st.used() == 0 || st.used() + bytes <= limit;
+            if fits && st.running < MAX_IN_FLIGHT {
+                break;
+            }
+            st = sync::wait(&shared.changed, st);
+        }
+        st.running += 1;
+        st.reserved += bytes;
+        Ok(Ticket {
+            shared: shared.clone(),
+            bytes,
+            posted: false,
+        })
+    }
+
+    /// Waits until every admitted request has posted its reply and every
+    /// reply has been sent (or dropped, if the client is gone or stalled).
+    pub fn wait_idle(&self) {
+        let mut st = sync::lock(&self.shared.state);
+        while st.running > 0 || !(st.queue.is_empty() || st.closed) {
+            st = sync::wait(&self.shared.changed, st);
+        }
+    }
+
+    /// Drops what is queued and every reply still to come: the client is
+    /// gone. Ends the flusher.
+    pub fn close(&self) {
+        sync::lock(&self.shared.state).close();
+        self.shared.changed.notify_all();
+    }
+
+    /// Gives back the batch buffer's memory if a huge request grew it, and
+    /// its pages if the client is idle.
+    pub fn shrink(&mut self, keep: usize) {
+        if self.batch.capacity() > keep {
+            self.batch = Vec::with_capacity(FLUSH_AT);
+        }
+    }
+
+    pub fn give_back(&mut self) {
+        self.batch.clear();
+        crate::input::give_back_vec(&mut self.batch);
+    }
+}
+
+impl Shared {
+    /// Sends or queues a reply; never waits for the client. `reserved`:
+    /// the reservation of the request it answers, freed in the same step
+    /// (so that [`Replies::wait_idle`] never sees a request neither running
+    /// nor replied).
+    fn post(self: &Arc<Self>, reply: Vec<u8>, reserved: Option<usize>) -> io::Result<()> {
+        let mut st = sync::lock(&self.state);
+        if let Some(bytes) = reserved {
+            st.running -= 1;
+            st.reserved -= bytes;
+            self.changed.notify_all();
+        }
+        if st.closed {
+            return Ok(());
+        }
+        if let Err(e) = st.send_or_queue(reply) {
+            st.close();
+            drop(st);
+            self.changed.notify_all();
+            return Err(e);
+        }
+        if !st.queue.is_empty() && !st.flusher {
+            st.flusher = true;
+            let shared = self.clone();
+            let spawned = thread::Builder::new()
+                .name("flusher".to_owned())
+                .stack_size(FLUSHER_STACK)
+                .spawn(move || shared.flush_queue());
+            if let Err(e) = spawned {
+                warn!(error = %e, "cannot start a flusher thread; client cut off");
+                st.close();
+                self.control.cut();
+            }
+        }
+        Ok(())
+    }
+
+    /// The flusher thread: sends queued replies as the client reads them,
+    /// until the connection closes.
+    fn flush_queue(&self) {
+        let mut st = sync::lock(&self.state);
+        loop {
+            if st.closed {
+                return;
+            }
+            if st.queue.is_empty() {
+                st = sync::wait(&self.changed, st);
+                continue;
+            }
+            let before = st.queued_bytes;
+            match st.send_queued() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!(error = %e, "client gone with replies queued");
+                    st = self.cut(st);
+                    continue;
+                }
+            }
+            if st.queued_bytes < before {
+                self.changed.notify_all();
+            }
+            if st.queue.is_empty() {
+                continue;
+            }
+            let waited = st.progress.elapsed();
+            if waited >= self.stall {
+                warn!("{}; disconnecting it", stalled(self.stall));
+                st = self.cut(st);
+                continue;
+            }
+            drop(st);
+            let _ = self.control.wait_writable(self.stall - waited);
+            st = sync::lock(&self.state);
+        }
+    }
+
+    /// Cuts the client off: queued replies are dropped, and the
+    /// connection's thread wakes from its read.
+    fn cut<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.close();
+        self.control.cut();
+        self.changed.notify_all();
+        st
+    }
+}
+
+/// A pooled request's reserved room, and its right to post one reply.
+/// Dropped without posting (the request was abandoned), it frees the room.
+pub struct Ticket {
+    shared: Arc<Shared>,
+    bytes: usize,
+    posted: bool,
+}
+
+impl Ticket {
+    /// Sends or queues the request's reply and frees its reservation. A
+    /// send error means the client is gone; its connection's thread notices.
+    pub fn post(mut self, reply: Vec<u8>) {
+        self.posted = true;
+        let _ = self.shared.post(reply, Some(self.bytes));
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.posted {
+            let mut st = sync::lock(&self.shared.state);
+            st.running -= 1;
+            st.reserved -= self.bytes;
+            self.shared.changed.notify_all();
+        }
+    }
+}
+
+/// Where a reply goes.
+pub struct Output<'a> {
+    /// Replies gathered for one write.
+    pub buf: &'a mut Vec<u8>,
+    /// The socket, for READ replies large enough to be worth sending straight
+    /// from storage (after whatever `buf` holds); `None` to always gather.
+    pub direct: Option<Direct<'a>>,
+}
+
+/// The socket of an inline connection, to be locked for one reply.
+#[derive(Clone, Copy)]
+pub struct Direct<'a>(&'a Shared);
+
+impl<'a> Direct<'a> {
+    pub fn lock(self) -> Writer<'a> {
+        Writer {
+            state: sync::lock(&self.0.state),
+            stall: self.0.stall,
+        }
+    }
+}
+
+/// The socket of an inline connection, locked for one reply.
+pub struct Writer<'a> {
+    state: MutexGuard<'a, State>,
+    stall: Duration,
+}
+
+impl Writer<'_> {
+    /// Writes all of `bytes`, waiting for the client up to the stall timeout.
+    pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.state.writer.write_all(bytes, self.stall)
+    }
+}
