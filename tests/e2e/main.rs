@@ -16,6 +16,7 @@ mod nbdsh;
 mod ordering;
 mod qemu;
 mod shutdown;
+mod stuck;
 mod tmpdisk;
 mod util;
 mod wire;
