@@ -3,15 +3,23 @@
 //! Each backend declares its keys, so an unknown backend or key is refused
 //! with the list of valid ones, and a missing or malformed value names the
 //! key at fault. As in nbdkit, the first key may be given without `KEY=`
-//! (`scratchd serve memory 1G`).
+//! (`scratchd serve memory 1G`). [`parse_params`] does this for every
+//! backend, tmpdisk included; the errors are [`UsageError`]s (exit status
+//! 2) or, once the parameters are valid, [`OpenError`]s (exit status 1).
 
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use scratchd_scratch::config::{DurationError, EnvKeyError};
+use scratchd_scratch::BuildError;
 use scratchd_store::memory::Budget;
 use scratchd_store::{BlockDevice, FileDevice, MemoryDevice};
 
-use crate::size::parse_size;
+use crate::size::{parse_size, SizeError};
+
+/// A backend's keys with their help; the first is the bare value's.
+pub type Keys = &'static [(&'static str, &'static str)];
 
 /// Server options that backends take into account.
 pub struct Options {
@@ -21,49 +29,201 @@ pub struct Options {
     pub memory_limit: u64,
 }
 
-/// Builds a backend's device from its key values and the server options.
-type OpenFn = fn(&Values, &Options) -> Result<Arc<dyn BlockDevice>, BackendError>;
-
-/// A backend name and the keys it takes (the first one is the bare value's).
-struct BackendSpec {
-    name: &'static str,
-    keys: &'static [(&'static str, &'static str)],
-    summary: &'static str,
-    /// Builds the device from the values of `keys`, in the same order.
-    open: OpenFn,
+/// Why a backend could not be built: the caller exits with status 2 for
+/// [`Usage`](Self::Usage), 1 for [`Open`](Self::Open).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    #[error(transparent)]
+    Open(#[from] OpenError),
 }
 
-/// Parameter values in the order of their backend's keys.
-struct Values<'a> {
-    spec: &'a BackendSpec,
-    values: Vec<Option<String>>,
+/// A command line that names no valid backend configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("unknown backend {0:?}; valid backends are:\n{help}", help = backends_help())]
+    UnknownBackend(String),
+    #[error("parameter {param:?} is not KEY=VALUE{}", takes(.backend, .keys, *.extra))]
+    NotKeyValue {
+        backend: &'static str,
+        param: String,
+        keys: Keys,
+        /// The backend passes unknown keys on (tmpdisk's `command=`), so
+        /// its keys are not all it takes.
+        extra: bool,
+    },
+    #[error("unknown key {key:?} for backend {backend}; valid keys: {}{}", names(.keys),
+        if *.extra { " (other keys are passed to command= only)" } else { "" })]
+    UnknownKey {
+        backend: &'static str,
+        key: String,
+        keys: Keys,
+        /// Unknown keys would be accepted with `command=`.
+        extra: bool,
+    },
+    #[error("key {0:?} given twice")]
+    DuplicateKey(String),
+    #[error("backend {backend} needs {key}=... ({hint})")]
+    MissingKey {
+        backend: &'static str,
+        key: &'static str,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    Size(#[from] SizeError),
+    /// A flag that only tmpdisk takes, given for another backend.
+    #[error("{0} applies to the tmpdisk backend only")]
+    TmpdiskOnly(&'static str),
+    #[error("type={0:?} is not a filesystem type")]
+    FsType(String),
+    #[error(transparent)]
+    EnvKey(#[from] EnvKeyError),
+    #[error("{key}: {source}")]
+    Duration {
+        key: &'static str,
+        source: DurationError,
+    },
+    #[error("backing={0:?}: expected memory, dir:PATH or memory,spill=dir:PATH")]
+    Backing(String),
+    #[error("--disk-limit applies to backing=dir:PATH only; use --memory-limit")]
+    DiskLimitWithoutDir,
+    #[error("pool={0:?} is not a number")]
+    Pool(String),
 }
 
-impl Values<'_> {
-    fn required(&self, slot: usize) -> Result<&str, BackendError> {
-        let (key, doc) = self.spec.keys[slot];
-        self.values[slot].as_deref().ok_or_else(|| {
-            BackendError::Usage(format!(
-                "backend {} needs {key}=... ({doc})",
-                self.spec.name
-            ))
+/// The end of a [`UsageError::NotKeyValue`] message: what the backend takes,
+/// unless it also takes keys of its own.
+fn takes(backend: &str, keys: Keys, extra: bool) -> String {
+    if extra {
+        String::new()
+    } else {
+        format!("; {backend} takes: {}", names(keys))
+    }
+}
+
+/// The names of `keys`, comma-separated.
+fn names(keys: Keys) -> String {
+    keys.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+}
+
+/// Valid parameters that do not make a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create a {size}-byte memory disk: {source}")]
+    Memory { size: u64, source: io::Error },
+    #[error("cannot open {}: {source}", path.display())]
+    File { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Scratch(#[from] BuildError),
+}
+
+/// A backend's parameters sorted by key.
+#[derive(Debug)]
+pub struct Params<'a> {
+    backend: &'static str,
+    keys: Keys,
+    /// The values of `keys`, in the same order.
+    values: Vec<Option<&'a str>>,
+    /// Keys not in `keys`, in the order given (only when allowed).
+    pub extra: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Params<'a> {
+    /// The value of `key`, which must be one of the backend's keys.
+    pub fn get(&self, key: &str) -> Option<&'a str> {
+        let slot = self.keys.iter().position(|k| k.0 == key);
+        slot.and_then(|slot| self.values[slot])
+    }
+
+    /// The value of `key`, or an error saying the backend needs it, with
+    /// `hint` (the key's help unless given).
+    pub fn required(
+        &self,
+        key: &'static str,
+        hint: Option<&'static str>,
+    ) -> Result<&'a str, UsageError> {
+        let doc = self.keys.iter().find(|k| k.0 == key).map_or("", |k| k.1);
+        self.get(key).ok_or(UsageError::MissingKey {
+            backend: self.backend,
+            key,
+            hint: hint.unwrap_or(doc),
         })
     }
 }
 
-fn open_memory(v: &Values, o: &Options) -> Result<Arc<dyn BlockDevice>, BackendError> {
-    let size = parse_size("size", v.required(0)?).map_err(BackendError::Usage)?;
+/// Sorts `params` (`KEY=VALUE`, or the first key's value alone first) by
+/// the backend's `keys`. A key not among them is refused, unless `extra`
+/// allows it: then it is kept in [`Params::extra`].
+pub fn parse_params<'a>(
+    backend: &'static str,
+    keys: Keys,
+    params: &'a [String],
+    extra: bool,
+) -> Result<Params<'a>, UsageError> {
+    let mut parsed = Params {
+        backend,
+        keys,
+        values: vec![None; keys.len()],
+        extra: Vec::new(),
+    };
+    for (i, p) in params.iter().enumerate() {
+        let (key, value) = match p.split_once('=') {
+            Some(kv) => kv,
+            None if i == 0 => (keys[0].0, p.as_str()),
+            None => {
+                return Err(UsageError::NotKeyValue {
+                    backend,
+                    param: p.clone(),
+                    keys,
+                    extra,
+                })
+            }
+        };
+        match keys.iter().position(|k| k.0 == key) {
+            Some(slot) if parsed.values[slot].replace(value).is_some() => {
+                return Err(UsageError::DuplicateKey(key.to_owned()));
+            }
+            Some(_) => {}
+            None if extra => parsed.extra.push((key, value)),
+            None => {
+                return Err(UsageError::UnknownKey {
+                    backend,
+                    key: key.to_owned(),
+                    keys,
+                    extra,
+                })
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+/// Builds a backend's device from its parameters and the server options.
+type OpenFn = fn(&Params, &Options) -> Result<Arc<dyn BlockDevice>, BackendError>;
+
+/// A backend name and the keys it takes (the first one is the bare value's).
+struct BackendSpec {
+    name: &'static str,
+    keys: Keys,
+    summary: &'static str,
+    /// Builds the device from the values of `keys`.
+    open: OpenFn,
+}
+
+fn open_memory(p: &Params, o: &Options) -> Result<Arc<dyn BlockDevice>, BackendError> {
+    let size = parse_size("size", p.required("size", None)?).map_err(UsageError::from)?;
     // Writes past the budget fail with ENOSPC instead of the machine running
     // out of memory.
     let dev = MemoryDevice::with_budget(size, Arc::new(Budget::new(o.memory_limit)))
-        .map_err(|e| BackendError::Open(format!("cannot create a {size}-byte memory disk: {e}")))?;
+        .map_err(|source| OpenError::Memory { size, source })?;
     Ok(Arc::new(dev))
 }
 
-fn open_file(v: &Values, o: &Options) -> Result<Arc<dyn BlockDevice>, BackendError> {
-    let path = PathBuf::from(v.required(0)?);
-    let dev = FileDevice::open(&path, o.read_only)
-        .map_err(|e| BackendError::Open(format!("cannot open {}: {e}", path.display())))?;
+fn open_file(p: &Params, o: &Options) -> Result<Arc<dyn BlockDevice>, BackendError> {
+    let path = PathBuf::from(p.required("path", None)?);
+    let dev =
+        FileDevice::open(&path, o.read_only).map_err(|source| OpenError::File { path, source })?;
     Ok(Arc::new(dev))
 }
 
@@ -98,11 +258,21 @@ pub fn backends_help() -> String {
     s
 }
 
-/// Why a backend could not be built: bad usage (exit 2) or a runtime failure.
-#[derive(Debug)]
-pub enum BackendError {
-    Usage(String),
-    Open(String),
+/// What `scratchd serve --help` ends with: [`backends_help`], the flags
+/// only tmpdisk takes, and examples.
+pub fn serve_help() -> String {
+    format!(
+        "Backends:\n{}{}",
+        backends_help(),
+        concat!(
+            "           limits: --max-exports N --memory-limit SIZE --disk-limit SIZE\n",
+            "                   --name-prefix P\n\n",
+            "Examples:\n",
+            "  scratchd serve -U - memory size=1G --run 'nbdinfo \"$uri\"'\n",
+            "  scratchd serve -U /run/scratchd.sock file path=disk.img\n",
+            "  scratchd serve -U /run/scratchd.sock tmpdisk size=20G linger=30s pool=2"
+        )
+    )
 }
 
 /// Builds the device for `name` with `params` (`KEY=VALUE` or a bare value).
@@ -111,34 +281,91 @@ pub fn open_backend(
     params: &[String],
     options: &Options,
 ) -> Result<Arc<dyn BlockDevice>, BackendError> {
-    let spec = BACKENDS.iter().find(|b| b.name == name).ok_or_else(|| {
-        BackendError::Usage(format!(
-            "unknown backend {name:?}; valid backends are:\n{}",
-            backends_help()
-        ))
-    })?;
-    let valid_keys = || spec.keys.iter().map(|k| k.0).collect::<Vec<_>>().join(", ");
-    let mut values: Vec<Option<String>> = vec![None; spec.keys.len()];
-    for (i, p) in params.iter().enumerate() {
-        let (key, value) = match p.split_once('=') {
-            Some(kv) => kv,
-            None if i == 0 => (spec.keys[0].0, p.as_str()),
-            None => {
-                return Err(BackendError::Usage(format!(
-                    "parameter {p:?} is not KEY=VALUE; {name} takes: {}",
-                    valid_keys()
-                )))
-            }
-        };
-        let slot = spec.keys.iter().position(|k| k.0 == key).ok_or_else(|| {
-            BackendError::Usage(format!(
-                "unknown key {key:?} for backend {name}; valid keys: {}",
-                valid_keys()
-            ))
-        })?;
-        if values[slot].replace(value.to_owned()).is_some() {
-            return Err(BackendError::Usage(format!("key {key:?} given twice")));
-        }
+    let spec = BACKENDS
+        .iter()
+        .find(|b| b.name == name)
+        .ok_or_else(|| UsageError::UnknownBackend(name.to_owned()))?;
+    let params = parse_params(spec.name, spec.keys, params, false)?;
+    (spec.open)(&params, options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEYS: Keys = &[("size", "the size"), ("label", "a label")];
+
+    fn parse(params: &[&str], extra: bool) -> Result<Params<'static>, UsageError> {
+        let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
+        parse_params("test", KEYS, Vec::leak(params), extra)
     }
-    (spec.open)(&Values { spec, values }, options)
+
+    #[test]
+    fn the_first_value_may_be_bare() {
+        let p = parse(&["1G", "label=L"], false).unwrap();
+        assert_eq!((p.get("size"), p.get("label")), (Some("1G"), Some("L")));
+        let p = parse(&["label=L"], false).unwrap();
+        assert_eq!(p.get("size"), None);
+        assert!(matches!(
+            p.required("size", None),
+            Err(UsageError::MissingKey {
+                key: "size",
+                hint: "the size",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bad_parameters_name_what_is_wrong() {
+        for (params, extra) in [(&["1G", "L"], false), (&["1G", "L"], true)] {
+            match parse(params, extra) {
+                Err(UsageError::NotKeyValue { param, .. }) => assert_eq!(param, "L"),
+                other => panic!("{other:?}"),
+            }
+        }
+        match parse(&["1G", "size=2G"], true) {
+            Err(UsageError::DuplicateKey(key)) => assert_eq!(key, "size"),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["1G", "colour=blue"], false) {
+            Err(UsageError::UnknownKey { key, .. }) => assert_eq!(key, "colour"),
+            other => panic!("{other:?}"),
+        }
+        let p = parse(&["1G", "colour=blue"], true).unwrap();
+        assert_eq!(p.extra, [("colour", "blue")]);
+    }
+
+    #[test]
+    fn unknown_backends_and_keys_list_the_valid_ones() {
+        let options = Options {
+            read_only: false,
+            memory_limit: 1 << 20,
+        };
+        let open = |name: &str, params: &[&str]| {
+            let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
+            open_backend(name, &params, &options).err()
+        };
+        match open("nosuch", &[]) {
+            Some(BackendError::Usage(e @ UsageError::UnknownBackend(_))) => {
+                assert!(e.to_string().contains(&backends_help()));
+            }
+            other => panic!("{other:?}"),
+        }
+        match open("memory", &["size=1M", "colour=blue"]) {
+            Some(BackendError::Usage(e @ UsageError::UnknownKey { .. })) => assert_eq!(
+                e.to_string(),
+                "unknown key \"colour\" for backend memory; valid keys: size"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            open("memory", &["size=lots"]),
+            Some(BackendError::Usage(UsageError::Size(_)))
+        ));
+        assert!(matches!(
+            open("file", &["/nonexistent/disk.img"]),
+            Some(BackendError::Open(OpenError::File { .. }))
+        ));
+    }
 }

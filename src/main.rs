@@ -26,25 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a backend over NBD.
-    #[command(after_help = concat!(
-        "Backends:\n",
-        "  memory   sparse RAM disk shared by all connections\n",
-        "           size=SIZE  disk size, e.g. 1G (required)\n",
-        "  file     an existing regular file or block device\n",
-        "           path=PATH  file or device (required)\n",
-        "  tmpdisk  one throw-away disk per export name (build), shared by its\n",
-        "           connections, created on first connect, destroyed after the last\n",
-        "           size=SIZE  disk size, e.g. 20G (required)\n",
-        "           type=TYPE  mkfs -t TYPE (default ext4 without journal); none: blank\n",
-        "           label=L  command='...'  backing=memory|dir:PATH  linger=30s\n",
-        "           pool=N  format-timeout=60s  KEY=VALUE (environment of command=)\n",
-        "           limits: --max-exports N --memory-limit SIZE --disk-limit SIZE\n",
-        "                   --name-prefix P\n\n",
-        "Examples:\n",
-        "  scratchd serve -U - memory size=1G --run 'nbdinfo \"$uri\"'\n",
-        "  scratchd serve -U /run/scratchd.sock file path=disk.img\n",
-        "  scratchd serve -U /run/scratchd.sock tmpdisk size=20G linger=30s pool=2"
-    ))]
+    #[command(after_help = backend::serve_help())]
     Serve(serve::ServeArgs),
 }
 

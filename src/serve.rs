@@ -1,7 +1,8 @@
 //! `scratchd serve`: set up listeners for one backend and serve until told
 //! to stop (signal, parent death, or the end of the `--run` command).
 
-use std::io::Write;
+use std::fmt::Display;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,7 @@ use scratchd_store::sync;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
-use crate::backend::{open_backend, BackendError, Options};
+use crate::backend::{open_backend, BackendError, OpenError, Options, UsageError};
 use crate::size::parse_size;
 use crate::tmpdisk;
 use scratchd_scratch::config::default_memory_limit;
@@ -134,14 +135,11 @@ pub fn main(args: ServeArgs) -> i32 {
     let _ = args.foreground;
     let (exports, may_block) = match build_exports(&args) {
         Ok(e) => e,
-        Err(BackendError::Usage(m)) => {
-            eprintln!("scratchd: {m}");
+        Err(BackendError::Usage(e)) => {
+            eprintln!("scratchd: {e}");
             return EXIT_USAGE;
         }
-        Err(BackendError::Open(m)) => {
-            eprintln!("scratchd: {m}");
-            return 1;
-        }
+        Err(BackendError::Open(e)) => return fail(e),
     };
     let workers = match WorkerPool::new(if may_block { args.threads } else { 1 }) {
         Ok(w) => w,
@@ -174,7 +172,7 @@ pub fn main(args: ServeArgs) -> i32 {
     let cleanup = Arc::new(Mutex::new(Cleanup::default()));
     let result = start_listeners(&args, &ctx, &cleanup);
     let code = match result {
-        Err(m) => fail(m),
+        Err(e) => fail(e),
         Ok(env) => {
             if let Some(p) = &args.pidfile {
                 if let Err(e) = write_pidfile(p) {
@@ -218,12 +216,10 @@ fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
         ("--name-prefix", args.name_prefix.is_some()),
     ];
     if let Some((flag, _)) = tmpdisk_only.iter().find(|f| f.1) {
-        return Err(BackendError::Usage(format!(
-            "{flag} applies to the tmpdisk backend only"
-        )));
+        return Err(UsageError::TmpdiskOnly(flag).into());
     }
     let memory_limit = match &args.memory_limit {
-        Some(text) => parse_size("--memory-limit", text).map_err(BackendError::Usage)?,
+        Some(text) => parse_size("--memory-limit", text).map_err(UsageError::from)?,
         None => default_memory_limit(),
     };
     let options = Options {
@@ -242,11 +238,11 @@ fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
 }
 
 fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendError> {
-    let size = |flag: &str, text: &Option<String>| {
+    let size = |flag: &'static str, text: &Option<String>| {
         text.as_deref()
             .map(|t| parse_size(flag, t))
             .transpose()
-            .map_err(BackendError::Usage)
+            .map_err(UsageError::from)
     };
     let limits = tmpdisk::Limits {
         max_exports: args.max_exports,
@@ -261,13 +257,13 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
     };
     let config = tmpdisk::config(&args.params, limits, export)?;
     let may_block = !matches!(config.backing, scratchd_scratch::Backing::Memory);
-    let exports = scratchd_scratch::from_config(config).map_err(BackendError::Open)?;
+    let exports = scratchd_scratch::from_config(config).map_err(OpenError::from)?;
     Ok((Arc::new(exports), may_block))
 }
 
 /// Reports a fatal error once, on stderr (where the logs go too), and
 /// returns the exit status for it.
-fn fail(message: String) -> i32 {
+fn fail(message: impl Display) -> i32 {
     eprintln!("scratchd: {message}");
     1
 }
@@ -295,31 +291,45 @@ struct RunEnv {
     exportname: String,
 }
 
+/// Why the listeners could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    #[error("socket activation: {0}")]
+    SocketActivation(#[source] io::Error),
+    #[error("cannot create a temporary directory: {0}")]
+    TempDir(#[source] io::Error),
+    /// Binding a Unix socket or a TCP port; the message names it.
+    #[error(transparent)]
+    Bind(io::Error),
+    #[error("cannot start listener: {0}")]
+    Start(#[source] io::Error),
+}
+
 fn start_listeners(
     args: &ServeArgs,
     ctx: &Arc<ServerContext>,
     cleanup: &Arc<Mutex<Cleanup>>,
-) -> Result<RunEnv, String> {
-    let mut listeners = Listener::from_systemd().map_err(|e| format!("socket activation: {e}"))?;
+) -> Result<RunEnv, ListenError> {
+    let mut listeners = Listener::from_systemd().map_err(ListenError::SocketActivation)?;
     let mut unixsocket = None;
     if let Some(path) = &args.unix {
         let path = if path == Path::new("-") {
             let dir = tempfile::Builder::new()
                 .prefix("scratchd-")
                 .tempdir()
-                .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+                .map_err(ListenError::TempDir)?;
             let p = dir.path().join("nbd.sock");
             sync::lock(cleanup).tempdir = Some(dir);
             p
         } else {
             path.clone()
         };
-        listeners.push(Listener::unix(&path).map_err(|e| e.to_string())?);
+        listeners.push(Listener::unix(&path).map_err(ListenError::Bind)?);
         unixsocket = Some(path);
     }
     if args.port.is_some() || args.ipaddr.is_some() || listeners.is_empty() {
         let port = args.port.unwrap_or(DEFAULT_PORT);
-        listeners.extend(Listener::tcp(args.ipaddr.as_deref(), port).map_err(|e| e.to_string())?);
+        listeners.extend(Listener::tcp(args.ipaddr.as_deref(), port).map_err(ListenError::Bind)?);
     }
     let port = listeners.iter().find_map(Listener::tcp_port);
     let mut c = sync::lock(cleanup);
@@ -327,8 +337,7 @@ fn start_listeners(
         if let Listener::Unix(_, p) = &l {
             c.sockets.push(p.clone());
         }
-        l.spawn(ctx.clone())
-            .map_err(|e| format!("cannot start listener: {e}"))?;
+        l.spawn(ctx.clone()).map_err(ListenError::Start)?;
     }
     let uri = match (&unixsocket, port) {
         (Some(sock), _) => format!(

@@ -3,10 +3,37 @@
 //! Suffixes are binary (K = KiB = 1024), as in nbdkit and qemu-img; a
 //! fraction must come out as a whole number of bytes.
 
+/// A size [`parse_size`] refused, for the parameter it names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid size {what}={text:?}: {why} (examples: 512, 4K, 1M, 1.5G, 2T, 1GiB)")]
+pub struct SizeError {
+    /// The parameter (`size`, `--memory-limit`).
+    pub what: &'static str,
+    pub text: String,
+    pub why: SizeProblem,
+}
+
+/// What is wrong with a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SizeProblem {
+    #[error("unknown unit")]
+    UnknownUnit,
+    #[error("not a number")]
+    NotANumber,
+    #[error("too many decimals")]
+    TooManyDecimals,
+    #[error("too large")]
+    TooLarge,
+    #[error("not a whole number of bytes")]
+    NotWholeBytes,
+}
+
 /// Parses `text` as a size for parameter `what` (named in the error).
-pub fn parse_size(what: &str, text: &str) -> Result<u64, String> {
-    let bad = |why: &str| {
-        format!("invalid size {what}={text:?}: {why} (examples: 512, 4K, 1M, 1.5G, 2T, 1GiB)")
+pub fn parse_size(what: &'static str, text: &str) -> Result<u64, SizeError> {
+    let bad = |why| SizeError {
+        what,
+        text: text.to_owned(),
+        why,
     };
     let t = text.trim();
     let split = t
@@ -21,24 +48,24 @@ pub fn parse_size(what: &str, text: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 40,
         "p" | "pb" | "pib" => 50,
         "e" | "eb" | "eib" => 60,
-        _ => return Err(bad("unknown unit")),
+        _ => return Err(bad(SizeProblem::UnknownUnit)),
     };
     let (whole, frac) = match number.split_once('.') {
         Some((w, f)) => (w, f),
         None => (number, ""),
     };
     if whole.is_empty() && frac.is_empty() || frac.contains('.') {
-        return Err(bad("not a number"));
+        return Err(bad(SizeProblem::NotANumber));
     }
-    let parse = |s: &str| -> Result<u128, String> {
+    let parse = |s: &str| -> Result<u128, SizeError> {
         if s.is_empty() {
             Ok(0)
         } else {
-            s.parse::<u128>().map_err(|_| bad("not a number"))
+            s.parse::<u128>().map_err(|_| bad(SizeProblem::NotANumber))
         }
     };
     if frac.len() > 18 {
-        return Err(bad("too many decimals"));
+        return Err(bad(SizeProblem::TooManyDecimals));
     }
     let scale = 10u128.pow(frac.len() as u32);
     let mult = 1u128 << shift;
@@ -47,16 +74,16 @@ pub fn parse_size(what: &str, text: &str) -> Result<u64, String> {
         .checked_mul(mult)
         .and_then(|w| w.checked_mul(scale))
         .and_then(|w| w.checked_add(fraction))
-        .ok_or_else(|| bad("too large"))?;
+        .ok_or_else(|| bad(SizeProblem::TooLarge))?;
     if total % scale != 0 {
-        return Err(bad("not a whole number of bytes"));
+        return Err(bad(SizeProblem::NotWholeBytes));
     }
-    u64::try_from(total / scale).map_err(|_| bad("too large"))
+    u64::try_from(total / scale).map_err(|_| bad(SizeProblem::TooLarge))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::*;
 
     #[test]
     fn accepts_documented_forms() {
@@ -77,9 +104,28 @@ mod tests {
 
     #[test]
     fn rejects_garbage_naming_the_parameter() {
-        for text in ["", "abc", "1X", "1.2.3", "0.3", "-1", "99999999999E", "."] {
+        use SizeProblem::*;
+        for (text, why) in [
+            ("", NotANumber),
+            ("abc", UnknownUnit),
+            ("1X", UnknownUnit),
+            ("1.2.3", NotANumber),
+            ("0.3", NotWholeBytes),
+            ("-1", UnknownUnit),
+            ("99999999999E", TooLarge),
+            (".", NotANumber),
+            ("1.0000000000000000001", TooManyDecimals),
+        ] {
             let err = parse_size("size", text).unwrap_err();
-            assert!(err.contains("size="), "{err}");
+            let text = text.to_owned();
+            assert_eq!(
+                err,
+                SizeError {
+                    what: "size",
+                    text,
+                    why
+                }
+            );
         }
     }
 }

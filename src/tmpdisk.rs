@@ -13,11 +13,11 @@ use scratchd_scratch::config::{check_env_key, default_memory_limit, parse_durati
 use scratchd_scratch::names::NamePolicy;
 use scratchd_scratch::{Backing, Config, FormatKind, FormatSpec};
 
-use crate::backend::BackendError;
+use crate::backend::{parse_params, Keys, UsageError};
 use crate::size::parse_size;
 
 /// The keys tmpdisk knows, with their help (the first is the bare value's).
-pub const KEYS: &[(&str, &str)] = &[
+pub const KEYS: Keys = &[
     ("size", "size of each disk, e.g. 20G (required)"),
     (
         "type",
@@ -64,58 +64,38 @@ pub fn config(
     params: &[String],
     limits: Limits,
     export: ExportOptions,
-) -> Result<Config, BackendError> {
-    let usage = BackendError::Usage;
-    let mut known: Vec<Option<&str>> = vec![None; KEYS.len()];
-    let mut extra = Vec::new();
-    for (i, p) in params.iter().enumerate() {
-        let (key, value) = match p.split_once('=') {
-            Some(kv) => kv,
-            None if i == 0 => ("size", p.as_str()),
-            None => return Err(usage(format!("parameter {p:?} is not KEY=VALUE"))),
-        };
-        match KEYS.iter().position(|k| k.0 == key) {
-            Some(slot) if known[slot].replace(value).is_some() => {
-                return Err(usage(format!("key {key:?} given twice")));
-            }
-            Some(_) => {}
-            None => extra.push((key.to_owned(), value.to_owned())),
-        }
-    }
-    let get = |key: &str| known[KEYS.iter().position(|k| k.0 == key).unwrap_or(0)];
-    let size = parse_size(
-        "size",
-        get("size")
-            .ok_or_else(|| usage("backend tmpdisk needs size=... (e.g. size=20G)".into()))?,
-    )
-    .map_err(usage)?;
+) -> Result<Config, UsageError> {
+    let params = parse_params("tmpdisk", KEYS, params, true)?;
+    let get = |key: &str| params.get(key);
+    let size = parse_size("size", params.required("size", Some("e.g. size=20G"))?)?;
     let fs_type = get("type").unwrap_or("ext4").to_owned();
     if fs_type.is_empty()
         || !fs_type
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
     {
-        return Err(usage(format!("type={fs_type:?} is not a filesystem type")));
+        return Err(UsageError::FsType(fs_type));
     }
     let kind = match (get("command"), fs_type.as_str()) {
         (Some(command), _) => FormatKind::Command(command.to_owned()),
         (None, "none") => FormatKind::None,
         (None, fs) => FormatKind::Filesystem(fs.to_owned()),
     };
-    if let Some((key, _)) = extra.first() {
+    if let Some((key, _)) = params.extra.first() {
         if !matches!(kind, FormatKind::Command(_)) {
-            let valid: Vec<&str> = KEYS.iter().map(|k| k.0).collect();
-            return Err(usage(format!(
-                "unknown key {key:?} for backend tmpdisk; valid keys: {} (other keys are passed to command= only)",
-                valid.join(", ")
-            )));
+            return Err(UsageError::UnknownKey {
+                backend: "tmpdisk",
+                key: (*key).to_owned(),
+                keys: KEYS,
+                extra: true,
+            });
         }
     }
-    for (key, _) in &extra {
-        check_env_key(key).map_err(usage)?;
+    for (key, _) in &params.extra {
+        check_env_key(key)?;
     }
-    let duration = |key: &str, default: Duration| match get(key) {
-        Some(text) => parse_duration(text).map_err(|e| usage(format!("{key}: {e}"))),
+    let duration = |key: &'static str, default: Duration| match get(key) {
+        Some(text) => parse_duration(text).map_err(|source| UsageError::Duration { key, source }),
         None => Ok(default),
     };
     let backing = match get("backing").unwrap_or("memory") {
@@ -126,22 +106,14 @@ pub fn config(
         ) {
             (Some(dir), _) if !dir.is_empty() => Backing::Dir(PathBuf::from(dir)),
             (_, Some(dir)) if !dir.is_empty() => Backing::MemorySpill(PathBuf::from(dir)),
-            _ => {
-                return Err(usage(format!(
-                    "backing={other:?}: expected memory, dir:PATH or memory,spill=dir:PATH"
-                )))
-            }
+            _ => return Err(UsageError::Backing(other.to_owned())),
         },
     };
     if backing == Backing::Memory && limits.disk_limit.is_some() {
-        return Err(usage(
-            "--disk-limit applies to backing=dir:PATH only; use --memory-limit".into(),
-        ));
+        return Err(UsageError::DiskLimitWithoutDir);
     }
     let pool = match get("pool") {
-        Some(n) => n
-            .parse()
-            .map_err(|_| usage(format!("pool={n:?} is not a number")))?,
+        Some(n) => n.parse().map_err(|_| UsageError::Pool(n.to_owned()))?,
         None => 0,
     };
     Ok(Config {
@@ -150,7 +122,11 @@ pub fn config(
             kind,
             fs_type,
             label: get("label").map(str::to_owned),
-            env: extra,
+            env: params
+                .extra
+                .iter()
+                .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
             timeout: duration("format-timeout", Duration::from_secs(60))?,
         },
         backing,
@@ -170,9 +146,11 @@ pub fn config(
 
 #[cfg(test)]
 mod tests {
+    use scratchd_scratch::config::{DurationError, EnvKeyError};
+
     use super::*;
 
-    fn parse(params: &[&str]) -> Result<Config, String> {
+    fn parse(params: &[&str]) -> Result<Config, UsageError> {
         let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
         let limits = Limits {
             max_exports: None,
@@ -185,9 +163,7 @@ mod tests {
             description: None,
             read_only: false,
         };
-        config(&params, limits, export).map_err(|e| match e {
-            BackendError::Usage(m) | BackendError::Open(m) => m,
-        })
+        config(&params, limits, export)
     }
 
     #[test]
@@ -225,16 +201,49 @@ mod tests {
             c.format.env,
             [("counter".to_string(), "/tmp/x".to_string())]
         );
-        let e = parse(&["size=1M", "counter=/tmp/x"]).unwrap_err();
-        assert!(e.contains("\"counter\""), "{e}");
-        assert!(parse(&["size=1M", "command=true", "bad-key=1"]).is_err());
-        assert!(parse(&["size=1M", "command=true", "disk=1"]).is_err());
-        assert!(parse(&["size=1M", "size=2M"]).is_err());
-        assert!(parse(&["type=ext4"]).is_err());
-        assert!(parse(&["1M", "backing=disk"]).is_err());
-        assert!(parse(&["1M", "backing=memory,spill=dir:"]).is_err());
-        assert!(parse(&["1M", "backing=memory,spill=/tmp"]).is_err());
-        assert!(parse(&["1M", "type=../x"]).is_err());
-        assert!(parse(&["1M", "linger=forever"]).is_err());
+        match parse(&["size=1M", "counter=/tmp/x"]) {
+            Err(UsageError::UnknownKey {
+                key, extra: true, ..
+            }) => assert_eq!(key, "counter"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["size=1M", "command=true", "bad-key=1"]),
+            Err(UsageError::EnvKey(EnvKeyError::NotAVariable(_)))
+        ));
+        assert!(matches!(
+            parse(&["size=1M", "command=true", "disk=1"]),
+            Err(UsageError::EnvKey(EnvKeyError::Reserved(_)))
+        ));
+        assert!(matches!(
+            parse(&["size=1M", "size=2M"]),
+            Err(UsageError::DuplicateKey(_))
+        ));
+        assert!(matches!(
+            parse(&["type=ext4"]),
+            Err(UsageError::MissingKey { key: "size", .. })
+        ));
+        for backing in ["disk", "memory,spill=dir:", "memory,spill=/tmp"] {
+            match parse(&["1M", &format!("backing={backing}")]) {
+                Err(UsageError::Backing(b)) => assert_eq!(b, backing),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse(&["1M", "type=../x"]),
+            Err(UsageError::FsType(_))
+        ));
+        assert!(matches!(
+            parse(&["1M", "linger=forever"]),
+            Err(UsageError::Duration {
+                key: "linger",
+                source: DurationError::UnknownUnit { .. }
+            })
+        ));
+        assert!(matches!(parse(&["1M", "pool=x"]), Err(UsageError::Pool(_))));
+        assert!(matches!(
+            parse(&["1M", "-1"]),
+            Err(UsageError::NotKeyValue { extra: true, .. })
+        ));
     }
 }

@@ -76,9 +76,20 @@ pub struct Config {
     pub read_only: bool,
 }
 
+/// Why [`parse_duration`] refused its text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("invalid duration {text:?}: unknown unit {unit:?} (examples: 30s, 500ms, 2m, 1h, 10)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("invalid duration {text:?}: not a number (examples: 30s, 500ms, 2m, 1h, 10)")]
+    NotANumber { text: String },
+    #[error("invalid duration {text:?}: out of range")]
+    OutOfRange { text: String },
+}
+
 /// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or plain (possibly
 /// fractional) seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -90,33 +101,40 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" | "min" => 60.0,
         "h" => 3600.0,
         _ => {
-            return Err(format!(
-            "invalid duration {text:?}: unknown unit {unit:?} (examples: 30s, 500ms, 2m, 1h, 10)"
-        ))
+            return Err(DurationError::UnknownUnit {
+                text: text.to_owned(),
+                unit: unit.to_owned(),
+            })
         }
     };
-    let value: f64 = number.parse().map_err(|_| {
-        format!("invalid duration {text:?}: not a number (examples: 30s, 500ms, 2m, 1h, 10)")
+    let value: f64 = number.parse().map_err(|_| DurationError::NotANumber {
+        text: text.to_owned(),
     })?;
-    Duration::try_from_secs_f64(value * scale)
-        .map_err(|_| format!("invalid duration {text:?}: out of range"))
+    Duration::try_from_secs_f64(value * scale).map_err(|_| DurationError::OutOfRange {
+        text: text.to_owned(),
+    })
+}
+
+/// Why [`check_env_key`] refused a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvKeyError {
+    #[error("extra key {0:?} is not a valid shell variable name ([A-Za-z_][A-Za-z0-9_]*), so the format command could not see it")]
+    NotAVariable(String),
+    #[error("extra key {0:?} is reserved: format commands get ${0} from scratchd")]
+    Reserved(String),
 }
 
 /// Checks that `key` can be a shell variable (`[A-Za-z_][A-Za-z0-9_]*`) and
 /// is not one of [`RESERVED_ENV`].
-pub fn check_env_key(key: &str) -> Result<(), String> {
+pub fn check_env_key(key: &str) -> Result<(), EnvKeyError> {
     let mut chars = key.chars();
     let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
-        return Err(format!(
-            "extra key {key:?} is not a valid shell variable name ([A-Za-z_][A-Za-z0-9_]*), so the format command could not see it"
-        ));
+        return Err(EnvKeyError::NotAVariable(key.to_owned()));
     }
     if RESERVED_ENV.contains(&key) {
-        return Err(format!(
-            "extra key {key:?} is reserved: format commands get ${key} from scratchd"
-        ));
+        return Err(EnvKeyError::Reserved(key.to_owned()));
     }
     Ok(())
 }
@@ -152,9 +170,17 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(ms(10_000)));
         assert_eq!(parse_duration("0"), Ok(ms(0)));
         assert_eq!(parse_duration("1.5s"), Ok(ms(1500)));
-        for bad in ["", "s", "-1s", "1d", "x", "1e400", "1.2.3s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        for bad in ["", "s", "1.2.3s"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(matches!(err, DurationError::NotANumber { .. }), "{bad:?}");
         }
+        // Signs and exponents are not digits, so they start the unit.
+        for bad in ["-1s", "1d", "x", "1e400"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(matches!(err, DurationError::UnknownUnit { .. }), "{bad:?}");
+        }
+        let err = parse_duration(&"9".repeat(30)).unwrap_err();
+        assert!(matches!(err, DurationError::OutOfRange { .. }), "{err}");
     }
 
     #[test]
@@ -162,8 +188,13 @@ mod tests {
         for good in ["counter", "_x", "A1_b"] {
             assert_eq!(check_env_key(good), Ok(()));
         }
-        for bad in ["1x", "a-b", "", "a b", "é", "disk", "size", "type", "label"] {
-            assert!(check_env_key(bad).is_err(), "{bad:?}");
+        for bad in ["1x", "a-b", "", "a b", "é"] {
+            let not_a_variable = EnvKeyError::NotAVariable(bad.into());
+            assert_eq!(check_env_key(bad), Err(not_a_variable));
+        }
+        for reserved in RESERVED_ENV {
+            let err = EnvKeyError::Reserved(reserved.to_string());
+            assert_eq!(check_env_key(reserved), Err(err));
         }
     }
 

@@ -40,13 +40,57 @@ use scratchd_store::memory::Budget;
 use scratchd_store::{BlockDevice, Capabilities, FileDevice, MemoryDevice};
 
 use crate::device::{scratch_capabilities, BudgetedFile, ScratchDevice};
-use crate::format::{Format, Watch};
+use crate::format::{Format, FormatError, Watch};
 use crate::spill::SpillDevice;
+
+/// Why a new disk could not be made. The message is one line: it goes to
+/// the log and, after "cannot create the scratch disk: ", to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("cannot create a file in {}: {source}", dir.display())]
+    CreateFile { dir: PathBuf, source: io::Error },
+    #[error("cannot size the disk file: {0}")]
+    SizeFile(#[source] io::Error),
+    #[error("cannot reopen the disk file: {0}")]
+    ReopenFile(#[source] io::Error),
+    /// The disk file could not be charged to the disk budget.
+    #[error(transparent)]
+    ChargeFile(io::Error),
+    #[error("the disk budget is exhausted")]
+    DiskBudgetExhausted(#[source] io::Error),
+    #[error("memfd_create: {0}")]
+    Memfd(#[source] io::Error),
+    #[error("cannot size the memfd: {0}")]
+    SizeMemfd(#[source] io::Error),
+    #[error("cannot create a {size}-byte memory disk: {source}")]
+    Memory { size: u64, source: io::Error },
+    /// The memory and the spill file could not be joined.
+    #[error(transparent)]
+    Spill(io::Error),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The formatted image outgrew its budget after the last watch.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("cannot load the formatted disk: {0}")]
+    Load(#[source] io::Error),
+    /// Loading the formatted image into a memory disk hit the memory budget.
+    #[error("the memory budget is exhausted ({used} of {limit} bytes in use)")]
+    MemoryBudgetExhausted {
+        used: u64,
+        limit: u64,
+        source: io::Error,
+    },
+    /// Loading the formatted image into a spill disk found the memory budget
+    /// full and the spill file refusing the rest.
+    #[error("no space for the formatted disk: the memory budget is full and the spill file in {} refused the rest", dir.display())]
+    SpillFull { dir: PathBuf, source: io::Error },
+}
 
 /// Makes new, formatted disks.
 pub trait DiskFactory: Send + Sync {
-    /// A new disk, ready to serve; the error is a one-line reason.
-    fn create(&self) -> Result<ScratchDevice, String>;
+    /// A new disk, ready to serve.
+    fn create(&self) -> Result<ScratchDevice, CreateError>;
     /// Size of the disks made.
     fn size(&self) -> u64;
     /// What the disks made can do (for INFO on names without a disk).
@@ -91,12 +135,12 @@ impl Maker {
 
     /// A sparse unnamed file of the disk's size in `path`, and a path to
     /// open it by.
-    fn unnamed_file(&self, path: &Path) -> Result<(File, PathBuf), String> {
-        let inode = tempfile::tempfile_in(path)
-            .map_err(|e| format!("cannot create a file in {}: {e}", path.display()))?;
-        inode
-            .set_len(self.size)
-            .map_err(|e| format!("cannot size the disk file: {e}"))?;
+    fn unnamed_file(&self, path: &Path) -> Result<(File, PathBuf), CreateError> {
+        let inode = tempfile::tempfile_in(path).map_err(|source| CreateError::CreateFile {
+            dir: path.to_owned(),
+            source,
+        })?;
+        inode.set_len(self.size).map_err(CreateError::SizeFile)?;
         let fd_path = proc_path(&inode);
         Ok((inode, fd_path))
     }
@@ -111,7 +155,7 @@ impl Maker {
         &self,
         image: &'a File,
         budget: Option<(&'a Budget, &'static str)>,
-    ) -> Result<ImageCharge<'a>, String> {
+    ) -> Result<ImageCharge<'a>, CreateError> {
         let mut charge = ImageCharge {
             image,
             budget,
@@ -132,35 +176,33 @@ impl Maker {
     }
 
     /// Formats `image` (see [`format_charged`](Self::format_charged)) and
-    /// loads its data into `dev`; `no_space` says why the load failed with
-    /// `ENOSPC`.
+    /// loads its data into `dev`; `no_space` turns a load failing with
+    /// `ENOSPC` into the error that says which budget was full.
     fn format_into(
         &self,
         dev: &dyn BlockDevice,
         image: &File,
         budget: Option<(&Budget, &'static str)>,
-        no_space: impl FnOnce() -> String,
-    ) -> Result<(), String> {
+        no_space: impl FnOnce(io::Error) -> CreateError,
+    ) -> Result<(), CreateError> {
         if self.format.is_blank() {
             return Ok(());
         }
         let charge = self.format_charged(image, budget)?;
         let loaded = import(image, dev).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOSPC) => no_space(),
-            _ => format!("cannot load the formatted disk: {e}"),
+            Some(libc::ENOSPC) => no_space(e),
+            _ => CreateError::Load(e),
         });
         drop(charge);
         loaded
     }
 
     /// A memfd of the disk's size, for formatting a disk that lives in RAM.
-    fn memfd(&self) -> Result<File, String> {
+    fn memfd(&self) -> Result<File, CreateError> {
         let memfd = memfd_create("scratchd-disk", MemfdFlags::CLOEXEC)
             .map(File::from)
-            .map_err(|e| format!("memfd_create: {e}"))?;
-        memfd
-            .set_len(self.size)
-            .map_err(|e| format!("cannot size the memfd: {e}"))?;
+            .map_err(|e| CreateError::Memfd(e.into()))?;
+        memfd.set_len(self.size).map_err(CreateError::SizeMemfd)?;
         Ok(memfd)
     }
 
@@ -169,62 +211,66 @@ impl Maker {
         path: &Path,
         memory: &Arc<Budget>,
         disk: &Option<Arc<Budget>>,
-    ) -> Result<ScratchDevice, String> {
+    ) -> Result<ScratchDevice, CreateError> {
         let (inode, fd_path) = self.unnamed_file(path)?;
-        let file = FileDevice::open(&fd_path, false)
-            .map_err(|e| format!("cannot reopen the disk file: {e}"))?;
-        let file = BudgetedFile::new(file, inode, disk.clone()).map_err(|e| e.to_string())?;
+        let file = FileDevice::open(&fd_path, false).map_err(CreateError::ReopenFile)?;
+        let file = BudgetedFile::new(file, inode, disk.clone()).map_err(CreateError::ChargeFile)?;
         let mem = MemoryDevice::with_budget(self.size, memory.clone())
-            .map_err(|e| format!("cannot create a {}-byte memory disk: {e}", self.size))?;
-        let dev = SpillDevice::new(mem, memory.clone(), file).map_err(|e| e.to_string())?;
+            .map_err(|source| self.memory_error(source))?;
+        let dev = SpillDevice::new(mem, memory.clone(), file).map_err(CreateError::Spill)?;
         // Formatted in a second unnamed file beside the spill file, not in
         // RAM: a spill disk must be creatable when the memory budget is full.
         let (image, _) = self.unnamed_file(path)?;
-        self.format_into(&dev, &image, disk.as_deref().map(|b| (b, "disk")), || {
-            format!(
-                "no space for the formatted disk: the memory budget is full and the spill file in {} refused the rest",
-                path.display()
-            )
+        let disk_budget = disk.as_deref().map(|b| (b, "disk"));
+        self.format_into(&dev, &image, disk_budget, |source| CreateError::SpillFull {
+            dir: path.to_owned(),
+            source,
         })?;
         Ok(ScratchDevice::spill(dev))
     }
 
-    fn create_in_memory(&self, budget: &Arc<Budget>) -> Result<ScratchDevice, String> {
+    fn create_in_memory(&self, budget: &Arc<Budget>) -> Result<ScratchDevice, CreateError> {
         let dev = MemoryDevice::with_budget(self.size, budget.clone())
-            .map_err(|e| format!("cannot create a {}-byte memory disk: {e}", self.size))?;
+            .map_err(|source| self.memory_error(source))?;
         let memfd = self.memfd()?;
-        self.format_into(&dev, &memfd, Some((budget, "memory")), || {
-            format!(
-                "the memory budget is exhausted ({} of {} bytes in use)",
-                budget.used(),
-                budget.limit()
-            )
+        self.format_into(&dev, &memfd, Some((budget, "memory")), |source| {
+            CreateError::MemoryBudgetExhausted {
+                used: budget.used(),
+                limit: budget.limit(),
+                source,
+            }
         })?;
         Ok(ScratchDevice::memory(dev))
+    }
+
+    fn memory_error(&self, source: io::Error) -> CreateError {
+        CreateError::Memory {
+            size: self.size,
+            source,
+        }
     }
 
     fn create_in_dir(
         &self,
         path: &Path,
         budget: &Option<Arc<Budget>>,
-    ) -> Result<ScratchDevice, String> {
+    ) -> Result<ScratchDevice, CreateError> {
         let (inode, fd_path) = self.unnamed_file(path)?;
         // The image is the disk itself: its charge ends here and the disk
         // charges the same blocks just below.
         drop(self.format_charged(&inode, budget.as_deref().map(|b| (b, "disk")))?);
-        let dev = FileDevice::open(&fd_path, false)
-            .map_err(|e| format!("cannot reopen the disk file: {e}"))?;
+        let dev = FileDevice::open(&fd_path, false).map_err(CreateError::ReopenFile)?;
         let dev =
             BudgetedFile::new(dev, inode, budget.clone()).map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOSPC) => "the disk budget is exhausted".to_string(),
-                _ => e.to_string(),
+                Some(libc::ENOSPC) => CreateError::DiskBudgetExhausted(e),
+                _ => CreateError::ChargeFile(e),
             })?;
         Ok(ScratchDevice::file(dev))
     }
 }
 
 impl DiskFactory for Maker {
-    fn create(&self) -> Result<ScratchDevice, String> {
+    fn create(&self) -> Result<ScratchDevice, CreateError> {
         match &self.store {
             Store::Memory(budget) => self.create_in_memory(budget),
             Store::Dir { path, budget } => self.create_in_dir(path, budget),
@@ -257,6 +303,22 @@ impl DiskFactory for Maker {
     }
 }
 
+/// Why a disk image being formatted could not stay within its budget.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot measure the disk image: {0}")]
+    Measure(#[source] io::Error),
+    /// The image holds more than the budget can take.
+    #[error("the format command exceeded the {kind} budget (its disk holds {allocated} bytes, other disks {others}, limit {limit})")]
+    OverBudget {
+        /// What the budget counts: "memory" or "disk".
+        kind: &'static str,
+        allocated: u64,
+        others: u64,
+        limit: u64,
+    },
+}
+
 /// What a disk image being formatted holds (RAM for a memfd, space for a
 /// file), charged to a budget for as long as this lives.
 struct ImageCharge<'a> {
@@ -270,20 +332,21 @@ struct ImageCharge<'a> {
 impl ImageCharge<'_> {
     /// Brings the charge to the image's allocated bytes; fails when the
     /// budget cannot take the growth.
-    fn update(&mut self) -> Result<(), String> {
+    fn update(&mut self) -> Result<(), ImageError> {
         let Some((budget, kind)) = self.budget else {
             return Ok(());
         };
-        let stat = fstat(self.image).map_err(|e| format!("cannot measure the disk image: {e}"))?;
+        let stat = fstat(self.image).map_err(|e| ImageError::Measure(e.into()))?;
         let allocated = stat.st_blocks as u64 * 512;
         if allocated < self.charged {
             budget.release(self.charged - allocated);
         } else if !budget.try_reserve(allocated - self.charged) {
-            let others = budget.used().saturating_sub(self.charged);
-            return Err(format!(
-                "the format command exceeded the {kind} budget (its disk holds {allocated} bytes, other disks {others}, limit {})",
-                budget.limit()
-            ));
+            return Err(ImageError::OverBudget {
+                kind,
+                allocated,
+                others: budget.used().saturating_sub(self.charged),
+                limit: budget.limit(),
+            });
         }
         self.charged = allocated;
         Ok(())
@@ -477,9 +540,13 @@ mod tests {
                     done_file.display()
                 ))),
             };
-            let err = maker.create().unwrap_err();
-            let expected = format!("the format command exceeded the {kind} budget");
-            assert!(err.starts_with(&expected), "{err}");
+            match maker.create().unwrap_err() {
+                CreateError::Format(FormatError::Stopped {
+                    reason: ImageError::OverBudget { kind: stopped, .. },
+                    ..
+                }) => assert_eq!(stopped, kind),
+                other => panic!("{kind}: {other:?}"),
+            }
             let budgets: Vec<&Arc<Budget>> = match &maker.store {
                 Store::Memory(b) => vec![b],
                 Store::Dir { budget, .. } => budget.iter().collect(),
@@ -512,7 +579,18 @@ mod tests {
             format: spec(FormatKind::Filesystem("ext4".into())),
         };
         let err = maker.create().unwrap_err();
-        assert!(err.contains("memory budget"), "{err}");
+        assert!(
+            matches!(
+                err,
+                CreateError::MemoryBudgetExhausted { .. }
+                    | CreateError::Format(FormatError::Stopped {
+                        reason: ImageError::OverBudget { kind: "memory", .. },
+                        ..
+                    })
+                    | CreateError::Image(ImageError::OverBudget { kind: "memory", .. })
+            ),
+            "{err:?}"
+        );
         assert_eq!(budget.used(), 0);
     }
 }

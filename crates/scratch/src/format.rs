@@ -27,6 +27,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{kill_process_group, pidfd_open, Pid, PidfdFlags, Signal};
 
 use crate::config::{FormatKind, FormatSpec};
+use crate::disk::ImageError;
 
 /// Stderr bytes kept for the error message.
 const STDERR_KEEP: usize = 4096;
@@ -38,14 +39,52 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Called while a format command runs; an error stops the command and is
 /// the reason given for the failure.
-pub type Watch<'a> = &'a mut dyn FnMut() -> Result<(), String>;
+pub type Watch<'a> = &'a mut dyn FnMut() -> Result<(), ImageError>;
+
+/// Why formatting a disk failed. The ways the command itself failed carry
+/// the summary of its stderr (possibly empty), shown after the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("cannot run {program}: {source}")]
+    Spawn { program: String, source: io::Error },
+    #[error("spawned a child without a pid")]
+    NoPid,
+    #[error("no stderr pipe")]
+    NoStderrPipe,
+    #[error("cannot watch {program}: {source}")]
+    Watch { program: String, source: io::Error },
+    #[error("cannot wait for {program}: {source}")]
+    Wait { program: String, source: io::Error },
+    #[error("format command timed out after {timeout:?} and was killed{}", tail(.stderr))]
+    TimedOut { timeout: Duration, stderr: String },
+    #[error("format command failed with exit status {code}{}", tail(.stderr))]
+    Exit { code: i32, stderr: String },
+    #[error("format command killed by signal {signal}{}", tail(.stderr))]
+    Signal { signal: i32, stderr: String },
+    /// The [`Watch`] stopped the command.
+    #[error("{reason}{}", tail(.stderr))]
+    Stopped {
+        #[source]
+        reason: ImageError,
+        stderr: String,
+    },
+}
+
+/// The stderr summary as the end of a [`FormatError`] message.
+fn tail(stderr: &str) -> String {
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(": {stderr}")
+    }
+}
 
 /// Something that turns a blank disk into a formatted one.
 pub trait Format: Send + Sync {
     /// Formats the `size`-byte disk at `disk`, calling `watch` (if any)
-    /// while the command runs; the error is a one-line summary for the
+    /// while the command runs; the error's message is one line, for the
     /// client and the log.
-    fn format(&self, disk: &Path, size: u64, watch: Option<Watch>) -> Result<(), String>;
+    fn format(&self, disk: &Path, size: u64, watch: Option<Watch>) -> Result<(), FormatError>;
 
     /// Whether [`Format::format`] does nothing (`type=none`).
     fn is_blank(&self) -> bool {
@@ -54,7 +93,7 @@ pub trait Format: Send + Sync {
 }
 
 impl Format for FormatSpec {
-    fn format(&self, disk: &Path, size: u64, watch: Option<Watch>) -> Result<(), String> {
+    fn format(&self, disk: &Path, size: u64, watch: Option<Watch>) -> Result<(), FormatError> {
         match self.command(disk, size) {
             Some(cmd) => run_with_timeout(cmd, self.timeout, watch),
             None => Ok(()),
@@ -142,26 +181,27 @@ enum Ending {
     Exited,
     TimedOut,
     /// The watch stopped it, for this reason.
-    Stopped(String),
+    Stopped(ImageError),
 }
 
 /// Runs `cmd` to completion within `timeout`, unless `watch` stops it; the
-/// error summarises why it failed and the end of its stderr.
+/// error says why it failed, with the end of its stderr.
 pub(crate) fn run_with_timeout(
     mut cmd: Command,
     timeout: Duration,
     watch: Option<Watch>,
-) -> Result<(), String> {
+) -> Result<(), FormatError> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0);
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    let pid = Pid::from_raw(child.id() as i32).ok_or("spawned a child without a pid")?;
-    let mut stderr = child.stderr.take().ok_or("no stderr pipe")?;
+    let mut child = cmd.spawn().map_err(|source| FormatError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = Pid::from_raw(child.id() as i32).ok_or(FormatError::NoPid)?;
+    let mut stderr = child.stderr.take().ok_or(FormatError::NoStderrPipe)?;
     let watched = pidfd_open(pid, PidfdFlags::empty())
         .map_err(io::Error::from)
         .and_then(|pidfd| {
@@ -171,25 +211,23 @@ pub(crate) fn run_with_timeout(
     // Whatever happened, no member of the group may outlive the format step.
     let _ = kill_process_group(pid, Signal::KILL);
     let status = child.wait();
-    let (ending, tail) = watched.map_err(|e| format!("cannot watch {program}: {e}"))?;
-    let summary = summarize(&tail);
-    let status = status.map_err(|e| format!("cannot wait for {program}: {e}"))?;
-    let why = match ending {
-        Ending::TimedOut => format!("format command timed out after {timeout:?} and was killed"),
-        Ending::Stopped(why) => why,
+    let (ending, tail) = watched.map_err(|source| FormatError::Watch {
+        program: program.clone(),
+        source,
+    })?;
+    let stderr = summarize(&tail);
+    let status = status.map_err(|source| FormatError::Wait { program, source })?;
+    Err(match ending {
+        Ending::TimedOut => FormatError::TimedOut { timeout, stderr },
+        Ending::Stopped(reason) => FormatError::Stopped { reason, stderr },
         Ending::Exited if status.success() => return Ok(()),
         Ending::Exited => match status.code() {
-            Some(code) => format!("format command failed with exit status {code}"),
-            None => format!(
-                "format command killed by signal {}",
-                status.signal().unwrap_or(0)
-            ),
+            Some(code) => FormatError::Exit { code, stderr },
+            None => FormatError::Signal {
+                signal: status.signal().unwrap_or(0),
+                stderr,
+            },
         },
-    };
-    Err(if summary.is_empty() {
-        why
-    } else {
-        format!("{why}: {summary}")
     })
 }
 
@@ -284,7 +322,7 @@ fn summarize(stderr: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    fn sh(script: &str, timeout: Duration) -> Result<(), String> {
+    fn sh(script: &str, timeout: Duration) -> Result<(), FormatError> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(script);
         run_with_timeout(cmd, timeout, None)
@@ -292,18 +330,27 @@ mod tests {
 
     #[test]
     fn success_failure_and_stderr_summary() {
-        assert_eq!(sh("echo fine >&2; exit 0", Duration::from_secs(10)), Ok(()));
+        sh("echo fine >&2; exit 0", Duration::from_secs(10)).unwrap();
         let err = sh(
             "echo one >&2; echo; echo boom >&2; exit 3",
             Duration::from_secs(10),
         )
         .unwrap_err();
-        assert!(
-            err.contains("exit status 3") && err.ends_with("one | boom"),
-            "{err}"
+        match &err {
+            FormatError::Exit { code: 3, stderr } => assert_eq!(stderr, "one | boom"),
+            other => panic!("{other:?}"),
+        }
+        // What the client and the log see.
+        assert_eq!(
+            err.to_string(),
+            "format command failed with exit status 3: one | boom"
         );
         let err = sh("kill -9 $$", Duration::from_secs(10)).unwrap_err();
-        assert!(err.contains("signal 9"), "{err}");
+        assert!(
+            matches!(err, FormatError::Signal { signal: 9, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "format command killed by signal 9");
     }
 
     #[test]
@@ -314,10 +361,15 @@ mod tests {
             Duration::from_millis(300),
         )
         .unwrap_err();
-        assert!(
-            err.contains("timed out") && err.ends_with("started"),
-            "{err}"
-        );
+        match err {
+            FormatError::TimedOut { timeout, stderr } => {
+                assert_eq!(
+                    (timeout, stderr.as_str()),
+                    (Duration::from_millis(300), "started")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 
@@ -330,13 +382,27 @@ mod tests {
             if calls < 5 {
                 Ok(())
             } else {
-                Err("stopped by the watch".to_string())
+                Err(ImageError::OverBudget {
+                    kind: "memory",
+                    allocated: 2,
+                    others: 0,
+                    limit: 1,
+                })
             }
         };
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg("sleep 30 & sleep 30");
         let err = run_with_timeout(cmd, Duration::from_secs(60), Some(&mut watch)).unwrap_err();
-        assert_eq!(err, "stopped by the watch");
+        match &err {
+            FormatError::Stopped {
+                reason: ImageError::OverBudget { kind: "memory", .. },
+                stderr,
+            } => assert_eq!(stderr, ""),
+            other => panic!("{other:?}"),
+        }
+        assert!(err
+            .to_string()
+            .starts_with("the format command exceeded the memory budget"));
         assert_eq!(calls, 5);
         assert!(start.elapsed() < Duration::from_secs(5));
     }
@@ -352,7 +418,10 @@ mod tests {
             Duration::from_secs(10),
         )
         .unwrap_err();
-        assert!(err.len() < 400, "{err}");
+        match err {
+            FormatError::Exit { code: 1, stderr } => assert!(stderr.len() <= SUMMARY_LEN + 3),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //!
 //! The design and its trade-offs are written up in `docs/SCRATCH.md`.
 
+use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use scratchd_store::memory::Budget;
@@ -40,13 +42,27 @@ pub use device::ScratchDevice;
 pub use registry::{ScratchExports, Settings};
 pub use stats::StatsSnapshot;
 
+/// Why [`from_config`] could not build the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// `backing=memory`: not even one disk of this size can be made.
+    #[error("cannot make a {size}-byte memory disk: {source}")]
+    Memory { size: u64, source: io::Error },
+    #[error("backing=dir:{}: cannot create files there: {source}", dir.display())]
+    Dir { dir: PathBuf, source: io::Error },
+    #[error("backing=memory,spill=dir:{}: cannot create files there: {source}", dir.display())]
+    SpillDir { dir: PathBuf, source: io::Error },
+    #[error("cannot start threads: {0}")]
+    Threads(#[source] io::Error),
+}
+
 /// Builds the registry a [`Config`] describes.
 ///
 /// # Errors
 ///
-/// A one-line reason when disks cannot be made at all (a `backing=dir:`
-/// that does not exist or takes no files) or a thread cannot start.
-pub fn from_config(config: Config) -> Result<ScratchExports, String> {
+/// When disks cannot be made at all (a `backing=dir:` that does not exist
+/// or takes no files) or a thread cannot start.
+pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
     let store = match &config.backing {
         Backing::Memory => disk::Store::Memory(Arc::new(Budget::new(config.memory_limit))),
         Backing::Dir(path) => disk::Store::Dir {
@@ -64,16 +80,19 @@ pub fn from_config(config: Config) -> Result<ScratchExports, String> {
         store,
         format: Box::new(config.format.clone()),
     };
-    maker.check().map_err(|e| match &config.backing {
-        Backing::Memory => format!("cannot make a {}-byte memory disk: {e}", config.size),
-        Backing::Dir(path) => format!(
-            "backing=dir:{}: cannot create files there: {e}",
-            path.display()
-        ),
-        Backing::MemorySpill(path) => format!(
-            "backing=memory,spill=dir:{}: cannot create files there: {e}",
-            path.display()
-        ),
+    maker.check().map_err(|source| match &config.backing {
+        Backing::Memory => BuildError::Memory {
+            size: config.size,
+            source,
+        },
+        Backing::Dir(dir) => BuildError::Dir {
+            dir: dir.clone(),
+            source,
+        },
+        Backing::MemorySpill(dir) => BuildError::SpillDir {
+            dir: dir.clone(),
+            source,
+        },
     })?;
     let settings = Settings {
         names: config.names,
@@ -85,5 +104,5 @@ pub fn from_config(config: Config) -> Result<ScratchExports, String> {
         pool: config.pool,
         ..Settings::new(config.format.timeout)
     };
-    ScratchExports::new(settings, Arc::new(maker)).map_err(|e| format!("cannot start threads: {e}"))
+    ScratchExports::new(settings, Arc::new(maker)).map_err(BuildError::Threads)
 }

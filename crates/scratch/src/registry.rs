@@ -530,6 +530,7 @@ impl Exports for ScratchExports {
 mod tests {
     use std::sync::atomic::AtomicBool;
 
+    use crate::disk::CreateError;
     use scratchd_store::MemoryDevice;
 
     use super::*;
@@ -558,7 +559,7 @@ mod tests {
     }
 
     impl DiskFactory for Fake {
-        fn create(&self) -> Result<ScratchDevice, String> {
+        fn create(&self) -> Result<ScratchDevice, CreateError> {
             self.made.fetch_add(1, Ordering::SeqCst);
             drop(
                 self.opened
@@ -566,7 +567,7 @@ mod tests {
                     .unwrap(),
             );
             if self.fail.load(Ordering::SeqCst) {
-                return Err("boom".into());
+                return Err(CreateError::Load(std::io::Error::other("boom")));
             }
             Ok(ScratchDevice::memory(MemoryDevice::new(1 << 20).unwrap()))
         }

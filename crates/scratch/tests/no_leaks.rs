@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scratchd_scratch::config::{FormatKind, FormatSpec};
-use scratchd_scratch::disk::{DiskFactory, Maker, Store};
+use scratchd_scratch::disk::{CreateError, DiskFactory, Maker, Store};
+use scratchd_scratch::format::FormatError;
 use scratchd_store::memory::Budget;
 
 fn open_fds() -> usize {
@@ -36,15 +37,25 @@ fn failed_and_timed_out_creations_leave_nothing() {
             },
         ]
     };
+    fn failed(e: &CreateError) -> bool {
+        matches!(e, CreateError::Format(FormatError::Exit { code: 1, stderr }) if stderr == "boom")
+    }
+    fn timed_out(e: &CreateError) -> bool {
+        matches!(e, CreateError::Format(FormatError::TimedOut { stderr, .. }) if stderr == "slow")
+    }
     let cases = [
-        (Duration::from_secs(10), "echo boom >&2; exit 1", "boom"),
+        (
+            Duration::from_secs(10),
+            "echo boom >&2; exit 1",
+            failed as fn(&CreateError) -> bool,
+        ),
         (
             Duration::from_millis(200),
             "echo slow >&2; sleep 30",
-            "timed out",
+            timed_out,
         ),
     ];
-    for (timeout, script, expect) in cases {
+    for (timeout, script, expected) in cases {
         for store in stores() {
             let maker = Maker {
                 size: 1 << 20,
@@ -54,7 +65,7 @@ fn failed_and_timed_out_creations_leave_nothing() {
             maker.check().unwrap();
             let before = open_fds();
             let err = maker.create().unwrap_err();
-            assert!(err.contains(expect), "{err}");
+            assert!(expected(&err), "{script:?}: {err:?}");
             assert_eq!(open_fds(), before, "descriptors leaked by {script:?}");
         }
     }
