@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scratchd_scratch::config::{FormatKind, FormatSpec};
-use scratchd_scratch::disk::{DiskFactory, Maker, Store};
+use scratchd_scratch::disk::{DiskFactory, Maker, Placement};
 use scratchd_store::memory::Budget;
 
 fn open_fds() -> usize {
@@ -27,10 +27,10 @@ fn failing(timeout: Duration, script: &str) -> Box<FormatSpec> {
 fn failed_and_timed_out_creations_leave_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let budget = Arc::new(Budget::new(u64::MAX));
-    let stores = || {
+    let placements = || {
         [
-            Store::Memory(budget.clone()),
-            Store::Dir {
+            Placement::Memory(budget.clone()),
+            Placement::Dir {
                 path: dir.path().to_owned(),
                 budget: Some(budget.clone()),
             },
@@ -45,10 +45,10 @@ fn failed_and_timed_out_creations_leave_nothing() {
         ),
     ];
     for (timeout, script, expect) in cases {
-        for store in stores() {
+        for placement in placements() {
             let maker = Maker {
                 size: 1 << 20,
-                store,
+                placement,
                 format: failing(timeout, script),
             };
             maker.check().unwrap();
