@@ -21,6 +21,8 @@
 //!
 //! The design and its trade-offs are written up in `docs/SCRATCH.md`.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 
 use scratchd_store::memory::Budget;

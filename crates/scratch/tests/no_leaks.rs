@@ -2,6 +2,8 @@
 //! behind. Descriptors are counted process-wide, so this is its own test
 //! binary with a single test: nothing else opens files meanwhile.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
