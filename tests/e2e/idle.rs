@@ -3,9 +3,9 @@
 //! longer than that anywhere, even in the middle of a request.
 
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::util::{random_bytes, send, Server};
+use crate::util::{poll, random_bytes, send, Server};
 use crate::wire::*;
 
 /// Longer than the server's idle time (2 s).
@@ -80,12 +80,11 @@ fn idle_connections_give_their_buffers_back() {
     // Each input buffer had 256 KiB of payload in it; ask for half, within
     // a generous time (the threads wake after 2 s, later on a loaded host).
     let expected = (CONNS * LEN / 2 / 1024) as u64;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut idle = rss_kib(&server);
-    while busy.saturating_sub(idle) < expected && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(100));
-        idle = rss_kib(&server);
-    }
+    let idle = poll(Duration::from_secs(10), || {
+        let idle = rss_kib(&server);
+        (busy.saturating_sub(idle) >= expected).then_some(idle)
+    })
+    .unwrap_or_else(|| rss_kib(&server));
     eprintln!("RSS {busy} KiB busy, {idle} KiB idle");
     assert!(
         busy.saturating_sub(idle) >= expected,

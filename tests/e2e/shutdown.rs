@@ -5,7 +5,7 @@ use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::util::{run, Server};
+use crate::util::{eventually, run, Server};
 use crate::wire::{negotiating, Conn, Mode, CMD_FLUSH, CMD_READ};
 
 /// Reads until end of stream, which must come within `within`.
@@ -108,11 +108,9 @@ fn requests_unparsed_at_sigterm_get_eshutdown() {
         .spawn()
         .expect("run nbdfuse");
     let _nbdfuse = Unmount(fuse.clone(), nbdfuse);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0) {
-        assert!(Instant::now() < deadline, "nbdfuse did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("nbdfuse to start", Duration::from_secs(10), || {
+        std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0)
+    });
     let mut server = Server::start(&[
         "--threads",
         "1",
@@ -140,16 +138,17 @@ fn requests_unparsed_at_sigterm_get_eshutdown() {
     // can take a while to handle the signal, and the socket file goes a
     // little before). Until then each probe is a harmless FLUSH, queued
     // behind the stuck READs.
-    let deadline = Instant::now() + Duration::from_secs(10);
     let flush = probe.header(0, CMD_FLUSH, 0, 0, 0);
-    loop {
-        match std::io::Write::write_all(&mut probe.s, &flush) {
-            Ok(()) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+    let shutdown = "shutdown to begin after SIGTERM (EPIPE on the probe)";
+    eventually(
+        shutdown,
+        Duration::from_secs(10),
+        || match std::io::Write::write_all(&mut probe.s, &flush) {
+            Ok(()) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
             Err(e) => panic!("probe: {e}"),
-        }
-        assert!(Instant::now() < deadline, "no shutdown 10 s after SIGTERM");
-    }
+        },
+    );
     signal("-CONT", inner.pid());
 
     let mut answered = std::collections::BTreeMap::new();

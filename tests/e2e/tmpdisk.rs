@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{libnbd, require, run, run_status, stdout, Server};
+use crate::util::{eventually, libnbd, require, run, run_status, stdout, Server};
 
 /// Python helpers for the scripts below: `uri(name)` of an export on the
 /// server whose socket is `ARGS[0]`, and `go_error(name)`, the error message
@@ -84,15 +84,6 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect()
-}
-
-/// Polls `f` every 20 ms for up to `secs` seconds.
-fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Names that `nbdinfo --list` shows.
@@ -230,7 +221,7 @@ eq(h.pread(10, 10 << 20), b"mock run 1", "data after a reconnect within linger")
 "#,
     );
     assert_eq!(listed(&server), ["koji-1"], "a lingering disk is listed");
-    eventually("the lingering disk to go", 10, || {
+    eventually("the lingering disk to go", Duration::from_secs(10), || {
         listed(&server).is_empty()
     });
     script(
@@ -465,7 +456,7 @@ fn fuse_mount(server: &Server, name: &str, dir: &Path) -> (MountGuard, PathBuf) 
         .expect("run nbdfuse");
     guard.nbdfuse = Some(child);
     guard.fuse_dir = Some(fuse.clone());
-    eventually("nbdfuse to be ready", 10, || {
+    eventually("nbdfuse to be ready", Duration::from_secs(10), || {
         std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0)
     });
     let out = run(Command::new("losetup")
@@ -521,9 +512,11 @@ fn two_builds_mounted_at_once_through_nbdfuse_and_loop() {
     assert!(!mnt_b.join("a.bin").exists(), "builds share nothing");
     drop(guard_a);
     drop(guard_b);
-    eventually("both disks to be destroyed", 10, || {
-        listed(&server).is_empty()
-    });
+    eventually(
+        "both disks to be destroyed",
+        Duration::from_secs(10),
+        || listed(&server).is_empty(),
+    );
 }
 
 /// With `pool=1` a new build gets a disk formatted in advance: its GO does
@@ -539,7 +532,9 @@ fn pool_hands_out_disks_formatted_in_advance() {
         &counter_kv,
     ]);
     let formats = || std::fs::read_to_string(&counter).map_or(0, |s| s.lines().count());
-    eventually("the pool to fill", 10, || formats() == 1);
+    eventually("the pool to fill", Duration::from_secs(10), || {
+        formats() == 1
+    });
     let out = script(
         &server,
         r#"
@@ -552,7 +547,9 @@ eq(h.pread(2, 1080), EXT4_MAGIC, "formatted")
     );
     let seconds: f64 = out.trim().parse().unwrap();
     assert!(seconds < 0.5, "GO took {seconds} s: the format command ran");
-    eventually("the pool to refill", 10, || formats() == 2);
+    eventually("the pool to refill", Duration::from_secs(10), || {
+        formats() == 2
+    });
 }
 
 /// `--disk-limit` caps what dir-backed disks allocate together: a write

@@ -36,20 +36,13 @@ impl Server {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        let what = format!("scratchd to listen on {}", self.sock.display());
+        eventually(&what, Duration::from_secs(10), || {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!("scratchd exited early with {status}");
             }
-            if UnixStream::connect(&self.sock).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "scratchd did not listen on {} within 10 s",
-            self.sock.display()
-        );
+            UnixStream::connect(&self.sock).is_ok()
+        });
     }
 
     /// URI of the default export.
@@ -81,14 +74,7 @@ impl Server {
 
     /// Waits up to `timeout` for the server to exit; returns its status.
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        poll(timeout, || self.child.try_wait().expect("try_wait"))
     }
 }
 
@@ -97,6 +83,50 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What a condition polled by [`eventually`] or [`poll`] returns: `bool`
+/// (true: done) or `Option<T>` (`Some`: done, with a value to hand back).
+pub trait Ready {
+    type Value;
+    fn ready(self) -> Option<Self::Value>;
+}
+
+impl Ready for bool {
+    type Value = ();
+    fn ready(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Ready for Option<T> {
+    type Value = T;
+    fn ready(self) -> Option<T> {
+        self
+    }
+}
+
+/// Calls `check` every 20 ms until it is ready, for up to `within`; returns
+/// its value, or `None` when time ran out first. For waits whose timeout the
+/// test asserts on itself; others use [`eventually`].
+pub fn poll<R: Ready>(within: Duration, mut check: impl FnMut() -> R) -> Option<R::Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().ready() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Calls `check` every 20 ms until it is ready (true, or `Some(value)`) and
+/// returns its value; panics naming `what` (the thing awaited, "the pool to
+/// fill") if that takes longer than `within`.
+pub fn eventually<R: Ready>(what: &str, within: Duration, check: impl FnMut() -> R) -> R::Value {
+    poll(within, check).unwrap_or_else(|| panic!("timed out after {within:?} waiting for {what}"))
 }
 
 /// Panics with an install hint if `tool` is not on PATH.
