@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{eventually, libnbd, require, run, run_status, stdout, Server};
+use crate::util::{
+    eventually, fuse_unavailable, libnbd, require, run, run_status, stdout, Nbdfuse, Server,
+};
 
 /// Python helpers for the scripts below: `uri(name)` of an export on the
 /// server whose socket is `ARGS[0]`, and `go_error(name)`, the error message
@@ -418,8 +420,7 @@ for name in ("../x", ".hidden", "x" * 200):
 struct MountGuard {
     mounted: Option<PathBuf>,
     loop_dev: Option<String>,
-    fuse_dir: Option<PathBuf>,
-    nbdfuse: Option<Child>,
+    nbdfuse: Option<Nbdfuse>,
 }
 
 impl Drop for MountGuard {
@@ -430,13 +431,7 @@ impl Drop for MountGuard {
         if let Some(l) = self.loop_dev.take() {
             let _ = Command::new("losetup").args(["-d", &l]).status();
         }
-        if let Some(f) = self.fuse_dir.take() {
-            let _ = Command::new("umount").arg(&f).status();
-        }
-        if let Some(mut c) = self.nbdfuse.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        drop(self.nbdfuse.take());
     }
 }
 
@@ -444,24 +439,14 @@ impl Drop for MountGuard {
 /// device and mounts it under `dir`.
 fn fuse_mount(server: &Server, name: &str, dir: &Path) -> (MountGuard, PathBuf) {
     let mut guard = MountGuard::default();
-    let (fuse, mnt, pidfile) = (dir.join("fuse"), dir.join("mnt"), dir.join("pid"));
-    std::fs::create_dir(&fuse).unwrap();
+    let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let child = Command::new("nbdfuse")
-        .arg("-P")
-        .arg(&pidfile)
-        .arg(fuse.join("disk"))
-        .arg(server.uri_for(name))
-        .spawn()
-        .expect("run nbdfuse");
-    guard.nbdfuse = Some(child);
-    guard.fuse_dir = Some(fuse.clone());
-    eventually("nbdfuse to be ready", Duration::from_secs(10), || {
-        std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0)
-    });
+    let fuse = guard
+        .nbdfuse
+        .insert(Nbdfuse::start(&server.uri_for(name), dir));
     let out = run(Command::new("losetup")
         .args(["-f", "--show"])
-        .arg(fuse.join("disk")));
+        .arg(&fuse.disk));
     guard.loop_dev = Some(stdout(&out).trim().to_owned());
     run(Command::new("mount")
         .arg(guard.loop_dev.as_ref().unwrap())
@@ -472,12 +457,8 @@ fn fuse_mount(server: &Server, name: &str, dir: &Path) -> (MountGuard, PathBuf) 
 
 /// Why the end-to-end mount test cannot run here, if it cannot.
 fn mount_unavailable() -> Option<String> {
-    let uid = run(Command::new("id").arg("-u"));
-    if stdout(&uid).trim() != "0" {
-        return Some("not root".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return Some("no /dev/fuse".into());
+    if let Some(why) = fuse_unavailable() {
+        return Some(why.into());
     }
     if run_status(Command::new("losetup").arg("-f")).0 != 0 {
         return Some("no free loop device (losetup -f failed)".into());

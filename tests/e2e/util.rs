@@ -72,6 +72,11 @@ impl Server {
         self.child.id()
     }
 
+    /// Sends `sig` ("TERM", "STOP", ...) to the server with kill(1).
+    pub fn signal(&self, sig: &str) {
+        run(Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]));
+    }
+
     /// Waits up to `timeout` for the server to exit; returns its status.
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         poll(timeout, || self.child.try_wait().expect("try_wait"))
@@ -127,6 +132,57 @@ pub fn poll<R: Ready>(within: Duration, mut check: impl FnMut() -> R) -> Option<
 /// fill") if that takes longer than `within`.
 pub fn eventually<R: Ready>(what: &str, within: Duration, check: impl FnMut() -> R) -> R::Value {
     poll(within, check).unwrap_or_else(|| panic!("timed out after {within:?} waiting for {what}"))
+}
+
+/// Why a FUSE mount cannot be made here (no `/dev/fuse`, not root), if it
+/// cannot; tests that need one say so and skip.
+pub fn fuse_unavailable() -> Option<&'static str> {
+    if !Path::new("/dev/fuse").exists() {
+        return Some("no /dev/fuse");
+    }
+    let uid = run(Command::new("id").arg("-u"));
+    (stdout(&uid).trim() != "0").then_some("not root")
+}
+
+/// An export seen as a file through nbdfuse; unmounted, and nbdfuse
+/// reaped, on drop.
+pub struct Nbdfuse {
+    /// The file: the export's bytes.
+    pub disk: PathBuf,
+    /// The directory nbdfuse mounts (holding `disk`).
+    mount: PathBuf,
+    child: Child,
+}
+
+impl Nbdfuse {
+    /// Runs nbdfuse for `uri` in `dir` (the mount point `dir/fuse`, its pid
+    /// file beside it) and waits until it serves `dir/fuse/disk`.
+    pub fn start(uri: &str, dir: &Path) -> Nbdfuse {
+        require("nbdfuse");
+        let (mount, pidfile) = (dir.join("fuse"), dir.join("pid"));
+        std::fs::create_dir(&mount).expect("create the nbdfuse mount point");
+        let disk = mount.join("disk");
+        let child = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(&disk)
+            .arg(uri)
+            .spawn()
+            .expect("run nbdfuse");
+        let fuse = Nbdfuse { disk, mount, child };
+        eventually("nbdfuse to start", Duration::from_secs(10), || {
+            std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0)
+        });
+        fuse
+    }
+}
+
+impl Drop for Nbdfuse {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Panics with an install hint if `tool` is not on PATH.
