@@ -26,13 +26,7 @@ fn rss_kib(server: &Server) -> u64 {
 /// connection then works as before.
 #[test]
 fn a_client_pausing_mid_request_past_the_idle_time_is_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let file = Server::start(&["file", &format!("path={}", path.display())]);
+    let (file, _) = Server::on_file(4 << 20);
     let memory = Server::start(&["memory", "size=4M"]);
     thread::scope(|scope| {
         for server in [&file, &memory] {

@@ -20,7 +20,24 @@ pub struct Server {
 impl Server {
     /// Starts `scratchd serve -U SOCK ARGS...` and waits until it accepts.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_in(tempfile::tempdir().expect("tempdir"), args)
+    }
+
+    /// Starts `scratchd serve -U SOCK file path=FILE` on a zero-filled
+    /// sparse file of `len` bytes in the server's own directory (removed
+    /// with it); returns the file's path too.
+    pub fn on_file(len: u64) -> (Server, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(len))
+            .expect("create the backing file");
+        let server = Server::start_in(dir, &["file", &format!("path={}", path.display())]);
+        (server, path)
+    }
+
+    /// [`Server::start`] with its socket in `dir`, which it keeps.
+    fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Server {
         let sock = dir.path().join("nbd.sock");
         let child = Command::new(SCRATCHD)
             .arg("serve")
