@@ -374,6 +374,15 @@ mod tests {
         })
     }
 
+    /// Every budget `placement` charges disks to.
+    fn budgets(placement: &Placement) -> Vec<&Arc<Budget>> {
+        match placement {
+            Placement::Memory(b) => vec![b],
+            Placement::Dir { budget, .. } => budget.iter().collect(),
+            Placement::Spill { memory, disk, .. } => disk.iter().chain([memory]).collect(),
+        }
+    }
+
     #[test]
     fn import_copies_only_nonzero_blocks() {
         let maker = Maker {
@@ -485,11 +494,7 @@ mod tests {
             let err = maker.create().unwrap_err();
             let expected = format!("the format command exceeded the {kind} budget");
             assert!(err.starts_with(&expected), "{err}");
-            let budgets: Vec<&Arc<Budget>> = match &maker.placement {
-                Placement::Memory(b) => vec![b],
-                Placement::Dir { budget, .. } => budget.iter().collect(),
-                Placement::Spill { memory, disk, .. } => disk.iter().chain([memory]).collect(),
-            };
+            let budgets = budgets(&maker.placement);
             assert!(budgets.iter().all(|b| b.used() == 0), "{kind}: charge left");
             assert!(!done_file.exists(), "the command ran to its end");
             assert_eq!(std::fs::read_dir(backing.path()).unwrap().count(), 0);
@@ -544,20 +549,11 @@ mod tests {
             trim_zeroes: true,
             may_fill,
         };
-        testing::check_with(&dev, ops, expect, || match memory {
-            Some(b) if b.used() > b.limit() => Err(format!(
-                "memory budget overdrawn: {} of {}",
-                b.used(),
-                b.limit()
-            )),
-            _ => Ok(()),
+        testing::check_with(&dev, ops, expect, || {
+            memory.map_or(Ok(()), |budget| testing::within_budget(budget))
         })?;
         drop(dev);
-        let budgets: Vec<&Arc<Budget>> = match &maker.placement {
-            Placement::Memory(b) => vec![b],
-            Placement::Dir { budget, .. } => budget.iter().collect(),
-            Placement::Spill { memory, disk, .. } => disk.iter().chain([memory]).collect(),
-        };
+        let budgets = budgets(&maker.placement);
         prop_assert!(
             budgets.iter().all(|b| b.used() == 0),
             "a budget kept a charge"

@@ -481,10 +481,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (dev, budget) = device(dir.path(), size, blocks * 4096);
             let expect = Expect { trim_zeroes: true, may_fill: false };
-            testing::check_with(&dev, &ops, expect, || {
-                let (used, limit) = (budget.used(), budget.limit());
-                (used <= limit).then_some(()).ok_or(format!("budget overdrawn: {used} of {limit}"))
-            })?;
+            testing::check_with(&dev, &ops, expect, || testing::within_budget(&budget))?;
             dev.trim(0, size, false).unwrap();
             prop_assert_eq!(budget.used(), 0);
             prop_assert!(dev.spilled.iter().all(|w| w.load(Ordering::Relaxed) == 0));

@@ -1260,10 +1260,7 @@ mod tests {
             let budget = Arc::new(Budget::new(blocks * 4096));
             let dev = MemoryDevice::with_budget(size, budget.clone()).unwrap();
             let expect = Expect { trim_zeroes: true, may_fill: true };
-            testing::check_with(&dev, &ops, expect, || {
-                let (used, limit) = (budget.used(), budget.limit());
-                (used <= limit).then_some(()).ok_or(format!("budget overdrawn: {used} of {limit}"))
-            })?;
+            testing::check_with(&dev, &ops, expect, || testing::within_budget(&budget))?;
             check_accounting(&dev, Some(&budget))?;
         }
     }

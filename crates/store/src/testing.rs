@@ -21,11 +21,17 @@
 //!
 //! and call it from a `proptest!`:
 //!
-//! ```ignore
-//! #[test]
-//! fn behaves_like_the_model((size, ops) in testing::sized_ops(64 << 10, 256 << 10)) {
-//!     let dev = MyDevice::new(size);
-//!     testing::check(&dev, &ops, Expect { trim_zeroes: true, may_fill: false })?;
+//! ```
+//! use proptest::prelude::*;
+//! use scratchd_store::testing::{self, Expect};
+//! use scratchd_store::MemoryDevice;
+//!
+//! proptest! {
+//!     #[test]
+//!     fn behaves_like_the_model((size, ops) in testing::sized_ops(64 << 10, 256 << 10)) {
+//!         let dev = MemoryDevice::new(size).unwrap();
+//!         testing::check(&dev, &ops, Expect { trim_zeroes: true, may_fill: false })?;
+//!     }
 //! }
 //! ```
 
@@ -33,6 +39,7 @@ use std::fmt::Debug;
 
 use proptest::prelude::*;
 
+use crate::memory::Budget;
 use crate::{BlockDevice, Extent, ExtentKind, ZeroFlags};
 
 /// The block size that offsets are drawn around.
@@ -231,6 +238,15 @@ pub struct Expect {
     /// budget), leaving the device unchanged; when false, `ENOSPC` fails the
     /// test like any other error.
     pub may_fill: bool,
+}
+
+/// An invariant for [`check_with`]: `budget` holds no more than its limit.
+pub fn within_budget(budget: &Budget) -> Result<(), String> {
+    let (used, limit) = (budget.used(), budget.limit());
+    if used > limit {
+        return Err(format!("budget overdrawn: {used} of {limit} bytes"));
+    }
+    Ok(())
 }
 
 /// Runs `ops` on `dev`, a zero-filled device, and on a model of it, checking
