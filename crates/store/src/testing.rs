@@ -19,7 +19,7 @@
 //! scratchd-store = { workspace = true, features = ["testing"] }
 //! ```
 //!
-//! and call it from a `proptest!`:
+//! and call it from a `proptest!` (a `#[test]` in a test module):
 //!
 //! ```
 //! use proptest::prelude::*;
@@ -27,12 +27,13 @@
 //! use scratchd_store::MemoryDevice;
 //!
 //! proptest! {
-//!     #[test]
+//!     #![proptest_config(ProptestConfig::with_cases(8))]
 //!     fn behaves_like_the_model((size, ops) in testing::sized_ops(64 << 10, 256 << 10)) {
 //!         let dev = MemoryDevice::new(size).unwrap();
 //!         testing::check(&dev, &ops, Expect { trim_zeroes: true, may_fill: false })?;
 //!     }
 //! }
+//! behaves_like_the_model();
 //! ```
 
 use std::fmt::Debug;
