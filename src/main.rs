@@ -5,6 +5,8 @@
 //! `scratchd-proto`, storage in `scratchd-store`, connections in
 //! `scratchd-server`.
 
+#![forbid(unsafe_code)]
+
 mod backend;
 mod serve;
 mod size;

@@ -30,15 +30,11 @@ fn memory_server() -> Server {
 
 /// A server of each backend, `size` bytes: memory runs requests inline on
 /// the connection's thread; a file may block, so its requests go to the
-/// worker pool and replies can leave out of order. The file's directory is
-/// returned with its server (tuples drop in order: server first).
-fn servers_of_each_backend(size: u64) -> Vec<(&'static str, Server, Option<tempfile::TempDir>)> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("disk.img");
-    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
-    let file = Server::start(&["file", &format!("path={}", path.display())]);
+/// worker pool and replies can leave out of order.
+fn servers_of_each_backend(size: u64) -> Vec<(&'static str, Server)> {
+    let (file, _) = Server::on_file(size);
     let memory = Server::start(&["memory", &format!("size={size}")]);
-    vec![("memory", memory, None), ("file", file, Some(dir))]
+    vec![("memory", memory), ("file", file)]
 }
 
 /// Deterministic pseudo-random bytes: [`random_bytes`] with the seed spread
@@ -750,7 +746,7 @@ fn clients_vanishing_mid_handshake_or_request_leave_server_serving() {
 #[test]
 fn pipelined_requests_are_each_answered_exactly_once() {
     const N: u64 = 2000;
-    for (backend, mut server, _dir) in servers_of_each_backend(16 * MIB) {
+    for (backend, mut server) in servers_of_each_backend(16 * MIB) {
         pipelined_on(&mut server, backend, N);
     }
 }
@@ -864,7 +860,7 @@ fn read_pipelined(c: &mut Conn, n: u64, offset_of: impl Fn(u64) -> u64) -> HashM
 fn disc_after_pipelined_writes_completes_them_first() {
     const WRITES: u64 = 16;
     const LEN: u64 = 32 * KIB;
-    for (b, (backend, mut server, _dir)) in servers_of_each_backend(MIB).into_iter().enumerate() {
+    for (b, (backend, mut server)) in servers_of_each_backend(MIB).into_iter().enumerate() {
         for (m, mode) in MODES.into_iter().enumerate() {
             let seed = |i: u64| 0xd15c + (b * 10 + m) as u64 * 100 + i;
             let mut c = Conn::open(&server, mode);

@@ -1,7 +1,7 @@
 //! Command-line errors: bad usage exits 2 with a message that says what is
 //! valid; a backend that cannot be opened exits 1.
 
-use crate::util::{run_status, scratchd_serve};
+use crate::util::{poll, run_status, scratchd_serve};
 
 /// Runs `scratchd serve ARGS` expecting failure; returns (code, stderr).
 fn refused(args: &[&str]) -> (i32, String) {
@@ -84,19 +84,16 @@ os.execv(sys.argv[2], [sys.argv[2], "serve", "memory", "size=1M"])
         .arg(crate::util::SCRATCHD)
         .spawn()
         .unwrap();
-    let mut info = None;
-    for _ in 0..100 {
+    let info = poll(std::time::Duration::from_secs(10), || {
         let out = std::process::Command::new("nbdinfo")
             .arg("--size")
             .arg(format!("nbd+unix:///?socket={}", sock.display()))
             .output()
             .unwrap();
-        if out.status.success() {
-            info = Some(String::from_utf8_lossy(&out.stdout).trim().to_owned());
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    });
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(

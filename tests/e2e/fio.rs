@@ -58,12 +58,6 @@ fn fio_four_connections_randwrite_verify_on_memory_disk() {
 /// block back intact.
 #[test]
 fn fio_two_connections_randwrite_verify_on_file_backend() {
-    let dir = tempfile::tempdir().unwrap();
-    let backing = dir.path().join("disk.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(32 * MIB)
-        .unwrap();
-    let server = Server::start(&["file", &format!("path={}", backing.display())]);
+    let (server, _) = Server::on_file(32 * MIB);
     fio_randwrite_verify(&server.uri(), 2, 16 * MIB, 8);
 }

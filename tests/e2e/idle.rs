@@ -3,9 +3,9 @@
 //! longer than that anywhere, even in the middle of a request.
 
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::util::{random_bytes, send, Server};
+use crate::util::{poll, random_bytes, send, Server};
 use crate::wire::*;
 
 /// Longer than the server's idle time (2 s).
@@ -26,13 +26,7 @@ fn rss_kib(server: &Server) -> u64 {
 /// connection then works as before.
 #[test]
 fn a_client_pausing_mid_request_past_the_idle_time_is_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let file = Server::start(&["file", &format!("path={}", path.display())]);
+    let (file, _) = Server::on_file(4 << 20);
     let memory = Server::start(&["memory", "size=4M"]);
     thread::scope(|scope| {
         for server in [&file, &memory] {
@@ -80,12 +74,11 @@ fn idle_connections_give_their_buffers_back() {
     // Each input buffer had 256 KiB of payload in it; ask for half, within
     // a generous time (the threads wake after 2 s, later on a loaded host).
     let expected = (CONNS * LEN / 2 / 1024) as u64;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut idle = rss_kib(&server);
-    while busy.saturating_sub(idle) < expected && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(100));
-        idle = rss_kib(&server);
-    }
+    let idle = poll(Duration::from_secs(10), || {
+        let idle = rss_kib(&server);
+        (busy.saturating_sub(idle) >= expected).then_some(idle)
+    })
+    .unwrap_or_else(|| rss_kib(&server));
     eprintln!("RSS {busy} KiB busy, {idle} KiB idle");
     assert!(
         busy.saturating_sub(idle) >= expected,

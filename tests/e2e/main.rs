@@ -5,6 +5,8 @@
 //! The clients are installed by `scripts/test.sh`; a missing one fails the
 //! test with a message saying what to install, never skips it silently.
 
+#![forbid(unsafe_code)]
+
 mod bad_input;
 mod cli;
 mod fio;

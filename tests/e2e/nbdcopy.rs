@@ -86,15 +86,8 @@ fn nbdcopy_sparse_source_leaves_holes_on_memory_disk() {
 #[test]
 fn nbdcopy_into_file_backend_writes_backing_file_exactly() {
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let backing = dir.path().join("backing.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
-    let path = format!("path={}", backing.display());
-    let server = Server::start(&["file", &path]);
-    let src = dir.path().join("src.img");
+    let (server, backing) = Server::on_file(16 * MIB);
+    let src = server.dir.path().join("src.img");
     sparse_file(
         &src,
         16 * MIB,

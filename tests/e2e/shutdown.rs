@@ -5,7 +5,7 @@ use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::util::{run, Server};
+use crate::util::{eventually, fuse_unavailable, Nbdfuse, Server};
 use crate::wire::{negotiating, Conn, Mode, CMD_FLUSH, CMD_READ};
 
 /// Reads until end of stream, which must come within `within`.
@@ -29,7 +29,7 @@ fn sigterm_closes_connections_cleanly_and_exits_zero() {
     busy.write(1, 0, &[5u8; 4096]);
     let mut negotiating = negotiating(&server);
 
-    run(Command::new("kill").args(["-TERM", &server.pid().to_string()]));
+    server.signal("TERM");
 
     expect_eof(
         &mut busy.s,
@@ -59,7 +59,7 @@ fn sigterm_answers_requests_already_received() {
     let mut server = Server::start(&["file", &format!("path={}", path.display())]);
     let mut c = Conn::open(&server, Mode::Simple);
     c.request(0, crate::wire::CMD_READ, 7, 0, 32 << 20);
-    run(Command::new("kill").args(["-TERM", &server.pid().to_string()]));
+    server.signal("TERM");
 
     let h = crate::util::read_n(&mut c.s, 16);
     assert_eq!(crate::wire::be64(&h, 8), 7, "cookie");
@@ -95,37 +95,19 @@ fn requests_unparsed_at_sigterm_get_eshutdown() {
     const WAITING: u64 = 8;
     let inner = Server::start(&["memory", "size=1M"]);
     let dir = tempfile::tempdir().unwrap();
-    // nbdfuse mounts the directory holding the file, so the pidfile goes
-    // elsewhere.
-    let (fuse, pidfile) = (dir.path().join("fuse"), dir.path().join("pid"));
-    std::fs::create_dir(&fuse).unwrap();
-    let disk = fuse.join("disk");
-    let nbdfuse = Command::new("nbdfuse")
-        .arg("-P")
-        .arg(&pidfile)
-        .arg(&disk)
-        .arg(inner.uri())
-        .spawn()
-        .expect("run nbdfuse");
-    let _nbdfuse = Unmount(fuse.clone(), nbdfuse);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0) {
-        assert!(Instant::now() < deadline, "nbdfuse did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let fuse = Nbdfuse::start(&inner.uri(), dir.path());
     let mut server = Server::start(&[
         "--threads",
         "1",
         "file",
-        &format!("path={}", disk.display()),
+        &format!("path={}", fuse.disk.display()),
     ]);
     let mut c = Conn::open(&server, Mode::Simple);
     // A second client, to see when shutdown has begun: sends to it fail
     // with EPIPE once the server has stopped reading.
     let mut probe = Conn::open(&server, Mode::Simple);
 
-    let signal = |sig: &str, pid: u32| run(Command::new("kill").args([sig, &pid.to_string()]));
-    signal("-STOP", inner.pid());
+    inner.signal("STOP");
     let _resume = Resume(inner.pid());
     // SIGSTOP takes effect as each thread next leaves the kernel: a thread
     // of the inner server busy on another core could still answer a read
@@ -140,22 +122,23 @@ fn requests_unparsed_at_sigterm_get_eshutdown() {
     }
     crate::util::send(&mut c.s, &batch);
     std::thread::sleep(Duration::from_millis(300));
-    signal("-TERM", server.pid());
+    server.signal("TERM");
     // Only once shutdown has begun may the disk come unstuck (a loaded host
     // can take a while to handle the signal, and the socket file goes a
     // little before). Until then each probe is a harmless FLUSH, queued
     // behind the stuck READs.
-    let deadline = Instant::now() + Duration::from_secs(10);
     let flush = probe.header(0, CMD_FLUSH, 0, 0, 0);
-    loop {
-        match std::io::Write::write_all(&mut probe.s, &flush) {
-            Ok(()) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+    let shutdown = "shutdown to begin after SIGTERM (EPIPE on the probe)";
+    eventually(
+        shutdown,
+        Duration::from_secs(10),
+        || match std::io::Write::write_all(&mut probe.s, &flush) {
+            Ok(()) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
             Err(e) => panic!("probe: {e}"),
-        }
-        assert!(Instant::now() < deadline, "no shutdown 10 s after SIGTERM");
-    }
-    signal("-CONT", inner.pid());
+        },
+    );
+    inner.signal("CONT");
 
     let mut answered = std::collections::BTreeMap::new();
     for _ in 0..IN_FLIGHT + WAITING {
@@ -202,20 +185,7 @@ fn wait_until_stopped(pid: u32) {
                 .is_some_and(|(_, rest)| rest.starts_with('T'))
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !stopped() {
-        assert!(Instant::now() < deadline, "process {pid} did not stop");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Why a FUSE mount cannot be made here, if it cannot.
-fn fuse_unavailable() -> Option<&'static str> {
-    if !std::path::Path::new("/dev/fuse").exists() {
-        return Some("no /dev/fuse");
-    }
-    let uid = run(Command::new("id").arg("-u"));
-    (crate::util::stdout(&uid).trim() != "0").then_some("not root")
+    crate::util::eventually("the inner server to stop", Duration::from_secs(10), stopped);
 }
 
 /// Sends SIGCONT to a stopped process when dropped (even on a failed
@@ -227,16 +197,5 @@ impl Drop for Resume {
         let _ = Command::new("kill")
             .args(["-CONT", &self.0.to_string()])
             .status();
-    }
-}
-
-/// Unmounts an nbdfuse directory and reaps nbdfuse when dropped.
-struct Unmount(std::path::PathBuf, std::process::Child);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = self.1.kill();
-        let _ = self.1.wait();
     }
 }

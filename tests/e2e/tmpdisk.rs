@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{libnbd, require, run, run_status, stdout, Server};
+use crate::util::{
+    eventually, fuse_unavailable, libnbd, require, run, run_status, stdout, Nbdfuse, Server,
+};
 
 /// Python helpers for the scripts below: `uri(name)` of an export on the
 /// server whose socket is `ARGS[0]`, and `go_error(name)`, the error message
@@ -84,15 +86,6 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect()
-}
-
-/// Polls `f` every 20 ms for up to `secs` seconds.
-fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Names that `nbdinfo --list` shows.
@@ -230,7 +223,7 @@ eq(h.pread(10, 10 << 20), b"mock run 1", "data after a reconnect within linger")
 "#,
     );
     assert_eq!(listed(&server), ["koji-1"], "a lingering disk is listed");
-    eventually("the lingering disk to go", 10, || {
+    eventually("the lingering disk to go", Duration::from_secs(10), || {
         listed(&server).is_empty()
     });
     script(
@@ -427,8 +420,7 @@ for name in ("../x", ".hidden", "x" * 200):
 struct MountGuard {
     mounted: Option<PathBuf>,
     loop_dev: Option<String>,
-    fuse_dir: Option<PathBuf>,
-    nbdfuse: Option<Child>,
+    nbdfuse: Option<Nbdfuse>,
 }
 
 impl Drop for MountGuard {
@@ -439,13 +431,7 @@ impl Drop for MountGuard {
         if let Some(l) = self.loop_dev.take() {
             let _ = Command::new("losetup").args(["-d", &l]).status();
         }
-        if let Some(f) = self.fuse_dir.take() {
-            let _ = Command::new("umount").arg(&f).status();
-        }
-        if let Some(mut c) = self.nbdfuse.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        drop(self.nbdfuse.take());
     }
 }
 
@@ -453,24 +439,14 @@ impl Drop for MountGuard {
 /// device and mounts it under `dir`.
 fn fuse_mount(server: &Server, name: &str, dir: &Path) -> (MountGuard, PathBuf) {
     let mut guard = MountGuard::default();
-    let (fuse, mnt, pidfile) = (dir.join("fuse"), dir.join("mnt"), dir.join("pid"));
-    std::fs::create_dir(&fuse).unwrap();
+    let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let child = Command::new("nbdfuse")
-        .arg("-P")
-        .arg(&pidfile)
-        .arg(fuse.join("disk"))
-        .arg(server.uri_for(name))
-        .spawn()
-        .expect("run nbdfuse");
-    guard.nbdfuse = Some(child);
-    guard.fuse_dir = Some(fuse.clone());
-    eventually("nbdfuse to be ready", 10, || {
-        std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0)
-    });
+    let fuse = guard
+        .nbdfuse
+        .insert(Nbdfuse::start(&server.uri_for(name), dir));
     let out = run(Command::new("losetup")
         .args(["-f", "--show"])
-        .arg(fuse.join("disk")));
+        .arg(&fuse.disk));
     guard.loop_dev = Some(stdout(&out).trim().to_owned());
     run(Command::new("mount")
         .arg(guard.loop_dev.as_ref().unwrap())
@@ -481,12 +457,8 @@ fn fuse_mount(server: &Server, name: &str, dir: &Path) -> (MountGuard, PathBuf) 
 
 /// Why the end-to-end mount test cannot run here, if it cannot.
 fn mount_unavailable() -> Option<String> {
-    let uid = run(Command::new("id").arg("-u"));
-    if stdout(&uid).trim() != "0" {
-        return Some("not root".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return Some("no /dev/fuse".into());
+    if let Some(why) = fuse_unavailable() {
+        return Some(why.into());
     }
     if run_status(Command::new("losetup").arg("-f")).0 != 0 {
         return Some("no free loop device (losetup -f failed)".into());
@@ -521,9 +493,11 @@ fn two_builds_mounted_at_once_through_nbdfuse_and_loop() {
     assert!(!mnt_b.join("a.bin").exists(), "builds share nothing");
     drop(guard_a);
     drop(guard_b);
-    eventually("both disks to be destroyed", 10, || {
-        listed(&server).is_empty()
-    });
+    eventually(
+        "both disks to be destroyed",
+        Duration::from_secs(10),
+        || listed(&server).is_empty(),
+    );
 }
 
 /// With `pool=1` a new build gets a disk formatted in advance: its GO does
@@ -539,7 +513,9 @@ fn pool_hands_out_disks_formatted_in_advance() {
         &counter_kv,
     ]);
     let formats = || std::fs::read_to_string(&counter).map_or(0, |s| s.lines().count());
-    eventually("the pool to fill", 10, || formats() == 1);
+    eventually("the pool to fill", Duration::from_secs(10), || {
+        formats() == 1
+    });
     let out = script(
         &server,
         r#"
@@ -552,7 +528,9 @@ eq(h.pread(2, 1080), EXT4_MAGIC, "formatted")
     );
     let seconds: f64 = out.trim().parse().unwrap();
     assert!(seconds < 0.5, "GO took {seconds} s: the format command ran");
-    eventually("the pool to refill", 10, || formats() == 2);
+    eventually("the pool to refill", Duration::from_secs(10), || {
+        formats() == 2
+    });
 }
 
 /// `--disk-limit` caps what dir-backed disks allocate together: a write

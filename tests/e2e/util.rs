@@ -20,7 +20,24 @@ pub struct Server {
 impl Server {
     /// Starts `scratchd serve -U SOCK ARGS...` and waits until it accepts.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_in(tempfile::tempdir().expect("tempdir"), args)
+    }
+
+    /// Starts `scratchd serve -U SOCK file path=FILE` on a zero-filled
+    /// sparse file of `len` bytes in the server's own directory (removed
+    /// with it); returns the file's path too.
+    pub fn on_file(len: u64) -> (Server, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(len))
+            .expect("create the backing file");
+        let server = Server::start_in(dir, &["file", &format!("path={}", path.display())]);
+        (server, path)
+    }
+
+    /// [`Server::start`] with its socket in `dir`, which it keeps.
+    fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Server {
         let sock = dir.path().join("nbd.sock");
         let child = Command::new(SCRATCHD)
             .arg("serve")
@@ -36,20 +53,13 @@ impl Server {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        let what = format!("scratchd to listen on {}", self.sock.display());
+        eventually(&what, Duration::from_secs(10), || {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!("scratchd exited early with {status}");
             }
-            if UnixStream::connect(&self.sock).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "scratchd did not listen on {} within 10 s",
-            self.sock.display()
-        );
+            UnixStream::connect(&self.sock).is_ok()
+        });
     }
 
     /// URI of the default export.
@@ -79,21 +89,114 @@ impl Server {
         self.child.id()
     }
 
+    /// Sends `sig` ("TERM", "STOP", ...) to the server with kill(1).
+    pub fn signal(&self, sig: &str) {
+        run(Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]));
+    }
+
     /// Waits up to `timeout` for the server to exit; returns its status.
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        poll(timeout, || self.child.try_wait().expect("try_wait"))
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a condition polled by [`eventually`] or [`poll`] returns: `bool`
+/// (true: done) or `Option<T>` (`Some`: done, with a value to hand back).
+pub trait Ready {
+    type Value;
+    fn ready(self) -> Option<Self::Value>;
+}
+
+impl Ready for bool {
+    type Value = ();
+    fn ready(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Ready for Option<T> {
+    type Value = T;
+    fn ready(self) -> Option<T> {
+        self
+    }
+}
+
+/// Calls `check` every 20 ms until it is ready, for up to `within`; returns
+/// its value, or `None` when time ran out first. For waits whose timeout the
+/// test asserts on itself; others use [`eventually`].
+pub fn poll<R: Ready>(within: Duration, mut check: impl FnMut() -> R) -> Option<R::Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().ready() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Calls `check` every 20 ms until it is ready (true, or `Some(value)`) and
+/// returns its value; panics naming `what` (the thing awaited, "the pool to
+/// fill") if that takes longer than `within`.
+pub fn eventually<R: Ready>(what: &str, within: Duration, check: impl FnMut() -> R) -> R::Value {
+    poll(within, check).unwrap_or_else(|| panic!("timed out after {within:?} waiting for {what}"))
+}
+
+/// Why a FUSE mount cannot be made here (no `/dev/fuse`, not root), if it
+/// cannot; tests that need one say so and skip.
+pub fn fuse_unavailable() -> Option<&'static str> {
+    if !Path::new("/dev/fuse").exists() {
+        return Some("no /dev/fuse");
+    }
+    let uid = run(Command::new("id").arg("-u"));
+    (stdout(&uid).trim() != "0").then_some("not root")
+}
+
+/// An export seen as a file through nbdfuse; unmounted, and nbdfuse
+/// reaped, on drop.
+pub struct Nbdfuse {
+    /// The file: the export's bytes.
+    pub disk: PathBuf,
+    /// The directory nbdfuse mounts (holding `disk`).
+    mount: PathBuf,
+    child: Child,
+}
+
+impl Nbdfuse {
+    /// Runs nbdfuse for `uri` in `dir` (the mount point `dir/fuse`, its pid
+    /// file beside it) and waits until it serves `dir/fuse/disk`.
+    pub fn start(uri: &str, dir: &Path) -> Nbdfuse {
+        require("nbdfuse");
+        let (mount, pidfile) = (dir.join("fuse"), dir.join("pid"));
+        std::fs::create_dir(&mount).expect("create the nbdfuse mount point");
+        let disk = mount.join("disk");
+        let child = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(&disk)
+            .arg(uri)
+            .spawn()
+            .expect("run nbdfuse");
+        let fuse = Nbdfuse { disk, mount, child };
+        eventually("nbdfuse to start", Duration::from_secs(10), || {
+            std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0)
+        });
+        fuse
+    }
+}
+
+impl Drop for Nbdfuse {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

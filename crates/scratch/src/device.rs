@@ -2,8 +2,8 @@
 //! disk-space accounting of file-backed disks.
 //!
 //! A scratch disk is thrown away with its build, so durability is wasted
-//! work: FLUSH succeeds at once and FUA is stripped before the store sees a
-//! write (both are counted). Everything else is delegated to the store, a
+//! work: FLUSH succeeds at once and FUA is stripped before the backend sees a
+//! write (both are counted). Everything else is delegated to the backend, a
 //! [`MemoryDevice`], a [`FileDevice`] or a [`SpillDevice`] (both), through a
 //! `match` rather than a trait object, and counted in relaxed atomics.
 //!
@@ -38,24 +38,25 @@ const BLOCK: u64 = 4096;
 /// A scratch disk's storage with flush/FUA dropped and every call counted.
 #[derive(Debug)]
 pub struct ScratchDevice {
-    store: Store,
+    backend: Backend,
     stats: Stats,
 }
 
+/// The device that holds a scratch disk's bytes.
 #[derive(Debug)]
-enum Store {
+enum Backend {
     Memory(MemoryDevice),
     File(BudgetedFile),
     Spill(SpillDevice),
 }
 
-/// Runs `$body` with `$dev` bound to the store as a `&dyn`-free reference.
+/// Runs `$body` with `$dev` bound to the backend as a `&dyn`-free reference.
 macro_rules! delegate {
     ($self:ident, $dev:ident => $body:expr) => {
-        match &$self.store {
-            Store::Memory($dev) => $body,
-            Store::File($dev) => $body,
-            Store::Spill($dev) => $body,
+        match &$self.backend {
+            Backend::Memory($dev) => $body,
+            Backend::File($dev) => $body,
+            Backend::Spill($dev) => $body,
         }
     };
 }
@@ -63,32 +64,32 @@ macro_rules! delegate {
 impl ScratchDevice {
     /// A disk held in memory.
     pub fn memory(dev: MemoryDevice) -> Self {
-        Self::with_store(Store::Memory(dev))
+        Self::with_backend(Backend::Memory(dev))
     }
 
     /// A disk held in a file.
     pub(crate) fn file(dev: BudgetedFile) -> Self {
-        Self::with_store(Store::File(dev))
+        Self::with_backend(Backend::File(dev))
     }
 
     /// A disk in memory that spills to a file.
     pub(crate) fn spill(dev: SpillDevice) -> Self {
-        Self::with_store(Store::Spill(dev))
+        Self::with_backend(Backend::Spill(dev))
     }
 
-    fn with_store(store: Store) -> Self {
+    fn with_backend(backend: Backend) -> Self {
         ScratchDevice {
-            store,
+            backend,
             stats: Stats::default(),
         }
     }
 
     /// Memory or disk space the disk holds now.
     pub fn allocated_bytes(&self) -> u64 {
-        match &self.store {
-            Store::Memory(dev) => dev.allocated_bytes(),
-            Store::File(dev) => dev.allocated(),
-            Store::Spill(dev) => dev.allocated_bytes(),
+        match &self.backend {
+            Backend::Memory(dev) => dev.allocated_bytes(),
+            Backend::File(dev) => dev.allocated(),
+            Backend::Spill(dev) => dev.allocated_bytes(),
         }
     }
 
@@ -110,12 +111,12 @@ impl ScratchDevice {
     }
 }
 
-/// What a scratch disk advertises, given its store's capabilities.
-pub(crate) fn scratch_capabilities(store: Capabilities) -> Capabilities {
+/// What a scratch disk advertises, given its backend's capabilities.
+pub(crate) fn scratch_capabilities(backend: Capabilities) -> Capabilities {
     Capabilities {
         durable_flush: false,
         multi_conn: true,
-        ..store
+        ..backend
     }
 }
 

@@ -97,8 +97,10 @@ pub trait DiskFactory: Send + Sync {
     fn capabilities(&self) -> Capabilities;
 }
 
-/// Where a [`Maker`]'s disks live, with their budget.
-pub enum Store {
+/// Where a [`Maker`] places its disks (RAM, a directory, or RAM spilling
+/// to a directory), with the budgets they are charged to: the runtime form
+/// of [`Backing`](crate::config::Backing).
+pub enum Placement {
     Memory(Arc<Budget>),
     Dir {
         path: PathBuf,
@@ -112,10 +114,10 @@ pub enum Store {
     },
 }
 
-/// The real [`DiskFactory`]: a store and a formatter.
+/// The real [`DiskFactory`]: a placement and a formatter.
 pub struct Maker {
     pub size: u64,
-    pub store: Store,
+    pub placement: Placement,
     pub format: Box<dyn Format>,
 }
 
@@ -123,10 +125,10 @@ impl Maker {
     /// Checks that disks can be made at all (the directory exists and takes
     /// unnamed files), so that a bad `backing=` fails at startup.
     pub fn check(&self) -> io::Result<()> {
-        match &self.store {
-            Store::Memory(_) => MemoryDevice::new(self.size).map(drop),
-            Store::Dir { path, .. } => tempfile::tempfile_in(path).map(drop),
-            Store::Spill { path, .. } => {
+        match &self.placement {
+            Placement::Memory(_) => MemoryDevice::new(self.size).map(drop),
+            Placement::Dir { path, .. } => tempfile::tempfile_in(path).map(drop),
+            Placement::Spill { path, .. } => {
                 MemoryDevice::new(self.size)?;
                 tempfile::tempfile_in(path).map(drop)
             }
@@ -271,10 +273,10 @@ impl Maker {
 
 impl DiskFactory for Maker {
     fn create(&self) -> Result<ScratchDevice, CreateError> {
-        match &self.store {
-            Store::Memory(budget) => self.create_in_memory(budget),
-            Store::Dir { path, budget } => self.create_in_dir(path, budget),
-            Store::Spill { path, memory, disk } => self.create_spilling(path, memory, disk),
+        match &self.placement {
+            Placement::Memory(budget) => self.create_in_memory(budget),
+            Placement::Dir { path, budget } => self.create_in_dir(path, budget),
+            Placement::Spill { path, memory, disk } => self.create_spilling(path, memory, disk),
         }
     }
 
@@ -283,22 +285,22 @@ impl DiskFactory for Maker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let store = match &self.store {
-            Store::Memory(_) => MemoryDevice::new(0).map(|d| d.capabilities()),
-            Store::Dir { path, .. } => tempfile::tempfile_in(path)
+        let backend = match &self.placement {
+            Placement::Memory(_) => MemoryDevice::new(0).map(|d| d.capabilities()),
+            Placement::Dir { path, .. } => tempfile::tempfile_in(path)
                 .and_then(|f| FileDevice::open(&proc_path(&f), false))
                 .map(|d| d.capabilities()),
-            Store::Spill { .. } => Ok(SpillDevice::CAPABILITIES),
+            Placement::Spill { .. } => Ok(SpillDevice::CAPABILITIES),
         };
-        // A failed probe is answered with what the store normally offers;
+        // A failed probe is answered with what the backend normally offers;
         // creating the disk will report the real problem.
-        scratch_capabilities(store.unwrap_or(Capabilities {
+        scratch_capabilities(backend.unwrap_or(Capabilities {
             read_only: false,
             durable_flush: false,
             trim: true,
             fast_zero: true,
             multi_conn: true,
-            may_block: !matches!(self.store, Store::Memory(_)),
+            may_block: !matches!(self.placement, Placement::Memory(_)),
         }))
     }
 }
@@ -419,6 +421,9 @@ fn import(file: &File, dev: &dyn BlockDevice) -> io::Result<()> {
 mod tests {
     use std::time::Duration;
 
+    use proptest::prelude::*;
+    use scratchd_store::testing::{self, Expect, Op};
+
     use super::*;
     use crate::config::{FormatKind, FormatSpec};
 
@@ -432,11 +437,20 @@ mod tests {
         })
     }
 
+    /// Every budget `placement` charges disks to.
+    fn budgets(placement: &Placement) -> Vec<&Arc<Budget>> {
+        match placement {
+            Placement::Memory(b) => vec![b],
+            Placement::Dir { budget, .. } => budget.iter().collect(),
+            Placement::Spill { memory, disk, .. } => disk.iter().chain([memory]).collect(),
+        }
+    }
+
     #[test]
     fn import_copies_only_nonzero_blocks() {
         let maker = Maker {
             size: 64 << 20,
-            store: Store::Memory(Arc::new(Budget::new(u64::MAX))),
+            placement: Placement::Memory(Arc::new(Budget::new(u64::MAX))),
             format: spec(FormatKind::Command(
                 "printf abc | dd of=$disk bs=1 seek=5000 conv=notrunc 2>/dev/null; \
                  head -c 8192 /dev/zero | dd of=$disk bs=1 seek=1048576 conv=notrunc 2>/dev/null"
@@ -453,16 +467,16 @@ mod tests {
     #[test]
     fn mkfs_ext4_makes_a_filesystem_in_memory_in_a_dir_and_spilling() {
         let dir = tempfile::tempdir().unwrap();
-        for store in [
+        for placement in [
             // Far more than the ~300 KiB of metadata.
-            Store::Memory(Arc::new(Budget::new(16 << 20))),
-            Store::Dir {
+            Placement::Memory(Arc::new(Budget::new(16 << 20))),
+            Placement::Dir {
                 path: dir.path().to_owned(),
                 budget: None,
             },
             // A budget far smaller than the metadata: most of it spills (the
             // image is formatted in a file, so it needs no memory).
-            Store::Spill {
+            Placement::Spill {
                 path: dir.path().to_owned(),
                 memory: Arc::new(Budget::new(64 << 10)),
                 disk: Some(Arc::new(Budget::new(64 << 20))),
@@ -470,7 +484,7 @@ mod tests {
         ] {
             let maker = Maker {
                 size: 64 << 20,
-                store,
+                placement,
                 format: spec(FormatKind::Filesystem("ext4".into())),
             };
             let dev = maker.create().unwrap();
@@ -480,12 +494,12 @@ mod tests {
             assert!(dev.allocated_bytes() > 0);
             assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
             // The image's charge is gone; the disk's own blocks are left.
-            let budgets = match &maker.store {
-                Store::Memory(budget) => {
+            let budgets = match &maker.placement {
+                Placement::Memory(budget) => {
                     assert_eq!(budget.used(), dev.allocated_bytes());
                     vec![budget]
                 }
-                Store::Spill {
+                Placement::Spill {
                     memory,
                     disk: Some(disk),
                     ..
@@ -510,17 +524,17 @@ mod tests {
         let (pid_file, done_file) = (dir.path().join("pid"), dir.path().join("done"));
         let backing = tempfile::tempdir().unwrap();
         let budget = || Arc::new(Budget::new(16 << 20));
-        for (store, kind) in [
-            (Store::Memory(budget()), "memory"),
+        for (placement, kind) in [
+            (Placement::Memory(budget()), "memory"),
             (
-                Store::Dir {
+                Placement::Dir {
                     path: backing.path().to_owned(),
                     budget: Some(budget()),
                 },
                 "disk",
             ),
             (
-                Store::Spill {
+                Placement::Spill {
                     path: backing.path().to_owned(),
                     memory: budget(),
                     disk: Some(budget()),
@@ -531,7 +545,7 @@ mod tests {
             // 256 MiB, one MiB per dd, in a background job of the command.
             let maker = Maker {
                 size: 256 << 20,
-                store,
+                placement,
                 format: spec(FormatKind::Command(format!(
                     "(i=0; while [ $i -lt 256 ]; do \
                        dd if=/dev/zero of=$disk bs=1M count=1 seek=$i conv=notrunc 2>/dev/null; \
@@ -547,11 +561,7 @@ mod tests {
                 }) => assert_eq!(stopped, kind),
                 other => panic!("{kind}: {other:?}"),
             }
-            let budgets: Vec<&Arc<Budget>> = match &maker.store {
-                Store::Memory(b) => vec![b],
-                Store::Dir { budget, .. } => budget.iter().collect(),
-                Store::Spill { memory, disk, .. } => disk.iter().chain([memory]).collect(),
-            };
+            let budgets = budgets(&maker.placement);
             assert!(budgets.iter().all(|b| b.used() == 0), "{kind}: charge left");
             assert!(!done_file.exists(), "the command ran to its end");
             assert_eq!(std::fs::read_dir(backing.path()).unwrap().count(), 0);
@@ -575,7 +585,7 @@ mod tests {
         let budget = Arc::new(Budget::new(8192));
         let maker = Maker {
             size: 64 << 20,
-            store: Store::Memory(budget.clone()),
+            placement: Placement::Memory(budget.clone()),
             format: spec(FormatKind::Filesystem("ext4".into())),
         };
         let err = maker.create().unwrap_err();
@@ -592,5 +602,86 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(budget.used(), 0);
+    }
+
+    /// Runs the store's model suite on a blank disk of `size` bytes made
+    /// by a [`Maker`] with `placement`, as the registry gets it; afterwards
+    /// the disk's budgets must be whole again once it is dropped.
+    fn model_case(
+        size: u64,
+        ops: &[Op],
+        placement: Placement,
+        may_fill: bool,
+    ) -> Result<(), TestCaseError> {
+        let maker = Maker {
+            size,
+            placement,
+            format: spec(FormatKind::None),
+        };
+        let dev = maker.create().unwrap();
+        let memory = match &maker.placement {
+            Placement::Memory(budget) | Placement::Spill { memory: budget, .. } => Some(budget),
+            Placement::Dir { .. } => None,
+        };
+        let expect = Expect {
+            trim_zeroes: true,
+            may_fill,
+        };
+        testing::check_with(&dev, ops, expect, || {
+            memory.map_or(Ok(()), |budget| testing::within_budget(budget))
+        })?;
+        drop(dev);
+        let budgets = budgets(&maker.placement);
+        prop_assert!(
+            budgets.iter().all(|b| b.used() == 0),
+            "a budget kept a charge"
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// In RAM, with a budget of 0 to 64 blocks (writes past it fail).
+        #[test]
+        fn memory_disks_behave_like_the_model(
+            (size, ops) in testing::sized_ops(64 << 10, 256 << 10),
+            blocks in 0u64..=64,
+        ) {
+            let budget = Arc::new(Budget::new(blocks * 4096));
+            model_case(size, &ops, Placement::Memory(budget), true)?;
+        }
+
+        /// In an unnamed file (`dir:`), with or without a disk budget.
+        #[test]
+        fn dir_disks_behave_like_the_model(
+            (size, ops) in testing::sized_ops(64 << 10, 256 << 10),
+            blocks in prop::option::of(0u64..=64),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let placement = Placement::Dir {
+                path: dir.path().to_owned(),
+                budget: blocks.map(|b| Arc::new(Budget::new(b * 4096))),
+            };
+            model_case(size, &ops, placement, blocks.is_some())?;
+            prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+
+        /// In RAM up to a budget of 0 to 64 blocks, then in a file: no
+        /// write fails.
+        #[test]
+        fn spilling_disks_behave_like_the_model(
+            (size, ops) in testing::sized_ops(64 << 10, 256 << 10),
+            blocks in 0u64..=64,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let placement = Placement::Spill {
+                path: dir.path().to_owned(),
+                memory: Arc::new(Budget::new(blocks * 4096)),
+                disk: None,
+            };
+            model_case(size, &ops, placement, false)?;
+            prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
     }
 }

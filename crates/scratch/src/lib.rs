@@ -21,6 +21,8 @@
 //!
 //! The design and its trade-offs are written up in `docs/SCRATCH.md`.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,13 +65,13 @@ pub enum BuildError {
 /// When disks cannot be made at all (a `backing=dir:` that does not exist
 /// or takes no files) or a thread cannot start.
 pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
-    let store = match &config.backing {
-        Backing::Memory => disk::Store::Memory(Arc::new(Budget::new(config.memory_limit))),
-        Backing::Dir(path) => disk::Store::Dir {
+    let placement = match &config.backing {
+        Backing::Memory => disk::Placement::Memory(Arc::new(Budget::new(config.memory_limit))),
+        Backing::Dir(path) => disk::Placement::Dir {
             path: path.clone(),
             budget: config.disk_limit.map(|limit| Arc::new(Budget::new(limit))),
         },
-        Backing::MemorySpill(path) => disk::Store::Spill {
+        Backing::MemorySpill(path) => disk::Placement::Spill {
             path: path.clone(),
             memory: Arc::new(Budget::new(config.memory_limit)),
             disk: config.disk_limit.map(|limit| Arc::new(Budget::new(limit))),
@@ -77,7 +79,7 @@ pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
     };
     let maker = disk::Maker {
         size: config.size,
-        store,
+        placement,
         format: Box::new(config.format.clone()),
     };
     maker.check().map_err(|source| match &config.backing {

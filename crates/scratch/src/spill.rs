@@ -395,6 +395,7 @@ impl BlockDevice for SpillDevice {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+    use scratchd_store::testing::{self, Expect};
     use scratchd_store::FileDevice;
 
     use super::*;
@@ -465,86 +466,23 @@ mod tests {
         }
     }
 
-    #[derive(Debug, Clone)]
-    enum Op {
-        Write(u64, usize, u8),
-        Read(u64, usize),
-        Trim(u64, u64),
-        Zero(u64, u64, bool),
-        Extents(u64, u64),
-    }
-
-    const SIZE: u64 = 256 << 10;
-
-    fn range() -> impl Strategy<Value = (u64, u64)> {
-        (0..SIZE).prop_flat_map(|off| (Just(off), 0..=(SIZE - off).min(40 << 10)))
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            4 => (range(), any::<u8>()).prop_map(|((o, l), b)| Op::Write(o, l as usize, b)),
-            2 => range().prop_map(|(o, l)| Op::Read(o, l as usize)),
-            1 => range().prop_map(|(o, l)| Op::Trim(o, l)),
-            1 => (range(), any::<bool>()).prop_map(|((o, l), t)| Op::Zero(o, l, t)),
-            1 => range().prop_map(|(o, l)| Op::Extents(o, l)),
-        ]
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The store's model suite, with a memory budget of 0 to 64 blocks
+        /// so that runs spill early, late or never; the budget is never
+        /// overdrawn, and a trim of everything gives back all memory and
+        /// brings every block home.
         #[test]
-        fn behaves_like_a_byte_array(ops in proptest::collection::vec(op(), 1..40)) {
+        fn behaves_like_the_model(
+            (size, ops) in testing::sized_ops(64 << 10, 256 << 10),
+            blocks in 0u64..=64,
+        ) {
             let dir = tempfile::tempdir().unwrap();
-            let (dev, budget) = device(dir.path(), SIZE, 32 << 10);
-            let mut model = vec![0u8; SIZE as usize];
-            for op in ops {
-                match op {
-                    Op::Write(o, l, b) => {
-                        let data: Vec<u8> = (0..l).map(|i| b.wrapping_add(i as u8) | 1).collect();
-                        dev.write(o, &data, false).unwrap();
-                        model[o as usize..o as usize + l].copy_from_slice(&data);
-                    }
-                    Op::Read(o, l) => {
-                        let mut buf = vec![0xAA; l];
-                        dev.read(o, &mut buf).unwrap();
-                        prop_assert_eq!(&buf[..], &model[o as usize..o as usize + l]);
-                    }
-                    Op::Trim(o, l) | Op::Zero(o, l, true) => {
-                        if matches!(op, Op::Trim(..)) {
-                            dev.trim(o, l, false).unwrap();
-                        } else {
-                            dev.zero(o, l, ZeroFlags { may_trim: true, fast: false }, false).unwrap();
-                        }
-                        model[o as usize..(o + l) as usize].fill(0);
-                    }
-                    Op::Zero(o, l, false) => {
-                        dev.zero(o, l, ZeroFlags::default(), false).unwrap();
-                        model[o as usize..(o + l) as usize].fill(0);
-                    }
-                    Op::Extents(o, l) => {
-                        let mut out = vec![Extent { len: 1, kind: ExtentKind::Data }];
-                        dev.extents(o, l, &mut out).unwrap();
-                        prop_assert_eq!(out.iter().skip(1).map(|e| e.len).sum::<u64>(), l);
-                        let mut at = o;
-                        for pair in out[1..].windows(2) {
-                            prop_assert!(pair[0].kind != pair[1].kind, "unmerged {:?}", out);
-                        }
-                        for e in &out[1..] {
-                            prop_assert!(e.len > 0);
-                            if e.kind == ExtentKind::Hole {
-                                let hole = &model[at as usize..(at + e.len) as usize];
-                                prop_assert!(hole.iter().all(|&b| b == 0), "hole with data at {}", at);
-                            }
-                            at += e.len;
-                        }
-                    }
-                }
-                prop_assert!(budget.used() <= budget.limit());
-            }
-            let mut all = vec![0; SIZE as usize];
-            dev.read(0, &mut all).unwrap();
-            prop_assert!(all == model, "final contents differ");
-            dev.trim(0, SIZE, false).unwrap();
+            let (dev, budget) = device(dir.path(), size, blocks * 4096);
+            let expect = Expect { trim_zeroes: true, may_fill: false };
+            testing::check_with(&dev, &ops, expect, || testing::within_budget(&budget))?;
+            dev.trim(0, size, false).unwrap();
             prop_assert_eq!(budget.used(), 0);
             prop_assert!(dev.spilled.iter().all(|w| w.load(Ordering::Relaxed) == 0));
         }

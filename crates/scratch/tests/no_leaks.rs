@@ -2,11 +2,13 @@
 //! behind. Descriptors are counted process-wide, so this is its own test
 //! binary with a single test: nothing else opens files meanwhile.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use scratchd_scratch::config::{FormatKind, FormatSpec};
-use scratchd_scratch::disk::{CreateError, DiskFactory, Maker, Store};
+use scratchd_scratch::disk::{CreateError, DiskFactory, Maker, Placement};
 use scratchd_scratch::format::FormatError;
 use scratchd_store::memory::Budget;
 
@@ -28,10 +30,10 @@ fn failing(timeout: Duration, script: &str) -> Box<FormatSpec> {
 fn failed_and_timed_out_creations_leave_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let budget = Arc::new(Budget::new(u64::MAX));
-    let stores = || {
+    let placements = || {
         [
-            Store::Memory(budget.clone()),
-            Store::Dir {
+            Placement::Memory(budget.clone()),
+            Placement::Dir {
                 path: dir.path().to_owned(),
                 budget: Some(budget.clone()),
             },
@@ -56,10 +58,10 @@ fn failed_and_timed_out_creations_leave_nothing() {
         ),
     ];
     for (timeout, script, expected) in cases {
-        for store in stores() {
+        for placement in placements() {
             let maker = Maker {
                 size: 1 << 20,
-                store,
+                placement,
                 format: failing(timeout, script),
             };
             maker.check().unwrap();

@@ -347,7 +347,7 @@ impl BlockDevice for FileDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing;
+    use crate::testing::{self, Expect};
     use proptest::prelude::*;
     use std::path::PathBuf;
     use tempfile::NamedTempFile;
@@ -587,8 +587,11 @@ mod tests {
         refused.punch_hole.store(refuse[0], Ordering::Relaxed);
         refused.zero_range.store(refuse[1], Ordering::Relaxed);
         refused.allocate.store(refuse[2], Ordering::Relaxed);
-        let trim_zeroes = !refuse[0];
-        testing::check(&dev, ops, trim_zeroes)
+        let expect = Expect {
+            trim_zeroes: !refuse[0],
+            may_fill: false,
+        };
+        testing::check(&dev, ops, expect)
     }
 
     proptest! {

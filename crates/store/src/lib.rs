@@ -9,14 +9,16 @@
 //! - [`memory`]: a sparse in-memory disk shared by every connection.
 //! - [`file`](mod@file): an existing regular file or block device.
 //! - [`sync`]: lock helpers that recover from poisoning, shared by every crate.
+//! - `testing` (feature `testing`): the model-based suite every device's
+//!   tests run.
 
 use std::io;
 
 pub mod file;
 pub mod memory;
 pub mod sync;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use file::FileDevice;
 pub use memory::MemoryDevice;

@@ -6,19 +6,49 @@
 //!
 //! Offsets and lengths favour block boundaries and their neighbours, so that
 //! unaligned and block-straddling requests are common.
+//!
+//! This is the one suite for every [`BlockDevice`] in the workspace, like
+//! cloud-hypervisor's block crate runs one test helper over every engine.
+//! This crate's tests run it over [`MemoryDevice`](crate::MemoryDevice) and
+//! [`FileDevice`](crate::FileDevice); other crates enable it for their tests
+//! with the `testing` feature (a dev-dependency feature, so release builds
+//! never see proptest):
+//!
+//! ```toml
+//! [dev-dependencies]
+//! scratchd-store = { workspace = true, features = ["testing"] }
+//! ```
+//!
+//! and call it from a `proptest!` (a `#[test]` in a test module):
+//!
+//! ```
+//! use proptest::prelude::*;
+//! use scratchd_store::testing::{self, Expect};
+//! use scratchd_store::MemoryDevice;
+//!
+//! proptest! {
+//!     #![proptest_config(ProptestConfig::with_cases(8))]
+//!     fn behaves_like_the_model((size, ops) in testing::sized_ops(64 << 10, 256 << 10)) {
+//!         let dev = MemoryDevice::new(size).unwrap();
+//!         testing::check(&dev, &ops, Expect { trim_zeroes: true, may_fill: false })?;
+//!     }
+//! }
+//! behaves_like_the_model();
+//! ```
 
 use std::fmt::Debug;
 
 use proptest::prelude::*;
 
-use crate::{BlockDevice, ExtentKind, ZeroFlags};
+use crate::memory::Budget;
+use crate::{BlockDevice, Extent, ExtentKind, ZeroFlags};
 
 /// The block size that offsets are drawn around.
 const BLOCK: u64 = 4096;
 
 /// One request to a device.
 #[derive(Debug, Clone)]
-pub(crate) enum Op {
+pub enum Op {
     /// Writes `len` bytes made from `seed`.
     Write {
         offset: u64,
@@ -94,7 +124,7 @@ fn op(size: u64) -> impl Strategy<Value = Op> {
 
 /// A disk size in `[min, max]` (a multiple of the block size half the time)
 /// and up to 32 operations on a disk of that size.
-pub(crate) fn sized_ops(min: u64, max: u64) -> impl Strategy<Value = (u64, Vec<Op>)> {
+pub fn sized_ops(min: u64, max: u64) -> impl Strategy<Value = (u64, Vec<Op>)> {
     prop_oneof![
         (min / BLOCK..=max / BLOCK).prop_map(|blocks| blocks * BLOCK),
         min..=max,
@@ -158,6 +188,8 @@ fn is_zero(bytes: &[u8]) -> bool {
 }
 
 /// Checks the device's extents of `[offset, offset + len)` against the model.
+/// The output vector already holds an extent of the caller's, which the
+/// device must leave alone (not merge its first extent into).
 fn check_extents(
     dev: &dyn BlockDevice,
     model: &[u8],
@@ -166,9 +198,17 @@ fn check_extents(
     step: usize,
     op: &Op,
 ) -> Result<(), TestCaseError> {
-    let mut out = Vec::new();
+    let callers = Extent {
+        len: 1,
+        kind: ExtentKind::Data,
+    };
+    let mut out = vec![callers];
     dev.extents(offset, len, &mut out)
         .map_err(|e| fail(step, op, e))?;
+    if out[0] != callers {
+        return Err(fail(step, op, ("the caller's extent was changed", &out)));
+    }
+    out.remove(0);
     let mut pos = offset;
     for (i, extent) in out.iter().enumerate() {
         let end = pos + extent.len;
@@ -189,18 +229,45 @@ fn check_extents(
     Ok(())
 }
 
+/// What a device may do that a plain byte array would not.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect {
+    /// Trims make their range read as zeros; when false, they must leave it
+    /// unchanged (a file system that cannot punch holes).
+    pub trim_zeroes: bool,
+    /// Writes and zeroing without `may_trim` may fail with `ENOSPC` (a
+    /// budget), leaving the device unchanged; when false, `ENOSPC` fails the
+    /// test like any other error.
+    pub may_fill: bool,
+}
+
+/// An invariant for [`check_with`]: `budget` holds no more than its limit.
+pub fn within_budget(budget: &Budget) -> Result<(), String> {
+    let (used, limit) = (budget.used(), budget.limit());
+    if used > limit {
+        return Err(format!("budget overdrawn: {used} of {limit} bytes"));
+    }
+    Ok(())
+}
+
 /// Runs `ops` on `dev`, a zero-filled device, and on a model of it, checking
 /// after each step that the whole device reads as the model does.
 ///
-/// `trim_zeroes`: whether trims make their range read as zeros (else they
-/// must leave it unchanged). Writes and no-hole zeroing may fail with
-/// `ENOSPC`, and fast zeroing with `EOPNOTSUPP`; either failure must leave
-/// the device unchanged.
-pub(crate) fn check(
+/// Besides what `expect` allows, fast zeroing may fail with `EOPNOTSUPP`,
+/// leaving the device unchanged.
+pub fn check(dev: &dyn BlockDevice, ops: &[Op], expect: Expect) -> Result<(), TestCaseError> {
+    check_with(dev, ops, expect, || Ok(()))
+}
+
+/// [`check`], and `invariant` after every step: the device's own
+/// bookkeeping (a budget never overdrawn, say); an `Err` names what broke.
+pub fn check_with(
     dev: &dyn BlockDevice,
     ops: &[Op],
-    trim_zeroes: bool,
+    expect: Expect,
+    mut invariant: impl FnMut() -> Result<(), String>,
 ) -> Result<(), TestCaseError> {
+    let full = |e: &std::io::Error| expect.may_fill && e.raw_os_error() == Some(libc::ENOSPC);
     let size = dev.size();
     let mut model = vec![0u8; size as usize];
     for (step, op) in ops.iter().enumerate() {
@@ -213,7 +280,7 @@ pub(crate) fn check(
                     .flatten();
                 match direct.unwrap_or_else(|| dev.write(offset, &data, false)) {
                     Ok(()) => model[offset as usize..][..len as usize].copy_from_slice(&data),
-                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {}
+                    Err(e) if full(&e) => {}
                     Err(e) => return Err(fail(step, op, e)),
                 }
             }
@@ -233,13 +300,13 @@ pub(crate) fn check(
             Op::Trim { offset, len } => {
                 dev.trim(offset, len, false)
                     .map_err(|e| fail(step, op, e))?;
-                if trim_zeroes {
+                if expect.trim_zeroes {
                     model[offset as usize..][..len as usize].fill(0);
                 }
             }
             Op::Zero { offset, len, flags } => match dev.zero(offset, len, flags, false) {
                 Ok(()) => model[offset as usize..][..len as usize].fill(0),
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && !flags.may_trim => {}
+                Err(e) if full(&e) && !flags.may_trim => {}
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && flags.fast => {}
                 Err(e) => return Err(fail(step, op, e)),
             },
@@ -248,6 +315,7 @@ pub(crate) fn check(
             Op::Flush => dev.flush().map_err(|e| fail(step, op, e))?,
         }
         compare(dev, 0, &model, step, op)?;
+        invariant().map_err(|e| fail(step, op, e))?;
     }
     check_extents(dev, &model, 0, size, ops.len(), &Op::Flush)
 }
