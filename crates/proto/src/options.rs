@@ -360,18 +360,15 @@ impl Codec<'_> for OptionReply {
     type Error = HandshakeError;
 
     fn encode(&self, out: &mut Vec<u8>) {
-        // Reserve the header, then fill in the length once the body is out:
-        // the body is written once, straight into `out`.
+        let mut body = Vec::new();
+        self.body.encode(&mut body);
         OptionReplyHeader {
             option: self.option,
             reply_type: self.body.reply_type(),
-            len: 0,
+            len: body.len() as u32,
         }
         .encode(out);
-        let body_start = out.len();
-        self.body.encode(out);
-        let len = (out.len() - body_start) as u32;
-        out[body_start - 4..body_start].copy_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&body);
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, HandshakeError> {
