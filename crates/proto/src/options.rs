@@ -510,6 +510,97 @@ mod tests {
         ));
     }
 
+    /// What the server's negotiator sends is what a client decodes.
+    #[test]
+    fn negotiator_replies_decode_as_a_client_reads_them() {
+        use crate::negotiation::{Catalog, ExportInfo, ExportListing, LookupError, Negotiator};
+        struct One;
+        impl Catalog for One {
+            fn list(&self) -> Vec<ExportListing> {
+                vec![ExportListing {
+                    name: "disk".into(),
+                    description: None,
+                }]
+            }
+            fn info(&self, _: &str) -> Result<ExportInfo, LookupError> {
+                Ok(ExportInfo {
+                    name: "disk".into(),
+                    size: 4096,
+                    flags: TransmissionFlags(TransmissionFlags::HAS_FLAGS),
+                    block_size: BlockSize {
+                        min: 1,
+                        preferred: 4096,
+                        max: 1 << 25,
+                    },
+                    description: Some("scratch".into()),
+                })
+            }
+        }
+        let requests = [
+            OptionRequest::StructuredReply,
+            OptionRequest::List,
+            OptionRequest::SetMetaContext(MetaContextRequest {
+                export: "disk".into(),
+                queries: vec![BASE_ALLOCATION.into()],
+            }),
+            OptionRequest::Info(InfoRequest {
+                name: "".into(),
+                info_requests: vec![INFO_NAME, INFO_DESCRIPTION],
+            }),
+            OptionRequest::Other {
+                option: 99,
+                data: vec![],
+            },
+        ];
+        let mut n = Negotiator::new(true);
+        let mut out = Vec::new();
+        for request in &requests {
+            // The server sees what a client encoded.
+            let bytes = request.to_bytes();
+            let mut r = Reader::new(&bytes);
+            let header = OptionHeader::decode(&mut r).unwrap();
+            n.handle(header.option, r.rest(), &One, &mut out);
+        }
+        let mut r = Reader::new(&out);
+        let mut got = Vec::new();
+        while !r.is_empty() {
+            got.push(OptionReply::decode(&mut r).unwrap().body);
+        }
+        use OptionReplyBody as B;
+        assert_eq!(
+            got,
+            [
+                B::Ack,
+                B::Server {
+                    name: "disk".into(),
+                    description: "".into()
+                },
+                B::Ack,
+                B::MetaContext {
+                    id: crate::negotiation::BASE_ALLOCATION_ID,
+                    name: BASE_ALLOCATION.into()
+                },
+                B::Ack,
+                B::Info(InfoReply::Export {
+                    size: 4096,
+                    flags: TransmissionFlags(TransmissionFlags::HAS_FLAGS)
+                }),
+                B::Info(InfoReply::BlockSize(BlockSize {
+                    min: 1,
+                    preferred: 4096,
+                    max: 1 << 25
+                })),
+                B::Info(InfoReply::Name("disk".into())),
+                B::Info(InfoReply::Description("scratch".into())),
+                B::Ack,
+                B::Error {
+                    code: OptError::Unsup as u32,
+                    message: "option 99 is not supported".into()
+                },
+            ]
+        );
+    }
+
     fn name() -> impl Strategy<Value = String> {
         "[^\u{0}]{0,12}"
     }
