@@ -3,11 +3,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use scratchd_proto::handshake::{OptionHeader, PayloadPlan, OPTION_HEADER_LEN};
+use scratchd_proto::handshake::{OptionHeader, OptionPayload, OPTION_HEADER_LEN};
 use scratchd_proto::negotiation::{
     BlockSize, Catalog, ExportInfo, ExportListing, LookupError, Negotiator, Step,
 };
-use scratchd_proto::TransmissionFlags;
+use scratchd_proto::{Codec, TransmissionFlags};
 
 struct Catalogue;
 
@@ -38,8 +38,8 @@ fuzz_target!(|data: &[u8]| {
         raw.copy_from_slice(&rest[..OPTION_HEADER_LEN]);
         raw[..8].copy_from_slice(b"IHAVEOPT");
         rest = &rest[OPTION_HEADER_LEN..];
-        let Ok(h) = OptionHeader::parse(&raw) else { return };
-        if h.payload_plan() != Ok(PayloadPlan::Read) {
+        let Ok(h) = OptionHeader::from_bytes(&raw) else { return };
+        if h.payload_plan() != Ok(OptionPayload::Read) {
             return;
         }
         let len = (h.len as usize).min(rest.len());

@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let mut raw = rest[..len].to_vec();
     let magic: u32 = if mode == ReplyMode::Extended { 0x21e4_1c71 } else { 0x2560_9513 };
     raw[..4].copy_from_slice(&magic.to_be_bytes());
-    let Ok(h) = RequestHeader::parse(&raw, mode) else { return };
+    let Ok(h) = RequestHeader::from_bytes(&raw, mode) else { return };
     let _ = h.payload_plan(mode);
     let session = Session {
         export: ExportInfo {

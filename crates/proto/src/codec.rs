@@ -1,24 +1,44 @@
-//! Bounded big-endian decoding and encoding.
+//! The one decoder of this crate, [`Reader`], the [`Codec`] trait every
+//! context-free wire type implements, and big-endian append helpers.
 //!
-//! [`Reader`] never reads past its slice: every accessor returns
-//! [`DecodeError::Truncated`] instead, and [`Reader::finish`] rejects trailing bytes, so a
-//! message whose inner lengths disagree with its outer length is always caught.
+//! [`Reader`] never reads past its slice: every accessor checks the length
+//! first and returns [`DecodeError::Truncated`] instead, [`Reader::sub`] bounds
+//! a nested message by its declared length, and [`Reader::finish`] rejects
+//! trailing bytes. So a message whose inner lengths disagree with its outer
+//! length is always caught, and no input can make decoding panic.
+//!
+//! Wire types whose layout depends on negotiated state (request headers on
+//! the reply mode, chunk payloads on the chunk type, the EXPORT_NAME reply on
+//! NO_ZEROES) have inherent `encode`/`decode` methods of the same shape that
+//! take that state as an extra argument.
 
 use thiserror::Error;
 
-/// The input ended before a field, or went on after the last one.
+/// Bytes that cannot be a message of the expected kind. The `Display` texts
+/// reach clients in option error replies, so they are part of the protocol
+/// behaviour and change only deliberately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum DecodeError {
+    /// The input ended before a field.
     #[error("message is shorter than its fields")]
     Truncated,
+    /// The input went on after the last field.
     #[error("message has {0} bytes after its last field")]
     TrailingBytes(usize),
     #[error("string is not valid UTF-8 or contains NUL")]
     BadString,
     #[error("string is longer than {max} bytes")]
     StringTooLong { max: usize },
+    /// A transmission message starts with a magic number that is not the
+    /// one expected here (`what` names the message).
+    #[error("bad {what} magic {found:#x}")]
+    BadMagic { what: &'static str, found: u64 },
 }
 
+/// A cursor over a byte slice that can only move forward and never past the
+/// slice's end.
+#[derive(Debug, Clone)]
 pub struct Reader<'a> {
     buf: &'a [u8],
 }
@@ -28,23 +48,50 @@ impl<'a> Reader<'a> {
         Reader { buf }
     }
 
+    /// Bytes not yet read.
     pub fn remaining(&self) -> usize {
         self.buf.len()
     }
 
-    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if n > self.buf.len() {
-            return Err(DecodeError::Truncated);
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The next `n` bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        match self.buf.split_at_checked(n) {
+            Some((head, tail)) => {
+                self.buf = tail;
+                Ok(head)
+            }
+            None => Err(DecodeError::Truncated),
         }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
+    }
+
+    /// A reader over the next `len` bytes, which this reader skips: the
+    /// nested message can neither read beyond its declared length nor leave
+    /// part of it for the outer message.
+    pub fn sub(&mut self, len: usize) -> Result<Reader<'a>, DecodeError> {
+        self.take(len).map(Reader::new)
+    }
+
+    /// Everything not yet read.
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        let b = self.bytes(N)?;
-        // The slice has exactly N bytes: bytes() checked the length.
-        Ok(b.try_into().unwrap_or([0; N]))
+        match self.buf.split_first_chunk::<N>() {
+            Some((head, tail)) => {
+                self.buf = tail;
+                Ok(*head)
+            }
+            None => Err(DecodeError::Truncated),
+        }
+    }
+
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.array().map(u8::from_be_bytes)
     }
 
     pub fn u16(&mut self) -> Result<u16, DecodeError> {
@@ -59,12 +106,13 @@ impl<'a> Reader<'a> {
         self.array().map(u64::from_be_bytes)
     }
 
-    /// A string of `len` bytes: UTF-8, no NUL, at most `max` bytes.
+    /// A string of `len` bytes: UTF-8, no NUL, at most `max` bytes. The
+    /// length limit is checked before anything is read.
     pub fn string(&mut self, len: usize, max: usize) -> Result<&'a str, DecodeError> {
         if len > max {
             return Err(DecodeError::StringTooLong { max });
         }
-        let raw = self.bytes(len)?;
+        let raw = self.take(len)?;
         let s = std::str::from_utf8(raw).map_err(|_| DecodeError::BadString)?;
         if s.contains('\0') {
             return Err(DecodeError::BadString);
@@ -79,11 +127,40 @@ impl<'a> Reader<'a> {
     }
 
     /// Succeeds only if every byte was consumed.
-    pub fn finish(self) -> Result<(), DecodeError> {
+    pub fn finish(&self) -> Result<(), DecodeError> {
         match self.buf.len() {
             0 => Ok(()),
             n => Err(DecodeError::TrailingBytes(n)),
         }
+    }
+}
+
+/// A wire type whose layout needs no negotiated state, after rustls'
+/// `Codec`. `'a` lets decoded values borrow from the input (a READ chunk's
+/// data is not copied).
+pub trait Codec<'a>: Sized {
+    /// What decoding reports: [`DecodeError`], or a richer error for types
+    /// whose decoding also judges the peer (handshake messages).
+    type Error: From<DecodeError>;
+
+    /// Appends the wire form of `self`.
+    fn encode(&self, out: &mut Vec<u8>);
+
+    /// Reads one value from `r`, leaving whatever follows it.
+    fn decode(r: &mut Reader<'a>) -> Result<Self, Self::Error>;
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decodes a value that must fill `bytes` exactly.
+    fn from_bytes(bytes: &'a [u8]) -> Result<Self, Self::Error> {
+        let mut r = Reader::new(bytes);
+        let value = Self::decode(&mut r)?;
+        r.finish()?;
+        Ok(value)
     }
 }
 
@@ -109,6 +186,7 @@ impl PutBe for Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn reads_fields_and_rejects_truncation_and_trailing_bytes() {
@@ -117,6 +195,22 @@ mod tests {
         assert_eq!(r.u32(), Ok(2));
         assert_eq!(r.u16(), Err(DecodeError::Truncated));
         assert_eq!(r.finish(), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(r.u8(), Ok(9));
+        assert_eq!(r.finish(), Ok(()));
+        assert_eq!(r.u8(), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn sub_readers_are_bounded_and_skipped() {
+        let mut r = Reader::new(&[1, 2, 3, 4, 5]);
+        let mut sub = r.sub(3).unwrap();
+        assert_eq!(sub.u16(), Ok(0x0102));
+        assert_eq!(sub.u16(), Err(DecodeError::Truncated));
+        assert_eq!(sub.finish(), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(r.rest(), &[4, 5]);
+        assert!(r.is_empty());
+        assert_eq!(r.sub(1).map(|s| s.remaining()), Err(DecodeError::Truncated));
+        assert_eq!(Reader::new(&[0; 4]).take(5), Err(DecodeError::Truncated));
     }
 
     #[test]
@@ -134,5 +228,35 @@ mod tests {
             Err(DecodeError::StringTooLong { max: 3 })
         );
         assert_eq!(Reader::new(b"\0\0\0\x02hi").string32(10), Ok("hi"));
+        // The limit is judged before the length is compared with the input.
+        assert_eq!(
+            Reader::new(b"\xff\xff\xff\xff").string32(10),
+            Err(DecodeError::StringTooLong { max: 10 })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn integers_round_trip(a: u8, b: u16, c: u32, d: u64) {
+            let mut out = vec![a];
+            out.put_u16(b);
+            out.put_u32(c);
+            out.put_u64(d);
+            let mut r = Reader::new(&out);
+            prop_assert_eq!(r.u8(), Ok(a));
+            prop_assert_eq!(r.u16(), Ok(b));
+            prop_assert_eq!(r.u32(), Ok(c));
+            prop_assert_eq!(r.u64(), Ok(d));
+            prop_assert_eq!(r.finish(), Ok(()));
+        }
+
+        #[test]
+        fn any_input_is_read_or_refused(bytes: Vec<u8>, n in 0usize..64) {
+            let mut r = Reader::new(&bytes);
+            let _ = r.sub(n).map(|mut s| s.string32(16));
+            let _ = r.u64();
+            let _ = r.string(n, 8);
+            prop_assert!(r.remaining() <= bytes.len());
+        }
     }
 }

@@ -1,14 +1,22 @@
-//! Framing of the fixed-newstyle handshake: the greeting, the client's flags,
-//! option requests and option replies.
+//! Framing of the fixed-newstyle handshake, in both directions: the
+//! greeting, the client's flags, option request and option reply headers, and
+//! the reply to `NBD_OPT_EXPORT_NAME`. Option payloads are in
+//! [`crate::options`].
 
-use crate::codec::PutBe;
+use crate::codec::{Codec, DecodeError, PutBe, Reader};
 use crate::consts::*;
+use crate::options::{OptionReply, OptionReplyBody};
 use thiserror::Error;
 
 /// Bytes of the server greeting: magic, IHAVEOPT, handshake flags.
 pub const GREETING_LEN: usize = 18;
 /// Bytes of an option request header: IHAVEOPT, option, length.
 pub const OPTION_HEADER_LEN: usize = 16;
+/// Bytes of an option reply header: magic, option, reply type, length.
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+/// Bytes of the EXPORT_NAME reply without and with its 124 zero bytes.
+pub const EXPORT_NAME_REPLY_LEN: usize = 10;
+pub const EXPORT_NAME_REPLY_ZEROES: usize = 124;
 
 /// Longest option payload read into memory. The largest legitimate option
 /// (a meta-context query or an INFO request with a 4096-byte name and a few
@@ -20,16 +28,17 @@ pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// clearly not speaking NBD and is disconnected.
 pub const MAX_OPTION_DRAIN: u32 = 16 * 1024 * 1024;
 
-pub fn greeting() -> [u8; GREETING_LEN] {
-    let mut g = [0u8; GREETING_LEN];
-    g[..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
-    g[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
-    g[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    g
+/// The greeting scratchd sends: fixed newstyle, and NO_ZEROES offered.
+pub fn greeting() -> Vec<u8> {
+    Greeting {
+        flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+    }
+    .to_bytes()
 }
 
 /// A handshake violation after which the connection is dropped.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     #[error("client flags {0:#x} include bits the server did not offer")]
     UnknownClientFlags(u32),
@@ -39,29 +48,81 @@ pub enum HandshakeError {
     BadOptionMagic(u64),
     #[error("option {option} has length {len}, beyond any sane option")]
     AbsurdOptionLength { option: u32, len: u32 },
+    /// The peer is not an NBD server (first greeting word).
+    #[error("greeting has bad magic {0:#018x}")]
+    BadGreetingMagic(u64),
+    /// The server speaks only oldstyle negotiation (second greeting word).
+    #[error("server does not offer newstyle negotiation ({0:#018x})")]
+    NotNewstyle(u64),
+    #[error("option reply has bad magic {0:#018x}")]
+    BadOptionReplyMagic(u64),
+    /// A message whose fields do not fit its bytes.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
 }
 
-/// What the client asked for in its 4-byte flags word.
+/// The server's greeting: `NBDMAGIC`, `IHAVEOPT`, handshake flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Greeting {
+    /// `FLAG_*` handshake flags; a client ignores bits it does not know.
+    pub flags: u16,
+}
+
+impl Codec<'_> for Greeting {
+    type Error = HandshakeError;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64(NBD_MAGIC);
+        out.put_u64(IHAVEOPT);
+        out.put_u16(self.flags);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, HandshakeError> {
+        let magic = r.u64()?;
+        if magic != NBD_MAGIC {
+            return Err(HandshakeError::BadGreetingMagic(magic));
+        }
+        let style = r.u64()?;
+        if style != IHAVEOPT {
+            return Err(HandshakeError::NotNewstyle(style));
+        }
+        Ok(Greeting { flags: r.u16()? })
+    }
+}
+
+/// What the client asked for in its 4-byte flags word. Fixed newstyle is
+/// implied: a client without it is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientFlags {
     /// The 124 zero bytes after an EXPORT_NAME reply are omitted.
     pub no_zeroes: bool,
 }
 
-pub fn parse_client_flags(raw: u32) -> Result<ClientFlags, HandshakeError> {
-    let known = CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES;
-    if raw & !known != 0 {
-        return Err(HandshakeError::UnknownClientFlags(raw));
+impl Codec<'_> for ClientFlags {
+    type Error = HandshakeError;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        let no_zeroes = if self.no_zeroes { CLIENT_NO_ZEROES } else { 0 };
+        out.put_u32(CLIENT_FIXED_NEWSTYLE | no_zeroes);
     }
-    if raw & CLIENT_FIXED_NEWSTYLE == 0 {
-        return Err(HandshakeError::NotFixedNewstyle);
+
+    /// Refuses bits the server did not offer (it offers both known ones).
+    fn decode(r: &mut Reader<'_>) -> Result<Self, HandshakeError> {
+        let raw = r.u32()?;
+        let known = CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES;
+        if raw & !known != 0 {
+            return Err(HandshakeError::UnknownClientFlags(raw));
+        }
+        if raw & CLIENT_FIXED_NEWSTYLE == 0 {
+            return Err(HandshakeError::NotFixedNewstyle);
+        }
+        Ok(ClientFlags {
+            no_zeroes: raw & CLIENT_NO_ZEROES != 0,
+        })
     }
-    Ok(ClientFlags {
-        no_zeroes: raw & CLIENT_NO_ZEROES != 0,
-    })
 }
 
-/// The fixed part of an option request.
+/// The fixed part of an option request; `len` payload bytes follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionHeader {
     pub option: u32,
@@ -70,36 +131,39 @@ pub struct OptionHeader {
 
 /// How the server must deal with an option's payload, judged by its length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PayloadPlan {
+pub enum OptionPayload {
     /// Read it and handle the option.
     Read,
     /// Read and discard it, then answer `ERR_TOO_BIG`.
     DrainAndRefuse,
 }
 
-impl OptionHeader {
-    pub fn parse(raw: &[u8; OPTION_HEADER_LEN]) -> Result<Self, HandshakeError> {
-        let word = |i: usize| {
-            let mut b = [0u8; 4];
-            b.copy_from_slice(&raw[i..i + 4]);
-            u32::from_be_bytes(b)
-        };
-        let mut magic = [0u8; 8];
-        magic.copy_from_slice(&raw[..8]);
-        let magic = u64::from_be_bytes(magic);
+impl Codec<'_> for OptionHeader {
+    type Error = HandshakeError;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64(IHAVEOPT);
+        out.put_u32(self.option);
+        out.put_u32(self.len);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, HandshakeError> {
+        let magic = r.u64()?;
         if magic != IHAVEOPT {
             return Err(HandshakeError::BadOptionMagic(magic));
         }
         Ok(OptionHeader {
-            option: word(8),
-            len: word(12),
+            option: r.u32()?,
+            len: r.u32()?,
         })
     }
+}
 
-    pub fn payload_plan(&self) -> Result<PayloadPlan, HandshakeError> {
+impl OptionHeader {
+    pub fn payload_plan(&self) -> Result<OptionPayload, HandshakeError> {
         match self.len {
-            len if len <= MAX_OPTION_LEN => Ok(PayloadPlan::Read),
-            len if len <= MAX_OPTION_DRAIN => Ok(PayloadPlan::DrainAndRefuse),
+            len if len <= MAX_OPTION_LEN => Ok(OptionPayload::Read),
+            len if len <= MAX_OPTION_DRAIN => Ok(OptionPayload::DrainAndRefuse),
             len => Err(HandshakeError::AbsurdOptionLength {
                 option: self.option,
                 len,
@@ -108,26 +172,81 @@ impl OptionHeader {
     }
 }
 
-/// Appends one option reply to `out`.
-pub fn put_option_reply(out: &mut Vec<u8>, option: u32, reply_type: u32, data: &[u8]) {
-    out.put_u64(OPTION_REPLY_MAGIC);
-    out.put_u32(option);
-    out.put_u32(reply_type);
-    out.put_u32(data.len() as u32);
-    out.extend_from_slice(data);
+/// The fixed part of an option reply; `len` payload bytes follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    /// The option being answered, echoed.
+    pub option: u32,
+    /// `REP_*`, or an error code with bit 31 set.
+    pub reply_type: u32,
+    pub len: u32,
 }
 
-/// Appends an option error reply carrying a human-readable message.
+impl Codec<'_> for OptionReplyHeader {
+    type Error = HandshakeError;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64(OPTION_REPLY_MAGIC);
+        out.put_u32(self.option);
+        out.put_u32(self.reply_type);
+        out.put_u32(self.len);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, HandshakeError> {
+        let magic = r.u64()?;
+        if magic != OPTION_REPLY_MAGIC {
+            return Err(HandshakeError::BadOptionReplyMagic(magic));
+        }
+        Ok(OptionReplyHeader {
+            option: r.u32()?,
+            reply_type: r.u32()?,
+            len: r.u32()?,
+        })
+    }
+}
+
+/// Appends an option error reply carrying a human-readable message (clipped
+/// to the protocol's string limit).
 pub fn put_option_error(out: &mut Vec<u8>, option: u32, err: OptError, message: &str) {
-    put_option_reply(out, option, err as u32, clip(message).as_bytes());
+    OptionReply {
+        option,
+        body: OptionReplyBody::Error {
+            code: err as u32,
+            message: message.into(),
+        },
+    }
+    .encode(out);
 }
 
-/// Appends the reply to a successful `NBD_OPT_EXPORT_NAME`.
-pub fn put_export_name_reply(out: &mut Vec<u8>, size: u64, flags: u16, no_zeroes: bool) {
-    out.put_u64(size);
-    out.put_u16(flags);
-    if !no_zeroes {
-        out.extend_from_slice(&[0u8; 124]);
+/// The reply to a successful `NBD_OPT_EXPORT_NAME`, which has no option
+/// reply header. Its length depends on whether both sides set NO_ZEROES,
+/// so it is encoded and decoded with that setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportNameReply {
+    pub size: u64,
+    pub flags: TransmissionFlags,
+}
+
+impl ExportNameReply {
+    pub fn encode(&self, no_zeroes: bool, out: &mut Vec<u8>) {
+        out.put_u64(self.size);
+        out.put_u16(self.flags.0);
+        if !no_zeroes {
+            out.extend_from_slice(&[0u8; EXPORT_NAME_REPLY_ZEROES]);
+        }
+    }
+
+    /// Reads the reply; the padding, when present, is skipped unchecked (it
+    /// carries nothing, so a server that fills it differently is harmless).
+    pub fn decode(r: &mut Reader<'_>, no_zeroes: bool) -> Result<Self, DecodeError> {
+        let reply = ExportNameReply {
+            size: r.u64()?,
+            flags: TransmissionFlags(r.u16()?),
+        };
+        if !no_zeroes {
+            r.take(EXPORT_NAME_REPLY_ZEROES)?;
+        }
+        Ok(reply)
     }
 }
 
@@ -146,24 +265,46 @@ pub fn clip(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn greeting_layout() {
         let g = greeting();
+        assert_eq!(g.len(), GREETING_LEN);
         assert_eq!(&g[..8], b"NBDMAGIC");
         assert_eq!(&g[8..16], b"IHAVEOPT");
         assert_eq!(&g[16..], &[0, 3]);
+        assert_eq!(Greeting::from_bytes(&g), Ok(Greeting { flags: 3 }));
+    }
+
+    #[test]
+    fn greeting_from_something_else_is_refused() {
+        let mut g = greeting();
+        g[8] = b'X';
+        assert!(matches!(
+            Greeting::from_bytes(&g),
+            Err(HandshakeError::NotNewstyle(_))
+        ));
+        g[0] = b'X';
+        assert!(matches!(
+            Greeting::from_bytes(&g),
+            Err(HandshakeError::BadGreetingMagic(_))
+        ));
+        assert_eq!(
+            Greeting::from_bytes(&greeting()[..17]),
+            Err(HandshakeError::Decode(DecodeError::Truncated))
+        );
     }
 
     #[test]
     fn client_flags() {
-        assert_eq!(parse_client_flags(1), Ok(ClientFlags { no_zeroes: false }));
-        assert_eq!(parse_client_flags(3), Ok(ClientFlags { no_zeroes: true }));
-        assert_eq!(parse_client_flags(0), Err(HandshakeError::NotFixedNewstyle));
-        assert_eq!(
-            parse_client_flags(5),
-            Err(HandshakeError::UnknownClientFlags(5))
-        );
+        let parse = |raw: u32| ClientFlags::from_bytes(&raw.to_be_bytes());
+        assert_eq!(parse(1), Ok(ClientFlags { no_zeroes: false }));
+        assert_eq!(parse(3), Ok(ClientFlags { no_zeroes: true }));
+        assert_eq!(parse(0), Err(HandshakeError::NotFixedNewstyle));
+        assert_eq!(parse(5), Err(HandshakeError::UnknownClientFlags(5)));
+        assert_eq!(ClientFlags { no_zeroes: true }.to_bytes(), [0, 0, 0, 3]);
+        assert_eq!(ClientFlags { no_zeroes: false }.to_bytes(), [0, 0, 0, 1]);
     }
 
     #[test]
@@ -172,16 +313,32 @@ mod tests {
         raw[..8].copy_from_slice(b"IHAVEOPT");
         raw[8..12].copy_from_slice(&7u32.to_be_bytes());
         raw[12..].copy_from_slice(&(MAX_OPTION_LEN + 1).to_be_bytes());
-        let h = OptionHeader::parse(&raw).unwrap();
+        let h = OptionHeader::from_bytes(&raw).unwrap();
         assert_eq!(h.option, 7);
-        assert_eq!(h.payload_plan(), Ok(PayloadPlan::DrainAndRefuse));
+        assert_eq!(h.payload_plan(), Ok(OptionPayload::DrainAndRefuse));
         raw[12..].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(OptionHeader::parse(&raw).unwrap().payload_plan().is_err());
+        assert!(OptionHeader::from_bytes(&raw)
+            .unwrap()
+            .payload_plan()
+            .is_err());
         raw[0] = b'X';
         assert!(matches!(
-            OptionHeader::parse(&raw),
+            OptionHeader::from_bytes(&raw),
             Err(HandshakeError::BadOptionMagic(_))
         ));
+    }
+
+    #[test]
+    fn option_error_replies_are_framed_and_clipped() {
+        let mut out = Vec::new();
+        put_option_error(&mut out, 9, OptError::Policy, &"x".repeat(5000));
+        let mut r = Reader::new(&out);
+        let h = OptionReplyHeader::decode(&mut r).unwrap();
+        assert_eq!(
+            (h.option, h.reply_type, h.len as usize),
+            (9, OptError::Policy as u32, MAX_STRING_LEN)
+        );
+        assert_eq!(r.remaining(), MAX_STRING_LEN);
     }
 
     #[test]
@@ -190,5 +347,38 @@ mod tests {
         let c = clip(&long);
         assert!(c.len() <= MAX_STRING_LEN);
         assert!(c.chars().all(|ch| ch == 'é'));
+    }
+
+    proptest! {
+        #[test]
+        fn handshake_framing_round_trips(
+            flags: u16, no_zeroes: bool, option: u32, reply_type: u32, len: u32, size: u64, tflags: u16
+        ) {
+            let g = Greeting { flags };
+            prop_assert_eq!(Greeting::from_bytes(&g.to_bytes()), Ok(g));
+            let c = ClientFlags { no_zeroes };
+            prop_assert_eq!(ClientFlags::from_bytes(&c.to_bytes()), Ok(c));
+            let h = OptionHeader { option, len };
+            prop_assert_eq!(OptionHeader::from_bytes(&h.to_bytes()), Ok(h));
+            let h = OptionReplyHeader { option, reply_type, len };
+            prop_assert_eq!(OptionReplyHeader::from_bytes(&h.to_bytes()), Ok(h));
+            let e = ExportNameReply { size, flags: TransmissionFlags(tflags) };
+            let mut out = Vec::new();
+            e.encode(no_zeroes, &mut out);
+            let expected = EXPORT_NAME_REPLY_LEN + if no_zeroes { 0 } else { EXPORT_NAME_REPLY_ZEROES };
+            prop_assert_eq!(out.len(), expected);
+            let mut r = Reader::new(&out);
+            prop_assert_eq!(ExportNameReply::decode(&mut r, no_zeroes), Ok(e));
+            prop_assert_eq!(r.finish(), Ok(()));
+        }
+
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes: Vec<u8>, no_zeroes: bool) {
+            let _ = Greeting::from_bytes(&bytes);
+            let _ = ClientFlags::from_bytes(&bytes);
+            let _ = OptionHeader::from_bytes(&bytes);
+            let _ = OptionReplyHeader::from_bytes(&bytes);
+            let _ = ExportNameReply::decode(&mut Reader::new(&bytes), no_zeroes);
+        }
     }
 }

@@ -5,20 +5,35 @@
 //! keeps every rule of the protocol testable with plain byte slices (and
 //! fuzzable), and lets the same code serve Unix, TCP, TLS and stdio streams.
 //!
+//! Both directions are first-class: every wire type can be encoded and
+//! decoded, so a client can be built on the same types as the server. All
+//! decoding goes through one bounded reader, [`codec::Reader`]: lengths are
+//! checked before anything is read, nested messages are bounded by their
+//! declared length, and trailing bytes are refused, so no input can make
+//! decoding panic or misread a neighbouring message.
+//!
 //! Layout, in the order a connection uses them:
-//! - [`codec`]: bounded big-endian reader and writer helpers.
-//! - [`handshake`]: greeting, client flags, option request/reply framing.
-//! - [`negotiation`]: the option-haggling state machine (LIST, INFO, GO,
-//!   STRUCTURED_REPLY, EXTENDED_HEADERS, meta contexts, ...).
+//! - [`codec`]: the bounded reader, the [`Codec`] trait and big-endian
+//!   writer helpers.
+//! - [`handshake`]: greeting, client flags, option request/reply framing,
+//!   the EXPORT_NAME reply.
+//! - [`options`]: option payloads: INFO/GO and meta-context requests, the
+//!   option request a client sends, and every option reply.
+//! - [`negotiation`]: the server's option-haggling state machine (LIST, INFO,
+//!   GO, STRUCTURED_REPLY, EXTENDED_HEADERS, meta contexts, ...).
 //! - [`request`]: transmission request headers and their validation.
-//! - [`reply`]: simple, structured and extended reply encoding.
+//! - [`reply`]: simple, structured and extended replies and chunk payloads.
 //! - [`consts`]: magic numbers, flags and error codes from the spec.
+
+#![forbid(unsafe_code)]
 
 pub mod codec;
 pub mod consts;
 pub mod handshake;
 pub mod negotiation;
+pub mod options;
 pub mod reply;
 pub mod request;
 
+pub use codec::{Codec, DecodeError, Reader};
 pub use consts::{Errno, TransmissionFlags};

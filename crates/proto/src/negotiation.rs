@@ -7,9 +7,10 @@
 //! as [`Step::Open`], whose result comes back through
 //! [`Negotiator::finish_open`]. INFO therefore can never create anything.
 
-use crate::codec::{DecodeError, PutBe, Reader};
+use crate::codec::{Codec, Reader};
 use crate::consts::*;
-use crate::handshake::{clip, put_export_name_reply, put_option_error, put_option_reply};
+use crate::handshake::{put_option_error, ExportNameReply};
+use crate::options::{InfoReply, InfoRequest, MetaContextRequest, OptionReply, OptionReplyBody};
 
 /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +161,7 @@ impl Negotiator {
         match option {
             OPT_EXPORT_NAME => self.export_name(payload),
             OPT_ABORT => {
-                put_option_reply(out, option, REP_ACK, &[]);
+                ack(out, option);
                 Step::Close
             }
             OPT_LIST => {
@@ -168,15 +169,13 @@ impl Negotiator {
                     return invalid(out, option, "NBD_OPT_LIST takes no data");
                 }
                 for e in catalog.list() {
-                    let mut data = Vec::with_capacity(4 + e.name.len());
-                    data.put_u32(e.name.len() as u32);
-                    data.extend_from_slice(e.name.as_bytes());
-                    if let Some(d) = &e.description {
-                        data.extend_from_slice(clip(d).as_bytes());
-                    }
-                    put_option_reply(out, option, REP_SERVER, &data);
+                    let body = OptionReplyBody::Server {
+                        name: e.name,
+                        description: e.description.unwrap_or_default(),
+                    };
+                    reply(out, option, body);
                 }
-                put_option_reply(out, option, REP_ACK, &[]);
+                ack(out, option);
                 Step::Continue
             }
             OPT_STARTTLS => {
@@ -188,14 +187,20 @@ impl Negotiator {
                 );
                 Step::Continue
             }
-            OPT_INFO | OPT_GO => match parse_info_request(payload) {
+            OPT_INFO | OPT_GO => match InfoRequest::from_bytes(payload) {
                 Err(e) => invalid(out, option, &format!("malformed request: {e}")),
-                Ok((name, info_requests)) if option == OPT_GO => Step::Open {
-                    name: name.to_owned(),
+                Ok(InfoRequest {
+                    name,
+                    info_requests,
+                }) if option == OPT_GO => Step::Open {
+                    name,
                     via: OpenVia::Go { info_requests },
                 },
-                Ok((name, info_requests)) => {
-                    match catalog.info(name) {
+                Ok(InfoRequest {
+                    name,
+                    info_requests,
+                }) => {
+                    match catalog.info(&name) {
                         Ok(info) => self.put_export_info(out, option, &info, &info_requests),
                         Err(e) => put_lookup_error(out, option, &e),
                     }
@@ -215,7 +220,7 @@ impl Negotiator {
                     Step::Continue
                 } else {
                     self.structured = true;
-                    put_option_reply(out, option, REP_ACK, &[]);
+                    ack(out, option);
                     Step::Continue
                 }
             }
@@ -224,7 +229,7 @@ impl Negotiator {
                     return invalid(out, option, "NBD_OPT_EXTENDED_HEADERS takes no data");
                 }
                 self.extended = true;
-                put_option_reply(out, option, REP_ACK, &[]);
+                ack(out, option);
                 Step::Continue
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -277,7 +282,11 @@ impl Negotiator {
             OpenVia::Go { info_requests } => {
                 self.put_export_info(out, OPT_GO, &info, info_requests);
             }
-            OpenVia::ExportName => put_export_name_reply(out, info.size, flags.0, self.no_zeroes),
+            OpenVia::ExportName => ExportNameReply {
+                size: info.size,
+                flags,
+            }
+            .encode(self.no_zeroes, out),
         }
         let base_allocation = match &self.meta_for {
             Some(n) if *n == info.name => Some(BASE_ALLOCATION_ID),
@@ -305,32 +314,19 @@ impl Negotiator {
     /// are only hints a client may rely on), NAME and DESCRIPTION on request.
     fn put_export_info(&self, out: &mut Vec<u8>, option: u32, info: &ExportInfo, requests: &[u16]) {
         let flags = self.session_flags(info.flags);
-        let mut d = Vec::with_capacity(16);
-        d.put_u16(INFO_EXPORT);
-        d.put_u64(info.size);
-        d.put_u16(flags.0);
-        put_option_reply(out, option, REP_INFO, &d);
-
-        d.clear();
-        d.put_u16(INFO_BLOCK_SIZE);
-        d.put_u32(info.block_size.min);
-        d.put_u32(info.block_size.preferred);
-        d.put_u32(info.block_size.max);
-        put_option_reply(out, option, REP_INFO, &d);
-
+        let mut info_reply = |i: InfoReply| reply(out, option, OptionReplyBody::Info(i));
+        info_reply(InfoReply::Export {
+            size: info.size,
+            flags,
+        });
+        info_reply(InfoReply::BlockSize(info.block_size));
         if requests.contains(&INFO_NAME) {
-            d.clear();
-            d.put_u16(INFO_NAME);
-            d.extend_from_slice(info.name.as_bytes());
-            put_option_reply(out, option, REP_INFO, &d);
+            info_reply(InfoReply::Name(info.name.clone()));
         }
         if let (true, Some(desc)) = (requests.contains(&INFO_DESCRIPTION), &info.description) {
-            d.clear();
-            d.put_u16(INFO_DESCRIPTION);
-            d.extend_from_slice(clip(desc).as_bytes());
-            put_option_reply(out, option, REP_INFO, &d);
+            info_reply(InfoReply::Description(desc.clone()));
         }
-        put_option_reply(out, option, REP_ACK, &[]);
+        ack(out, option);
     }
 
     fn meta_context(
@@ -340,7 +336,10 @@ impl Negotiator {
         catalog: &dyn Catalog,
         out: &mut Vec<u8>,
     ) -> Step {
-        let (name, queries) = match parse_meta_query(payload) {
+        let MetaContextRequest {
+            export: name,
+            queries,
+        } = match MetaContextRequest::from_bytes(payload) {
             Ok(q) => q,
             Err(e) => return invalid(out, option, &format!("malformed request: {e}")),
         };
@@ -351,7 +350,7 @@ impl Negotiator {
                 "meta contexts need structured replies or extended headers first",
             );
         }
-        let info = match catalog.info(name) {
+        let info = match catalog.info(&name) {
             Ok(info) => info,
             Err(e) => {
                 put_lookup_error(out, option, &e);
@@ -360,23 +359,21 @@ impl Negotiator {
         };
         let listing = option == OPT_LIST_META_CONTEXT;
         let selected = if listing {
-            queries.is_empty()
-                || queries
-                    .iter()
-                    .any(|q| *q == "base:" || *q == BASE_ALLOCATION)
+            queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
         } else {
-            queries.contains(&BASE_ALLOCATION)
+            queries.iter().any(|q| q == BASE_ALLOCATION)
         };
         if selected {
-            let mut d = Vec::with_capacity(4 + BASE_ALLOCATION.len());
-            d.put_u32(if listing { 0 } else { BASE_ALLOCATION_ID });
-            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
-            put_option_reply(out, option, REP_META_CONTEXT, &d);
+            let body = OptionReplyBody::MetaContext {
+                id: if listing { 0 } else { BASE_ALLOCATION_ID },
+                name: BASE_ALLOCATION.into(),
+            };
+            reply(out, option, body);
         }
         if !listing {
             self.meta_for = selected.then_some(info.name);
         }
-        put_option_reply(out, option, REP_ACK, &[]);
+        ack(out, option);
         Step::Continue
     }
 }
@@ -386,42 +383,23 @@ fn invalid(out: &mut Vec<u8>, option: u32, message: &str) -> Step {
     Step::Continue
 }
 
+fn reply(out: &mut Vec<u8>, option: u32, body: OptionReplyBody) {
+    OptionReply { option, body }.encode(out);
+}
+
+fn ack(out: &mut Vec<u8>, option: u32) {
+    reply(out, option, OptionReplyBody::Ack);
+}
+
 fn put_lookup_error(out: &mut Vec<u8>, option: u32, e: &LookupError) {
     let (code, message) = e.code_and_message();
     put_option_error(out, option, code, message);
 }
 
-/// INFO/GO payload: u32 name length, name, u16 count, count × u16 info type.
-pub fn parse_info_request(payload: &[u8]) -> Result<(&str, Vec<u16>), DecodeError> {
-    let mut r = Reader::new(payload);
-    let name = r.string32(MAX_STRING_LEN)?;
-    let n = r.u16()? as usize;
-    // Bound the allocation by what the payload can actually hold.
-    let mut requests = Vec::with_capacity(n.min(r.remaining() / 2));
-    for _ in 0..n {
-        requests.push(r.u16()?);
-    }
-    r.finish()?;
-    Ok((name, requests))
-}
-
-/// Meta-context payload: export name, then u32 count of u32-length queries.
-pub fn parse_meta_query(payload: &[u8]) -> Result<(&str, Vec<&str>), DecodeError> {
-    let mut r = Reader::new(payload);
-    let name = r.string32(MAX_STRING_LEN)?;
-    let n = r.u32()? as usize;
-    let mut queries = Vec::with_capacity(n.min(r.remaining() / 4));
-    for _ in 0..n {
-        queries.push(r.string32(MAX_STRING_LEN)?);
-    }
-    r.finish()?;
-    Ok((name, queries))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::Reader;
+    use crate::codec::PutBe;
 
     struct OneExport;
 
@@ -461,7 +439,7 @@ mod tests {
             let opt = r.u32().unwrap();
             let ty = r.u32().unwrap();
             let len = r.u32().unwrap() as usize;
-            v.push((opt, ty, r.bytes(len).unwrap().to_vec()));
+            v.push((opt, ty, r.take(len).unwrap().to_vec()));
         }
         v
     }

@@ -1,21 +1,44 @@
 //! Transmission replies in the three framings: simple (16-byte header),
-//! structured chunks (20-byte header) and extended chunks (32-byte header).
+//! structured chunks (20-byte header) and extended chunks (32-byte header),
+//! in both directions.
 //!
-//! Every function appends to a byte buffer, so a connection can gather many
-//! replies and send them with one system call. Payload data (READ bytes) is
-//! appended by the caller right after [`put_read_data`]'s header.
+//! The server side is a set of `put_*` functions that append to a byte
+//! buffer, so a connection can gather many replies and send them with one
+//! system call, without building a value per reply. Payload data (READ
+//! bytes) is appended by the caller right after [`put_read_data`]'s header.
+//!
+//! The client side reads a [`ReplyHeader`] (its magic says which framing it
+//! has: [`reply_header_len`] tells how many bytes to read), then, for a
+//! chunk, its payload as a [`ChunkPayload`]. [`put_chunk`] is the matching
+//! general encoder, which the `put_*` functions agree with byte for byte.
 
-use crate::codec::PutBe;
+use crate::codec::{Codec, DecodeError, PutBe, Reader};
 use crate::consts::*;
 use crate::handshake::clip;
 use crate::negotiation::ReplyMode;
 
+pub const SIMPLE_REPLY_LEN: usize = 16;
+pub const STRUCTURED_REPLY_LEN: usize = 20;
+pub const EXTENDED_REPLY_LEN: usize = 32;
+
 /// Header bytes that precede READ data in each mode (for buffer sizing).
 pub fn read_header_len(mode: ReplyMode) -> usize {
     match mode {
-        ReplyMode::Simple => 16,
-        ReplyMode::Structured => 20 + 8,
-        ReplyMode::Extended => 32 + 8,
+        ReplyMode::Simple => SIMPLE_REPLY_LEN,
+        ReplyMode::Structured => STRUCTURED_REPLY_LEN + 8,
+        ReplyMode::Extended => EXTENDED_REPLY_LEN + 8,
+    }
+}
+
+/// Length of the reply header that starts with `magic`, or `None` if it is
+/// no reply magic. A client reads the first 4 bytes, then the rest: in
+/// structured mode a server may answer with simple replies too.
+pub fn reply_header_len(magic: u32) -> Option<usize> {
+    match magic {
+        SIMPLE_REPLY_MAGIC => Some(SIMPLE_REPLY_LEN),
+        STRUCTURED_REPLY_MAGIC => Some(STRUCTURED_REPLY_LEN),
+        EXTENDED_REPLY_MAGIC => Some(EXTENDED_REPLY_LEN),
+        _ => None,
     }
 }
 
@@ -27,6 +50,369 @@ pub struct ReplyTo {
     pub offset: u64,
 }
 
+/// A reply header in any of the three framings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    /// `error` is 0 on success; a successful READ's data follows (its length
+    /// is the request's).
+    Simple { error: u32, cookie: u64 },
+    /// A structured chunk: `length` payload bytes of type `kind` follow.
+    Structured {
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        length: u32,
+    },
+    /// An extended chunk, which also echoes the request's offset.
+    Extended {
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        offset: u64,
+        length: u64,
+    },
+}
+
+impl ReplyHeader {
+    pub fn cookie(&self) -> u64 {
+        match *self {
+            ReplyHeader::Simple { cookie, .. }
+            | ReplyHeader::Structured { cookie, .. }
+            | ReplyHeader::Extended { cookie, .. } => cookie,
+        }
+    }
+
+    /// Whether this is the request's last reply (a simple reply always is).
+    pub fn is_done(&self) -> bool {
+        match *self {
+            ReplyHeader::Simple { .. } => true,
+            ReplyHeader::Structured { flags, .. } | ReplyHeader::Extended { flags, .. } => {
+                flags & REPLY_FLAG_DONE != 0
+            }
+        }
+    }
+
+    /// The chunk type and payload length, for chunks.
+    pub fn chunk(&self) -> Option<(u16, u64)> {
+        match *self {
+            ReplyHeader::Simple { .. } => None,
+            ReplyHeader::Structured { kind, length, .. } => Some((kind, length.into())),
+            ReplyHeader::Extended { kind, length, .. } => Some((kind, length)),
+        }
+    }
+}
+
+impl Codec<'_> for ReplyHeader {
+    type Error = DecodeError;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match *self {
+            ReplyHeader::Simple { error, cookie } => {
+                out.put_u32(SIMPLE_REPLY_MAGIC);
+                out.put_u32(error);
+                out.put_u64(cookie);
+            }
+            ReplyHeader::Structured {
+                flags,
+                kind,
+                cookie,
+                length,
+            } => {
+                out.put_u32(STRUCTURED_REPLY_MAGIC);
+                out.put_u16(flags);
+                out.put_u16(kind);
+                out.put_u64(cookie);
+                out.put_u32(length);
+            }
+            ReplyHeader::Extended {
+                flags,
+                kind,
+                cookie,
+                offset,
+                length,
+            } => {
+                out.put_u32(EXTENDED_REPLY_MAGIC);
+                out.put_u16(flags);
+                out.put_u16(kind);
+                out.put_u64(cookie);
+                out.put_u64(offset);
+                out.put_u64(length);
+            }
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let magic = r.u32()?;
+        let Some(len) = reply_header_len(magic) else {
+            return Err(DecodeError::BadMagic {
+                what: "reply",
+                found: magic.into(),
+            });
+        };
+        // Whole header present before any field is looked at.
+        if r.remaining() < len - 4 {
+            return Err(DecodeError::Truncated);
+        }
+        Ok(match magic {
+            SIMPLE_REPLY_MAGIC => ReplyHeader::Simple {
+                error: r.u32()?,
+                cookie: r.u64()?,
+            },
+            STRUCTURED_REPLY_MAGIC => ReplyHeader::Structured {
+                flags: r.u16()?,
+                kind: r.u16()?,
+                cookie: r.u64()?,
+                length: r.u32()?,
+            },
+            _ => ReplyHeader::Extended {
+                flags: r.u16()?,
+                kind: r.u16()?,
+                cookie: r.u64()?,
+                offset: r.u64()?,
+                length: r.u64()?,
+            },
+        })
+    }
+}
+
+/// One `base:allocation` descriptor: a length and its status bits. Compact
+/// `BLOCK_STATUS` chunks carry both as u32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptor {
+    pub len: u64,
+    pub status: u32,
+}
+
+/// A descriptor of a `BLOCK_STATUS_EXT` chunk, whose status field is 64
+/// bits wide (contexts defined so far use the low 32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtDescriptor {
+    pub len: u64,
+    pub status: u64,
+}
+
+/// The payload of a structured or extended chunk, by chunk type. Data and
+/// unknown payloads borrow from the decoded bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkPayload<'a> {
+    /// No payload: success without data (always with DONE).
+    None,
+    OffsetData {
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// `len` bytes at `offset` read as zeros.
+    OffsetHole {
+        offset: u64,
+        len: u32,
+    },
+    BlockStatus {
+        context_id: u32,
+        descriptors: Vec<Descriptor>,
+    },
+    BlockStatusExt {
+        context_id: u32,
+        descriptors: Vec<ExtDescriptor>,
+    },
+    /// `error` is an NBD error number ([`Errno`] lists those scratchd sends).
+    Error {
+        error: u32,
+        message: String,
+    },
+    /// An error that concerns the data at `offset` of a READ.
+    ErrorOffset {
+        error: u32,
+        message: String,
+        offset: u64,
+    },
+    /// A chunk type this crate does not know, kept raw.
+    Unknown {
+        kind: u16,
+        data: &'a [u8],
+    },
+}
+
+impl<'a> ChunkPayload<'a> {
+    /// The `REPLY_TYPE_*` this payload is sent with.
+    pub fn kind(&self) -> u16 {
+        match self {
+            ChunkPayload::None => REPLY_TYPE_NONE,
+            ChunkPayload::OffsetData { .. } => REPLY_TYPE_OFFSET_DATA,
+            ChunkPayload::OffsetHole { .. } => REPLY_TYPE_OFFSET_HOLE,
+            ChunkPayload::BlockStatus { .. } => REPLY_TYPE_BLOCK_STATUS,
+            ChunkPayload::BlockStatusExt { .. } => REPLY_TYPE_BLOCK_STATUS_EXT,
+            ChunkPayload::Error { .. } => REPLY_TYPE_ERROR,
+            ChunkPayload::ErrorOffset { .. } => REPLY_TYPE_ERROR_OFFSET,
+            ChunkPayload::Unknown { kind, .. } => *kind,
+        }
+    }
+
+    /// Bytes [`ChunkPayload::encode`] appends, for the chunk header.
+    pub fn encoded_len(&self) -> u64 {
+        let n = |len: usize| len as u64;
+        match self {
+            ChunkPayload::None => 0,
+            ChunkPayload::OffsetData { data, .. } => 8 + n(data.len()),
+            ChunkPayload::OffsetHole { .. } => 12,
+            ChunkPayload::BlockStatus { descriptors, .. } => 4 + 8 * n(descriptors.len()),
+            ChunkPayload::BlockStatusExt { descriptors, .. } => 8 + 16 * n(descriptors.len()),
+            ChunkPayload::Error { message, .. } => 6 + n(clip(message).len()),
+            ChunkPayload::ErrorOffset { message, .. } => 14 + n(clip(message).len()),
+            ChunkPayload::Unknown { data, .. } => n(data.len()),
+        }
+    }
+
+    /// Appends the payload. Compact descriptors carry the low 32 bits of
+    /// their length (the server splits longer runs); messages are clipped to
+    /// the protocol's string limit.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            ChunkPayload::None => {}
+            ChunkPayload::OffsetData { offset, data } => {
+                out.put_u64(*offset);
+                out.extend_from_slice(data);
+            }
+            ChunkPayload::OffsetHole { offset, len } => {
+                out.put_u64(*offset);
+                out.put_u32(*len);
+            }
+            ChunkPayload::BlockStatus {
+                context_id,
+                descriptors,
+            } => put_descriptors(out, *context_id, descriptors),
+            ChunkPayload::BlockStatusExt {
+                context_id,
+                descriptors,
+            } => {
+                out.put_u32(*context_id);
+                out.put_u32(descriptors.len() as u32);
+                for d in descriptors {
+                    out.put_u64(d.len);
+                    out.put_u64(d.status);
+                }
+            }
+            ChunkPayload::Error { error, message } => put_error_payload(out, *error, message),
+            ChunkPayload::ErrorOffset {
+                error,
+                message,
+                offset,
+            } => {
+                put_error_payload(out, *error, message);
+                out.put_u64(*offset);
+            }
+            ChunkPayload::Unknown { data, .. } => out.extend_from_slice(data),
+        }
+    }
+
+    /// Decodes the payload of a chunk of type `kind`, which must fill `r`
+    /// exactly (pass a [`Reader::sub`] of the header's length).
+    pub fn decode(kind: u16, r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        let payload = match kind {
+            REPLY_TYPE_NONE => ChunkPayload::None,
+            REPLY_TYPE_OFFSET_DATA => ChunkPayload::OffsetData {
+                offset: r.u64()?,
+                data: r.rest(),
+            },
+            REPLY_TYPE_OFFSET_HOLE => ChunkPayload::OffsetHole {
+                offset: r.u64()?,
+                len: r.u32()?,
+            },
+            REPLY_TYPE_BLOCK_STATUS => {
+                let context_id = r.u32()?;
+                let mut descriptors = Vec::with_capacity(r.remaining() / 8);
+                while !r.is_empty() {
+                    descriptors.push(Descriptor {
+                        len: r.u32()?.into(),
+                        status: r.u32()?,
+                    });
+                }
+                ChunkPayload::BlockStatus {
+                    context_id,
+                    descriptors,
+                }
+            }
+            REPLY_TYPE_BLOCK_STATUS_EXT => {
+                let context_id = r.u32()?;
+                let count = r.u32()? as usize;
+                // The count must agree with the length; check before
+                // allocating for it.
+                if count.checked_mul(16) != Some(r.remaining()) {
+                    return Err(match count.checked_mul(16) {
+                        Some(need) if need < r.remaining() => {
+                            DecodeError::TrailingBytes(r.remaining() - need)
+                        }
+                        _ => DecodeError::Truncated,
+                    });
+                }
+                let mut descriptors = Vec::with_capacity(count);
+                for _ in 0..count {
+                    descriptors.push(ExtDescriptor {
+                        len: r.u64()?,
+                        status: r.u64()?,
+                    });
+                }
+                ChunkPayload::BlockStatusExt {
+                    context_id,
+                    descriptors,
+                }
+            }
+            REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
+                let error = r.u32()?;
+                let len = r.u16()?;
+                let message = String::from_utf8_lossy(r.take(len.into())?).into_owned();
+                if kind == REPLY_TYPE_ERROR {
+                    ChunkPayload::Error { error, message }
+                } else {
+                    ChunkPayload::ErrorOffset {
+                        error,
+                        message,
+                        offset: r.u64()?,
+                    }
+                }
+            }
+            kind => ChunkPayload::Unknown {
+                kind,
+                data: r.rest(),
+            },
+        };
+        r.finish()?;
+        Ok(payload)
+    }
+}
+
+/// Appends a whole chunk: header in the framing of `mode` (simple mode has
+/// no chunks, so it gets structured framing), then `payload`.
+pub fn put_chunk(
+    out: &mut Vec<u8>,
+    mode: ReplyMode,
+    to: ReplyTo,
+    last: bool,
+    payload: &ChunkPayload,
+) {
+    chunk_header(mode, to, done(last), payload.kind(), payload.encoded_len()).encode(out);
+    payload.encode(out);
+}
+
+/// Header of a chunk; structured lengths are 32 bits by the caller's
+/// contract (no payload scratchd sends comes near).
+fn chunk_header(mode: ReplyMode, to: ReplyTo, flags: u16, kind: u16, length: u64) -> ReplyHeader {
+    match mode {
+        ReplyMode::Extended => ReplyHeader::Extended {
+            flags,
+            kind,
+            cookie: to.cookie,
+            offset: to.offset,
+            length,
+        },
+        _ => ReplyHeader::Structured {
+            flags,
+            kind,
+            cookie: to.cookie,
+            length: length as u32,
+        },
+    }
+}
+
 fn put_chunk_header(
     out: &mut Vec<u8>,
     mode: ReplyMode,
@@ -35,29 +421,26 @@ fn put_chunk_header(
     kind: u16,
     len: u64,
 ) {
-    match mode {
-        ReplyMode::Extended => {
-            out.put_u32(EXTENDED_REPLY_MAGIC);
-            out.put_u16(flags);
-            out.put_u16(kind);
-            out.put_u64(to.cookie);
-            out.put_u64(to.offset);
-            out.put_u64(len);
-        }
-        _ => {
-            out.put_u32(STRUCTURED_REPLY_MAGIC);
-            out.put_u16(flags);
-            out.put_u16(kind);
-            out.put_u64(to.cookie);
-            out.put_u32(len as u32);
-        }
-    }
+    chunk_header(mode, to, flags, kind, len).encode(out);
 }
 
 fn put_simple(out: &mut Vec<u8>, error: u32, cookie: u64) {
-    out.put_u32(SIMPLE_REPLY_MAGIC);
+    ReplyHeader::Simple { error, cookie }.encode(out);
+}
+
+fn put_error_payload(out: &mut Vec<u8>, error: u32, message: &str) {
+    let message = clip(message);
     out.put_u32(error);
-    out.put_u64(cookie);
+    out.put_u16(message.len() as u16);
+    out.extend_from_slice(message.as_bytes());
+}
+
+fn put_descriptors(out: &mut Vec<u8>, context_id: u32, descriptors: &[Descriptor]) {
+    out.put_u32(context_id);
+    for d in descriptors {
+        out.put_u32(d.len as u32);
+        out.put_u32(d.status);
+    }
 }
 
 fn done(last: bool) -> u16 {
@@ -81,12 +464,9 @@ pub fn put_error(out: &mut Vec<u8>, mode: ReplyMode, to: ReplyTo, errno: Errno, 
     match mode {
         ReplyMode::Simple => put_simple(out, errno as u32, to.cookie),
         _ => {
-            let message = clip(message);
-            let len = 4 + 2 + message.len() as u64;
+            let len = 4 + 2 + clip(message).len() as u64;
             put_chunk_header(out, mode, to, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, len);
-            out.put_u32(errno as u32);
-            out.put_u16(message.len() as u16);
-            out.extend_from_slice(message.as_bytes());
+            put_error_payload(out, errno as u32, message);
         }
     }
 }
@@ -132,13 +512,6 @@ pub fn put_read_hole(
     out.put_u32(len);
 }
 
-/// One `base:allocation` descriptor: a length and its status bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Descriptor {
-    pub len: u64,
-    pub status: u32,
-}
-
 /// A final block-status reply for context `context_id`. In compact mode,
 /// lengths must fit in 32 bits (the caller splits or clips them).
 pub fn put_block_status(
@@ -175,11 +548,7 @@ pub fn put_block_status(
                 REPLY_TYPE_BLOCK_STATUS,
                 4 + 8 * n,
             );
-            out.put_u32(context_id);
-            for d in descriptors {
-                out.put_u32(d.len as u32);
-                out.put_u32(d.status);
-            }
+            put_descriptors(out, context_id, descriptors);
         }
     }
 }
@@ -187,6 +556,7 @@ pub fn put_block_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const TO: ReplyTo = ReplyTo {
         cookie: 0x1122,
@@ -246,5 +616,311 @@ mod tests {
             &out[32..],
             &[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3]
         );
+    }
+
+    /// Splits a buffer of replies the way a client reads them.
+    fn decode_all(out: &[u8]) -> Vec<(ReplyHeader, ChunkPayload<'_>)> {
+        let mut r = Reader::new(out);
+        let mut v = Vec::new();
+        while !r.is_empty() {
+            let h = ReplyHeader::decode(&mut r).unwrap();
+            let payload = match h.chunk() {
+                Some((kind, len)) => {
+                    ChunkPayload::decode(kind, &mut r.sub(len as usize).unwrap()).unwrap()
+                }
+                None => ChunkPayload::None,
+            };
+            v.push((h, payload));
+        }
+        v
+    }
+
+    #[test]
+    fn server_replies_decode_as_a_client_reads_them() {
+        let mut out = Vec::new();
+        put_ok(&mut out, ReplyMode::Simple, TO);
+        put_read_hole(&mut out, ReplyMode::Structured, TO, 8192, 512, false);
+        put_error(&mut out, ReplyMode::Extended, TO, Errno::Inval, "bad");
+        let d = [Descriptor {
+            len: 512,
+            status: 3,
+        }];
+        put_block_status(&mut out, ReplyMode::Structured, TO, 1, &d);
+        put_block_status(&mut out, ReplyMode::Extended, TO, 1, &d);
+        let got = decode_all(&out);
+        assert_eq!(
+            got[0].0,
+            ReplyHeader::Simple {
+                error: 0,
+                cookie: 0x1122
+            }
+        );
+        assert!(!got[1].0.is_done());
+        assert_eq!(
+            got[1].1,
+            ChunkPayload::OffsetHole {
+                offset: 8192,
+                len: 512
+            }
+        );
+        assert!(got[2].0.is_done());
+        assert!(matches!(
+            got[2].0,
+            ReplyHeader::Extended { offset: 4096, .. }
+        ));
+        assert_eq!(
+            got[2].1,
+            ChunkPayload::Error {
+                error: 22,
+                message: "bad".into()
+            }
+        );
+        assert_eq!(
+            got[3].1,
+            ChunkPayload::BlockStatus {
+                context_id: 1,
+                descriptors: d.to_vec()
+            }
+        );
+        assert_eq!(
+            got[4].1,
+            ChunkPayload::BlockStatusExt {
+                context_id: 1,
+                descriptors: vec![ExtDescriptor {
+                    len: 512,
+                    status: 3
+                }]
+            }
+        );
+    }
+
+    #[test]
+    fn put_chunk_agrees_with_the_server_encoders() {
+        for mode in [ReplyMode::Structured, ReplyMode::Extended] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            put_read_hole(&mut a, mode, TO, 1, 2, true);
+            put_chunk(
+                &mut b,
+                mode,
+                TO,
+                true,
+                &ChunkPayload::OffsetHole { offset: 1, len: 2 },
+            );
+            assert_eq!(a, b);
+            a.clear();
+            b.clear();
+            put_read_data(&mut a, mode, TO, 7, 3, false);
+            a.extend_from_slice(b"abc");
+            let data = ChunkPayload::OffsetData {
+                offset: 7,
+                data: b"abc",
+            };
+            put_chunk(&mut b, mode, TO, false, &data);
+            assert_eq!(a, b);
+            a.clear();
+            b.clear();
+            put_ok(&mut a, mode, TO);
+            put_chunk(&mut b, mode, TO, true, &ChunkPayload::None);
+            assert_eq!(a, b);
+            a.clear();
+            b.clear();
+            let long = "e".repeat(5000);
+            put_error(&mut a, mode, TO, Errno::Io, &long);
+            let error = ChunkPayload::Error {
+                error: Errno::Io as u32,
+                message: long,
+            };
+            put_chunk(&mut b, mode, TO, true, &error);
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn malformed_replies_are_refused() {
+        assert_eq!(
+            ReplyHeader::from_bytes(&[0, 0, 0, 0]),
+            Err(DecodeError::BadMagic {
+                what: "reply",
+                found: 0
+            })
+        );
+        let mut out = Vec::new();
+        put_ok(&mut out, ReplyMode::Extended, TO);
+        assert_eq!(
+            ReplyHeader::from_bytes(&out[..31]),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(reply_header_len(EXTENDED_REPLY_MAGIC), Some(out.len()));
+        // A hole chunk one byte too long, a status chunk with half a
+        // descriptor, an extended status count that disagrees with the length.
+        let hole = [0u8; 13];
+        assert_eq!(
+            ChunkPayload::decode(REPLY_TYPE_OFFSET_HOLE, &mut Reader::new(&hole)),
+            Err(DecodeError::TrailingBytes(1))
+        );
+        let status = [0u8; 8];
+        assert_eq!(
+            ChunkPayload::decode(REPLY_TYPE_BLOCK_STATUS, &mut Reader::new(&status)),
+            Err(DecodeError::Truncated)
+        );
+        let mut ext = vec![0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff];
+        ext.extend_from_slice(&[0; 16]);
+        assert_eq!(
+            ChunkPayload::decode(REPLY_TYPE_BLOCK_STATUS_EXT, &mut Reader::new(&ext)),
+            Err(DecodeError::Truncated)
+        );
+        ext[4..8].copy_from_slice(&[0, 0, 0, 1]);
+        ext.extend_from_slice(&[0; 3]);
+        assert_eq!(
+            ChunkPayload::decode(REPLY_TYPE_BLOCK_STATUS_EXT, &mut Reader::new(&ext)),
+            Err(DecodeError::TrailingBytes(3))
+        );
+        // An error message longer than its chunk.
+        let error = [0, 0, 0, 5, 0, 4, b'a'];
+        assert_eq!(
+            ChunkPayload::decode(REPLY_TYPE_ERROR, &mut Reader::new(&error)),
+            Err(DecodeError::Truncated)
+        );
+    }
+
+    fn header() -> impl Strategy<Value = ReplyHeader> {
+        prop_oneof![
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(error, cookie)| ReplyHeader::Simple { error, cookie }),
+            (any::<u16>(), any::<u16>(), any::<u64>(), any::<u32>()).prop_map(
+                |(flags, kind, cookie, length)| ReplyHeader::Structured {
+                    flags,
+                    kind,
+                    cookie,
+                    length
+                }
+            ),
+            (
+                any::<u16>(),
+                any::<u16>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(flags, kind, cookie, offset, length)| {
+                    ReplyHeader::Extended {
+                        flags,
+                        kind,
+                        cookie,
+                        offset,
+                        length,
+                    }
+                }),
+        ]
+    }
+
+    /// Bytes that borrowed payloads (READ data, unknown chunks) point into.
+    static DATA: [u8; 64] = {
+        let mut d = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            d[i] = (i as u8).wrapping_mul(37);
+            i += 1;
+        }
+        d
+    };
+
+    fn data() -> impl Strategy<Value = &'static [u8]> {
+        (0..=DATA.len()).prop_map(|n| &DATA[..n])
+    }
+
+    /// Payloads for chunks of the given mode.
+    fn payload(extended: bool) -> impl Strategy<Value = ChunkPayload<'static>> {
+        let descriptors = prop::collection::vec((any::<u32>(), any::<u32>()), 0..6);
+        let ext_descriptors = prop::collection::vec((any::<u64>(), any::<u64>()), 0..6);
+        let status = if extended {
+            (any::<u32>(), ext_descriptors)
+                .prop_map(|(context_id, ds)| ChunkPayload::BlockStatusExt {
+                    context_id,
+                    descriptors: ds
+                        .into_iter()
+                        .map(|(len, status)| ExtDescriptor { len, status })
+                        .collect(),
+                })
+                .boxed()
+        } else {
+            (any::<u32>(), descriptors)
+                .prop_map(|(context_id, ds)| ChunkPayload::BlockStatus {
+                    context_id,
+                    descriptors: ds
+                        .into_iter()
+                        .map(|(len, status)| Descriptor {
+                            len: len.into(),
+                            status,
+                        })
+                        .collect(),
+                })
+                .boxed()
+        };
+        let known = [
+            REPLY_TYPE_NONE,
+            REPLY_TYPE_OFFSET_DATA,
+            REPLY_TYPE_OFFSET_HOLE,
+            REPLY_TYPE_BLOCK_STATUS,
+            REPLY_TYPE_BLOCK_STATUS_EXT,
+            REPLY_TYPE_ERROR,
+            REPLY_TYPE_ERROR_OFFSET,
+        ];
+        prop_oneof![
+            Just(ChunkPayload::None),
+            (any::<u64>(), data())
+                .prop_map(|(offset, data)| ChunkPayload::OffsetData { offset, data }),
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(offset, len)| ChunkPayload::OffsetHole { offset, len }),
+            status,
+            (any::<u32>(), ".{0,20}")
+                .prop_map(|(error, message)| ChunkPayload::Error { error, message }),
+            (any::<u32>(), ".{0,20}", any::<u64>()).prop_map(|(error, message, offset)| {
+                ChunkPayload::ErrorOffset {
+                    error,
+                    message,
+                    offset,
+                }
+            }),
+            (
+                any::<u16>().prop_filter("unknown kinds only", move |k| !known.contains(k)),
+                data()
+            )
+                .prop_map(|(kind, data)| ChunkPayload::Unknown { kind, data }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn reply_headers_round_trip(h in header()) {
+            let bytes = h.to_bytes();
+            let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            prop_assert_eq!(reply_header_len(magic), Some(bytes.len()));
+            prop_assert_eq!(ReplyHeader::from_bytes(&bytes), Ok(h));
+        }
+
+        #[test]
+        fn chunks_round_trip(
+            (extended, value) in any::<bool>().prop_flat_map(|e| (Just(e), payload(e))),
+            cookie: u64,
+            offset: u64,
+            last: bool,
+        ) {
+            let mode = if extended { ReplyMode::Extended } else { ReplyMode::Structured };
+            let mut out = Vec::new();
+            put_chunk(&mut out, mode, ReplyTo { cookie, offset }, last, &value);
+            let got = decode_all(&out);
+            prop_assert_eq!(got.len(), 1);
+            prop_assert_eq!(got[0].0.cookie(), cookie);
+            prop_assert_eq!(got[0].0.is_done(), last);
+            prop_assert_eq!(&got[0].1, &value);
+        }
+
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes: Vec<u8>, kind in 0u16..10, error_kind: bool) {
+            let _ = ReplyHeader::from_bytes(&bytes);
+            let kind = if error_kind { 0x8000 | kind } else { kind };
+            let _ = ChunkPayload::decode(kind, &mut Reader::new(&bytes));
+        }
     }
 }

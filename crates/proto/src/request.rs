@@ -5,6 +5,7 @@
 //! many payload bytes follow a header (to keep the stream in sync) even when
 //! the request itself is refused.
 
+use crate::codec::{DecodeError, PutBe, Reader};
 use crate::consts::*;
 use crate::negotiation::{ReplyMode, Session};
 
@@ -25,17 +26,6 @@ pub struct RequestHeader {
     pub length: u64,
 }
 
-/// The header does not start with the request magic of the negotiated mode;
-/// the stream can no longer be trusted, so the connection is dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BadRequestMagic(pub u32);
-
-impl std::fmt::Display for BadRequestMagic {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "bad request magic {:#010x}", self.0)
-    }
-}
-
 pub fn request_len(mode: ReplyMode) -> usize {
     match mode {
         ReplyMode::Extended => EXTENDED_REQUEST_LEN,
@@ -43,36 +33,65 @@ pub fn request_len(mode: ReplyMode) -> usize {
     }
 }
 
-fn be<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
-    let mut a = [0u8; N];
-    a.copy_from_slice(&b[at..at + N]);
-    a
-}
-
 impl RequestHeader {
-    /// Decodes a header from exactly [`request_len`] bytes.
-    pub fn parse(b: &[u8], mode: ReplyMode) -> Result<Self, BadRequestMagic> {
-        let magic = u32::from_be_bytes(be(b, 0));
+    /// Appends the header in the framing of `mode`: extended headers once
+    /// they are negotiated, compact ones otherwise. A compact header carries
+    /// only the low 32 bits of `length`, so a client must not build one with
+    /// a longer length. Payload data, if any, is appended by the caller.
+    pub fn encode(&self, mode: ReplyMode, out: &mut Vec<u8>) {
+        let extended = mode == ReplyMode::Extended;
+        out.put_u32(if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        });
+        out.put_u16(self.flags);
+        out.put_u16(self.kind);
+        out.put_u64(self.cookie);
+        out.put_u64(self.offset);
+        if extended {
+            out.put_u64(self.length);
+        } else {
+            out.put_u32(self.length as u32);
+        }
+    }
+
+    /// Reads one header in the framing of `mode`. A header with the other
+    /// framing's magic is refused: the stream can no longer be trusted, so
+    /// the server drops the connection.
+    pub fn decode(r: &mut Reader<'_>, mode: ReplyMode) -> Result<Self, DecodeError> {
+        // Whole header present before any field is looked at.
+        if r.remaining() < request_len(mode) {
+            return Err(DecodeError::Truncated);
+        }
         let extended = mode == ReplyMode::Extended;
         let expected = if extended {
             EXTENDED_REQUEST_MAGIC
         } else {
             REQUEST_MAGIC
         };
-        if magic != expected || b.len() != request_len(mode) {
-            return Err(BadRequestMagic(magic));
+        let magic = r.u32()?;
+        if magic != expected {
+            return Err(DecodeError::BadMagic {
+                what: "request",
+                found: magic.into(),
+            });
         }
         Ok(RequestHeader {
-            flags: u16::from_be_bytes(be(b, 4)),
-            kind: u16::from_be_bytes(be(b, 6)),
-            cookie: u64::from_be_bytes(be(b, 8)),
-            offset: u64::from_be_bytes(be(b, 16)),
-            length: if extended {
-                u64::from_be_bytes(be(b, 24))
-            } else {
-                u32::from_be_bytes(be(b, 24)) as u64
-            },
+            flags: r.u16()?,
+            kind: r.u16()?,
+            cookie: r.u64()?,
+            offset: r.u64()?,
+            length: if extended { r.u64()? } else { r.u32()?.into() },
         })
+    }
+
+    /// Decodes a header from exactly [`request_len`] bytes.
+    pub fn from_bytes(b: &[u8], mode: ReplyMode) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(b);
+        let header = Self::decode(&mut r, mode)?;
+        r.finish()?;
+        Ok(header)
     }
 
     /// Bytes of payload that follow this header on the wire, whether or not
@@ -89,14 +108,14 @@ impl RequestHeader {
     }
 
     /// How the server must deal with the payload after this header.
-    pub fn payload_plan(&self, mode: ReplyMode) -> PayloadPlan {
+    pub fn payload_plan(&self, mode: ReplyMode) -> RequestPayload {
         match self.payload_len(mode) {
-            0 => PayloadPlan::None,
-            n if n <= MAX_PAYLOAD as u64 => PayloadPlan::Receive(n as u32),
+            0 => RequestPayload::None,
+            n if n <= MAX_PAYLOAD as u64 => RequestPayload::Receive(n as u32),
             // The extended-headers spec asks for a hard disconnect here.
-            _ if mode == ReplyMode::Extended => PayloadPlan::Disconnect,
-            n if n <= MAX_PAYLOAD_DRAIN => PayloadPlan::Discard(n),
-            _ => PayloadPlan::Disconnect,
+            _ if mode == ReplyMode::Extended => RequestPayload::Disconnect,
+            n if n <= MAX_PAYLOAD_DRAIN => RequestPayload::Discard(n),
+            _ => RequestPayload::Disconnect,
         }
     }
 }
@@ -107,7 +126,7 @@ pub const MAX_PAYLOAD_DRAIN: u64 = 2 * MAX_PAYLOAD as u64;
 
 /// What to do with the bytes that follow a request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PayloadPlan {
+pub enum RequestPayload {
     None,
     /// Read them into a buffer (the request may still be refused).
     Receive(u32),
@@ -292,27 +311,12 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::PutBe;
     use crate::negotiation::{BlockSize, ExportInfo};
     use proptest::prelude::*;
 
     fn encode(h: &RequestHeader, mode: ReplyMode) -> Vec<u8> {
         let mut b = Vec::new();
-        let extended = mode == ReplyMode::Extended;
-        b.put_u32(if extended {
-            EXTENDED_REQUEST_MAGIC
-        } else {
-            REQUEST_MAGIC
-        });
-        b.put_u16(h.flags);
-        b.put_u16(h.kind);
-        b.put_u64(h.cookie);
-        b.put_u64(h.offset);
-        if extended {
-            b.put_u64(h.length);
-        } else {
-            b.put_u32(h.length as u32);
-        }
+        h.encode(mode, &mut b);
         b
     }
 
@@ -367,7 +371,24 @@ mod tests {
         fn headers_round_trip(flags: u16, kind: u16, cookie: u64, offset: u64, length: u32, ext: bool) {
             let mode = if ext { ReplyMode::Extended } else { ReplyMode::Simple };
             let h = RequestHeader { flags, kind, cookie, offset, length: length as u64 };
-            prop_assert_eq!(RequestHeader::parse(&encode(&h, mode), mode), Ok(h));
+            prop_assert_eq!(RequestHeader::from_bytes(&encode(&h, mode), mode), Ok(h));
+        }
+
+        #[test]
+        fn extended_headers_keep_64_bit_lengths(flags: u16, kind: u16, cookie: u64, offset: u64, length: u64) {
+            let h = RequestHeader { flags, kind, cookie, offset, length };
+            let b = encode(&h, ReplyMode::Extended);
+            prop_assert_eq!(b.len(), EXTENDED_REQUEST_LEN);
+            prop_assert_eq!(RequestHeader::from_bytes(&b, ReplyMode::Extended), Ok(h));
+        }
+
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes: Vec<u8>, mode in 0..3) {
+            let mode = [ReplyMode::Simple, ReplyMode::Structured, ReplyMode::Extended][mode as usize];
+            if let Ok(h) = RequestHeader::from_bytes(&bytes, mode) {
+                prop_assert_eq!(bytes.len(), request_len(mode));
+                prop_assert_eq!(encode(&h, mode), bytes);
+            }
         }
 
         #[test]
@@ -385,13 +406,45 @@ mod tests {
     }
 
     #[test]
+    fn compact_request_layout() {
+        let h = RequestHeader {
+            flags: CMD_FLAG_FUA,
+            kind: CMD_WRITE,
+            cookie: 0x0102_0304_0506_0708,
+            offset: 4096,
+            length: 512,
+        };
+        let b = encode(&h, ReplyMode::Structured);
+        assert_eq!(
+            b,
+            [
+                0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, //
+                0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 2, 0
+            ]
+        );
+        // Short input is refused before any field is read.
+        for n in 0..COMPACT_REQUEST_LEN {
+            assert_eq!(
+                RequestHeader::from_bytes(&b[..n], ReplyMode::Simple),
+                Err(DecodeError::Truncated)
+            );
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(
+            RequestHeader::from_bytes(&long, ReplyMode::Simple),
+            Err(DecodeError::TrailingBytes(1))
+        );
+    }
+
+    #[test]
     fn bad_magic_is_reported() {
         let mut b = encode(&header(CMD_READ, 0, 0, 1), ReplyMode::Simple);
         b[0] ^= 1;
-        assert!(RequestHeader::parse(&b, ReplyMode::Simple).is_err());
+        assert!(RequestHeader::from_bytes(&b, ReplyMode::Simple).is_err());
         // A compact header is not an extended one.
         let b = encode(&header(CMD_READ, 0, 0, 1), ReplyMode::Extended);
-        assert!(RequestHeader::parse(&b[..28], ReplyMode::Simple).is_err());
+        assert!(RequestHeader::from_bytes(&b[..28], ReplyMode::Simple).is_err());
     }
 
     #[test]
@@ -458,27 +511,27 @@ mod tests {
         let ext = ReplyMode::Extended;
         assert_eq!(
             header(CMD_READ, 0, 0, big).payload_plan(compact),
-            PayloadPlan::None
+            RequestPayload::None
         );
         assert_eq!(
             header(CMD_WRITE, 0, 0, 5).payload_plan(compact),
-            PayloadPlan::Receive(5)
+            RequestPayload::Receive(5)
         );
         assert_eq!(
             header(CMD_WRITE, 0, 0, big).payload_plan(compact),
-            PayloadPlan::Discard(big)
+            RequestPayload::Discard(big)
         );
         assert_eq!(
             header(CMD_WRITE, 0, 0, u32::MAX as u64).payload_plan(compact),
-            PayloadPlan::Disconnect
+            RequestPayload::Disconnect
         );
         assert_eq!(
             header(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, big).payload_plan(ext),
-            PayloadPlan::Disconnect
+            RequestPayload::Disconnect
         );
         // PAYLOAD_LEN on another command carries a payload to consume.
         let h = header(CMD_TRIM, CMD_FLAG_PAYLOAD_LEN, 0, 16);
-        assert_eq!(h.payload_plan(ext), PayloadPlan::Receive(16));
+        assert_eq!(h.payload_plan(ext), RequestPayload::Receive(16));
         assert!(validate(&h, &session(ext, false)).is_err());
     }
 }

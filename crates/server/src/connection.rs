@@ -14,11 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scratchd_proto::consts::OptError;
-use scratchd_proto::handshake::{self, ClientFlags, OptionHeader, PayloadPlan, OPTION_HEADER_LEN};
+use scratchd_proto::handshake::{
+    self, ClientFlags, OptionHeader, OptionPayload, OPTION_HEADER_LEN,
+};
 use scratchd_proto::negotiation::{Negotiator, Opened, Session, Step};
 use scratchd_proto::reply::{self, ReplyTo};
-use scratchd_proto::request::{self, Command, PayloadPlan as RequestPayload, RequestHeader};
-use scratchd_proto::Errno;
+use scratchd_proto::request::{self, Command, RequestHeader, RequestPayload};
+use scratchd_proto::{Codec, Errno};
 use scratchd_store::BlockDevice;
 use tracing::{debug, info};
 
@@ -95,18 +97,17 @@ fn handshake(
     writer.write_all(&handshake::greeting(), HANDSHAKE_TIMEOUT)?;
     let mut raw = [0u8; 4];
     input.read_exact(&mut raw)?;
-    let ClientFlags { no_zeroes } =
-        handshake::parse_client_flags(u32::from_be_bytes(raw)).map_err(invalid_data)?;
+    let ClientFlags { no_zeroes } = ClientFlags::from_bytes(&raw).map_err(invalid_data)?;
     let mut negotiator = Negotiator::new(no_zeroes);
     let mut out = Vec::new();
     let mut payload = Vec::new();
     loop {
         let mut raw = [0u8; OPTION_HEADER_LEN];
         input.read_exact(&mut raw)?;
-        let header = OptionHeader::parse(&raw).map_err(invalid_data)?;
+        let header = OptionHeader::from_bytes(&raw).map_err(invalid_data)?;
         out.clear();
         match header.payload_plan().map_err(invalid_data)? {
-            PayloadPlan::DrainAndRefuse => {
+            OptionPayload::DrainAndRefuse => {
                 input.discard(header.len as u64)?;
                 handshake::put_option_error(
                     &mut out,
@@ -117,7 +118,7 @@ fn handshake(
                 writer.write_all(&out, HANDSHAKE_TIMEOUT)?;
                 continue;
             }
-            PayloadPlan::Read => {
+            OptionPayload::Read => {
                 payload.resize(header.len as usize, 0);
                 input.read_exact(&mut payload)?;
             }
@@ -267,8 +268,9 @@ impl<'a> Transmission<'a> {
         if !self.wait_for_header()? {
             return Ok(Next::Disconnect);
         }
-        let header = RequestHeader::parse(&self.input.buffered()[..self.header_len], self.cx.mode)
-            .map_err(invalid_data)?;
+        let header =
+            RequestHeader::from_bytes(&self.input.buffered()[..self.header_len], self.cx.mode)
+                .map_err(invalid_data)?;
         self.input.consume(self.header_len);
         let to = ReplyTo {
             cookie: header.cookie,
