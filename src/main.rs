@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod run;
 mod serve;
 mod size;
 mod tmpdisk;
@@ -30,12 +31,16 @@ enum Command {
     /// Serve a backend over NBD.
     #[command(after_help = backend::serve_help())]
     Serve(serve::ServeArgs),
+    /// Run a command on a fresh scratch disk of its own, mounted, and
+    /// clean up whatever happens.
+    Run(run::RunArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Serve(args) => serve::main(args),
+        Command::Run(args) => run::main(args),
     };
     std::process::exit(code);
 }

@@ -268,7 +268,7 @@ fn fail(message: impl Display) -> i32 {
     1
 }
 
-fn init_logging(verbose: u8, level: Option<&str>) {
+pub fn init_logging(verbose: u8, level: Option<&str>) {
     let default = match verbose {
         0 => "warn",
         1 => "info",

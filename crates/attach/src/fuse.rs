@@ -1,0 +1,342 @@
+//! A block device as one file in a FUSE mount, for hosts without an `nbd`
+//! kernel module.
+//!
+//! The mount holds a single regular file, `disk`, whose bytes are the
+//! device's. A loop device on that file gives the kernel a block device
+//! (see [`crate::loopdev`]). The FUSE connection runs several threads,
+//! each with its own cloned `/dev/fuse` descriptor, so the loop device's
+//! concurrent requests are served in parallel; the device is called
+//! directly, with no socket in between.
+//!
+//! Mapping: `read`/`write` are the device's; `fsync` and `flush` are its
+//! `flush`; `fallocate` with `PUNCH_HOLE` is a trim, `ZERO_RANGE` a
+//! zeroing that may deallocate, plain allocation a no-op (the device
+//! allocates on write). The file cannot be resized, renamed or removed.
+
+use std::cell::RefCell;
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, SessionACL,
+    WriteFlags,
+};
+use scratchd_store::{BlockDevice, ZeroFlags};
+use tracing::debug;
+
+/// The name of the one file in the mount.
+pub const FILE_NAME: &str = "disk";
+/// Largest write the kernel sends in one request: a loop device's 1 MiB
+/// requests then arrive whole.
+const MAX_WRITE: u32 = 1024 * 1024;
+/// Requests the kernel may have outstanding (loop devices queue many).
+const MAX_BACKGROUND: u16 = 128;
+/// Attributes never change behind the kernel's back: cache them long.
+const TTL: Duration = Duration::from_secs(3600);
+
+const ROOT: INodeNo = INodeNo(1);
+const FILE: INodeNo = INodeNo(2);
+
+/// A mounted FUSE file serving a device; unmounted on drop.
+pub struct FuseFile {
+    session: Option<BackgroundSession>,
+    path: PathBuf,
+}
+
+impl FuseFile {
+    /// Mounts `device` as `DIR/disk` in the empty directory `dir`, served by
+    /// `threads` threads.
+    pub fn mount(device: Arc<dyn BlockDevice>, dir: &Path, threads: usize) -> io::Result<Self> {
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName("scratchd".to_owned()),
+            MountOption::Subtype("scratchd".to_owned()),
+            MountOption::DefaultPermissions,
+        ];
+        config.acl = SessionACL::Owner;
+        config.n_threads = Some(threads.max(1));
+        config.clone_fd = true;
+        let fs = DiskFs {
+            device,
+            mounted: SystemTime::now(),
+        };
+        let session = fuser::spawn_mount(fs, dir, &config)?;
+        Ok(FuseFile {
+            session: Some(session),
+            path: dir.join(FILE_NAME),
+        })
+    }
+
+    /// The file whose bytes are the device's.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unmounts, waiting for the session's threads to end.
+    pub fn unmount(mut self) -> io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for FuseFile {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+    }
+}
+
+struct DiskFs {
+    device: Arc<dyn BlockDevice>,
+    mounted: SystemTime,
+}
+
+thread_local! {
+    /// Each FUSE thread's read buffer, kept between requests so that steady
+    /// reads allocate nothing.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl DiskFs {
+    fn attr(&self, ino: INodeNo) -> FileAttr {
+        let (kind, perm, size, nlink) = if ino == ROOT {
+            (FileType::Directory, 0o700, 0, 2)
+        } else {
+            let writable = !self.device.capabilities().read_only;
+            let perm = if writable { 0o600 } else { 0o400 };
+            (FileType::RegularFile, perm, self.device.size(), 1)
+        };
+        FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.mounted,
+            mtime: self.mounted,
+            ctime: self.mounted,
+            crtime: self.mounted,
+            kind,
+            perm,
+            nlink,
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+impl Filesystem for DiskFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Large requests and many of them in flight; refusals only cost speed.
+        let _ = config.add_capabilities(InitFlags::FUSE_MAX_PAGES);
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent == ROOT && name == FILE_NAME {
+            reply.entry(&TTL, &self.attr(FILE), Generation(0));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match ino {
+            ROOT | FILE => reply.attr(&TTL, &self.attr(ino)),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // A disk's size is fixed; times and modes are ignored (as on a
+        // block device node).
+        match size {
+            Some(s) if s != self.device.size() => reply.error(Errno::EPERM),
+            _ => reply.attr(&TTL, &self.attr(ino)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino == FILE {
+            // The kernel may keep pages of the file cached across opens:
+            // only this process changes it.
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::empty());
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let len = (size as u64).min(self.device.size().saturating_sub(offset)) as usize;
+        READ_BUF.with_borrow_mut(|buf| {
+            buf.resize(len, 0);
+            match self.device.read(offset, &mut buf[..len]) {
+                Ok(()) => reply.data(&buf[..len]),
+                Err(e) => {
+                    debug!(offset, len, error = %e, "read failed");
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let fua = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        match self.device.write(offset, data, fua) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => {
+                debug!(offset, len = data.len(), error = %e, "write failed");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(): nothing to do (fsync is the durability point).
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.device.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let result = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            self.device.trim(offset, length, false)
+        } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+            let flags = ZeroFlags {
+                may_trim: true,
+                fast: false,
+            };
+            self.device.zero(offset, length, flags, false)
+        } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
+            // Preallocation: the device allocates on write, and refuses
+            // with ENOSPC then.
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+        };
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // No extended attributes: ENOSYS tells the kernel to stop asking.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != ROOT {
+            reply.error(Errno::ENOTDIR);
+            return;
+        }
+        let entries = [
+            (ROOT, FileType::Directory, "."),
+            (ROOT, FileType::Directory, ".."),
+            (FILE, FileType::RegularFile, FILE_NAME),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}

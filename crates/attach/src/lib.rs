@@ -1,0 +1,14 @@
+//! Attach front ends: how `scratchd run` turns a block device (a local
+//! scratch disk or an NBD client) into a mounted file system.
+//!
+//! Layout:
+//! - [`fuse`]: the device as one file in a FUSE mount, served by several
+//!   threads calling the device directly (hosts without an `nbd` module);
+//! - [`loopdev`]: a loop device on that file, in direct-I/O mode, cleared
+//!   automatically by the kernel when its mount goes;
+//! - [`ns`]: a private mount namespace, so that every mount of a run dies
+//!   with it, and mounting a device.
+
+pub mod fuse;
+pub mod loopdev;
+pub mod ns;

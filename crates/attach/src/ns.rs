@@ -1,0 +1,104 @@
+//! Private mounts, and mounting a block device.
+//!
+//! `scratchd run` moves itself into a mount namespace of its own before it
+//! mounts anything (its FUSE file and the scratch filesystem). The build
+//! command it starts inherits the namespace, so it sees the mounts; nobody
+//! else does, and the kernel tears them down with the namespace when its
+//! last process exits, even after `kill -9`. With autoclear loop devices
+//! ([`crate::loopdev`]), nothing of an attached disk can outlive its run.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use tracing::warn;
+
+/// Moves this process into a new mount namespace whose mounts propagate
+/// nowhere. Must run before the process starts any thread (the kernel
+/// refuses to unshare a file-system context shared with other threads).
+pub fn enter_private_mount_namespace() -> io::Result<()> {
+    // SAFETY: plain system call with a flag argument.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Hosts mount / shared (systemd): without this, mounts made here would
+    // propagate back to the host's namespace.
+    let root = c"/";
+    // SAFETY: valid NUL-terminated paths; null source, type and data are
+    // allowed for a propagation change.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Why mounting a device failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("cannot run mount: {0}")]
+    Spawn(#[source] io::Error),
+    #[error("mount {device} on {dir} failed: {stderr}")]
+    Failed {
+        device: String,
+        dir: String,
+        stderr: String,
+    },
+}
+
+/// Mounts the file system on `device` at `dir` with `options` (its type
+/// found by `mount`, which asks libblkid).
+pub fn mount(device: &Path, dir: &Path, options: &str) -> Result<(), MountError> {
+    let out = Command::new("mount")
+        .arg("-o")
+        .arg(options)
+        .arg(device)
+        .arg(dir)
+        .output()
+        .map_err(MountError::Spawn)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(MountError::Failed {
+        device: device.display().to_string(),
+        dir: dir.display().to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
+}
+
+/// Unmounts `dir`. A file system still busy (a process of the build left
+/// behind with a file open) is retried for a while, then detached lazily:
+/// it goes once the last user lets go, and cannot outlive the namespace.
+pub fn unmount(dir: &Path) -> io::Result<()> {
+    let path = CString::new(dir.as_os_str().as_bytes())?;
+    for _ in 0..20 {
+        // SAFETY: valid NUL-terminated path.
+        if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(e);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    warn!(dir = %dir.display(), "file system still busy; detaching it lazily");
+    // SAFETY: as above.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

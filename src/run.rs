@@ -1,0 +1,338 @@
+//! `scratchd run`: one command that gives a build its own scratch disk,
+//! mounted, runs the build on it, and always cleans up.
+//!
+//! The path of a run, each step undone in reverse by a guard:
+//! 1. a private mount namespace ([`scratchd_attach::ns`]): every mount of the
+//!    run is invisible to the host and dies with the run, even after
+//!    `kill -9`;
+//! 2. the disk: a scratch disk of this process's own (the tmpdisk machinery
+//!    and budgets of `scratchd serve`, no socket in between);
+//! 3. the disk as a FUSE file, served by threads that call it directly;
+//! 4. a loop device on that file, in direct-I/O mode, detached by the kernel
+//!    when its mount goes;
+//! 5. the file system mounted at `--mount` (or a fresh directory);
+//! 6. the command, with `SCRATCHD_MOUNT`, `SCRATCHD_DEVICE` and
+//!    `SCRATCHD_EXPORT` in its environment; its exit status is the run's.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use scratchd_attach::fuse::FuseFile;
+use scratchd_attach::loopdev::LoopDevice;
+use scratchd_attach::ns;
+use scratchd_proto::negotiation::LookupError;
+use scratchd_server::{Exports, OpenExport};
+use scratchd_store::BlockDevice;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tracing::{debug, info, warn};
+
+use crate::backend::{BackendError, OpenError};
+use crate::size::parse_size;
+use crate::tmpdisk;
+
+/// Exit status for bad usage, as clap uses.
+const EXIT_USAGE: i32 = 2;
+/// Exit status when the run itself failed (no disk, no mount).
+const EXIT_FAILED: i32 = 125;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Size of the scratch disk (sparse: unused space costs nothing).
+    #[arg(long, value_name = "SIZE", default_value = "20G")]
+    size: String,
+    /// File system to make on it (mkfs -t TYPE; ext4 is made without a
+    /// journal).
+    #[arg(long = "type", value_name = "TYPE", default_value = "ext4")]
+    fs_type: String,
+    /// Name of the disk (the build's identity); default: `run-` and 128
+    /// random bits.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Mount the disk here (default: a fresh directory, removed afterwards).
+    /// The mount is private to the command and its children.
+    #[arg(long, value_name = "DIR")]
+    mount: Option<PathBuf>,
+    /// Mount options.
+    #[arg(long, value_name = "OPTS", default_value = "noatime")]
+    mount_options: String,
+    /// Threads serving the disk's FUSE file.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    connections: usize,
+    /// How the disk becomes a block device: fuse (a FUSE file and a loop
+    /// device). kernel (nbd via netlink) needs a remote --server.
+    #[arg(long, value_name = "HOW", default_value = "fuse")]
+    attach: String,
+    /// RAM the disk may hold (default: half of the machine's RAM); writes
+    /// past it fail with ENOSPC.
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
+    /// More tmpdisk keys for the disk (backing=dir:PATH, spill=..., label=L).
+    #[arg(short = 'o', long = "disk-option", value_name = "KEY=VALUE")]
+    disk_options: Vec<String>,
+    /// More log output (-v info, -vv debug).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+/// Why a run could not start its command.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot make a private mount namespace (scratchd run needs root): {0}")]
+    Namespace(#[source] io::Error),
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    #[error("cannot create scratch disk {name:?}: {reason}")]
+    Disk { name: String, reason: String },
+    #[error("cannot make a directory for the mount: {0}")]
+    TempDir(#[source] io::Error),
+    #[error("cannot mount the disk's FUSE file: {0}")]
+    Fuse(#[source] io::Error),
+    #[error("cannot attach a loop device: {0}")]
+    Loop(#[source] io::Error),
+    #[error(transparent)]
+    Mount(#[from] ns::MountError),
+    #[error("cannot start {command:?}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub fn main(args: RunArgs) -> i32 {
+    crate::serve::init_logging(args.verbose, None);
+    match run(&args) {
+        Ok(status) => exit_code(status),
+        Err(RunError::Usage(m)) => {
+            eprintln!("scratchd run: {m}");
+            EXIT_USAGE
+        }
+        Err(RunError::Backend(BackendError::Usage(e))) => {
+            eprintln!("scratchd run: {e}");
+            EXIT_USAGE
+        }
+        Err(e) => {
+            eprintln!("scratchd run: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
+    if args.attach != "fuse" {
+        return Err(RunError::Usage(format!(
+            "--attach {}: only fuse is available for a local disk (kernel needs --server)",
+            args.attach
+        )));
+    }
+    // First, while this process has one thread: the kernel will not give a
+    // threaded process a namespace of its own.
+    ns::enter_private_mount_namespace().map_err(RunError::Namespace)?;
+    let started = Instant::now();
+    let name = args.name.clone().unwrap_or_else(random_name);
+    let export = open_local_disk(args, &name)?;
+    let work = tempfile::Builder::new()
+        .prefix("scratchd-run.")
+        .tempdir()
+        .map_err(RunError::TempDir)?;
+    let attached = Attached::attach(export.device.clone(), work.path(), args)?;
+    info!(
+        export = %name,
+        device = %attached.device.path().display(),
+        mount = %attached.mount.display(),
+        direct_io = attached.device.direct_io(),
+        took = ?started.elapsed(),
+        "scratch disk attached"
+    );
+    let status = run_command(args, &attached, &name);
+    let stopping = Instant::now();
+    attached.detach();
+    drop(export);
+    debug!(took = ?stopping.elapsed(), "scratch disk detached");
+    status
+}
+
+/// Creates the run's own scratch disk with the tmpdisk machinery.
+fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenExport, RunError> {
+    let mut params = vec![
+        format!("size={}", args.size),
+        format!("type={}", args.fs_type),
+    ];
+    params.extend(args.disk_options.iter().cloned());
+    let memory_limit = args
+        .memory_limit
+        .as_deref()
+        .map(|t| parse_size("--memory-limit", t))
+        .transpose()
+        .map_err(|e| RunError::Usage(e.to_string()))?;
+    let limits = tmpdisk::Limits {
+        max_exports: Some(1),
+        memory_limit,
+        disk_limit: None,
+        name_prefix: None,
+    };
+    let options = tmpdisk::ExportOptions {
+        default_name: None,
+        description: None,
+        read_only: false,
+    };
+    let config = tmpdisk::config(&params, limits, options).map_err(BackendError::from)?;
+    let exports = scratchd_scratch::from_config(config)
+        .map_err(|e| RunError::Backend(OpenError::from(e).into()))?;
+    exports.open(name).map_err(|e| {
+        let (LookupError::Unknown(reason)
+        | LookupError::Policy(reason)
+        | LookupError::Platform(reason)
+        | LookupError::Shutdown(reason)) = e;
+        RunError::Disk {
+            name: name.to_owned(),
+            reason,
+        }
+    })
+}
+
+/// `run-` and 128 random bits: a name nobody can guess (see docs/RUN.md).
+fn random_name() -> String {
+    let mut bytes = [0u8; 16];
+    if let Err(e) = rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()) {
+        // Only a local disk's name, which no other process can reach.
+        warn!(error = %e, "no random bytes; naming the disk after the process");
+        return format!("run-{}", std::process::id());
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("run-{hex}")
+}
+
+/// A disk attached and mounted; [`Attached::detach`] (or drop) undoes it.
+struct Attached {
+    mount: PathBuf,
+    mounted: bool,
+    device: LoopDevice,
+    fuse: Option<FuseFile>,
+}
+
+impl Attached {
+    fn attach(device: Arc<dyn BlockDevice>, work: &Path, args: &RunArgs) -> Result<Self, RunError> {
+        let fuse_dir = work.join("fuse");
+        let default_mount = work.join("mnt");
+        for dir in [&fuse_dir, &default_mount] {
+            std::fs::create_dir(dir).map_err(RunError::TempDir)?;
+        }
+        let read_only = device.capabilities().read_only;
+        let fuse = FuseFile::mount(device, &fuse_dir, args.connections).map_err(RunError::Fuse)?;
+        let loopdev = LoopDevice::attach(fuse.path(), read_only, logical_block_size(&args.fs_type))
+            .map_err(RunError::Loop)?;
+        let mut attached = Attached {
+            mount: args.mount.clone().unwrap_or(default_mount),
+            mounted: false,
+            device: loopdev,
+            fuse: Some(fuse),
+        };
+        if args.fs_type != "none" {
+            ns::mount(attached.device.path(), &attached.mount, &args.mount_options)?;
+            attached.mounted = true;
+            // The mount holds the loop device now; ours would keep it
+            // attached after the mount is gone.
+            attached.device.release();
+        }
+        Ok(attached)
+    }
+
+    fn detach(mut self) {
+        self.undo();
+    }
+
+    fn undo(&mut self) {
+        if self.mounted {
+            self.mounted = false;
+            if let Err(e) = ns::unmount(&self.mount) {
+                warn!(mount = %self.mount.display(), error = %e, "cannot unmount");
+            }
+        }
+        self.device.release();
+        if let Some(fuse) = self.fuse.take() {
+            if let Err(e) = fuse.unmount() {
+                warn!(error = %e, "cannot unmount the FUSE file");
+            }
+        }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.undo();
+    }
+}
+
+/// The loop device's logical block size: the disk's preferred 4096 where
+/// the file system was made with 4 KiB blocks and sectors regardless of the
+/// device (ext4, btrfs, none), else 512, which every mkfs accepts (xfs
+/// refuses to mount on a device whose sectors are larger than its own).
+fn logical_block_size(fs_type: &str) -> u32 {
+    match fs_type {
+        "ext4" | "ext3" | "ext2" | "btrfs" | "none" => 4096,
+        _ => 512,
+    }
+}
+
+/// Runs the command on the mounted disk, passing on the signals that would
+/// stop a run (the command decides how to stop; the disk is cleaned up
+/// after it has).
+fn run_command(args: &RunArgs, attached: &Attached, name: &str) -> Result<ExitStatus, RunError> {
+    let (program, rest) = args.command.split_first().expect("clap requires CMD");
+    let mut child = Command::new(program)
+        .args(rest)
+        .env("SCRATCHD_MOUNT", &attached.mount)
+        .env("SCRATCHD_DEVICE", attached.device.path())
+        .env("SCRATCHD_EXPORT", name)
+        .spawn()
+        .map_err(|source| RunError::Spawn {
+            command: program.to_string_lossy().into_owned(),
+            source,
+        })?;
+    let pid = child.id();
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|source| {
+            RunError::Spawn {
+                command: "signal handler".to_owned(),
+                source,
+            }
+        })?;
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let sig = rustix::process::Signal::from_named_raw(sig);
+                if let Some(sig) = sig {
+                    let _ = rustix::process::kill_process(pid, sig);
+                }
+            }
+        }
+    });
+    let status = child.wait();
+    handle.close();
+    let _ = forwarder.join();
+    status.map_err(|source| RunError::Spawn {
+        command: program.to_string_lossy().into_owned(),
+        source,
+    })
+}
+
+/// The command's exit status, or 128+N when signal N killed it (as shells
+/// report it).
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
