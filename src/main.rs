@@ -34,6 +34,9 @@ enum Command {
     /// Run a command on a fresh scratch disk of its own, mounted, and
     /// clean up whatever happens.
     Run(run::RunArgs),
+    /// (internal) The watchdog of a `scratchd run`.
+    #[command(hide = true)]
+    RunWatchdog,
 }
 
 fn main() {
@@ -41,6 +44,7 @@ fn main() {
     let code = match cli.command {
         Command::Serve(args) => serve::main(args),
         Command::Run(args) => run::main(args),
+        Command::RunWatchdog => run::watchdog_main(),
     };
     std::process::exit(code);
 }

@@ -13,11 +13,22 @@
 //! 5. the file system mounted at `--mount` (or a fresh directory);
 //! 6. the command, with `SCRATCHD_MOUNT`, `SCRATCHD_DEVICE` and
 //!    `SCRATCHD_EXPORT` in its environment; its exit status is the run's.
+//!
+//! A run that is killed (`kill -9`) cannot unmount: its namespace's mounts
+//! are torn down by the kernel when the namespace's last process exits.
+//! That teardown writes the file system back through the FUSE file, whose
+//! server was the killed process, and would wait for it forever. So each
+//! run starts a watchdog process (`scratchd run-watchdog`, in the same
+//! namespace, in a process group of its own so that Ctrl-C spares it): told
+//! the FUSE connection's number, it waits for the run to say "done"; if the
+//! run's end of the pipe closes first, it aborts the connection, so that
+//! every pending write fails at once and the teardown completes.
 
 use std::ffi::OsString;
-use std::io;
+use std::io::{self, BufRead, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -101,6 +112,8 @@ enum RunError {
     Loop(#[source] io::Error),
     #[error(transparent)]
     Mount(#[from] ns::MountError),
+    #[error("cannot start the run's watchdog: {0}")]
+    Watchdog(#[source] io::Error),
     #[error("cannot start {command:?}: {source}")]
     Spawn {
         command: String,
@@ -139,13 +152,15 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
     // threaded process a namespace of its own.
     ns::enter_private_mount_namespace().map_err(RunError::Namespace)?;
     let started = Instant::now();
+    let mut watchdog = Watchdog::start()?;
     let name = args.name.clone().unwrap_or_else(random_name);
     let export = open_local_disk(args, &name)?;
+    sweep_stale_work_dirs();
     let work = tempfile::Builder::new()
-        .prefix("scratchd-run.")
+        .prefix(&format!("{WORK_PREFIX}{}.", std::process::id()))
         .tempdir()
         .map_err(RunError::TempDir)?;
-    let attached = Attached::attach(export.device.clone(), work.path(), args)?;
+    let attached = Attached::attach(export.device.clone(), work.path(), args, &mut watchdog)?;
     info!(
         export = %name,
         device = %attached.device.path().display(),
@@ -157,6 +172,7 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
     let status = run_command(args, &attached, &name);
     let stopping = Instant::now();
     attached.detach();
+    watchdog.done();
     drop(export);
     debug!(took = ?stopping.elapsed(), "scratch disk detached");
     status
@@ -201,6 +217,40 @@ fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenExport, RunError> {
     })
 }
 
+/// Work directories are `$TMPDIR/scratchd-run.PID.XXXXXX`, holding the
+/// (empty) mount points of the FUSE file and of the disk.
+const WORK_PREFIX: &str = "scratchd-run.";
+
+/// Removes the work directories of runs that were killed (`kill -9`) and so
+/// could not remove their own. Their mounts died with their namespace; only
+/// the empty directories are left, and `remove_dir` never removes more.
+fn sweep_stale_work_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(WORK_PREFIX))
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        for sub in ["fuse", "mnt"] {
+            let _ = std::fs::remove_dir(dir.join(sub));
+        }
+        if std::fs::remove_dir(&dir).is_ok() {
+            debug!(dir = %dir.display(), "removed a killed run's work directory");
+        }
+    }
+}
+
 /// `run-` and 128 random bits: a name nobody can guess (see docs/RUN.md).
 fn random_name() -> String {
     let mut bytes = [0u8; 16];
@@ -222,7 +272,12 @@ struct Attached {
 }
 
 impl Attached {
-    fn attach(device: Arc<dyn BlockDevice>, work: &Path, args: &RunArgs) -> Result<Self, RunError> {
+    fn attach(
+        device: Arc<dyn BlockDevice>,
+        work: &Path,
+        args: &RunArgs,
+        watchdog: &mut Watchdog,
+    ) -> Result<Self, RunError> {
         let fuse_dir = work.join("fuse");
         let default_mount = work.join("mnt");
         for dir in [&fuse_dir, &default_mount] {
@@ -230,6 +285,9 @@ impl Attached {
         }
         let read_only = device.capabilities().read_only;
         let fuse = FuseFile::mount(device, &fuse_dir, args.connections).map_err(RunError::Fuse)?;
+        watchdog
+            .watch(fuse.connection().map_err(RunError::Fuse)?)
+            .map_err(RunError::Watchdog)?;
         let loopdev = LoopDevice::attach(fuse.path(), read_only, logical_block_size(&args.fs_type))
             .map_err(RunError::Loop)?;
         let mut attached = Attached {
@@ -274,6 +332,69 @@ impl Drop for Attached {
     }
 }
 
+/// The run's watchdog process (see the module docs).
+struct Watchdog {
+    child: Child,
+    pipe: Option<ChildStdin>,
+}
+
+impl Watchdog {
+    fn start() -> Result<Self, RunError> {
+        let exe = std::env::current_exe().map_err(RunError::Watchdog)?;
+        let mut child = Command::new(exe)
+            .arg("run-watchdog")
+            .stdin(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(RunError::Watchdog)?;
+        let pipe = child.stdin.take();
+        Ok(Watchdog { child, pipe })
+    }
+
+    /// Tells the watchdog which FUSE connection to abort if the run dies.
+    fn watch(&mut self, connection: u32) -> io::Result<()> {
+        match &mut self.pipe {
+            Some(p) => writeln!(p, "{connection}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Everything is unmounted: the watchdog may go.
+    fn done(&mut self) {
+        if let Some(mut p) = self.pipe.take() {
+            let _ = writeln!(p, "done");
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+/// `scratchd run-watchdog`: reads FUSE connection numbers from standard
+/// input until "done"; if the input ends first (the run died), aborts them.
+pub fn watchdog_main() -> i32 {
+    let mut connections = Vec::new();
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if line == "done" {
+            return 0;
+        }
+        if let Ok(id) = line.trim().parse::<u32>() {
+            connections.push(id);
+        }
+    }
+    for id in connections {
+        if let Err(e) = scratchd_attach::fuse::abort_connection(id) {
+            eprintln!("scratchd run-watchdog: cannot abort FUSE connection {id}: {e}");
+        }
+    }
+    0
+}
+
 /// The loop device's logical block size: the disk's preferred 4096 where
 /// the file system was made with 4 KiB blocks and sectors regardless of the
 /// device (ext4, btrfs, none), else 512, which every mkfs accepts (xfs
@@ -290,7 +411,9 @@ fn logical_block_size(fs_type: &str) -> u32 {
 /// after it has).
 fn run_command(args: &RunArgs, attached: &Attached, name: &str) -> Result<ExitStatus, RunError> {
     let (program, rest) = args.command.split_first().expect("clap requires CMD");
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    ns::kill_with_parent(&mut command);
+    let mut child = command
         .args(rest)
         .env("SCRATCHD_MOUNT", &attached.mount)
         .env("SCRATCHD_DEVICE", attached.device.path())

@@ -17,6 +17,7 @@ mod nbdinfo;
 mod nbdsh;
 mod ordering;
 mod qemu;
+mod run;
 mod shutdown;
 mod stuck;
 mod tmpdisk;

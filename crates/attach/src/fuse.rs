@@ -72,6 +72,16 @@ impl FuseFile {
         })
     }
 
+    /// The kernel's number for this FUSE connection (its directory in
+    /// `/sys/fs/fuse/connections`).
+    pub fn connection(&self) -> io::Result<u32> {
+        let dir = self.path.parent().unwrap_or(&self.path);
+        let dev = rustix::fs::stat(dir)?.st_dev;
+        // The kernel names it by its internal dev_t: major << 20 | minor.
+        let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+        Ok((major << 20) | minor)
+    }
+
     /// The file whose bytes are the device's.
     pub fn path(&self) -> &Path {
         &self.path
@@ -339,4 +349,21 @@ impl Filesystem for DiskFs {
         }
         reply.ok();
     }
+}
+
+/// Aborts FUSE connection `id`: every request waiting on it, and every later
+/// one, fails at once. For a connection whose server died without
+/// unmounting, whose file systems would otherwise wait for it forever.
+pub fn abort_connection(id: u32) -> io::Result<()> {
+    let control = Path::new("/sys/fs/fuse/connections");
+    let abort = control.join(id.to_string()).join("abort");
+    if !abort.exists() {
+        // fusectl is not mounted on every host; mount it (in the caller's
+        // mount namespace) to reach the connection.
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(control)
+            .status();
+    }
+    std::fs::write(abort, "1")
 }

@@ -139,14 +139,20 @@ impl FormatSpec {
 ///
 /// ext2/3/4: no reserved blocks (`-m 0`: nobody needs root's 5% on a build
 /// disk), lazy inode table and journal initialisation, no discard pass
-/// (the disk is already all zeros). ext4 also drops the journal, as OBS does
-/// for its build roots: a scratch disk never has to survive a crash. Types
+/// (the disk is already all zeros), and 4 KiB blocks whatever the size
+/// (mke2fs picks 1 KiB for small disks), matching the preferred block size
+/// every export advertises, so the disk also mounts on a device with 4 KiB
+/// sectors (`scratchd run`'s loop device). ext4 also drops the journal, as
+/// OBS does for its build roots: a scratch disk never has to survive a
+/// crash. Types
 /// without a known quiet or force flag get only the label.
 pub(crate) fn mkfs_options(fs: &str, label: Option<&str>) -> Vec<String> {
     let mut args: Vec<&str> = match fs {
         "ext4" => vec![
             "-F",
             "-q",
+            "-b",
+            "4096",
             "-m",
             "0",
             "-E",
@@ -157,6 +163,8 @@ pub(crate) fn mkfs_options(fs: &str, label: Option<&str>) -> Vec<String> {
         "ext2" | "ext3" => vec![
             "-F",
             "-q",
+            "-b",
+            "4096",
             "-m",
             "0",
             "-E",

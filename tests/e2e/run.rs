@@ -1,0 +1,177 @@
+//! `scratchd run`: a command on a scratch disk of its own, attached through
+//! the kernel's FUSE and loop drivers and mounted; nothing is left behind,
+//! however the run ends.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::util::{eventually, fuse_unavailable, run_status, stdout, SCRATCHD};
+
+fn scratchd_run(args: &[&str], command: &str) -> Command {
+    let mut c = Command::new(SCRATCHD);
+    c.arg("run").args(args).args(["--", "sh", "-c", command]);
+    c
+}
+
+/// What a run can leave behind, found by the directory it worked in: loop
+/// devices on its FUSE file, mounts under it, the directory itself.
+fn leftovers(work: &Path) -> Vec<String> {
+    let work = work.to_str().unwrap();
+    let mut found = Vec::new();
+    let loops = Command::new("losetup")
+        .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
+        .output()
+        .unwrap();
+    for line in String::from_utf8_lossy(&loops.stdout).lines() {
+        if line.contains(work) {
+            found.push(format!("loop device: {line}"));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    for line in mounts.lines().filter(|l| l.contains(work)) {
+        found.push(format!("mount: {line}"));
+    }
+    if Path::new(work).exists() {
+        found.push(format!("directory {work}"));
+    }
+    found
+}
+
+/// The run's work directory, from the mount point the command printed.
+fn work_dir(mount_line: &str) -> PathBuf {
+    Path::new(mount_line.trim()).parent().unwrap().to_owned()
+}
+
+fn skip(test: &str) -> bool {
+    match fuse_unavailable() {
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+#[test]
+fn a_command_gets_its_own_mounted_disk_and_nothing_is_left() {
+    if skip("a_command_gets_its_own_mounted_disk_and_nothing_is_left") {
+        return;
+    }
+    let script = r#"
+        set -e
+        echo "$SCRATCHD_MOUNT"
+        echo "export=$SCRATCHD_EXPORT"
+        findmnt -n -o FSTYPE,SOURCE "$SCRATCHD_MOUNT"
+        losetup -n -O DIO,LOG-SEC "$SCRATCHD_DEVICE"
+        head -c 3000000 /dev/urandom > "$SCRATCHD_MOUNT/data"
+        sha256sum "$SCRATCHD_MOUNT/data" | cut -c1-64 > "$SCRATCHD_MOUNT/sum"
+        sync
+        # O_DIRECT: read through the loop device and the FUSE file, not the
+        # page cache.
+        dd if="$SCRATCHD_MOUNT/data" iflag=direct bs=1M status=none | sha256sum | cut -c1-64 \
+            | cmp - "$SCRATCHD_MOUNT/sum"
+        rm "$SCRATCHD_MOUNT/data"
+        fstrim "$SCRATCHD_MOUNT" || true
+        exit 7
+    "#;
+    let (code, out) = run_status(&mut scratchd_run(&["--size", "256M"], script));
+    let text = stdout(&out);
+    assert_eq!(code, 7, "the command's status is the run's\n{text}");
+    let mut lines = text.lines();
+    let work = work_dir(lines.next().unwrap());
+    let export = lines.next().unwrap();
+    // A fresh name with 128 random bits: 32 hex digits.
+    let hex = export.strip_prefix("export=run-").expect(export);
+    assert_eq!(hex.len(), 32, "{export}");
+    let fs: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert!(fs[0] == "ext4" && fs[1].starts_with("/dev/loop"), "{fs:?}");
+    let loop_flags: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(loop_flags, ["1", "4096"], "direct I/O, 4 KiB sectors");
+    assert_eq!(leftovers(&work), Vec::<String>::new());
+}
+
+#[test]
+fn a_command_killed_by_a_signal_gives_128_plus_the_signal() {
+    if skip("a_command_killed_by_a_signal_gives_128_plus_the_signal") {
+        return;
+    }
+    let (code, _) = run_status(&mut scratchd_run(&["--size", "64M"], "kill -TERM $$"));
+    assert_eq!(code, 128 + 15);
+}
+
+#[test]
+fn a_disk_that_cannot_be_made_is_a_clear_error() {
+    let (code, out) = run_status(&mut scratchd_run(&["--type", "nosuchfs"], "exit 0"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("mkfs.nosuchfs"), "{err}");
+    let (code, out) = run_status(&mut scratchd_run(&["--size", "12Q"], "exit 0"));
+    assert_eq!(code, 2, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A build that writes more than the disk's memory may hold sees an I/O
+/// error (as on a full thin-provisioned disk), and the run cleans up; the
+/// process never grows past the limit.
+#[test]
+fn a_full_memory_budget_fails_the_write_not_the_host() {
+    if skip("a_full_memory_budget_fails_the_write_not_the_host") {
+        return;
+    }
+    let script = r#"
+        echo "$SCRATCHD_MOUNT"
+        dd if=/dev/urandom of="$SCRATCHD_MOUNT/big" bs=1M count=96 conv=fsync 2>/dev/null
+        echo "dd=$?"
+    "#;
+    let (code, out) = run_status(&mut scratchd_run(
+        &["--size", "1G", "--memory-limit", "32M"],
+        script,
+    ));
+    let text = stdout(&out);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("dd=1"),
+        "the write past the budget succeeded:\n{text}"
+    );
+    assert_eq!(
+        leftovers(&work_dir(text.lines().next().unwrap())),
+        Vec::<String>::new()
+    );
+}
+
+/// `kill -9` of a run: the kernel kills its command, tears down its private
+/// mounts with the namespace, detaches the loop device; the next run sweeps
+/// the empty work directory.
+#[test]
+fn kill_9_of_a_run_leaves_nothing() {
+    if skip("kill_9_of_a_run_leaves_nothing") {
+        return;
+    }
+    let mut run = scratchd_run(
+        &["--size", "64M"],
+        "echo \"$SCRATCHD_MOUNT\"; exec sleep 60",
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(run.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let work = work_dir(&line);
+    assert!(!leftovers(&work).is_empty(), "the run is attached");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    eventually(
+        "the killed run's loop device and mounts to go",
+        Duration::from_secs(10),
+        || leftovers(&work) == [format!("directory {}", work.display())],
+    );
+    let (code, _) = run_status(&mut scratchd_run(
+        &["--size", "64M", "--type", "none"],
+        "true",
+    ));
+    assert_eq!(code, 0);
+    assert_eq!(leftovers(&work), Vec::<String>::new());
+}
