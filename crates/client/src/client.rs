@@ -470,10 +470,13 @@ impl BlockDevice for Client {
 /// Connects and negotiates one connection.
 fn open(target: &Target, options: &Options) -> Result<(ExportInfo, Stream), Error> {
     let address = target.address.to_string();
-    let mut stream = Stream::connect(&target.address).map_err(|source| Error::Connect {
-        address: address.clone(),
-        source,
-    })?;
+    let mut stream =
+        Stream::connect(&target.address, options.handshake_timeout).map_err(|source| {
+            Error::Connect {
+                address: address.clone(),
+                source,
+            }
+        })?;
     stream
         .set_timeouts(options.handshake_timeout)
         .map_err(|source| Error::Io {

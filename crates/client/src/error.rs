@@ -1,6 +1,6 @@
 //! What can go wrong, in two layers.
 //!
-//! - [`Error`]: connecting and the handshake. Typed, with the export and
+//! - [`enum@Error`]: connecting and the handshake. Typed, with the export and
 //!   address named, and the underlying error as `source`: a refused export
 //!   name is [`Error::Refused`] with the server's `NBD_REP_ERR_*` code and
 //!   message.

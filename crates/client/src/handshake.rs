@@ -1,4 +1,4 @@
-//! The client's side of the fixed-newstyle handshake, on one [`Stream`].
+//! The client's side of the fixed-newstyle handshake, on one [`Stream`](crate::transport::Stream).
 //!
 //! Order of options, each answered before the next is sent:
 //! 1. `EXTENDED_HEADERS` (when [`Replies::Extended`] is wanted), else

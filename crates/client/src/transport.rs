@@ -30,14 +30,19 @@ pub enum Stream {
 
 impl Stream {
     /// Connects to `address`; TCP tries every address the host resolves to
-    /// and disables Nagle (requests are small and latency-bound).
-    pub fn connect(address: &Address) -> io::Result<Stream> {
+    /// (each for at most `timeout`) and disables Nagle (requests are small
+    /// and latency-bound).
+    pub fn connect(address: &Address, timeout: Option<Duration>) -> io::Result<Stream> {
         match address {
             Address::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
             Address::Tcp { host, port } => {
                 let mut last = None;
                 for addr in (host.as_str(), *port).to_socket_addrs()? {
-                    match TcpStream::connect(addr) {
+                    let connected = match timeout {
+                        Some(t) => TcpStream::connect_timeout(&addr, t),
+                        None => TcpStream::connect(addr),
+                    };
+                    match connected {
                         Ok(s) => {
                             s.set_nodelay(true)?;
                             return Ok(Stream::Tcp(s));

@@ -177,4 +177,8 @@ fn uris_reach_the_server() {
     let client = Client::connect(&uri).unwrap();
     assert_eq!(client.size(), 64 * MIB);
     assert_eq!(client.info().name, "disk");
+    let err = Client::connect("nbd+unix:///disk?socket=/nonexistent/nbd.sock").unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    let err = Client::connect("nbds://localhost/disk").unwrap_err();
+    assert!(err.to_string().contains("TLS"), "{err}");
 }
