@@ -36,7 +36,7 @@ use scratchd_proto::negotiation::ReplyMode;
 use scratchd_proto::reply::{
     reply_header_len, ChunkPayload, Descriptor, ReplyHeader, EXTENDED_REPLY_LEN,
 };
-use scratchd_proto::request::RequestHeader;
+use scratchd_proto::request::{RequestHeader, EXTENDED_REQUEST_LEN};
 use scratchd_store::sync::{lock, wait, wait_timeout};
 use tracing::debug;
 
@@ -231,9 +231,10 @@ impl Connection {
             offset: request.offset,
             length: request.len,
         };
-        let mut buf = Vec::with_capacity(EXTENDED_REPLY_LEN + COALESCE);
-        header.encode(self.shared.settings.mode, &mut buf);
         let coalesce = request.payload.len() <= COALESCE;
+        let inline = if coalesce { request.payload.len() } else { 0 };
+        let mut buf = Vec::with_capacity(EXTENDED_REQUEST_LEN + inline);
+        header.encode(self.shared.settings.mode, &mut buf);
         if coalesce {
             buf.extend_from_slice(request.payload);
         }
