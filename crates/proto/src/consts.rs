@@ -57,6 +57,44 @@ pub enum OptError {
     ExtHeaderReqd = 0x8000_000A,
 }
 
+impl OptError {
+    /// The error a server sent as an option reply type, if it is one the
+    /// spec defines (clients report others by number).
+    pub fn from_code(code: u32) -> Option<OptError> {
+        use OptError::*;
+        [
+            Unsup,
+            Policy,
+            Invalid,
+            Platform,
+            TlsReqd,
+            Unknown,
+            Shutdown,
+            BlockSizeReqd,
+            TooBig,
+            ExtHeaderReqd,
+        ]
+        .into_iter()
+        .find(|e| *e as u32 == code)
+    }
+
+    /// The spec's name without its `NBD_REP_` prefix, e.g. `ERR_UNKNOWN`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptError::Unsup => "ERR_UNSUP",
+            OptError::Policy => "ERR_POLICY",
+            OptError::Invalid => "ERR_INVALID",
+            OptError::Platform => "ERR_PLATFORM",
+            OptError::TlsReqd => "ERR_TLS_REQD",
+            OptError::Unknown => "ERR_UNKNOWN",
+            OptError::Shutdown => "ERR_SHUTDOWN",
+            OptError::BlockSizeReqd => "ERR_BLOCK_SIZE_REQD",
+            OptError::TooBig => "ERR_TOO_BIG",
+            OptError::ExtHeaderReqd => "ERR_EXT_HEADER_REQD",
+        }
+    }
+}
+
 /// Info types carried by `REP_INFO` and requested by INFO/GO.
 pub const INFO_EXPORT: u16 = 0;
 pub const INFO_NAME: u16 = 1;
@@ -170,3 +208,20 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Longest string (export name, description, message) accepted or sent.
 pub const MAX_STRING_LEN: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_errors_decode_from_their_codes() {
+        assert_eq!(OptError::from_code(0x8000_0006), Some(OptError::Unknown));
+        assert_eq!(
+            OptError::from_code(0x8000_000A),
+            Some(OptError::ExtHeaderReqd)
+        );
+        assert_eq!(OptError::from_code(0x8000_000B), None);
+        assert_eq!(OptError::from_code(1), None);
+        assert_eq!(OptError::TlsReqd.name(), "ERR_TLS_REQD");
+    }
+}

@@ -1,0 +1,454 @@
+//! The client's side of the fixed-newstyle handshake, on one [`Stream`](crate::transport::Stream).
+//!
+//! Order of options, each answered before the next is sent:
+//! 1. `EXTENDED_HEADERS` (when [`Replies::Extended`] is wanted), else
+//!    `STRUCTURED_REPLY` (when at least [`Replies::Structured`] is): a
+//!    refusal just means the older framing;
+//! 2. `SET_META_CONTEXT base:allocation` once replies are structured (block
+//!    status needs them), so [`ExportInfo::base_allocation`] says whether
+//!    extents can be asked for;
+//! 3. `GO` with an `INFO_BLOCK_SIZE` request; a server too old for GO
+//!    (`ERR_UNSUP`) gets `EXPORT_NAME` instead. Any other error reply is
+//!    [`Error::Refused`], naming the export.
+//!
+//! Every message is encoded and decoded with `scratchd_proto`'s types, the
+//! same ones the server uses: one codec, two roles.
+
+use std::io::{self, Read, Write};
+
+use scratchd_proto::codec::{Codec, Reader};
+use scratchd_proto::consts::*;
+use scratchd_proto::handshake::{
+    ClientFlags, ExportNameReply, Greeting, HandshakeError, OptionReplyHeader,
+    EXPORT_NAME_REPLY_LEN, EXPORT_NAME_REPLY_ZEROES, GREETING_LEN, MAX_OPTION_DRAIN,
+    OPTION_REPLY_HEADER_LEN,
+};
+use scratchd_proto::negotiation::{BlockSize, ReplyMode};
+use scratchd_proto::options::{
+    InfoReply, InfoRequest, MetaContextRequest, OptionReplyBody, OptionRequest,
+};
+use scratchd_proto::request::MAX_PAYLOAD;
+use scratchd_proto::TransmissionFlags;
+use tracing::debug;
+
+use crate::error::Error;
+
+/// The richest reply framing a connection asks for; the server may grant
+/// less. The kernel's nbd driver speaks only [`Replies::Simple`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Replies {
+    /// Simple replies only: no holes, no block status.
+    Simple,
+    /// Structured replies (holes in reads, errors with messages, block status).
+    Structured,
+    /// Extended headers (64-bit lengths), else structured replies.
+    #[default]
+    Extended,
+}
+
+/// What the handshake learnt about the export and the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// The name asked for ("" is the default export).
+    pub name: String,
+    pub size: u64,
+    pub flags: TransmissionFlags,
+    /// Block size constraints, when the server advertised them.
+    pub block_size: Option<BlockSize>,
+    /// The reply framing in force.
+    pub mode: ReplyMode,
+    /// The id the server gave `base:allocation`, when it was selected.
+    pub base_allocation: Option<u32>,
+}
+
+impl ExportInfo {
+    /// The largest READ or WRITE payload to send in one request: the
+    /// server's maximum block size, or the spec's 32 MiB default, and never
+    /// more than 32 MiB (the buffers a reply may need).
+    pub fn max_payload(&self) -> u32 {
+        match self.block_size {
+            Some(b) if b.max > 0 => b.max.min(MAX_PAYLOAD),
+            _ => MAX_PAYLOAD,
+        }
+    }
+
+    pub fn has(&self, flag: u16) -> bool {
+        self.flags.contains(flag)
+    }
+
+    /// Whether several connections may be opened to this export.
+    pub fn multi_conn(&self) -> bool {
+        self.has(TransmissionFlags::CAN_MULTI_CONN)
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.has(TransmissionFlags::READ_ONLY)
+    }
+}
+
+/// Runs the handshake for `export` on `io`; `address` names the server in
+/// errors. Leaves `io` at the start of transmission.
+pub(crate) fn negotiate(
+    io: &mut dyn ReadWrite,
+    address: &str,
+    export: &str,
+    want: Replies,
+    block_status: bool,
+) -> Result<ExportInfo, Error> {
+    let mut n = Negotiation {
+        io,
+        address,
+        export,
+    };
+    let greeting = n.greeting()?;
+    if greeting.flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(n.protocol("server does not offer fixed newstyle negotiation"));
+    }
+    let no_zeroes = greeting.flags & FLAG_NO_ZEROES != 0;
+    n.send(&ClientFlags { no_zeroes }.to_bytes())?;
+    let mut mode = ReplyMode::Simple;
+    if want >= Replies::Extended && n.toggle(OptionRequest::ExtendedHeaders)? {
+        mode = ReplyMode::Extended;
+    }
+    if mode == ReplyMode::Simple
+        && want >= Replies::Structured
+        && n.toggle(OptionRequest::StructuredReply)?
+    {
+        mode = ReplyMode::Structured;
+    }
+    let base_allocation = match mode {
+        ReplyMode::Simple => None,
+        _ if !block_status => None,
+        _ => n.select_base_allocation()?,
+    };
+    let (size, flags, block_size) = match n.go()? {
+        Some(found) => found,
+        // EXPORT_NAME is forbidden with extended headers, and a server
+        // that has them has GO.
+        None if mode == ReplyMode::Extended => {
+            return Err(n.protocol("GO refused as unsupported after EXTENDED_HEADERS"))
+        }
+        None => n.export_name(no_zeroes)?,
+    };
+    debug!(address, export, size, flags = flags.0, ?mode, "negotiated");
+    Ok(ExportInfo {
+        name: export.to_owned(),
+        size,
+        flags,
+        block_size,
+        mode,
+        base_allocation,
+    })
+}
+
+/// `Read + Write` as one object-safe trait, so the handshake runs over any
+/// stream (a plain socket today, a TLS session later).
+pub(crate) trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+struct Negotiation<'a> {
+    io: &'a mut dyn ReadWrite,
+    address: &'a str,
+    export: &'a str,
+}
+
+/// What GO gives: size, flags, block sizes.
+type Found = (u64, TransmissionFlags, Option<BlockSize>);
+
+impl Negotiation<'_> {
+    fn io_error(&self, source: io::Error) -> Error {
+        Error::Io {
+            address: self.address.to_owned(),
+            source,
+        }
+    }
+
+    fn protocol(&self, reason: impl Into<String>) -> Error {
+        Error::Protocol {
+            address: self.address.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    fn bad_message(&self, source: impl Into<HandshakeError>) -> Error {
+        Error::Handshake {
+            address: self.address.to_owned(),
+            source: source.into(),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.io.write_all(bytes).map_err(|e| self.io_error(e))
+    }
+
+    fn receive(&mut self, len: usize) -> Result<Vec<u8>, Error> {
+        let mut buf = vec![0; len];
+        self.io.read_exact(&mut buf).map_err(|e| self.io_error(e))?;
+        Ok(buf)
+    }
+
+    fn greeting(&mut self) -> Result<Greeting, Error> {
+        let raw = self.receive(GREETING_LEN)?;
+        Greeting::from_bytes(&raw).map_err(|e| self.bad_message(e))
+    }
+
+    fn request(&mut self, request: &OptionRequest) -> Result<(), Error> {
+        self.send(&request.to_bytes())
+    }
+
+    /// Reads one reply to `option`.
+    fn reply(&mut self, option: u32) -> Result<OptionReplyBody, Error> {
+        let raw = self.receive(OPTION_REPLY_HEADER_LEN)?;
+        let header = OptionReplyHeader::from_bytes(&raw).map_err(|e| self.bad_message(e))?;
+        if header.option != option {
+            return Err(self.protocol(format!(
+                "reply to option {} while option {option} was pending",
+                header.option
+            )));
+        }
+        if header.len > MAX_OPTION_DRAIN {
+            return Err(self.protocol(format!("option reply of {} bytes", header.len)));
+        }
+        let payload = self.receive(header.len as usize)?;
+        OptionReplyBody::decode(header.reply_type, &mut Reader::new(&payload))
+            .map_err(|e| self.bad_message(e))
+    }
+
+    /// Sends an option that is either acknowledged or refused; returns
+    /// whether it was acknowledged.
+    fn toggle(&mut self, request: OptionRequest) -> Result<bool, Error> {
+        let option = request.option();
+        self.request(&request)?;
+        match self.reply(option)? {
+            OptionReplyBody::Ack => Ok(true),
+            OptionReplyBody::Error { code, message } => {
+                debug!(option, code, message, "option refused");
+                Ok(false)
+            }
+            other => Err(self.protocol(format!("unexpected reply {other:?} to option {option}"))),
+        }
+    }
+
+    fn select_base_allocation(&mut self) -> Result<Option<u32>, Error> {
+        self.request(&OptionRequest::SetMetaContext(MetaContextRequest {
+            export: self.export.to_owned(),
+            queries: vec![BASE_ALLOCATION.to_owned()],
+        }))?;
+        let mut id = None;
+        loop {
+            match self.reply(OPT_SET_META_CONTEXT)? {
+                OptionReplyBody::MetaContext { id: i, name } if name == BASE_ALLOCATION => {
+                    id = Some(i)
+                }
+                OptionReplyBody::MetaContext { .. } => {}
+                OptionReplyBody::Ack => return Ok(id),
+                OptionReplyBody::Error { code, message } => {
+                    debug!(code, message, "SET_META_CONTEXT refused");
+                    return Ok(None);
+                }
+                other => {
+                    return Err(self.protocol(format!("unexpected {other:?} to SET_META_CONTEXT")))
+                }
+            }
+        }
+    }
+
+    /// GO; `None` when the server does not know the option.
+    fn go(&mut self) -> Result<Option<Found>, Error> {
+        self.request(&OptionRequest::Go(InfoRequest {
+            name: self.export.to_owned(),
+            info_requests: vec![INFO_BLOCK_SIZE],
+        }))?;
+        let mut export = None;
+        let mut block_size = None;
+        loop {
+            match self.reply(OPT_GO)? {
+                OptionReplyBody::Info(InfoReply::Export { size, flags }) => {
+                    export = Some((size, flags))
+                }
+                OptionReplyBody::Info(InfoReply::BlockSize(b)) => block_size = Some(b),
+                OptionReplyBody::Info(_) => {}
+                OptionReplyBody::Ack => break,
+                OptionReplyBody::Error { code, .. } if code == OptError::Unsup as u32 => {
+                    return Ok(None)
+                }
+                OptionReplyBody::Error { code, message } => {
+                    return Err(Error::Refused {
+                        address: self.address.to_owned(),
+                        export: self.export.to_owned(),
+                        option: "GO",
+                        code,
+                        message,
+                    })
+                }
+                other => return Err(self.protocol(format!("unexpected {other:?} to GO"))),
+            }
+        }
+        match export {
+            Some((size, flags)) => Ok(Some((size, flags, block_size))),
+            None => Err(self.protocol("GO acknowledged without NBD_INFO_EXPORT")),
+        }
+    }
+
+    /// The pre-GO way in: no reply header, and a refusal is a hang-up.
+    fn export_name(&mut self, no_zeroes: bool) -> Result<Found, Error> {
+        self.request(&OptionRequest::ExportName(self.export.to_owned()))?;
+        let len = EXPORT_NAME_REPLY_LEN
+            + if no_zeroes {
+                0
+            } else {
+                EXPORT_NAME_REPLY_ZEROES
+            };
+        let raw = self.receive(len)?;
+        let reply = ExportNameReply::decode(&mut Reader::new(&raw), no_zeroes)
+            .map_err(|e| self.bad_message(e))?;
+        Ok((reply.size, reply.flags, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scratchd_proto::handshake::put_option_error;
+    use scratchd_proto::options::OptionReply;
+
+    /// A scripted server: what it sends is fixed up front, what the client
+    /// sends is recorded.
+    struct Script {
+        input: io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Script {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn reply(option: u32, body: OptionReplyBody, out: &mut Vec<u8>) {
+        OptionReply { option, body }.encode(out);
+    }
+
+    fn export(size: u64) -> OptionReplyBody {
+        OptionReplyBody::Info(InfoReply::Export {
+            size,
+            flags: TransmissionFlags(TransmissionFlags::HAS_FLAGS),
+        })
+    }
+
+    fn run(server: Vec<u8>, want: Replies) -> (Result<ExportInfo, Error>, Vec<u8>) {
+        let mut s = Script {
+            input: io::Cursor::new(server),
+            output: Vec::new(),
+        };
+        let r = negotiate(&mut s, "test", "disk", want, true);
+        (r, s.output)
+    }
+
+    fn greeting(flags: u16) -> Vec<u8> {
+        Greeting { flags }.to_bytes()
+    }
+
+    #[test]
+    fn old_servers_get_structured_replies_and_export_name() {
+        let mut server = greeting(FLAG_FIXED_NEWSTYLE);
+        put_option_error(&mut server, OPT_EXTENDED_HEADERS, OptError::Unsup, "");
+        reply(OPT_STRUCTURED_REPLY, OptionReplyBody::Ack, &mut server);
+        put_option_error(&mut server, OPT_SET_META_CONTEXT, OptError::Unsup, "");
+        put_option_error(&mut server, OPT_GO, OptError::Unsup, "");
+        ExportNameReply {
+            size: 1 << 20,
+            flags: TransmissionFlags(1),
+        }
+        .encode(false, &mut server);
+        let (info, sent) = run(server, Replies::Extended);
+        let info = info.unwrap();
+        assert_eq!(info.mode, ReplyMode::Structured);
+        assert_eq!((info.size, info.base_allocation), (1 << 20, None));
+        // Client flags without NO_ZEROES, which was not offered; the last
+        // request is EXPORT_NAME "disk".
+        assert_eq!(&sent[..4], &[0, 0, 0, 1]);
+        assert!(sent.ends_with(b"IHAVEOPT\0\0\0\x01\0\0\0\x04disk"));
+    }
+
+    #[test]
+    fn simple_replies_ask_for_nothing_but_go() {
+        let mut server = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        reply(OPT_GO, export(4096), &mut server);
+        reply(
+            OPT_GO,
+            OptionReplyBody::Info(InfoReply::BlockSize(BlockSize {
+                min: 1,
+                preferred: 4096,
+                max: 1 << 20,
+            })),
+            &mut server,
+        );
+        reply(OPT_GO, OptionReplyBody::Ack, &mut server);
+        let (info, sent) = run(server, Replies::Simple);
+        let info = info.unwrap();
+        assert_eq!(info.mode, ReplyMode::Simple);
+        assert_eq!(info.max_payload(), 1 << 20);
+        let go = OptionRequest::Go(InfoRequest {
+            name: "disk".into(),
+            info_requests: vec![INFO_BLOCK_SIZE],
+        });
+        assert_eq!(sent, [&[0, 0, 0, 3][..], &go.to_bytes()].concat());
+    }
+
+    #[test]
+    fn refusals_name_the_export() {
+        let mut server = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        reply(OPT_EXTENDED_HEADERS, OptionReplyBody::Ack, &mut server);
+        reply(
+            OPT_SET_META_CONTEXT,
+            OptionReplyBody::MetaContext {
+                id: 7,
+                name: BASE_ALLOCATION.into(),
+            },
+            &mut server,
+        );
+        reply(OPT_SET_META_CONTEXT, OptionReplyBody::Ack, &mut server);
+        put_option_error(&mut server, OPT_GO, OptError::Unknown, "no such export");
+        let err = run(server, Replies::Extended).0.unwrap_err();
+        assert_eq!(err.refusal(), Some(OptError::Unknown));
+        assert!(err.to_string().contains("\"disk\""), "{err}");
+        assert!(err.to_string().contains("no such export"), "{err}");
+    }
+
+    #[test]
+    fn misbehaving_servers_are_reported() {
+        let (r, _) = run(b"NOTNBD-AT-ALL-----".to_vec(), Replies::Simple);
+        assert!(matches!(r, Err(Error::Handshake { .. })), "{r:?}");
+        let (r, _) = run(greeting(0), Replies::Simple);
+        assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
+        // A reply to another option.
+        let mut server = greeting(FLAG_FIXED_NEWSTYLE);
+        reply(OPT_LIST, OptionReplyBody::Ack, &mut server);
+        let (r, _) = run(server, Replies::Simple);
+        assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
+        // GO acknowledged without the export's size.
+        let mut server = greeting(FLAG_FIXED_NEWSTYLE);
+        reply(OPT_GO, OptionReplyBody::Ack, &mut server);
+        let (r, _) = run(server, Replies::Simple);
+        assert!(r.unwrap_err().to_string().contains("NBD_INFO_EXPORT"));
+        // The server hangs up mid-handshake.
+        let (r, _) = run(greeting(FLAG_FIXED_NEWSTYLE), Replies::Simple);
+        match r {
+            Err(Error::Io { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
