@@ -5,7 +5,10 @@
 //! 1. a private mount namespace ([`scratchd_attach::ns`]): every mount of the
 //!    run is invisible to the host and dies with the run, even after
 //!    `kill -9`;
-//! 2. the disk: a scratch disk of this process's own (the tmpdisk machinery
+//! 2. the disk: with `--server URI`, the export `--name` (or a fresh name)
+//!    on that server, reached by our NBD client over `--connections`
+//!    connections (the server creates and formats it: a tmpdisk export);
+//!    without, a scratch disk of this process's own (the tmpdisk machinery
 //!    and budgets of `scratchd serve`, no socket in between);
 //! 3. the disk as a FUSE file, served by threads that call it directly;
 //! 4. a loop device on that file, in direct-I/O mode, detached by the kernel
@@ -53,6 +56,12 @@ const EXIT_FAILED: i32 = 125;
 
 #[derive(Args)]
 pub struct RunArgs {
+    /// Use a disk on this NBD server (nbd://HOST[:PORT] or
+    /// nbd+unix:///?socket=PATH; the export is --name or a fresh name)
+    /// instead of a private one; --size, --type and -o are then the
+    /// server's business.
+    #[arg(long, value_name = "URI")]
+    server: Option<String>,
     /// Size of the scratch disk (sparse: unused space costs nothing).
     #[arg(long, value_name = "SIZE", default_value = "20G")]
     size: String,
@@ -71,7 +80,8 @@ pub struct RunArgs {
     /// Mount options.
     #[arg(long, value_name = "OPTS", default_value = "noatime")]
     mount_options: String,
-    /// Threads serving the disk's FUSE file.
+    /// Connections to the server (when it allows several), and threads
+    /// serving the disk's FUSE file.
     #[arg(long, value_name = "N", default_value_t = 4)]
     connections: usize,
     /// How the disk becomes a block device: fuse (a FUSE file and a loop
@@ -104,6 +114,10 @@ enum RunError {
     Backend(#[from] BackendError),
     #[error("cannot create scratch disk {name:?}: {reason}")]
     Disk { name: String, reason: String },
+    #[error(transparent)]
+    Server(#[from] scratchd_client::Error),
+    #[error("cannot read the disk: {0}")]
+    Probe(#[source] io::Error),
     #[error("cannot make a directory for the mount: {0}")]
     TempDir(#[source] io::Error),
     #[error("cannot mount the disk's FUSE file: {0}")]
@@ -154,13 +168,13 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
     let started = Instant::now();
     let mut watchdog = Watchdog::start()?;
     let name = args.name.clone().unwrap_or_else(random_name);
-    let export = open_local_disk(args, &name)?;
+    let disk = open_disk(args, &name)?;
     sweep_stale_work_dirs();
     let work = tempfile::Builder::new()
         .prefix(&format!("{WORK_PREFIX}{}.", std::process::id()))
         .tempdir()
         .map_err(RunError::TempDir)?;
-    let attached = Attached::attach(export.device.clone(), work.path(), args, &mut watchdog)?;
+    let attached = Attached::attach(disk.device(), work.path(), args, &mut watchdog)?;
     info!(
         export = %name,
         device = %attached.device.path().display(),
@@ -173,9 +187,63 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
     let stopping = Instant::now();
     attached.detach();
     watchdog.done();
-    drop(export);
+    disk.close();
     debug!(took = ?stopping.elapsed(), "scratch disk detached");
     status
+}
+
+/// The disk of a run.
+enum Disk {
+    /// The run's own, held open in its registry.
+    Local(OpenExport),
+    /// An export on a server.
+    Remote(Arc<scratchd_client::Client>),
+}
+
+impl Disk {
+    fn device(&self) -> Arc<dyn BlockDevice> {
+        match self {
+            Disk::Local(export) => export.device.clone(),
+            Disk::Remote(client) => client.clone(),
+        }
+    }
+
+    /// Lets the disk go: a local one is destroyed; a remote one is
+    /// disconnected cleanly, and the server destroys it after its last
+    /// connection (and linger).
+    fn close(self) {
+        match self {
+            Disk::Local(export) => drop(export),
+            Disk::Remote(client) => match Arc::try_unwrap(client) {
+                Ok(client) => {
+                    if let Err(e) = client.close() {
+                        warn!(error = %e, "disconnecting from the server");
+                    }
+                }
+                Err(client) => drop(client),
+            },
+        }
+    }
+}
+
+fn open_disk(args: &RunArgs, name: &str) -> Result<Disk, RunError> {
+    let Some(uri) = &args.server else {
+        return Ok(Disk::Local(open_local_disk(args, name)?));
+    };
+    let mut target = scratchd_client::Target::parse(uri).map_err(scratchd_client::Error::from)?;
+    target.export = name.to_owned();
+    let options = scratchd_client::Options {
+        connections: args.connections.max(1),
+        ..Default::default()
+    };
+    let client = scratchd_client::Client::connect_with(&target, &options)?;
+    info!(
+        server = %target,
+        connections = client.connection_count(),
+        size = client.size(),
+        "connected"
+    );
+    Ok(Disk::Remote(Arc::new(client)))
 }
 
 /// Creates the run's own scratch disk with the tmpdisk machinery.
@@ -284,19 +352,20 @@ impl Attached {
             std::fs::create_dir(dir).map_err(RunError::TempDir)?;
         }
         let read_only = device.capabilities().read_only;
+        let block_size = logical_block_size(device.as_ref()).map_err(RunError::Probe)?;
         let fuse = FuseFile::mount(device, &fuse_dir, args.connections).map_err(RunError::Fuse)?;
         watchdog
             .watch(fuse.connection().map_err(RunError::Fuse)?)
             .map_err(RunError::Watchdog)?;
-        let loopdev = LoopDevice::attach(fuse.path(), read_only, logical_block_size(&args.fs_type))
-            .map_err(RunError::Loop)?;
+        let loopdev =
+            LoopDevice::attach(fuse.path(), read_only, block_size).map_err(RunError::Loop)?;
         let mut attached = Attached {
             mount: args.mount.clone().unwrap_or(default_mount),
             mounted: false,
             device: loopdev,
             fuse: Some(fuse),
         };
-        if args.fs_type != "none" {
+        if args.server.is_some() || args.fs_type != "none" {
             ns::mount(attached.device.path(), &attached.mount, &args.mount_options)?;
             attached.mounted = true;
             // The mount holds the loop device now; ours would keep it
@@ -395,15 +464,45 @@ pub fn watchdog_main() -> i32 {
     0
 }
 
-/// The loop device's logical block size: the disk's preferred 4096 where
-/// the file system was made with 4 KiB blocks and sectors regardless of the
-/// device (ext4, btrfs, none), else 512, which every mkfs accepts (xfs
-/// refuses to mount on a device whose sectors are larger than its own).
-fn logical_block_size(fs_type: &str) -> u32 {
-    match fs_type {
-        "ext4" | "ext3" | "ext2" | "btrfs" | "none" => 4096,
-        _ => 512,
+/// The loop device's logical block size: the disk's preferred 4096 unless
+/// the file system on it was made for smaller sectors (an ext2/3/4 with
+/// 1 or 2 KiB blocks, an xfs with 512-byte sectors), which will not mount
+/// on a device whose sectors are larger than its own.
+fn logical_block_size(device: &dyn BlockDevice) -> io::Result<u32> {
+    let mut head = vec![0u8; 2048.min(device.size() as usize)];
+    device.read(0, &mut head)?;
+    Ok(filesystem_sector_limit(&head)
+        .unwrap_or(4096)
+        .clamp(512, 4096))
+}
+
+/// The largest sector size the file system whose first bytes are `head`
+/// mounts on, if it is one that cares.
+fn filesystem_sector_limit(head: &[u8]) -> Option<u32> {
+    let be16 = |at: usize| {
+        head.get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    let le16 = |at: usize| {
+        head.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let le32 = |at: usize| {
+        head.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if head.starts_with(b"XFSB") {
+        // sb_sectsize, big-endian, at byte 102 of the superblock.
+        return be16(102).map(u32::from);
     }
+    // ext2/3/4: magic 0xEF53 at 56 in the superblock at 1024, block size
+    // 1024 << s_log_block_size at 24.
+    if le16(1024 + 56) == Some(0xEF53) {
+        return le32(1024 + 24)
+            .filter(|&log| log <= 6)
+            .map(|log| 1024 << log);
+    }
+    None
 }
 
 /// Runs the command on the mounted disk, passing on the signals that would
@@ -458,4 +557,34 @@ fn exit_code(status: ExitStatus) -> i32 {
     status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sector_limits_come_from_the_superblock() {
+        let mut ext = vec![0u8; 2048];
+        ext[1024 + 56..1024 + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
+        ext[1024 + 24] = 2; // 4096-byte blocks
+        assert_eq!(filesystem_sector_limit(&ext), Some(4096));
+        ext[1024 + 24] = 0; // 1024-byte blocks
+        assert_eq!(filesystem_sector_limit(&ext), Some(1024));
+        let mut xfs = vec![0u8; 2048];
+        xfs[..4].copy_from_slice(b"XFSB");
+        xfs[102..104].copy_from_slice(&512u16.to_be_bytes());
+        assert_eq!(filesystem_sector_limit(&xfs), Some(512));
+        assert_eq!(filesystem_sector_limit(&[0u8; 2048]), None);
+        assert_eq!(filesystem_sector_limit(&[0u8; 10]), None);
+    }
+
+    #[test]
+    fn random_names_carry_128_bits() {
+        let (a, b) = (random_name(), random_name());
+        assert_ne!(a, b);
+        let hex = a.strip_prefix("run-").unwrap();
+        assert_eq!(hex.len(), 32);
+        assert!(hex.chars().all(|c| c.is_ascii_hexdigit()));
+    }
 }

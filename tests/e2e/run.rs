@@ -175,3 +175,69 @@ fn kill_9_of_a_run_leaves_nothing() {
     assert_eq!(code, 0);
     assert_eq!(leftovers(&work), Vec::<String>::new());
 }
+
+/// With `--server`, the disk is a tmpdisk export of a `scratchd serve`,
+/// reached by our client over four connections; the run names it.
+#[test]
+fn a_run_on_a_server_disk() {
+    if skip("a_run_on_a_server_disk") {
+        return;
+    }
+    let server = crate::util::Server::start(&["tmpdisk", "size=256M"]);
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    let script = r#"
+        set -e
+        echo "$SCRATCHD_MOUNT"
+        echo "$SCRATCHD_EXPORT"
+        head -c 2000000 /dev/urandom > "$SCRATCHD_MOUNT/data"
+        sha256sum < "$SCRATCHD_MOUNT/data" > "$SCRATCHD_MOUNT/sum"
+        sync
+        dd if="$SCRATCHD_MOUNT/data" iflag=direct bs=1M status=none | sha256sum | cmp - "$SCRATCHD_MOUNT/sum"
+    "#;
+    let (code, out) = run_status(&mut scratchd_run(
+        &["--server", &uri, "--name", "build-remote-1"],
+        script,
+    ));
+    let text = stdout(&out);
+    assert_eq!(code, 0, "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let mut lines = text.lines();
+    let work = work_dir(lines.next().unwrap());
+    assert_eq!(lines.next(), Some("build-remote-1"));
+    assert_eq!(leftovers(&work), Vec::<String>::new());
+}
+
+/// A server that goes away mid-build turns into I/O errors for the build,
+/// never a hang, and the run still cleans up.
+#[test]
+fn a_server_that_dies_mid_run_fails_the_build_not_the_host() {
+    if skip("a_server_that_dies_mid_run_fails_the_build_not_the_host") {
+        return;
+    }
+    let mut server = crate::util::Server::start(&["tmpdisk", "size=256M"]);
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    let script = r#"
+        echo "$SCRATCHD_MOUNT"
+        while [ ! -e "$SCRATCHD_MOUNT/../go" ]; do sleep 0.05; done
+        dd if=/dev/urandom of="$SCRATCHD_MOUNT/f" bs=1M count=8 oflag=direct status=none
+        echo "dd=$?"
+    "#;
+    let mut run = scratchd_run(&["--server", &uri], script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let work = work_dir(&line);
+    server.signal("KILL");
+    std::fs::write(work.join("go"), "").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = run.wait().unwrap();
+    assert!(
+        rest.contains("dd=1"),
+        "the write on a dead server succeeded: {rest}"
+    );
+    assert!(status.success(), "{status}");
+    assert_eq!(leftovers(&work), Vec::<String>::new());
+}
