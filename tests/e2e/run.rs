@@ -213,7 +213,7 @@ fn a_server_that_dies_mid_run_fails_the_build_not_the_host() {
     if skip("a_server_that_dies_mid_run_fails_the_build_not_the_host") {
         return;
     }
-    let mut server = crate::util::Server::start(&["tmpdisk", "size=256M"]);
+    let server = crate::util::Server::start(&["tmpdisk", "size=256M"]);
     let uri = format!("nbd+unix:///?socket={}", server.sock.display());
     let script = r#"
         echo "$SCRATCHD_MOUNT"
