@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
+use scratchd_server::tls::{TlsConfig, TlsMode};
 use scratchd_server::{
     shutdown::Shutdown, workers::WorkerPool, ConnectionLimit, Exports, Listener, ServerContext,
     SingleExport, Transport,
@@ -78,6 +79,17 @@ pub struct ServeArgs {
     /// Worker threads for backends that may block (file; tmpdisk with dir: or spill=).
     #[arg(long, value_name = "N", default_value_t = 16)]
     threads: usize,
+    /// TLS: off (STARTTLS refused), on (offered), require (nothing but
+    /// STARTTLS before TLS is up).
+    #[arg(long, value_name = "MODE", default_value = "off", value_parser = ["off", "on", "require"])]
+    tls: String,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (the
+    /// layout of nbdkit and qemu).
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// Require a client certificate signed by the directory's ca-cert.pem.
+    #[arg(long)]
+    tls_verify_peer: bool,
     /// Cut off a client that reads none of its replies for this long while
     /// some are waiting for it (its queued replies are dropped).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_reply_timeout)]
@@ -146,6 +158,14 @@ pub fn main(args: ServeArgs) -> i32 {
         Err(e) => return fail(format!("cannot start worker threads: {e}")),
     };
     raise_open_file_limit();
+    let tls = match tls_config(&args) {
+        Ok(t) => t,
+        Err(TlsSetupError::Usage(m)) => {
+            eprintln!("scratchd: {m}");
+            return EXIT_USAGE;
+        }
+        Err(e) => return fail(e),
+    };
     let ctx = Arc::new(ServerContext {
         exports,
         workers,
@@ -154,6 +174,7 @@ pub fn main(args: ServeArgs) -> i32 {
             (args.max_connections > 0).then_some(args.max_connections),
         ),
         reply_timeout: args.reply_timeout,
+        tls,
     });
     if args.exit_with_parent {
         if let Err(e) = exit_with_parent() {
@@ -455,4 +476,35 @@ fn parse_reply_timeout(text: &str) -> Result<std::time::Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Why `--tls` could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum TlsSetupError {
+    #[error("{0}")]
+    Usage(&'static str),
+    #[error("--tls-certificates: {0}")]
+    Load(#[from] scratchd_server::tls::TlsConfigError),
+}
+
+fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, TlsSetupError> {
+    let mode = match args.tls.as_str() {
+        "on" => TlsMode::On,
+        "require" => TlsMode::Require,
+        _ => {
+            if args.tls_certificates.is_some() || args.tls_verify_peer {
+                return Err(TlsSetupError::Usage(
+                    "--tls-certificates and --tls-verify-peer need --tls=on or --tls=require",
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    let dir = args
+        .tls_certificates
+        .as_deref()
+        .ok_or(TlsSetupError::Usage(
+            "--tls=on|require needs --tls-certificates DIR",
+        ))?;
+    Ok(Some(TlsConfig::load(dir, mode, args.tls_verify_peer)?))
 }

@@ -20,6 +20,7 @@ mod qemu;
 mod run;
 mod shutdown;
 mod stuck;
+mod tls;
 mod tmpdisk;
 mod util;
 mod wire;

@@ -105,6 +105,22 @@ pub enum Step {
     /// Open the named export (creating it if need be) and pass the result to
     /// [`Negotiator::finish_open`].
     Open { name: String, via: OpenVia },
+    /// Send the output (STARTTLS's ACK), run the TLS handshake, then call
+    /// [`Negotiator::tls_started`] and read the next option over TLS.
+    StartTls,
+}
+
+/// Whether the server offers TLS (`--tls`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// STARTTLS is refused (`ERR_POLICY`).
+    #[default]
+    Off,
+    /// Clients may start TLS, or not.
+    On,
+    /// Every option but STARTTLS and ABORT is refused with `ERR_TLS_REQD`
+    /// (EXPORT_NAME, which has no error reply, closes) until TLS is up.
+    Require,
 }
 
 /// Result of [`Negotiator::finish_open`].
@@ -130,14 +146,31 @@ pub struct Negotiator {
     extended: bool,
     /// Export name for which `base:allocation` was selected, if any.
     meta_for: Option<String>,
+    tls: TlsPolicy,
+    /// TLS is up on this connection.
+    tls_active: bool,
 }
 
 impl Negotiator {
     pub fn new(no_zeroes: bool) -> Self {
+        Self::with_tls(no_zeroes, TlsPolicy::Off)
+    }
+
+    pub fn with_tls(no_zeroes: bool, tls: TlsPolicy) -> Self {
         Negotiator {
             no_zeroes,
+            tls,
             ..Default::default()
         }
+    }
+
+    /// TLS is up: everything negotiated before it is forgotten, as the spec
+    /// demands (a man in the middle may have chosen it).
+    pub fn tls_started(&mut self) {
+        self.structured = false;
+        self.extended = false;
+        self.meta_for = None;
+        self.tls_active = true;
     }
 
     fn reply_mode(&self) -> ReplyMode {
@@ -158,6 +191,19 @@ impl Negotiator {
         catalog: &dyn Catalog,
         out: &mut Vec<u8>,
     ) -> Step {
+        let tls_missing = self.tls == TlsPolicy::Require && !self.tls_active;
+        if tls_missing && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                return Step::Close;
+            }
+            put_option_error(
+                out,
+                option,
+                OptError::TlsReqd,
+                "TLS is required: send NBD_OPT_STARTTLS first",
+            );
+            return Step::Continue;
+        }
         match option {
             OPT_EXPORT_NAME => self.export_name(payload),
             OPT_ABORT => {
@@ -178,15 +224,7 @@ impl Negotiator {
                 ack(out, option);
                 Step::Continue
             }
-            OPT_STARTTLS => {
-                put_option_error(
-                    out,
-                    option,
-                    OptError::Policy,
-                    "TLS is not enabled on this server",
-                );
-                Step::Continue
-            }
+            OPT_STARTTLS => self.start_tls(payload, out),
             OPT_INFO | OPT_GO => match InfoRequest::from_bytes(payload) {
                 Err(e) => invalid(out, option, &format!("malformed request: {e}")),
                 Ok(InfoRequest {
@@ -245,6 +283,27 @@ impl Negotiator {
                 Step::Continue
             }
         }
+    }
+
+    fn start_tls(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Step {
+        let option = OPT_STARTTLS;
+        if self.tls == TlsPolicy::Off {
+            put_option_error(
+                out,
+                option,
+                OptError::Policy,
+                "TLS is not enabled on this server",
+            );
+            return Step::Continue;
+        }
+        if !payload.is_empty() {
+            return invalid(out, option, "NBD_OPT_STARTTLS takes no data");
+        }
+        if self.tls_active {
+            return invalid(out, option, "TLS is already on");
+        }
+        ack(out, option);
+        Step::StartTls
     }
 
     fn export_name(&mut self, payload: &[u8]) -> Step {
@@ -622,5 +681,44 @@ mod tests {
         assert_eq!(r[0].1, REP_SERVER);
         assert_eq!(r[0].2, b"\0\0\0\x04diska disk");
         assert_eq!(r[1].1, REP_ACK);
+    }
+
+    #[test]
+    fn required_tls_refuses_everything_but_starttls_and_abort() {
+        let mut n = Negotiator::with_tls(false, TlsPolicy::Require);
+        for opt in [
+            OPT_LIST,
+            OPT_STRUCTURED_REPLY,
+            OPT_EXTENDED_HEADERS,
+            OPT_INFO,
+            OPT_GO,
+        ] {
+            let (step, replies) = handle(&mut n, opt, &[]);
+            assert_eq!(step, Step::Continue);
+            assert_eq!(replies[0].1, OptError::TlsReqd as u32, "option {opt}");
+        }
+        assert_eq!(handle(&mut n, OPT_EXPORT_NAME, b"x").0, Step::Close);
+        let (step, replies) = handle(&mut n, OPT_STARTTLS, &[]);
+        assert_eq!(step, Step::StartTls);
+        assert_eq!(replies[0].1, REP_ACK);
+        n.tls_started();
+        assert_eq!(handle(&mut n, OPT_STRUCTURED_REPLY, &[]).1[0].1, REP_ACK);
+    }
+
+    #[test]
+    fn a_second_starttls_is_invalid_and_tls_forgets_what_came_before() {
+        let mut n = Negotiator::with_tls(false, TlsPolicy::On);
+        assert_eq!(handle(&mut n, OPT_STRUCTURED_REPLY, &[]).1[0].1, REP_ACK);
+        assert_eq!(
+            handle(&mut n, OPT_STARTTLS, b"x").1[0].1,
+            OptError::Invalid as u32
+        );
+        assert_eq!(handle(&mut n, OPT_STARTTLS, &[]).0, Step::StartTls);
+        n.tls_started();
+        assert_eq!(n.reply_mode(), ReplyMode::Simple);
+        assert_eq!(
+            handle(&mut n, OPT_STARTTLS, &[]).1[0].1,
+            OptError::Invalid as u32
+        );
     }
 }

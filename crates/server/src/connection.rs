@@ -17,7 +17,7 @@ use scratchd_proto::consts::OptError;
 use scratchd_proto::handshake::{
     self, ClientFlags, OptionHeader, OptionPayload, OPTION_HEADER_LEN,
 };
-use scratchd_proto::negotiation::{Negotiator, Opened, Session, Step};
+use scratchd_proto::negotiation::{Negotiator, Opened, Session, Step, TlsPolicy};
 use scratchd_proto::reply::{self, ReplyTo};
 use scratchd_proto::request::{self, Command, RequestHeader, RequestPayload};
 use scratchd_proto::{Codec, Errno};
@@ -29,6 +29,7 @@ use crate::export::OpenExport;
 use crate::input::{give_back_vec, Filled, Input, ReadTimeout, INPUT_BUFFER};
 use crate::listener::ServerContext;
 use crate::replies::Replies;
+use crate::tls::TlsMode;
 use crate::transport::{Control, Transport, WriteHalf};
 
 /// A client must send each handshake message within this time (as in
@@ -73,7 +74,7 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     } = transport;
     control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut input = Input::new(reader);
-    let Some((session, export)) = handshake(&mut input, &mut writer, ctx)? else {
+    let Some((session, export)) = handshake(&mut input, &mut writer, &control, ctx)? else {
         return Ok(());
     };
     input.watch_idle(Box::new(control.try_clone()?))?;
@@ -92,13 +93,19 @@ impl ReadTimeout for Control {
 fn handshake(
     input: &mut Input,
     writer: &mut WriteHalf,
+    control: &Control,
     ctx: &ServerContext,
 ) -> io::Result<Option<(Session, OpenExport)>> {
     writer.write_all(&handshake::greeting(), HANDSHAKE_TIMEOUT)?;
     let mut raw = [0u8; 4];
     input.read_exact(&mut raw)?;
     let ClientFlags { no_zeroes } = ClientFlags::from_bytes(&raw).map_err(invalid_data)?;
-    let mut negotiator = Negotiator::new(no_zeroes);
+    let policy = match ctx.tls.as_ref().map(|t| t.mode) {
+        None => TlsPolicy::Off,
+        Some(TlsMode::On) => TlsPolicy::On,
+        Some(TlsMode::Require) => TlsPolicy::Require,
+    };
+    let mut negotiator = Negotiator::with_tls(no_zeroes, policy);
     let mut out = Vec::new();
     let mut payload = Vec::new();
     loop {
@@ -136,6 +143,12 @@ fn handshake(
         let step = negotiator.handle(header.option, &payload, ctx.exports.as_ref(), &mut out);
         let opened = match step {
             Step::Continue => None,
+            Step::StartTls => {
+                writer.write_all(&out, HANDSHAKE_TIMEOUT)?;
+                start_tls(input, writer, control, ctx)?;
+                negotiator.tls_started();
+                continue;
+            }
             Step::Close => {
                 let _ = writer.write_all(&out, HANDSHAKE_TIMEOUT);
                 return Ok(None);
@@ -161,6 +174,33 @@ fn handshake(
             return Ok(opened);
         }
     }
+}
+
+/// Runs the TLS handshake on the connection's socket (STARTTLS was just
+/// acknowledged); from then on both halves go through the TLS session.
+fn start_tls(
+    input: &mut Input,
+    writer: &mut WriteHalf,
+    control: &Control,
+    ctx: &ServerContext,
+) -> io::Result<()> {
+    let tls = ctx
+        .tls
+        .as_ref()
+        .ok_or_else(|| invalid_data("STARTTLS without TLS"))?;
+    // The client may send nothing between STARTTLS and its TLS hello, which
+    // it sends only after our ACK: buffered bytes are a confused client.
+    if !input.buffered().is_empty() {
+        return Err(invalid_data("data after NBD_OPT_STARTTLS"));
+    }
+    let socket = control
+        .socket()
+        .ok_or_else(|| invalid_data("TLS needs a socket"))??;
+    let (reader, tls_writer) = tls.accept(socket)?;
+    input.replace_reader(Box::new(reader));
+    *writer = WriteHalf::Tls(tls_writer);
+    debug!("TLS started");
+    Ok(())
 }
 
 fn invalid_data(e: impl std::fmt::Display) -> io::Error {

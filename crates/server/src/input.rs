@@ -112,6 +112,13 @@ impl Input {
         }
     }
 
+    /// Reads from `reader` from now on (the stream became a TLS session).
+    /// Nothing may be buffered from the old one.
+    pub fn replace_reader(&mut self, reader: Box<dyn Read + Send>) {
+        debug_assert!(self.buffered().is_empty());
+        self.reader = reader;
+    }
+
     /// From now on, a read timeout (set through `timeouts`) means the
     /// client is idle.
     pub fn watch_idle(&mut self, timeouts: Box<dyn ReadTimeout>) -> io::Result<()> {

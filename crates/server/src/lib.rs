@@ -9,6 +9,8 @@
 //!   its reply.
 //! - [`shutdown`]: graceful stop: end reading everywhere, finish in-flight
 //!   requests, wait for connections to close.
+//! - [`tls`]: STARTTLS with rustls: certificates, the shared session
+//!   behind a connection's two halves.
 //! - [`workers`]: the thread pool that runs requests for backends that may
 //!   block, so a slow request never holds up fast ones.
 
@@ -19,6 +21,7 @@ pub mod input;
 pub mod listener;
 pub mod replies;
 pub mod shutdown;
+pub mod tls;
 pub mod transport;
 pub mod workers;
 

@@ -36,6 +36,8 @@ pub struct ServerContext {
     /// A client that reads none of its replies for this long, while some
     /// wait for it, is cut off (see [`crate::replies`]).
     pub reply_timeout: std::time::Duration,
+    /// STARTTLS, when `--tls` is on or required.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// How many connections may be open at once. Each holds a thread and its

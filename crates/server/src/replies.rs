@@ -92,9 +92,16 @@ impl State {
         self.reserved + self.queued_bytes
     }
 
+    /// Whether anything waits to be sent: queued replies, or records a TLS
+    /// transport holds.
+    fn backlog(&self) -> bool {
+        !self.queue.is_empty() || self.writer.pending()
+    }
+
     /// Sends queued replies until the queue is empty or the socket is full
     /// (`WouldBlock`).
     fn send_queued(&mut self) -> io::Result<()> {
+        self.writer.try_flush()?;
         while let Some(front) = self.queue.front_mut() {
             let n = self.writer.try_write(front)?;
             if n == 0 {
@@ -108,7 +115,7 @@ impl State {
                 front.drain(..n);
             }
         }
-        Ok(())
+        self.writer.try_flush()
     }
 
     /// Sends `reply` now as far as the socket takes it, after anything
@@ -235,7 +242,7 @@ impl Replies {
     /// reply has been sent (or dropped, if the client is gone or stalled).
     pub fn wait_idle(&self) {
         let mut st = sync::lock(&self.shared.state);
-        while st.running > 0 || !(st.queue.is_empty() || st.closed) {
+        while st.running > 0 || (st.backlog() && !st.closed) {
             st = sync::wait(&self.shared.changed, st);
         }
     }
@@ -282,7 +289,7 @@ impl Shared {
             self.changed.notify_all();
             return Err(e);
         }
-        if !st.queue.is_empty() && !st.flusher {
+        if st.backlog() && !st.flusher {
             st.flusher = true;
             let shared = self.clone();
             let spawned = thread::Builder::new()
@@ -306,7 +313,7 @@ impl Shared {
             if st.closed {
                 return;
             }
-            if st.queue.is_empty() {
+            if !st.backlog() {
                 st = sync::wait(&self.changed, st);
                 continue;
             }
@@ -323,7 +330,7 @@ impl Shared {
             if st.queued_bytes < before {
                 self.changed.notify_all();
             }
-            if st.queue.is_empty() {
+            if !st.backlog() {
                 continue;
             }
             let waited = st.progress.elapsed();

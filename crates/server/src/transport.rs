@@ -50,6 +50,16 @@ impl Control {
         }
     }
 
+    /// Another descriptor for the socket (for a TLS session); `None` without
+    /// one.
+    pub fn socket(&self) -> Option<io::Result<OwnedFd>> {
+        match self {
+            Control::Unix(s) => Some(s.try_clone().map(OwnedFd::from)),
+            Control::Tcp(s) => Some(s.try_clone().map(OwnedFd::from)),
+            Control::None => None,
+        }
+    }
+
     /// Ends both directions: a client that stopped reading its replies is
     /// cut off, and the connection's thread wakes from any read.
     pub fn cut(&self) {
@@ -142,6 +152,8 @@ pub enum WriteHalf {
     Socket(OwnedFd),
     /// Any other stream (stdout for `-s`), written with blocking writes.
     Stream(Box<dyn Write + Send>),
+    /// A TLS session over a socket, written without ever blocking.
+    Tls(crate::tls::TlsWriter),
 }
 
 impl WriteHalf {
@@ -163,6 +175,24 @@ impl WriteHalf {
                 w.flush()?;
                 Ok(n)
             }
+            WriteHalf::Tls(t) => t.try_write(buf),
+        }
+    }
+
+    /// Sends what an earlier write left inside the transport (TLS records);
+    /// `WouldBlock` when some of it remains.
+    pub fn try_flush(&mut self) -> io::Result<()> {
+        match self {
+            WriteHalf::Tls(t) => t.try_flush(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether an earlier write left bytes inside the transport.
+    pub fn pending(&self) -> bool {
+        match self {
+            WriteHalf::Tls(t) => t.pending(),
+            _ => false,
         }
     }
 
@@ -171,6 +201,7 @@ impl WriteHalf {
     pub fn wait_writable(&self, timeout: Duration) -> io::Result<bool> {
         match self {
             WriteHalf::Socket(fd) => wait_writable(fd.as_fd(), timeout),
+            WriteHalf::Tls(t) => wait_writable(t.socket(), timeout),
             WriteHalf::Stream(_) => Ok(true),
         }
     }
@@ -190,13 +221,23 @@ impl WriteHalf {
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        loop {
+            match self.try_flush() {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !self.wait_writable(stall)? {
+                        return Err(stalled(stall));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
 /// Waits until `fd` can be written, at most `timeout`; false when the time
 /// ran out.
-fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+pub fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
     let mut fds = [rustix::event::PollFd::new(
         &fd,
         rustix::event::PollFlags::OUT,

@@ -76,6 +76,7 @@ impl Scratchd {
             shutdown: Shutdown::default(),
             connections: ConnectionLimit::new(None),
             reply_timeout: Duration::from_secs(30),
+            tls: None,
         });
         let dir = tempfile::tempdir().expect("tempdir");
         let (listener, target) = if self.tcp {

@@ -1,0 +1,503 @@
+#!/usr/bin/env bash
+# Build phases on a disk attached by `scratchd run`, side by side with the
+# ceiling and with nbdkit, in one run: the configurations alternate within
+# each round (the order rotates every round) and medians are printed.
+#
+#   bench/run-workload.sh                       # 3 rounds, every configuration and phase
+#   ROUNDS=1 CONFIGS="ceiling run-local" PHASES="attach extract rm" bench/run-workload.sh
+#
+# Configurations (CONFIGS, default all four, in this order):
+#   ceiling     ext4 on a loop device (buffered) over a sparse 20G image in
+#               /dev/shm, made with scratchd's default mkfs options (ext4
+#               without journal, -b 4096 -m 0, lazy init, nodiscard; see
+#               crates/scratch/src/format.rs), mounted noatime
+#   nbdkit      `nbdkit -f -U SOCK tmpdisk size=20G` (its default mkfs: ext4 WITH
+#               journal), TMPDIR=/dev/shm so its disk is in RAM as ours; attached
+#               as a new user would: `nbdfuse DIR/disk URI`, `losetup --find
+#               --show` (buffered loop), mount -o noatime
+#   run-local   `scratchd run --size 20G -- CMD`: a private disk (a FUSE file
+#               calling the store directly, direct-I/O loop), mounted noatime
+#   run-server  `scratchd serve -U SOCK tmpdisk size=20G` and `scratchd run
+#               --server nbd+unix:///?socket=SOCK -- CMD` (scratchd's NBD client,
+#               4 connections, FUSE, direct-I/O loop)
+#
+# Phases (PHASES, default "attach extract rpm rm"):
+#   attach   run-*: the whole of `scratchd run ... -- true` (attach + mkfs +
+#            mount + detach; the mission's target is < 100 ms); nbdkit:
+#            nbdfuse + losetup + mount + umount + losetup -d + FUSE unmount
+#            (with a running server; its tmpdisk runs mkfs on connect);
+#            ceiling: truncate + mkfs + losetup + mount + umount + losetup -d
+#            + rm. ATTACH_TRIES (default 3) samples per configuration and round.
+#   extract  `tar -xf` of the Linux 6.1 source tree (decompressed once to $TAR,
+#            read once so it is in the page cache) + `sync`
+#   rpm      `rpmbuild --nodeps -ba bench/rpm/hello.spec` (GNU hello from
+#            Debian's orig tarball: configure, make, make check, make install,
+#            packages), _topdir and _tmppath on the disk; the rpmbuild alone
+#   rm       `rm -rf` of the extracted tree + `sync` (needs extract)
+# extract, rpm and rm run in this order on one fresh disk per configuration
+# and round, by the same phase script (this file, `phases` mode: it times
+# each phase with `date +%s.%N` inside the mounted disk and prints
+# `phase NAME SECONDS`); a `sync` (untimed) precedes each phase.
+#
+# Output (stdout): one `result ROUND CONFIG PHASE SECONDS` line per
+# measurement (tab-separated) as they come, then a table: per phase and
+# configuration the median, min and max seconds, the ratio of the median to
+# the ceiling's and to nbdkit's, and the mission's target where it has one
+# (run-local within 5% of the ceiling, run-server within 10%, extract and rm
+# at most 0.75x nbdkit, attach < 100 ms). `total` = extract + rpm + rm of
+# one round. New kernel messages that look like trouble are shown at the end.
+#
+# Other knobs: SCRATCHD (binary; default: target/release/scratchd, built with
+# `cargo build --release --locked` first), TAR (default
+# /var/tmp/linux-source-6.1.tar), SRC_DIR (where hello_*.orig.tar.gz is kept,
+# default /var/tmp), KEEP_LOGS=1 (keep the work directory with every log).
+#
+# Needs root, /dev/fuse and loop devices. Installs what is missing with
+# apt-get: nbdkit, libnbd-bin (nbdfuse), fuse3, e2fsprogs, rpm, gcc, make,
+# xz-utils, linux-source-6.1; for hello's source it adds a deb-src entry
+# (/etc/apt/sources.list.d/scratchd-bench-deb-src.sources, mirroring the
+# system's deb entry) when none exists. Cleans up on every path: mounts, loop
+# devices, FUSE mounts, servers, runs and temporary directories.
+set -euo pipefail
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f\n", b - a }'; }
+
+# ---------------------------------------------------------------------------
+# `phases [MNT]`: the phase script, run with the disk mounted on MNT (default
+# $SCRATCHD_MOUNT, set by scratchd run). Environment: RW_PHASES, RW_TAR,
+# RW_HELLO (the tarball), RW_HELLO_VERSION, RW_SPEC, RW_LOGDIR.
+if [ "${1:-}" = phases ]; then
+  mnt=${2:-${SCRATCHD_MOUNT:-}}
+  fail() { echo "phases: $*" >&2; exit 1; }
+  { [ -n "$mnt" ] && mountpoint -q "$mnt"; } || fail "no file system mounted on '${mnt}'"
+  for p in $RW_PHASES; do
+    sync
+    case $p in
+      extract)
+        mkdir "$mnt/src"
+        t0=$(now)
+        tar -xf "$RW_TAR" -C "$mnt/src"
+        sync
+        t1=$(now) ;;
+      rpm)
+        top=$mnt/rpmbuild
+        mkdir -p "$top/SOURCES" "$top/SPECS" "$top/tmp"
+        cp "$RW_HELLO" "$top/SOURCES/"
+        cp "$RW_SPEC" "$top/SPECS/hello.spec"
+        sync
+        t0=$(now)
+        if ! rpmbuild --define "_topdir $top" --define "_tmppath $top/tmp" \
+          --define "hello_version $RW_HELLO_VERSION" --nodeps -ba "$top/SPECS/hello.spec" \
+          >"$RW_LOGDIR/rpmbuild.log" 2>&1; then
+          tail -n 30 "$RW_LOGDIR/rpmbuild.log" >&2
+          fail "rpmbuild failed (log above, whole: $RW_LOGDIR/rpmbuild.log)"
+        fi
+        t1=$(now)
+        ls "$top"/RPMS/*/hello-"$RW_HELLO_VERSION"-*.rpm >/dev/null 2>&1 || fail "rpmbuild made no binary package"
+        ;;
+      rm)
+        [ -d "$mnt/src" ] || fail "rm needs the extract phase before it"
+        t0=$(now)
+        rm -rf "$mnt/src"
+        sync
+        t1=$(now) ;;
+      *) fail "unknown phase $p" ;;
+    esac
+    echo "phase $p $(elapsed "$t0" "$t1")"
+  done
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# The driver.
+cd "$(dirname "$0")/.."
+SELF=$PWD/bench/run-workload.sh
+SPEC=$PWD/bench/rpm/hello.spec
+ROUNDS=${ROUNDS:-3}
+CONFIGS=${CONFIGS:-"ceiling nbdkit run-local run-server"}
+PHASES=${PHASES:-"attach extract rpm rm"}
+ATTACH_TRIES=${ATTACH_TRIES:-3}
+TAR=${TAR:-/var/tmp/linux-source-6.1.tar}
+XZ=${XZ:-/usr/src/linux-source-6.1.tar.xz}
+SRC_DIR=${SRC_DIR:-/var/tmp}
+SIZE=20G
+# scratchd's default ext4 options (crates/scratch/src/format.rs, mkfs_options)
+SCRATCH_MKFS="-F -q -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard -O ^has_journal"
+
+die() { echo "run-workload: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "needs root (losetup, mount, scratchd run)"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive number, not '$ROUNDS'"
+[[ $ATTACH_TRIES =~ ^[1-9][0-9]*$ ]] || die "ATTACH_TRIES must be a positive number"
+read -r -a cfgs <<<"$CONFIGS"
+read -r -a phases <<<"$PHASES"
+[ ${#cfgs[@]} -gt 0 ] || die "CONFIGS is empty"
+[ ${#phases[@]} -gt 0 ] || die "PHASES is empty"
+for c in "${cfgs[@]}"; do
+  case $c in ceiling | nbdkit | run-local | run-server) ;; *) die "unknown configuration '$c' (ceiling nbdkit run-local run-server)" ;; esac
+done
+want_attach="" disk_phases=""
+for p in "${phases[@]}"; do
+  case $p in
+    attach) want_attach=1 ;;
+    extract | rpm | rm) disk_phases+="$p " ;;
+    *) die "unknown phase '$p' (attach extract rpm rm)" ;;
+  esac
+done
+# extract, rpm, rm always run in this order on one disk
+disk_phases=$(for p in extract rpm rm; do case " $disk_phases " in *" $p "*) printf '%s ' "$p" ;; esac; done)
+disk_phases=${disk_phases% }
+case " $disk_phases " in *" rm "*) case " $disk_phases " in *" extract "*) ;; *) die "phase rm needs phase extract" ;; esac ;; esac
+has_cfg() { case " ${cfgs[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
+has_phase() { case " $disk_phases " in *" $1 "*) return 0 ;; esac; return 1; }
+
+[ -c /dev/fuse ] || die "needs /dev/fuse (modprobe fuse)"
+[ -e /dev/loop-control ] || die "needs loop devices (/dev/loop-control; modprobe loop)"
+
+# --- install what is missing ------------------------------------------------
+missing=()
+need() { # command package
+  command -v "$1" >/dev/null 2>&1 || missing+=("$2")
+}
+need mkfs.ext4 e2fsprogs
+need losetup mount
+need awk gawk
+need python3 python3
+if has_cfg nbdkit; then need nbdkit nbdkit; need nbdfuse libnbd-bin; need fusermount3 fuse3; fi
+if has_phase extract; then need xz xz-utils; [ -s "$TAR" ] || [ -f "$XZ" ] || missing+=(linux-source-6.1); fi
+if has_phase rpm; then need rpmbuild rpm; need gcc gcc; need make make; fi
+apt_install() {
+  command -v apt-get >/dev/null || die "missing: $* (and no apt-get to install them)"
+  echo "installing: $*" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q "$@" >&2 || { apt-get update -q >&2 && apt-get install -y -q "$@" >&2; } ||
+    die "could not install: $*"
+}
+if [ ${#missing[@]} -gt 0 ]; then
+  read -r -a missing <<<"$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')"
+  apt_install "${missing[@]}"
+fi
+if has_cfg nbdkit; then
+  nbdkit tmpdisk --dump-plugin >/dev/null 2>&1 || die "nbdkit has no tmpdisk plugin (apt-get install nbdkit)"
+fi
+
+# --- scratchd ------------------------------------------------------------------
+if has_cfg run-local || has_cfg run-server; then
+  if [ -z "${SCRATCHD:-}" ]; then
+    command -v cargo >/dev/null || die "cargo is needed to build scratchd (or set SCRATCHD=/path/to/scratchd)"
+    echo "cargo build --release --locked" >&2
+    cargo build --release --locked -q || die "cargo build failed"
+    SCRATCHD=$PWD/target/release/scratchd
+  fi
+  [ -x "$SCRATCHD" ] || die "no scratchd binary at $SCRATCHD"
+  "$SCRATCHD" run --help >/dev/null 2>&1 || die "$SCRATCHD has no 'run' command"
+fi
+
+# --- inputs (untimed, once) ----------------------------------------------------
+if has_phase extract; then
+  if [ ! -s "$TAR" ]; then
+    [ -f "$XZ" ] || die "$XZ missing (apt-get install linux-source-6.1 did not provide it?)"
+    echo "decompressing $XZ to $TAR (once, untimed)" >&2
+    xz -dc -T0 "$XZ" >"$TAR.part" || { rm -f "$TAR.part"; die "cannot decompress $XZ"; }
+    mv "$TAR.part" "$TAR"
+  fi
+  cat "$TAR" >/dev/null # into the page cache
+fi
+
+hello="" hello_version=""
+find_hello() { # newest $SRC_DIR/hello_*.orig.tar.gz
+  hello=$(find "$SRC_DIR" -maxdepth 1 -name 'hello_*.orig.tar.gz' 2>/dev/null | sort -V | tail -n 1 || true)
+}
+add_deb_src() { # a deb-src entry mirroring the system's Debian deb entry, when there is none
+  if grep -qsE '^[[:space:]]*(deb-src[[:space:]]|Types:.*deb-src)' /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; then
+    return 0
+  fi
+  local uri codename keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+  uri=$(awk '/^URIs:/ && $2 ~ /\/debian\/?$/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $2 ~ /\/debian\/?$/ { print $2; exit }' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true)
+  [ -n "$uri" ] || die "no Debian 'deb' entry in /etc/apt to mirror as deb-src; put hello_VERSION.orig.tar.gz into $SRC_DIR"
+  # shellcheck disable=SC1091
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+  [ -n "$codename" ] || die "no VERSION_CODENAME in /etc/os-release; put hello_VERSION.orig.tar.gz into $SRC_DIR"
+  echo "adding /etc/apt/sources.list.d/scratchd-bench-deb-src.sources (deb-src $uri $codename main)" >&2
+  {
+    echo "Types: deb-src"
+    echo "URIs: $uri"
+    echo "Suites: $codename"
+    echo "Components: main"
+    [ -f "$keyring" ] && echo "Signed-By: $keyring"
+  } >/etc/apt/sources.list.d/scratchd-bench-deb-src.sources
+  apt-get update -q >&2 || die "apt-get update failed after adding the deb-src entry"
+}
+if has_phase rpm; then
+  [ -f "$SPEC" ] || die "$SPEC missing"
+  find_hello
+  if [ -z "$hello" ]; then
+    command -v apt-get >/dev/null || die "no $SRC_DIR/hello_*.orig.tar.gz and no apt-get to fetch it"
+    add_deb_src
+    dl=$(mktemp -d "$SRC_DIR/run-workload-src.XXXXXX")
+    echo "fetching hello's source: apt-get source --download-only hello" >&2
+    if ! (cd "$dl" && apt-get source -q --download-only hello >&2); then
+      rm -rf "$dl"; die "apt-get source --download-only hello failed"
+    fi
+    mv "$dl"/hello_*.orig.tar.gz "$SRC_DIR"/ 2>/dev/null || { rm -rf "$dl"; die "apt-get source gave no hello_*.orig.tar.gz"; }
+    rm -rf "$dl"
+    find_hello
+  fi
+  [ -n "$hello" ] || die "no hello_*.orig.tar.gz in $SRC_DIR"
+  hello_version=${hello##*/hello_}
+  hello_version=${hello_version%.orig.tar.gz}
+  tar -tzf "$hello" "hello-$hello_version/configure" >/dev/null 2>&1 || die "$hello has no hello-$hello_version/configure"
+fi
+
+# --- state and cleanup ---------------------------------------------------------
+work=$(mktemp -d /var/tmp/run-workload.XXXXXX)
+shm=$(mktemp -d /dev/shm/run-workload.XXXXXX)
+mnt=$work/mnt fusedir=$work/fuse logdir=$work/logs
+mkdir -p "$mnt" "$fusedir" "$logdir"
+server_pid="" fuse_pid="" loopdev="" mounted="" fuse_mounted="" child_pid=""
+dmesg_start=$(dmesg 2>/dev/null | wc -l || echo 0)
+
+stop_pid() { # pid [group]: stop a process we started (its process group with 'group'); wait for it
+  local pid=$1 target=$1
+  [ -n "$pid" ] || return 0
+  [ "${2:-}" = group ] && target=-$pid
+  kill -TERM -- "$target" 2>/dev/null || true
+  for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  kill -KILL -- "$target" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+unmount() { # dir: unmount, retrying while busy; lazily as a last resort
+  for _ in $(seq 50); do umount "$1" 2>/dev/null && return 0; mountpoint -q "$1" || return 0; sleep 0.1; done
+  echo "run-workload: $1 still busy; unmounting lazily" >&2
+  umount -l "$1" 2>/dev/null || true
+}
+teardown() { # everything one measurement set up, in reverse order; never fails
+  stop_pid "$child_pid" group; child_pid=""
+  if [ -n "$mounted" ]; then unmount "$mnt"; fi
+  mounted=""
+  if [ -n "$loopdev" ]; then losetup -d "$loopdev" 2>/dev/null || true; fi
+  loopdev=""
+  if [ -n "$fuse_mounted" ]; then unmount "$fusedir"; fi
+  fuse_mounted=""
+  stop_pid "$fuse_pid"; fuse_pid=""
+  rm -f "$shm/ext4.img"
+}
+stop_server() { stop_pid "$server_pid"; server_pid=""; rm -f "$work/sock"; }
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM HUP
+  teardown
+  stop_server
+  rm -rf "$shm"
+  if [ -n "${KEEP_LOGS:-}" ]; then
+    rmdir "$mnt" "$fusedir" 2>/dev/null || true
+    echo "logs kept in $work" >&2
+  elif [ $rc -ne 0 ]; then
+    # a failure: keep nothing but show the last log lines that may say why
+    for f in "$logdir"/*; do
+      [ -s "$f" ] || continue
+      echo "--- last lines of $(basename "$f") ---" >&2; tail -n 15 "$f" >&2
+    done
+    rm -rf "$work"
+  else
+    rm -rf "$work"
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+start_server() { # name command...: start a server on $work/sock -> server_pid
+  local name=$1; shift
+  rm -f "$work/sock"
+  setsid "$@" >"$logdir/$name.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 400); do
+    [ -S "$work/sock" ] && return 0
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  die "$name did not start: $*"
+}
+
+# ceiling: image, mkfs, loop, mount
+ceiling_up() {
+  truncate -s "$SIZE" "$shm/ext4.img"
+  # shellcheck disable=SC2086
+  mkfs.ext4 $SCRATCH_MKFS "$shm/ext4.img"
+  loopdev=$(losetup --find --show "$shm/ext4.img")
+  mount -o noatime "$loopdev" "$mnt"
+  mounted=1
+}
+# nbdkit: nbdfuse DIR/disk URI, loop (buffered), mount
+nbdkit_up() {
+  rm -f "$work/nbdfuse.pid"
+  setsid nbdfuse -P "$work/nbdfuse.pid" "$fusedir/disk" "nbd+unix:///?socket=$work/sock" >>"$logdir/nbdfuse.log" 2>&1 &
+  fuse_pid=$! fuse_mounted=1
+  for _ in $(seq 400); do
+    [ -s "$work/nbdfuse.pid" ] && break
+    kill -0 "$fuse_pid" 2>/dev/null || break
+    sleep 0.01
+  done
+  [ -s "$work/nbdfuse.pid" ] || die "nbdfuse did not start"
+  loopdev=$(losetup --find --show "$fusedir/disk")
+  mount -o noatime "$loopdev" "$mnt"
+  mounted=1
+}
+down() { # unmount, detach and stop what *_up made (timed in attach)
+  umount "$mnt"; mounted=""
+  losetup -d "$loopdev"; loopdev=""
+  if [ -n "$fuse_mounted" ]; then
+    unmount "$fusedir"; fuse_mounted=""
+    wait "$fuse_pid" 2>/dev/null || true; fuse_pid=""
+  fi
+  rm -f "$shm/ext4.img"
+}
+run_args() { # config -> run_cmd: the scratchd run command line, up to '--'
+  case $1 in
+    run-local) run_cmd=("$SCRATCHD" run --size "$SIZE") ;;
+    run-server) run_cmd=("$SCRATCHD" run --server "nbd+unix:///?socket=$work/sock") ;;
+  esac
+}
+
+results=$work/results.tsv
+: >"$results"
+record() { # round config phase seconds
+  printf 'result\t%s\t%s\t%s\t%s\n' "$@"
+  printf '%s\t%s\t%s\t%s\n' "$@" >>"$results"
+}
+
+measure_attach() { # round config
+  local r=$1 c=$2 t0 t1
+  for _ in $(seq "$ATTACH_TRIES"); do
+    case $c in
+      ceiling) t0=$(now); ceiling_up; down; t1=$(now) ;;
+      nbdkit) t0=$(now); nbdkit_up; down; t1=$(now) ;;
+      run-*)
+        run_args "$c"
+        t0=$(now)
+        "${run_cmd[@]}" -- true >>"$logdir/scratchd-run.log" 2>&1 || die "$c: scratchd run -- true failed"
+        t1=$(now) ;;
+    esac
+    record "$r" "$c" attach "$(elapsed "$t0" "$t1")"
+  done
+}
+
+measure_disk() { # round config: extract, rpm, rm on one fresh disk
+  local r=$1 c=$2 rc=0 out=$work/phases.out
+  export RW_PHASES="$disk_phases" RW_TAR="$TAR" RW_HELLO="$hello" RW_HELLO_VERSION="$hello_version" \
+    RW_SPEC="$SPEC" RW_LOGDIR="$logdir"
+  case $c in
+    ceiling) ceiling_up ;;
+    nbdkit) nbdkit_up ;;
+  esac
+  case $c in
+    ceiling | nbdkit) setsid bash "$SELF" phases "$mnt" >"$out" 2>"$logdir/phases.log" & ;;
+    run-*) run_args "$c"; setsid "${run_cmd[@]}" -- bash "$SELF" phases >"$out" 2>"$logdir/phases.log" & ;;
+  esac
+  child_pid=$!
+  wait "$child_pid" || rc=$?
+  child_pid=""
+  if [ $rc -ne 0 ]; then
+    cat "$logdir/phases.log" >&2
+    die "$c round $r: the phases failed (exit status $rc)"
+  fi
+  case $c in ceiling | nbdkit) down ;; esac
+  local p s n=0
+  while read -r tag p s; do
+    [ "$tag" = phase ] || continue
+    record "$r" "$c" "$p" "$s"
+    n=$((n + 1))
+  done <"$out"
+  [ "$n" = "$(wc -w <<<"$disk_phases")" ] || { cat "$out" "$logdir/phases.log" >&2; die "$c round $r: expected $disk_phases, got $n results"; }
+}
+
+# --- the run -----------------------------------------------------------------------
+echo "# machine: $(nproc) cores, $(uname -r), $(awk '/MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg)"
+has_cfg nbdkit && echo "# nbdkit $(nbdkit --version | awk '{print $2}'), $(nbdfuse --version 2>&1 | head -n 1)"
+[ -n "${SCRATCHD:-}" ] && echo "# scratchd: $SCRATCHD ($(git -C "$PWD" describe --always --dirty 2>/dev/null || echo '?'))"
+has_phase extract && echo "# tree: $TAR ($(du -h "$TAR" | cut -f1))"
+has_phase rpm && echo "# rpm: $hello, rpmbuild $(rpmbuild --version | awk '{print $NF}')"
+echo "# rounds=$ROUNDS configs=\"${cfgs[*]}\" phases=\"${phases[*]}\" attach tries=$ATTACH_TRIES"
+printf 'result\tround\tconfig\tphase\tseconds\n'
+for r in $(seq "$ROUNDS"); do
+  shift_by=$(((r - 1) % ${#cfgs[@]}))
+  order=("${cfgs[@]:shift_by}" "${cfgs[@]:0:shift_by}")
+  for c in "${order[@]}"; do
+    echo "round $r: $c" >&2
+    case $c in
+      nbdkit) start_server nbdkit env TMPDIR="$shm" nbdkit -f -U "$work/sock" tmpdisk size="$SIZE" ;;
+      run-server) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" ;;
+    esac
+    sync
+    if [ -n "$want_attach" ]; then measure_attach "$r" "$c"; fi
+    if [ -n "$disk_phases" ]; then measure_disk "$r" "$c"; fi
+    teardown
+    stop_server
+  done
+done
+
+# --- the table -----------------------------------------------------------------------
+python3 - "$results" "$ROUNDS" "${cfgs[*]}" "${phases[*]}" <<'PY'
+import statistics, sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines() if l]
+rounds, cfgs, phases = int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
+acc, per_round = {}, {}
+for r, c, p, s in rows:
+    acc.setdefault((p, c), []).append(float(s))
+    if p in ("extract", "rpm", "rm"):
+        per_round.setdefault((c, r), {})[p] = float(s)
+work = [p for p in ("extract", "rpm", "rm") if p in phases]
+if len(work) > 1:
+    for (c, r), d in per_round.items():
+        if len(d) == len(work):
+            acc.setdefault(("total", c), []).append(sum(d.values()))
+    phases = phases + ["total"]
+target = {  # (config, phase) -> (what, test on (median, x ceiling, x nbdkit))
+}
+for c, limit in (("run-local", 1.05), ("run-server", 1.10)):
+    for p in ("extract", "rpm", "rm", "total"):
+        target[(c, p, "ceil")] = limit
+    for p in ("extract", "rm"):
+        target[(c, p, "nbdkit")] = 0.75
+    target[(c, "attach", "abs")] = 0.100
+print(f"\nmedians of {rounds} round(s), seconds; 'x ceiling' / 'x nbdkit' = median / that configuration's median")
+hdr = f"{'phase':<8} {'configuration':<12} {'n':>2} {'median':>8} {'min':>8} {'max':>8} {'x ceiling':>10} {'x nbdkit':>9}  target"
+print(hdr)
+print("-" * len(hdr))
+for p in phases:
+    med = {c: statistics.median(acc[(p, c)]) for c in cfgs if (p, c) in acc}
+    for c in cfgs:
+        if c not in med:
+            continue
+        v = acc[(p, c)]
+        m = med[c]
+        xc = m / med["ceiling"] if med.get("ceiling") else None
+        xn = m / med["nbdkit"] if med.get("nbdkit") else None
+        notes = []
+        if (c, p, "abs") in target:
+            t = target[(c, p, "abs")]
+            notes.append(f"< {t * 1000:.0f} ms {'met' if m < t else 'MISSED'}")
+        if (c, p, "ceil") in target and xc is not None:
+            t = target[(c, p, "ceil")]
+            notes.append(f"<= {t:.2f}x ceiling {'met' if xc <= t else 'MISSED'}")
+        if (c, p, "nbdkit") in target and xn is not None:
+            t = target[(c, p, "nbdkit")]
+            notes.append(f"<= {t:.2f}x nbdkit {'met' if xn <= t else 'MISSED'}")
+        fx = lambda x: f"{x:.2f}x" if x is not None else "-"
+        print(f"{p:<8} {c:<12} {len(v):>2} {m:>8.3f} {min(v):>8.3f} {max(v):>8.3f} {fx(xc):>10} {fx(xn):>9}  {'; '.join(notes)}")
+PY
+
+# --- kernel messages that look like trouble --------------------------------------
+if new=$(dmesg 2>/dev/null | tail -n +$((dmesg_start + 1))); then
+  odd=$(grep -iE 'error|fail|warn|hung|blocked|BUG|Call Trace|I/O' <<<"$new" || true)
+  if [ -n "$odd" ]; then
+    echo
+    echo "# new kernel messages that may matter ($(wc -l <<<"$odd") of $(wc -l <<<"$new") new lines; first 20):"
+    head -n 20 <<<"$odd" | sed 's/^/#   /'
+  fi
+fi

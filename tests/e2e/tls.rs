@@ -1,0 +1,213 @@
+//! TLS (STARTTLS) with real clients: nbdinfo/nbdcopy with `nbds` URIs and
+//! qemu-img with `tls-creds-x509`, certificates made by openssl in the test.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::util::{random_file, require, run, run_status, stdout, Server};
+
+/// Makes a CA in `dir` (ca-cert.pem, ca-key.pem) and, signed by it, a
+/// certificate and key for `name` (`{name}-cert.pem`, `{name}-key.pem`):
+/// "server" for localhost, "client" for a client.
+fn make_ca(dir: &Path) {
+    openssl(
+        dir,
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+         -subj /CN=scratchd-test-CA -keyout ca-key.pem -out ca-cert.pem \
+         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
+    );
+}
+
+fn make_cert(dir: &Path, ca: &Path, name: &str, usage: &str) {
+    openssl(
+        dir,
+        &format!(
+            "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN={name} \
+             -keyout {name}-key.pem -out {name}.csr"
+        ),
+    );
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(
+        &ext,
+        format!(
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n\
+             basicConstraints=CA:FALSE\n"
+        ),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &format!(
+            "x509 -req -in {name}.csr -CA {ca}/ca-cert.pem -CAkey {ca}/ca-key.pem \
+             -CAcreateserial -days 2 -out {name}-cert.pem -extfile {ext}",
+            ca = ca.display(),
+            ext = ext.display()
+        ),
+    );
+}
+
+fn openssl(dir: &Path, args: &str) {
+    run(Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir));
+}
+
+/// A CA with a server certificate, and a client certificate from the same
+/// CA, all in one directory (libnbd and scratchd's layout).
+fn pki() -> tempfile::TempDir {
+    require("openssl");
+    let dir = tempfile::tempdir().unwrap();
+    make_ca(dir.path());
+    make_cert(dir.path(), dir.path(), "server", "serverAuth");
+    make_cert(dir.path(), dir.path(), "client", "clientAuth");
+    dir
+}
+
+fn tls_server(pki: &Path, extra: &[&str]) -> (Server, u16) {
+    let port = free_port();
+    let port_s = port.to_string();
+    let certs = pki.to_str().unwrap();
+    let mut args = vec![
+        "-p",
+        &port_s,
+        "-i",
+        "127.0.0.1",
+        "--tls-certificates",
+        certs,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["memory", "size=64M"]);
+    (Server::start(&args), port)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nbds(port: u16, pki: &Path) -> String {
+    format!(
+        "nbds://localhost:{port}/?tls-certificates={}",
+        pki.display()
+    )
+}
+
+#[test]
+fn require_refuses_plaintext_and_serves_tls() {
+    require("nbdinfo");
+    let pki = pki();
+    let (_server, port) = tls_server(pki.path(), &["--tls", "require"]);
+    let out = run(Command::new("nbdinfo").arg(nbds(port, pki.path())));
+    let text = stdout(&out);
+    assert!(text.contains("with TLS"), "{text}");
+    assert!(text.contains("export-size: 67108864"), "{text}");
+    // Plaintext: the option is refused with TLS_REQD, and nbdinfo fails.
+    let (code, out) = run_status(Command::new("nbdinfo").arg(format!("nbd://localhost:{port}/")));
+    assert_ne!(code, 0, "plaintext was served: {}", stdout(&out));
+}
+
+#[test]
+fn on_serves_both() {
+    require("nbdinfo");
+    let pki = pki();
+    let (_server, port) = tls_server(pki.path(), &["--tls", "on"]);
+    let tls = stdout(&run(Command::new("nbdinfo").arg(nbds(port, pki.path()))));
+    assert!(tls.contains("with TLS"), "{tls}");
+    let plain = stdout(&run(
+        Command::new("nbdinfo").arg(format!("nbd://localhost:{port}/"))
+    ));
+    assert!(plain.contains("without TLS"), "{plain}");
+}
+
+/// Data round-trips over TLS with many requests in flight (nbdcopy keeps
+/// 64 by default, over 4 connections), both ways.
+#[test]
+fn data_round_trips_over_tls() {
+    require("nbdcopy");
+    let pki = pki();
+    let (_server, port) = tls_server(pki.path(), &["--tls", "require"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (src, back) = (dir.path().join("src"), dir.path().join("back"));
+    random_file(&src, 48 << 20, 5);
+    let uri = nbds(port, pki.path());
+    run(Command::new("nbdcopy").arg(&src).arg(&uri));
+    run(Command::new("nbdcopy").arg(&uri).arg(&back));
+    let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&back).unwrap());
+    assert_eq!(&b[..a.len()], &a[..], "data changed over TLS");
+}
+
+#[test]
+fn qemu_img_over_tls() {
+    require("qemu-img");
+    let pki = pki();
+    let (_server, port) = tls_server(pki.path(), &["--tls", "require"]);
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        pki.path().display()
+    );
+    let image =
+        format!("driver=nbd,host=127.0.0.1,port={port},tls-creds=tls0,tls-hostname=localhost");
+    let out =
+        run(Command::new("qemu-img").args(["info", "--object", &object, "--image-opts", &image]));
+    assert!(stdout(&out).contains("64 MiB"), "{}", stdout(&out));
+}
+
+/// With --tls-verify-peer a client needs a certificate from the server's
+/// CA: libnbd sends client-cert.pem from its directory; a directory whose
+/// client certificate comes from another CA is refused.
+#[test]
+fn verify_peer_refuses_a_client_of_another_ca() {
+    require("nbdinfo");
+    let pki = pki();
+    let (_server, port) = tls_server(pki.path(), &["--tls", "require", "--tls-verify-peer"]);
+    let ok = stdout(&run(Command::new("nbdinfo").arg(nbds(port, pki.path()))));
+    assert!(ok.contains("with TLS"), "{ok}");
+
+    // Another CA's client certificate, with our CA to check the server.
+    let other_ca = tempfile::tempdir().unwrap();
+    make_ca(other_ca.path());
+    let stranger = tempfile::tempdir().unwrap();
+    make_cert(stranger.path(), other_ca.path(), "client", "clientAuth");
+    std::fs::copy(
+        pki.path().join("ca-cert.pem"),
+        stranger.path().join("ca-cert.pem"),
+    )
+    .unwrap();
+    let (code, _) = run_status(Command::new("nbdinfo").arg(nbds(port, stranger.path())));
+    assert_ne!(code, 0, "a client certificate from another CA was accepted");
+    // And no client certificate at all.
+    let bare = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        pki.path().join("ca-cert.pem"),
+        bare.path().join("ca-cert.pem"),
+    )
+    .unwrap();
+    let (code, _) = run_status(Command::new("nbdinfo").arg(nbds(port, bare.path())));
+    assert_ne!(code, 0, "a client without a certificate was accepted");
+}
+
+#[test]
+fn bad_tls_setups_are_usage_errors() {
+    let (code, out) = run_status(&mut crate::util::scratchd_serve(&[
+        "--tls", "require", "memory", "size=1M",
+    ]));
+    assert_eq!(code, 2, "{}", String::from_utf8_lossy(&out.stderr));
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out) = run_status(&mut crate::util::scratchd_serve(&[
+        "--tls",
+        "on",
+        "--tls-certificates",
+        empty.path().to_str().unwrap(),
+        "memory",
+        "size=1M",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("server-cert.pem") || err.contains("server-key.pem"),
+        "{err}"
+    );
+}
