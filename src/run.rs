@@ -53,6 +53,10 @@ use crate::tmpdisk;
 const EXIT_USAGE: i32 = 2;
 /// Exit status when the run itself failed (no disk, no mount).
 const EXIT_FAILED: i32 = 125;
+/// How long a file system that was still busy at the end of the run, and so
+/// detached lazily, is served before the disk is cut off (its last writes
+/// then fail: nobody will read them).
+const LAZY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -380,13 +384,22 @@ impl Attached {
     }
 
     fn undo(&mut self) {
+        let mut lazily = false;
         if self.mounted {
             self.mounted = false;
-            if let Err(e) = ns::unmount(&self.mount) {
-                warn!(mount = %self.mount.display(), error = %e, "cannot unmount");
+            match ns::unmount(&self.mount) {
+                Ok(how) => lazily = how == ns::Unmounted::Lazily,
+                Err(e) => warn!(mount = %self.mount.display(), error = %e, "cannot unmount"),
             }
         }
         self.device.release();
+        if lazily {
+            // Its last user may let go soon: keep serving it a little.
+            let deadline = Instant::now() + LAZY_GRACE;
+            while self.device.attached() && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         if let Some(fuse) = self.fuse.take() {
             if let Err(e) = fuse.unmount() {
                 warn!(error = %e, "cannot unmount the FUSE file");

@@ -67,7 +67,7 @@ fn a_command_gets_its_own_mounted_disk_and_nothing_is_left() {
         losetup -n -O DIO,LOG-SEC "$SCRATCHD_DEVICE"
         head -c 3000000 /dev/urandom > "$SCRATCHD_MOUNT/data"
         sha256sum "$SCRATCHD_MOUNT/data" | cut -c1-64 > "$SCRATCHD_MOUNT/sum"
-        sync
+        sync -f "$SCRATCHD_MOUNT"
         # O_DIRECT: read through the loop device and the FUSE file, not the
         # page cache.
         dd if="$SCRATCHD_MOUNT/data" iflag=direct bs=1M status=none | sha256sum | cut -c1-64 \
@@ -191,7 +191,7 @@ fn a_run_on_a_server_disk() {
         echo "$SCRATCHD_EXPORT"
         head -c 2000000 /dev/urandom > "$SCRATCHD_MOUNT/data"
         sha256sum < "$SCRATCHD_MOUNT/data" > "$SCRATCHD_MOUNT/sum"
-        sync
+        sync -f "$SCRATCHD_MOUNT"
         dd if="$SCRATCHD_MOUNT/data" iflag=direct bs=1M status=none | sha256sum | cmp - "$SCRATCHD_MOUNT/sum"
     "#;
     let (code, out) = run_status(&mut scratchd_run(
@@ -240,4 +240,30 @@ fn a_server_that_dies_mid_run_fails_the_build_not_the_host() {
     );
     assert!(status.success(), "{status}");
     assert_eq!(leftovers(&work), Vec::<String>::new());
+}
+
+/// A build that leaves a process behind with its working directory on the
+/// disk: the file system is detached lazily, served until that process
+/// lets go (within a grace period), and the run ends with nothing left.
+#[test]
+fn a_process_left_behind_on_the_disk_does_not_hang_the_run() {
+    if skip("a_process_left_behind_on_the_disk_does_not_hang_the_run") {
+        return;
+    }
+    let script = r#"
+        echo "$SCRATCHD_MOUNT"
+        cd "$SCRATCHD_MOUNT" && head -c 1000000 /dev/urandom > f
+        (sleep 2; cat f > /dev/null) &
+    "#;
+    let started = std::time::Instant::now();
+    let (code, out) = run_status(&mut scratchd_run(&["--size", "64M"], script));
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(took < Duration::from_secs(15), "the run took {took:?}");
+    let work = work_dir(stdout(&out).lines().next().unwrap());
+    eventually(
+        "the lazily detached disk to go",
+        Duration::from_secs(10),
+        || leftovers(&work).is_empty(),
+    );
 }

@@ -87,20 +87,30 @@ impl FuseFile {
         &self.path
     }
 
-    /// Unmounts, waiting for the session's threads to end.
+    /// Aborts the connection, so that whatever still reads or writes the
+    /// file (a lazily detached file system above a loop device, writing
+    /// itself back) fails at once instead of waiting for threads that are
+    /// about to end; then unmounts and waits for the session's threads.
     pub fn unmount(mut self) -> io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.umount_and_join(),
-            None => Ok(()),
+        self.stop()
+    }
+
+    fn stop(&mut self) -> io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        if let Ok(id) = self.connection() {
+            if let Err(e) = abort_connection(id) {
+                debug!(error = %e, "cannot abort the FUSE connection");
+            }
         }
+        session.umount_and_join()
     }
 }
 
 impl Drop for FuseFile {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
-        }
+        let _ = self.stop();
     }
 }
 

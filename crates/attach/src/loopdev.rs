@@ -104,6 +104,16 @@ impl LoopDevice {
         self.direct_io
     }
 
+    /// Whether the kernel still has the device attached (autoclear detaches
+    /// it when its last user closes it).
+    pub fn attached(&self) -> bool {
+        let name = self.path.file_name().unwrap_or_default();
+        Path::new("/sys/block")
+            .join(name)
+            .join("loop/backing_file")
+            .exists()
+    }
+
     /// Closes this handle: from now on the device lives only as long as
     /// someone else (a mount) holds it open.
     pub fn release(&mut self) {

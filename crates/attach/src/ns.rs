@@ -79,15 +79,24 @@ pub fn mount(device: &Path, dir: &Path, options: &str) -> Result<(), MountError>
     })
 }
 
+/// How [`unmount`] got a file system off its mount point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmounted {
+    /// Gone, written back.
+    Clean,
+    /// Detached while still in use: it lives on until its last user lets go.
+    Lazily,
+}
+
 /// Unmounts `dir`. A file system still busy (a process of the build left
 /// behind with a file open) is retried for a while, then detached lazily:
 /// it goes once the last user lets go, and cannot outlive the namespace.
-pub fn unmount(dir: &Path) -> io::Result<()> {
+pub fn unmount(dir: &Path) -> io::Result<Unmounted> {
     let path = CString::new(dir.as_os_str().as_bytes())?;
     for _ in 0..20 {
         // SAFETY: valid NUL-terminated path.
         if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
-            return Ok(());
+            return Ok(Unmounted::Clean);
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EBUSY) {
@@ -98,7 +107,7 @@ pub fn unmount(dir: &Path) -> io::Result<()> {
     warn!(dir = %dir.display(), "file system still busy; detaching it lazily");
     // SAFETY: as above.
     if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Ok(())
+        Ok(Unmounted::Lazily)
     } else {
         Err(io::Error::last_os_error())
     }

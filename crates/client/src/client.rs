@@ -35,9 +35,9 @@ use tracing::debug;
 
 use crate::connection::{Connection, Reply, Request, Settings, Ticket};
 use crate::error::Error;
-use crate::handshake::{negotiate, ExportInfo, Replies};
+use crate::handshake::{greet, negotiate, start_tls, ExportInfo, Replies};
 use crate::transport::Stream;
-use crate::uri::Target;
+use crate::uri::{Address, Target};
 
 /// Pieces of one split request in flight at once, per connection.
 pub const WINDOW: usize = 4;
@@ -91,7 +91,9 @@ pub struct Handshaken {
 
 impl Handshaken {
     /// The raw sockets.
-    pub fn into_fds(self) -> Vec<OwnedFd> {
+    /// The sockets; `None` when they carry TLS, which the kernel cannot
+    /// take over.
+    pub fn into_fds(self) -> Option<Vec<OwnedFd>> {
         self.streams.into_iter().map(Stream::into_fd).collect()
     }
 }
@@ -483,10 +485,26 @@ fn open(target: &Target, options: &Options) -> Result<(ExportInfo, Stream), Erro
             address: address.clone(),
             source,
         })?;
+    let no_zeroes = greet(&mut stream, &address, &target.export)?;
+    if let Some(dir) = &target.tls {
+        start_tls(&mut stream, &address, &target.export)?;
+        let host = match &target.address {
+            Address::Tcp { host, .. } => host.as_str(),
+            Address::Unix(_) => "localhost",
+        };
+        let tls = crate::tls::config(dir)
+            .and_then(|config| crate::tls::TlsStream::connect(config, host, stream))
+            .map_err(|source| Error::Tls {
+                address: address.clone(),
+                source,
+            })?;
+        stream = Stream::Tls(tls);
+    }
     let info = negotiate(
         &mut stream,
         &address,
         &target.export,
+        no_zeroes,
         options.replies,
         options.block_status,
     )?;

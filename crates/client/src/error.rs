@@ -51,6 +51,9 @@ pub enum Error {
         /// The server's explanation, possibly empty.
         message: String,
     },
+    /// TLS could not be set up (certificates, or the TLS handshake).
+    #[error("TLS with {address} failed")]
+    Tls { address: String, source: io::Error },
     /// The server sent something the protocol does not allow.
     #[error("{address} broke the NBD protocol: {reason}")]
     Protocol { address: String, reason: String },
@@ -91,7 +94,9 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match &e {
             Error::Uri(_) => ErrorKind::InvalidInput,
-            Error::Connect { source, .. } | Error::Io { source, .. } => source.kind(),
+            Error::Connect { source, .. }
+            | Error::Io { source, .. }
+            | Error::Tls { source, .. } => source.kind(),
             Error::Refused { .. } => match e.refusal() {
                 Some(OptError::Unknown) => ErrorKind::NotFound,
                 Some(OptError::Policy) | Some(OptError::TlsReqd) => ErrorKind::PermissionDenied,

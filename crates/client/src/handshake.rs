@@ -86,15 +86,9 @@ impl ExportInfo {
     }
 }
 
-/// Runs the handshake for `export` on `io`; `address` names the server in
-/// errors. Leaves `io` at the start of transmission.
-pub(crate) fn negotiate(
-    io: &mut dyn ReadWrite,
-    address: &str,
-    export: &str,
-    want: Replies,
-    block_status: bool,
-) -> Result<ExportInfo, Error> {
+/// Reads the greeting and sends the client flags on `io`; returns whether
+/// the server lets the client skip the zeros of the EXPORT_NAME reply.
+pub(crate) fn greet(io: &mut dyn ReadWrite, address: &str, export: &str) -> Result<bool, Error> {
     let mut n = Negotiation {
         io,
         address,
@@ -106,6 +100,48 @@ pub(crate) fn negotiate(
     }
     let no_zeroes = greeting.flags & FLAG_NO_ZEROES != 0;
     n.send(&ClientFlags { no_zeroes }.to_bytes())?;
+    Ok(no_zeroes)
+}
+
+/// Asks for TLS (NBD_OPT_STARTTLS); on success the caller runs the TLS
+/// handshake on the same socket next. A refusal is an error: a client that
+/// asked for TLS never falls back to plaintext.
+pub(crate) fn start_tls(io: &mut dyn ReadWrite, address: &str, export: &str) -> Result<(), Error> {
+    let mut n = Negotiation {
+        io,
+        address,
+        export,
+    };
+    n.request(&OptionRequest::StartTls)?;
+    match n.reply(OPT_STARTTLS)? {
+        OptionReplyBody::Ack => Ok(()),
+        OptionReplyBody::Error { code, message } => Err(Error::Refused {
+            address: address.to_owned(),
+            export: export.to_owned(),
+            option: "STARTTLS",
+            code,
+            message,
+        }),
+        other => Err(n.protocol(format!("unexpected reply {other:?} to STARTTLS"))),
+    }
+}
+
+/// Runs the option haggling for `export` on `io`, after [`greet`] (and
+/// TLS); `address` names the server in errors. Leaves `io` at the start of
+/// transmission.
+pub(crate) fn negotiate(
+    io: &mut dyn ReadWrite,
+    address: &str,
+    export: &str,
+    no_zeroes: bool,
+    want: Replies,
+    block_status: bool,
+) -> Result<ExportInfo, Error> {
+    let mut n = Negotiation {
+        io,
+        address,
+        export,
+    };
     let mut mode = ReplyMode::Simple;
     if want >= Replies::Extended && n.toggle(OptionRequest::ExtendedHeaders)? {
         mode = ReplyMode::Extended;
@@ -351,7 +387,8 @@ mod tests {
             input: io::Cursor::new(server),
             output: Vec::new(),
         };
-        let r = negotiate(&mut s, "test", "disk", want, true);
+        let r = greet(&mut s, "test", "disk")
+            .and_then(|no_zeroes| negotiate(&mut s, "test", "disk", no_zeroes, want, true));
         (r, s.output)
     }
 

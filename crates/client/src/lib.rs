@@ -21,6 +21,7 @@
 //!
 //! Layout:
 //! - [`uri`]: [`Target`], parsed from `nbd://` and `nbd+unix://` URIs.
+//! - [`tls`]: STARTTLS and rustls sessions for `nbds://` targets.
 //! - [`transport`]: Unix and TCP streams, split for transmission (where
 //!   TLS will slot in).
 //! - [`handshake`]: the fixed-newstyle negotiation: extended headers or
@@ -40,6 +41,7 @@ pub mod client;
 pub mod connection;
 pub mod error;
 pub mod handshake;
+pub mod tls;
 pub mod transport;
 pub mod uri;
 

@@ -6,11 +6,11 @@
 //! reader by shutting the socket down. For plain sockets the halves are two
 //! handles of one socket.
 //!
-//! TLS slots in here: a `Tls` variant would wrap the socket in a rustls
-//! client connection after STARTTLS (the handshake code only needs
-//! `Read + Write`), and its halves would share that connection behind a
-//! lock while the socket stays pollable; [`Stream::into_fd`] refuses it,
-//! since the kernel cannot take over a TLS session.
+//! With TLS ([`crate::tls`]), [`Stream::Tls`] wraps the socket in a rustls
+//! client session after STARTTLS; its halves share that session behind a
+//! lock, taken only to encrypt or decrypt, never while waiting on the
+//! socket. The kernel cannot take over a TLS session, so such a stream has
+//! no file descriptor to hand over.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -26,6 +26,8 @@ use crate::uri::Address;
 pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// A TLS session over a Unix or TCP stream.
+    Tls(crate::tls::TlsStream),
 }
 
 impl Stream {
@@ -60,6 +62,7 @@ impl Stream {
     /// Bounds every blocking read and write (`None`: wait forever).
     pub fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
+            Stream::Tls(t) => t.socket().set_timeouts(timeout),
             Stream::Unix(s) => {
                 s.set_read_timeout(timeout)?;
                 s.set_write_timeout(timeout)
@@ -75,6 +78,7 @@ impl Stream {
     /// for replies as long as requests are slow.
     pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
+            Stream::Tls(t) => t.socket().set_write_timeout(timeout),
             Stream::Unix(s) => s.set_write_timeout(timeout),
             Stream::Tcp(s) => s.set_write_timeout(timeout),
         }
@@ -83,6 +87,7 @@ impl Stream {
     /// A read half, a write half and a closer for one connection.
     pub fn split(self) -> io::Result<(ReadHalf, WriteHalf, Closer)> {
         match self {
+            Stream::Tls(t) => t.split(),
             Stream::Unix(s) => {
                 let reader = s.try_clone()?;
                 let closer = s.try_clone()?;
@@ -104,11 +109,22 @@ impl Stream {
         }
     }
 
-    /// The socket itself, for handing to the kernel (nbd netlink attach).
-    pub fn into_fd(self) -> OwnedFd {
+    /// The socket itself, for handing to the kernel (nbd netlink attach);
+    /// `None` for a TLS stream, whose session the kernel cannot take over.
+    pub fn into_fd(self) -> Option<OwnedFd> {
         match self {
-            Stream::Unix(s) => s.into(),
-            Stream::Tcp(s) => s.into(),
+            Stream::Unix(s) => Some(s.into()),
+            Stream::Tcp(s) => Some(s.into()),
+            Stream::Tls(_) => None,
+        }
+    }
+
+    /// Another handle on the socket beneath.
+    pub(crate) fn try_clone_socket(&self) -> io::Result<Stream> {
+        match self {
+            Stream::Unix(s) => s.try_clone().map(Stream::Unix),
+            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
+            Stream::Tls(t) => t.socket().try_clone_socket(),
         }
     }
 
@@ -116,6 +132,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
+            Stream::Tls(t) => t.socket().shutdown(how),
         }
     }
 }
@@ -125,6 +142,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
         }
     }
 }
@@ -134,6 +152,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
         }
     }
 
@@ -141,6 +160,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write_vectored(bufs),
             Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Tls(t) => t.write_vectored(bufs),
         }
     }
 
@@ -158,7 +178,7 @@ pub struct WriteHalf(pub(crate) Box<dyn Write + Send>);
 /// Ends a connection from any thread: the reply thread's blocked read
 /// returns, and later writes fail.
 #[derive(Debug)]
-pub struct Closer(Stream);
+pub struct Closer(pub(crate) Stream);
 
 impl Closer {
     /// Shuts both directions down; errors (already closed) do not matter.

@@ -4,13 +4,17 @@
 //! project, that scratchd can serve):
 //! - `nbd://host[:port]/export` — TCP, port 10809 by default; an IPv6 host
 //!   is written in brackets, `nbd://[::1]:10809/x`;
-//! - `nbd+unix:///export?socket=PATH` — a Unix socket.
+//! - `nbd+unix:///export?socket=PATH` — a Unix socket;
+//! - `nbds://…` and `nbds+unix://…` — the same with TLS (STARTTLS), which
+//!   needs `tls-certificates=DIR`: `DIR/ca-cert.pem` checks the server, and
+//!   `DIR/client-cert.pem` with `client-key.pem`, when present, identify the
+//!   client (libnbd's and nbdkit's layout).
 //!
 //! The export name is the path after the first `/`, percent-decoded; an
-//! empty one is the default export. `nbds` and `nbds+unix` (TLS) are refused
-//! with [`UriError::TlsUnsupported`] until the client speaks TLS; other
-//! schemes (vsock, ssh) with [`UriError::Scheme`]. Query parameters other
-//! than `socket` are ignored, as libnbd does for those it does not know.
+//! empty one is the default export. Other schemes (vsock, ssh) are refused
+//! with [`UriError::Scheme`]. Query parameters other than `socket` and
+//! `tls-certificates` are ignored, as libnbd does for those it does not
+//! know.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -26,8 +30,8 @@ pub const DEFAULT_PORT: u16 = 10809;
 pub enum UriError {
     #[error("{uri:?} is not an NBD URI (it must start with nbd:// or nbd+unix://)")]
     NotNbd { uri: String },
-    #[error("{uri:?}: TLS (nbds) is not supported by this client yet")]
-    TlsUnsupported { uri: String },
+    #[error("{uri:?}: nbds URIs need ?tls-certificates=DIR (with ca-cert.pem)")]
+    TlsWithoutCertificates { uri: String },
     #[error("{uri:?}: scheme {scheme:?} is not supported (use nbd or nbd+unix)")]
     Scheme { uri: String, scheme: String },
     #[error("{uri:?}: {reason}")]
@@ -61,6 +65,8 @@ pub struct Target {
     pub address: Address,
     /// The export name; "" asks for the server's default export.
     pub export: String,
+    /// TLS, with the certificates in this directory; `None`: plaintext.
+    pub tls: Option<PathBuf>,
 }
 
 impl Target {
@@ -68,6 +74,7 @@ impl Target {
         Target {
             address: Address::Unix(socket.into()),
             export: export.into(),
+            tls: None,
         }
     }
 
@@ -78,6 +85,7 @@ impl Target {
                 port,
             },
             export: export.into(),
+            tls: None,
         }
     }
 
@@ -90,10 +98,11 @@ impl Target {
         let Some((scheme, rest)) = uri.split_once("://") else {
             return Err(UriError::NotNbd { uri: uri.into() });
         };
-        let unix = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" => return Err(UriError::TlsUnsupported { uri: uri.into() }),
+        let (unix, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" => (false, true),
+            "nbds+unix" => (true, true),
             s if s.starts_with("nbd") => {
                 return Err(UriError::Scheme {
                     uri: uri.into(),
@@ -130,7 +139,24 @@ impl Target {
             }
             tcp_address(authority).map_err(malformed)?
         };
-        Ok(Target { address, export })
+        let tls = match tls {
+            false => None,
+            true => Some(
+                query_param(query, "tls-certificates")
+                    .map(|s| {
+                        percent_decode(s)
+                            .ok_or(malformed("bad percent-encoding in tls-certificates="))
+                    })
+                    .transpose()?
+                    .ok_or_else(|| UriError::TlsWithoutCertificates { uri: uri.into() })?
+                    .into(),
+            ),
+        };
+        Ok(Target {
+            address,
+            export,
+            tls,
+        })
     }
 }
 
@@ -146,12 +172,22 @@ impl std::str::FromStr for Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let export = percent_encode(&self.export);
-        match &self.address {
-            Address::Unix(path) => {
+        let s = if self.tls.is_some() { "s" } else { "" };
+        let certs = self
+            .tls
+            .as_ref()
+            .map(|d| percent_encode(&d.to_string_lossy()));
+        match (&self.address, certs) {
+            (Address::Unix(path), certs) => {
                 let path = percent_encode(&path.to_string_lossy());
-                write!(f, "nbd+unix:///{export}?socket={path}")
+                write!(f, "nbd{s}+unix:///{export}?socket={path}")?;
+                match certs {
+                    Some(c) => write!(f, "&tls-certificates={c}"),
+                    None => Ok(()),
+                }
             }
-            tcp => write!(f, "nbd://{tcp}/{export}"),
+            (tcp, Some(c)) => write!(f, "nbd{s}://{tcp}/{export}?tls-certificates={c}"),
+            (tcp, None) => write!(f, "nbd://{tcp}/{export}"),
         }
     }
 }
@@ -272,14 +308,32 @@ mod tests {
     }
 
     #[test]
+    fn tls_uris() {
+        let mut t = Target::tcp("h", 1, "x");
+        t.tls = Some("/etc/pki/nbd".into());
+        assert_eq!(
+            parse("nbds://h:1/x?tls-certificates=/etc/pki/nbd"),
+            Ok(t.clone())
+        );
+        assert_eq!(Target::parse(&t.to_string()), Ok(t));
+        let mut u = Target::unix("/s", "");
+        u.tls = Some("/c".into());
+        assert_eq!(
+            parse("nbds+unix:///?socket=/s&tls-certificates=/c"),
+            Ok(u.clone())
+        );
+        assert_eq!(Target::parse(&u.to_string()), Ok(u));
+    }
+
+    #[test]
     fn refusals_say_why() {
         assert!(matches!(
             parse("nbds://h/x"),
-            Err(UriError::TlsUnsupported { .. })
+            Err(UriError::TlsWithoutCertificates { .. })
         ));
         assert!(matches!(
             parse("nbds+unix:///x?socket=/s"),
-            Err(UriError::TlsUnsupported { .. })
+            Err(UriError::TlsWithoutCertificates { .. })
         ));
         assert!(matches!(
             parse("nbd+vsock://1/x"),
