@@ -25,7 +25,8 @@ use scratchd_store::BlockDevice;
 use tracing::{debug, info};
 
 use crate::executor::{self, PoolRequest, ReplyContext, Scratch};
-use crate::export::OpenExport;
+use crate::export::{OpenExport, PeerCatalog};
+use crate::identity::Identity;
 use crate::input::{give_back_vec, Filled, Input, ReadTimeout, INPUT_BUFFER};
 use crate::listener::ServerContext;
 use crate::replies::Replies;
@@ -69,11 +70,12 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
         reader,
         mut writer,
         control,
+        identity,
         ..
     } = transport;
     control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut input = Input::new(reader);
-    let Some((session, export)) = handshake(&mut input, &mut writer, ctx)? else {
+    let Some((session, export)) = handshake(&mut input, &mut writer, &identity, ctx)? else {
         return Ok(());
     };
     input.watch_idle(Box::new(control.try_clone()?))?;
@@ -89,11 +91,19 @@ impl ReadTimeout for Control {
     }
 }
 
+/// Runs the option haggling until transmission starts (`Some`) or the
+/// client leaves (`None`). `peer` is who asks: the registry answers LIST,
+/// INFO and opens as that peer.
 fn handshake(
     input: &mut Input,
     writer: &mut WriteHalf,
+    peer: &Identity,
     ctx: &ServerContext,
 ) -> io::Result<Option<(Session, OpenExport)>> {
+    let catalog = PeerCatalog {
+        exports: ctx.exports.as_ref(),
+        peer,
+    };
     writer.write_all(&handshake::greeting(), HANDSHAKE_TIMEOUT)?;
     let mut raw = [0u8; 4];
     input.read_exact(&mut raw)?;
@@ -133,7 +143,7 @@ fn handshake(
             let _ = writer.write_all(&out, HANDSHAKE_TIMEOUT);
             return Ok(None);
         }
-        let step = negotiator.handle(header.option, &payload, ctx.exports.as_ref(), &mut out);
+        let step = negotiator.handle(header.option, &payload, &catalog, &mut out);
         let opened = match step {
             Step::Continue => None,
             Step::Close => {
@@ -141,7 +151,7 @@ fn handshake(
                 return Ok(None);
             }
             Step::Open { name, via } => {
-                let result = ctx.exports.open(&name);
+                let result = ctx.exports.open(&name, peer);
                 let (info, export) = match result {
                     Ok(e) => (Ok(e.info.clone()), Some(e)),
                     Err(e) => (Err(e), None),
