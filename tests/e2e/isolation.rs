@@ -15,7 +15,15 @@ use crate::util::{
 /// The build in the report that opened this hole.
 const BUILD: &str = "koji-secret-build-4711";
 
+/// Starts a server whose socket every user may connect to; running clients
+/// as another user needs root (as the tests have here and in CI).
 fn start(args: &[&str]) -> Server {
+    let uid = run(Command::new("id").arg("-u"));
+    assert_eq!(
+        stdout(&uid).trim(),
+        "0",
+        "the isolation tests switch to user nobody with setpriv, which needs root"
+    );
     let server = Server::start(args);
     server.open_to_everyone();
     server
