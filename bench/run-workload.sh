@@ -90,8 +90,7 @@ if [ "${1:-}" = phases ]; then
         if ! rpmbuild --define "_topdir $top" --define "_tmppath $top/tmp" \
           --define "hello_version $RW_HELLO_VERSION" --nodeps -ba "$top/SPECS/hello.spec" \
           >"$RW_LOGDIR/rpmbuild.log" 2>&1; then
-          tail -n 30 "$RW_LOGDIR/rpmbuild.log" >&2
-          fail "rpmbuild failed (log above, whole: $RW_LOGDIR/rpmbuild.log)"
+          fail "rpmbuild failed: see rpmbuild.log (KEEP_LOGS=1 keeps it whole)"
         fi
         t1=$(now)
         ls "$top"/RPMS/*/hello-"$RW_HELLO_VERSION"-*.rpm >/dev/null 2>&1 || fail "rpmbuild made no binary package"
@@ -259,14 +258,20 @@ mkdir -p "$mnt" "$fusedir" "$logdir"
 server_pid="" fuse_pid="" loopdev="" mounted="" fuse_mounted="" child_pid=""
 dmesg_start=$(dmesg 2>/dev/null | wc -l || echo 0)
 
-stop_pid() { # pid [group]: stop a process we started (its process group with 'group'); wait for it
-  local pid=$1 target=$1
+stop_pid() { # pid [seconds [group]]: stop a process we started (with 'group': its
+  # process group, made by setsid) with SIGTERM, SIGKILL after the seconds
+  # (default 10); wait for it
+  local pid=$1 target=$1 tries=$((${2:-10} * 20))
   [ -n "$pid" ] || return 0
-  [ "${2:-}" = group ] && target=-$pid
+  [ "${3:-}" = group ] && target=-$pid
   kill -TERM -- "$target" 2>/dev/null || true
-  for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  for _ in $(seq "$tries"); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
   kill -KILL -- "$target" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
+}
+exited() { # pid seconds: wait for a process to end by itself
+  for _ in $(seq $(($2 * 20))); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done
+  return 1
 }
 unmount() { # dir: unmount, retrying while busy; lazily as a last resort
   for _ in $(seq 50); do umount "$1" 2>/dev/null && return 0; mountpoint -q "$1" || return 0; sleep 0.1; done
@@ -274,13 +279,15 @@ unmount() { # dir: unmount, retrying while busy; lazily as a last resort
   umount -l "$1" 2>/dev/null || true
 }
 teardown() { # everything one measurement set up, in reverse order; never fails
-  stop_pid "$child_pid" group; child_pid=""
+  # a scratchd run unmounts (writing its dirty data back) before it exits
+  stop_pid "$child_pid" 60 group; child_pid=""
   if [ -n "$mounted" ]; then unmount "$mnt"; fi
   mounted=""
   if [ -n "$loopdev" ]; then losetup -d "$loopdev" 2>/dev/null || true; fi
   loopdev=""
   if [ -n "$fuse_mounted" ]; then unmount "$fusedir"; fi
   fuse_mounted=""
+  if [ -n "$fuse_pid" ]; then exited "$fuse_pid" 5 || true; fi # nbdfuse ends when unmounted
   stop_pid "$fuse_pid"; fuse_pid=""
   rm -f "$shm/ext4.img"
 }
@@ -294,11 +301,11 @@ cleanup() {
   if [ -n "${KEEP_LOGS:-}" ]; then
     rmdir "$mnt" "$fusedir" 2>/dev/null || true
     echo "logs kept in $work" >&2
-  elif [ $rc -ne 0 ]; then
+  elif [ $rc -ne 0 ] && [ $rc -ne 129 ] && [ $rc -ne 130 ] && [ $rc -ne 143 ]; then
     # a failure: keep nothing but show the last log lines that may say why
     for f in "$logdir"/*; do
       [ -s "$f" ] || continue
-      echo "--- last lines of $(basename "$f") ---" >&2; tail -n 15 "$f" >&2
+      echo "--- last lines of $(basename "$f") ---" >&2; tail -n 30 "$f" >&2
     done
     rm -rf "$work"
   else
@@ -403,8 +410,7 @@ measure_disk() { # round config: extract, rpm, rm on one fresh disk
   wait "$child_pid" || rc=$?
   child_pid=""
   if [ $rc -ne 0 ]; then
-    cat "$logdir/phases.log" >&2
-    die "$c round $r: the phases failed (exit status $rc)"
+    die "$c round $r: the phases failed (exit status $rc; their log follows)"
   fi
   case $c in ceiling | nbdkit) down ;; esac
   local p s n=0

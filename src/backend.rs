@@ -88,6 +88,10 @@ pub enum UsageError {
     Backing(String),
     #[error("--disk-limit applies to backing=dir:PATH only; use --memory-limit")]
     DiskLimitWithoutDir,
+    #[error("--owner-disk-limit applies to backing=dir:PATH or spill=dir:PATH only; use --owner-memory-limit")]
+    OwnerDiskLimitWithoutDir,
+    #[error(transparent)]
+    Owner(#[from] scratchd_scratch::owner::OwnerPolicyError),
     #[error("pool={0:?} is not a number")]
     Pool(String),
 }

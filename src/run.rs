@@ -268,6 +268,11 @@ fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenExport, RunError> {
         memory_limit,
         disk_limit: None,
         name_prefix: None,
+        per_owner: scratchd_scratch::OwnerLimits {
+            max_exports: None,
+            memory: None,
+            disk: None,
+        },
     };
     let options = tmpdisk::ExportOptions {
         default_name: None,
@@ -277,16 +282,19 @@ fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenExport, RunError> {
     let config = tmpdisk::config(&params, limits, options).map_err(BackendError::from)?;
     let exports = scratchd_scratch::from_config(config)
         .map_err(|e| RunError::Backend(OpenError::from(e).into()))?;
-    exports.open(name).map_err(|e| {
-        let (LookupError::Unknown(reason)
-        | LookupError::Policy(reason)
-        | LookupError::Platform(reason)
-        | LookupError::Shutdown(reason)) = e;
-        RunError::Disk {
-            name: name.to_owned(),
-            reason,
-        }
-    })
+    // The run's own registry has one owner: this process.
+    exports
+        .open(name, &scratchd_server::Identity::Anonymous)
+        .map_err(|e| {
+            let (LookupError::Unknown(reason)
+            | LookupError::Policy(reason)
+            | LookupError::Platform(reason)
+            | LookupError::Shutdown(reason)) = e;
+            RunError::Disk {
+                name: name.to_owned(),
+                reason,
+            }
+        })
 }
 
 /// Work directories are `$TMPDIR/scratchd-run.PID.XXXXXX`, holding the

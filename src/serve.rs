@@ -3,6 +3,7 @@
 
 use std::fmt::Display;
 use std::io::{self, Write};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 use std::sync::{Arc, Mutex};
@@ -115,6 +116,18 @@ pub struct ServeArgs {
     /// tmpdisk: export names must start with P.
     #[arg(long, value_name = "P")]
     name_prefix: Option<String>,
+    /// tmpdisk: at most N scratch disks at once per owner (see owner=); the
+    /// owner's lingering disks are evicted first.
+    #[arg(long, value_name = "N")]
+    max_exports_per_owner: Option<NonZeroUsize>,
+    /// tmpdisk: RAM the disks of one owner may hold together; their writes
+    /// past it fail with ENOSPC.
+    #[arg(long, value_name = "SIZE")]
+    owner_memory_limit: Option<String>,
+    /// tmpdisk with dir: or spill=: space the disk files of one owner may
+    /// allocate together.
+    #[arg(long, value_name = "SIZE")]
+    owner_disk_limit: Option<String>,
     /// Backend: memory, file or tmpdisk.
     backend: String,
     /// Backend parameters, KEY=VALUE.
@@ -235,6 +248,12 @@ fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
         ("--max-exports", args.max_exports.is_some()),
         ("--disk-limit", args.disk_limit.is_some()),
         ("--name-prefix", args.name_prefix.is_some()),
+        (
+            "--max-exports-per-owner",
+            args.max_exports_per_owner.is_some(),
+        ),
+        ("--owner-memory-limit", args.owner_memory_limit.is_some()),
+        ("--owner-disk-limit", args.owner_disk_limit.is_some()),
     ];
     if let Some((flag, _)) = tmpdisk_only.iter().find(|f| f.1) {
         return Err(UsageError::TmpdiskOnly(flag).into());
@@ -270,6 +289,11 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
         memory_limit: size("--memory-limit", &args.memory_limit)?,
         disk_limit: size("--disk-limit", &args.disk_limit)?,
         name_prefix: args.name_prefix.clone(),
+        per_owner: scratchd_scratch::OwnerLimits {
+            max_exports: args.max_exports_per_owner.map(NonZeroUsize::get),
+            memory: size("--owner-memory-limit", &args.owner_memory_limit)?,
+            disk: size("--owner-disk-limit", &args.owner_disk_limit)?,
+        },
     };
     let export = tmpdisk::ExportOptions {
         default_name: Some(args.export_name.clone()).filter(|n| !n.is_empty()),
@@ -277,9 +301,34 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
         read_only: args.readonly,
     };
     let config = tmpdisk::config(&args.params, limits, export)?;
+    warn_about_ownership(config.owners);
     let may_block = !matches!(config.backing, scratchd_scratch::Backing::Memory);
     let exports = scratchd_scratch::from_config(config).map_err(OpenError::from)?;
     Ok((Arc::new(exports), may_block))
+}
+
+/// Warns that under `owner=name` every client reaches scratch disks by
+/// name alone.
+fn warn_about_ownership(owners: scratchd_scratch::OwnerPolicy) {
+    if owners == scratchd_scratch::OwnerPolicy::Name {
+        warn!(
+            "owner=name: any client that can connect and knows a disk's name can read and \
+             write it; use unguessable names (docs/SECURITY.md)"
+        );
+    }
+}
+
+/// Warns that TCP clients, which prove no identity, reach scratch disks by
+/// name alone.
+fn warn_about_tcp(listeners: &[Listener]) {
+    if listeners.iter().any(|l| l.tcp_port().is_some()) {
+        warn!(
+            "tmpdisk over TCP: TCP clients prove no identity, so any peer that can connect and \
+             knows a disk's name can read and write it; use unguessable names, and limit who \
+             can connect (a firewall now; --allow and TLS client certificates once scratchd has \
+             them); see docs/SECURITY.md"
+        );
+    }
 }
 
 /// Reports a fatal error once, on stderr (where the logs go too), and
@@ -353,6 +402,9 @@ fn start_listeners(
         listeners.extend(Listener::tcp(args.ipaddr.as_deref(), port).map_err(ListenError::Bind)?);
     }
     let port = listeners.iter().find_map(Listener::tcp_port);
+    if args.backend == "tmpdisk" {
+        warn_about_tcp(&listeners);
+    }
     let mut c = sync::lock(cleanup);
     for l in listeners {
         if let Listener::Unix(_, p) = &l {

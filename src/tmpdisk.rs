@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use scratchd_scratch::config::{check_env_key, default_memory_limit, parse_duration};
 use scratchd_scratch::names::NamePolicy;
-use scratchd_scratch::{Backing, Config, FormatKind, FormatSpec};
+use scratchd_scratch::{Backing, Config, FormatKind, FormatSpec, OwnerLimits, OwnerPolicy};
 
 use crate::backend::{parse_params, Keys, UsageError};
 use crate::size::parse_size;
@@ -41,6 +41,10 @@ pub const KEYS: Keys = &[
         "format-timeout",
         "kill a format command running longer (default 60s)",
     ),
+    (
+        "owner",
+        "who owns a disk: peer (default: the Unix peer's uid), peer+gid, or name (whoever knows the name)",
+    ),
 ];
 
 /// Server flags that only tmpdisk uses.
@@ -49,6 +53,8 @@ pub struct Limits {
     pub memory_limit: Option<u64>,
     pub disk_limit: Option<u64>,
     pub name_prefix: Option<String>,
+    /// What one owner may hold.
+    pub per_owner: OwnerLimits,
 }
 
 /// Export-level settings shared with the other backends.
@@ -112,6 +118,10 @@ pub fn config(
     if backing == Backing::Memory && limits.disk_limit.is_some() {
         return Err(UsageError::DiskLimitWithoutDir);
     }
+    if backing == Backing::Memory && limits.per_owner.disk.is_some() {
+        return Err(UsageError::OwnerDiskLimitWithoutDir);
+    }
+    let owners = get("owner").map_or(Ok(OwnerPolicy::default()), OwnerPolicy::parse)?;
     let pool = match get("pool") {
         Some(n) => n.parse().map_err(|_| UsageError::Pool(n.to_owned()))?,
         None => 0,
@@ -141,6 +151,8 @@ pub fn config(
         default_name: export.default_name,
         description: export.description,
         read_only: export.read_only,
+        owners,
+        per_owner: limits.per_owner,
     })
 }
 
@@ -157,6 +169,7 @@ mod tests {
             memory_limit: Some(1 << 30),
             disk_limit: None,
             name_prefix: None,
+            per_owner: OwnerLimits::default(),
         };
         let export = ExportOptions {
             default_name: None,
@@ -192,6 +205,19 @@ mod tests {
         assert_eq!(c.format.label.as_deref(), Some("L"));
         let c = parse(&["1M", "backing=memory,spill=dir:/var/tmp"]).unwrap();
         assert_eq!(c.backing, Backing::MemorySpill("/var/tmp".into()));
+        assert_eq!(c.owners, OwnerPolicy::Peer);
+        assert_eq!(
+            parse(&["1M", "owner=name"]).unwrap().owners,
+            OwnerPolicy::Name
+        );
+        assert_eq!(
+            parse(&["1M", "owner=peer+gid"]).unwrap().owners,
+            OwnerPolicy::PeerGid
+        );
+        assert!(matches!(
+            parse(&["1M", "owner=root"]),
+            Err(UsageError::Owner(_))
+        ));
     }
 
     #[test]

@@ -37,6 +37,26 @@ fn usage_errors_exit_2_and_name_what_is_valid() {
         ),
         (&["tmpdisk", "size=1G", "command=true", "1bad=x"], &["1bad"]),
         (&["--no-such-flag", "memory", "1G"], &["--no-such-flag"]),
+        (
+            &["--max-exports-per-owner", "0", "tmpdisk", "1M"],
+            &["--max-exports-per-owner", "0"],
+        ),
+        (
+            &["--owner-memory-limit", "lots", "tmpdisk", "1M"],
+            &["--owner-memory-limit", "lots"],
+        ),
+        (
+            &["--owner-memory-limit", "1G", "memory", "1G"],
+            &["--owner-memory-limit", "tmpdisk"],
+        ),
+        (
+            &["--owner-disk-limit", "1G", "tmpdisk", "1M"],
+            &["--owner-disk-limit", "dir:PATH"],
+        ),
+        (
+            &["tmpdisk", "1M", "owner=root"],
+            &["owner=", "root", "peer", "peer+gid", "name"],
+        ),
     ];
     for (args, words) in cases {
         let (code, stderr) = refused(args);

@@ -11,6 +11,7 @@ mod bad_input;
 mod cli;
 mod fio;
 mod idle;
+mod isolation;
 mod limits;
 mod nbdcopy;
 mod nbdinfo;

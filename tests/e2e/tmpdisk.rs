@@ -13,7 +13,7 @@ use crate::util::{
 /// Python helpers for the scripts below: `uri(name)` of an export on the
 /// server whose socket is `ARGS[0]`, and `go_error(name)`, the error message
 /// the server gave for NBD_OPT_GO (libnbd shows it only in its debug log).
-const HELPERS: &str = r#"
+pub(crate) const HELPERS: &str = r#"
 def uri(name):
     return f"nbd+unix:///{name}?socket={ARGS[0]}"
 

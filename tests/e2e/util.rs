@@ -18,6 +18,18 @@ pub struct Server {
 }
 
 impl Server {
+    /// Lets every local user connect to the server's socket (as a farm's
+    /// socket in a shared directory would), for tests with a second user.
+    pub fn open_to_everyone(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()))
+        };
+        mode(self.dir.path(), 0o755);
+        mode(&self.sock, 0o777);
+    }
+
     /// Starts `scratchd serve -U SOCK ARGS...` and waits until it accepts.
     pub fn start(args: &[&str]) -> Server {
         Server::start_in(tempfile::tempdir().expect("tempdir"), args)
@@ -431,10 +443,44 @@ exec(compile(SCRIPT, "script", "exec"))
 /// `uri` and `args` as its arguments; a failed assertion or an unexpected
 /// libnbd error fails the test with the script's traceback.
 pub fn libnbd(uri: &str, script: &str, args: &[&str]) -> Output {
+    libnbd_as(None, uri, script, args)
+}
+
+/// The user nobody, as whom tests run clients of a second owner.
+pub const NOBODY: u32 = 65534;
+
+/// The command line (program first) that runs a client as user `uid`
+/// (group `uid`, no supplementary groups), or as this process's user.
+pub fn as_user(uid: Option<u32>, argv: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = match uid {
+        Some(uid) => vec![
+            "setpriv".into(),
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+        ],
+        None => Vec::new(),
+    };
+    all.extend(argv.iter().map(|a| a.to_string()));
+    all
+}
+
+/// The command line of a [`libnbd`] script run as user `uid` (see
+/// [`as_user`]), for scripts that start it themselves.
+pub fn libnbd_argv(uid: Option<u32>, uri: &str, script: &str, args: &[&str]) -> Vec<String> {
+    let mut argv = vec!["/usr/bin/python3", "-c", LIBNBD_PRELUDE, script, uri];
+    argv.extend_from_slice(args);
+    as_user(uid, &argv)
+}
+
+/// [`libnbd`] as user `uid` (see [`as_user`]).
+pub fn libnbd_as(uid: Option<u32>, uri: &str, script: &str, args: &[&str]) -> Output {
     require("nbdsh");
-    let out = Command::new("/usr/bin/python3")
-        .args(["-c", LIBNBD_PRELUDE, script, uri])
-        .args(args)
+    let argv = libnbd_argv(uid, uri, script, args);
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        // Another user may not be allowed into the test's directory.
+        .current_dir("/")
         .output()
         .expect("run /usr/bin/python3");
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::names::NamePolicy;
+use crate::owner::{OwnerLimits, OwnerPolicy};
 
 /// Environment variables every format command gets; extra `KEY=VALUE`s may
 /// not reuse them.
@@ -74,6 +75,11 @@ pub struct Config {
     pub default_name: Option<String>,
     pub description: Option<String>,
     pub read_only: bool,
+    /// Who owns the disks a connection makes (`owner=`).
+    pub owners: OwnerPolicy,
+    /// What one owner may hold (`--max-exports-per-owner`,
+    /// `--owner-memory-limit`, `--owner-disk-limit`).
+    pub per_owner: OwnerLimits,
 }
 
 /// Why [`parse_duration`] refused its text.

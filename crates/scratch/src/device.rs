@@ -18,12 +18,21 @@
 //! by what the file system allocates beyond the data itself (extent tree
 //! blocks), and a write is refused only when the data it may add does not
 //! fit.
+//!
+//! # Owners' shares
+//!
+//! Every disk charges budgets of its own ([`Budgets`], unlimited), made
+//! within the server's budgets, so that it can be moved under its owner's
+//! share when it gets an owner ([`ScratchDevice::claim`]): a disk from the
+//! pool was made before anyone asked for it. From then on a write that
+//! needs more than the owner's share has left fails with `ENOSPC`, like
+//! one past the server's budget.
 
 use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use scratchd_store::memory::Budget;
+use scratchd_store::memory::{Budget, NarrowError};
 use scratchd_store::sync;
 use scratchd_store::{
     BlockDevice, Capabilities, Extent, ExtentKind, FileDevice, MemoryDevice, ZeroFlags,
@@ -40,6 +49,55 @@ const BLOCK: u64 = 4096;
 pub struct ScratchDevice {
     backend: Backend,
     stats: Stats,
+    /// The budgets this disk alone charges (within the server's), to move
+    /// under an owner's shares.
+    own: Budgets,
+}
+
+/// A budget per kind of storage: the server's, an owner's share of them,
+/// or one disk's own.
+#[derive(Debug, Clone, Default)]
+pub struct Budgets {
+    /// RAM (`--memory-limit`).
+    pub memory: Option<Arc<Budget>>,
+    /// Space of disk files (`--disk-limit`).
+    pub disk: Option<Arc<Budget>>,
+}
+
+impl Budgets {
+    /// Budgets of their own for one disk, each within one of `self`.
+    pub fn for_one_disk(&self) -> Budgets {
+        let mine = |b: &Option<Arc<Budget>>| {
+            b.as_ref()
+                .map(|b| Arc::new(Budget::within(b.clone(), u64::MAX)))
+        };
+        Budgets {
+            memory: mine(&self.memory),
+            disk: mine(&self.disk),
+        }
+    }
+
+    /// Shares of `limits` bytes (memory, disk) within `self`; a share only
+    /// where both a budget and a limit exist.
+    pub fn shares(&self, memory: Option<u64>, disk: Option<u64>) -> Budgets {
+        let share = |b: &Option<Arc<Budget>>, limit: Option<u64>| match (b, limit) {
+            (Some(b), Some(limit)) => Some(Arc::new(Budget::within(b.clone(), limit))),
+            _ => None,
+        };
+        Budgets {
+            memory: share(&self.memory, memory),
+            disk: share(&self.disk, disk),
+        }
+    }
+}
+
+/// Why a disk could not be moved under its owner's shares.
+#[derive(Debug, thiserror::Error)]
+#[error("the {kind} share of this client is too small for a new disk: {source}")]
+pub struct ClaimError {
+    /// "memory" or "disk".
+    pub kind: &'static str,
+    pub source: NarrowError,
 }
 
 /// The device that holds a scratch disk's bytes.
@@ -81,7 +139,35 @@ impl ScratchDevice {
         ScratchDevice {
             backend,
             stats: Stats::default(),
+            own: Budgets::default(),
         }
+    }
+
+    /// Records the disk's own budgets (those its backend charges), for
+    /// [`claim`](Self::claim).
+    pub(crate) fn charging(self, own: Budgets) -> Self {
+        ScratchDevice { own, ..self }
+    }
+
+    /// Moves the disk's charges under an owner's `shares` (where both the
+    /// disk and the owner have a budget of that kind). Call it before the
+    /// disk serves anyone.
+    ///
+    /// # Errors
+    ///
+    /// When a share cannot hold what the disk already holds (its format).
+    pub fn claim(&self, shares: &Budgets) -> Result<(), ClaimError> {
+        let kinds = [
+            ("memory", &self.own.memory, &shares.memory),
+            ("disk", &self.own.disk, &shares.disk),
+        ];
+        for (kind, own, share) in kinds {
+            if let (Some(own), Some(share)) = (own, share) {
+                own.narrow(share)
+                    .map_err(|source| ClaimError { kind, source })?;
+            }
+        }
+        Ok(())
     }
 
     /// Memory or disk space the disk holds now.

@@ -39,7 +39,7 @@ use rustix::io::Errno;
 use scratchd_store::memory::Budget;
 use scratchd_store::{BlockDevice, Capabilities, FileDevice, MemoryDevice};
 
-use crate::device::{scratch_capabilities, BudgetedFile, ScratchDevice};
+use crate::device::{scratch_capabilities, BudgetedFile, Budgets, ScratchDevice};
 use crate::format::{Format, FormatError, Watch};
 use crate::spill::SpillDevice;
 
@@ -95,6 +95,11 @@ pub trait DiskFactory: Send + Sync {
     fn size(&self) -> u64;
     /// What the disks made can do (for INFO on names without a disk).
     fn capabilities(&self) -> Capabilities;
+    /// The server-wide budgets the disks are charged to, for owners' shares
+    /// of them; none by default.
+    fn budgets(&self) -> Budgets {
+        Budgets::default()
+    }
 }
 
 /// Where a [`Maker`] places its disks (RAM, a directory, or RAM spilling
@@ -214,12 +219,19 @@ impl Maker {
         memory: &Arc<Budget>,
         disk: &Option<Arc<Budget>>,
     ) -> Result<ScratchDevice, CreateError> {
+        let own = Budgets {
+            memory: Some(memory.clone()),
+            disk: disk.clone(),
+        }
+        .for_one_disk();
+        let own_memory = own.memory.clone().unwrap_or_else(|| memory.clone());
         let (inode, fd_path) = self.unnamed_file(path)?;
         let file = FileDevice::open(&fd_path, false).map_err(CreateError::ReopenFile)?;
-        let file = BudgetedFile::new(file, inode, disk.clone()).map_err(CreateError::ChargeFile)?;
-        let mem = MemoryDevice::with_budget(self.size, memory.clone())
+        let file =
+            BudgetedFile::new(file, inode, own.disk.clone()).map_err(CreateError::ChargeFile)?;
+        let mem = MemoryDevice::with_budget(self.size, own_memory.clone())
             .map_err(|source| self.memory_error(source))?;
-        let dev = SpillDevice::new(mem, memory.clone(), file).map_err(CreateError::Spill)?;
+        let dev = SpillDevice::new(mem, own_memory, file).map_err(CreateError::Spill)?;
         // Formatted in a second unnamed file beside the spill file, not in
         // RAM: a spill disk must be creatable when the memory budget is full.
         let (image, _) = self.unnamed_file(path)?;
@@ -228,11 +240,12 @@ impl Maker {
             dir: path.to_owned(),
             source,
         })?;
-        Ok(ScratchDevice::spill(dev))
+        Ok(ScratchDevice::spill(dev).charging(own))
     }
 
     fn create_in_memory(&self, budget: &Arc<Budget>) -> Result<ScratchDevice, CreateError> {
-        let dev = MemoryDevice::with_budget(self.size, budget.clone())
+        let own = Arc::new(Budget::within(budget.clone(), u64::MAX));
+        let dev = MemoryDevice::with_budget(self.size, own.clone())
             .map_err(|source| self.memory_error(source))?;
         let memfd = self.memfd()?;
         self.format_into(&dev, &memfd, Some((budget, "memory")), |source| {
@@ -242,7 +255,10 @@ impl Maker {
                 source,
             }
         })?;
-        Ok(ScratchDevice::memory(dev))
+        Ok(ScratchDevice::memory(dev).charging(Budgets {
+            memory: Some(own),
+            disk: None,
+        }))
     }
 
     fn memory_error(&self, source: io::Error) -> CreateError {
@@ -262,12 +278,18 @@ impl Maker {
         // charges the same blocks just below.
         drop(self.format_charged(&inode, budget.as_deref().map(|b| (b, "disk")))?);
         let dev = FileDevice::open(&fd_path, false).map_err(CreateError::ReopenFile)?;
-        let dev =
-            BudgetedFile::new(dev, inode, budget.clone()).map_err(|e| match e.raw_os_error() {
+        let own = Budgets {
+            memory: None,
+            disk: budget.clone(),
+        }
+        .for_one_disk();
+        let dev = BudgetedFile::new(dev, inode, own.disk.clone()).map_err(|e| {
+            match e.raw_os_error() {
                 Some(libc::ENOSPC) => CreateError::DiskBudgetExhausted(e),
                 _ => CreateError::ChargeFile(e),
-            })?;
-        Ok(ScratchDevice::file(dev))
+            }
+        })?;
+        Ok(ScratchDevice::file(dev).charging(own))
     }
 }
 
@@ -282,6 +304,23 @@ impl DiskFactory for Maker {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn budgets(&self) -> Budgets {
+        match &self.placement {
+            Placement::Memory(memory) => Budgets {
+                memory: Some(memory.clone()),
+                disk: None,
+            },
+            Placement::Dir { budget, .. } => Budgets {
+                memory: None,
+                disk: budget.clone(),
+            },
+            Placement::Spill { memory, disk, .. } => Budgets {
+                memory: Some(memory.clone()),
+                disk: disk.clone(),
+            },
+        }
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -10,8 +10,10 @@
 //!
 //! Layout:
 //! - [`config`]: the template and limits, and their small parsers.
-//! - [`names`]: which export names are allowed.
-//! - [`registry`]: [`ScratchExports`], the name → disk map and its lifecycle.
+//! - [`names`]: which export names are allowed, and unguessable names.
+//! - [`owner`]: who a disk belongs to, and what one owner may hold.
+//! - [`registry`]: [`ScratchExports`], the (owner, name) → disk map and its
+//!   lifecycle.
 //! - [`disk`]: making a disk (memfd or `O_TMPFILE`, format, load).
 //! - [`format`](mod@format): running mkfs or the format command under a timeout.
 //! - [`spill`]: [`spill::SpillDevice`], RAM first, then an unnamed file.
@@ -34,6 +36,7 @@ pub mod device;
 pub mod disk;
 pub mod format;
 pub mod names;
+pub mod owner;
 mod pool;
 pub mod registry;
 pub mod spill;
@@ -41,6 +44,7 @@ pub mod stats;
 
 pub use config::{Backing, Config, FormatKind, FormatSpec};
 pub use device::ScratchDevice;
+pub use owner::{Owner, OwnerLimits, OwnerPolicy};
 pub use registry::{ScratchExports, Settings};
 pub use stats::StatsSnapshot;
 
@@ -65,16 +69,23 @@ pub enum BuildError {
 /// When disks cannot be made at all (a `backing=dir:` that does not exist
 /// or takes no files) or a thread cannot start.
 pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
+    // Owners' disk shares need a server-wide disk budget to be part of,
+    // even when the server sets no limit of its own.
+    let disk_limit = match (config.disk_limit, config.per_owner.disk) {
+        (None, Some(_)) => Some(u64::MAX),
+        (limit, _) => limit,
+    };
+    let disk_budget = || disk_limit.map(|limit| Arc::new(Budget::new(limit)));
     let placement = match &config.backing {
         Backing::Memory => disk::Placement::Memory(Arc::new(Budget::new(config.memory_limit))),
         Backing::Dir(path) => disk::Placement::Dir {
             path: path.clone(),
-            budget: config.disk_limit.map(|limit| Arc::new(Budget::new(limit))),
+            budget: disk_budget(),
         },
         Backing::MemorySpill(path) => disk::Placement::Spill {
             path: path.clone(),
             memory: Arc::new(Budget::new(config.memory_limit)),
-            disk: config.disk_limit.map(|limit| Arc::new(Budget::new(limit))),
+            disk: disk_budget(),
         },
     };
     let maker = disk::Maker {
@@ -104,6 +115,8 @@ pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
         max_exports: config.max_exports,
         read_only: config.read_only,
         pool: config.pool,
+        owners: config.owners,
+        per_owner: config.per_owner,
         ..Settings::new(config.format.timeout)
     };
     ScratchExports::new(settings, Arc::new(maker)).map_err(BuildError::Threads)

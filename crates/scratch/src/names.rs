@@ -5,11 +5,45 @@
 //! policy exists to keep names readable in logs and stats and to let an
 //! operator reserve a namespace (`--name-prefix`), not to defend the file
 //! system.
+//!
+//! [`unguessable`] makes names with 128 random bits, for builds whose peers
+//! prove no identity (plain TCP) or share one (the same uid): there a name
+//! is the only key to its disk, so it must not be guessable from a build id.
+
+use std::io;
 
 use scratchd_proto::negotiation::LookupError;
 
 /// The longest name accepted.
 pub const MAX_NAME_LEN: usize = 128;
+
+/// Random bits in an [`unguessable`] name.
+pub const RANDOM_BITS: usize = 128;
+
+/// `prefix` followed by [`RANDOM_BITS`] bits from the kernel's random
+/// generator, as 32 lowercase hex digits (`koji-4711-` →
+/// `koji-4711-3f9c…`): a name nobody can guess, even knowing the build id.
+///
+/// # Errors
+///
+/// When the kernel gives no random bytes (`getrandom` failed).
+pub fn unguessable(prefix: &str) -> io::Result<String> {
+    let mut bytes = [0u8; RANDOM_BITS / 8];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        match rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut name = String::with_capacity(prefix.len() + 2 * bytes.len());
+    name.push_str(prefix);
+    for b in bytes {
+        name.push_str(&format!("{b:02x}"));
+    }
+    Ok(name)
+}
 
 /// Which export names may be created: 1–128 characters of `[A-Za-z0-9._-]`,
 /// not starting with `.`, starting with `prefix`.
@@ -94,6 +128,24 @@ mod tests {
                 other => panic!("{name:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn unguessable_names_carry_128_random_bits_and_pass_the_policy() {
+        let a = unguessable("koji-4711-").unwrap();
+        let b = unguessable("koji-4711-").unwrap();
+        assert_ne!(a, b);
+        let random = a.strip_prefix("koji-4711-").unwrap();
+        assert_eq!(random.len(), RANDOM_BITS / 4);
+        assert!(random
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(ok(&NamePolicy::default(), &a));
+        let p = NamePolicy {
+            prefix: "ci-".into(),
+        };
+        assert!(ok(&p, &unguessable("ci-").unwrap()));
+        assert_eq!(unguessable("").unwrap().len(), 32);
     }
 
     #[test]

@@ -1,9 +1,23 @@
 //! [`ScratchExports`]: export names → scratch disks, created on first open,
 //! shared by every connection with that name, destroyed after the last.
 //!
+//! # Owners
+//!
+//! A disk is found by its owner and its name together ([`DiskKey`]): a
+//! connection's [`Owner`] (its identity under `owner=`, see
+//! [`crate::owner`]) is part of every lookup, so connections of one owner
+//! share a disk by name while another owner asking for the same name gets a
+//! fresh disk of its own, exactly as for a name nobody uses. LIST shows an
+//! identified owner its own disks and nothing else; peers without an
+//! identity (plain TCP) see an empty list, since "their" disks are everyone's
+//! who lacks an identity. Each owner is capped by [`OwnerLimits`]: the number
+//! of its disks (its lingering disks are evicted first), and shares of the
+//! memory and disk budgets that its disks' own budgets are moved under when
+//! the disk is made or taken from the pool.
+//!
 //! # States
 //!
-//! One `HashMap` behind one mutex holds an [`Entry`] per name. The mutex is
+//! One `HashMap` behind one mutex holds an [`Entry`] per key. The mutex is
 //! held only to look at or change an entry, never while a disk is made,
 //! formatted or destroyed, and never on the data path (connections hold the
 //! device itself).
@@ -25,7 +39,8 @@
 //!
 //! `--max-exports` counts every entry. When it is reached, the lingering
 //! disk closest to its deadline is destroyed to make room; only when none
-//! lingers is a new name refused.
+//! lingers is a new name refused. `--max-exports-per-owner` works the same
+//! way within one owner's disks, and is checked first.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -34,16 +49,17 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use scratchd_proto::negotiation::{Catalog, ExportInfo, ExportListing, LookupError};
+use scratchd_proto::negotiation::{ExportInfo, ExportListing, LookupError};
 use scratchd_server::export::{flags_for, BLOCK_SIZE};
-use scratchd_server::{Exports, OpenExport};
+use scratchd_server::{Exports, Identity, OpenExport};
 use scratchd_store::sync;
 use scratchd_store::{BlockDevice, Capabilities};
 use tracing::{info, warn};
 
-use crate::device::ScratchDevice;
+use crate::device::{Budgets, ScratchDevice};
 use crate::disk::DiskFactory;
 use crate::names::NamePolicy;
+use crate::owner::{Owner, OwnerLimits, OwnerPolicy};
 use crate::pool::Pool;
 use crate::stats::StatsSnapshot;
 
@@ -65,6 +81,10 @@ pub struct Settings {
     pub read_only: bool,
     /// Formatted disks kept ready.
     pub pool: usize,
+    /// Who owns the disks a connection makes.
+    pub owners: OwnerPolicy,
+    /// What one owner may hold.
+    pub per_owner: OwnerLimits,
 }
 
 impl Settings {
@@ -79,8 +99,17 @@ impl Settings {
             create_timeout: format_timeout + CREATE_WAIT_SLACK,
             read_only: false,
             pool: 0,
+            owners: OwnerPolicy::default(),
+            per_owner: OwnerLimits::default(),
         }
     }
+}
+
+/// What a disk is found by: its owner and its name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DiskKey {
+    pub owner: Owner,
+    pub name: String,
 }
 
 /// Scratch disks by export name; see the [module documentation](self).
@@ -91,6 +120,8 @@ pub struct ScratchExports {
 struct Shared {
     settings: Settings,
     factory: Arc<dyn DiskFactory>,
+    /// The server's budgets, for owners' shares of them.
+    budgets: Budgets,
     /// What every disk can do, for INFO on names without one.
     template_caps: Capabilities,
     pool: Option<Pool>,
@@ -102,11 +133,57 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<String, Entry>,
-    /// Lingering deadlines: (when, disk id, name). Stale ones (the disk was
+    entries: HashMap<DiskKey, Entry>,
+    /// Owners with at least one entry.
+    owners: HashMap<Owner, OwnerState>,
+    /// Lingering deadlines: (when, disk id, key). Stale ones (the disk was
     /// revived or is gone) are skipped when they come up.
-    deadlines: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64, DiskKey)>>,
     stop: bool,
+}
+
+/// One owner's holdings.
+struct OwnerState {
+    /// Its entries (being created, live or lingering).
+    disks: usize,
+    /// Its shares of the server's budgets, which its disks charge.
+    shares: Budgets,
+}
+
+impl State {
+    /// Adds the entry of a new disk for `key`, counting it for its owner
+    /// (whose shares are made on its first disk); the owner's shares.
+    fn add(&mut self, key: DiskKey, entry: Entry, shared: &Shared) -> Budgets {
+        let owner = self.owners.entry(key.owner).or_insert_with(|| OwnerState {
+            disks: 0,
+            shares: shared.budgets.shares(
+                shared.settings.per_owner.memory,
+                shared.settings.per_owner.disk,
+            ),
+        });
+        owner.disks += 1;
+        let shares = owner.shares.clone();
+        self.entries.insert(key, entry);
+        shares
+    }
+
+    /// Removes `key`'s entry, forgetting its owner with its last disk. The
+    /// caller drops what is returned after unlocking.
+    fn remove(&mut self, key: &DiskKey) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        if let Some(owner) = self.owners.get_mut(&key.owner) {
+            owner.disks -= 1;
+            if owner.disks == 0 {
+                self.owners.remove(&key.owner);
+            }
+        }
+        Some(entry)
+    }
+
+    /// How many entries `owner` has.
+    fn disks_of(&self, owner: &Owner) -> usize {
+        self.owners.get(owner).map_or(0, |o| o.disks)
+    }
 }
 
 enum Entry {
@@ -125,7 +202,7 @@ struct Pending {
 /// A named disk.
 struct Disk {
     id: u64,
-    name: String,
+    key: DiskKey,
     device: Arc<ScratchDevice>,
     attached: Instant,
     connections_total: AtomicU64,
@@ -135,7 +212,8 @@ impl Drop for Disk {
     fn drop(&mut self) {
         let s = self.stats(0);
         info!(
-            export = %self.name,
+            export = %self.key.name,
+            owner = %self.key.owner,
             age_s = s.age.as_secs_f64(),
             connections = s.connections_total,
             reads = s.reads,
@@ -194,6 +272,7 @@ impl ScratchExports {
         };
         let shared = Arc::new(Shared {
             template_caps: factory.capabilities(),
+            budgets: factory.budgets(),
             settings,
             factory,
             pool,
@@ -210,8 +289,9 @@ impl ScratchExports {
         Ok(ScratchExports { shared })
     }
 
-    /// Statistics of every disk with a name (live or lingering), by name.
-    pub fn stats(&self) -> Vec<(String, StatsSnapshot)> {
+    /// Statistics of every disk with a name (live or lingering), by owner
+    /// and name: the operator's view, across owners.
+    pub fn stats(&self) -> Vec<(DiskKey, StatsSnapshot)> {
         let disks: Vec<(Arc<Disk>, u64)> = {
             let state = self.shared.lock();
             state
@@ -226,7 +306,7 @@ impl ScratchExports {
         };
         let mut out: Vec<_> = disks
             .into_iter()
-            .map(|(disk, n)| (disk.name.clone(), disk.stats(n)))
+            .map(|(disk, n)| (disk.key.clone(), disk.stats(n)))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -250,14 +330,17 @@ impl Shared {
         sync::lock(&self.state)
     }
 
-    /// The name a client's `name` stands for, if policy allows it.
-    fn resolve<'a>(&'a self, name: &'a str) -> Result<&'a str, LookupError> {
+    /// The disk that `peer` means by `name`, if policy allows the name.
+    fn resolve(&self, name: &str, peer: &Identity) -> Result<DiskKey, LookupError> {
         let name = match (&self.settings.default_name, name) {
             (Some(default), "") => default.as_str(),
             _ => name,
         };
         self.settings.names.check(name)?;
-        Ok(name)
+        Ok(DiskKey {
+            owner: self.settings.owners.owner_of(peer),
+            name: name.to_owned(),
+        })
     }
 
     fn info(&self, name: &str, device: Option<&dyn BlockDevice>) -> ExportInfo {
@@ -274,14 +357,14 @@ impl Shared {
         }
     }
 
-    fn open(self: &Arc<Self>, name: &str) -> Result<OpenExport, LookupError> {
+    fn open(self: &Arc<Self>, key: &DiskKey) -> Result<OpenExport, LookupError> {
         let deadline = Instant::now() + self.settings.create_timeout;
         loop {
             let mut state = self.lock();
             if state.stop {
                 return Err(LookupError::Shutdown("the server is shutting down".into()));
             }
-            let pending = match state.entries.get_mut(name) {
+            let pending = match state.entries.get_mut(key) {
                 Some(Entry::Live { disk, connections }) => {
                     *connections += 1;
                     let disk = disk.clone();
@@ -294,20 +377,18 @@ impl Shared {
                         disk: disk.clone(),
                         connections: 1,
                     };
-                    state.entries.insert(name.to_owned(), live);
+                    state.entries.insert(key.clone(), live);
                     drop(state);
                     return Ok(self.attach(disk));
                 }
                 Some(Entry::Creating(pending)) => pending.clone(),
                 None => {
-                    let evicted = self.make_room(&mut state)?;
+                    let evicted = self.make_room(&mut state, &key.owner)?;
                     let pending = Arc::new(Pending::default());
-                    state
-                        .entries
-                        .insert(name.to_owned(), Entry::Creating(pending.clone()));
+                    let shares = state.add(key.clone(), Entry::Creating(pending.clone()), self);
                     drop(state);
                     drop(evicted);
-                    return self.create(name, &pending);
+                    return self.create(key, &pending, &shares);
                 }
             };
             drop(state);
@@ -316,37 +397,62 @@ impl Shared {
         }
     }
 
-    /// Frees a slot for a new name under `--max-exports`, evicting the
-    /// lingering disk nearest its deadline if need be; the caller drops the
-    /// evicted disk after unlocking.
-    fn make_room(&self, state: &mut State) -> Result<Option<Arc<Disk>>, LookupError> {
-        let Some(max) = self.settings.max_exports else {
-            return Ok(None);
-        };
-        if state.entries.len() < max {
-            return Ok(None);
-        }
-        let victim = state
-            .entries
-            .iter()
-            .filter_map(|(name, e)| match e {
-                Entry::Lingering { until, .. } => Some((*until, name.clone())),
-                _ => None,
-            })
-            .min();
-        match victim.and_then(|(_, name)| state.entries.remove(&name)) {
-            Some(Entry::Lingering { disk, .. }) => {
-                info!(export = %disk.name, "evicting a lingering disk to stay within --max-exports");
-                Ok(Some(disk))
+    /// Frees a slot for a new disk of `owner` under `--max-exports-per-owner`
+    /// and `--max-exports`, evicting the lingering disk nearest its deadline
+    /// (the owner's own, for its cap) if need be; the caller drops the
+    /// evicted disks after unlocking.
+    fn make_room(&self, state: &mut State, owner: &Owner) -> Result<Vec<Entry>, LookupError> {
+        let mut evicted = Vec::new();
+        if let Some(max) = self.settings.per_owner.max_exports {
+            if state.disks_of(owner) >= max {
+                let victim = Self::evict(state, |key| key.owner == *owner).ok_or_else(|| {
+                    LookupError::Policy(format!(
+                        "too many disks: each client may hold at most {max} scratch disks at \
+                         once on this server, and all of yours are in use"
+                    ))
+                })?;
+                info!(export = %victim.0.name, owner = %owner, "evicting a lingering disk to stay within --max-exports-per-owner");
+                evicted.push(victim.1);
             }
-            _ => Err(LookupError::Policy(format!(
-                "too many exports: this server holds at most {max} scratch disks at once"
-            ))),
         }
+        if let Some(max) = self.settings.max_exports {
+            if state.entries.len() >= max {
+                let victim = Self::evict(state, |_| true).ok_or_else(|| {
+                    LookupError::Policy(format!(
+                        "too many exports: this server holds at most {max} scratch disks at once"
+                    ))
+                })?;
+                info!(export = %victim.0.name, owner = %victim.0.owner, "evicting a lingering disk to stay within --max-exports");
+                evicted.push(victim.1);
+            }
+        }
+        Ok(evicted)
     }
 
-    /// Makes the disk for `name`, whose entry is `Creating(pending)`.
-    fn create(self: &Arc<Self>, name: &str, pending: &Pending) -> Result<OpenExport, LookupError> {
+    /// Removes the lingering disk nearest its deadline among those whose
+    /// key passes `filter`, if any.
+    fn evict(state: &mut State, filter: impl Fn(&DiskKey) -> bool) -> Option<(DiskKey, Entry)> {
+        let (_, key) = state
+            .entries
+            .iter()
+            .filter(|(key, _)| filter(key))
+            .filter_map(|(key, e)| match e {
+                Entry::Lingering { until, .. } => Some((*until, key.clone())),
+                _ => None,
+            })
+            .min()?;
+        let entry = state.remove(&key)?;
+        Some((key, entry))
+    }
+
+    /// Makes the disk for `key`, whose entry is `Creating(pending)`, and
+    /// moves it under its owner's `shares`.
+    fn create(
+        self: &Arc<Self>,
+        key: &DiskKey,
+        pending: &Pending,
+        shares: &Budgets,
+    ) -> Result<OpenExport, LookupError> {
         let start = Instant::now();
         let pooled = self.pool.as_ref().and_then(Pool::take);
         let from_pool = pooled.is_some();
@@ -354,18 +460,30 @@ impl Shared {
             Some(device) => Ok(device),
             None => self.factory.create(),
         };
-        let result = match made {
+        let claimed = made
+            .map_err(|why| {
+                warn!(export = %key.name, owner = %key.owner, "cannot create scratch disk: {why}");
+                LookupError::Platform(format!("cannot create the scratch disk: {why}"))
+            })
+            .and_then(|device| match device.claim(shares) {
+                Ok(()) => Ok(device),
+                Err(why) => {
+                    info!(export = %key.name, owner = %key.owner, "new disk refused: {why}");
+                    Err(LookupError::Policy(why.to_string()))
+                }
+            });
+        let result = match claimed {
             Ok(device) => {
-                info!(export = %name, from_pool, ms = start.elapsed().as_secs_f64() * 1e3, "scratch disk created");
+                info!(export = %key.name, owner = %key.owner, from_pool, ms = start.elapsed().as_secs_f64() * 1e3, "scratch disk created");
                 let disk = Arc::new(Disk {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
-                    name: name.to_owned(),
+                    key: key.clone(),
                     device: Arc::new(device),
                     attached: Instant::now(),
                     connections_total: AtomicU64::new(0),
                 });
                 self.lock().entries.insert(
-                    name.to_owned(),
+                    key.clone(),
                     Entry::Live {
                         disk: disk.clone(),
                         connections: 1,
@@ -373,12 +491,10 @@ impl Shared {
                 );
                 Ok(self.attach(disk))
             }
-            Err(why) => {
-                warn!(export = %name, "cannot create scratch disk: {why}");
-                self.lock().entries.remove(name);
-                Err(LookupError::Platform(format!(
-                    "cannot create the scratch disk: {why}"
-                )))
+            Err(e) => {
+                let removed = self.lock().remove(key);
+                drop(removed);
+                Err(e)
             }
         };
         pending.finish(result.as_ref().map(drop).map_err(Clone::clone));
@@ -389,7 +505,7 @@ impl Shared {
     fn attach(self: &Arc<Self>, disk: Arc<Disk>) -> OpenExport {
         disk.connections_total.fetch_add(1, Ordering::Relaxed);
         OpenExport {
-            info: self.info(&disk.name, Some(disk.device.as_ref())),
+            info: self.info(&disk.key.name, Some(disk.device.as_ref())),
             device: disk.device.clone(),
             lease: Some(Box::new(Lease {
                 shared: self.clone(),
@@ -404,7 +520,7 @@ impl Shared {
         let Some(Entry::Live {
             disk: live,
             connections,
-        }) = state.entries.get_mut(&disk.name)
+        }) = state.entries.get_mut(&disk.key)
         else {
             return;
         };
@@ -417,7 +533,7 @@ impl Shared {
         }
         let linger = self.settings.linger;
         if linger.is_zero() || state.stop {
-            let removed = state.entries.remove(&disk.name);
+            let removed = state.remove(&disk.key);
             drop(state);
             drop(removed);
             return;
@@ -427,10 +543,10 @@ impl Shared {
             disk: disk.clone(),
             until,
         };
-        state.entries.insert(disk.name.clone(), entry);
+        state.entries.insert(disk.key.clone(), entry);
         state
             .deadlines
-            .push(Reverse((until, disk.id, disk.name.clone())));
+            .push(Reverse((until, disk.id, disk.key.clone())));
         drop(state);
         self.reaper.notify_all();
     }
@@ -447,13 +563,13 @@ impl Shared {
                     state = sync::wait_timeout(&self.reaper, state, when - now).0;
                 }
                 Some(_) => {
-                    let Some(Reverse((when, id, name))) = state.deadlines.pop() else {
+                    let Some(Reverse((when, id, key))) = state.deadlines.pop() else {
                         continue;
                     };
-                    let expired = matches!(state.entries.get(&name),
+                    let expired = matches!(state.entries.get(&key),
                         Some(Entry::Lingering { disk, until }) if disk.id == id && *until == when);
                     if expired {
-                        let removed = state.entries.remove(&name);
+                        let removed = state.remove(&key);
                         drop(state);
                         drop(removed);
                         state = self.lock();
@@ -488,15 +604,23 @@ impl Pending {
     }
 }
 
-impl Catalog for ScratchExports {
-    fn list(&self) -> Vec<ExportListing> {
+/// Every question is answered within the asking peer's owner: see the
+/// [module documentation](self#owners).
+impl Exports for ScratchExports {
+    /// An identified owner's own disks (live or lingering); nothing for
+    /// peers without an identity, whose disks are shared by name only.
+    fn list(&self, peer: &Identity) -> Vec<ExportListing> {
+        let owner = self.shared.settings.owners.owner_of(peer);
+        if !owner.is_identified() {
+            return Vec::new();
+        }
         let state = self.shared.lock();
         let mut names: Vec<ExportListing> = state
             .entries
             .iter()
-            .filter(|(_, e)| !matches!(e, Entry::Creating(_)))
-            .map(|(name, _)| ExportListing {
-                name: name.clone(),
+            .filter(|(key, e)| key.owner == owner && !matches!(e, Entry::Creating(_)))
+            .map(|(key, _)| ExportListing {
+                name: key.name.clone(),
                 description: self.shared.settings.description.clone(),
             })
             .collect();
@@ -505,9 +629,9 @@ impl Catalog for ScratchExports {
         names
     }
 
-    fn info(&self, name: &str) -> Result<ExportInfo, LookupError> {
-        let name = self.shared.resolve(name)?;
-        let device = match self.shared.lock().entries.get(name) {
+    fn info(&self, name: &str, peer: &Identity) -> Result<ExportInfo, LookupError> {
+        let key = self.shared.resolve(name, peer)?;
+        let device = match self.shared.lock().entries.get(&key) {
             Some(Entry::Live { disk, .. } | Entry::Lingering { disk, .. }) => {
                 Some(disk.device.clone())
             }
@@ -515,14 +639,12 @@ impl Catalog for ScratchExports {
         };
         Ok(self
             .shared
-            .info(name, device.as_deref().map(|d| d as &dyn BlockDevice)))
+            .info(&key.name, device.as_deref().map(|d| d as &dyn BlockDevice)))
     }
-}
 
-impl Exports for ScratchExports {
-    fn open(&self, name: &str) -> Result<OpenExport, LookupError> {
-        let name = self.shared.resolve(name)?;
-        self.shared.open(name)
+    fn open(&self, name: &str, peer: &Identity) -> Result<OpenExport, LookupError> {
+        let key = self.shared.resolve(name, peer)?;
+        self.shared.open(&key)
     }
 }
 
@@ -531,6 +653,7 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use crate::disk::CreateError;
+    use crate::owner::{OwnerLimits, OwnerPolicy};
     use scratchd_store::MemoryDevice;
 
     use super::*;
@@ -584,12 +707,25 @@ mod tests {
         (ScratchExports::new(settings, fake.clone()).unwrap(), fake)
     }
 
+    /// A local user's connection.
+    fn peer(uid: u32) -> Identity {
+        Identity::Unix(scratchd_server::identity::Credentials {
+            uid,
+            gid: uid,
+            pid: 1,
+        })
+    }
+
+    fn alice() -> Identity {
+        peer(1000)
+    }
+
     fn settings() -> Settings {
         Settings::new(Duration::from_secs(5))
     }
 
     fn names(r: &ScratchExports) -> Vec<String> {
-        r.list().into_iter().map(|l| l.name).collect()
+        r.list(&alice()).into_iter().map(|l| l.name).collect()
     }
 
     /// Polls `f` for up to 5 s.
@@ -604,16 +740,16 @@ mod tests {
     #[test]
     fn connections_share_a_disk_that_goes_with_the_last() {
         let (r, fake) = registry(settings());
-        let a1 = r.open("a").unwrap();
-        let a2 = r.open("a").unwrap();
-        let b = r.open("b").unwrap();
+        let a1 = r.open("a", &alice()).unwrap();
+        let a2 = r.open("a", &alice()).unwrap();
+        let b = r.open("b", &alice()).unwrap();
         assert!(Arc::ptr_eq(&a1.device, &a2.device));
         assert!(!Arc::ptr_eq(&a1.device, &b.device));
         assert!(a1.info.flags.0 & scratchd_proto::TransmissionFlags::CAN_MULTI_CONN != 0);
         assert_eq!(fake.made(), 2);
         a1.device.write(0, b"x", false).unwrap();
         let stats = r.stats();
-        assert_eq!(stats[0].0, "a");
+        assert_eq!(stats[0].0.name, "a");
         assert_eq!(
             (stats[0].1.connections, stats[0].1.connections_total),
             (2, 2)
@@ -623,7 +759,7 @@ mod tests {
         assert_eq!(names(&r), ["a", "b"]);
         drop(a2);
         assert_eq!(names(&r), ["b"]);
-        let a3 = r.open("a").unwrap();
+        let a3 = r.open("a", &alice()).unwrap();
         let mut buf = [9u8];
         a3.device.read(0, &mut buf).unwrap();
         assert_eq!(buf, [0], "a new disk after the last connection left");
@@ -635,10 +771,12 @@ mod tests {
         let (r, fake) = registry(settings());
         fake.hold();
         let devices = thread::scope(|s| {
-            let openers: Vec<_> = (0..4).map(|_| s.spawn(|| r.open("a").unwrap())).collect();
+            let openers: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| r.open("a", &alice()).unwrap()))
+                .collect();
             eventually("the creation to start", || fake.made() == 1);
             // INFO and LIST meanwhile neither wait nor create.
-            assert_eq!(r.info("a").unwrap().size, 1 << 20);
+            assert_eq!(r.info("a", &alice()).unwrap().size, 1 << 20);
             assert!(names(&r).is_empty());
             fake.open_gate();
             openers
@@ -659,7 +797,9 @@ mod tests {
         fake.fail.store(true, Ordering::SeqCst);
         fake.hold();
         let errors = thread::scope(|s| {
-            let openers: Vec<_> = (0..3).map(|_| s.spawn(|| r.open("a").err())).collect();
+            let openers: Vec<_> = (0..3)
+                .map(|_| s.spawn(|| r.open("a", &alice()).err()))
+                .collect();
             eventually("the creation to start", || fake.made() == 1);
             fake.open_gate();
             openers
@@ -677,7 +817,7 @@ mod tests {
         // (An opener that arrived after the failure tried again, and failed.)
         let made = fake.made();
         fake.fail.store(false, Ordering::SeqCst);
-        r.open("a").unwrap();
+        r.open("a", &alice()).unwrap();
         assert_eq!(fake.made(), made + 1);
     }
 
@@ -689,9 +829,9 @@ mod tests {
         });
         fake.hold();
         thread::scope(|s| {
-            let creator = s.spawn(|| r.open("a").map(drop));
+            let creator = s.spawn(|| r.open("a", &alice()).map(drop));
             eventually("the creation to start", || fake.made() == 1);
-            match r.open("a").err() {
+            match r.open("a", &alice()).err() {
                 Some(LookupError::Platform(m)) => assert!(m.contains("timed out"), "{m}"),
                 other => panic!("{other:?}"),
             }
@@ -706,12 +846,12 @@ mod tests {
             linger: Duration::from_millis(200),
             ..settings()
         });
-        let a = r.open("a").unwrap();
+        let a = r.open("a", &alice()).unwrap();
         a.device.write(0, b"kept", false).unwrap();
         let device = a.device.clone();
         drop(a);
         assert_eq!(names(&r), ["a"], "lingering disks are listed");
-        let again = r.open("a").unwrap();
+        let again = r.open("a", &alice()).unwrap();
         assert!(Arc::ptr_eq(&again.device, &device));
         assert_eq!(r.stats()[0].1.connections_total, 2);
         drop(again);
@@ -723,7 +863,7 @@ mod tests {
         eventually("the reaper to drop the disk", || {
             Arc::strong_count(&device) == 1
         });
-        r.open("a").unwrap();
+        r.open("a", &alice()).unwrap();
         assert_eq!(fake.made(), 2);
     }
 
@@ -734,16 +874,16 @@ mod tests {
             linger: Duration::from_secs(60),
             ..settings()
         });
-        let a = r.open("a").unwrap();
-        drop(r.open("b").unwrap()); // lingers
-        let c = r.open("c").unwrap(); // evicts b
+        let a = r.open("a", &alice()).unwrap();
+        drop(r.open("b", &alice()).unwrap()); // lingers
+        let c = r.open("c", &alice()).unwrap(); // evicts b
         assert_eq!(names(&r), ["a", "c"]);
-        match r.open("d").err() {
+        match r.open("d", &alice()).err() {
             Some(LookupError::Policy(m)) => assert!(m.contains("too many"), "{m}"),
             other => panic!("{other:?}"),
         }
         // Existing names still open.
-        r.open("a").unwrap();
+        r.open("a", &alice()).unwrap();
         drop((a, c));
     }
 
@@ -752,15 +892,15 @@ mod tests {
         let (r, fake) = registry(settings());
         for bad in ["", "../x", ".hidden", &"x".repeat(200)] {
             assert!(
-                matches!(r.info(bad), Err(LookupError::Policy(_))),
+                matches!(r.info(bad, &alice()), Err(LookupError::Policy(_))),
                 "{bad:?}"
             );
             assert!(
-                matches!(r.open(bad), Err(LookupError::Policy(_))),
+                matches!(r.open(bad, &alice()), Err(LookupError::Policy(_))),
                 "{bad:?}"
             );
         }
-        let info = r.info("new").unwrap();
+        let info = r.info("new", &alice()).unwrap();
         assert_eq!((info.name.as_str(), info.size), ("new", 1 << 20));
         assert!(names(&r).is_empty());
         assert_eq!(fake.made(), 0);
@@ -769,9 +909,139 @@ mod tests {
             default_name: Some("build".into()),
             ..settings()
         });
-        let open = r.open("").unwrap();
+        let open = r.open("", &alice()).unwrap();
         assert_eq!(open.info.name, "build");
         assert_eq!(names(&r), ["build"]);
+    }
+
+    #[test]
+    fn each_owner_has_a_namespace_and_lists_only_its_own_disks() {
+        let (r, fake) = registry(settings());
+        let (bob, anonymous) = (peer(2000), Identity::Anonymous);
+        let a1 = r.open("build", &alice()).unwrap();
+        let a2 = r.open("build", &alice()).unwrap();
+        assert!(
+            Arc::ptr_eq(&a1.device, &a2.device),
+            "one owner shares by name"
+        );
+        a1.device.write(0, b"secret", false).unwrap();
+        // Bob asking for alice's name gets what any fresh name gets.
+        assert_eq!(r.list(&bob), []);
+        assert_eq!(
+            r.info("build", &bob),
+            r.info("fresh", &bob).map(|i| ExportInfo {
+                name: "build".into(),
+                ..i
+            })
+        );
+        let b = r.open("build", &bob).unwrap();
+        assert!(!Arc::ptr_eq(&a1.device, &b.device));
+        let mut buf = [1u8; 6];
+        b.device.read(0, &mut buf).unwrap();
+        assert_eq!(buf, [0; 6], "another owner's disk is fresh");
+        // Peers without an identity share one namespace and list nothing.
+        let n = r.open("build", &anonymous).unwrap();
+        assert!(!Arc::ptr_eq(&n.device, &a1.device) && !Arc::ptr_eq(&n.device, &b.device));
+        assert_eq!(r.list(&anonymous), []);
+        assert_eq!(names(&r), ["build"]);
+        assert_eq!(r.list(&bob).len(), 1);
+        assert_eq!(fake.made(), 3);
+        // uid+gid: the same uid in another group is another owner.
+        let (r, _) = registry(Settings {
+            owners: OwnerPolicy::PeerGid,
+            ..settings()
+        });
+        let staff = Identity::Unix(scratchd_server::identity::Credentials {
+            uid: 1000,
+            gid: 50,
+            pid: 2,
+        });
+        let x = r.open("x", &alice()).unwrap();
+        assert!(!Arc::ptr_eq(
+            &x.device,
+            &r.open("x", &staff).unwrap().device
+        ));
+        // owner=name: everybody reaches a disk by its name.
+        let (r, _) = registry(Settings {
+            owners: OwnerPolicy::Name,
+            ..settings()
+        });
+        let x = r.open("x", &alice()).unwrap();
+        assert!(Arc::ptr_eq(&x.device, &r.open("x", &bob).unwrap().device));
+        assert_eq!(r.list(&alice()), [], "nobody lists under owner=name");
+    }
+
+    #[test]
+    fn the_per_owner_cap_evicts_the_owners_lingering_disk_then_refuses() {
+        let (r, _) = registry(Settings {
+            per_owner: OwnerLimits {
+                max_exports: Some(2),
+                ..OwnerLimits::default()
+            },
+            linger: Duration::from_secs(60),
+            ..settings()
+        });
+        let bob = peer(2000);
+        let bobs = r.open("b", &bob).unwrap();
+        drop(r.open("lingers", &bob).unwrap());
+        let a = r.open("a", &alice()).unwrap();
+        drop(r.open("a-lingers", &alice()).unwrap());
+        let c = r.open("c", &alice()).unwrap(); // evicts a-lingers, not bob's
+        assert_eq!(r.list(&alice()).len(), 2);
+        assert_eq!(r.list(&bob).len(), 2);
+        match r.open("d", &alice()).err() {
+            Some(LookupError::Policy(m)) => assert!(m.contains("at most 2"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Its open disks still open, and others carry on.
+        drop(r.open("a", &alice()).unwrap());
+        let another = r.open("new", &peer(3000)).unwrap();
+        // A disk gone gives its slot back.
+        drop(c);
+        r.open("d", &alice()).unwrap();
+        drop((a, bobs, another));
+    }
+
+    #[test]
+    fn owner_shares_give_enospc_and_pooled_disks_join_their_owners_share() {
+        use crate::disk::{Maker, Placement};
+        use scratchd_store::memory::Budget;
+        let server = Arc::new(Budget::new(64 << 10));
+        let maker = Maker {
+            size: 1 << 20,
+            placement: Placement::Memory(server.clone()),
+            format: Box::new(crate::FormatSpec {
+                kind: crate::FormatKind::None,
+                fs_type: "none".into(),
+                label: None,
+                env: Vec::new(),
+                timeout: Duration::from_secs(5),
+            }),
+        };
+        let settings = Settings {
+            pool: 1,
+            per_owner: OwnerLimits {
+                memory: Some(24 << 10),
+                ..OwnerLimits::default()
+            },
+            ..settings()
+        };
+        let r = ScratchExports::new(settings, Arc::new(maker)).unwrap();
+        eventually("the pool to fill", || r.pool_ready() == 1);
+        let a = r.open("a", &alice()).unwrap(); // from the pool
+        let a2 = r.open("a2", &alice()).unwrap(); // made at once
+        let bob = r.open("b", &peer(2000)).unwrap();
+        a.device.write(0, &[1; 16 << 10], false).unwrap();
+        a2.device.write(0, &[1; 8 << 10], false).unwrap();
+        let err = a2.device.write(8 << 10, &[1; 4096], false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "past alice's share");
+        bob.device.write(0, &[2; 24 << 10], false).unwrap();
+        assert_eq!(server.used(), 48 << 10, "others carry on");
+        // Trimming gives the share back.
+        a.device.trim(0, 16 << 10, false).unwrap();
+        a2.device.write(8 << 10, &[1; 4096], false).unwrap();
+        drop((a, a2, bob));
+        assert_eq!(server.used(), 0);
     }
 
     #[test]
@@ -781,7 +1051,7 @@ mod tests {
             ..settings()
         });
         let shared = Arc::downgrade(&r.shared);
-        drop(r.open("a").unwrap());
+        drop(r.open("a", &alice()).unwrap());
         drop(r);
         eventually("the reaper to exit", || shared.strong_count() == 0);
     }

@@ -258,7 +258,7 @@ impl SpillDevice {
                     ExtentKind::Data => mem(pos, next)?,
                     ExtentKind::Hole => {
                         // What is left of the budget is filled first.
-                        let room = self.budget.limit().saturating_sub(self.budget.used());
+                        let room = self.budget.available();
                         let split = self
                             .block_start(self.block_of(pos) + (room >> self.block_shift))
                             .clamp(pos, next);

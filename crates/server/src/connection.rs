@@ -25,7 +25,8 @@ use scratchd_store::BlockDevice;
 use tracing::{debug, info};
 
 use crate::executor::{self, PoolRequest, ReplyContext, Scratch};
-use crate::export::OpenExport;
+use crate::export::{OpenExport, PeerCatalog};
+use crate::identity::{Fingerprint, Identity};
 use crate::input::{give_back_vec, Filled, Input, ReadTimeout, INPUT_BUFFER};
 use crate::listener::ServerContext;
 use crate::replies::Replies;
@@ -70,11 +71,13 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
         reader,
         mut writer,
         control,
+        identity,
         ..
     } = transport;
     control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut input = Input::new(reader);
-    let Some((session, export)) = handshake(&mut input, &mut writer, &control, ctx)? else {
+    let Some((session, export)) = handshake(&mut input, &mut writer, &control, identity, ctx)?
+    else {
         return Ok(());
     };
     input.watch_idle(Box::new(control.try_clone()?))?;
@@ -90,10 +93,14 @@ impl ReadTimeout for Control {
     }
 }
 
+/// Runs the option haggling until transmission starts (`Some`) or the
+/// client leaves (`None`). `peer` is who asks: the registry answers LIST,
+/// INFO and opens as that peer.
 fn handshake(
     input: &mut Input,
     writer: &mut WriteHalf,
     control: &Control,
+    mut peer: Identity,
     ctx: &ServerContext,
 ) -> io::Result<Option<(Session, OpenExport)>> {
     writer.write_all(&handshake::greeting(), HANDSHAKE_TIMEOUT)?;
@@ -140,12 +147,20 @@ fn handshake(
             let _ = writer.write_all(&out, HANDSHAKE_TIMEOUT);
             return Ok(None);
         }
-        let step = negotiator.handle(header.option, &payload, ctx.exports.as_ref(), &mut out);
+        let catalog = PeerCatalog {
+            exports: ctx.exports.as_ref(),
+            peer: &peer,
+        };
+        let step = negotiator.handle(header.option, &payload, &catalog, &mut out);
         let opened = match step {
             Step::Continue => None,
             Step::StartTls => {
                 writer.write_all(&out, HANDSHAKE_TIMEOUT)?;
-                start_tls(input, writer, control, ctx)?;
+                if let Some(fingerprint) = start_tls(input, writer, control, ctx)? {
+                    // A verified client certificate names the peer better
+                    // than the socket does (which, over TCP, names nobody).
+                    peer = Identity::Certificate(fingerprint);
+                }
                 negotiator.tls_started();
                 continue;
             }
@@ -154,7 +169,7 @@ fn handshake(
                 return Ok(None);
             }
             Step::Open { name, via } => {
-                let result = ctx.exports.open(&name);
+                let result = ctx.exports.open(&name, &peer);
                 let (info, export) = match result {
                     Ok(e) => (Ok(e.info.clone()), Some(e)),
                     Err(e) => (Err(e), None),
@@ -183,7 +198,7 @@ fn start_tls(
     writer: &mut WriteHalf,
     control: &Control,
     ctx: &ServerContext,
-) -> io::Result<()> {
+) -> io::Result<Option<Fingerprint>> {
     let tls = ctx
         .tls
         .as_ref()
@@ -196,11 +211,11 @@ fn start_tls(
     let socket = control
         .socket()
         .ok_or_else(|| invalid_data("TLS needs a socket"))??;
-    let (reader, tls_writer) = tls.accept(socket)?;
+    let (reader, tls_writer, fingerprint) = tls.accept(socket)?;
     input.replace_reader(Box::new(reader));
     *writer = WriteHalf::Tls(tls_writer);
-    debug!("TLS started");
-    Ok(())
+    debug!(client_certificate = fingerprint.is_some(), "TLS started");
+    Ok(fingerprint)
 }
 
 fn invalid_data(e: impl std::fmt::Display) -> io::Error {

@@ -1,8 +1,11 @@
 //! The export registry: how a connection finds the disk behind a name.
 //!
-//! [`Exports`] separates looking (the [`Catalog`] half: LIST, INFO and
-//! meta-context queries, which must never create anything) from opening
-//! (GO/EXPORT_NAME, which may create a disk and holds it while connected).
+//! [`Exports`] separates looking (LIST, INFO and meta-context queries, which
+//! must never create anything) from opening (GO/EXPORT_NAME, which may
+//! create a disk and holds it while connected). Every question carries the
+//! asking connection's [`Identity`], so that a registry can show each peer
+//! only what is its own (scratch disks do); [`PeerCatalog`] binds the two
+//! into the [`Catalog`] the negotiator asks.
 
 use std::sync::Arc;
 
@@ -10,6 +13,8 @@ use scratchd_proto::negotiation::{BlockSize, Catalog, ExportInfo, ExportListing,
 use scratchd_proto::request::MAX_PAYLOAD;
 use scratchd_proto::TransmissionFlags;
 use scratchd_store::{BlockDevice, Capabilities};
+
+use crate::identity::Identity;
 
 /// An export held open by one connection.
 pub struct OpenExport {
@@ -20,11 +25,33 @@ pub struct OpenExport {
     pub lease: Option<Box<dyn Send + Sync>>,
 }
 
-/// Names → disks, shared by every connection of a server.
-pub trait Exports: Catalog + Send + Sync {
+/// Names → disks, shared by every connection of a server. `peer` is who
+/// asks; a registry may answer each peer differently.
+pub trait Exports: Send + Sync {
+    /// The exports `peer` may know of (`NBD_OPT_LIST`).
+    fn list(&self, peer: &Identity) -> Vec<ExportListing>;
+    /// Describes `name` for `peer` without creating anything.
+    fn info(&self, name: &str, peer: &Identity) -> Result<ExportInfo, LookupError>;
     /// Opens `name` for transmission, creating its disk if the registry does
     /// that; the returned lease keeps it alive.
-    fn open(&self, name: &str) -> Result<OpenExport, LookupError>;
+    fn open(&self, name: &str, peer: &Identity) -> Result<OpenExport, LookupError>;
+}
+
+/// One connection's view of the exports: the [`Catalog`] its negotiator
+/// asks, answering as the registry answers this peer.
+pub struct PeerCatalog<'a> {
+    pub exports: &'a dyn Exports,
+    pub peer: &'a Identity,
+}
+
+impl Catalog for PeerCatalog<'_> {
+    fn list(&self) -> Vec<ExportListing> {
+        self.exports.list(self.peer)
+    }
+
+    fn info(&self, name: &str) -> Result<ExportInfo, LookupError> {
+        self.exports.info(name, self.peer)
+    }
 }
 
 /// Block sizes every scratchd export advertises: any alignment is served,
@@ -98,21 +125,20 @@ impl SingleExport {
     }
 }
 
-impl Catalog for SingleExport {
-    fn list(&self) -> Vec<ExportListing> {
+/// A single export is the operator's to share: every peer sees it.
+impl Exports for SingleExport {
+    fn list(&self, _peer: &Identity) -> Vec<ExportListing> {
         vec![ExportListing {
             name: self.name.clone(),
             description: self.description.clone(),
         }]
     }
 
-    fn info(&self, name: &str) -> Result<ExportInfo, LookupError> {
+    fn info(&self, name: &str, _peer: &Identity) -> Result<ExportInfo, LookupError> {
         self.lookup(name)
     }
-}
 
-impl Exports for SingleExport {
-    fn open(&self, name: &str) -> Result<OpenExport, LookupError> {
+    fn open(&self, name: &str, _peer: &Identity) -> Result<OpenExport, LookupError> {
         Ok(OpenExport {
             info: self.lookup(name)?,
             device: self.device.clone(),

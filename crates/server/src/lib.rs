@@ -2,6 +2,8 @@
 //!
 //! Layout:
 //! - [`export`]: the export registry (names → disks) seen by connections.
+//! - [`identity`]: who a connection's peer is (Unix credentials, later TLS
+//!   certificates), for ownership of exports.
 //! - [`transport`]: the byte streams a connection runs over (Unix, TCP, stdio).
 //! - [`listener`]: listening sockets, socket activation, accept loops.
 //! - [`connection`]: one client: the handshake, then the transmission loop.
@@ -17,6 +19,7 @@
 pub mod connection;
 pub mod executor;
 pub mod export;
+pub mod identity;
 pub mod input;
 pub mod listener;
 pub mod replies;
@@ -26,6 +29,7 @@ pub mod transport;
 pub mod workers;
 
 pub use connection::serve;
-pub use export::{Exports, OpenExport, SingleExport};
+pub use export::{Exports, OpenExport, PeerCatalog, SingleExport};
+pub use identity::Identity;
 pub use listener::{ConnectionLimit, Listener, ServerContext};
 pub use transport::Transport;

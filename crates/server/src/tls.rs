@@ -30,6 +30,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use scratchd_store::sync;
 
+use crate::identity::Fingerprint;
+
 /// Plaintext encrypted per write call: bounds what the session holds when
 /// the client is slow to read.
 const CHUNK: usize = 64 * 1024;
@@ -102,14 +104,23 @@ impl TlsConfig {
     }
 
     /// Runs the server side of a TLS handshake on `socket` (blocking, within
-    /// the socket's read timeout) and splits the session into its halves.
-    pub fn accept(&self, socket: OwnedFd) -> io::Result<(TlsReader, TlsWriter)> {
+    /// the socket's read timeout) and splits the session into its halves;
+    /// with them, the SHA-256 of the client's certificate when it presented
+    /// one (verified, with `verify_peer`).
+    pub fn accept(
+        &self,
+        socket: OwnedFd,
+    ) -> io::Result<(TlsReader, TlsWriter, Option<Fingerprint>)> {
         let conn = ServerConnection::new(self.config.clone()).map_err(invalid)?;
         let mut stream = SocketIo(socket);
         let mut conn = conn;
         while conn.is_handshaking() {
             conn.complete_io(&mut stream)?;
         }
+        let fingerprint = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|cert| fingerprint(cert.as_ref()));
         let shared = Arc::new(Session {
             conn: Mutex::new(conn),
             socket: stream.0,
@@ -122,8 +133,18 @@ impl TlsConfig {
                 end: 0,
             },
             TlsWriter { session: shared },
+            fingerprint,
         ))
     }
+}
+
+/// SHA-256 of a certificate, with the hash of the provider's own suite.
+fn fingerprint(der: &[u8]) -> Fingerprint {
+    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    let hash = suite.tls13().expect("a TLS 1.3 suite").common.hash_provider;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(hash.hash(der).as_ref());
+    Fingerprint(out)
 }
 
 fn open(path: &Path) -> Result<BufReader<File>, TlsConfigError> {

@@ -18,6 +18,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use crate::identity::Identity;
+
 /// Send buffer asked for on Unix sockets (memory is used only while replies
 /// are queued).
 const UNIX_SEND_BUFFER: usize = 2 * 1024 * 1024;
@@ -27,6 +29,8 @@ pub struct Transport {
     pub writer: WriteHalf,
     /// Who is on the other end, for logs.
     pub peer: String,
+    /// What the transport proves about the peer, for ownership of exports.
+    pub identity: Identity,
     /// The socket beneath, for timeouts and shutdown.
     pub control: Control,
 }
@@ -106,10 +110,15 @@ impl Transport {
         // sockets: on TCP a fixed size would switch off buffer autotuning.)
         // The kernel caps it at net.core.wmem_max; failure only costs speed.
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, UNIX_SEND_BUFFER);
+        let identity = Identity::of_unix_peer(&stream);
         Ok(Transport {
             reader: Box::new(stream.try_clone()?),
             writer: WriteHalf::Socket(OwnedFd::from(stream.try_clone()?)),
-            peer: "unix".to_owned(),
+            peer: match &identity {
+                Identity::Unix(c) => format!("unix:uid={},pid={}", c.uid, c.pid),
+                _ => "unix".to_owned(),
+            },
+            identity,
             control: Control::Unix(stream),
         })
     }
@@ -125,6 +134,8 @@ impl Transport {
             reader: Box::new(stream.try_clone()?),
             writer: WriteHalf::Socket(OwnedFd::from(stream.try_clone()?)),
             peer,
+            // Nothing over plain TCP proves who the peer is.
+            identity: Identity::Anonymous,
             control: Control::Tcp(stream),
         })
     }
@@ -141,6 +152,7 @@ impl Transport {
             // else for it to hold up.
             writer: WriteHalf::Stream(Box::new(dup(io::stdout().as_fd())?)),
             peer: "stdio".to_owned(),
+            identity: Identity::Anonymous,
             control: Control::None,
         })
     }

@@ -52,7 +52,7 @@ use std::fmt;
 use std::io;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustix::mm::{self, Advice, MapFlags, ProtFlags};
 
@@ -77,10 +77,34 @@ const LEAF_BLOCKS: u64 = LEAF_WORDS as u64 * 64;
 ///
 /// Devices reserve the bytes of each block before they allocate it and release
 /// them when the block is trimmed or the device is dropped.
+///
+/// Budgets nest: one made [`within`](Budget::within) another is a part of
+/// it, and every byte taken from the part is taken from the whole too, so a
+/// reservation succeeds only when it fits at every level. Scratch disks use
+/// this for per-owner shares: each disk charges a budget of its own, which
+/// sits within the server's budget and, once the disk has an owner, within
+/// that owner's share ([`narrow`](Budget::narrow)).
 #[derive(Debug)]
 pub struct Budget {
     limit: u64,
     used: AtomicU64,
+    /// The budget this one is part of, charged along with it.
+    parent: Option<Arc<Budget>>,
+    /// A part of `parent` that takes its place once set (see
+    /// [`Budget::narrow`]); set at most once, so reading it needs no lock.
+    narrowed: OnceLock<Arc<Budget>>,
+}
+
+/// Why [`Budget::narrow`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NarrowError {
+    /// The share is not a part of this budget's parent, or this budget
+    /// was narrowed before: a caller bug.
+    #[error("the share is not within this budget's parent, or the budget was narrowed before")]
+    NotWithin,
+    /// The share cannot take what this budget already holds.
+    #[error("{needed} bytes do not fit in a share with {available} left")]
+    Full { needed: u64, available: u64 },
 }
 
 impl Budget {
@@ -89,17 +113,48 @@ impl Budget {
         Self {
             limit: limit_bytes,
             used: AtomicU64::new(0),
+            parent: None,
+            narrowed: OnceLock::new(),
         }
     }
 
-    /// Takes `n` bytes if the total stays within the limit; returns whether it
-    /// did. The total never exceeds the limit, whatever the concurrency.
+    /// A budget of `limit_bytes` that is a part of `parent`: whatever it
+    /// reserves, `parent` must have room for too.
+    pub fn within(parent: Arc<Budget>, limit_bytes: u64) -> Self {
+        Self {
+            parent: Some(parent),
+            ..Self::new(limit_bytes)
+        }
+    }
+
+    /// The budget charged along with this one, if any.
+    fn up(&self) -> Option<&Budget> {
+        self.narrowed.get().or(self.parent.as_ref()).map(|b| &**b)
+    }
+
+    /// Takes `n` bytes if the total stays within the limit, here and in
+    /// every budget this one is part of; returns whether it did. No total
+    /// ever exceeds its limit, whatever the concurrency.
     pub fn try_reserve(&self, n: u64) -> bool {
         // Writes to allocated blocks reserve nothing; they must not contend
         // for the shared counter.
         if n == 0 {
             return true;
         }
+        if !self.take_here(n) {
+            return false;
+        }
+        if let Some(up) = self.up() {
+            if !up.try_reserve(n) {
+                self.release_here(n);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// [`Budget::try_reserve`] on this level only.
+    fn take_here(&self, n: u64) -> bool {
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
                 used.checked_add(n).filter(|&total| total <= self.limit)
@@ -107,12 +162,20 @@ impl Budget {
             .is_ok()
     }
 
-    /// Gives back `n` bytes taken with [`Budget::try_reserve`]. Giving back
-    /// more than is held is a caller bug; the count then stops at zero.
+    /// Gives back `n` bytes taken with [`Budget::try_reserve`], here and in
+    /// every budget this one is part of. Giving back more than is held is a
+    /// caller bug; the count then stops at zero.
     pub fn release(&self, n: u64) {
         if n == 0 {
             return;
         }
+        self.release_here(n);
+        if let Some(up) = self.up() {
+            up.release(n);
+        }
+    }
+
+    fn release_here(&self, n: u64) {
         // The closure always returns `Some`, so this cannot fail.
         let _ = self
             .used
@@ -129,6 +192,48 @@ impl Budget {
     /// The most that may be reserved at once.
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+
+    /// Bytes that could be reserved now: the least room left at any level.
+    pub fn available(&self) -> u64 {
+        let here = self.limit.saturating_sub(self.used());
+        self.up().map_or(here, |up| here.min(up.available()))
+    }
+
+    /// Moves this budget under `share`, a part of its parent (made with
+    /// [`Budget::within`] the same parent): what it holds now is charged to
+    /// `share` (the parent holds it already), and from now on everything it
+    /// reserves or releases goes through `share`. Scratch disks use it when
+    /// a disk made in advance gets its owner.
+    ///
+    /// Call it before the budget's device serves requests: a reservation
+    /// made while the budget moves may be charged to the parent only.
+    ///
+    /// # Errors
+    ///
+    /// [`NarrowError::Full`] when `share` has no room for what this budget
+    /// holds (nothing changes then), [`NarrowError::NotWithin`] when `share`
+    /// is not a part of this budget's parent or this budget moved before.
+    pub fn narrow(&self, share: &Arc<Budget>) -> Result<(), NarrowError> {
+        let same_parent = match (&self.parent, &share.parent) {
+            (Some(mine), Some(its)) => Arc::ptr_eq(mine, its),
+            _ => false,
+        };
+        if !same_parent || self.narrowed.get().is_some() {
+            return Err(NarrowError::NotWithin);
+        }
+        let needed = self.used();
+        if !share.take_here(needed) {
+            return Err(NarrowError::Full {
+                needed,
+                available: share.limit.saturating_sub(share.used()),
+            });
+        }
+        if self.narrowed.set(share.clone()).is_err() {
+            share.release_here(needed);
+            return Err(NarrowError::NotWithin);
+        }
+        Ok(())
     }
 }
 
@@ -1089,6 +1194,45 @@ mod tests {
         assert_eq!(budget.used(), bs);
         drop(dev);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn nested_budgets_charge_every_level_and_narrow_once() {
+        let server = Arc::new(Budget::new(10));
+        let alice = Arc::new(Budget::within(server.clone(), 6));
+        let bob = Arc::new(Budget::within(server.clone(), 6));
+        // A disk made in advance charges the server only.
+        let disk = Budget::within(server.clone(), u64::MAX);
+        assert!(disk.try_reserve(2));
+        assert_eq!((disk.used(), server.used(), alice.used()), (2, 2, 0));
+        assert_eq!(disk.narrow(&alice), Ok(()));
+        assert_eq!((disk.used(), server.used(), alice.used()), (2, 2, 2));
+        assert_eq!(disk.narrow(&alice), Err(NarrowError::NotWithin));
+        assert_eq!(disk.available(), 4);
+        // Past alice's share, though the server has room.
+        assert!(!disk.try_reserve(5));
+        assert_eq!((disk.used(), server.used(), alice.used()), (2, 2, 2));
+        assert!(disk.try_reserve(4));
+        assert!(bob.try_reserve(4));
+        // Past the server's limit, though bob's share has room.
+        assert!(!bob.try_reserve(1));
+        assert_eq!((server.used(), bob.used()), (10, 4));
+        disk.release(6);
+        assert_eq!((disk.used(), server.used(), alice.used()), (0, 4, 0));
+        // A share of another budget, or a full one, is refused.
+        let other = Arc::new(Budget::within(Arc::new(Budget::new(10)), 10));
+        let disk = Budget::within(server.clone(), u64::MAX);
+        assert_eq!(disk.narrow(&other), Err(NarrowError::NotWithin));
+        assert!(disk.try_reserve(3));
+        let full = Arc::new(Budget::within(server.clone(), 2));
+        assert_eq!(
+            disk.narrow(&full),
+            Err(NarrowError::Full {
+                needed: 3,
+                available: 2
+            })
+        );
+        assert_eq!((full.used(), server.used()), (0, 7));
     }
 
     #[test]

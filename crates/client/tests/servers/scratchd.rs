@@ -146,7 +146,9 @@ fn handshake_only_hands_over_working_sockets() {
     let Handshaken { info, streams } = Client::handshake_only(&server.target, &opts).unwrap();
     assert_eq!(info.mode, ReplyMode::Simple);
     assert_eq!(streams.len(), 3);
-    let fds = Handshaken { info, streams }.into_fds().expect("plain sockets");
+    let fds = Handshaken { info, streams }
+        .into_fds()
+        .expect("plain sockets");
     for fd in fds {
         let mut sock = UnixStream::from(fd);
         let mut req = Vec::new();
