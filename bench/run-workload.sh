@@ -360,6 +360,7 @@ down() { # unmount, detach and stop what *_up made (timed in attach)
   losetup -d "$loopdev"; loopdev=""
   if [ -n "$fuse_mounted" ]; then
     unmount "$fusedir"; fuse_mounted=""
+    exited "$fuse_pid" 10 || die "nbdfuse did not exit after its unmount"
     wait "$fuse_pid" 2>/dev/null || true; fuse_pid=""
   fi
   rm -f "$shm/ext4.img"

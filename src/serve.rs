@@ -323,10 +323,10 @@ fn warn_about_ownership(owners: scratchd_scratch::OwnerPolicy) {
 fn warn_about_tcp(listeners: &[Listener]) {
     if listeners.iter().any(|l| l.tcp_port().is_some()) {
         warn!(
-            "tmpdisk over TCP: TCP clients prove no identity, so any peer that can connect and \
-             knows a disk's name can read and write it; use unguessable names, and limit who \
-             can connect (a firewall now; --allow and TLS client certificates once scratchd has \
-             them); see docs/SECURITY.md"
+            "tmpdisk over TCP: plaintext TCP clients prove no identity, so any peer that can \
+             connect and knows a disk's name can read and write it; use unguessable names, \
+             --tls=require --tls-verify-peer (each client certificate then owns its disks), and \
+             limit who can connect; see docs/SECURITY.md"
         );
     }
 }
@@ -402,7 +402,10 @@ fn start_listeners(
         listeners.extend(Listener::tcp(args.ipaddr.as_deref(), port).map_err(ListenError::Bind)?);
     }
     let port = listeners.iter().find_map(Listener::tcp_port);
-    if args.backend == "tmpdisk" {
+    // With required TLS and verified client certificates, every TCP
+    // client is an owner (its certificate): nothing to warn about.
+    let certified = args.tls == "require" && args.tls_verify_peer;
+    if args.backend == "tmpdisk" && !certified {
         warn_about_tcp(&listeners);
     }
     let mut c = sync::lock(cleanup);

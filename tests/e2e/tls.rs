@@ -269,3 +269,62 @@ fn scratchd_run_over_tls() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// With verified client certificates, each certificate is an owner: two
+/// clients of the same CA asking for one build name get two disks, and a
+/// client sees its own data again on reconnecting.
+#[test]
+fn two_client_certificates_are_two_owners() {
+    require("nbdcopy");
+    let pki = pki();
+    // A second client certificate from the same CA, in a directory of its own.
+    let other = tempfile::tempdir().unwrap();
+    make_cert(other.path(), pki.path(), "client", "clientAuth");
+    std::fs::copy(
+        pki.path().join("ca-cert.pem"),
+        other.path().join("ca-cert.pem"),
+    )
+    .unwrap();
+    let port = free_port();
+    let port_s = port.to_string();
+    let _server = Server::start(&[
+        "-p",
+        &port_s,
+        "-i",
+        "127.0.0.1",
+        "--tls",
+        "require",
+        "--tls-verify-peer",
+        "--tls-certificates",
+        pki.path().to_str().unwrap(),
+        "tmpdisk",
+        "size=8M",
+        "type=none",
+        "linger=30s",
+    ]);
+    let uri = |dir: &Path| {
+        format!(
+            "nbds://localhost:{port}/build-x?tls-certificates={}",
+            dir.display()
+        )
+    };
+    let work = tempfile::tempdir().unwrap();
+    let secret = work.path().join("secret");
+    random_file(&secret, 8 << 20, 9);
+    run(Command::new("nbdcopy").arg(&secret).arg(uri(pki.path())));
+    let seen_by_other = work.path().join("other");
+    run(Command::new("nbdcopy")
+        .arg(uri(other.path()))
+        .arg(&seen_by_other));
+    let seen_by_owner = work.path().join("owner");
+    run(Command::new("nbdcopy")
+        .arg(uri(pki.path()))
+        .arg(&seen_by_owner));
+    let secret = std::fs::read(&secret).unwrap();
+    assert_eq!(std::fs::read(&seen_by_owner).unwrap(), secret);
+    let other = std::fs::read(&seen_by_other).unwrap();
+    assert!(
+        other.iter().all(|&b| b == 0),
+        "another certificate read the build's disk"
+    );
+}
