@@ -513,11 +513,12 @@ mod tests {
                 path: dir.path().to_owned(),
                 budget: None,
             },
-            // A budget far smaller than the metadata: most of it spills (the
-            // image is formatted in a file, so it needs no memory).
+            // A budget far smaller than the metadata (which, with 4 KiB
+            // blocks, is about 44 KiB here): most of it spills (the image is
+            // formatted in a file, so it needs no memory).
             Placement::Spill {
                 path: dir.path().to_owned(),
-                memory: Arc::new(Budget::new(64 << 10)),
+                memory: Arc::new(Budget::new(16 << 10)),
                 disk: Some(Arc::new(Budget::new(64 << 20))),
             },
         ] {
