@@ -573,21 +573,20 @@ pub fn kernel_nbd_available() -> bool {
 }
 
 /// The device's logical block size for an export with these constraints
-/// (`None`: the server gave none): 4096 when the export allows it, else
-/// the nearest size the kernel accepts (a power of two from 512 to the page
-/// size, 4096 assumed).
-pub fn choose_block_size(constraints: Option<(u32, u32)>) -> Result<u32, Error> {
-    let Some((min, max)) = constraints else {
-        return Ok(4096);
-    };
+/// (`(min, max)`; `None`: the server gave none): the largest power of two
+/// from 512 up to `largest` (at most 4096, the page size the kernel's
+/// limit is assumed to be) that the export allows.
+pub fn choose_block_size(constraints: Option<(u32, u32)>, largest: u32) -> Result<u32, Error> {
+    let (min, max) = constraints.unwrap_or((1, 0));
     let max = if max == 0 { u32::MAX } else { max };
     [4096, 2048, 1024, 512]
         .into_iter()
-        .find(|&b| b >= min && b <= max)
+        .find(|&b| b <= largest && b >= min && b <= max)
         .ok_or_else(|| {
             Error::Invalid(format!(
                 "the export's block sizes ({min} to {max} bytes) do not fit the kernel's \
-                 (512 to 4096); use --attach fuse"
+                 (512 to {}); use --attach fuse",
+                largest.clamp(512, 4096)
             ))
         })
 }

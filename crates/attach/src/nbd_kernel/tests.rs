@@ -215,11 +215,14 @@ fn truncated_answer_is_malformed() {
 
 #[test]
 fn block_size_prefers_4096_within_the_export_limits() {
-    assert_eq!(choose_block_size(None).unwrap(), 4096);
-    assert_eq!(choose_block_size(Some((1, 32 << 20))).unwrap(), 4096);
-    assert_eq!(choose_block_size(Some((512, 0))).unwrap(), 4096);
-    assert_eq!(choose_block_size(Some((512, 1024))).unwrap(), 1024);
-    assert!(choose_block_size(Some((8192, 65536))).is_err());
+    assert_eq!(choose_block_size(None, 4096).unwrap(), 4096);
+    assert_eq!(choose_block_size(Some((1, 32 << 20)), 4096).unwrap(), 4096);
+    assert_eq!(choose_block_size(Some((512, 0)), 4096).unwrap(), 4096);
+    assert_eq!(choose_block_size(Some((512, 1024)), 4096).unwrap(), 1024);
+    // A file system made for 512-byte sectors (xfs) caps it.
+    assert_eq!(choose_block_size(Some((1, 32 << 20)), 512).unwrap(), 512);
+    assert!(choose_block_size(Some((8192, 65536)), 4096).is_err());
+    assert!(choose_block_size(Some((4096, 4096)), 512).is_err());
 }
 
 #[test]
