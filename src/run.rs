@@ -13,6 +13,9 @@
 //! 3. the disk as a FUSE file, served by threads that call it directly;
 //! 4. a loop device on that file, in direct-I/O mode, detached by the kernel
 //!    when its mount goes;
+//!    (3 and 4 with `--attach kernel`, or `auto` on a host with the nbd
+//!    module, and `--server`: the client's sockets handed to the kernel's
+//!    nbd driver instead, [`run_kernel`], `/dev/nbdN`, no FUSE, no watchdog);
 //! 5. the file system mounted at `--mount` (or a fresh directory);
 //! 6. the command, with `SCRATCHD_MOUNT`, `SCRATCHD_DEVICE` and
 //!    `SCRATCHD_EXPORT` in its environment; its exit status is the run's.
@@ -33,11 +36,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use scratchd_attach::fuse::FuseFile;
 use scratchd_attach::loopdev::LoopDevice;
+use scratchd_attach::nbd_kernel::{self, NbdDevice};
 use scratchd_attach::ns;
 use scratchd_proto::negotiation::LookupError;
 use scratchd_server::{Exports, OpenExport};
@@ -89,8 +93,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 4)]
     connections: usize,
     /// How the disk becomes a block device: fuse (a FUSE file and a loop
-    /// device). kernel (nbd via netlink) needs a remote --server.
-    #[arg(long, value_name = "HOW", default_value = "fuse")]
+    /// device), kernel (the kernel's nbd driver, over netlink; needs
+    /// --server and the nbd module), or auto (kernel where it can be used,
+    /// else fuse).
+    #[arg(long, value_name = "HOW", default_value = "auto")]
     attach: String,
     /// RAM the disk may hold (default: half of the machine's RAM); writes
     /// past it fail with ENOSPC.
@@ -120,6 +126,8 @@ enum RunError {
     Disk { name: String, reason: String },
     #[error(transparent)]
     Server(#[from] scratchd_client::Error),
+    #[error(transparent)]
+    Kernel(#[from] nbd_kernel::Error),
     #[error("cannot read the disk: {0}")]
     Probe(#[source] io::Error),
     #[error("cannot make a directory for the mount: {0}")]
@@ -160,15 +168,23 @@ pub fn main(args: RunArgs) -> i32 {
 }
 
 fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
-    if args.attach != "fuse" {
-        return Err(RunError::Usage(format!(
-            "--attach {}: only fuse is available for a local disk (kernel needs --server)",
-            args.attach
-        )));
-    }
+    let tls = args
+        .server
+        .as_deref()
+        .and_then(|uri| scratchd_client::Target::parse(uri).ok())
+        .is_some_and(|target| target.tls.is_some());
+    let how = choose_attach(
+        &args.attach,
+        args.server.is_some(),
+        tls,
+        nbd_kernel::kernel_nbd_available,
+    )?;
     // First, while this process has one thread: the kernel will not give a
     // threaded process a namespace of its own.
     ns::enter_private_mount_namespace().map_err(RunError::Namespace)?;
+    if let (AttachKind::Kernel, Some(uri)) = (how, &args.server) {
+        return run_kernel(args, uri);
+    }
     let started = Instant::now();
     let mut watchdog = Watchdog::start()?;
     let name = args.name.clone().unwrap_or_else(random_name);
@@ -187,7 +203,7 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
         took = ?started.elapsed(),
         "scratch disk attached"
     );
-    let status = run_command(args, &attached, &name);
+    let status = run_command(args, &attached.mount, attached.device.path(), &name);
     let stopping = Instant::now();
     attached.detach();
     watchdog.done();
@@ -526,17 +542,211 @@ fn filesystem_sector_limit(head: &[u8]) -> Option<u32> {
     None
 }
 
+/// The front end that makes the disk a block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttachKind {
+    /// A FUSE file and a loop device ([`Attached`]).
+    Fuse,
+    /// The kernel's nbd driver with our client's sockets ([`KernelAttached`]).
+    Kernel,
+}
+
+/// `--attach`: auto takes the kernel's nbd driver for a disk on a server
+/// when the driver is there (`kernel_available`, asked only then), else
+/// FUSE; a local disk has no sockets to hand to the kernel, and the kernel
+/// cannot take over a TLS session.
+fn choose_attach(
+    attach: &str,
+    server: bool,
+    tls: bool,
+    kernel_available: impl FnOnce() -> bool,
+) -> Result<AttachKind, RunError> {
+    match attach {
+        "fuse" => Ok(AttachKind::Fuse),
+        "kernel" if server && tls => Err(RunError::Usage(
+            "--attach kernel cannot take over a TLS connection (nbds://); use --attach fuse"
+                .to_owned(),
+        )),
+        "kernel" if server => Ok(AttachKind::Kernel),
+        "kernel" => Err(RunError::Usage(
+            "--attach kernel needs --server (a local disk has no sockets to hand to the kernel)"
+                .to_owned(),
+        )),
+        "auto" if server && !tls && kernel_available() => Ok(AttachKind::Kernel),
+        "auto" => Ok(AttachKind::Fuse),
+        other => Err(RunError::Usage(format!(
+            "--attach {other}: expected auto, kernel or fuse"
+        ))),
+    }
+}
+
+/// How long the kernel holds I/O when every connection to the server is
+/// dead, waiting for new sockets (`NBD_CMD_RECONFIGURE`): nothing of ours
+/// reconnects yet, so this is only a short grace before the build's I/O
+/// fails.
+const KERNEL_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A run whose disk, on the server at `uri`, is the kernel's `/dev/nbdN`:
+/// no FUSE file and no watchdog (the kernel serves the device by itself,
+/// and a killed run's mount going makes the kernel disconnect it, see
+/// [`NbdDevice::disconnect_on_close`]).
+fn run_kernel(args: &RunArgs, uri: &str) -> Result<ExitStatus, RunError> {
+    let started = Instant::now();
+    let name = args.name.clone().unwrap_or_else(random_name);
+    let mut target = scratchd_client::Target::parse(uri).map_err(scratchd_client::Error::from)?;
+    target.export = name.clone();
+    let options = scratchd_client::Options {
+        connections: args.connections.max(1),
+        ..Default::default()
+    };
+    sweep_stale_work_dirs();
+    let work = tempfile::Builder::new()
+        .prefix(&format!("{WORK_PREFIX}{}.", std::process::id()))
+        .tempdir()
+        .map_err(RunError::TempDir)?;
+    let mount = match &args.mount {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = work.path().join("mnt");
+            std::fs::create_dir(&dir).map_err(RunError::TempDir)?;
+            dir
+        }
+    };
+    let attached = attach_kernel(&target, &options, mount, &args.mount_options)?;
+    info!(
+        export = %name,
+        device = %attached.device_path.display(),
+        mount = %attached.mount.display(),
+        took = ?started.elapsed(),
+        "scratch disk attached (kernel nbd)"
+    );
+    let status = run_command(args, &attached.mount, &attached.device_path, &name);
+    let stopping = Instant::now();
+    attached.detach();
+    debug!(took = ?stopping.elapsed(), "scratch disk detached");
+    status
+}
+
+/// A disk on a server as the kernel's `/dev/nbdN`, mounted;
+/// [`KernelAttached::detach`] (or drop) unmounts and disconnects it.
+struct KernelAttached {
+    mount: PathBuf,
+    mounted: bool,
+    device_path: PathBuf,
+    device: Option<NbdDevice>,
+}
+
+/// Connects to `target` with `options`, hands the sockets to the kernel and
+/// mounts the device at `mount`.
+fn attach_kernel(
+    target: &scratchd_client::Target,
+    options: &scratchd_client::Options,
+    mount: PathBuf,
+    mount_options: &str,
+) -> Result<KernelAttached, RunError> {
+    use scratchd_client::{Client, Options, Replies};
+    // A connection of our own reads the file system's sector size (as the
+    // FUSE path does), and holds the export open until the kernel's are.
+    let probe = Client::connect_with(
+        target,
+        &Options {
+            connections: 1,
+            ..options.clone()
+        },
+    )?;
+    let largest = logical_block_size(&probe).map_err(RunError::Probe)?;
+    // The kernel speaks simple replies only, and asks no block status.
+    let handshaken = Client::handshake_only(
+        target,
+        &Options {
+            replies: Replies::Simple,
+            block_status: false,
+            ..options.clone()
+        },
+    )?;
+    let info = handshaken.info.clone();
+    let block_size =
+        nbd_kernel::choose_block_size(info.block_size.map(|b| (b.min, b.max)), largest)?;
+    let config = nbd_kernel::Config {
+        index: None,
+        size: info.size,
+        block_size,
+        server_flags: info.flags.0,
+        timeout: None,
+        dead_conn_timeout: KERNEL_DEAD_CONN_TIMEOUT,
+        // Not the export's name, which is the disk's key: sysfs shows this
+        // to every local user.
+        backend: Some(format!(
+            "scratchd-run:{}:{}",
+            std::process::id(),
+            random_name()
+        )),
+    };
+    let streams = handshaken
+        .into_fds()
+        .ok_or_else(|| RunError::Usage("the kernel cannot take over TLS connections".to_owned()))?;
+    let device = nbd_kernel::connect(streams, &config)?;
+    let mut attached = KernelAttached {
+        mount,
+        mounted: false,
+        device_path: device.path(),
+        device: Some(device),
+    };
+    ns::mount(&attached.device_path, &attached.mount, mount_options)?;
+    attached.mounted = true;
+    if let Some(device) = &mut attached.device {
+        if let Err(e) = device.disconnect_on_close() {
+            warn!(error = %e, "a killed run will leave its nbd device connected");
+        }
+    }
+    if let Err(e) = probe.close() {
+        debug!(error = %e, "closing the probe connection");
+    }
+    Ok(attached)
+}
+
+impl KernelAttached {
+    fn detach(mut self) {
+        self.undo();
+    }
+
+    fn undo(&mut self) {
+        if self.mounted {
+            self.mounted = false;
+            if let Err(e) = ns::unmount(&self.mount) {
+                warn!(mount = %self.mount.display(), error = %e, "cannot unmount");
+            }
+        }
+        if let Some(device) = self.device.take() {
+            if let Err(e) = device.disconnect() {
+                warn!(device = %self.device_path.display(), error = %e, "cannot disconnect");
+            }
+        }
+    }
+}
+
+impl Drop for KernelAttached {
+    fn drop(&mut self) {
+        self.undo();
+    }
+}
+
 /// Runs the command on the mounted disk, passing on the signals that would
 /// stop a run (the command decides how to stop; the disk is cleaned up
 /// after it has).
-fn run_command(args: &RunArgs, attached: &Attached, name: &str) -> Result<ExitStatus, RunError> {
+fn run_command(
+    args: &RunArgs,
+    mount: &Path,
+    device: &Path,
+    name: &str,
+) -> Result<ExitStatus, RunError> {
     let (program, rest) = args.command.split_first().expect("clap requires CMD");
     let mut command = Command::new(program);
     ns::kill_with_parent(&mut command);
     let mut child = command
         .args(rest)
-        .env("SCRATCHD_MOUNT", &attached.mount)
-        .env("SCRATCHD_DEVICE", attached.device.path())
+        .env("SCRATCHD_MOUNT", mount)
+        .env("SCRATCHD_DEVICE", device)
         .env("SCRATCHD_EXPORT", name)
         .spawn()
         .map_err(|source| RunError::Spawn {
@@ -598,6 +808,47 @@ mod tests {
         assert_eq!(filesystem_sector_limit(&xfs), Some(512));
         assert_eq!(filesystem_sector_limit(&[0u8; 2048]), None);
         assert_eq!(filesystem_sector_limit(&[0u8; 10]), None);
+    }
+
+    #[test]
+    fn attach_choice() {
+        let never = || -> bool { panic!("availability asked without --server") };
+        assert_eq!(
+            choose_attach("fuse", true, false, || true).unwrap(),
+            AttachKind::Fuse
+        );
+        assert_eq!(
+            choose_attach("auto", false, false, never).unwrap(),
+            AttachKind::Fuse
+        );
+        assert_eq!(
+            choose_attach("auto", true, false, || false).unwrap(),
+            AttachKind::Fuse
+        );
+        assert_eq!(
+            choose_attach("auto", true, false, || true).unwrap(),
+            AttachKind::Kernel
+        );
+        assert_eq!(
+            choose_attach("kernel", true, false, || false).unwrap(),
+            AttachKind::Kernel
+        );
+        assert!(matches!(
+            choose_attach("kernel", false, false, never),
+            Err(RunError::Usage(_))
+        ));
+        assert_eq!(
+            choose_attach("auto", true, true, never).unwrap(),
+            AttachKind::Fuse
+        );
+        assert!(matches!(
+            choose_attach("kernel", true, true, never),
+            Err(RunError::Usage(_))
+        ));
+        assert!(matches!(
+            choose_attach("nbd", true, false, || true),
+            Err(RunError::Usage(_))
+        ));
     }
 
     #[test]

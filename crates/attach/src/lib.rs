@@ -6,9 +6,12 @@
 //!   threads calling the device directly (hosts without an `nbd` module);
 //! - [`loopdev`]: a loop device on that file, in direct-I/O mode, cleared
 //!   automatically by the kernel when its mount goes;
+//! - [`nbd_kernel`]: the kernel's nbd driver, configured over generic
+//!   netlink with sockets our client negotiated (hosts with the module);
 //! - [`ns`]: a private mount namespace, so that every mount of a run dies
 //!   with it, and mounting a device.
 
 pub mod fuse;
 pub mod loopdev;
+pub mod nbd_kernel;
 pub mod ns;
