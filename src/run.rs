@@ -56,7 +56,7 @@ const EXIT_FAILED: i32 = 125;
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Use a disk on this NBD server (nbd://HOST[:PORT] or
+    /// Use a disk on this NBD server (nbd://HOST, nbd://HOST:PORT or
     /// nbd+unix:///?socket=PATH; the export is --name or a fresh name)
     /// instead of a private one; --size, --type and -o are then the
     /// server's business.

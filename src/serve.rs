@@ -131,7 +131,14 @@ impl Cleanup {
 }
 
 pub fn main(args: ServeArgs) -> i32 {
-    init_logging(args.verbose, args.log_level.as_deref());
+    if args.single && stderr_is_stdin() {
+        // xinetd passes the connection as stdin, stdout and stderr: a log
+        // line would land in the client's stream. Systemd units set
+        // `StandardError=journal` instead.
+        init_logging(0, Some("off"));
+    } else {
+        init_logging(args.verbose, args.log_level.as_deref());
+    }
     let _ = args.foreground;
     let (exports, may_block) = match build_exports(&args) {
         Ok(e) => e,
@@ -202,6 +209,18 @@ fn raise_open_file_limit() {
         if let Err(e) = setrlimit(Resource::Nofile, limit) {
             warn!(error = %e, "cannot raise the open-file limit");
         }
+    }
+}
+
+/// Whether standard error is the very file (socket) standard input is.
+fn stderr_is_stdin() -> bool {
+    use std::os::fd::AsFd;
+    match (
+        rustix::fs::fstat(io::stdin().as_fd()),
+        rustix::fs::fstat(io::stderr().as_fd()),
+    ) {
+        (Ok(i), Ok(e)) => (i.st_dev, i.st_ino) == (e.st_dev, e.st_ino),
+        _ => false,
     }
 }
 
@@ -280,6 +299,8 @@ pub fn init_logging(verbose: u8, level: Option<&str>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a terminal: not into the journal or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

@@ -18,6 +18,7 @@ mod nbdsh;
 mod ordering;
 mod qemu;
 mod run;
+mod service;
 mod shutdown;
 mod stuck;
 mod tmpdisk;
