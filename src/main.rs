@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod notify;
 mod run;
 mod serve;
 mod size;

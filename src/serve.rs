@@ -18,6 +18,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
 use crate::backend::{open_backend, BackendError, OpenError, Options, UsageError};
+use crate::notify::Notifier;
 use crate::size::parse_size;
 use crate::tmpdisk;
 use scratchd_scratch::config::default_memory_limit;
@@ -131,6 +132,9 @@ impl Cleanup {
 }
 
 pub fn main(args: ServeArgs) -> i32 {
+    // First, before any thread starts: it takes the variable out of the
+    // environment.
+    let notifier = Notifier::from_env();
     if args.single && stderr_is_stdin() {
         // xinetd passes the connection as stdin, stdout and stderr: a log
         // line would land in the client's stream. Systemd units set
@@ -189,8 +193,8 @@ pub fn main(args: ServeArgs) -> i32 {
                 sync::lock(&cleanup).pidfile = Some(p.clone());
             }
             match &args.run {
-                Some(cmd) => run_captive(cmd, &env, &cleanup),
-                None => serve_until_signal(&ctx, &cleanup),
+                Some(cmd) => run_captive(cmd, &env, &cleanup, &notifier),
+                None => serve_until_signal(&ctx, &env, &cleanup, &notifier),
             }
         }
     };
@@ -415,14 +419,23 @@ fn exit_with_parent() -> std::io::Result<()> {
 /// socket files go first (no new clients), every connection stops reading,
 /// requests already received are answered, and connections close; those
 /// still open after [`SHUTDOWN_GRACE`] are cut off.
-fn serve_until_signal(ctx: &ServerContext, cleanup: &Mutex<Cleanup>) -> i32 {
+fn serve_until_signal(
+    ctx: &ServerContext,
+    env: &RunEnv,
+    cleanup: &Mutex<Cleanup>,
+    notifier: &Notifier,
+) -> i32 {
     let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot install signal handlers: {e}")),
     };
+    // Only now: a SIGTERM sent as soon as systemd sees READY=1 must find
+    // the handler.
+    notifier.notify(&ready_message(env));
     if let Some(sig) = signals.forever().next() {
         info!(signal = sig, "shutting down");
     }
+    notifier.notify("STOPPING=1");
     sync::lock(cleanup).run();
     let left = ctx.shutdown.begin(SHUTDOWN_GRACE);
     if left > 0 {
@@ -434,8 +447,19 @@ fn serve_until_signal(ctx: &ServerContext, cleanup: &Mutex<Cleanup>) -> i32 {
     0
 }
 
+/// What systemd is told once the server is ready: listeners set up, pidfile
+/// written, signal handlers installed.
+fn ready_message(env: &RunEnv) -> String {
+    let at = if env.uri.is_empty() {
+        "the sockets systemd passed"
+    } else {
+        &env.uri
+    };
+    format!("READY=1\nSTATUS=serving {at}")
+}
+
 /// Runs the captive command; the server ends when it does, with its status.
-fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
+fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>, notifier: &Notifier) -> i32 {
     let mut p = Process::new("sh");
     p.arg("-c")
         .arg(cmd)
@@ -451,15 +475,20 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
     };
     // A signal to the server stops the captive command too, then cleans up.
     let cleanup = cleanup.clone();
+    let stopping = notifier.clone();
     if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
+                stopping.notify("STOPPING=1");
                 sync::lock(&cleanup).run();
                 std::process::exit(128 + sig);
             }
         });
     }
-    match p.status() {
+    notifier.notify(&ready_message(env));
+    let status = p.status();
+    notifier.notify("STOPPING=1");
+    match status {
         Ok(status) => {
             use std::os::unix::process::ExitStatusExt;
             status

@@ -1,7 +1,10 @@
 //! Running as a service: inetd-style `-s` on a socket, sd_notify, the
 //! config file, and access control (`--allow`, per-peer limits).
 
-use crate::util::{libnbd, SCRATCHD};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::{libnbd, run, scratchd_serve, SCRATCHD};
 
 /// `-s` with a socket on standard input (inetd, xinetd, systemd
 /// `Accept=yes`) reads and writes that socket: standard output is
@@ -80,4 +83,53 @@ assert "WRITE" in refused[1] and "errno=1" in refused[1], refused[1]
 
 "#;
     libnbd("", script, &[SCRATCHD]);
+}
+
+/// Under systemd (`Type=notify`), the server sends `READY=1` once it
+/// listens and its pidfile is written, and `STOPPING=1` when a signal
+/// starts its shutdown; to a socket path and to an abstract name (`@...`).
+#[test]
+fn tells_systemd_when_ready_and_when_stopping() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let abstract_name = format!("scratchd-test-notify-{}", std::process::id());
+    let by_path = (
+        UnixDatagram::bind(&path).unwrap(),
+        path.to_string_lossy().into_owned(),
+    );
+    let by_name = (
+        UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&abstract_name).unwrap()).unwrap(),
+        format!("@{abstract_name}"),
+    );
+    for (listener, notify_socket) in [by_path, by_name] {
+        listener
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let pidfile = dir.path().join("pid");
+        let mut server = scratchd_serve(&["-U", sock.to_str().unwrap(), "-P"])
+            .arg(&pidfile)
+            .args(["memory", "size=1M"])
+            .env("NOTIFY_SOCKET", &notify_socket)
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = listener.recv(&mut buf).expect("READY=1 within 10 s");
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            message.lines().any(|l| l == "READY=1"),
+            "{notify_socket}: {message:?}"
+        );
+        assert!(pidfile.exists(), "the pidfile is written before READY=1");
+        assert!(
+            std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+            "the socket listens before READY=1"
+        );
+        run(Command::new("kill").arg(server.id().to_string()));
+        let n = listener.recv(&mut buf).expect("STOPPING=1 within 10 s");
+        assert_eq!(&buf[..n], b"STOPPING=1", "{notify_socket}");
+        assert!(server.wait().unwrap().success());
+    }
 }
