@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod config;
 mod notify;
 mod run;
 mod serve;
@@ -27,6 +28,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at startup: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve a backend over NBD.

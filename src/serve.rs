@@ -10,14 +10,16 @@ use std::time::Duration;
 
 use clap::Args;
 use scratchd_server::{
-    shutdown::Shutdown, workers::WorkerPool, ConnectionLimit, Exports, Listener, ServerContext,
-    SingleExport, Transport,
+    shutdown::Shutdown, workers::WorkerPool, Cidr, ConnectionLimit, Exports, Listener,
+    ServerContext, SingleExport, Transport,
 };
 use scratchd_store::sync;
+use serde::Deserialize;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
 use crate::backend::{open_backend, BackendError, OpenError, Options, UsageError};
+use crate::config;
 use crate::notify::Notifier;
 use crate::size::parse_size;
 use crate::tmpdisk;
@@ -26,89 +28,137 @@ use scratchd_scratch::config::default_memory_limit;
 /// Exit status for bad usage, as clap uses.
 const EXIT_USAGE: i32 = 2;
 const DEFAULT_PORT: u16 = 10809;
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+const DEFAULT_THREADS: usize = 16;
+const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopping server waits for connections to finish their requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-#[derive(Args)]
+/// `scratchd serve`'s settings: its command line, and the same settings
+/// read from a `--config` file (every field but `config` and `params` has
+/// the same name there, in kebab-case; see `docs/CONFIG.md`). Defaults are
+/// applied where a setting is used, so that a flag left out can be told
+/// from one given: flags override the file ([`ServeArgs::or_file`]).
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServeArgs {
+    /// Read settings from this TOML file (docs/CONFIG.md); options given
+    /// on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
     /// Listen on a Unix socket at PATH; `-` makes a private one in a fresh
     /// temporary directory (for --run).
     #[arg(short = 'U', long = "unix", value_name = "PATH")]
-    unix: Option<PathBuf>,
+    pub unix: Option<PathBuf>,
     /// Listen on TCP port N (default 10809 when no other listener is given;
     /// 0 picks a free port).
     #[arg(short = 'p', long, value_name = "N")]
-    port: Option<u16>,
+    pub port: Option<u16>,
     /// Listen on this TCP address only (default: all addresses).
     #[arg(short = 'i', long, value_name = "ADDR")]
-    ipaddr: Option<String>,
+    pub ipaddr: Option<String>,
     /// Captive mode: serve, run CMD with `sh -c` ($uri, $unixsocket, $port and
     /// $exportname set), then exit with its status.
     #[arg(long, value_name = "CMD")]
-    run: Option<String>,
+    pub run: Option<String>,
     /// Refuse writes, trims and zeroing (EPERM).
     #[arg(short = 'r', long)]
-    readonly: bool,
-    /// Name of the export (clients may also ask for the default name "").
-    #[arg(
-        short = 'e',
-        long = "export-name",
-        value_name = "NAME",
-        default_value = ""
-    )]
-    export_name: String,
+    #[serde(default)]
+    pub readonly: bool,
+    /// Name of the export (default ""; clients may also ask for "").
+    #[arg(short = 'e', long = "export-name", value_name = "NAME")]
+    pub export_name: Option<String>,
     /// Description sent to clients that ask for it (nbdinfo shows it).
     #[arg(long, value_name = "TEXT")]
-    description: Option<String>,
+    pub description: Option<String>,
     /// Write the server's PID here once it is ready for clients.
     #[arg(short = 'P', long, value_name = "FILE")]
-    pidfile: Option<PathBuf>,
+    pub pidfile: Option<PathBuf>,
     /// Exit when the parent process exits.
     #[arg(long)]
-    exit_with_parent: bool,
-    /// Serve exactly one connection on stdin/stdout, then exit.
+    #[serde(default)]
+    pub exit_with_parent: bool,
+    /// Serve exactly one connection on stdin (a socket, inetd-style: read
+    /// and written), or on stdin/stdout, then exit.
     #[arg(short = 's', long)]
-    single: bool,
+    #[serde(default)]
+    pub single: bool,
     /// Accepted for nbdkit compatibility: scratchd always stays in the foreground.
     #[arg(short = 'f', long)]
-    foreground: bool,
-    /// At most N client connections at once (0: no limit); a client past it
-    /// is closed at once. Each connection holds a thread and its buffers.
-    #[arg(long, value_name = "N", default_value_t = 4096)]
-    max_connections: usize,
-    /// Worker threads for backends that may block (file; tmpdisk with dir: or spill=).
-    #[arg(long, value_name = "N", default_value_t = 16)]
-    threads: usize,
+    #[serde(default)]
+    pub foreground: bool,
+    /// At most N client connections at once (default 4096; 0: no limit); a
+    /// client past it is closed at once. Each connection holds a thread and
+    /// its buffers.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Serve TCP clients from these addresses only (repeatable; e.g.
+    /// 10.0.0.0/8, 2001:db8::/32, 192.0.2.7); others are closed at accept.
+    /// Unix-socket clients are not affected.
+    #[arg(long = "allow", value_name = "CIDR")]
+    #[serde(default, deserialize_with = "config::cidrs")]
+    pub allow: Vec<Cidr>,
+    /// At most N connections at once from one TCP client address (0: no
+    /// limit, the default); Unix-socket clients are not counted per peer.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_peer: Option<usize>,
+    /// Worker threads for backends that may block (file; tmpdisk with
+    /// dir: or spill=; default 16).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Cut off a client that reads none of its replies for this long while
-    /// some are waiting for it (its queued replies are dropped).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_reply_timeout)]
-    reply_timeout: std::time::Duration,
+    /// some are waiting for it (its queued replies are dropped; default 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_reply_timeout)]
+    #[serde(default, deserialize_with = "config::reply_timeout")]
+    pub reply_timeout: Option<Duration>,
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
-    verbose: u8,
+    #[serde(default)]
+    pub verbose: u8,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, value_name = "LEVEL")]
-    log_level: Option<String>,
+    pub log_level: Option<String>,
     /// tmpdisk: at most N scratch disks at once (lingering ones are evicted
     /// first).
     #[arg(long, value_name = "N")]
-    max_exports: Option<usize>,
+    pub max_exports: Option<usize>,
     /// memory and tmpdisk: RAM that all memory disks may hold together;
     /// writes past it fail with ENOSPC (default: half of the machine's RAM).
     #[arg(long, value_name = "SIZE")]
-    memory_limit: Option<String>,
+    #[serde(default, deserialize_with = "config::size")]
+    pub memory_limit: Option<String>,
     /// tmpdisk with backing=dir: space all disk files may allocate together
     /// (default: until the file system is full).
     #[arg(long, value_name = "SIZE")]
-    disk_limit: Option<String>,
+    #[serde(default, deserialize_with = "config::size")]
+    pub disk_limit: Option<String>,
     /// tmpdisk: export names must start with P.
     #[arg(long, value_name = "P")]
-    name_prefix: Option<String>,
-    /// Backend: memory, file or tmpdisk.
-    backend: String,
-    /// Backend parameters, KEY=VALUE.
+    pub name_prefix: Option<String>,
+    /// Backend: memory, file or tmpdisk (may come from --config instead).
+    pub backend: Option<String>,
+    /// Backend parameters, KEY=VALUE (added to, and overriding, those of
+    /// the same backend in --config).
     #[arg(value_name = "KEY=VALUE")]
-    params: Vec<String>,
+    #[serde(skip)]
+    pub params: Vec<String>,
+    /// The config file's `[memory]` table: the memory backend's parameters.
+    #[arg(skip)]
+    pub memory: Option<config::Params>,
+    /// The config file's `[file]` table.
+    #[arg(skip)]
+    pub file: Option<config::Params>,
+    /// The config file's `[tmpdisk]` table.
+    #[arg(skip)]
+    pub tmpdisk: Option<config::Params>,
+}
+
+impl ServeArgs {
+    /// The export's name (default "").
+    fn export_name(&self) -> &str {
+        self.export_name.as_deref().unwrap_or("")
+    }
 }
 
 /// Files and directories to remove however the server ends.
@@ -132,6 +182,24 @@ impl Cleanup {
 }
 
 pub fn main(args: ServeArgs) -> i32 {
+    let args = match &args.config {
+        Some(path) => match config::load(path) {
+            Ok(file) => args.or_file(file),
+            Err(e) => {
+                // The toml crate's messages end with a newline.
+                eprintln!("scratchd: {}", e.to_string().trim_end());
+                return EXIT_USAGE;
+            }
+        },
+        None => args,
+    };
+    let Some(backend) = &args.backend else {
+        eprintln!(
+            "scratchd: no backend: name one (memory, file, tmpdisk) on the command line or as backend = in --config"
+        );
+        return EXIT_USAGE;
+    };
+    let backend = backend.clone();
     // First, before any thread starts: it takes the variable out of the
     // environment.
     let notifier = Notifier::from_env();
@@ -144,7 +212,7 @@ pub fn main(args: ServeArgs) -> i32 {
         init_logging(args.verbose, args.log_level.as_deref());
     }
     let _ = args.foreground;
-    let (exports, may_block) = match build_exports(&args) {
+    let (exports, may_block) = match build_exports(&args, &backend) {
         Ok(e) => e,
         Err(BackendError::Usage(e)) => {
             eprintln!("scratchd: {e}");
@@ -152,7 +220,8 @@ pub fn main(args: ServeArgs) -> i32 {
         }
         Err(BackendError::Open(e)) => return fail(e),
     };
-    let workers = match WorkerPool::new(if may_block { args.threads } else { 1 }) {
+    let threads = args.threads.unwrap_or(DEFAULT_THREADS);
+    let workers = match WorkerPool::new(if may_block { threads } else { 1 }) {
         Ok(w) => w,
         Err(e) => return fail(format!("cannot start worker threads: {e}")),
     };
@@ -162,9 +231,11 @@ pub fn main(args: ServeArgs) -> i32 {
         workers,
         shutdown: Shutdown::default(),
         connections: ConnectionLimit::new(
-            (args.max_connections > 0).then_some(args.max_connections),
-        ),
-        reply_timeout: args.reply_timeout,
+            Some(args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)).filter(|&n| n > 0),
+        )
+        .with_allow(args.allow.clone())
+        .with_max_per_peer(args.max_connections_per_peer.filter(|&n| n > 0)),
+        reply_timeout: args.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
     });
     if args.exit_with_parent {
         if let Err(e) = exit_with_parent() {
@@ -229,8 +300,11 @@ fn stderr_is_stdin() -> bool {
 }
 
 /// The exports to serve, and whether their backend may block.
-fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendError> {
-    if args.backend == "tmpdisk" {
+fn build_exports(
+    args: &ServeArgs,
+    backend: &str,
+) -> Result<(Arc<dyn Exports>, bool), BackendError> {
+    if backend == "tmpdisk" {
         return build_tmpdisk(args);
     }
     let tmpdisk_only = [
@@ -249,10 +323,10 @@ fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
         read_only: args.readonly,
         memory_limit,
     };
-    let device = open_backend(&args.backend, &args.params, &options)?;
+    let device = open_backend(backend, &args.params, &options)?;
     let may_block = device.capabilities().may_block;
     let export = SingleExport::new(
-        args.export_name.clone(),
+        args.export_name().to_owned(),
         args.description.clone(),
         device,
         args.readonly,
@@ -274,7 +348,7 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
         name_prefix: args.name_prefix.clone(),
     };
     let export = tmpdisk::ExportOptions {
-        default_name: Some(args.export_name.clone()).filter(|n| !n.is_empty()),
+        default_name: Some(args.export_name().to_owned()).filter(|n| !n.is_empty()),
         description: args.description.clone(),
         read_only: args.readonly,
     };
@@ -367,12 +441,12 @@ fn start_listeners(
     let uri = match (&unixsocket, port) {
         (Some(sock), _) => format!(
             "nbd+unix:///{}?socket={}",
-            percent_encode(&args.export_name),
+            percent_encode(args.export_name()),
             percent_encode(&sock.to_string_lossy())
         ),
         (None, Some(port)) => format!(
             "nbd://localhost:{port}/{}",
-            percent_encode(&args.export_name)
+            percent_encode(args.export_name())
         ),
         (None, None) => String::new(),
     };
@@ -380,7 +454,7 @@ fn start_listeners(
         uri,
         unixsocket,
         port,
-        exportname: args.export_name.clone(),
+        exportname: args.export_name().to_owned(),
     })
 }
 
@@ -499,7 +573,7 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>, notifier:
     }
 }
 
-fn parse_reply_timeout(text: &str) -> Result<std::time::Duration, String> {
+pub fn parse_reply_timeout(text: &str) -> Result<std::time::Duration, String> {
     match scratchd_scratch::config::parse_duration(text) {
         Ok(d) if d.is_zero() => Err("must be more than 0".to_owned()),
         Ok(d) => Ok(d),

@@ -3,7 +3,10 @@
 //! Layout:
 //! - [`export`]: the export registry (names → disks) seen by connections.
 //! - [`transport`]: the byte streams a connection runs over (Unix, TCP, stdio).
-//! - [`listener`]: listening sockets, socket activation, accept loops.
+//! - [`listener`]: listening sockets, socket activation, accept loops,
+//!   connection limits.
+//! - [`access`]: who may connect over TCP: `--allow` ranges, connections
+//!   per peer address.
 //! - [`connection`]: one client: the handshake, then the transmission loop.
 //! - [`executor`]: runs a validated request against a backend and encodes
 //!   its reply.
@@ -12,6 +15,7 @@
 //! - [`workers`]: the thread pool that runs requests for backends that may
 //!   block, so a slow request never holds up fast ones.
 
+pub mod access;
 pub mod connection;
 pub mod executor;
 pub mod export;
@@ -22,6 +26,7 @@ pub mod shutdown;
 pub mod transport;
 pub mod workers;
 
+pub use access::Cidr;
 pub use connection::serve;
 pub use export::{Exports, OpenExport, SingleExport};
 pub use listener::{ConnectionLimit, Listener, ServerContext};
