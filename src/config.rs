@@ -335,6 +335,23 @@ pool = 2
         assert_eq!(merged.params, ["linger=30s", "pool=2", "size=20G"]);
     }
 
+    /// The example shipped in contrib/ (and shown in docs/CONFIG.md) is valid.
+    #[test]
+    fn the_shipped_example_parses() {
+        let example = file(include_str!("../contrib/scratchd.toml")).unwrap();
+        let merged = cli(&[]).or_file(example);
+        assert_eq!(merged.backend.as_deref(), Some("tmpdisk"));
+        assert!(merged.params.contains(&"pool=2".to_owned()));
+        assert_eq!(merged.allow.len(), 3);
+        let docs = include_str!("../docs/CONFIG.md");
+        let shown = docs
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/CONFIG.md shows the example in a toml block");
+        assert_eq!(shown, include_str!("../contrib/scratchd.toml"));
+    }
+
     #[test]
     fn backend_parameters_merge_key_by_key() {
         let merged = cli(&["tmpdisk", "10G", "pool=0"]).or_file(file(EXAMPLE).unwrap());

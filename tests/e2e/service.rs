@@ -315,3 +315,34 @@ assert "too many connections from this address" in log, log
     );
     libnbd("", &script, &[SCRATCHD]);
 }
+
+/// The units in `contrib/systemd/` pass `systemd-analyze verify` (which
+/// warns, on stderr, about unknown keys and bad values), with their
+/// `/usr/bin/scratchd` pointed at the binary under test.
+#[test]
+fn systemd_units_verify() {
+    crate::util::require("systemd-analyze");
+    let dir = tempfile::tempdir().unwrap();
+    let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd");
+    let units = [
+        ("scratchd.service", "scratchd.service"),
+        ("scratchd.socket", "scratchd.socket"),
+        ("scratchd-inetd.socket", "scratchd-inetd.socket"),
+        ("scratchd-inetd@.service", "scratchd-inetd@1.service"),
+    ];
+    for (name, instance) in units {
+        let text = std::fs::read_to_string(contrib.join(name)).unwrap();
+        let text = text.replace("/usr/bin/scratchd", SCRATCHD);
+        // The template too: the inetd socket looks its service up by it.
+        for file in [name, instance] {
+            std::fs::write(dir.path().join(file), &text).unwrap();
+        }
+    }
+    for (_, instance) in units {
+        let out = run(Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(dir.path().join(instance)));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.trim().is_empty(), "{instance}:\n{stderr}");
+    }
+}
