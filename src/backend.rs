@@ -279,6 +279,20 @@ pub fn serve_help() -> String {
     )
 }
 
+/// The keys backend `name` takes, if it is a backend.
+pub fn keys(name: &str) -> Option<Keys> {
+    match name {
+        "tmpdisk" => Some(crate::tmpdisk::KEYS),
+        _ => BACKENDS.iter().find(|b| b.name == name).map(|b| b.keys),
+    }
+}
+
+/// The key a bare first value stands for in backend `name`'s parameters
+/// (`memory 1G` is `memory size=1G`), if `name` is a backend.
+pub fn first_key(name: &str) -> Option<&'static str> {
+    keys(name).and_then(|k| k.first()).map(|k| k.0)
+}
+
 /// Builds the device for `name` with `params` (`KEY=VALUE` or a bare value).
 pub fn open_backend(
     name: &str,

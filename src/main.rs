@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod config;
+mod notify;
 mod run;
 mod serve;
 mod size;
@@ -26,6 +28,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at startup: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve a backend over NBD.

@@ -12,14 +12,17 @@ use std::time::Duration;
 use clap::Args;
 use scratchd_server::tls::{TlsConfig, TlsMode};
 use scratchd_server::{
-    shutdown::Shutdown, workers::WorkerPool, ConnectionLimit, Exports, Listener, ServerContext,
-    SingleExport, Transport,
+    shutdown::Shutdown, workers::WorkerPool, Cidr, ConnectionLimit, Exports, Listener,
+    ServerContext, SingleExport, Transport,
 };
 use scratchd_store::sync;
+use serde::Deserialize;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
 use crate::backend::{open_backend, BackendError, OpenError, Options, UsageError};
+use crate::config;
+use crate::notify::Notifier;
 use crate::size::parse_size;
 use crate::tmpdisk;
 use scratchd_scratch::config::default_memory_limit;
@@ -27,112 +30,164 @@ use scratchd_scratch::config::default_memory_limit;
 /// Exit status for bad usage, as clap uses.
 const EXIT_USAGE: i32 = 2;
 const DEFAULT_PORT: u16 = 10809;
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+const DEFAULT_THREADS: usize = 16;
+const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopping server waits for connections to finish their requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-#[derive(Args)]
+/// `scratchd serve`'s settings: its command line, and the same settings
+/// read from a `--config` file (every field but `config` and `params` has
+/// the same name there, in kebab-case; see `docs/CONFIG.md`). Defaults are
+/// applied where a setting is used, so that a flag left out can be told
+/// from one given: flags override the file ([`ServeArgs::or_file`]).
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServeArgs {
+    /// Read settings from this TOML file (docs/CONFIG.md); options given
+    /// on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
     /// Listen on a Unix socket at PATH; `-` makes a private one in a fresh
     /// temporary directory (for --run).
     #[arg(short = 'U', long = "unix", value_name = "PATH")]
-    unix: Option<PathBuf>,
+    pub unix: Option<PathBuf>,
     /// Listen on TCP port N (default 10809 when no other listener is given;
     /// 0 picks a free port).
     #[arg(short = 'p', long, value_name = "N")]
-    port: Option<u16>,
+    pub port: Option<u16>,
     /// Listen on this TCP address only (default: all addresses).
     #[arg(short = 'i', long, value_name = "ADDR")]
-    ipaddr: Option<String>,
+    pub ipaddr: Option<String>,
     /// Captive mode: serve, run CMD with `sh -c` ($uri, $unixsocket, $port and
     /// $exportname set), then exit with its status.
     #[arg(long, value_name = "CMD")]
-    run: Option<String>,
+    pub run: Option<String>,
     /// Refuse writes, trims and zeroing (EPERM).
     #[arg(short = 'r', long)]
-    readonly: bool,
-    /// Name of the export (clients may also ask for the default name "").
-    #[arg(
-        short = 'e',
-        long = "export-name",
-        value_name = "NAME",
-        default_value = ""
-    )]
-    export_name: String,
+    #[serde(default)]
+    pub readonly: bool,
+    /// Name of the export (default ""; clients may also ask for "").
+    #[arg(short = 'e', long = "export-name", value_name = "NAME")]
+    pub export_name: Option<String>,
     /// Description sent to clients that ask for it (nbdinfo shows it).
     #[arg(long, value_name = "TEXT")]
-    description: Option<String>,
+    pub description: Option<String>,
     /// Write the server's PID here once it is ready for clients.
     #[arg(short = 'P', long, value_name = "FILE")]
-    pidfile: Option<PathBuf>,
+    pub pidfile: Option<PathBuf>,
     /// Exit when the parent process exits.
     #[arg(long)]
-    exit_with_parent: bool,
-    /// Serve exactly one connection on stdin/stdout, then exit.
+    #[serde(default)]
+    pub exit_with_parent: bool,
+    /// Serve exactly one connection on stdin (a socket, inetd-style: read
+    /// and written), or on stdin/stdout, then exit.
     #[arg(short = 's', long)]
-    single: bool,
+    #[serde(default)]
+    pub single: bool,
     /// Accepted for nbdkit compatibility: scratchd always stays in the foreground.
     #[arg(short = 'f', long)]
-    foreground: bool,
-    /// At most N client connections at once (0: no limit); a client past it
-    /// is closed at once. Each connection holds a thread and its buffers.
-    #[arg(long, value_name = "N", default_value_t = 4096)]
-    max_connections: usize,
-    /// Worker threads for backends that may block (file; tmpdisk with dir: or spill=).
-    #[arg(long, value_name = "N", default_value_t = 16)]
-    threads: usize,
-    /// TLS: off (STARTTLS refused), on (offered), require (nothing but
-    /// STARTTLS before TLS is up).
-    #[arg(long, value_name = "MODE", default_value = "off", value_parser = ["off", "on", "require"])]
-    tls: String,
+    #[serde(default)]
+    pub foreground: bool,
+    /// At most N client connections at once (default 4096; 0: no limit); a
+    /// client past it is closed at once. Each connection holds a thread and
+    /// its buffers.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Serve TCP clients from these addresses only (repeatable; e.g.
+    /// 10.0.0.0/8, 2001:db8::/32, 192.0.2.7); others are closed at accept.
+    /// Unix-socket clients are not affected.
+    #[arg(long = "allow", value_name = "CIDR")]
+    #[serde(default, deserialize_with = "config::cidrs")]
+    pub allow: Vec<Cidr>,
+    /// At most N connections at once from one TCP client address (0: no
+    /// limit, the default); Unix-socket clients are not counted per peer.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_peer: Option<usize>,
+    /// Worker threads for backends that may block (file; tmpdisk with
+    /// dir: or spill=; default 16).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// TLS: off (STARTTLS refused; the default), on (offered), require
+    /// (nothing but STARTTLS before TLS is up).
+    #[arg(long, value_name = "MODE", value_parser = ["off", "on", "require"])]
+    pub tls: Option<String>,
     /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (the
     /// layout of nbdkit and qemu).
     #[arg(long, value_name = "DIR")]
-    tls_certificates: Option<PathBuf>,
-    /// Require a client certificate signed by the directory's ca-cert.pem.
+    pub tls_certificates: Option<PathBuf>,
+    /// Require a client certificate signed by the directory's ca-cert.pem;
+    /// each certificate then owns its scratch disks.
     #[arg(long)]
-    tls_verify_peer: bool,
+    #[serde(default)]
+    pub tls_verify_peer: bool,
     /// Cut off a client that reads none of its replies for this long while
-    /// some are waiting for it (its queued replies are dropped).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_reply_timeout)]
-    reply_timeout: std::time::Duration,
+    /// some are waiting for it (its queued replies are dropped; default 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_reply_timeout)]
+    #[serde(default, deserialize_with = "config::reply_timeout")]
+    pub reply_timeout: Option<Duration>,
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
-    verbose: u8,
+    #[serde(default)]
+    pub verbose: u8,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, value_name = "LEVEL")]
-    log_level: Option<String>,
+    pub log_level: Option<String>,
     /// tmpdisk: at most N scratch disks at once (lingering ones are evicted
     /// first).
     #[arg(long, value_name = "N")]
-    max_exports: Option<usize>,
+    pub max_exports: Option<usize>,
     /// memory and tmpdisk: RAM that all memory disks may hold together;
     /// writes past it fail with ENOSPC (default: half of the machine's RAM).
     #[arg(long, value_name = "SIZE")]
-    memory_limit: Option<String>,
+    #[serde(default, deserialize_with = "config::size")]
+    pub memory_limit: Option<String>,
     /// tmpdisk with backing=dir: space all disk files may allocate together
     /// (default: until the file system is full).
     #[arg(long, value_name = "SIZE")]
-    disk_limit: Option<String>,
+    #[serde(default, deserialize_with = "config::size")]
+    pub disk_limit: Option<String>,
     /// tmpdisk: export names must start with P.
     #[arg(long, value_name = "P")]
-    name_prefix: Option<String>,
+    pub name_prefix: Option<String>,
     /// tmpdisk: at most N scratch disks at once per owner (see owner=); the
     /// owner's lingering disks are evicted first.
     #[arg(long, value_name = "N")]
-    max_exports_per_owner: Option<NonZeroUsize>,
+    pub max_exports_per_owner: Option<NonZeroUsize>,
     /// tmpdisk: RAM the disks of one owner may hold together; their writes
     /// past it fail with ENOSPC.
     #[arg(long, value_name = "SIZE")]
-    owner_memory_limit: Option<String>,
+    #[serde(default, deserialize_with = "config::size")]
+    pub owner_memory_limit: Option<String>,
     /// tmpdisk with dir: or spill=: space the disk files of one owner may
     /// allocate together.
     #[arg(long, value_name = "SIZE")]
-    owner_disk_limit: Option<String>,
-    /// Backend: memory, file or tmpdisk.
-    backend: String,
-    /// Backend parameters, KEY=VALUE.
+    #[serde(default, deserialize_with = "config::size")]
+    pub owner_disk_limit: Option<String>,
+    /// Backend: memory, file or tmpdisk (may come from --config instead).
+    pub backend: Option<String>,
+    /// Backend parameters, KEY=VALUE (added to, and overriding, those of
+    /// the same backend in --config).
     #[arg(value_name = "KEY=VALUE")]
-    params: Vec<String>,
+    #[serde(skip)]
+    pub params: Vec<String>,
+    /// The config file's `[memory]` table: the memory backend's parameters.
+    #[arg(skip)]
+    pub memory: Option<config::Params>,
+    /// The config file's `[file]` table.
+    #[arg(skip)]
+    pub file: Option<config::Params>,
+    /// The config file's `[tmpdisk]` table.
+    #[arg(skip)]
+    pub tmpdisk: Option<config::Params>,
+}
+
+impl ServeArgs {
+    /// The export's name (default "").
+    fn export_name(&self) -> &str {
+        self.export_name.as_deref().unwrap_or("")
+    }
 }
 
 /// Files and directories to remove however the server ends.
@@ -156,9 +211,37 @@ impl Cleanup {
 }
 
 pub fn main(args: ServeArgs) -> i32 {
-    init_logging(args.verbose, args.log_level.as_deref());
+    let args = match &args.config {
+        Some(path) => match config::load(path) {
+            Ok(file) => args.or_file(file),
+            Err(e) => {
+                // The toml crate's messages end with a newline.
+                eprintln!("scratchd: {}", e.to_string().trim_end());
+                return EXIT_USAGE;
+            }
+        },
+        None => args,
+    };
+    let Some(backend) = &args.backend else {
+        eprintln!(
+            "scratchd: no backend: name one (memory, file, tmpdisk) on the command line or as backend = in --config"
+        );
+        return EXIT_USAGE;
+    };
+    let backend = backend.clone();
+    // First, before any thread starts: it takes the variable out of the
+    // environment.
+    let notifier = Notifier::from_env();
+    if args.single && stderr_is_stdin() {
+        // xinetd passes the connection as stdin, stdout and stderr: a log
+        // line would land in the client's stream. Systemd units set
+        // `StandardError=journal` instead.
+        init_logging(0, Some("off"));
+    } else {
+        init_logging(args.verbose, args.log_level.as_deref());
+    }
     let _ = args.foreground;
-    let (exports, may_block) = match build_exports(&args) {
+    let (exports, may_block) = match build_exports(&args, &backend) {
         Ok(e) => e,
         Err(BackendError::Usage(e)) => {
             eprintln!("scratchd: {e}");
@@ -166,7 +249,8 @@ pub fn main(args: ServeArgs) -> i32 {
         }
         Err(BackendError::Open(e)) => return fail(e),
     };
-    let workers = match WorkerPool::new(if may_block { args.threads } else { 1 }) {
+    let threads = args.threads.unwrap_or(DEFAULT_THREADS);
+    let workers = match WorkerPool::new(if may_block { threads } else { 1 }) {
         Ok(w) => w,
         Err(e) => return fail(format!("cannot start worker threads: {e}")),
     };
@@ -184,9 +268,11 @@ pub fn main(args: ServeArgs) -> i32 {
         workers,
         shutdown: Shutdown::default(),
         connections: ConnectionLimit::new(
-            (args.max_connections > 0).then_some(args.max_connections),
-        ),
-        reply_timeout: args.reply_timeout,
+            Some(args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)).filter(|&n| n > 0),
+        )
+        .with_allow(args.allow.clone())
+        .with_max_per_peer(args.max_connections_per_peer.filter(|&n| n > 0)),
+        reply_timeout: args.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
         tls,
     });
     if args.exit_with_parent {
@@ -216,8 +302,8 @@ pub fn main(args: ServeArgs) -> i32 {
                 sync::lock(&cleanup).pidfile = Some(p.clone());
             }
             match &args.run {
-                Some(cmd) => run_captive(cmd, &env, &cleanup),
-                None => serve_until_signal(&ctx, &cleanup),
+                Some(cmd) => run_captive(cmd, &env, &cleanup, &notifier),
+                None => serve_until_signal(&ctx, &env, &cleanup, &notifier),
             }
         }
     };
@@ -239,9 +325,24 @@ fn raise_open_file_limit() {
     }
 }
 
+/// Whether standard error is the very file (socket) standard input is.
+fn stderr_is_stdin() -> bool {
+    use std::os::fd::AsFd;
+    match (
+        rustix::fs::fstat(io::stdin().as_fd()),
+        rustix::fs::fstat(io::stderr().as_fd()),
+    ) {
+        (Ok(i), Ok(e)) => (i.st_dev, i.st_ino) == (e.st_dev, e.st_ino),
+        _ => false,
+    }
+}
+
 /// The exports to serve, and whether their backend may block.
-fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendError> {
-    if args.backend == "tmpdisk" {
+fn build_exports(
+    args: &ServeArgs,
+    backend: &str,
+) -> Result<(Arc<dyn Exports>, bool), BackendError> {
+    if backend == "tmpdisk" {
         return build_tmpdisk(args);
     }
     let tmpdisk_only = [
@@ -266,10 +367,10 @@ fn build_exports(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
         read_only: args.readonly,
         memory_limit,
     };
-    let device = open_backend(&args.backend, &args.params, &options)?;
+    let device = open_backend(backend, &args.params, &options)?;
     let may_block = device.capabilities().may_block;
     let export = SingleExport::new(
-        args.export_name.clone(),
+        args.export_name().to_owned(),
         args.description.clone(),
         device,
         args.readonly,
@@ -296,7 +397,7 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
         },
     };
     let export = tmpdisk::ExportOptions {
-        default_name: Some(args.export_name.clone()).filter(|n| !n.is_empty()),
+        default_name: Some(args.export_name().to_owned()).filter(|n| !n.is_empty()),
         description: args.description.clone(),
         read_only: args.readonly,
     };
@@ -350,6 +451,8 @@ pub fn init_logging(verbose: u8, level: Option<&str>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a terminal: not into the journal or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -404,8 +507,8 @@ fn start_listeners(
     let port = listeners.iter().find_map(Listener::tcp_port);
     // With required TLS and verified client certificates, every TCP
     // client is an owner (its certificate): nothing to warn about.
-    let certified = args.tls == "require" && args.tls_verify_peer;
-    if args.backend == "tmpdisk" && !certified {
+    let certified = args.tls.as_deref() == Some("require") && args.tls_verify_peer;
+    if args.backend.as_deref() == Some("tmpdisk") && !certified {
         warn_about_tcp(&listeners);
     }
     let mut c = sync::lock(cleanup);
@@ -418,12 +521,12 @@ fn start_listeners(
     let uri = match (&unixsocket, port) {
         (Some(sock), _) => format!(
             "nbd+unix:///{}?socket={}",
-            percent_encode(&args.export_name),
+            percent_encode(args.export_name()),
             percent_encode(&sock.to_string_lossy())
         ),
         (None, Some(port)) => format!(
             "nbd://localhost:{port}/{}",
-            percent_encode(&args.export_name)
+            percent_encode(args.export_name())
         ),
         (None, None) => String::new(),
     };
@@ -431,7 +534,7 @@ fn start_listeners(
         uri,
         unixsocket,
         port,
-        exportname: args.export_name.clone(),
+        exportname: args.export_name().to_owned(),
     })
 }
 
@@ -470,14 +573,23 @@ fn exit_with_parent() -> std::io::Result<()> {
 /// socket files go first (no new clients), every connection stops reading,
 /// requests already received are answered, and connections close; those
 /// still open after [`SHUTDOWN_GRACE`] are cut off.
-fn serve_until_signal(ctx: &ServerContext, cleanup: &Mutex<Cleanup>) -> i32 {
+fn serve_until_signal(
+    ctx: &ServerContext,
+    env: &RunEnv,
+    cleanup: &Mutex<Cleanup>,
+    notifier: &Notifier,
+) -> i32 {
     let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot install signal handlers: {e}")),
     };
+    // Only now: a SIGTERM sent as soon as systemd sees READY=1 must find
+    // the handler.
+    notifier.notify(&ready_message(env));
     if let Some(sig) = signals.forever().next() {
         info!(signal = sig, "shutting down");
     }
+    notifier.notify("STOPPING=1");
     sync::lock(cleanup).run();
     let left = ctx.shutdown.begin(SHUTDOWN_GRACE);
     if left > 0 {
@@ -489,8 +601,19 @@ fn serve_until_signal(ctx: &ServerContext, cleanup: &Mutex<Cleanup>) -> i32 {
     0
 }
 
+/// What systemd is told once the server is ready: listeners set up, pidfile
+/// written, signal handlers installed.
+fn ready_message(env: &RunEnv) -> String {
+    let at = if env.uri.is_empty() {
+        "the sockets systemd passed"
+    } else {
+        &env.uri
+    };
+    format!("READY=1\nSTATUS=serving {at}")
+}
+
 /// Runs the captive command; the server ends when it does, with its status.
-fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
+fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>, notifier: &Notifier) -> i32 {
     let mut p = Process::new("sh");
     p.arg("-c")
         .arg(cmd)
@@ -506,15 +629,20 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
     };
     // A signal to the server stops the captive command too, then cleans up.
     let cleanup = cleanup.clone();
+    let stopping = notifier.clone();
     if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
+                stopping.notify("STOPPING=1");
                 sync::lock(&cleanup).run();
                 std::process::exit(128 + sig);
             }
         });
     }
-    match p.status() {
+    notifier.notify(&ready_message(env));
+    let status = p.status();
+    notifier.notify("STOPPING=1");
+    match status {
         Ok(status) => {
             use std::os::unix::process::ExitStatusExt;
             status
@@ -525,7 +653,7 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>) -> i32 {
     }
 }
 
-fn parse_reply_timeout(text: &str) -> Result<std::time::Duration, String> {
+pub fn parse_reply_timeout(text: &str) -> Result<std::time::Duration, String> {
     match scratchd_scratch::config::parse_duration(text) {
         Ok(d) if d.is_zero() => Err("must be more than 0".to_owned()),
         Ok(d) => Ok(d),
@@ -543,7 +671,7 @@ enum TlsSetupError {
 }
 
 fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, TlsSetupError> {
-    let mode = match args.tls.as_str() {
+    let mode = match args.tls.as_deref().unwrap_or("off") {
         "on" => TlsMode::On,
         "require" => TlsMode::Require,
         _ => {

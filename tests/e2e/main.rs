@@ -19,6 +19,7 @@ mod nbdsh;
 mod ordering;
 mod qemu;
 mod run;
+mod service;
 mod shutdown;
 mod stuck;
 mod tls;

@@ -336,7 +336,9 @@ impl<'a> Transmission<'a> {
             RequestPayload::Receive(n) => n as usize,
             RequestPayload::Discard(n) => {
                 self.input.discard(n)?;
-                return Ok(refuse(to, Errno::Inval, "payload too large"));
+                let refusal = refuse(to, Errno::Inval, "payload too large");
+                log_refusal(&header, &refusal);
+                return Ok(refusal);
             }
             RequestPayload::Disconnect => {
                 return Err(invalid_data(format!(
@@ -361,6 +363,7 @@ impl<'a> Transmission<'a> {
             }
         };
         self.input.discard(payload_len as u64)?;
+        log_refusal(&header, &refusal);
         Ok(refusal)
     }
 
@@ -482,6 +485,23 @@ impl<'a> Transmission<'a> {
 
 fn refuse(to: ReplyTo, errno: Errno, message: &'static str) -> Next {
     Next::Refuse { to, errno, message }
+}
+
+/// Refused requests (over-size, out of range, bad flags, shutdown) are
+/// logged at debug level: the client only sees an errno.
+fn log_refusal(header: &RequestHeader, refusal: &Next) {
+    if let Next::Refuse { errno, message, .. } = refusal {
+        debug!(
+            cookie = header.cookie,
+            command = scratchd_proto::consts::command_name(header.kind),
+            flags = header.flags,
+            offset = header.offset,
+            length = header.length,
+            errno = *errno as u32,
+            reason = message,
+            "request refused"
+        );
+    }
 }
 
 /// Receives a payload of `len` bytes: left in the input buffer when it fits

@@ -5,7 +5,10 @@
 //! - [`identity`]: who a connection's peer is (Unix credentials, later TLS
 //!   certificates), for ownership of exports.
 //! - [`transport`]: the byte streams a connection runs over (Unix, TCP, stdio).
-//! - [`listener`]: listening sockets, socket activation, accept loops.
+//! - [`listener`]: listening sockets, socket activation, accept loops,
+//!   connection limits.
+//! - [`access`]: who may connect over TCP: `--allow` ranges, connections
+//!   per peer address.
 //! - [`connection`]: one client: the handshake, then the transmission loop.
 //! - [`executor`]: runs a validated request against a backend and encodes
 //!   its reply.
@@ -16,6 +19,7 @@
 //! - [`workers`]: the thread pool that runs requests for backends that may
 //!   block, so a slow request never holds up fast ones.
 
+pub mod access;
 pub mod connection;
 pub mod executor;
 pub mod export;
@@ -28,6 +32,7 @@ pub mod tls;
 pub mod transport;
 pub mod workers;
 
+pub use access::Cidr;
 pub use connection::serve;
 pub use export::{Exports, OpenExport, PeerCatalog, SingleExport};
 pub use identity::Identity;

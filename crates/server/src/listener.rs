@@ -7,7 +7,7 @@
 //! [`crate::workers`]), so threads never multiply per request.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use std::thread;
 
 use tracing::{error, info, warn};
 
+use crate::access::{Cidr, PeerCounts};
 use crate::connection;
 use crate::export::Exports;
 use crate::shutdown::Shutdown;
@@ -40,13 +41,18 @@ pub struct ServerContext {
     pub tls: Option<crate::tls::TlsConfig>,
 }
 
-/// How many connections may be open at once. Each holds a thread and its
-/// buffers, so a flood of clients must not be able to take them without
-/// bound; a client past the limit is closed as soon as it is accepted
-/// (before the handshake, so it costs no thread).
+/// Who may connect, and how many connections may be open at once. Each
+/// holds a thread and its buffers, so a flood of clients must not be able
+/// to take them without bound; a client past a limit, or from a TCP address
+/// outside `--allow`, is closed as soon as it is accepted (before the
+/// handshake, so it costs no thread) and a warning is logged.
 pub struct ConnectionLimit {
     max: Option<usize>,
     live: AtomicUsize,
+    /// TCP peers must be in one of these ranges (empty: any peer).
+    allow: Vec<Cidr>,
+    /// At most this many connections per TCP peer address.
+    per_peer: Option<PeerCounts>,
 }
 
 impl ConnectionLimit {
@@ -55,30 +61,78 @@ impl ConnectionLimit {
         ConnectionLimit {
             max,
             live: AtomicUsize::new(0),
+            allow: Vec::new(),
+            per_peer: None,
         }
+    }
+
+    /// Only TCP peers in `allow` are served (all when it is empty).
+    pub fn with_allow(mut self, allow: Vec<Cidr>) -> Self {
+        self.allow = allow;
+        self
+    }
+
+    /// At most `max` connections at once per TCP peer address (`None`: no
+    /// limit). Unix-socket clients are not counted per peer.
+    pub fn with_max_per_peer(mut self, max: Option<usize>) -> Self {
+        self.per_peer = max.map(PeerCounts::new);
+        self
     }
 }
 
-/// One connection's place within [`ConnectionLimit`], given back on drop.
-struct ConnectionSlot(Arc<ServerContext>);
+/// One connection's place within [`ConnectionLimit`] (and its peer's),
+/// given back on drop.
+struct ConnectionSlot {
+    ctx: Arc<ServerContext>,
+    /// The TCP peer counted in [`ConnectionLimit::per_peer`].
+    peer: Option<IpAddr>,
+}
+
+/// Why a connection was closed at accept.
+enum Refused {
+    NotAllowed,
+    TooMany(usize),
+    TooManyFromPeer(usize),
+}
 
 impl ConnectionSlot {
-    fn take(ctx: &Arc<ServerContext>) -> Option<Self> {
+    /// A place for a client from `ip` (`None`: not TCP).
+    fn take(ctx: &Arc<ServerContext>, ip: Option<IpAddr>) -> Result<Self, Refused> {
         let limit = &ctx.connections;
+        if let Some(ip) = ip {
+            if !limit.allow.is_empty() && !limit.allow.iter().any(|c| c.contains(ip)) {
+                return Err(Refused::NotAllowed);
+            }
+        }
         let max = limit.max.unwrap_or(usize::MAX);
         limit
             .live
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             })
-            .ok()
-            .map(|_| ConnectionSlot(ctx.clone()))
+            .map_err(|_| Refused::TooMany(max))?;
+        // Counted: from here on, dropping the slot gives back what it took.
+        let mut slot = ConnectionSlot {
+            ctx: ctx.clone(),
+            peer: None,
+        };
+        if let (Some(counts), Some(ip)) = (&limit.per_peer, ip) {
+            if !counts.take(ip) {
+                return Err(Refused::TooManyFromPeer(counts.max()));
+            }
+            slot.peer = Some(ip);
+        }
+        Ok(slot)
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.live.fetch_sub(1, Ordering::AcqRel);
+        let limit = &self.ctx.connections;
+        limit.live.fetch_sub(1, Ordering::AcqRel);
+        if let (Some(counts), Some(ip)) = (&limit.per_peer, self.peer) {
+            counts.give_back(ip);
+        }
     }
 }
 
@@ -184,7 +238,7 @@ impl Listener {
             .name(format!("accept {name}"))
             .spawn(move || loop {
                 match self.accept() {
-                    Ok(t) => spawn_connection(t, ctx.clone()),
+                    Ok((t, ip)) => spawn_connection(t, ip, ctx.clone()),
                     Err(e) => {
                         warn!(listener = %name, error = %e, "accept failed");
                         // EMFILE and friends: don't spin while they last.
@@ -195,30 +249,49 @@ impl Listener {
         Ok(())
     }
 
-    fn accept(&self) -> io::Result<Transport> {
+    /// The next client, and its address if it came over TCP.
+    fn accept(&self) -> io::Result<(Transport, Option<IpAddr>)> {
         match self {
-            Listener::Unix(l, _) | Listener::InheritedUnix(l) => Transport::unix(l.accept()?.0),
-            Listener::Tcp(l) => Transport::tcp(l.accept()?.0),
+            Listener::Unix(l, _) | Listener::InheritedUnix(l) => {
+                Ok((Transport::unix(l.accept()?.0)?, None))
+            }
+            Listener::Tcp(l) => {
+                let (stream, addr) = l.accept()?;
+                Ok((Transport::tcp(stream)?, Some(addr.ip())))
+            }
         }
     }
 }
 
-/// Serves `transport` on a thread of its own, or closes it at once when
-/// `--max-connections` are already open.
-pub fn spawn_connection(transport: Transport, ctx: Arc<ServerContext>) {
-    let Some(slot) = ConnectionSlot::take(&ctx) else {
-        warn!(
-            peer = %transport.peer,
-            limit = ctx.connections.max.unwrap_or(usize::MAX),
-            "too many connections; client closed"
-        );
-        return;
+/// Serves `transport` (from TCP address `ip`, if any) on a thread of its
+/// own, or closes it at once when its address is not allowed or a
+/// connection limit is reached.
+pub fn spawn_connection(transport: Transport, ip: Option<IpAddr>, ctx: Arc<ServerContext>) {
+    let slot = match ConnectionSlot::take(&ctx, ip) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            let peer = &transport.peer;
+            match refused {
+                Refused::NotAllowed => {
+                    warn!(%peer, "address not in --allow; client closed")
+                }
+                Refused::TooMany(limit) => {
+                    warn!(%peer, limit, "too many connections; client closed")
+                }
+                Refused::TooManyFromPeer(limit) => warn!(
+                    %peer,
+                    limit,
+                    "too many connections from this address; client closed"
+                ),
+            }
+            return;
+        }
     };
     let spawned = thread::Builder::new()
         .name("connection".to_owned())
         .stack_size(CONNECTION_STACK)
         .spawn(move || {
-            connection::serve(transport, &slot.0);
+            connection::serve(transport, &slot.ctx);
         });
     if let Err(e) = spawned {
         error!(error = %e, "cannot start a connection thread; client dropped");

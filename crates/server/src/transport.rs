@@ -3,7 +3,8 @@
 //! A connection reads on one thread and writes from several (its own, and
 //! workers finishing requests), so a transport is split into independent
 //! read and write halves up front. Unix and TCP sockets are cloned; stdio
-//! (`-s`) is naturally two descriptors. A TLS transport can provide the same
+//! (`-s`) is a socket on standard input (inetd-style, cloned like any
+//! other) or a pipe pair (stdin and stdout). A TLS transport can provide the same
 //! two halves over a shared session.
 //!
 //! The write half of a socket never blocks: [`WriteHalf::try_write`] sends
@@ -140,14 +141,23 @@ impl Transport {
         })
     }
 
-    /// The process's stdin and stdout, for `-s` (one connection, inetd-style).
+    /// The connection on standard input, for `-s` (one connection,
+    /// inetd-style). When standard input is a socket (inetd, xinetd,
+    /// systemd `Accept=yes`, libnbd's `connect_command`), replies go back on
+    /// that same socket and it is handled like an accepted client: timeouts,
+    /// shutdown, and the peer's address in the logs. Otherwise (a pipe),
+    /// requests come from stdin and replies go to stdout.
     pub fn stdio() -> io::Result<Self> {
+        let stdin = io::stdin();
+        if let Some(t) = Self::socket(stdin.as_fd())? {
+            return Ok(t);
+        }
         let dup = |fd: BorrowedFd| -> io::Result<File> {
             let owned: OwnedFd = fd.try_clone_to_owned()?;
             Ok(File::from(owned))
         };
         Ok(Transport {
-            reader: Box::new(dup(io::stdin().as_fd())?),
+            reader: Box::new(dup(stdin.as_fd())?),
             // Blocking writes: `-s` serves one client, so there is nobody
             // else for it to hold up.
             writer: WriteHalf::Stream(Box::new(dup(io::stdout().as_fd())?)),
@@ -155,6 +165,28 @@ impl Transport {
             identity: Identity::Anonymous,
             control: Control::None,
         })
+    }
+
+    /// A transport over a copy of `fd` if it is a connected Unix or TCP
+    /// stream socket; `None` for anything else.
+    fn socket(fd: BorrowedFd<'_>) -> io::Result<Option<Self>> {
+        use rustix::fs::{fstat, FileType};
+        use rustix::net::{sockopt, AddressFamily, SocketType};
+        if FileType::from_raw_mode(fstat(fd)?.st_mode) != FileType::Socket
+            || sockopt::socket_type(fd)? != SocketType::STREAM
+        {
+            return Ok(None);
+        }
+        let family = rustix::net::getsockname(fd)?.address_family();
+        let owned = fd.try_clone_to_owned()?;
+        rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+        if family == AddressFamily::UNIX {
+            Self::unix(UnixStream::from(owned)).map(Some)
+        } else if family == AddressFamily::INET || family == AddressFamily::INET6 {
+            Self::tcp(TcpStream::from(owned)).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 }
 
