@@ -38,6 +38,10 @@ pub const KEYS: Keys = &[
     ),
     ("pool", "keep N formatted disks ready (default 0)"),
     (
+        "quota",
+        "most bytes one disk may allocate (RAM and file each); past it, ENOSPC for that disk",
+    ),
+    (
         "format-timeout",
         "kill a format command running longer (default 60s)",
     ),
@@ -126,8 +130,10 @@ pub fn config(
         Some(n) => n.parse().map_err(|_| UsageError::Pool(n.to_owned()))?,
         None => 0,
     };
+    let quota = get("quota").map(|q| parse_size("quota", q)).transpose()?;
     Ok(Config {
         size,
+        quota,
         format: FormatSpec {
             kind,
             fs_type,

@@ -592,3 +592,29 @@ eq(h.pread(4, 32 * MIB), b"\1" * 4, "writable after a trim")
         "named files in the spill dir"
     );
 }
+
+/// `quota=`: a disk past its quota gets ENOSPC, while another disk of the
+/// same server (and the same owner) still takes writes; trimming gives the
+/// quota back.
+#[test]
+fn a_disk_past_its_quota_gets_enospc_and_others_carry_on() {
+    use crate::wire::{negotiating, Conn, Mode, CMD_TRIM};
+    const ENOSPC: u32 = 28;
+    let server = Server::start(&["tmpdisk", "size=64M", "type=none", "quota=1M"]);
+    let open = |name: &str| Conn::go(negotiating(&server), Mode::Simple, name);
+    let (mut a, mut b) = (open("build-a"), open("build-b"));
+    let block = vec![7u8; 256 << 10];
+    let mut errors = Vec::new();
+    for i in 0..8u64 {
+        a.send_write(i, i * (256 << 10), &block);
+        errors.push(a.read_simple().0);
+    }
+    assert_eq!(&errors[..4], [0, 0, 0, 0], "within the quota");
+    assert_eq!(errors[5..], [ENOSPC, ENOSPC, ENOSPC], "past the quota");
+    b.send_write(1, 0, &block);
+    assert_eq!(b.read_simple(), (0, 1), "another disk is not held back");
+    a.request(0, CMD_TRIM, 9, 0, 1 << 20);
+    assert_eq!(a.read_simple(), (0, 9));
+    a.send_write(10, 4 << 20, &block);
+    assert_eq!(a.read_simple(), (0, 10), "the trim gave the quota back");
+}

@@ -56,6 +56,8 @@ pub struct FormatSpec {
 pub struct Config {
     /// Size of every disk, in bytes.
     pub size: u64,
+    /// Most bytes one disk may allocate (`quota=`).
+    pub quota: Option<u64>,
     pub format: FormatSpec,
     pub backing: Backing,
     /// How long a disk outlives its last connection.

@@ -65,11 +65,14 @@ pub struct Budgets {
 }
 
 impl Budgets {
-    /// Budgets of their own for one disk, each within one of `self`.
-    pub fn for_one_disk(&self) -> Budgets {
-        let mine = |b: &Option<Arc<Budget>>| {
-            b.as_ref()
-                .map(|b| Arc::new(Budget::within(b.clone(), u64::MAX)))
+    /// Budgets of their own for one disk, each within one of `self` (a
+    /// budget of its own even without one, when there is a `quota`), each
+    /// at most `quota` bytes.
+    pub fn for_one_disk(&self, quota: Option<u64>) -> Budgets {
+        let limit = quota.unwrap_or(u64::MAX);
+        let mine = |b: &Option<Arc<Budget>>| match b {
+            Some(b) => Some(Arc::new(Budget::within(b.clone(), limit))),
+            None => quota.map(|q| Arc::new(Budget::new(q))),
         };
         Budgets {
             memory: mine(&self.memory),

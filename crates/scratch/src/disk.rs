@@ -122,6 +122,10 @@ pub enum Placement {
 /// The real [`DiskFactory`]: a placement and a formatter.
 pub struct Maker {
     pub size: u64,
+    /// Most bytes one disk may allocate (`quota=`), in RAM and in its file
+    /// each: a runaway build gets ENOSPC on its own disk before it can take
+    /// the shared budget from the others.
+    pub quota: Option<u64>,
     pub placement: Placement,
     pub format: Box<dyn Format>,
 }
@@ -223,7 +227,7 @@ impl Maker {
             memory: Some(memory.clone()),
             disk: disk.clone(),
         }
-        .for_one_disk();
+        .for_one_disk(self.quota);
         let own_memory = own.memory.clone().unwrap_or_else(|| memory.clone());
         let (inode, fd_path) = self.unnamed_file(path)?;
         let file = FileDevice::open(&fd_path, false).map_err(CreateError::ReopenFile)?;
@@ -244,7 +248,10 @@ impl Maker {
     }
 
     fn create_in_memory(&self, budget: &Arc<Budget>) -> Result<ScratchDevice, CreateError> {
-        let own = Arc::new(Budget::within(budget.clone(), u64::MAX));
+        let own = Arc::new(Budget::within(
+            budget.clone(),
+            self.quota.unwrap_or(u64::MAX),
+        ));
         let dev = MemoryDevice::with_budget(self.size, own.clone())
             .map_err(|source| self.memory_error(source))?;
         let memfd = self.memfd()?;
@@ -282,7 +289,7 @@ impl Maker {
             memory: None,
             disk: budget.clone(),
         }
-        .for_one_disk();
+        .for_one_disk(self.quota);
         let dev = BudgetedFile::new(dev, inode, own.disk.clone()).map_err(|e| {
             match e.raw_os_error() {
                 Some(libc::ENOSPC) => CreateError::DiskBudgetExhausted(e),
@@ -488,6 +495,7 @@ mod tests {
     #[test]
     fn import_copies_only_nonzero_blocks() {
         let maker = Maker {
+            quota: None,
             size: 64 << 20,
             placement: Placement::Memory(Arc::new(Budget::new(u64::MAX))),
             format: spec(FormatKind::Command(
@@ -523,6 +531,7 @@ mod tests {
             },
         ] {
             let maker = Maker {
+                quota: None,
                 size: 64 << 20,
                 placement,
                 format: spec(FormatKind::Filesystem("ext4".into())),
@@ -584,6 +593,7 @@ mod tests {
         ] {
             // 256 MiB, one MiB per dd, in a background job of the command.
             let maker = Maker {
+                quota: None,
                 size: 256 << 20,
                 placement,
                 format: spec(FormatKind::Command(format!(
@@ -624,6 +634,7 @@ mod tests {
     fn a_budget_too_small_for_the_filesystem_fails_creation() {
         let budget = Arc::new(Budget::new(8192));
         let maker = Maker {
+            quota: None,
             size: 64 << 20,
             placement: Placement::Memory(budget.clone()),
             format: spec(FormatKind::Filesystem("ext4".into())),
@@ -654,6 +665,7 @@ mod tests {
         may_fill: bool,
     ) -> Result<(), TestCaseError> {
         let maker = Maker {
+            quota: None,
             size,
             placement,
             format: spec(FormatKind::None),

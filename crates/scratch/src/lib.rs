@@ -89,6 +89,7 @@ pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
         },
     };
     let maker = disk::Maker {
+        quota: config.quota,
         size: config.size,
         placement,
         format: Box::new(config.format.clone()),

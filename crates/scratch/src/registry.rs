@@ -1008,6 +1008,7 @@ mod tests {
         use scratchd_store::memory::Budget;
         let server = Arc::new(Budget::new(64 << 10));
         let maker = Maker {
+            quota: None,
             size: 1 << 20,
             placement: Placement::Memory(server.clone()),
             format: Box::new(crate::FormatSpec {

@@ -60,6 +60,7 @@ fn failed_and_timed_out_creations_leave_nothing() {
     for (timeout, script, expected) in cases {
         for placement in placements() {
             let maker = Maker {
+                quota: None,
                 size: 1 << 20,
                 placement,
                 format: failing(timeout, script),
