@@ -63,7 +63,9 @@ fn pki() -> tempfile::TempDir {
     dir
 }
 
-fn tls_server(pki: &Path, extra: &[&str]) -> (Server, u16) {
+/// A server on a free port of 127.0.0.1 with the certificates in `pki`,
+/// the TLS options `extra` and the backend `backend` (with its keys).
+fn tls_server_with(pki: &Path, extra: &[&str], backend: &[&str]) -> (Server, u16) {
     let port = free_port();
     let port_s = port.to_string();
     let certs = pki.to_str().unwrap();
@@ -76,8 +78,17 @@ fn tls_server(pki: &Path, extra: &[&str]) -> (Server, u16) {
         certs,
     ];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["memory", "size=64M"]);
+    args.extend_from_slice(backend);
     (Server::start(&args), port)
+}
+
+fn tls_server(pki: &Path, extra: &[&str]) -> (Server, u16) {
+    tls_server_with(pki, extra, &["memory", "size=64M"])
+}
+
+/// Required TLS with verified client certificates, serving `backend`.
+fn certified_server(pki: &Path, backend: &[&str]) -> (Server, u16) {
+    tls_server_with(pki, &["--tls", "require", "--tls-verify-peer"], backend)
 }
 
 fn free_port() -> u16 {
@@ -222,21 +233,7 @@ fn scratchd_run_over_tls() {
         return;
     }
     let pki = pki();
-    let port = free_port();
-    let port_s = port.to_string();
-    let _server = Server::start(&[
-        "-p",
-        &port_s,
-        "-i",
-        "127.0.0.1",
-        "--tls",
-        "require",
-        "--tls-verify-peer",
-        "--tls-certificates",
-        pki.path().to_str().unwrap(),
-        "tmpdisk",
-        "size=256M",
-    ]);
+    let (_server, port) = certified_server(pki.path(), &["tmpdisk", "size=256M"]);
     let uri = format!(
         "nbds://localhost:{port}/?tls-certificates={}",
         pki.path().display()
@@ -285,23 +282,10 @@ fn two_client_certificates_are_two_owners() {
         other.path().join("ca-cert.pem"),
     )
     .unwrap();
-    let port = free_port();
-    let port_s = port.to_string();
-    let _server = Server::start(&[
-        "-p",
-        &port_s,
-        "-i",
-        "127.0.0.1",
-        "--tls",
-        "require",
-        "--tls-verify-peer",
-        "--tls-certificates",
-        pki.path().to_str().unwrap(),
-        "tmpdisk",
-        "size=8M",
-        "type=none",
-        "linger=30s",
-    ]);
+    let (_server, port) = certified_server(
+        pki.path(),
+        &["tmpdisk", "size=8M", "type=none", "linger=30s"],
+    );
     let uri = |dir: &Path| {
         format!(
             "nbds://localhost:{port}/build-x?tls-certificates={}",
