@@ -18,6 +18,7 @@ mod nbdinfo;
 mod nbdsh;
 mod ordering;
 mod qemu;
+mod session_fuzz;
 mod shutdown;
 mod stuck;
 mod tmpdisk;
