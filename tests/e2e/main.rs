@@ -13,6 +13,7 @@ mod faults;
 mod fio;
 mod idle;
 mod limits;
+mod load;
 mod nbdcopy;
 mod nbdinfo;
 mod nbdsh;

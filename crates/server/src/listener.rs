@@ -76,7 +76,22 @@ impl ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.live.fetch_sub(1, Ordering::AcqRel);
+        if self.0.connections.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            give_heap_back();
+        }
+    }
+}
+
+/// With the last client gone, hands the allocator's free pages back to the
+/// kernel. glibc keeps what connection threads freed in its arenas: after
+/// 400 connections wrote 8 MiB each, 20 MiB stayed resident in an idle
+/// server (`bench/load.py`); trimmed, RSS is back to its value at start.
+fn give_heap_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers; it only releases free memory
+    // of glibc's own arenas, under their locks, so any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
