@@ -9,10 +9,12 @@
 
 mod bad_input;
 mod cli;
+mod faults;
 mod fio;
 mod idle;
 mod isolation;
 mod limits;
+mod load;
 mod nbdcopy;
 mod nbdinfo;
 mod nbdsh;
@@ -20,6 +22,7 @@ mod ordering;
 mod qemu;
 mod run;
 mod service;
+mod session_fuzz;
 mod shutdown;
 mod stuck;
 mod tls;

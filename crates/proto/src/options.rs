@@ -11,8 +11,8 @@
 //!
 //! Names (export names, context names) are decoded strictly: UTF-8, no NUL,
 //! at most [`MAX_STRING_LEN`] bytes. Descriptions and error messages are only
-//! shown to people, so they are decoded leniently (invalid UTF-8 replaced),
-//! and encoded clipped to the limit.
+//! shown to people, so they are decoded leniently (invalid UTF-8 replaced,
+//! clipped to the limit) and encoded clipped to the limit.
 
 use crate::codec::{Codec, DecodeError, PutBe, Reader};
 use crate::consts::*;
@@ -386,8 +386,13 @@ fn put_string32(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// A string shown to people (description, error message) as decoded from
+/// the peer: invalid UTF-8 replaced, then clipped to the protocol's limit as
+/// the encoders clip it, so that a decoded value encodes back to what it
+/// holds (a longer one would be clipped on the way out, and replacement
+/// characters can triple a string's length).
+pub(crate) fn lossy(bytes: &[u8]) -> String {
+    clip(&String::from_utf8_lossy(bytes)).to_owned()
 }
 
 #[cfg(test)]
@@ -599,6 +604,42 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// Found by the `decode` fuzz target: a description or error message
+    /// longer than the limit (or one whose invalid UTF-8 grows when
+    /// replaced) decoded whole, then encoded clipped, so the value changed
+    /// on a round trip.
+    #[test]
+    fn long_or_invalid_texts_decode_clipped_and_round_trip() {
+        let long = OptionReply {
+            option: OPT_GO,
+            body: OptionReplyBody::Error {
+                code: OptError::Platform as u32,
+                message: "m".repeat(5000),
+            },
+        };
+        let mut bytes = Vec::new();
+        let mut body = vec![0u8; 5000];
+        body.fill(b'm');
+        OptionReplyHeader {
+            option: OPT_GO,
+            reply_type: OptError::Platform as u32,
+            len: 5000,
+        }
+        .encode(&mut bytes);
+        bytes.extend_from_slice(&body);
+        let decoded = OptionReply::from_bytes(&bytes).unwrap();
+        let OptionReplyBody::Error { message, .. } = &decoded.body else {
+            panic!("{decoded:?}");
+        };
+        assert_eq!(message.len(), MAX_STRING_LEN);
+        assert_eq!(OptionReply::from_bytes(&decoded.to_bytes()), Ok(decoded));
+        assert_eq!(long.to_bytes().len(), 20 + MAX_STRING_LEN);
+        // 4096 invalid bytes would become 12288 bytes of U+FFFD.
+        let invalid = [0xffu8; MAX_STRING_LEN];
+        assert_eq!(lossy(&invalid).len(), MAX_STRING_LEN - MAX_STRING_LEN % 3);
+        assert!(lossy(&invalid).chars().all(|c| c == '\u{fffd}'));
     }
 
     fn name() -> impl Strategy<Value = String> {

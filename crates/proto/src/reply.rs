@@ -359,7 +359,8 @@ impl<'a> ChunkPayload<'a> {
             REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
                 let error = r.u32()?;
                 let len = r.u16()?;
-                let message = String::from_utf8_lossy(r.take(len.into())?).into_owned();
+                // Leniently, and clipped as the encoder clips (see `lossy`).
+                let message = crate::options::lossy(r.take(len.into())?);
                 if kind == REPLY_TYPE_ERROR {
                     ChunkPayload::Error { error, message }
                 } else {
@@ -733,6 +734,29 @@ mod tests {
             put_chunk(&mut b, mode, TO, true, &error);
             assert_eq!(a, b);
         }
+    }
+
+    /// Found by the `decode` fuzz target: an ERROR chunk whose message is
+    /// longer than the string limit decoded whole but encoded clipped, so a
+    /// decoded payload did not encode back to itself (nor to its length).
+    #[test]
+    fn long_error_messages_decode_clipped_and_round_trip() {
+        let mut bytes = Vec::new();
+        bytes.put_u32(Errno::Io as u32);
+        bytes.put_u16(5000);
+        bytes.extend_from_slice(&[b'e'; 5000]);
+        let p = ChunkPayload::decode(REPLY_TYPE_ERROR, &mut Reader::new(&bytes)).unwrap();
+        let ChunkPayload::Error { message, .. } = &p else {
+            panic!("{p:?}");
+        };
+        assert_eq!(message.len(), MAX_STRING_LEN);
+        let mut out = Vec::new();
+        p.encode(&mut out);
+        assert_eq!(out.len() as u64, p.encoded_len());
+        assert_eq!(
+            ChunkPayload::decode(REPLY_TYPE_ERROR, &mut Reader::new(&out)),
+            Ok(p)
+        );
     }
 
     #[test]

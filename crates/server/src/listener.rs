@@ -129,11 +129,46 @@ impl ConnectionSlot {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let limit = &self.ctx.connections;
-        limit.live.fetch_sub(1, Ordering::AcqRel);
+        if limit.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            give_heap_back();
+        }
         if let (Some(counts), Some(ip)) = (&limit.per_peer, self.peer) {
             counts.give_back(ip);
         }
     }
+}
+
+/// With the last client gone, hands the allocator's free pages back to the
+/// kernel. glibc keeps what connection threads freed in its arenas: after
+/// 400 connections wrote 8 MiB each, 20 MiB stayed resident in an idle
+/// server (`bench/load.py`); trimmed, RSS is back to its value at start.
+fn give_heap_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers; it only releases free memory
+    // of glibc's own arenas, under their locks, so any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Removes the socket file at `path` if nobody listens on it; true if it
+/// did. A connection attempt tells a dead socket (`ECONNREFUSED`) from a
+/// live server, which keeps its socket.
+fn remove_stale_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    let dead = || {
+        std::os::unix::net::UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
+    };
+    if is_socket && dead() && std::fs::remove_file(path).is_ok() {
+        warn!(
+            "removed the stale socket {} of a server that is gone",
+            path.display()
+        );
+        return true;
+    }
+    false
 }
 
 pub enum Listener {
@@ -145,8 +180,18 @@ pub enum Listener {
 }
 
 impl Listener {
+    /// Listens on a Unix socket at `path`. A socket file left there by a
+    /// server that died without removing it (`kill -9`, a crash) is
+    /// replaced; one that a live server still listens on, or any other kind
+    /// of file, is an error (`AddrInUse`).
     pub fn unix(path: &Path) -> io::Result<Self> {
-        let l = UnixListener::bind(path).map_err(|e| {
+        let bound = match UnixListener::bind(path) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && remove_stale_socket(path) => {
+                UnixListener::bind(path)
+            }
+            bound => bound,
+        };
+        let l = bound.map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on {}: {e}", path.display()),
@@ -295,5 +340,31 @@ pub fn spawn_connection(transport: Transport, ip: Option<IpAddr>, ctx: Arc<Serve
         });
     if let Err(e) = spawned {
         error!(error = %e, "cannot start a connection thread; client dropped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_socket_is_replaced_but_a_live_one_or_a_file_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        // A socket whose server is gone: the file stays, nobody listens.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let live = Listener::unix(&path).expect("a stale socket is replaced");
+        // Now a server listens there: a second one must not steal it.
+        let err = Listener::unix(&path).err().expect("a live socket is kept");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(live);
+        // A regular file is never removed.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"data").unwrap();
+        let err = Listener::unix(&file).err().expect("a file is kept");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
     }
 }

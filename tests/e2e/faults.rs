@@ -1,0 +1,312 @@
+//! Fault injection: clients killed mid-I/O, a backing file system that
+//! fills up, and the server itself killed with `kill -9` and restarted.
+//!
+//! Faults covered elsewhere: stuck clients that never read (`stuck.rs`), a
+//! format command that fails or hangs and a server SIGKILLed with dir-backed
+//! disks (`tmpdisk.rs`), a full `--memory-limit`/`--disk-limit`
+//! (`limits.rs`, `tmpdisk.rs`), malformed input (`bad_input.rs`,
+//! `session_fuzz.rs`); `docs/RELIABILITY.md` lists them all.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{
+    eventually, libnbd, random_bytes, random_file, read_n, require, run, scratchd_serve, send,
+    stdout, Json, Server,
+};
+use crate::wire::{be16, go, Conn, Mode, FIXED_NEWSTYLE, NO_ZEROES};
+
+const MIB: u64 = 1 << 20;
+
+/// Resident memory of process `pid`, shared (memfd) pages included.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// Export names the server lists (live scratch disks).
+fn listed(sock: &Path) -> Vec<String> {
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let out = run(Command::new("nbdinfo").args(["--list", "--json", &uri]));
+    let j = Json::parse(&stdout(&out));
+    (0..j.len("exports"))
+        .map(|i| j.get(&format!("exports.{i}.export-name")).to_owned())
+        .collect()
+}
+
+/// A raw connection to build `name` on the server at `sock`, in simple mode.
+fn open_build(sock: &Path, name: &str) -> Conn {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let g = read_n(&mut s, 18);
+    let flags = u32::from(FIXED_NEWSTYLE | (be16(&g, 16) & NO_ZEROES));
+    send(&mut s, &flags.to_be_bytes());
+    let export = go(&mut s, name);
+    Conn {
+        s,
+        mode: Mode::Simple,
+        export,
+    }
+}
+
+/// Starts `child` (a client) and SIGKILLs it once `ready` holds.
+fn kill_when(mut child: Child, what: &str, ready: impl FnMut() -> bool) {
+    let mut ready = ready;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} ended ({status}) before it could be killed mid-I/O");
+        }
+        assert!(Instant::now() < deadline, "{what} never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL the client");
+    child.wait().unwrap();
+}
+
+/// fio (four connections, reads and writes in flight) and nbdcopy (four
+/// connections, writing) are SIGKILLed mid-I/O on their own builds: each
+/// build's disk is destroyed with its last connection, the server's memory
+/// goes back to where it was, and a third build beside them keeps its data
+/// and is served throughout.
+#[test]
+fn clients_killed_mid_io_leave_no_disk_and_give_memory_back() {
+    require("fio");
+    require("nbdcopy");
+    require("nbdinfo");
+    let mut server = Server::start(&["tmpdisk", "size=256M", "type=none"]);
+    let pid = server.pid();
+    let mut bystander = open_build(&server.sock, "bystander");
+    let kept = random_bytes(MIB as usize, 3);
+    bystander.write(1, 0, &kept);
+    let idle = rss_kib(pid);
+
+    let fio = Command::new("fio")
+        .args([
+            "--name=victim",
+            "--ioengine=nbd",
+            &format!("--uri={}", server.uri_for("fio-victim")),
+            "--rw=randrw",
+            "--bs=64k",
+            "--numjobs=4",
+            "--iodepth=16",
+            "--size=48M",
+            "--offset_increment=48M",
+            "--time_based",
+            "--runtime=60",
+            // Jobs as threads of one process, so that one SIGKILL kills
+            // every connection (forked jobs would outlive their parent).
+            "--thread",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run fio");
+    // Killed once it has written at least 32 MiB.
+    kill_when(fio, "fio", || rss_kib(pid) > idle + 32 * 1024);
+    let bytes = bystander.read(2, 0, MIB as u32);
+    assert!(bytes == kept, "the bystander's data changed");
+
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    random_file(&src, 192 << 20, 5);
+    let before = rss_kib(pid);
+    let nbdcopy = Command::new("nbdcopy")
+        .args([
+            "--connections=4",
+            src.to_str().unwrap(),
+            &server.uri_for("nbdcopy-victim"),
+        ])
+        .spawn()
+        .expect("run nbdcopy");
+    kill_when(nbdcopy, "nbdcopy", || rss_kib(pid) > before + 32 * 1024);
+
+    eventually(
+        "the killed clients' disks to be destroyed",
+        Duration::from_secs(10),
+        || listed(&server.sock) == ["bystander"],
+    );
+    eventually(
+        "the server's memory to go back to its idle size",
+        Duration::from_secs(10),
+        || rss_kib(pid) < idle + 8 * 1024,
+    );
+    assert!(bystander.read(3, 0, MIB as u32) == kept);
+    bystander.disconnect();
+    server.assert_alive();
+}
+
+/// A small tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a tmpfs (needs root or CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes used on the file system.
+    fn used(&self) -> u64 {
+        let out = run(Command::new("df")
+            .args(["-B1", "--output=used"])
+            .arg(self.path()));
+        stdout(&out)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+    }
+}
+
+/// Dir-backed builds on a 24 MiB tmpfs, without `--disk-limit`: the build
+/// that fills the file system gets ENOSPC (not EIO, not a dropped
+/// connection), the other build and its own earlier writes keep their data,
+/// a trim makes room again, and once both builds end the file system is
+/// empty.
+#[test]
+fn a_full_backing_file_system_is_enospc_and_other_disks_keep_their_data() {
+    let fs = Tmpfs::mount("24m");
+    let backing = format!("backing=dir:{}", fs.path().display());
+    let server = Server::start(&["tmpdisk", "size=64M", "type=none", &backing]);
+    libnbd(
+        &server.uri(),
+        r#"
+import os
+MIB = 1 << 20
+def uri(name):
+    return f"nbd+unix:///{name}?socket={ARGS[0]}"
+a, b = connect(uri("a")), connect(uri("b"))
+a_data = os.urandom(8 * MIB)
+a.pwrite(a_data, 0)
+b_data = os.urandom(MIB)
+written = 0
+while True:
+    try:
+        b.pwrite(b_data, written)
+    except nbd.Error as e:
+        assert e.errnum == errno.ENOSPC, f"wanted ENOSPC, got {e}"
+        break
+    written += MIB
+    assert written < 64 * MIB, "the file system never filled"
+assert written >= 8 * MIB, written
+eq(a.pread(8 * MIB, 0) == a_data, True, "the other build's data")
+for off in range(0, written, MIB):
+    eq(b.pread(MIB, off) == b_data, True, f"the full build's MiB at {off}")
+fails("ENOSPC", b.pwrite, b_data, written)
+b.trim(written, 0)
+b.pwrite(b_data, 0)
+eq(b.pread(MIB, 0) == b_data, True, "a write after the trim")
+"#,
+        &[server.sock.to_str().unwrap()],
+    );
+    eventually("the tmpfs to be empty", Duration::from_secs(10), || {
+        std::fs::read_dir(fs.path()).unwrap().count() == 0 && fs.used() < MIB
+    });
+}
+
+/// `scratchd serve -U SOCK -P PIDFILE tmpdisk ... backing=dir:DIR`,
+/// waiting until it accepts.
+fn serve_at(sock: &Path, pidfile: &Path, backing: &Path) -> Child {
+    let mut child = scratchd_serve(&[
+        "-U",
+        sock.to_str().unwrap(),
+        "-P",
+        pidfile.to_str().unwrap(),
+        "tmpdisk",
+        "size=64M",
+        "type=none",
+        &format!("backing=dir:{}", backing.display()),
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start scratchd");
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("scratchd exited ({status}) instead of serving: {err}");
+        }
+        if UnixStream::connect(sock).is_ok() {
+            return child;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "scratchd never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `kill -9` of a server with live dir-backed scratch disks: no file is
+/// left in the backing directory, and a new server on the same socket path
+/// and pidfile starts at once (the stale socket and pidfile do not block
+/// it) and serves the same build names as fresh disks.
+#[test]
+fn kill_9_with_live_disks_then_a_restart_on_the_same_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    std::fs::create_dir(&backing).unwrap();
+    let sock: PathBuf = dir.path().join("nbd.sock");
+    let pidfile = dir.path().join("scratchd.pid");
+    let mut first = serve_at(&sock, &pidfile, &backing);
+    let data = random_bytes(4 * MIB as usize, 9);
+    let mut builds: Vec<Conn> = ["a", "a", "b"]
+        .iter()
+        .map(|name| open_build(&sock, name))
+        .collect();
+    for (i, c) in builds.iter_mut().enumerate() {
+        c.write(i as u64, i as u64 * 4 * MIB, &data);
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    drop(builds);
+    let left: Vec<_> = std::fs::read_dir(&backing).unwrap().collect();
+    assert!(left.is_empty(), "files left in the backing dir: {left:?}");
+
+    let mut second = serve_at(&sock, &pidfile, &backing);
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, second.id(), "pidfile of the new server");
+    let mut a = open_build(&sock, "a");
+    assert!(
+        a.read(1, 0, 4 * MIB as u32).iter().all(|&b| b == 0),
+        "build a is a fresh disk"
+    );
+    a.write(2, 0, &data);
+    assert!(a.read(3, 0, 4 * MIB as u32) == data);
+    a.disconnect();
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
