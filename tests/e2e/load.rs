@@ -89,12 +89,16 @@ fn ten_builds_of_four_connections_verify_their_data_and_leave_nothing() {
             Json::parse(&stdout(&out)).len("exports") == 0
         },
     );
-    eventually(
-        "threads, descriptors and memory back to idle",
-        Duration::from_secs(10),
-        || {
-            let now = sample(pid);
-            now.1 == idle.1 && now.2 == idle.2 && now.0 < idle.0 + 16 * 1024
-        },
+    // Memory: within 32 MiB of idle (what the allocator keeps after 40
+    // connections' buffers, 10-21 MiB measured, docs/RELIABILITY.md); a
+    // leak of the builds' data (80 MiB written) would not fit.
+    let back = crate::util::poll(Duration::from_secs(10), || {
+        let now = sample(pid);
+        (now.1 <= idle.1 && now.2 <= idle.2 && now.0 < idle.0 + 32 * 1024).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "threads, descriptors and memory not back to idle: idle (RSS KiB, threads, fds) = {idle:?}, now {:?}",
+        sample(pid)
     );
 }
