@@ -9,6 +9,7 @@
 
 mod bad_input;
 mod cli;
+mod ctl;
 mod fio;
 mod idle;
 mod isolation;
