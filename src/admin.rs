@@ -119,13 +119,34 @@ pub fn owner_selector(owner: &Owner) -> String {
 /// Whether `selector` (from `--owner`) picks `owner`: its exact selector,
 /// `uid:N` for any group of N, a prefix of a certificate's hex, or `all`.
 pub fn owner_matches(selector: &str, owner: &Owner) -> bool {
-    let own = owner_selector(owner);
+    selector_matches(selector, &owner_selector(owner))
+}
+
+/// [`owner_matches`] on an owner's selector text (`own`).
+pub fn selector_matches(selector: &str, own: &str) -> bool {
     selector == "all"
         || own == selector
-        || matches!(owner, Owner::UidGid(..)) && own.starts_with(&format!("{selector}+"))
-        || matches!(owner, Owner::Certificate(_))
+        || own.starts_with(&format!("{selector}+gid:"))
+        || own.starts_with("cert:")
             && selector.len() > "cert:".len()
             && own.starts_with(&selector.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_selectors() {
+        let cert = Owner::Certificate([0xab; 32]);
+        assert!(owner_matches("cert:abab", &cert) && owner_matches("cert:ABAB", &cert));
+        assert!(!owner_matches("cert:", &cert) && !owner_matches("uid:1", &cert));
+        assert!(owner_matches("uid:1", &Owner::Uid(1)) && !owner_matches("uid:1", &Owner::Uid(10)));
+        assert!(owner_matches("uid:1", &Owner::UidGid(1, 5)));
+        assert!(owner_matches("uid:1+gid:5", &Owner::UidGid(1, 5)));
+        assert!(!owner_matches("uid:1", &Owner::UidGid(10, 5)));
+        assert!(owner_matches("anonymous", &Owner::Anyone) && owner_matches("all", &Owner::Uid(3)));
+    }
 }
 
 fn row(view: &DiskView, kind: &str) -> ExportRow {

@@ -123,7 +123,7 @@ fn execute(req: Request, admin: &Admin) -> Result<Value, String> {
                     e.name == name
                         && owner
                             .as_deref()
-                            .map_or(true, |o| o == "all" || e.owner.starts_with(o))
+                            .map_or(true, |o| crate::admin::selector_matches(o, &e.owner))
                 })
                 .collect();
             if exports.is_empty() {
@@ -269,7 +269,7 @@ pub fn main(args: CtlArgs) -> i32 {
         CtlCommand::Keep { time, .. } => serde_json::from_value(result).map(|r: ActedResult| {
             let how = match time {
                 Some(t) => format!(
-                    "for {} after its last connection",
+                    "for {} after its last connection (from now if it has none)",
                     human_secs(t.as_secs_f64())
                 ),
                 None => "until dropped".to_owned(),

@@ -1119,6 +1119,57 @@ mod tests {
     }
 
     #[test]
+    fn drop_disk_ends_connections_and_keep_outlasts_them() {
+        let (r, fake) = registry(settings());
+        let key = |name: &str| DiskKey {
+            owner: Owner::Uid(1000),
+            name: name.into(),
+        };
+        // keep: no linger, yet the disk stays after its last connection.
+        let a = r.open("a", &alice()).unwrap();
+        a.device.write(0, b"kept", false).unwrap();
+        let device = a.device.clone();
+        r.keep(&key("a"), None).unwrap();
+        assert_eq!(r.disks()[0].keep, Some(Keep::Forever));
+        drop(a);
+        let view = &r.disks()[0];
+        assert_eq!(view.state, DiskState::Lingering { left: None });
+        let again = r.open("a", &alice()).unwrap();
+        assert!(Arc::ptr_eq(&again.device, &device), "the kept disk");
+        drop(again);
+        // keep --for on a lingering disk: reaped at the new deadline.
+        r.keep(&key("a"), Some(Duration::from_millis(100))).unwrap();
+        eventually("the kept disk to expire", || r.disks().is_empty());
+        assert_eq!(r.status().destroyed, 1);
+        // drop: out of the registry at once, connections told to stop, the
+        // disk destroyed after the last lease; the name makes a new disk.
+        let b = r.open("b", &alice()).unwrap();
+        // (The server makes each connection a member; here, one without a socket.)
+        let member = b
+            .members
+            .as_ref()
+            .unwrap()
+            .join(scratchd_server::transport::Control::None);
+        assert_eq!(r.drop_disk(&key("b")), Ok(1));
+        assert!(r.disks().is_empty());
+        assert_eq!(r.status().exports, 0);
+        assert_eq!(r.status().destroyed, 1, "still held by its connection");
+        let fresh = r.open("b", &alice()).unwrap();
+        assert!(!Arc::ptr_eq(&fresh.device, &b.device));
+        drop((b, member));
+        assert_eq!(r.status().destroyed, 2);
+        assert_eq!(
+            r.drop_disk(&key("none")),
+            Err(AdminError::NotFound("none".into()))
+        );
+        assert!(r.keep(&key("none"), None).is_err());
+        assert_eq!(fake.made(), 3);
+        let status = r.status();
+        assert_eq!((status.created, status.exports), (3, 1));
+        assert_eq!(status.creation_buckets.iter().sum::<u64>(), 3);
+    }
+
+    #[test]
     fn a_lingering_disk_is_revived_then_reaped() {
         let (r, fake) = registry(Settings {
             linger: Duration::from_millis(200),
