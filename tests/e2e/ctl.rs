@@ -437,3 +437,32 @@ fn metrics_move_with_traffic() {
         .arg(format!("http://{addr}/nope")));
     assert_eq!(stdout(&out), "404");
 }
+
+/// Every series the shipped Grafana dashboard queries is one the server
+/// exports.
+#[test]
+fn the_dashboard_queries_exported_metrics() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let Setup { server, _dir, .. } = start(&["--metrics", &addr], &[]);
+    let build = Build::start(&server, "d", 4096, 1);
+    let names: std::collections::BTreeSet<String> = scrape(&format!("http://{addr}/metrics"))
+        .into_iter()
+        .map(|(series, _)| series.split('{').next().unwrap().to_owned())
+        .collect();
+    let dashboard = include_str!("../../contrib/grafana/scratchd.json");
+    let mut used = 0;
+    for (i, _) in dashboard.match_indices("scratchd_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            names.contains(&name),
+            "the dashboard queries {name}, not exported: {names:?}"
+        );
+        used += 1;
+    }
+    assert!(used >= 8, "{used}");
+    build.finish();
+}
