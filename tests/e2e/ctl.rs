@@ -8,7 +8,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use crate::util::{
-    eventually, random_file, require, run, run_status, stdout, Json, Server, SCRATCHD,
+    as_user, eventually, random_file, require, run, run_status, stdout, Json, Server, NOBODY,
+    SCRATCHD,
 };
 
 /// A build holding a disk: a libnbd client connected to export `name`,
@@ -43,12 +44,21 @@ except nbd.Error:
 
 impl Build {
     fn start(server: &Server, name: &str, len: usize, fill: u8) -> Build {
+        Build::start_as(None, server, name, len, fill)
+    }
+
+    /// [`Build::start`] as user `uid` (see [`as_user`]).
+    fn start_as(uid: Option<u32>, server: &Server, name: &str, len: usize, fill: u8) -> Build {
         require("nbdsh");
-        let mut child = Command::new("/usr/bin/python3")
-            .arg("-c")
-            .arg(BUILD)
-            .arg(&server.sock)
-            .args([name, &len.to_string(), &fill.to_string()])
+        let sock = server.sock.to_string_lossy();
+        let (len, fill) = (len.to_string(), fill.to_string());
+        let argv = as_user(
+            uid,
+            &["/usr/bin/python3", "-c", BUILD, &sock, name, &len, &fill],
+        );
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir("/")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -306,7 +316,7 @@ h.shutdown()
 fn ctl_on_a_single_export_backend() {
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("ctl.sock");
-    let _server = Server::start(&[
+    let mut server = Server::start(&[
         "--control",
         control.to_str().unwrap(),
         "-e",
@@ -327,6 +337,58 @@ fn ctl_on_a_single_export_backend() {
             .args(["drop", "disk"]),
     );
     assert_eq!(code, 1);
+    // Removed at exit, like the NBD socket.
+    server.signal("TERM");
+    assert!(server.wait_for_exit(Duration::from_secs(10)).is_some());
+    assert!(!control.exists(), "the control socket outlived the server");
+}
+
+#[test]
+fn ctl_asks_which_owner_when_a_name_is_ambiguous() {
+    let Setup {
+        server,
+        control,
+        _dir,
+    } = start(&[], &[]);
+    server.open_to_everyone();
+    let mut mine = Build::start(&server, "same", 4096, 1);
+    let mut theirs = Build::start_as(Some(NOBODY), &server, "same", 4096, 2);
+    let nobody = format!("uid:{NOBODY}");
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(list.len("exports"), 2);
+    let owners = [list.get("exports.0.owner"), list.get("exports.1.owner")];
+    assert!(
+        owners.contains(&me().as_str()) && owners.contains(&nobody.as_str()),
+        "{owners:?}"
+    );
+    assert_eq!(ctl_json(&control, &["show", "same"]).len("exports"), 2);
+    assert_eq!(
+        ctl_json(&control, &["show", "same", "--owner", &nobody]).get("exports.0.owner"),
+        nobody
+    );
+    // drop will not guess.
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args(["ctl", "--control"])
+            .arg(&control)
+            .args(["drop", "same"]),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--owner") && stderr.contains(&nobody) && stderr.contains(&me()),
+        "{stderr}"
+    );
+    assert_eq!(mine.read(), "ok");
+    let out = ctl(&control, &["drop", "same", "--owner", &nobody]);
+    assert_eq!(
+        out.trim(),
+        format!("dropped same of {nobody} (1 connection closed)")
+    );
+    assert!(theirs.read().starts_with("error"));
+    assert_eq!(mine.read(), "ok", "the other owner's disk is untouched");
+    assert_eq!(ctl_json(&control, &["list"]).len("exports"), 1);
+    mine.finish();
 }
 
 /// A port that was free a moment ago.
