@@ -63,13 +63,29 @@ pub enum Request {
 /// Binds the control socket at `path` with mode 0600 and serves it on a
 /// thread of its own.
 pub fn serve(path: &Path, admin: Arc<Admin>) -> io::Result<()> {
-    let listener = UnixListener::bind(path).map_err(|e| {
+    let named = |e: io::Error| {
         io::Error::new(
             e.kind(),
             format!("cannot listen on control socket {}: {e}", path.display()),
         )
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    };
+    if path.exists() {
+        return Err(named(io::ErrorKind::AddrInUse.into()));
+    }
+    // Bound in a private directory, made 0600 there, then moved into
+    // place: nobody can connect while it has the umask's mode.
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private = tempfile::Builder::new()
+        .prefix(".scratchd-control-")
+        .tempdir_in(parent)
+        .map_err(named)?;
+    let staged = private.path().join("control.sock");
+    let listener = UnixListener::bind(&staged).map_err(named)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(named)?;
+    std::fs::rename(&staged, path).map_err(named)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
