@@ -261,8 +261,13 @@ impl Admin {
         Snapshot { status, exports }
     }
 
-    /// The tmpdisk disks `name` (and `owner`, if given) designate.
-    fn select(&self, name: &str, owner: Option<&str>) -> Result<Vec<DiskKey>, String> {
+    /// The registry, and the tmpdisk disks `name` (and `owner`, if given)
+    /// designate.
+    fn select(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+    ) -> Result<(&ScratchExports, Vec<DiskKey>), String> {
         let Backend::Tmpdisk(registry) = &self.backend else {
             return Err("only tmpdisk exports can be dropped or kept".to_owned());
         };
@@ -278,12 +283,12 @@ impl Admin {
                 None => format!("no scratch disk {name:?}"),
             });
         }
-        Ok(keys)
+        Ok((registry, keys))
     }
 
     /// `ctl drop`: each disk dropped, with its connections then.
     pub fn drop_disks(&self, name: &str, owner: Option<&str>) -> Result<Vec<Acted>, String> {
-        let keys = self.select(name, owner)?;
+        let (registry, keys) = self.select(name, owner)?;
         if keys.len() > 1 && owner.is_none() {
             let owners: Vec<String> = keys.iter().map(|k| owner_selector(&k.owner)).collect();
             return Err(format!(
@@ -292,9 +297,6 @@ impl Admin {
                 owners.join(", ")
             ));
         }
-        let Backend::Tmpdisk(registry) = &self.backend else {
-            unreachable!("select() accepts tmpdisk only")
-        };
         keys.iter()
             .map(|k| {
                 let connections = registry.drop_disk(k).map_err(|e| e.to_string())?;
@@ -314,10 +316,7 @@ impl Admin {
         owner: Option<&str>,
         time: Option<Duration>,
     ) -> Result<Vec<Acted>, String> {
-        let keys = self.select(name, owner)?;
-        let Backend::Tmpdisk(registry) = &self.backend else {
-            unreachable!("select() accepts tmpdisk only")
-        };
+        let (registry, keys) = self.select(name, owner)?;
         keys.iter()
             .map(|k| {
                 registry.keep(k, time).map_err(|e| e.to_string())?;
