@@ -218,6 +218,8 @@ impl ServeArgs {
             max_exports_per_owner,
             owner_memory_limit,
             owner_disk_limit,
+            control,
+            metrics,
             backend,
             params: _,
             memory: _,
@@ -254,6 +256,8 @@ impl ServeArgs {
             max_exports_per_owner: max_exports_per_owner.or(file.max_exports_per_owner),
             owner_memory_limit: owner_memory_limit.or(file.owner_memory_limit),
             owner_disk_limit: owner_disk_limit.or(file.owner_disk_limit),
+            control: control.or(file.control),
+            metrics: metrics.or(file.metrics),
             backend: backend.or(file.backend),
             params,
             memory: None,
@@ -325,6 +329,8 @@ readonly = true
 allow = ["10.0.0.0/8"]
 reply-timeout = 30
 memory-limit = "64G"
+control = "/run/scratchd/control.sock"
+metrics = "127.0.0.1:9810"
 backend = "tmpdisk"
 
 [tmpdisk]
@@ -343,6 +349,11 @@ pool = 2
         assert_eq!(merged.allow, vec!["10.0.0.0/8".parse().unwrap()]);
         assert_eq!(merged.reply_timeout, Some(Duration::from_secs(30)));
         assert_eq!(merged.memory_limit.as_deref(), Some("64G"));
+        assert_eq!(
+            merged.control,
+            Some(PathBuf::from("/run/scratchd/control.sock"))
+        );
+        assert_eq!(merged.metrics.as_deref(), Some("127.0.0.1:9810"));
         assert_eq!(merged.backend.as_deref(), Some("tmpdisk"));
         assert_eq!(merged.params, ["linger=30s", "pool=2", "size=20G"]);
     }

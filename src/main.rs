@@ -7,8 +7,11 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod backend;
 mod config;
+mod ctl;
+mod metrics;
 mod notify;
 mod run;
 mod serve;
@@ -38,6 +41,9 @@ enum Command {
     /// Run a command on a fresh scratch disk of its own, mounted, and
     /// clean up whatever happens.
     Run(run::RunArgs),
+    /// Look at and act on a running server through its control socket
+    /// (`serve --control PATH`): list, show, drop and keep disks, status.
+    Ctl(ctl::CtlArgs),
     /// (internal) The watchdog of a `scratchd run`.
     #[command(hide = true)]
     RunWatchdog,
@@ -48,6 +54,7 @@ fn main() {
     let code = match cli.command {
         Command::Serve(args) => serve::main(args),
         Command::Run(args) => run::main(args),
+        Command::Ctl(args) => ctl::main(args),
         Command::RunWatchdog => run::watchdog_main(),
     };
     std::process::exit(code);

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
+use crate::admin::{Admin, Backend as AdminBackend};
 use crate::backend::{open_backend, BackendError, OpenError, Options, UsageError};
 use crate::config;
 use crate::notify::Notifier;
@@ -165,6 +166,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE")]
     #[serde(default, deserialize_with = "config::size")]
     pub owner_disk_limit: Option<String>,
+    /// Serve `scratchd ctl` on a Unix socket at PATH (mode 0600, removed
+    /// at exit; docs/OPERATIONS.md).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9810; port 0 picks a free one, logged at startup).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Backend: memory, file or tmpdisk (may come from --config instead).
     pub backend: Option<String>,
     /// Backend parameters, KEY=VALUE (added to, and overriding, those of
@@ -241,7 +250,7 @@ pub fn main(args: ServeArgs) -> i32 {
         init_logging(args.verbose, args.log_level.as_deref());
     }
     let _ = args.foreground;
-    let (exports, may_block) = match build_exports(&args, &backend) {
+    let (exports, may_block, admin_backend) = match build_exports(&args, &backend) {
         Ok(e) => e,
         Err(BackendError::Usage(e)) => {
             eprintln!("scratchd: {e}");
@@ -290,6 +299,15 @@ pub fn main(args: ServeArgs) -> i32 {
         };
     }
     let cleanup = Arc::new(Mutex::new(Cleanup::default()));
+    let admin = Arc::new(Admin {
+        backend: admin_backend,
+        server: ctx.clone(),
+        started: std::time::Instant::now(),
+    });
+    if let Err(e) = start_admin(&args, &admin, &cleanup) {
+        sync::lock(&cleanup).run();
+        return fail(e);
+    }
     let result = start_listeners(&args, &ctx, &cleanup);
     let code = match result {
         Err(e) => fail(e),
@@ -337,11 +355,31 @@ fn stderr_is_stdin() -> bool {
     }
 }
 
-/// The exports to serve, and whether their backend may block.
+/// Starts `--control` and `--metrics`, if asked for.
+fn start_admin(
+    args: &ServeArgs,
+    admin: &Arc<Admin>,
+    cleanup: &Mutex<Cleanup>,
+) -> Result<(), io::Error> {
+    if let Some(path) = &args.control {
+        crate::ctl::serve(path, admin.clone())?;
+        sync::lock(cleanup).sockets.push(path.clone());
+        info!(path = %path.display(), "control socket ready");
+    }
+    if let Some(addr) = &args.metrics {
+        let bound = crate::metrics::serve(addr, admin.clone())?;
+        // Printed too: with port 0 the caller needs to know.
+        info!(%bound, "metrics at http://{bound}/metrics");
+    }
+    Ok(())
+}
+
+/// The exports to serve, whether their backend may block, and the
+/// operator's view of them.
 fn build_exports(
     args: &ServeArgs,
     backend: &str,
-) -> Result<(Arc<dyn Exports>, bool), BackendError> {
+) -> Result<(Arc<dyn Exports>, bool, AdminBackend), BackendError> {
     if backend == "tmpdisk" {
         return build_tmpdisk(args);
     }
@@ -369,16 +407,21 @@ fn build_exports(
     };
     let device = open_backend(backend, &args.params, &options)?;
     let may_block = device.capabilities().may_block;
+    let admin = AdminBackend::Single {
+        name: args.export_name().to_owned(),
+        kind: backend.to_owned(),
+        device: device.clone(),
+    };
     let export = SingleExport::new(
         args.export_name().to_owned(),
         args.description.clone(),
         device,
         args.readonly,
     );
-    Ok((Arc::new(export), may_block))
+    Ok((Arc::new(export), may_block, admin))
 }
 
-fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendError> {
+fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBackend), BackendError> {
     let size = |flag: &'static str, text: &Option<String>| {
         text.as_deref()
             .map(|t| parse_size(flag, t))
@@ -404,8 +447,8 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool), BackendEr
     let config = tmpdisk::config(&args.params, limits, export)?;
     warn_about_ownership(config.owners);
     let may_block = !matches!(config.backing, scratchd_scratch::Backing::Memory);
-    let exports = scratchd_scratch::from_config(config).map_err(OpenError::from)?;
-    Ok((Arc::new(exports), may_block))
+    let exports = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);
+    Ok((exports.clone(), may_block, AdminBackend::Tmpdisk(exports)))
 }
 
 /// Warns that under `owner=name` every client reaches scratch disks by

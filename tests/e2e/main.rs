@@ -9,6 +9,7 @@
 
 mod bad_input;
 mod cli;
+mod ctl;
 mod faults;
 mod fio;
 mod idle;

@@ -37,6 +37,16 @@
 //! the budget and files are closed (they never had names). Its statistics are
 //! logged then.
 //!
+//! # Operator actions
+//!
+//! `scratchd ctl` acts through [`ScratchExports::drop_disk`], which takes a
+//! disk out of the map (a later open of its name makes a fresh disk) and
+//! ends its connections through their [`Members`]; the disk goes when the
+//! last of them is done. [`ScratchExports::keep`] marks a disk to stay after
+//! its last connection, for a deadline or until dropped, instead of its
+//! linger; kept disks are never evicted. [`ScratchExports::disks`] and
+//! [`ScratchExports::status`] are the numbers `ctl` and the metrics show.
+//!
 //! `--max-exports` counts every entry. When it is reached, the lingering
 //! disk closest to its deadline is destroyed to make room; only when none
 //! lingers is a new name refused. `--max-exports-per-owner` works the same
@@ -51,6 +61,7 @@ use std::time::{Duration, Instant};
 
 use scratchd_proto::negotiation::{ExportInfo, ExportListing, LookupError};
 use scratchd_server::export::{flags_for, BLOCK_SIZE};
+use scratchd_server::shutdown::Members;
 use scratchd_server::{Exports, Identity, OpenExport};
 use scratchd_store::sync;
 use scratchd_store::{BlockDevice, Capabilities};
@@ -112,6 +123,111 @@ pub struct DiskKey {
     pub name: String,
 }
 
+/// Upper bounds (milliseconds) of the disk creation time histogram.
+pub const CREATION_BUCKETS_MS: [f64; 10] = [
+    1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 30000.0,
+];
+
+/// A lingering deadline far enough away to mean "until dropped".
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Registry-wide counters, kept by the disks too (a disk counts itself
+/// destroyed when it goes, wherever that happens).
+#[derive(Default)]
+struct Counters {
+    created: AtomicU64,
+    destroyed: AtomicU64,
+    /// Creations per bucket of [`CREATION_BUCKETS_MS`] (not cumulative),
+    /// and one more for slower ones.
+    creation: [AtomicU64; CREATION_BUCKETS_MS.len() + 1],
+    /// Sum of creation times, in microseconds.
+    creation_us: AtomicU64,
+}
+
+impl Counters {
+    fn created(&self, took: Duration) {
+        let ms = took.as_secs_f64() * 1e3;
+        let bucket = CREATION_BUCKETS_MS
+            .iter()
+            .position(|&le| ms <= le)
+            .unwrap_or(CREATION_BUCKETS_MS.len());
+        self.creation[bucket].fetch_add(1, Ordering::Relaxed);
+        self.creation_us.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.created.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A budget's use at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetUse {
+    pub used: u64,
+    pub limit: u64,
+}
+
+/// The registry as a whole at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryStatus {
+    /// Entries: disks being created, live or lingering.
+    pub exports: u64,
+    pub created: u64,
+    pub destroyed: u64,
+    /// The RAM budget (`--memory-limit`), when disks use RAM.
+    pub memory: Option<BudgetUse>,
+    /// The disk budget (`--disk-limit`), when there is one.
+    pub disk: Option<BudgetUse>,
+    /// Creations per bucket of [`CREATION_BUCKETS_MS`] (each counts those
+    /// above the bound before it), then those slower than the last.
+    pub creation_buckets: Vec<u64>,
+    /// Sum of creation times, in seconds.
+    pub creation_seconds: f64,
+    /// Formatted disks ready in the pool.
+    pub pool_ready: u64,
+}
+
+/// Where a disk stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskState {
+    /// At least one connection.
+    Live,
+    /// No connection; destroyed in `left` unless one comes (or it is kept
+    /// until dropped: `left` is then `None`).
+    Lingering { left: Option<Duration> },
+}
+
+/// What `ctl keep` asked for a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Until the operator drops it (or the server stops).
+    Forever,
+    /// For this long after its last connection (asked while connected).
+    After(Duration),
+    /// Until then (asked, or the last connection left, with `After`).
+    Until(Instant),
+}
+
+/// One disk, for the operator.
+#[derive(Debug, Clone)]
+pub struct DiskView {
+    pub key: DiskKey,
+    pub size: u64,
+    pub state: DiskState,
+    pub keep: Option<Keep>,
+    pub stats: StatsSnapshot,
+}
+
+/// Why an operator action found nothing to act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    #[error("no scratch disk {0:?}")]
+    NotFound(String),
+    #[error("scratch disk {0:?} is being created; try again in a moment")]
+    Creating(String),
+}
+
 /// Scratch disks by export name; see the [module documentation](self).
 pub struct ScratchExports {
     shared: Arc<Shared>,
@@ -129,6 +245,7 @@ struct Shared {
     /// Wakes the reaper when a deadline is added or the registry stops.
     reaper: Condvar,
     next_id: AtomicU64,
+    counters: Arc<Counters>,
 }
 
 #[derive(Default)]
@@ -206,10 +323,16 @@ struct Disk {
     device: Arc<ScratchDevice>,
     attached: Instant,
     connections_total: AtomicU64,
+    /// Its connections, for `ctl drop`.
+    members: Arc<Members>,
+    /// Set by `ctl keep`.
+    keep: Mutex<Option<Keep>>,
+    counters: Arc<Counters>,
 }
 
 impl Drop for Disk {
     fn drop(&mut self) {
+        self.counters.destroyed.fetch_add(1, Ordering::Relaxed);
         let s = self.stats(0);
         info!(
             export = %self.key.name,
@@ -239,6 +362,14 @@ impl Disk {
             connections_total: self.connections_total.load(Ordering::Relaxed),
             age: self.attached.elapsed(),
             ..self.device.stats()
+        }
+    }
+
+    /// Its `ctl keep` request, if one is in force.
+    fn kept(&self) -> Option<Keep> {
+        match *sync::lock(&self.keep) {
+            Some(Keep::Until(t)) if t <= Instant::now() => None,
+            k => k,
         }
     }
 }
@@ -279,14 +410,135 @@ impl ScratchExports {
             state: Mutex::new(State::default()),
             reaper: Condvar::new(),
             next_id: AtomicU64::new(1),
+            counters: Arc::default(),
         });
-        if !shared.settings.linger.is_zero() {
-            let reaper = shared.clone();
-            thread::Builder::new()
-                .name("scratch-reaper".into())
-                .spawn(move || reaper.reap())?;
-        }
+        // Even without linger=: `ctl keep` makes disks linger.
+        let reaper = shared.clone();
+        thread::Builder::new()
+            .name("scratch-reaper".into())
+            .spawn(move || reaper.reap())?;
         Ok(ScratchExports { shared })
+    }
+
+    /// Every disk with a name (live or lingering), by owner and name.
+    pub fn disks(&self) -> Vec<DiskView> {
+        let now = Instant::now();
+        let disks: Vec<(Arc<Disk>, u64, DiskState)> = {
+            let state = self.shared.lock();
+            state
+                .entries
+                .values()
+                .filter_map(|e| match e {
+                    Entry::Live { disk, connections } => {
+                        Some((disk.clone(), *connections, DiskState::Live))
+                    }
+                    Entry::Lingering { disk, until } => {
+                        let left = until.saturating_duration_since(now);
+                        let left = (left < FOREVER / 2).then_some(left);
+                        Some((disk.clone(), 0, DiskState::Lingering { left }))
+                    }
+                    Entry::Creating(_) => None,
+                })
+                .collect()
+        };
+        let mut out: Vec<_> = disks
+            .into_iter()
+            .map(|(disk, n, state)| DiskView {
+                key: disk.key.clone(),
+                size: disk.device.size(),
+                state,
+                keep: disk.kept(),
+                stats: disk.stats(n),
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// The registry's totals and budgets.
+    pub fn status(&self) -> RegistryStatus {
+        let exports = self.shared.lock().entries.len() as u64;
+        let c = &self.shared.counters;
+        let creation_buckets = c
+            .creation
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect();
+        let budget = |b: &Option<Arc<scratchd_store::memory::Budget>>| {
+            b.as_ref().map(|b| BudgetUse {
+                used: b.used(),
+                limit: b.limit(),
+            })
+        };
+        RegistryStatus {
+            exports,
+            created: c.created.load(Ordering::Relaxed),
+            destroyed: c.destroyed.load(Ordering::Relaxed),
+            memory: budget(&self.shared.budgets.memory),
+            disk: budget(&self.shared.budgets.disk),
+            creation_buckets,
+            creation_seconds: c.creation_us.load(Ordering::Relaxed) as f64 / 1e6,
+            pool_ready: self.pool_ready() as u64,
+        }
+    }
+
+    /// Takes `key`'s disk out of the registry (a later open of the name
+    /// makes a new one) and disconnects its clients; the disk is destroyed
+    /// when the last of them is done. Returns how many were connected.
+    ///
+    /// # Errors
+    ///
+    /// When there is no such disk, or it is still being created.
+    pub fn drop_disk(&self, key: &DiskKey) -> Result<usize, AdminError> {
+        let mut state = self.shared.lock();
+        if let Some(Entry::Creating(_)) = state.entries.get(key) {
+            return Err(AdminError::Creating(key.name.clone()));
+        }
+        let removed = state
+            .remove(key)
+            .ok_or_else(|| AdminError::NotFound(key.name.clone()))?;
+        drop(state);
+        let connections = match &removed {
+            Entry::Live { disk, .. } => disk.members.disconnect(),
+            _ => 0,
+        };
+        info!(export = %key.name, owner = %key.owner, connections, "scratch disk dropped by the operator");
+        drop(removed);
+        Ok(connections)
+    }
+
+    /// Keeps `key`'s disk after its last connection, for `time` (after
+    /// that connection, or from now if it already has none) or, with
+    /// `None`, until dropped; this replaces its linger.
+    ///
+    /// # Errors
+    ///
+    /// When there is no such disk, or it is still being created.
+    pub fn keep(&self, key: &DiskKey, time: Option<Duration>) -> Result<(), AdminError> {
+        let mut state = self.shared.lock();
+        let disk = match state.entries.get_mut(key) {
+            None => return Err(AdminError::NotFound(key.name.clone())),
+            Some(Entry::Creating(_)) => return Err(AdminError::Creating(key.name.clone())),
+            Some(Entry::Live { disk, .. }) => {
+                *sync::lock(&disk.keep) = Some(time.map_or(Keep::Forever, Keep::After));
+                info!(export = %key.name, owner = %key.owner, for_s = time.map(|t| t.as_secs_f64()), "scratch disk to be kept after its last connection");
+                return Ok(());
+            }
+            Some(Entry::Lingering { disk, until }) => {
+                *until = Instant::now() + time.unwrap_or(FOREVER);
+                *sync::lock(&disk.keep) = Some(keep_for(time));
+                (disk.clone(), *until)
+            }
+        };
+        if time.is_some() {
+            state
+                .deadlines
+                .push(Reverse((disk.1, disk.0.id, key.clone())));
+        }
+        drop(state);
+        info!(export = %key.name, owner = %key.owner, for_s = time.map(|t| t.as_secs_f64()), "scratch disk kept by the operator");
+        self.shared.reaper.notify_all();
+        Ok(())
     }
 
     /// Statistics of every disk with a name (live or lingering), by owner
@@ -315,6 +567,14 @@ impl ScratchExports {
     /// Formatted disks ready in the pool.
     pub fn pool_ready(&self) -> usize {
         self.shared.pool.as_ref().map_or(0, Pool::ready)
+    }
+}
+
+/// The [`Keep`] for `ctl keep --for`, starting now.
+fn keep_for(time: Option<Duration>) -> Keep {
+    match time {
+        Some(t) => Keep::Until(Instant::now() + t),
+        None => Keep::Forever,
     }
 }
 
@@ -437,7 +697,9 @@ impl Shared {
             .iter()
             .filter(|(key, _)| filter(key))
             .filter_map(|(key, e)| match e {
-                Entry::Lingering { until, .. } => Some((*until, key.clone())),
+                Entry::Lingering { until, disk } if disk.kept().is_none() => {
+                    Some((*until, key.clone()))
+                }
                 _ => None,
             })
             .min()?;
@@ -474,13 +736,18 @@ impl Shared {
             });
         let result = match claimed {
             Ok(device) => {
-                info!(export = %key.name, owner = %key.owner, from_pool, ms = start.elapsed().as_secs_f64() * 1e3, "scratch disk created");
+                let took = start.elapsed();
+                self.counters.created(took);
+                info!(export = %key.name, owner = %key.owner, from_pool, ms = took.as_secs_f64() * 1e3, "scratch disk created");
                 let disk = Arc::new(Disk {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
                     key: key.clone(),
                     device: Arc::new(device),
                     attached: Instant::now(),
                     connections_total: AtomicU64::new(0),
+                    members: Arc::default(),
+                    keep: Mutex::new(None),
+                    counters: self.counters.clone(),
                 });
                 self.lock().entries.insert(
                     key.clone(),
@@ -509,8 +776,9 @@ impl Shared {
             device: disk.device.clone(),
             lease: Some(Box::new(Lease {
                 shared: self.clone(),
-                disk,
+                disk: disk.clone(),
             })),
+            members: Some(disk.members.clone()),
         }
     }
 
@@ -531,22 +799,32 @@ impl Shared {
         if *connections > 0 {
             return;
         }
-        let linger = self.settings.linger;
-        if linger.is_zero() || state.stop {
+        let now = Instant::now();
+        let (until, deadline) = match disk.kept() {
+            Some(Keep::Forever) => (now + FOREVER, false),
+            Some(Keep::Until(t)) => (t, true),
+            Some(Keep::After(t)) => {
+                *sync::lock(&disk.keep) = Some(Keep::Until(now + t));
+                (now + t, true)
+            }
+            None => (now + self.settings.linger, !self.settings.linger.is_zero()),
+        };
+        if until <= now || state.stop {
             let removed = state.remove(&disk.key);
             drop(state);
             drop(removed);
             return;
         }
-        let until = Instant::now() + linger;
         let entry = Entry::Lingering {
             disk: disk.clone(),
             until,
         };
         state.entries.insert(disk.key.clone(), entry);
-        state
-            .deadlines
-            .push(Reverse((until, disk.id, disk.key.clone())));
+        if deadline {
+            state
+                .deadlines
+                .push(Reverse((until, disk.id, disk.key.clone())));
+        }
         drop(state);
         self.reaper.notify_all();
     }
@@ -838,6 +1116,57 @@ mod tests {
             fake.open_gate();
             creator.join().unwrap().unwrap();
         });
+    }
+
+    #[test]
+    fn drop_disk_ends_connections_and_keep_outlasts_them() {
+        let (r, fake) = registry(settings());
+        let key = |name: &str| DiskKey {
+            owner: Owner::Uid(1000),
+            name: name.into(),
+        };
+        // keep: no linger, yet the disk stays after its last connection.
+        let a = r.open("a", &alice()).unwrap();
+        a.device.write(0, b"kept", false).unwrap();
+        let device = a.device.clone();
+        r.keep(&key("a"), None).unwrap();
+        assert_eq!(r.disks()[0].keep, Some(Keep::Forever));
+        drop(a);
+        let view = &r.disks()[0];
+        assert_eq!(view.state, DiskState::Lingering { left: None });
+        let again = r.open("a", &alice()).unwrap();
+        assert!(Arc::ptr_eq(&again.device, &device), "the kept disk");
+        drop(again);
+        // keep --for on a lingering disk: reaped at the new deadline.
+        r.keep(&key("a"), Some(Duration::from_millis(100))).unwrap();
+        eventually("the kept disk to expire", || r.disks().is_empty());
+        assert_eq!(r.status().destroyed, 1);
+        // drop: out of the registry at once, connections told to stop, the
+        // disk destroyed after the last lease; the name makes a new disk.
+        let b = r.open("b", &alice()).unwrap();
+        // (The server makes each connection a member; here, one without a socket.)
+        let member = b
+            .members
+            .as_ref()
+            .unwrap()
+            .join(scratchd_server::transport::Control::None);
+        assert_eq!(r.drop_disk(&key("b")), Ok(1));
+        assert!(r.disks().is_empty());
+        assert_eq!(r.status().exports, 0);
+        assert_eq!(r.status().destroyed, 1, "still held by its connection");
+        let fresh = r.open("b", &alice()).unwrap();
+        assert!(!Arc::ptr_eq(&fresh.device, &b.device));
+        drop((b, member));
+        assert_eq!(r.status().destroyed, 2);
+        assert_eq!(
+            r.drop_disk(&key("none")),
+            Err(AdminError::NotFound("none".into()))
+        );
+        assert!(r.keep(&key("none"), None).is_err());
+        assert_eq!(fake.made(), 3);
+        let status = r.status();
+        assert_eq!((status.created, status.exports), (3, 1));
+        assert_eq!(status.creation_buckets.iter().sum::<u64>(), 3);
     }
 
     #[test]

@@ -81,6 +81,10 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
         return Ok(());
     };
     input.watch_idle(Box::new(control.try_clone()?))?;
+    let _membership = match &export.members {
+        Some(m) => Some(m.join(control.try_clone()?)),
+        None => None,
+    };
     info!(export = %session.export.name, mode = ?session.mode, "transmission started");
     let pooled = export.device.capabilities().may_block;
     let replies = Replies::new(writer, control, ctx.reply_timeout, pooled);

@@ -15,6 +15,7 @@ use scratchd_proto::TransmissionFlags;
 use scratchd_store::{BlockDevice, Capabilities};
 
 use crate::identity::Identity;
+use crate::shutdown::Members;
 
 /// An export held open by one connection.
 pub struct OpenExport {
@@ -23,6 +24,9 @@ pub struct OpenExport {
     /// Dropped when the connection (and all its in-flight requests) is done;
     /// registries that count users (scratch disks) hang their guard here.
     pub lease: Option<Box<dyn Send + Sync>>,
+    /// The export's connections, which this one joins while it transmits,
+    /// for registries that can disconnect an export's clients.
+    pub members: Option<Arc<Members>>,
 }
 
 /// Names → disks, shared by every connection of a server. `peer` is who
@@ -143,6 +147,7 @@ impl Exports for SingleExport {
             info: self.lookup(name)?,
             device: self.device.clone(),
             lease: None,
+            members: None,
         })
     }
 }

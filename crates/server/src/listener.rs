@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -53,6 +53,10 @@ pub struct ConnectionLimit {
     allow: Vec<Cidr>,
     /// At most this many connections per TCP peer address.
     per_peer: Option<PeerCounts>,
+    /// Connections served since the start, for metrics.
+    accepted: AtomicU64,
+    /// Connections closed at accept (address or limit), for metrics.
+    refused: AtomicU64,
 }
 
 impl ConnectionLimit {
@@ -63,7 +67,24 @@ impl ConnectionLimit {
             live: AtomicUsize::new(0),
             allow: Vec::new(),
             per_peer: None,
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
+    }
+
+    /// Connections open now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted and served since the start.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed at accept since the start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Only TCP peers in `allow` are served (all when it is empty).
@@ -313,8 +334,12 @@ impl Listener {
 /// connection limit is reached.
 pub fn spawn_connection(transport: Transport, ip: Option<IpAddr>, ctx: Arc<ServerContext>) {
     let slot = match ConnectionSlot::take(&ctx, ip) {
-        Ok(slot) => slot,
+        Ok(slot) => {
+            ctx.connections.accepted.fetch_add(1, Ordering::Relaxed);
+            slot
+        }
         Err(refused) => {
+            ctx.connections.refused.fetch_add(1, Ordering::Relaxed);
             let peer = &transport.peer;
             match refused {
                 Refused::NotAllowed => {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use scratchd_store::sync;
@@ -80,6 +80,59 @@ impl Shutdown {
                 break;
             }
             live = sync::wait_timeout(&self.gone, live, left).0;
+        }
+        live.connections.len()
+    }
+}
+
+/// The connections of one export, so that an operator can end them all
+/// (`scratchd ctl drop`). A registry hands one out with each
+/// [`OpenExport`](crate::OpenExport); the connection joins it for as long as
+/// it transmits.
+#[derive(Default)]
+pub struct Members {
+    /// Set by [`Members::disconnect`]: a connection joining later is told
+    /// to stop at once.
+    closed: AtomicBool,
+    live: Mutex<Live>,
+}
+
+/// Keeps a connection in its export's [`Members`] while it lives.
+pub struct Membership {
+    members: Arc<Members>,
+    id: u64,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        sync::lock(&self.members.live).connections.remove(&self.id);
+    }
+}
+
+impl Members {
+    /// Adds a connection's socket until the returned guard drops.
+    pub fn join(self: &Arc<Self>, control: Control) -> Membership {
+        let mut live = sync::lock(&self.live);
+        if self.closed.load(Ordering::Acquire) {
+            control.stop_reading();
+        }
+        let id = live.next_id;
+        live.next_id += 1;
+        live.connections.insert(id, control);
+        Membership {
+            members: self.clone(),
+            id,
+        }
+    }
+
+    /// Ends every connection, now and to come, as a graceful shutdown does:
+    /// reading stops, requests already received are answered, the
+    /// connection closes. Returns how many were open.
+    pub fn disconnect(&self) -> usize {
+        let live = sync::lock(&self.live);
+        self.closed.store(true, Ordering::Release);
+        for c in live.connections.values() {
+            c.stop_reading();
         }
         live.connections.len()
     }

@@ -1,0 +1,340 @@
+//! What an operator sees and does: the one place that computes the numbers
+//! `scratchd ctl` prints and `--metrics` exports, and the actions `ctl`
+//! takes (drop, keep).
+//!
+//! A [`Snapshot`] is taken on demand (a `ctl` request, a scrape) from the
+//! registry's own counters; nothing here is on the data path.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use scratchd_scratch::owner::Owner;
+use scratchd_scratch::registry::{DiskKey, DiskState, DiskView, Keep, CREATION_BUCKETS_MS};
+use scratchd_scratch::ScratchExports;
+use scratchd_server::ServerContext;
+use scratchd_store::BlockDevice;
+use serde::{Deserialize, Serialize};
+
+/// The exports behind a server, as the operator acts on them.
+pub enum Backend {
+    /// tmpdisk: many disks, by owner and name.
+    Tmpdisk(Arc<ScratchExports>),
+    /// memory or file: one export.
+    Single {
+        name: String,
+        kind: String,
+        device: Arc<dyn BlockDevice>,
+    },
+}
+
+/// Everything `ctl` and the metrics read from.
+pub struct Admin {
+    pub backend: Backend,
+    /// For the connection counts.
+    pub server: Arc<ServerContext>,
+    pub started: Instant,
+}
+
+/// One export, for `ctl list`/`show` and the per-export metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportRow {
+    pub name: String,
+    /// The owner selector: `uid:N`, `uid:N+gid:M`, `cert:HEX`, `anonymous`.
+    pub owner: String,
+    pub backend: String,
+    pub size: u64,
+    pub allocated_bytes: u64,
+    pub connections: u64,
+    pub connections_total: u64,
+    pub age_s: f64,
+    /// `live`, `lingering` or `kept`.
+    pub state: String,
+    /// Seconds until a lingering or kept disk is destroyed (none: until
+    /// dropped, or not lingering).
+    pub expires_in_s: Option<f64>,
+    /// The `ctl keep` in force: `forever`, `after:SECONDS` (counted from
+    /// the last connection) or none.
+    pub keep: Option<String>,
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub written_bytes: u64,
+    pub trims: u64,
+    pub trimmed_bytes: u64,
+    pub zeroes: u64,
+    pub zeroed_bytes: u64,
+    pub flushes_dropped: u64,
+    pub fua_dropped: u64,
+}
+
+/// A budget's use.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Budget {
+    pub used: u64,
+    pub limit: u64,
+}
+
+/// The server as a whole, for `ctl status` and the global metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub backend: String,
+    pub uptime_s: f64,
+    /// Exports now (tmpdisk: being created, live or lingering).
+    pub exports_live: u64,
+    pub exports_created: u64,
+    pub exports_destroyed: u64,
+    pub connections: u64,
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub memory: Option<Budget>,
+    pub disk: Option<Budget>,
+    /// Upper bounds of the creation time buckets, in milliseconds.
+    pub creation_buckets_ms: Vec<f64>,
+    /// Creations per bucket (not cumulative), then those slower than the
+    /// last bound.
+    pub creation_counts: Vec<u64>,
+    pub creation_seconds_sum: f64,
+    pub pool_ready: u64,
+}
+
+/// Both at one moment.
+pub struct Snapshot {
+    pub status: Status,
+    pub exports: Vec<ExportRow>,
+}
+
+/// The `ctl` selector of an owner.
+pub fn owner_selector(owner: &Owner) -> String {
+    match owner {
+        Owner::Uid(uid) => format!("uid:{uid}"),
+        Owner::UidGid(uid, gid) => format!("uid:{uid}+gid:{gid}"),
+        Owner::Certificate(fp) => {
+            let hex: String = fp.iter().map(|b| format!("{b:02x}")).collect();
+            format!("cert:{hex}")
+        }
+        Owner::Anyone => "anonymous".to_owned(),
+    }
+}
+
+/// Whether `selector` (from `--owner`) picks `owner`: its exact selector,
+/// `uid:N` for any group of N, a prefix of a certificate's hex, or `all`.
+pub fn owner_matches(selector: &str, owner: &Owner) -> bool {
+    selector_matches(selector, &owner_selector(owner))
+}
+
+/// [`owner_matches`] on an owner's selector text (`own`).
+pub fn selector_matches(selector: &str, own: &str) -> bool {
+    selector == "all"
+        || own == selector
+        || own.starts_with(&format!("{selector}+gid:"))
+        || own.starts_with("cert:")
+            && selector.len() > "cert:".len()
+            && own.starts_with(&selector.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_selectors() {
+        let cert = Owner::Certificate([0xab; 32]);
+        assert!(owner_matches("cert:abab", &cert) && owner_matches("cert:ABAB", &cert));
+        assert!(!owner_matches("cert:", &cert) && !owner_matches("uid:1", &cert));
+        assert!(owner_matches("uid:1", &Owner::Uid(1)) && !owner_matches("uid:1", &Owner::Uid(10)));
+        assert!(owner_matches("uid:1", &Owner::UidGid(1, 5)));
+        assert!(owner_matches("uid:1+gid:5", &Owner::UidGid(1, 5)));
+        assert!(!owner_matches("uid:1", &Owner::UidGid(10, 5)));
+        assert!(owner_matches("anonymous", &Owner::Anyone) && owner_matches("all", &Owner::Uid(3)));
+    }
+}
+
+fn row(view: &DiskView, kind: &str) -> ExportRow {
+    let s = &view.stats;
+    let (state, expires) = match (view.state, view.keep) {
+        (DiskState::Live, _) => ("live", None),
+        (DiskState::Lingering { left }, None) => ("lingering", left),
+        (DiskState::Lingering { left }, Some(_)) => ("kept", left),
+    };
+    let keep = view.keep.map(|k| match k {
+        Keep::Forever => "forever".to_owned(),
+        Keep::After(d) => format!("after:{}", d.as_secs_f64()),
+        Keep::Until(t) => format!(
+            "until:{}",
+            t.saturating_duration_since(Instant::now()).as_secs_f64()
+        ),
+    });
+    ExportRow {
+        name: view.key.name.clone(),
+        owner: owner_selector(&view.key.owner),
+        backend: kind.to_owned(),
+        size: view.size,
+        allocated_bytes: s.allocated_bytes,
+        connections: s.connections,
+        connections_total: s.connections_total,
+        age_s: s.age.as_secs_f64(),
+        state: state.to_owned(),
+        expires_in_s: expires.map(|d| d.as_secs_f64()),
+        keep,
+        reads: s.reads,
+        read_bytes: s.read_bytes,
+        writes: s.writes,
+        written_bytes: s.written_bytes,
+        trims: s.trims,
+        trimmed_bytes: s.trimmed_bytes,
+        zeroes: s.zeroes,
+        zeroed_bytes: s.zeroed_bytes,
+        flushes_dropped: s.flushes_dropped,
+        fua_dropped: s.fua_dropped,
+    }
+}
+
+impl Admin {
+    /// The numbers, now.
+    pub fn snapshot(&self) -> Snapshot {
+        let limit = &self.server.connections;
+        let mut status = Status {
+            backend: String::new(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            exports_live: 0,
+            exports_created: 0,
+            exports_destroyed: 0,
+            connections: limit.live() as u64,
+            connections_accepted: limit.accepted(),
+            connections_refused: limit.refused(),
+            memory: None,
+            disk: None,
+            creation_buckets_ms: CREATION_BUCKETS_MS.to_vec(),
+            creation_counts: vec![0; CREATION_BUCKETS_MS.len() + 1],
+            creation_seconds_sum: 0.0,
+            pool_ready: 0,
+        };
+        let exports = match &self.backend {
+            Backend::Tmpdisk(registry) => {
+                let r = registry.status();
+                let budget = |b: Option<scratchd_scratch::registry::BudgetUse>| {
+                    b.map(|b| Budget {
+                        used: b.used,
+                        limit: b.limit,
+                    })
+                };
+                status.backend = "tmpdisk".to_owned();
+                status.exports_live = r.exports;
+                status.exports_created = r.created;
+                status.exports_destroyed = r.destroyed;
+                status.memory = budget(r.memory);
+                status.disk = budget(r.disk);
+                status.creation_counts = r.creation_buckets;
+                status.creation_seconds_sum = r.creation_seconds;
+                status.pool_ready = r.pool_ready;
+                registry.disks().iter().map(|d| row(d, "tmpdisk")).collect()
+            }
+            Backend::Single { name, kind, device } => {
+                status.backend = kind.clone();
+                status.exports_live = 1;
+                status.exports_created = 1;
+                vec![ExportRow {
+                    name: name.clone(),
+                    owner: "anonymous".to_owned(),
+                    backend: kind.clone(),
+                    size: device.size(),
+                    allocated_bytes: 0,
+                    connections: status.connections,
+                    connections_total: status.connections_accepted,
+                    age_s: status.uptime_s,
+                    state: "live".to_owned(),
+                    expires_in_s: None,
+                    keep: None,
+                    reads: 0,
+                    read_bytes: 0,
+                    writes: 0,
+                    written_bytes: 0,
+                    trims: 0,
+                    trimmed_bytes: 0,
+                    zeroes: 0,
+                    zeroed_bytes: 0,
+                    flushes_dropped: 0,
+                    fua_dropped: 0,
+                }]
+            }
+        };
+        Snapshot { status, exports }
+    }
+
+    /// The registry, and the tmpdisk disks `name` (and `owner`, if given)
+    /// designate.
+    fn select(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+    ) -> Result<(&ScratchExports, Vec<DiskKey>), String> {
+        let Backend::Tmpdisk(registry) = &self.backend else {
+            return Err("only tmpdisk exports can be dropped or kept".to_owned());
+        };
+        let keys: Vec<DiskKey> = registry
+            .disks()
+            .into_iter()
+            .map(|d| d.key)
+            .filter(|k| k.name == name && owner.map_or(true, |o| owner_matches(o, &k.owner)))
+            .collect();
+        if keys.is_empty() {
+            return Err(match owner {
+                Some(o) => format!("no scratch disk {name:?} of owner {o}"),
+                None => format!("no scratch disk {name:?}"),
+            });
+        }
+        Ok((registry, keys))
+    }
+
+    /// `ctl drop`: each disk dropped, with its connections then.
+    pub fn drop_disks(&self, name: &str, owner: Option<&str>) -> Result<Vec<Acted>, String> {
+        let (registry, keys) = self.select(name, owner)?;
+        if keys.len() > 1 && owner.is_none() {
+            let owners: Vec<String> = keys.iter().map(|k| owner_selector(&k.owner)).collect();
+            return Err(format!(
+                "{name:?} names disks of {} owners ({}): pick one with --owner, or --owner all",
+                keys.len(),
+                owners.join(", ")
+            ));
+        }
+        keys.iter()
+            .map(|k| {
+                let connections = registry.drop_disk(k).map_err(|e| e.to_string())?;
+                Ok(Acted {
+                    name: k.name.clone(),
+                    owner: owner_selector(&k.owner),
+                    connections: connections as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// `ctl keep`: the disks kept.
+    pub fn keep_disks(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        time: Option<Duration>,
+    ) -> Result<Vec<Acted>, String> {
+        let (registry, keys) = self.select(name, owner)?;
+        keys.iter()
+            .map(|k| {
+                registry.keep(k, time).map_err(|e| e.to_string())?;
+                Ok(Acted {
+                    name: k.name.clone(),
+                    owner: owner_selector(&k.owner),
+                    connections: 0,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A disk an action was taken on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Acted {
+    pub name: String,
+    pub owner: String,
+    /// `drop`: connections it had, now being closed.
+    pub connections: u64,
+}

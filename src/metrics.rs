@@ -1,0 +1,318 @@
+//! `serve --metrics ADDR`: Prometheus text at `http://ADDR/metrics`.
+//!
+//! Each scrape takes one [`Snapshot`](crate::admin::Snapshot) (the numbers
+//! `ctl` shows) and encodes it with `prometheus-client`, through a
+//! [`Collector`] rather than live metric objects: the registry's own
+//! counters are the truth, and nothing is added to the data path. The HTTP
+//! side is the least that Prometheus, curl and a browser need: one GET per
+//! connection, answered and closed, on one thread.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::exemplar::Exemplar;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tracing::{debug, warn};
+
+use crate::admin::{Admin, ExportRow};
+
+/// How long one scraper may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds `addr` and serves scrapes on a thread of its own; the bound
+/// address (for port 0).
+pub fn serve(addr: &str, admin: Arc<Admin>) -> io::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind(addr).map_err(|e| {
+        io::Error::new(e.kind(), format!("--metrics: cannot listen on {addr}: {e}"))
+    })?;
+    let bound = listener.local_addr()?;
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshots(admin)));
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => {
+                        if let Err(e) = answer(s, &registry) {
+                            debug!(error = %e, "metrics client");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "metrics accept failed"),
+                }
+            }
+        })?;
+    Ok(bound)
+}
+
+/// Answers one HTTP request: `GET /metrics` (or `/`), else 404.
+fn answer(stream: TcpStream, registry: &Registry) -> io::Result<()> {
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut reader = BufReader::new(io::Read::take(&stream, 64 * 1024));
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    // Headers are read and ignored, up to the blank line.
+    let mut header = String::new();
+    while reader.read_line(&mut header)? > 2 {
+        header.clear();
+    }
+    let mut parts = request.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, kind, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics" | "/") => {
+            let mut body = String::new();
+            match prometheus_client::encoding::prometheus_text::encode(&mut body, registry) {
+                Ok(()) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
+                Err(_) => (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    "encoding failed\n".to_owned(),
+                ),
+            }
+        }
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if method != "HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
+    (&stream).write_all(&out)
+}
+
+/// Encodes a fresh snapshot at each scrape.
+struct Snapshots(Arc<Admin>);
+
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Snapshots")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn export_labels(e: &ExportRow) -> Labels {
+    vec![
+        ("export", e.name.clone()),
+        ("owner", e.owner.clone()),
+        ("backend", e.backend.clone()),
+    ]
+}
+
+/// Writes one metric family: `values` by label set.
+fn family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    values: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in values {
+        let m = metric.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(*v).encode(m)?,
+            _ => ConstGauge::new(i64::try_from(*v).unwrap_or(i64::MAX)).encode(m)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for Snapshots {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = self.0.snapshot();
+        let s = &snap.status;
+        let none = Labels::new;
+        let per_export = |f: &dyn Fn(&ExportRow) -> u64| -> Vec<(Labels, u64)> {
+            snap.exports
+                .iter()
+                .map(|e| (export_labels(e), f(e)))
+                .collect()
+        };
+        use MetricType::{Counter, Gauge};
+        let e = &mut encoder;
+        family(
+            e,
+            "scratchd_export_connections",
+            "Connections open on the export",
+            Gauge,
+            &per_export(&|e| e.connections),
+        )?;
+        family(
+            e,
+            "scratchd_export_connections_opened",
+            "Connections the export has had",
+            Counter,
+            &per_export(&|e| e.connections_total),
+        )?;
+        family(
+            e,
+            "scratchd_export_allocated_bytes",
+            "Memory or disk space the export holds",
+            Gauge,
+            &per_export(&|e| e.allocated_bytes),
+        )?;
+        family(
+            e,
+            "scratchd_export_size_bytes",
+            "Size of the export",
+            Gauge,
+            &per_export(&|e| e.size),
+        )?;
+        let by_command = |f: &dyn Fn(&ExportRow) -> [u64; 4]| -> Vec<(Labels, u64)> {
+            let mut out = Vec::new();
+            for e in &snap.exports {
+                let values = f(e);
+                for (command, v) in ["read", "write", "trim", "write_zeroes"].iter().zip(values) {
+                    let mut labels = export_labels(e);
+                    labels.push(("command", (*command).to_owned()));
+                    out.push((labels, v));
+                }
+            }
+            out
+        };
+        family(
+            e,
+            "scratchd_export_bytes",
+            "Bytes by command",
+            Counter,
+            &by_command(&|e| {
+                [
+                    e.read_bytes,
+                    e.written_bytes,
+                    e.trimmed_bytes,
+                    e.zeroed_bytes,
+                ]
+            }),
+        )?;
+        family(
+            e,
+            "scratchd_export_ops",
+            "Requests by command",
+            Counter,
+            &by_command(&|e| [e.reads, e.writes, e.trims, e.zeroes]),
+        )?;
+        family(
+            e,
+            "scratchd_export_flushes_dropped",
+            "FLUSH requests answered without doing anything",
+            Counter,
+            &per_export(&|e| e.flushes_dropped),
+        )?;
+        family(
+            e,
+            "scratchd_export_fua_dropped",
+            "Requests whose FUA flag was ignored",
+            Counter,
+            &per_export(&|e| e.fua_dropped),
+        )?;
+        let budgets = |f: &dyn Fn(&crate::admin::Budget) -> u64| -> Vec<(Labels, u64)> {
+            [("memory", s.memory), ("disk", s.disk)]
+                .into_iter()
+                .filter_map(|(kind, b)| b.map(|b| (vec![("kind", kind.to_owned())], f(&b))))
+                .collect()
+        };
+        family(
+            e,
+            "scratchd_budget_used_bytes",
+            "Bytes of the budget in use",
+            Gauge,
+            &budgets(&|b| b.used),
+        )?;
+        family(
+            e,
+            "scratchd_budget_limit_bytes",
+            "The budget's limit",
+            Gauge,
+            &budgets(&|b| b.limit),
+        )?;
+        family(
+            e,
+            "scratchd_exports",
+            "Exports now (being created, live or lingering)",
+            Gauge,
+            &[(none(), s.exports_live)],
+        )?;
+        family(
+            e,
+            "scratchd_exports_created",
+            "Exports created",
+            Counter,
+            &[(none(), s.exports_created)],
+        )?;
+        family(
+            e,
+            "scratchd_exports_destroyed",
+            "Exports destroyed",
+            Counter,
+            &[(none(), s.exports_destroyed)],
+        )?;
+        family(
+            e,
+            "scratchd_pool_ready",
+            "Formatted disks ready in the pool",
+            Gauge,
+            &[(none(), s.pool_ready)],
+        )?;
+        family(
+            e,
+            "scratchd_connections",
+            "Connections open",
+            Gauge,
+            &[(none(), s.connections)],
+        )?;
+        family(
+            e,
+            "scratchd_connections_accepted",
+            "Connections accepted",
+            Counter,
+            &[(none(), s.connections_accepted)],
+        )?;
+        family(
+            e,
+            "scratchd_connections_refused",
+            "Connections closed at accept (--allow, limits)",
+            Counter,
+            &[(none(), s.connections_refused)],
+        )?;
+        let buckets: Vec<(f64, u64)> = s
+            .creation_buckets_ms
+            .iter()
+            .map(|ms| ms / 1e3)
+            .chain([f64::INFINITY])
+            .zip(s.creation_counts.iter().copied())
+            .collect();
+        let count = s.creation_counts.iter().sum();
+        let mut m = e.encode_descriptor(
+            "scratchd_export_creation_seconds",
+            "Time to create (and format) a scratch disk",
+            None,
+            MetricType::Histogram,
+        )?;
+        m.encode_histogram::<NoLabelSet>(
+            s.creation_seconds_sum,
+            count,
+            &buckets,
+            None::<&HashMap<usize, Exemplar<NoLabelSet, f64>>>,
+        )?;
+        Ok(())
+    }
+}

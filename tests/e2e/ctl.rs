@@ -1,0 +1,530 @@
+//! `scratchd ctl` over the control socket and `--metrics`, while real
+//! clients (libnbd, nbdcopy) hold disks and move data.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use crate::util::{
+    as_user, eventually, random_file, require, run, run_status, stdout, Json, Server, NOBODY,
+    SCRATCHD,
+};
+
+/// A build holding a disk: a libnbd client connected to export `name`,
+/// which wrote `len` bytes of `fill` at 0 and waits for commands.
+struct Build {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+const BUILD: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_export_name(sys.argv[2])
+h.connect_unix(sys.argv[1])
+h.pwrite(bytes([int(sys.argv[4])]) * int(sys.argv[3]), 0)
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "read":
+        try:
+            h.pread(4096, 0)
+            print("ok", flush=True)
+        except nbd.Error as e:
+            print("error", e, flush=True)
+    else:
+        break
+try:
+    h.shutdown()
+except nbd.Error:
+    pass
+"#;
+
+impl Build {
+    fn start(server: &Server, name: &str, len: usize, fill: u8) -> Build {
+        Build::start_as(None, server, name, len, fill)
+    }
+
+    /// [`Build::start`] as user `uid` (see [`as_user`]).
+    fn start_as(uid: Option<u32>, server: &Server, name: &str, len: usize, fill: u8) -> Build {
+        require("nbdsh");
+        let sock = server.sock.to_string_lossy();
+        let (len, fill) = (len.to_string(), fill.to_string());
+        let argv = as_user(
+            uid,
+            &["/usr/bin/python3", "-c", BUILD, &sock, name, &len, &fill],
+        );
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run python3");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut b = Build {
+            child,
+            stdin,
+            stdout,
+        };
+        assert_eq!(b.line(), "ready", "build {name} did not start");
+        b
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.stdout.read_line(&mut l).unwrap();
+        l.trim().to_owned()
+    }
+
+    /// Reads from its disk: "ok" or "error …".
+    fn read(&mut self) -> String {
+        writeln!(self.stdin, "read").unwrap();
+        self.line()
+    }
+
+    /// Disconnects cleanly and waits for the client to exit.
+    fn finish(mut self) {
+        writeln!(self.stdin, "quit").unwrap();
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+impl Drop for Build {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tmpdisk server with a control socket, `flags` before the backend and
+/// `params` after it.
+struct Setup {
+    server: Server,
+    control: PathBuf,
+    /// Holds the control socket.
+    _dir: tempfile::TempDir,
+}
+
+fn start(flags: &[&str], params: &[&str]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let mut args = vec!["--control", control.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["tmpdisk", "size=64M", "type=none"]);
+    args.extend_from_slice(params);
+    Setup {
+        server: Server::start(&args),
+        control,
+        _dir: dir,
+    }
+}
+
+/// `scratchd ctl --control PATH ARGS…`, which must succeed; its output.
+fn ctl(control: &Path, args: &[&str]) -> String {
+    stdout(&run(Command::new(SCRATCHD)
+        .args(["ctl", "--control"])
+        .arg(control)
+        .args(args)))
+}
+
+fn ctl_json(control: &Path, args: &[&str]) -> Json {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    Json::parse(&ctl(control, &all))
+}
+
+/// Our uid, as the owner selector of our disks.
+fn me() -> String {
+    let out = run(Command::new("id").arg("-u"));
+    format!("uid:{}", stdout(&out).trim())
+}
+
+#[test]
+fn ctl_list_show_and_status_while_two_builds_are_connected() {
+    let Setup {
+        server,
+        control,
+        _dir,
+    } = start(&[], &[]);
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode");
+    let a = Build::start(&server, "build-a", 1 << 20, 1);
+    let b = Build::start(&server, "build-b", 2 << 20, 2);
+
+    let table = ctl(&control, &["list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("STATE"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("build-a") && lines[1].contains("live"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("build-b") && lines[2].contains("2.0M"),
+        "{table}"
+    );
+
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(list.len("exports"), 2);
+    assert_eq!(list.get("exports.0.name"), "build-a");
+    assert_eq!(list.get("exports.0.owner"), me());
+    assert_eq!(list.get("exports.0.backend"), "tmpdisk");
+    assert_eq!(list.get("exports.0.state"), "live");
+    assert_eq!(list.int("exports.0.size"), 64 << 20);
+    assert_eq!(list.int("exports.0.connections"), 1);
+    assert_eq!(list.int("exports.0.written_bytes"), 1 << 20);
+    assert_eq!(list.int("exports.0.allocated_bytes"), 1 << 20);
+    assert_eq!(list.int("exports.1.written_bytes"), 2 << 20);
+    assert_eq!(list.get("exports.1.keep"), "null");
+
+    let show = ctl(&control, &["show", "build-b"]);
+    assert!(show.contains("export:          build-b"), "{show}");
+    assert!(
+        show.contains("writes:") && show.contains("(2097152 bytes)"),
+        "{show}"
+    );
+    let show = ctl_json(&control, &["show", "build-b", "--owner", &me()]);
+    assert_eq!(show.len("exports"), 1);
+    assert_eq!(show.int("exports.0.connections_total"), 1);
+
+    let status = ctl_json(&control, &["status"]);
+    assert_eq!(status.get("backend"), "tmpdisk");
+    assert_eq!(status.int("exports_live"), 2);
+    assert_eq!(status.int("exports_created"), 2);
+    assert_eq!(status.int("exports_destroyed"), 0);
+    assert_eq!(status.int("connections"), 2);
+    assert_eq!(status.int("memory.used"), 3 << 20);
+    assert!(status.int("memory.limit") >= 3 << 20);
+    let text = ctl(&control, &["status"]);
+    assert!(
+        text.contains("exports:      2 live, 2 created, 0 destroyed"),
+        "{text}"
+    );
+
+    a.finish();
+    b.finish();
+    let status = ctl_json(&control, &["status"]);
+    assert_eq!(status.int("exports_live"), 0);
+    assert_eq!(status.int("exports_destroyed"), 2);
+    assert_eq!(status.int("memory.used"), 0);
+    // Unknown names are errors, with a message.
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args(["ctl", "--control"])
+            .arg(&control)
+            .args(["show", "nope"]),
+    );
+    assert_eq!(code, 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no export \"nope\""));
+}
+
+#[test]
+fn ctl_drop_disconnects_the_clients_and_frees_the_disk() {
+    let Setup {
+        server,
+        control,
+        _dir,
+    } = start(&[], &["linger=60s"]);
+    let mut build = Build::start(&server, "doomed", 1 << 20, 7);
+    let other = Build::start(&server, "other", 4096, 1);
+    assert_eq!(build.read(), "ok");
+    let out = ctl(&control, &["drop", "doomed"]);
+    assert_eq!(
+        out.trim(),
+        format!("dropped doomed of {} (1 connection closed)", me())
+    );
+    let reply = build.read();
+    assert!(
+        reply.starts_with("error"),
+        "a dropped disk's client: {reply}"
+    );
+    // Freed (no linger for a dropped disk), and the others carry on.
+    eventually("the dropped disk to go", Duration::from_secs(5), || {
+        let s = ctl_json(&control, &["status"]);
+        s.int("exports_destroyed") == 1 && s.int("memory.used") == 4096
+    });
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(list.len("exports"), 1);
+    assert_eq!(list.get("exports.0.name"), "other");
+    other.finish();
+    // A new connection with the name gets a fresh disk.
+    let again = Build::start(&server, "doomed", 4096, 9);
+    assert_eq!(
+        ctl_json(&control, &["show", "doomed"]).int("exports.0.connections_total"),
+        1
+    );
+    again.finish();
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args(["ctl", "--control"])
+            .arg(&control)
+            .args(["drop", "never-was"]),
+    );
+    assert_eq!(code, 1, "{}", stdout(&out));
+}
+
+#[test]
+fn ctl_keep_makes_a_disk_outlive_its_last_connection() {
+    // No linger: without keep, the disk would go with its build.
+    let Setup {
+        server,
+        control,
+        _dir,
+    } = start(&[], &[]);
+    let build = Build::start(&server, "failed-build", 1 << 20, 0x5a);
+    let out = ctl(&control, &["keep", "failed-build", "--for", "1h"]);
+    assert!(out.contains("keeping failed-build"), "{out}");
+    assert_eq!(
+        ctl_json(&control, &["list"]).get("exports.0.keep"),
+        "after:3600"
+    );
+    build.finish();
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(list.get("exports.0.state"), "kept");
+    assert_eq!(list.int("exports.0.connections"), 0);
+    assert!(ctl(&control, &["list"]).contains("kept 59m"));
+    // A reconnect sees the build's data.
+    let script = r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_export_name("failed-build")
+h.connect_unix(sys.argv[1])
+assert h.pread(1 << 20, 0) == b"\x5a" * (1 << 20)
+h.shutdown()
+"#;
+    run(Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&server.sock));
+    // Kept until dropped: survives its connections, goes when dropped.
+    ctl(&control, &["keep", "failed-build"]);
+    assert_eq!(
+        ctl_json(&control, &["list"]).get("exports.0.keep"),
+        "forever"
+    );
+    ctl(&control, &["drop", "failed-build"]);
+    assert_eq!(ctl_json(&control, &["status"]).int("exports_live"), 0);
+}
+
+#[test]
+fn ctl_on_a_single_export_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let mut server = Server::start(&[
+        "--control",
+        control.to_str().unwrap(),
+        "-e",
+        "disk",
+        "memory",
+        "size=8M",
+    ]);
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(list.len("exports"), 1);
+    assert_eq!(list.get("exports.0.name"), "disk");
+    assert_eq!(list.get("exports.0.backend"), "memory");
+    assert_eq!(list.int("exports.0.size"), 8 << 20);
+    assert_eq!(ctl_json(&control, &["status"]).get("backend"), "memory");
+    let (code, _) = run_status(
+        Command::new(SCRATCHD)
+            .args(["ctl", "--control"])
+            .arg(&control)
+            .args(["drop", "disk"]),
+    );
+    assert_eq!(code, 1);
+    // Removed at exit, like the NBD socket.
+    server.signal("TERM");
+    assert!(server.wait_for_exit(Duration::from_secs(10)).is_some());
+    assert!(!control.exists(), "the control socket outlived the server");
+}
+
+#[test]
+fn ctl_asks_which_owner_when_a_name_is_ambiguous() {
+    let Setup {
+        server,
+        control,
+        _dir,
+    } = start(&[], &[]);
+    server.open_to_everyone();
+    let mut mine = Build::start(&server, "same", 4096, 1);
+    let mut theirs = Build::start_as(Some(NOBODY), &server, "same", 4096, 2);
+    let nobody = format!("uid:{NOBODY}");
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(list.len("exports"), 2);
+    let owners = [list.get("exports.0.owner"), list.get("exports.1.owner")];
+    assert!(
+        owners.contains(&me().as_str()) && owners.contains(&nobody.as_str()),
+        "{owners:?}"
+    );
+    assert_eq!(ctl_json(&control, &["show", "same"]).len("exports"), 2);
+    assert_eq!(
+        ctl_json(&control, &["show", "same", "--owner", &nobody]).get("exports.0.owner"),
+        nobody
+    );
+    // drop will not guess.
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args(["ctl", "--control"])
+            .arg(&control)
+            .args(["drop", "same"]),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--owner") && stderr.contains(&nobody) && stderr.contains(&me()),
+        "{stderr}"
+    );
+    assert_eq!(mine.read(), "ok");
+    let out = ctl(&control, &["drop", "same", "--owner", &nobody]);
+    assert_eq!(
+        out.trim(),
+        format!("dropped same of {nobody} (1 connection closed)")
+    );
+    assert!(theirs.read().starts_with("error"));
+    assert_eq!(mine.read(), "ok", "the other owner's disk is untouched");
+    assert_eq!(ctl_json(&control, &["list"]).len("exports"), 1);
+    mine.finish();
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Scrapes `url` with curl; the metric lines as (series, value).
+fn scrape(url: &str) -> Vec<(String, f64)> {
+    require("curl");
+    let out = run(Command::new("curl").args(["-sf", "--max-time", "5", url]));
+    stdout(&out)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_owned(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The value of `series` (exact text before the value) in a scrape; 0 if absent.
+fn value(scrape: &[(String, f64)], series: &str) -> f64 {
+    scrape
+        .iter()
+        .find(|(k, _)| k == series)
+        .map_or(0.0, |(_, v)| *v)
+}
+
+#[test]
+fn metrics_move_with_traffic() {
+    require("nbdcopy");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let Setup { server, _dir, .. } = start(&["--metrics", &addr], &[]);
+    let url = format!("http://{addr}/metrics");
+    let s = scrape(&url);
+    assert_eq!(value(&s, "scratchd_exports"), 0.0);
+    assert!(value(&s, "scratchd_budget_limit_bytes{kind=\"memory\"}") > 0.0);
+
+    let build = Build::start(&server, "m", 1 << 20, 3);
+    let owner = me();
+    let labels =
+        |extra: &str| format!("{{export=\"m\",owner=\"{owner}\",backend=\"tmpdisk\"{extra}}}");
+    let written = format!(
+        "scratchd_export_bytes_total{}",
+        labels(",command=\"write\"")
+    );
+    let s = scrape(&url);
+    assert_eq!(value(&s, "scratchd_exports"), 1.0);
+    assert_eq!(
+        value(&s, &format!("scratchd_export_connections{}", labels(""))),
+        1.0
+    );
+    assert_eq!(value(&s, &written), (1 << 20) as f64);
+    assert_eq!(
+        value(&s, "scratchd_budget_used_bytes{kind=\"memory\"}"),
+        (1 << 20) as f64
+    );
+    assert_eq!(value(&s, "scratchd_export_creation_seconds_count"), 1.0);
+
+    // A second client (nbdcopy) writes 4 MiB to the same disk.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data");
+    random_file(&file, 4 << 20, 42);
+    run(Command::new("nbdcopy").arg(&file).arg(server.uri_for("m")));
+    let s = scrape(&url);
+    assert!(
+        value(&s, &written) >= (5 << 20) as f64,
+        "{}",
+        value(&s, &written)
+    );
+    assert!(
+        value(
+            &s,
+            &format!("scratchd_export_ops_total{}", labels(",command=\"write\""))
+        ) >= 2.0
+    );
+    assert_eq!(
+        value(&s, "scratchd_budget_used_bytes{kind=\"memory\"}"),
+        (4 << 20) as f64
+    );
+    // (nbdcopy may open several connections.)
+    let opened = format!("scratchd_export_connections_opened_total{}", labels(""));
+    assert!(value(&s, &opened) >= 2.0);
+    assert!(value(&s, "scratchd_connections_accepted_total") >= 2.0);
+
+    build.finish();
+    let s = scrape(&url);
+    assert_eq!(value(&s, "scratchd_exports"), 0.0);
+    assert_eq!(value(&s, "scratchd_exports_destroyed_total"), 1.0);
+    assert_eq!(
+        value(&s, &written),
+        0.0,
+        "a destroyed disk's series are gone"
+    );
+    assert_eq!(
+        value(&s, "scratchd_budget_used_bytes{kind=\"memory\"}"),
+        0.0
+    );
+    // Other paths are not found.
+    let out = run(Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{addr}/nope")));
+    assert_eq!(stdout(&out), "404");
+}
+
+/// Every series the shipped Grafana dashboard queries is one the server
+/// exports.
+#[test]
+fn the_dashboard_queries_exported_metrics() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let Setup { server, _dir, .. } = start(&["--metrics", &addr], &[]);
+    let build = Build::start(&server, "d", 4096, 1);
+    let names: std::collections::BTreeSet<String> = scrape(&format!("http://{addr}/metrics"))
+        .into_iter()
+        .map(|(series, _)| series.split('{').next().unwrap().to_owned())
+        .collect();
+    let dashboard = include_str!("../../contrib/grafana/scratchd.json");
+    let mut used = 0;
+    for (i, _) in dashboard.match_indices("scratchd_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            names.contains(&name),
+            "the dashboard queries {name}, not exported: {names:?}"
+        );
+        used += 1;
+    }
+    assert!(used >= 8, "{used}");
+    build.finish();
+}
