@@ -310,3 +310,34 @@ fn kill_9_with_live_disks_then_a_restart_on_the_same_socket() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+/// A file backend whose file shrinks behind the server's back: a read past
+/// the new end comes back short from the kernel, which the client gets as
+/// EIO for that request only; the connection and the rest of the file are
+/// served on, and a new client is served too.
+#[test]
+fn a_short_read_from_the_file_backend_is_eio_for_that_request() {
+    const EIO: u32 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    crate::util::random_file(&path, 4 << 20, 21);
+    let mut server = crate::util::Server::start(&["file", &format!("path={}", path.display())]);
+    let mut c = Conn::open(&server, Mode::Simple);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    c.request(0, crate::wire::CMD_READ, 1, 2 << 20, 4096);
+    assert_eq!(c.read_simple(), (EIO, 1), "a read past the shrunk end");
+    c.request(0, crate::wire::CMD_READ, 2, 0, 4096);
+    assert_eq!(c.read_simple(), (0, 2), "the connection goes on");
+    let expected = std::fs::read(&path).unwrap();
+    let got = crate::util::read_n(&mut c.s, 4096);
+    assert_eq!(got, expected[..4096]);
+    server.assert_alive();
+    let mut fresh = Conn::open(&server, Mode::Simple);
+    fresh.request(0, crate::wire::CMD_READ, 3, 4096, 4096);
+    assert_eq!(fresh.read_simple(), (0, 3));
+}
