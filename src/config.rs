@@ -92,6 +92,14 @@ pub fn reply_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
         .map_err(de::Error::custom)
 }
 
+/// `tcp-keepalive = "60s"` (or seconds; 0 is off).
+pub fn keepalive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = d.deserialize_any(TextVisitor("a duration such as \"60s\", or seconds"))?;
+    crate::serve::parse_keepalive(&text)
+        .map(Some)
+        .map_err(de::Error::custom)
+}
+
 /// `allow = ["10.0.0.0/8", "::1"]`.
 pub fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Cidr>, D::Error> {
     Vec::<String>::deserialize(d)?
@@ -209,6 +217,7 @@ impl ServeArgs {
             tls_certificates,
             tls_verify_peer,
             reply_timeout,
+            tcp_keepalive,
             verbose,
             log_level,
             max_exports,
@@ -247,6 +256,7 @@ impl ServeArgs {
             tls_certificates: tls_certificates.or(file.tls_certificates),
             tls_verify_peer: tls_verify_peer || file.tls_verify_peer,
             reply_timeout: reply_timeout.or(file.reply_timeout),
+            tcp_keepalive: tcp_keepalive.or(file.tcp_keepalive),
             verbose: if verbose > 0 { verbose } else { file.verbose },
             log_level: log_level.or(file.log_level),
             max_exports: max_exports.or(file.max_exports),

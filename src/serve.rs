@@ -34,6 +34,7 @@ const DEFAULT_PORT: u16 = 10809;
 const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 const DEFAULT_THREADS: usize = 16;
 const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// How long a stopping server waits for connections to finish their requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -128,6 +129,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_reply_timeout)]
     #[serde(default, deserialize_with = "config::reply_timeout")]
     pub reply_timeout: Option<Duration>,
+    /// TCP keepalive: probe a TCP client after this long without traffic
+    /// and end its connection when it vanished (about twice this); 0: off
+    /// (default 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_keepalive)]
+    #[serde(default, deserialize_with = "config::keepalive")]
+    pub tcp_keepalive: Option<Duration>,
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     #[serde(default)]
@@ -282,6 +289,8 @@ pub fn main(args: ServeArgs) -> i32 {
         .with_allow(args.allow.clone())
         .with_max_per_peer(args.max_connections_per_peer.filter(|&n| n > 0)),
         reply_timeout: args.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
+        tcp_keepalive: Some(args.tcp_keepalive.unwrap_or(DEFAULT_TCP_KEEPALIVE))
+            .filter(|d| !d.is_zero()),
         tls,
     });
     if args.exit_with_parent {
@@ -733,4 +742,9 @@ fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, TlsSetupError> {
             "--tls=on|require needs --tls-certificates DIR",
         ))?;
     Ok(Some(TlsConfig::load(dir, mode, args.tls_verify_peer)?))
+}
+
+/// `--tcp-keepalive`: a duration, 0 for off.
+pub fn parse_keepalive(text: &str) -> Result<Duration, String> {
+    scratchd_scratch::config::parse_duration(text).map_err(|e| e.to_string())
 }

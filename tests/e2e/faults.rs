@@ -341,3 +341,155 @@ fn a_short_read_from_the_file_backend_is_eio_for_that_request() {
     fresh.request(0, crate::wire::CMD_READ, 3, 4096, 4096);
     assert_eq!(fresh.read_simple(), (0, 3));
 }
+
+/// A network of its own for one test: a network namespace holding one end
+/// of a veth pair, `PREFIX.2`, the host holding the other, `PREFIX.1`.
+/// Removed on drop.
+struct TestNet {
+    ns: String,
+    host_if: String,
+    ns_if: String,
+    prefix: String,
+}
+
+impl TestNet {
+    fn new() -> TestNet {
+        let tag = std::process::id() % 100_000;
+        let net = TestNet {
+            ns: format!("sdt{tag}"),
+            host_if: format!("sdh{tag}"),
+            ns_if: format!("sdn{tag}"),
+            prefix: format!("10.253.{}", tag % 250),
+        };
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        ip(&["netns", "add", &net.ns]);
+        ip(&[
+            "link",
+            "add",
+            &net.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &net.ns_if,
+        ]);
+        ip(&["link", "set", &net.ns_if, "netns", &net.ns]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.1/30", net.prefix),
+            "dev",
+            &net.host_if,
+        ]);
+        ip(&["link", "set", &net.host_if, "up"]);
+        net.in_ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}.2/30", net.prefix),
+            "dev",
+            &net.ns_if,
+        ]);
+        net.in_ns(&["ip", "link", "set", &net.ns_if, "up"]);
+        net
+    }
+
+    fn in_ns(&self, args: &[&str]) {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(args));
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// A TCP client that vanishes without closing (its host gone: no FIN, no
+/// RST ever comes) while idle is found out by TCP keepalive and its
+/// connection ended, instead of holding a thread and its buffers for ever.
+/// (One that vanishes with replies unacknowledged is ended by
+/// `TCP_USER_TIMEOUT`, set with keepalive.)
+#[test]
+fn a_half_open_tcp_peer_is_dropped_by_keepalive() {
+    crate::util::require("ip");
+    let net = TestNet::new();
+    let host = format!("{}.1", net.prefix);
+    let port = std::net::TcpListener::bind((host.as_str(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port_s = port.to_string();
+    let server = crate::util::Server::start(&[
+        "-i",
+        &host,
+        "-p",
+        &port_s,
+        "--tcp-keepalive",
+        "2s",
+        "memory",
+        "size=16M",
+    ]);
+    let uri = format!("nbd://{host}:{port}/");
+    // The server's established TCP connections, as the kernel lists them.
+    let established = || {
+        let out = run(Command::new("ss")
+            .args(["-Htn", "state", "established"])
+            .arg(format!("( sport = :{port} )")));
+        crate::util::stdout(&out).lines().count()
+    };
+    // The client reads once (so the connection is in transmission and
+    // every reply acknowledged), says so, then idles.
+    let script = "import nbd, sys, time\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pread(512, 0)\nprint('ready', flush=True)\ntime.sleep(120)\n";
+    let mut client = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.ns,
+            "/usr/bin/python3",
+            "-c",
+            script,
+            &uri,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    assert_eq!(established(), 1);
+    // The client's host vanishes: its address goes, so whatever the server
+    // sends is dropped there in silence (no RST, as from a powered-off
+    // machine), while the server's side of the link stays up (a link that
+    // is down would make the server's probes fail locally, which TCP
+    // retries for ever instead of counting them).
+    net.in_ns(&["ip", "addr", "flush", "dev", &net.ns_if]);
+    let started = Instant::now();
+    crate::util::eventually(
+        "keepalive to end the connection",
+        Duration::from_secs(40),
+        || established() == 0,
+    );
+    let took = started.elapsed();
+    assert!(
+        client.try_wait().unwrap().is_none(),
+        "the client ended by itself: the test proves nothing"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "ended after {took:?}, before any probe"
+    );
+    eprintln!("half-open peer dropped after {took:?}");
+    let _ = client.kill();
+    let _ = client.wait();
+}

@@ -5,7 +5,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
-use crate::util::{random_bytes, Server};
+use crate::util::{random_bytes, sockets, Server};
 use crate::wire::{Conn, Mode, CMD_READ};
 
 /// The scenario of the stuck-clients issue: `stuck` raw connections each
@@ -112,20 +112,6 @@ fn drain(c: &mut Conn) -> usize {
         }
         assert!(total < 1 << 30, "the server kept sending");
     }
-}
-
-/// Sockets the process holds (its listener and its clients).
-fn sockets(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|fds| {
-            fds.flatten()
-                .filter(|fd| {
-                    std::fs::read_link(fd.path())
-                        .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {

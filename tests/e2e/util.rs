@@ -573,3 +573,17 @@ pub fn assert_files_equal(a: &Path, b: &Path) {
         at += n as u64;
     }
 }
+
+/// Sockets the process holds (its listener and its clients).
+pub fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}

@@ -56,11 +56,12 @@ pub enum Filled {
     Idle,
 }
 
+/// Whether a read failed because the socket's read timeout
+/// (`SO_RCVTIMEO`) ran out, which says `EAGAIN`. `ETIMEDOUT` is something
+/// else: TCP gave up on the peer (keepalive or retransmissions), and the
+/// connection is dead.
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    e.kind() == io::ErrorKind::WouldBlock
 }
 
 /// Gives the whole pages of a vector's spare capacity back to the system.
@@ -439,6 +440,25 @@ mod tests {
         let mut dst = [0u8; 7];
         i.read_exact(&mut dst).unwrap();
         assert_eq!(&dst, b"payload");
+    }
+
+    #[test]
+    fn a_dead_peer_is_an_error_even_when_idle_is_watched() {
+        struct Dead;
+        impl Read for Dead {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc_etimedout()))
+            }
+        }
+        let mut i = Input::new(Box::new(Dead));
+        i.watch_idle(Box::new(Timeouts::default())).unwrap();
+        let e = i.fill(4).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// ETIMEDOUT on Linux.
+    fn libc_etimedout() -> i32 {
+        110
     }
 
     #[test]

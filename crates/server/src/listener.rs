@@ -39,6 +39,10 @@ pub struct ServerContext {
     pub reply_timeout: std::time::Duration,
     /// STARTTLS, when `--tls` is on or required.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// TCP keepalive: a peer that vanished without closing (a builder
+    /// powered off, a cut network) is probed after this long without
+    /// traffic and its connection ended when it does not answer; `None`: off.
+    pub tcp_keepalive: Option<std::time::Duration>,
 }
 
 /// Who may connect, and how many connections may be open at once. Each
@@ -357,6 +361,11 @@ pub fn spawn_connection(transport: Transport, ip: Option<IpAddr>, ctx: Arc<Serve
             return;
         }
     };
+    if let Some(idle) = ctx.tcp_keepalive {
+        if let Err(e) = transport.control.set_keepalive(idle) {
+            warn!(peer = %transport.peer, error = %e, "cannot set TCP keepalive");
+        }
+    }
     let spawned = thread::Builder::new()
         .name("connection".to_owned())
         .stack_size(CONNECTION_STACK)

@@ -75,6 +75,28 @@ impl Control {
         };
     }
 
+    /// Turns TCP keepalive on: probes after `idle` without traffic, then
+    /// every `idle / 6` (at least 1 s), and the connection ends after 6
+    /// unanswered probes (so about twice `idle` after the peer vanished).
+    /// Sent data that stays unacknowledged for twice `idle` ends it too
+    /// (`TCP_USER_TIMEOUT`): a peer that vanished while replies were in
+    /// flight would otherwise be retried for a quarter of an hour. Other
+    /// transports have no such thing.
+    pub fn set_keepalive(&self, idle: Duration) -> io::Result<()> {
+        let Control::Tcp(s) = self else {
+            return Ok(());
+        };
+        use rustix::net::sockopt;
+        let idle = idle.max(Duration::from_secs(1));
+        sockopt::set_socket_keepalive(s, true)?;
+        sockopt::set_tcp_keepidle(s, idle)?;
+        sockopt::set_tcp_keepintvl(s, (idle / 6).max(Duration::from_secs(1)))?;
+        sockopt::set_tcp_keepcnt(s, 6)?;
+        let user_timeout_ms = (idle * 2).as_millis().min(u128::from(u32::MAX)) as u32;
+        sockopt::set_tcp_user_timeout(s, user_timeout_ms)?;
+        Ok(())
+    }
+
     /// Waits until the socket can take more bytes, at most `timeout`; false
     /// when the time ran out. Without a socket, it can always.
     pub fn wait_writable(&self, timeout: Duration) -> io::Result<bool> {

@@ -77,6 +77,7 @@ impl Scratchd {
             connections: ConnectionLimit::new(None),
             reply_timeout: Duration::from_secs(30),
             tls: None,
+            tcp_keepalive: None,
         });
         let dir = tempfile::tempdir().expect("tempdir");
         let (listener, target) = if self.tcp {
