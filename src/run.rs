@@ -47,6 +47,7 @@ use scratchd_proto::negotiation::LookupError;
 use scratchd_server::{Exports, OpenExport};
 use scratchd_store::BlockDevice;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use tracing::{debug, info, warn};
 
 use crate::backend::{BackendError, OpenError};
@@ -138,6 +139,10 @@ enum RunError {
     Loop(#[source] io::Error),
     #[error(transparent)]
     Mount(#[from] ns::MountError),
+    #[error("cannot catch signals: {0}")]
+    Signals(#[source] io::Error),
+    #[error("stopped by signal {0} before the command started")]
+    Stopped(i32),
     #[error("cannot start the run's watchdog: {0}")]
     Watchdog(#[source] io::Error),
     #[error("cannot start {command:?}: {source}")]
@@ -182,13 +187,17 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
     // First, while this process has one thread: the kernel will not give a
     // threaded process a namespace of its own.
     ns::enter_private_mount_namespace().map_err(RunError::Namespace)?;
+    // From here on SIGINT, SIGTERM and SIGHUP are caught: before the command
+    // runs, one ends the run (cleaning up); while it runs, it is passed on.
+    let mut stops = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(RunError::Signals)?;
     if let (AttachKind::Kernel, Some(uri)) = (how, &args.server) {
-        return run_kernel(args, uri);
+        return run_kernel(args, uri, stops);
     }
     let started = Instant::now();
     let mut watchdog = Watchdog::start()?;
     let name = args.name.clone().unwrap_or_else(random_name);
     let disk = open_disk(args, &name)?;
+    stopped(&mut stops)?;
     sweep_stale_work_dirs();
     let work = tempfile::Builder::new()
         .prefix(&format!("{WORK_PREFIX}{}.", std::process::id()))
@@ -203,7 +212,8 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
         took = ?started.elapsed(),
         "scratch disk attached"
     );
-    let status = run_command(args, &attached.mount, attached.device.path(), &name);
+    let status = stopped(&mut stops)
+        .and_then(|()| run_command(args, &attached.mount, attached.device.path(), &name, stops));
     let stopping = Instant::now();
     attached.detach();
     watchdog.done();
@@ -590,7 +600,7 @@ const KERNEL_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(5);
 /// no FUSE file and no watchdog (the kernel serves the device by itself,
 /// and a killed run's mount going makes the kernel disconnect it, see
 /// [`NbdDevice::disconnect_on_close`]).
-fn run_kernel(args: &RunArgs, uri: &str) -> Result<ExitStatus, RunError> {
+fn run_kernel(args: &RunArgs, uri: &str, mut stops: Signals) -> Result<ExitStatus, RunError> {
     let started = Instant::now();
     let name = args.name.clone().unwrap_or_else(random_name);
     let mut target = scratchd_client::Target::parse(uri).map_err(scratchd_client::Error::from)?;
@@ -620,11 +630,20 @@ fn run_kernel(args: &RunArgs, uri: &str) -> Result<ExitStatus, RunError> {
         took = ?started.elapsed(),
         "scratch disk attached (kernel nbd)"
     );
-    let status = run_command(args, &attached.mount, &attached.device_path, &name);
+    let status = stopped(&mut stops)
+        .and_then(|()| run_command(args, &attached.mount, &attached.device_path, &name, stops));
     let stopping = Instant::now();
     attached.detach();
     debug!(took = ?stopping.elapsed(), "scratch disk detached");
     status
+}
+
+/// An error if a stopping signal came before the command started.
+fn stopped(stops: &mut Signals) -> Result<(), RunError> {
+    match stops.pending().next() {
+        Some(sig) => Err(RunError::Stopped(sig)),
+        None => Ok(()),
+    }
 }
 
 /// A disk on a server as the kernel's `/dev/nbdN`, mounted;
@@ -739,6 +758,7 @@ fn run_command(
     mount: &Path,
     device: &Path,
     name: &str,
+    mut signals: Signals,
 ) -> Result<ExitStatus, RunError> {
     let (program, rest) = args.command.split_first().expect("clap requires CMD");
     let mut command = Command::new(program);
@@ -754,13 +774,6 @@ fn run_command(
             source,
         })?;
     let pid = child.id();
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|source| {
-            RunError::Spawn {
-                command: "signal handler".to_owned(),
-                source,
-            }
-        })?;
     let handle = signals.handle();
     let forwarder = std::thread::spawn(move || {
         for sig in signals.forever() {

@@ -267,3 +267,72 @@ fn a_process_left_behind_on_the_disk_does_not_hang_the_run() {
         || leftovers(&work).is_empty(),
     );
 }
+
+/// Two runs against one server at once get a disk each: what one writes,
+/// the other never sees.
+#[test]
+fn two_concurrent_runs_on_one_server_get_independent_disks() {
+    if skip("two_concurrent_runs_on_one_server_get_independent_disks") {
+        return;
+    }
+    let server = crate::util::Server::start(&["tmpdisk", "size=128M"]);
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    let script = r#"
+        echo "$SCRATCHD_EXPORT" > "$SCRATCHD_MOUNT/me"
+        sleep 1
+        ls "$SCRATCHD_MOUNT"
+        cat "$SCRATCHD_MOUNT/me"
+    "#;
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            scratchd_run(&["--server", &uri], script)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<String> = runs
+        .into_iter()
+        .map(|r| {
+            let out = r.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout(&out)
+        })
+        .collect();
+    for out in &outs {
+        let lines: Vec<&str> = out.lines().collect();
+        // Only its own file (and ext4's lost+found), holding its own name.
+        assert_eq!(lines[..2], ["lost+found", "me"], "{out}");
+        assert!(lines[2].starts_with("run-"), "{out}");
+    }
+    assert_ne!(outs[0], outs[1], "both runs saw one disk");
+}
+
+/// SIGTERM to a run mid-build: passed on to the command, which stops; the
+/// run then cleans up and reports the command's status.
+#[test]
+fn sigterm_to_a_run_mid_build_cleans_up() {
+    if skip("sigterm_to_a_run_mid_build_cleans_up") {
+        return;
+    }
+    let mut run = scratchd_run(
+        &["--size", "64M"],
+        "echo \"$SCRATCHD_MOUNT\"; exec sleep 30",
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(run.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let work = work_dir(&line);
+    run_status(Command::new("kill").args(["-TERM", &run.id().to_string()]));
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "{status}");
+    assert_eq!(leftovers(&work), Vec::<String>::new());
+}
