@@ -426,7 +426,7 @@ fn a_half_open_tcp_peer_is_dropped_by_keepalive() {
         .unwrap()
         .port();
     let port_s = port.to_string();
-    let server = crate::util::Server::start(&[
+    let _server = crate::util::Server::start(&[
         "-i",
         &host,
         "-p",
