@@ -254,14 +254,16 @@ impl Replies {
         self.shared.changed.notify_all();
     }
 
-    /// Gives back the batch buffer's memory if a huge request grew it, and
-    /// its pages if the client is idle.
+    /// Frees the batch buffer if a huge request grew it past `keep` bytes
+    /// (smaller ones are kept, so steady traffic allocates nothing).
     pub fn shrink(&mut self, keep: usize) {
         if self.batch.capacity() > keep {
             self.batch = Vec::with_capacity(FLUSH_AT);
         }
     }
 
+    /// The client is idle: gives the batch buffer's pages back to the
+    /// system (it keeps its address and capacity).
     pub fn give_back(&mut self) {
         self.batch.clear();
         crate::input::give_back_vec(&mut self.batch);
