@@ -114,6 +114,7 @@ fn export_labels(e: &ExportRow) -> Labels {
         ("export", e.name.clone()),
         ("owner", e.owner.clone()),
         ("backend", e.backend.clone()),
+        ("class", e.class.clone()),
     ]
 }
 

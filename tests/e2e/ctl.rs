@@ -435,8 +435,9 @@ fn metrics_move_with_traffic() {
 
     let build = Build::start(&server, "m", 1 << 20, 3);
     let owner = me();
-    let labels =
-        |extra: &str| format!("{{export=\"m\",owner=\"{owner}\",backend=\"tmpdisk\"{extra}}}");
+    let labels = |extra: &str| {
+        format!("{{export=\"m\",owner=\"{owner}\",backend=\"tmpdisk\",class=\"default\"{extra}}}")
+    };
     let written = format!(
         "scratchd_export_bytes_total{}",
         labels(",command=\"write\"")
