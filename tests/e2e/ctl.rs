@@ -501,6 +501,76 @@ fn metrics_move_with_traffic() {
     assert_eq!(stdout(&out), "404");
 }
 
+/// An ENOSPC write (past the disk's quota) moves
+/// `scratchd_errors_total{errno="ENOSPC"}`; a client sending garbage
+/// instead of an option, one refused its export and one leaving mid-handshake move
+/// `scratchd_handshake_failures_total` by reason.
+#[test]
+fn metrics_count_errors_and_failed_handshakes() {
+    use std::io::Read;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let Setup { server, _dir, .. } = start(&["--metrics", &addr], &["quota=1M"]);
+    let url = format!("http://{addr}/metrics");
+    let enospc = "scratchd_errors_total{errno=\"ENOSPC\"}";
+    let failures =
+        |reason: &str| format!("scratchd_handshake_failures_total{{reason=\"{reason}\"}}");
+    let s = scrape(&url);
+    assert_eq!(value(&s, enospc), 0.0);
+    assert_eq!(value(&s, &failures("malformed")), 0.0);
+    assert_eq!(
+        value(&s, "scratchd_tls_handshakes_total{result=\"failed\"}"),
+        0.0
+    );
+
+    let out = crate::util::libnbd(
+        &server.uri_for("q"),
+        r#"
+h = connect(URI)
+try:
+    h.pwrite(b"x" * (2 << 20), 0)
+    raise AssertionError("a write past the quota succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+"#,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("the ENOSPC count", Duration::from_secs(5), || {
+        value(&scrape(&url), enospc) >= 1.0
+    });
+
+    // Garbage instead of an option header: malformed.
+    let mut raw = server.connect();
+    let mut greeting = [0u8; 18];
+    raw.read_exact(&mut greeting).unwrap();
+    raw.write_all(&[0, 0, 0, 3]).unwrap();
+    raw.write_all(&[0x55; 16]).unwrap();
+    let mut rest = Vec::new();
+    let _ = raw.read_to_end(&mut rest);
+    // Gone after the greeting.
+    let mut gone = server.connect();
+    gone.read_exact(&mut greeting).unwrap();
+    drop(gone);
+    // A name the policy refuses.
+    require("nbdinfo");
+    let _ = run_status(Command::new("nbdinfo").arg(server.uri_for(".hidden")));
+    eventually(
+        "the handshake failure counts",
+        Duration::from_secs(5),
+        || {
+            let s = scrape(&url);
+            value(&s, &failures("malformed")) >= 1.0
+                && value(&s, &failures("client_gone")) >= 1.0
+                && value(&s, &failures("refused")) >= 1.0
+        },
+    );
+}
+
 /// Every series the shipped Grafana dashboard queries is one the server
 /// exports.
 #[test]
