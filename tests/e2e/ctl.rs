@@ -401,7 +401,7 @@ fn free_port() -> u16 {
 }
 
 /// Scrapes `url` with curl; the metric lines as (series, value).
-fn scrape(url: &str) -> Vec<(String, f64)> {
+pub(crate) fn scrape(url: &str) -> Vec<(String, f64)> {
     require("curl");
     let out = run(Command::new("curl").args(["-sf", "--max-time", "5", url]));
     stdout(&out)
@@ -415,7 +415,7 @@ fn scrape(url: &str) -> Vec<(String, f64)> {
 }
 
 /// The value of `series` (exact text before the value) in a scrape; 0 if absent.
-fn value(scrape: &[(String, f64)], series: &str) -> f64 {
+pub(crate) fn value(scrape: &[(String, f64)], series: &str) -> f64 {
     scrape
         .iter()
         .find(|(k, _)| k == series)
