@@ -42,6 +42,9 @@ pub struct ExportRow {
     /// The owner selector: `uid:N`, `uid:N+gid:M`, `cert:HEX`, `anonymous`.
     pub owner: String,
     pub backend: String,
+    /// The export class (`[[class]]`'s pattern), or `default`.
+    #[serde(default)]
+    pub class: String,
     pub size: u64,
     pub allocated_bytes: u64,
     pub connections: u64,
@@ -168,6 +171,7 @@ fn row(view: &DiskView, kind: &str) -> ExportRow {
         name: view.key.name.clone(),
         owner: owner_selector(&view.key.owner),
         backend: kind.to_owned(),
+        class: view.class.clone(),
         size: view.size,
         allocated_bytes: s.allocated_bytes,
         connections: s.connections,
@@ -237,6 +241,7 @@ impl Admin {
                     name: name.clone(),
                     owner: "anonymous".to_owned(),
                     backend: kind.clone(),
+                    class: scratchd_scratch::config::DEFAULT_CLASS.to_owned(),
                     size: device.size(),
                     allocated_bytes: 0,
                     connections: status.connections,

@@ -94,6 +94,14 @@ pub enum UsageError {
     Owner(#[from] scratchd_scratch::owner::OwnerPolicyError),
     #[error("pool={0:?} is not a number")]
     Pool(String),
+    /// A key of an export class (`[[class]]` in the config file).
+    #[error("[[class]] match = {pattern:?}: {source}")]
+    Class {
+        pattern: String,
+        source: Box<UsageError>,
+    },
+    #[error("[[class]] match = {0:?}: a pattern is 1-128 characters of [A-Za-z0-9._-] and *")]
+    ClassPattern(String),
 }
 
 /// The end of a [`UsageError::NotKeyValue`] message: what the backend takes,

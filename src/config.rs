@@ -38,6 +38,13 @@ pub type Params = BTreeMap<toml::Spanned<String>, ParamValue>;
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamValue(String);
 
+impl ParamValue {
+    /// The value as `KEY=VALUE` would carry it.
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+}
+
 impl<'de> Deserialize<'de> for ParamValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(TextVisitor("a string, number or boolean"))
@@ -132,6 +139,15 @@ pub enum ConfigError {
         key: String,
         valid: String,
     },
+    #[error("config file {}, line {line}: unknown key {key:?} in [[class]]; valid keys: match, {}",
+        path.display(), crate::tmpdisk::CLASS_KEYS.join(", "))]
+    UnknownClassKey {
+        path: PathBuf,
+        line: usize,
+        key: String,
+    },
+    #[error("config file {}: [[class]] number {number} has no match = \"PATTERN\"", path.display())]
+    ClassWithoutMatch { path: PathBuf, number: usize },
     #[error("config file {}: table [{table}] does not match backend = {backend:?}", path.display())]
     OtherBackendTable {
         path: PathBuf,
@@ -180,6 +196,24 @@ fn parse(path: &Path, text: &str) -> Result<ServeArgs, ConfigError> {
                     valid: keys.iter().map(|k| k.0).collect::<Vec<_>>().join(", "),
                 });
             }
+        }
+    }
+    for (i, class) in file.class.iter().enumerate() {
+        for key in class.keys() {
+            let name = key.get_ref().as_str();
+            if name != "match" && !crate::tmpdisk::CLASS_KEYS.contains(&name) {
+                return Err(ConfigError::UnknownClassKey {
+                    path: path.to_owned(),
+                    line: 1 + text[..key.span().start].matches('\n').count(),
+                    key: name.to_owned(),
+                });
+            }
+        }
+        if !class.contains_key("match") {
+            return Err(ConfigError::ClassWithoutMatch {
+                path: path.to_owned(),
+                number: i + 1,
+            });
         }
     }
     Ok(file)
@@ -234,6 +268,7 @@ impl ServeArgs {
             memory: _,
             file: _,
             tmpdisk: _,
+            class: _,
         } = self;
         ServeArgs {
             config,
@@ -273,6 +308,8 @@ impl ServeArgs {
             memory: None,
             file: None,
             tmpdisk: None,
+            // Classes come from the file only.
+            class: file.class,
         }
     }
 }
@@ -400,6 +437,24 @@ pool = 2
         assert_eq!(no_backend.backend, None);
         let named = cli(&["memory"]).or_file(file("[memory]\nsize = 1048576\n").unwrap());
         assert_eq!(named.params, ["size=1048576"]);
+    }
+
+    #[test]
+    fn classes_come_from_the_file() {
+        let text = "backend = \"tmpdisk\"\n[tmpdisk]\nsize = \"20G\"\n\n[[class]]\nmatch = \"big-*\"\nsize = \"200G\"\n\n[[class]]\nmatch = \"raw-*\"\ntype = \"none\"\n";
+        let merged = cli(&["-p", "0"]).or_file(file(text).unwrap());
+        assert_eq!(merged.class.len(), 2);
+        assert_eq!(merged.class[0].get("match").unwrap().text(), "big-*");
+        assert_eq!(merged.class[1].get("type").unwrap().text(), "none");
+        let e = file("[[class]]\nmatch = \"a*\"\npool = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3: unknown key \"pool\" in [[class]]"),
+            "{e}"
+        );
+        let e = file("[[class]]\nsize = 2\n").unwrap_err().to_string();
+        assert!(e.contains("[[class]] number 1 has no match"), "{e}");
     }
 
     #[test]

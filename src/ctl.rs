@@ -362,14 +362,15 @@ fn state_text(e: &ExportRow) -> String {
 /// `ctl list`'s table.
 fn table(exports: &[ExportRow]) -> String {
     let header = [
-        "NAME", "OWNER", "SIZE", "ALLOC", "CONN", "AGE", "STATE", "READ", "WRITTEN", "OPS",
+        "NAME", "OWNER", "CLASS", "SIZE", "ALLOC", "CONN", "AGE", "STATE", "READ", "WRITTEN", "OPS",
     ];
-    let rows: Vec<[String; 10]> = exports
+    let rows: Vec<[String; 11]> = exports
         .iter()
         .map(|e| {
             [
                 e.name.clone(),
                 e.owner.clone(),
+                e.class.clone(),
                 human_bytes(e.size),
                 human_bytes(e.allocated_bytes),
                 e.connections.to_string(),
@@ -419,7 +420,7 @@ fn detail(e: &ExportRow) -> String {
         },
     };
     format!(
-        "export:          {}\nowner:           {}\nbackend:         {}\nsize:            {} ({} bytes)\n\
+        "export:          {}\nowner:           {}\nbackend:         {}\nclass:           {}\nsize:            {} ({} bytes)\n\
          allocated:       {} ({} bytes)\nstate:           {}\nkeep:            {keep}\n\
          connections:     {} now, {} in all\nage:             {}\n\
          reads:           {} ({} bytes)\nwrites:          {} ({} bytes)\n\
@@ -428,6 +429,7 @@ fn detail(e: &ExportRow) -> String {
         e.name,
         e.owner,
         e.backend,
+        e.class,
         human_bytes(e.size),
         e.size,
         human_bytes(e.allocated_bytes),

@@ -114,6 +114,7 @@ fn export_labels(e: &ExportRow) -> Labels {
         ("export", e.name.clone()),
         ("owner", e.owner.clone()),
         ("backend", e.backend.clone()),
+        ("class", e.class.clone()),
     ]
 }
 
@@ -292,6 +293,35 @@ impl Collector for Snapshots {
             "Connections closed at accept (--allow, limits)",
             Counter,
             &[(none(), s.connections_refused)],
+        )?;
+        use scratchd_server::counters;
+        let labelled = |label: &'static str, values: Vec<(&'static str, u64)>| {
+            values
+                .into_iter()
+                .map(|(v, n)| (vec![(label, v.to_owned())], n))
+                .collect::<Vec<_>>()
+        };
+        family(
+            e,
+            "scratchd_errors",
+            "NBD error replies sent, by errno",
+            Counter,
+            &labelled("errno", counters::errors()),
+        )?;
+        family(
+            e,
+            "scratchd_handshake_failures",
+            "Handshakes that ended without transmission, by reason",
+            Counter,
+            &labelled("reason", counters::handshake_failures()),
+        )?;
+        let (completed, failed) = counters::tls_handshakes();
+        family(
+            e,
+            "scratchd_tls_handshakes",
+            "TLS handshakes, by result",
+            Counter,
+            &labelled("result", vec![("completed", completed), ("failed", failed)]),
         )?;
         let buckets: Vec<(f64, u64)> = s
             .creation_buckets_ms

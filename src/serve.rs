@@ -197,6 +197,10 @@ pub struct ServeArgs {
     /// The config file's `[tmpdisk]` table.
     #[arg(skip)]
     pub tmpdisk: Option<config::Params>,
+    /// The config file's `[[class]]` tables: tmpdisk's export classes.
+    #[arg(skip)]
+    #[serde(default)]
+    pub class: Vec<config::Params>,
 }
 
 impl ServeArgs {
@@ -406,6 +410,9 @@ fn build_exports(
     if let Some((flag, _)) = tmpdisk_only.iter().find(|f| f.1) {
         return Err(UsageError::TmpdiskOnly(flag).into());
     }
+    if !args.class.is_empty() {
+        return Err(UsageError::TmpdiskOnly("[[class]]").into());
+    }
     let memory_limit = match &args.memory_limit {
         Some(text) => parse_size("--memory-limit", text).map_err(UsageError::from)?,
         None => default_memory_limit(),
@@ -453,7 +460,22 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
         description: args.description.clone(),
         read_only: args.readonly,
     };
-    let config = tmpdisk::config(&args.params, limits, export)?;
+    let classes: Vec<tmpdisk::ClassParams> = args
+        .class
+        .iter()
+        .map(|table| {
+            let mut pattern = String::new();
+            let mut params = Vec::new();
+            for (key, value) in table {
+                match key.get_ref().as_str() {
+                    "match" => pattern = value.text().to_owned(),
+                    key => params.push(format!("{key}={}", value.text())),
+                }
+            }
+            tmpdisk::ClassParams { pattern, params }
+        })
+        .collect();
+    let config = tmpdisk::config_with_classes(&args.params, &classes, limits, export)?;
     warn_about_ownership(config.owners);
     let may_block = !matches!(config.backing, scratchd_scratch::Backing::Memory);
     let exports = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use scratchd_scratch::config::{check_env_key, default_memory_limit, parse_duration};
 use scratchd_scratch::names::NamePolicy;
-use scratchd_scratch::{Backing, Config, FormatKind, FormatSpec, OwnerLimits, OwnerPolicy};
+use scratchd_scratch::{Backing, Class, Config, FormatKind, FormatSpec, OwnerLimits, OwnerPolicy};
 
 use crate::backend::{parse_params, Keys, UsageError};
 use crate::size::parse_size;
@@ -51,6 +51,17 @@ pub const KEYS: Keys = &[
     ),
 ];
 
+/// The keys an export class (`[[class]]` in the config file) may set,
+/// besides `match`; the others come from `[tmpdisk]`.
+pub const CLASS_KEYS: &[&str] = &["size", "type", "backing", "quota", "linger", "label"];
+
+/// An export class as written: its pattern and its `KEY=VALUE`s.
+#[derive(Debug, Clone, Default)]
+pub struct ClassParams {
+    pub pattern: String,
+    pub params: Vec<String>,
+}
+
 /// Server flags that only tmpdisk uses.
 pub struct Limits {
     pub max_exports: Option<usize>,
@@ -74,6 +85,93 @@ pub fn config(
     params: &[String],
     limits: Limits,
     export: ExportOptions,
+) -> Result<Config, UsageError> {
+    config_with_classes(params, &[], limits, export)
+}
+
+/// Builds the configuration from `params` and the export classes: each
+/// class's keys, and `params` for the keys it does not set, parsed and
+/// checked exactly as `params` are (errors name the class).
+pub fn config_with_classes(
+    params: &[String],
+    classes: &[ClassParams],
+    limits: Limits,
+    export: ExportOptions,
+) -> Result<Config, UsageError> {
+    let mut parsed = Vec::new();
+    for class in classes {
+        parsed.push(class_config(params, class).map_err(|source| match source {
+            UsageError::ClassPattern(_) => source,
+            source => UsageError::Class {
+                pattern: class.pattern.clone(),
+                source: Box::new(source),
+            },
+        })?);
+    }
+    let uses_files = parsed.iter().any(|c| c.backing != Backing::Memory);
+    let mut config = single_config(params, limits, export, uses_files)?;
+    config.classes = parsed;
+    Ok(config)
+}
+
+/// The class `class` describes, with what it leaves out from `base`.
+fn class_config(base: &[String], class: &ClassParams) -> Result<Class, UsageError> {
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '*');
+    if class.pattern.is_empty() || class.pattern.len() > 128 || !class.pattern.chars().all(valid) {
+        return Err(UsageError::ClassPattern(class.pattern.clone()));
+    }
+    let key_of = |i: usize, p: &str| match p.split_once('=') {
+        Some((key, _)) => key.to_owned(),
+        None if i == 0 => "size".to_owned(),
+        None => String::new(),
+    };
+    let own: Vec<String> = class
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| key_of(i, p))
+        .collect();
+    let mut params = class.params.clone();
+    for (i, p) in base.iter().enumerate() {
+        let key = key_of(i, p);
+        if !own.contains(&key) {
+            params.push(if p.contains('=') {
+                p.clone()
+            } else {
+                format!("size={p}")
+            });
+        }
+    }
+    let limits = Limits {
+        max_exports: None,
+        memory_limit: Some(0),
+        disk_limit: None,
+        name_prefix: None,
+        per_owner: OwnerLimits::default(),
+    };
+    let export = ExportOptions {
+        default_name: None,
+        description: None,
+        read_only: false,
+    };
+    let c = single_config(&params, limits, export, true)?;
+    Ok(Class {
+        pattern: class.pattern.clone(),
+        size: c.size,
+        quota: c.quota,
+        format: c.format,
+        backing: c.backing,
+        linger: c.linger,
+    })
+}
+
+/// The configuration `params` give; `uses_files`: some class keeps disks
+/// in files, so disk limits make sense whatever the default backing.
+fn single_config(
+    params: &[String],
+    limits: Limits,
+    export: ExportOptions,
+    uses_files: bool,
 ) -> Result<Config, UsageError> {
     let params = parse_params("tmpdisk", KEYS, params, true)?;
     let get = |key: &str| params.get(key);
@@ -119,10 +217,11 @@ pub fn config(
             _ => return Err(UsageError::Backing(other.to_owned())),
         },
     };
-    if backing == Backing::Memory && limits.disk_limit.is_some() {
+    let memory_only = backing == Backing::Memory && !uses_files;
+    if memory_only && limits.disk_limit.is_some() {
         return Err(UsageError::DiskLimitWithoutDir);
     }
-    if backing == Backing::Memory && limits.per_owner.disk.is_some() {
+    if memory_only && limits.per_owner.disk.is_some() {
         return Err(UsageError::OwnerDiskLimitWithoutDir);
     }
     let owners = get("owner").map_or(Ok(OwnerPolicy::default()), OwnerPolicy::parse)?;
@@ -159,6 +258,7 @@ pub fn config(
         read_only: export.read_only,
         owners,
         per_owner: limits.per_owner,
+        classes: Vec::new(),
     })
 }
 
@@ -223,6 +323,77 @@ mod tests {
         assert!(matches!(
             parse(&["1M", "owner=root"]),
             Err(UsageError::Owner(_))
+        ));
+    }
+
+    fn with_classes(params: &[&str], classes: &[(&str, &[&str])]) -> Result<Config, UsageError> {
+        let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
+        let classes: Vec<ClassParams> = classes
+            .iter()
+            .map(|(pattern, params)| ClassParams {
+                pattern: pattern.to_string(),
+                params: params.iter().map(|s| s.to_string()).collect(),
+            })
+            .collect();
+        let limits = Limits {
+            max_exports: None,
+            memory_limit: Some(1 << 30),
+            disk_limit: Some(1 << 40),
+            name_prefix: None,
+            per_owner: OwnerLimits::default(),
+        };
+        let export = ExportOptions {
+            default_name: None,
+            description: None,
+            read_only: false,
+        };
+        config_with_classes(&params, &classes, limits, export)
+    }
+
+    #[test]
+    fn classes_take_what_they_leave_out_from_tmpdisk() {
+        let c = with_classes(
+            &["20G", "linger=30s", "label=L", "pool=2"],
+            &[
+                (
+                    "big-*",
+                    &["size=200G", "backing=dir:/var/tmp", "quota=100G"],
+                ),
+                ("raw-*", &["type=none", "linger=0"]),
+            ],
+        )
+        .unwrap();
+        assert_eq!((c.size, c.pool, c.backing), (20 << 30, 2, Backing::Memory));
+        let [big, raw] = &c.classes[..] else {
+            panic!("{:?}", c.classes)
+        };
+        assert_eq!(big.pattern, "big-*");
+        assert_eq!(big.size, 200 << 30);
+        assert_eq!(big.quota, Some(100 << 30));
+        assert_eq!(big.backing, Backing::Dir("/var/tmp".into()));
+        assert_eq!(big.linger, Duration::from_secs(30), "from [tmpdisk]");
+        assert_eq!(big.format.label.as_deref(), Some("L"));
+        assert_eq!(big.format.kind, FormatKind::Filesystem("ext4".into()));
+        assert_eq!((raw.size, raw.linger), (20 << 30, Duration::ZERO));
+        assert_eq!(raw.format.kind, FormatKind::None);
+    }
+
+    #[test]
+    fn class_errors_name_the_class_and_key() {
+        let err =
+            |classes: &[(&str, &[&str])]| with_classes(&["1G"], classes).unwrap_err().to_string();
+        let e = err(&[("big-*", &["size=12Q"])]);
+        assert!(e.contains("match = \"big-*\"") && e.contains("size"), "{e}");
+        let e = err(&[("big-*", &["linger=forever"])]);
+        assert!(e.contains("big-*") && e.contains("linger"), "{e}");
+        let e = err(&[("big-*", &["backing=disk"])]);
+        assert!(e.contains("big-*") && e.contains("backing=\"disk\""), "{e}");
+        let e = err(&[("big/*", &["size=1G"])]);
+        assert!(e.contains("big/*") && e.contains("pattern"), "{e}");
+        // --disk-limit needs some disk in files: a class's will do.
+        assert!(matches!(
+            with_classes(&["1G"], &[]),
+            Err(UsageError::DiskLimitWithoutDir)
         ));
     }
 

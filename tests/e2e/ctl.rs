@@ -401,7 +401,7 @@ fn free_port() -> u16 {
 }
 
 /// Scrapes `url` with curl; the metric lines as (series, value).
-fn scrape(url: &str) -> Vec<(String, f64)> {
+pub(crate) fn scrape(url: &str) -> Vec<(String, f64)> {
     require("curl");
     let out = run(Command::new("curl").args(["-sf", "--max-time", "5", url]));
     stdout(&out)
@@ -415,7 +415,7 @@ fn scrape(url: &str) -> Vec<(String, f64)> {
 }
 
 /// The value of `series` (exact text before the value) in a scrape; 0 if absent.
-fn value(scrape: &[(String, f64)], series: &str) -> f64 {
+pub(crate) fn value(scrape: &[(String, f64)], series: &str) -> f64 {
     scrape
         .iter()
         .find(|(k, _)| k == series)
@@ -435,8 +435,9 @@ fn metrics_move_with_traffic() {
 
     let build = Build::start(&server, "m", 1 << 20, 3);
     let owner = me();
-    let labels =
-        |extra: &str| format!("{{export=\"m\",owner=\"{owner}\",backend=\"tmpdisk\"{extra}}}");
+    let labels = |extra: &str| {
+        format!("{{export=\"m\",owner=\"{owner}\",backend=\"tmpdisk\",class=\"default\"{extra}}}")
+    };
     let written = format!(
         "scratchd_export_bytes_total{}",
         labels(",command=\"write\"")
@@ -498,6 +499,76 @@ fn metrics_move_with_traffic() {
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
         .arg(format!("http://{addr}/nope")));
     assert_eq!(stdout(&out), "404");
+}
+
+/// An ENOSPC write (past the disk's quota) moves
+/// `scratchd_errors_total{errno="ENOSPC"}`; a client sending garbage
+/// instead of an option, one refused its export and one leaving mid-handshake move
+/// `scratchd_handshake_failures_total` by reason.
+#[test]
+fn metrics_count_errors_and_failed_handshakes() {
+    use std::io::Read;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let Setup { server, _dir, .. } = start(&["--metrics", &addr], &["quota=1M"]);
+    let url = format!("http://{addr}/metrics");
+    let enospc = "scratchd_errors_total{errno=\"ENOSPC\"}";
+    let failures =
+        |reason: &str| format!("scratchd_handshake_failures_total{{reason=\"{reason}\"}}");
+    let s = scrape(&url);
+    assert_eq!(value(&s, enospc), 0.0);
+    assert_eq!(value(&s, &failures("malformed")), 0.0);
+    assert_eq!(
+        value(&s, "scratchd_tls_handshakes_total{result=\"failed\"}"),
+        0.0
+    );
+
+    let out = crate::util::libnbd(
+        &server.uri_for("q"),
+        r#"
+h = connect(URI)
+try:
+    h.pwrite(b"x" * (2 << 20), 0)
+    raise AssertionError("a write past the quota succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+"#,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("the ENOSPC count", Duration::from_secs(5), || {
+        value(&scrape(&url), enospc) >= 1.0
+    });
+
+    // Garbage instead of an option header: malformed.
+    let mut raw = server.connect();
+    let mut greeting = [0u8; 18];
+    raw.read_exact(&mut greeting).unwrap();
+    raw.write_all(&[0, 0, 0, 3]).unwrap();
+    raw.write_all(&[0x55; 16]).unwrap();
+    let mut rest = Vec::new();
+    let _ = raw.read_to_end(&mut rest);
+    // Gone after the greeting.
+    let mut gone = server.connect();
+    gone.read_exact(&mut greeting).unwrap();
+    drop(gone);
+    // A name the policy refuses.
+    require("nbdinfo");
+    let _ = run_status(Command::new("nbdinfo").arg(server.uri_for(".hidden")));
+    eventually(
+        "the handshake failure counts",
+        Duration::from_secs(5),
+        || {
+            let s = scrape(&url);
+            value(&s, &failures("malformed")) >= 1.0
+                && value(&s, &failures("client_gone")) >= 1.0
+                && value(&s, &failures("refused")) >= 1.0
+        },
+    );
 }
 
 /// Every series the shipped Grafana dashboard queries is one the server

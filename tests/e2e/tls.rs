@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use crate::util::{random_file, require, run, run_status, stdout, Server};
 
@@ -173,7 +174,17 @@ fn qemu_img_over_tls() {
 fn verify_peer_refuses_a_client_of_another_ca() {
     require("nbdinfo");
     let pki = pki();
-    let (_server, port) = tls_server(pki.path(), &["--tls", "require", "--tls-verify-peer"]);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (_server, port) = tls_server(
+        pki.path(),
+        &[
+            "--tls",
+            "require",
+            "--tls-verify-peer",
+            "--metrics",
+            &metrics,
+        ],
+    );
     let ok = stdout(&run(Command::new("nbdinfo").arg(nbds(port, pki.path()))));
     assert!(ok.contains("with TLS"), "{ok}");
 
@@ -198,6 +209,15 @@ fn verify_peer_refuses_a_client_of_another_ca() {
     .unwrap();
     let (code, _) = run_status(Command::new("nbdinfo").arg(nbds(port, bare.path())));
     assert_ne!(code, 0, "a client without a certificate was accepted");
+    // The metrics count both refusals, and the handshake that worked.
+    use crate::ctl::{scrape, value};
+    let url = format!("http://{metrics}/metrics");
+    crate::util::eventually("the TLS counts", Duration::from_secs(5), || {
+        let s = scrape(&url);
+        value(&s, "scratchd_tls_handshakes_total{result=\"completed\"}") >= 1.0
+            && value(&s, "scratchd_tls_handshakes_total{result=\"failed\"}") >= 2.0
+            && value(&s, "scratchd_handshake_failures_total{reason=\"tls\"}") >= 2.0
+    });
 }
 
 #[test]

@@ -618,3 +618,53 @@ fn a_disk_past_its_quota_gets_enospc_and_others_carry_on() {
     a.send_write(10, 4 << 20, &block);
     assert_eq!(a.read_simple(), (0, 10), "the trim gave the quota back");
 }
+
+/// Export classes from the config file: `big-*` disks are bigger, `raw-*`
+/// ones are left blank, and every other name gets `[tmpdisk]` (64M,
+/// ext4); INFO reports each class's size before any disk exists.
+#[test]
+fn export_classes_pick_size_and_type_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("scratchd.toml");
+    std::fs::write(
+        &config,
+        r#"
+backend = "tmpdisk"
+
+[tmpdisk]
+size = "64M"
+
+[[class]]
+match = "big-*"
+size = "256M"
+
+[[class]]
+match = "raw-*"
+type = "none"
+"#,
+    )
+    .unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    script(
+        &server,
+        r#"
+big, raw, other = connect(uri("big-1")), connect(uri("raw-1")), connect(uri("other"))
+eq(big.get_size(), 256 << 20, "big-* size")
+eq(big.pread(2, 1080), EXT4_MAGIC, "big-* is ext4, from [tmpdisk]")
+eq(raw.get_size(), 64 << 20, "raw-* size, from [tmpdisk]")
+eq(raw.pread(4096, 0), bytes(4096), "raw-* is blank")
+eq(raw.pread(2, 1080), b"\0\0", "raw-* has no ext4 superblock")
+eq(other.get_size(), 64 << 20, "default size")
+eq(other.pread(2, 1080), EXT4_MAGIC, "default is ext4")
+"#,
+    );
+    require("nbdinfo");
+    let size = |name: &str| {
+        let out = run(Command::new("nbdinfo")
+            .arg("--size")
+            .arg(server.uri_for(name)));
+        stdout(&out).trim().to_owned()
+    };
+    assert_eq!(size("big-2"), (256u64 << 20).to_string());
+    assert_eq!(size("small-2"), (64u64 << 20).to_string());
+}

@@ -51,6 +51,45 @@ pub struct FormatSpec {
     pub timeout: Duration,
 }
 
+/// An export class: new disks whose names match `pattern` are made with
+/// these settings instead of the default ones (`[[class]]` in the config
+/// file). The budgets, the pool and the name policy stay server-wide.
+#[derive(Debug, Clone)]
+pub struct Class {
+    /// A glob with `*` only (`big-*`); the first class matching wins.
+    pub pattern: String,
+    pub size: u64,
+    pub quota: Option<u64>,
+    pub format: FormatSpec,
+    pub backing: Backing,
+    pub linger: Duration,
+}
+
+/// The class name of disks that match no class (metrics, `ctl`).
+pub const DEFAULT_CLASS: &str = "default";
+
+/// Whether `name` matches `pattern`, a glob in which `*` stands for any
+/// run of characters (possibly empty) and every other character for
+/// itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.ends_with(last)
+}
+
 /// Everything a [`crate::ScratchExports`] needs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -82,6 +121,9 @@ pub struct Config {
     /// What one owner may hold (`--max-exports-per-owner`,
     /// `--owner-memory-limit`, `--owner-disk-limit`).
     pub per_owner: OwnerLimits,
+    /// Export classes, in order (the first matching wins); a name matching
+    /// none gets the settings above.
+    pub classes: Vec<Class>,
 }
 
 /// Why [`parse_duration`] refused its text.
@@ -203,6 +245,34 @@ mod tests {
         for reserved in RESERVED_ENV {
             let err = EnvKeyError::Reserved(reserved.to_string());
             assert_eq!(check_env_key(reserved), Err(err));
+        }
+    }
+
+    #[test]
+    fn globs() {
+        for (pattern, name) in [
+            ("big-*", "big-1"),
+            ("big-*", "big-"),
+            ("*", ""),
+            ("*", "anything"),
+            ("a*b*c", "abc"),
+            ("a*b*c", "a-b-b-c"),
+            ("*-big", "koji-big"),
+            ("exact", "exact"),
+            ("a**b", "ab"),
+        ] {
+            assert!(glob_match(pattern, name), "{pattern:?} {name:?}");
+        }
+        for (pattern, name) in [
+            ("big-*", "bi"),
+            ("big-*", "small-big-1"),
+            ("exact", "exact2"),
+            ("a*b*c", "acb"),
+            ("*-big", "big"),
+            ("ab*ba", "aba"),
+            ("", "x"),
+        ] {
+            assert!(!glob_match(pattern, name), "{pattern:?} {name:?}");
         }
     }
 

@@ -42,7 +42,7 @@ pub mod registry;
 pub mod spill;
 pub mod stats;
 
-pub use config::{Backing, Config, FormatKind, FormatSpec};
+pub use config::{Backing, Class, Config, FormatKind, FormatSpec};
 pub use device::ScratchDevice;
 pub use owner::{Owner, OwnerLimits, OwnerPolicy};
 pub use registry::{ScratchExports, Settings};
@@ -75,39 +75,34 @@ pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
         (None, Some(_)) => Some(u64::MAX),
         (limit, _) => limit,
     };
-    let disk_budget = || disk_limit.map(|limit| Arc::new(Budget::new(limit)));
-    let placement = match &config.backing {
-        Backing::Memory => disk::Placement::Memory(Arc::new(Budget::new(config.memory_limit))),
-        Backing::Dir(path) => disk::Placement::Dir {
-            path: path.clone(),
-            budget: disk_budget(),
-        },
-        Backing::MemorySpill(path) => disk::Placement::Spill {
-            path: path.clone(),
-            memory: Arc::new(Budget::new(config.memory_limit)),
-            disk: disk_budget(),
-        },
-    };
-    let maker = disk::Maker {
-        quota: config.quota,
-        size: config.size,
-        placement,
-        format: Box::new(config.format.clone()),
-    };
-    maker.check().map_err(|source| match &config.backing {
-        Backing::Memory => BuildError::Memory {
-            size: config.size,
-            source,
-        },
-        Backing::Dir(dir) => BuildError::Dir {
-            dir: dir.clone(),
-            source,
-        },
-        Backing::MemorySpill(dir) => BuildError::SpillDir {
-            dir: dir.clone(),
-            source,
-        },
-    })?;
+    // One memory and one disk budget for every class: the limits are
+    // server-wide.
+    let memory = Arc::new(Budget::new(config.memory_limit));
+    let disk = disk_limit.map(|limit| Arc::new(Budget::new(limit)));
+    let maker = make(
+        &memory,
+        &disk,
+        config.size,
+        config.quota,
+        &config.format,
+        &config.backing,
+    )?;
+    let mut classes = Vec::new();
+    for class in &config.classes {
+        let maker = make(
+            &memory,
+            &disk,
+            class.size,
+            class.quota,
+            &class.format,
+            &class.backing,
+        )?;
+        classes.push(registry::Class {
+            pattern: class.pattern.clone(),
+            factory: Arc::new(maker),
+            linger: class.linger,
+        });
+    }
     let settings = Settings {
         names: config.names,
         default_name: config.default_name,
@@ -120,5 +115,46 @@ pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
         per_owner: config.per_owner,
         ..Settings::new(config.format.timeout)
     };
-    ScratchExports::new(settings, Arc::new(maker)).map_err(BuildError::Threads)
+    ScratchExports::with_classes(settings, Arc::new(maker), classes).map_err(BuildError::Threads)
+}
+
+/// The disk maker for one class (or the default), checked.
+fn make(
+    memory: &Arc<Budget>,
+    disk: &Option<Arc<Budget>>,
+    size: u64,
+    quota: Option<u64>,
+    format: &FormatSpec,
+    backing: &Backing,
+) -> Result<disk::Maker, BuildError> {
+    let placement = match backing {
+        Backing::Memory => disk::Placement::Memory(memory.clone()),
+        Backing::Dir(path) => disk::Placement::Dir {
+            path: path.clone(),
+            budget: disk.clone(),
+        },
+        Backing::MemorySpill(path) => disk::Placement::Spill {
+            path: path.clone(),
+            memory: memory.clone(),
+            disk: disk.clone(),
+        },
+    };
+    let maker = disk::Maker {
+        quota,
+        size,
+        placement,
+        format: Box::new(format.clone()),
+    };
+    maker.check().map_err(|source| match backing {
+        Backing::Memory => BuildError::Memory { size, source },
+        Backing::Dir(dir) => BuildError::Dir {
+            dir: dir.clone(),
+            source,
+        },
+        Backing::MemorySpill(dir) => BuildError::SpillDir {
+            dir: dir.clone(),
+            source,
+        },
+    })?;
+    Ok(maker)
 }

@@ -208,10 +208,26 @@ pub enum Keep {
     Until(Instant),
 }
 
+/// An export class: disks whose names match `pattern` (a glob with `*`)
+/// are made by `factory` and linger for `linger`.
+pub struct Class {
+    pub pattern: String,
+    pub factory: Arc<dyn DiskFactory>,
+    pub linger: Duration,
+}
+
+/// A class with what its disks can do, probed once.
+struct ClassEntry {
+    class: Class,
+    caps: Capabilities,
+}
+
 /// One disk, for the operator.
 #[derive(Debug, Clone)]
 pub struct DiskView {
     pub key: DiskKey,
+    /// Its class's pattern, or [`DEFAULT_CLASS`](crate::config::DEFAULT_CLASS).
+    pub class: String,
     pub size: u64,
     pub state: DiskState,
     pub keep: Option<Keep>,
@@ -240,6 +256,9 @@ struct Shared {
     budgets: Budgets,
     /// What every disk can do, for INFO on names without one.
     template_caps: Capabilities,
+    /// Export classes, first match wins; names matching none get
+    /// `factory`, `template_caps` and `settings.linger`.
+    classes: Vec<ClassEntry>,
     pool: Option<Pool>,
     state: Mutex<State>,
     /// Wakes the reaper when a deadline is added or the registry stops.
@@ -320,6 +339,8 @@ struct Pending {
 struct Disk {
     id: u64,
     key: DiskKey,
+    /// Its class (an index into `classes`), None for the default.
+    class: Option<usize>,
     device: Arc<ScratchDevice>,
     attached: Instant,
     connections_total: AtomicU64,
@@ -397,13 +418,43 @@ impl ScratchExports {
         settings: Settings,
         factory: Arc<dyn DiskFactory>,
     ) -> std::io::Result<ScratchExports> {
+        ScratchExports::with_classes(settings, factory, Vec::new())
+    }
+
+    /// A registry making disks whose names match one of `classes` with the
+    /// first that does, and the others with `factory` (the pool holds
+    /// disks of `factory` only).
+    ///
+    /// # Errors
+    ///
+    /// When a thread cannot be started.
+    pub fn with_classes(
+        settings: Settings,
+        factory: Arc<dyn DiskFactory>,
+        classes: Vec<Class>,
+    ) -> std::io::Result<ScratchExports> {
         let pool = match settings.pool {
             0 => None,
             n => Some(Pool::start(n, factory.clone())?),
         };
+        // The classes share the server's budgets; each knows those it uses.
+        let mut budgets = factory.budgets();
+        for class in &classes {
+            let theirs = class.factory.budgets();
+            budgets.memory = budgets.memory.or(theirs.memory);
+            budgets.disk = budgets.disk.or(theirs.disk);
+        }
+        let classes = classes
+            .into_iter()
+            .map(|class| ClassEntry {
+                caps: class.factory.capabilities(),
+                class,
+            })
+            .collect();
         let shared = Arc::new(Shared {
             template_caps: factory.capabilities(),
-            budgets: factory.budgets(),
+            budgets,
+            classes,
             settings,
             factory,
             pool,
@@ -445,6 +496,7 @@ impl ScratchExports {
             .into_iter()
             .map(|(disk, n, state)| DiskView {
                 key: disk.key.clone(),
+                class: self.shared.class_name(disk.class).to_owned(),
                 size: disk.device.size(),
                 state,
                 keep: disk.kept(),
@@ -603,10 +655,26 @@ impl Shared {
         })
     }
 
+    /// The class of new disks named `name`: the first matching.
+    fn class_of(&self, name: &str) -> Option<usize> {
+        self.classes
+            .iter()
+            .position(|c| crate::config::glob_match(&c.class.pattern, name))
+    }
+
+    /// The name of a class, for the operator.
+    fn class_name(&self, class: Option<usize>) -> &str {
+        match class {
+            Some(i) => &self.classes[i].class.pattern,
+            None => crate::config::DEFAULT_CLASS,
+        }
+    }
+
     fn info(&self, name: &str, device: Option<&dyn BlockDevice>) -> ExportInfo {
-        let (size, caps) = match device {
-            Some(dev) => (dev.size(), dev.capabilities()),
-            None => (self.factory.size(), self.template_caps),
+        let (size, caps) = match (device, self.class_of(name)) {
+            (Some(dev), _) => (dev.size(), dev.capabilities()),
+            (None, Some(i)) => (self.classes[i].class.factory.size(), self.classes[i].caps),
+            (None, None) => (self.factory.size(), self.template_caps),
         };
         ExportInfo {
             name: name.to_owned(),
@@ -716,11 +784,17 @@ impl Shared {
         shares: &Budgets,
     ) -> Result<OpenExport, LookupError> {
         let start = Instant::now();
-        let pooled = self.pool.as_ref().and_then(Pool::take);
+        let class = self.class_of(&key.name);
+        // The pool holds disks of the default class only.
+        let pooled = match class {
+            None => self.pool.as_ref().and_then(Pool::take),
+            Some(_) => None,
+        };
         let from_pool = pooled.is_some();
-        let made = match pooled {
-            Some(device) => Ok(device),
-            None => self.factory.create(),
+        let made = match (pooled, class) {
+            (Some(device), _) => Ok(device),
+            (None, Some(i)) => self.classes[i].class.factory.create(),
+            (None, None) => self.factory.create(),
         };
         let claimed = made
             .map_err(|why| {
@@ -738,10 +812,11 @@ impl Shared {
             Ok(device) => {
                 let took = start.elapsed();
                 self.counters.created(took);
-                info!(export = %key.name, owner = %key.owner, from_pool, ms = took.as_secs_f64() * 1e3, "scratch disk created");
+                info!(export = %key.name, owner = %key.owner, class = self.class_name(class), from_pool, ms = took.as_secs_f64() * 1e3, "scratch disk created");
                 let disk = Arc::new(Disk {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
                     key: key.clone(),
+                    class,
                     device: Arc::new(device),
                     attached: Instant::now(),
                     connections_total: AtomicU64::new(0),
@@ -807,7 +882,13 @@ impl Shared {
                 *sync::lock(&disk.keep) = Some(Keep::Until(now + t));
                 (now + t, true)
             }
-            None => (now + self.settings.linger, !self.settings.linger.is_zero()),
+            None => {
+                let linger = match disk.class {
+                    Some(i) => self.classes[i].class.linger,
+                    None => self.settings.linger,
+                };
+                (now + linger, !linger.is_zero())
+            }
         };
         if until <= now || state.stop {
             let removed = state.remove(&disk.key);
@@ -1194,6 +1275,65 @@ mod tests {
         });
         r.open("a", &alice()).unwrap();
         assert_eq!(fake.made(), 2);
+    }
+
+    /// Makes blank memory disks of its size.
+    struct Sized(u64);
+
+    impl DiskFactory for Sized {
+        fn create(&self) -> Result<ScratchDevice, CreateError> {
+            Ok(ScratchDevice::memory(MemoryDevice::new(self.0).unwrap()))
+        }
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn capabilities(&self) -> Capabilities {
+            crate::device::scratch_capabilities(MemoryDevice::new(0).unwrap().capabilities())
+        }
+    }
+
+    #[test]
+    fn classes_pick_size_and_linger_by_name_first_match_wins() {
+        let class = |pattern: &str, size: u64, linger: u64| Class {
+            pattern: pattern.into(),
+            factory: Arc::new(Sized(size)),
+            linger: Duration::from_secs(linger),
+        };
+        let classes = vec![
+            class("big-*", 4 << 20, 60),
+            class("big-*-x", 8 << 20, 0),
+            class("*-mid", 2 << 20, 0),
+        ];
+        let fake = Arc::new(Fake::default());
+        let r = ScratchExports::with_classes(settings(), fake.clone(), classes).unwrap();
+        let size = |name: &str| r.info(name, &alice()).unwrap().size;
+        assert_eq!(size("big-1"), 4 << 20, "INFO knows the class's size");
+        assert_eq!(size("big-1-x"), 4 << 20, "the first match wins");
+        assert_eq!(size("a-mid"), 2 << 20);
+        assert_eq!(size("small"), 1 << 20, "no class: the default");
+        let big = r.open("big-1", &alice()).unwrap();
+        assert_eq!(big.device.size(), 4 << 20);
+        let small = r.open("small", &alice()).unwrap();
+        assert_eq!(small.device.size(), 1 << 20);
+        assert_eq!(
+            fake.made(),
+            1,
+            "only the default class uses the default maker"
+        );
+        let classes: Vec<_> = r
+            .disks()
+            .into_iter()
+            .map(|d| (d.key.name, d.class))
+            .collect();
+        assert_eq!(
+            classes,
+            [
+                ("big-1".to_owned(), "big-*".to_owned()),
+                ("small".to_owned(), "default".to_owned())
+            ]
+        );
+        drop((big, small));
+        assert_eq!(names(&r), ["big-1"], "big-* lingers, the default does not");
     }
 
     #[test]

@@ -24,6 +24,7 @@ use scratchd_proto::{Codec, Errno};
 use scratchd_store::BlockDevice;
 use tracing::{debug, info};
 
+use crate::counters::HandshakeFailure;
 use crate::executor::{self, PoolRequest, ReplyContext, Scratch};
 use crate::export::{OpenExport, PeerCatalog};
 use crate::identity::{Fingerprint, Identity};
@@ -76,8 +77,27 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     } = transport;
     control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut input = Input::new(reader);
-    let Some((session, export)) = handshake(&mut input, &mut writer, &control, identity, ctx)?
-    else {
+    let mut refused = false;
+    let shaken = handshake(
+        &mut input,
+        &mut writer,
+        &control,
+        identity,
+        ctx,
+        &mut refused,
+    );
+    // A client refused an export usually leaves (or errs) next: that is
+    // the reason, whatever comes after.
+    let failure = match &shaken {
+        Ok(None) | Err(_) if refused => Some(HandshakeFailure::Refused),
+        Err(e) => Some(HandshakeFailure::of(e)),
+        Ok(_) => None,
+    };
+    if let Some(why) = failure {
+        crate::counters::handshake_failed(why);
+    }
+    let shaken = shaken?;
+    let Some((session, export)) = shaken else {
         return Ok(());
     };
     input.watch_idle(Box::new(control.try_clone()?))?;
@@ -106,6 +126,7 @@ fn handshake(
     control: &Control,
     mut peer: Identity,
     ctx: &ServerContext,
+    refused: &mut bool,
 ) -> io::Result<Option<(Session, OpenExport)>> {
     writer.write_all(&handshake::greeting(), HANDSHAKE_TIMEOUT)?;
     let mut raw = [0u8; 4];
@@ -176,7 +197,10 @@ fn handshake(
                 let result = ctx.exports.open(&name, &peer);
                 let (info, export) = match result {
                     Ok(e) => (Ok(e.info.clone()), Some(e)),
-                    Err(e) => (Err(e), None),
+                    Err(e) => {
+                        *refused = true;
+                        (Err(e), None)
+                    }
                 };
                 match negotiator.finish_open(&via, info, &mut out) {
                     Opened::Transmit(session) => export.map(|e| (session, e)),
@@ -215,7 +239,16 @@ fn start_tls(
     let socket = control
         .socket()
         .ok_or_else(|| invalid_data("TLS needs a socket"))??;
-    let (reader, tls_writer, fingerprint) = tls.accept(socket)?;
+    let (reader, tls_writer, fingerprint) = match tls.accept(socket) {
+        Ok(accepted) => {
+            crate::counters::tls_handshake(true);
+            accepted
+        }
+        Err(e) => {
+            crate::counters::tls_handshake(false);
+            return Err(io::Error::new(e.kind(), crate::counters::TlsFailed(e)));
+        }
+    };
     input.replace_reader(Box::new(reader));
     *writer = WriteHalf::Tls(tls_writer);
     debug!(client_certificate = fingerprint.is_some(), "TLS started");
@@ -311,6 +344,7 @@ impl<'a> Transmission<'a> {
             match self.next_request()? {
                 Next::Execute(req) => self.dispatch(req)?,
                 Next::Refuse { to, errno, message } => {
+                    crate::counters::error_replied(errno);
                     reply::put_error(self.replies.batch(), self.cx.mode, to, errno, message)
                 }
                 Next::Disconnect => return Ok(()),

@@ -135,6 +135,7 @@ pub fn execute(
 /// Appends the error reply for a failed storage call.
 pub fn put_storage_error(out: &mut Vec<u8>, mode: ReplyMode, to: ReplyTo, e: &io::Error) {
     let errno = Errno::from_os_error(e.raw_os_error());
+    crate::counters::error_replied(errno);
     reply::put_error(out, mode, to, errno, &e.to_string());
 }
 
