@@ -430,6 +430,15 @@ impl Drop for MountGuard {
         }
         if let Some(l) = self.loop_dev.take() {
             let _ = Command::new("losetup").args(["-d", &l]).status();
+            // Detaching is asynchronous: the loop device holds nbdfuse's
+            // file until it is really gone, and nbdfuse's mount with it.
+            let attached = format!(
+                "/sys/block/{}/loop/backing_file",
+                l.trim_start_matches("/dev/")
+            );
+            let _ = crate::util::poll(Duration::from_secs(5), || {
+                !std::path::Path::new(&attached).exists()
+            });
         }
         drop(self.nbdfuse.take());
     }

@@ -207,10 +207,35 @@ impl Nbdfuse {
 }
 
 impl Drop for Nbdfuse {
+    /// Unmounts, then stops nbdfuse. The unmount is retried while the file
+    /// is still busy (a loop device just detached lets go of it a moment
+    /// later), then done lazily; nbdfuse gets SIGTERM (it unmounts as it
+    /// exits) before SIGKILL. Killing it outright with the mount still in
+    /// place left a dead FUSE mount behind ("transport endpoint is not
+    /// connected").
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let unmounted = poll(Duration::from_secs(5), || {
+            Command::new("umount")
+                .arg(&self.mount)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if unmounted.is_none() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        }
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
+            .status();
+        if poll(Duration::from_secs(5), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .is_none()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
