@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
+use crate::util::free_port;
 use crate::util::{
     as_user, eventually, random_file, require, run, run_status, stdout, Json, Server, NOBODY,
     SCRATCHD,
@@ -389,15 +390,6 @@ fn ctl_asks_which_owner_when_a_name_is_ambiguous() {
     assert_eq!(mine.read(), "ok", "the other owner's disk is untouched");
     assert_eq!(ctl_json(&control, &["list"]).len("exports"), 1);
     mine.finish();
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Scrapes `url` with curl; the metric lines as (series, value).

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::util::rss_kib;
 use crate::util::{
     eventually, libnbd, random_bytes, random_file, read_n, require, run, scratchd_serve, send,
     stdout, Json, Server,
@@ -19,16 +20,6 @@ use crate::util::{
 use crate::wire::{be16, go, Conn, Mode, FIXED_NEWSTYLE, NO_ZEROES};
 
 const MIB: u64 = 1 << 20;
-
-/// Resident memory of process `pid`, shared (memfd) pages included.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
 
 /// Export names the server lists (live scratch disks).
 fn listed(sock: &Path) -> Vec<String> {

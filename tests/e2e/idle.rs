@@ -5,18 +5,12 @@
 use std::thread;
 use std::time::Duration;
 
+use crate::util::rss_kib;
 use crate::util::{poll, random_bytes, send, Server};
 use crate::wire::*;
 
 /// Longer than the server's idle time (2 s).
 const PAUSE: Duration = Duration::from_millis(2500);
-
-/// The server's resident memory, in KiB.
-fn rss_kib(server: &Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 /// WRITEs sent in three parts with a pause past the idle time after the
 /// first part of the header and another in the middle of the payload, on
@@ -70,15 +64,15 @@ fn idle_connections_give_their_buffers_back() {
             c
         })
         .collect();
-    let busy = rss_kib(&server);
+    let busy = rss_kib(server.pid());
     // Each input buffer had 256 KiB of payload in it; ask for half, within
     // a generous time (the threads wake after 2 s, later on a loaded host).
     let expected = (CONNS * LEN / 2 / 1024) as u64;
     let idle = poll(Duration::from_secs(10), || {
-        let idle = rss_kib(&server);
+        let idle = rss_kib(server.pid());
         (busy.saturating_sub(idle) >= expected).then_some(idle)
     })
-    .unwrap_or_else(|| rss_kib(&server));
+    .unwrap_or_else(|| rss_kib(server.pid()));
     eprintln!("RSS {busy} KiB busy, {idle} KiB idle");
     assert!(
         busy.saturating_sub(idle) >= expected,

@@ -44,6 +44,26 @@ fn work_dir(mount_line: &str) -> PathBuf {
     Path::new(mount_line.trim()).parent().unwrap().to_owned()
 }
 
+/// Starts a run whose command prints `$SCRATCHD_MOUNT` first; returns the
+/// run, the rest of its output, and its work directory once attached.
+fn start_run(
+    args: &[&str],
+    script: &str,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    PathBuf,
+) {
+    let mut run = scratchd_run(args, script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    (run, out, work_dir(&line))
+}
+
 fn skip(test: &str) -> bool {
     match fuse_unavailable() {
         Some(why) => {
@@ -148,18 +168,10 @@ fn kill_9_of_a_run_leaves_nothing() {
     if skip("kill_9_of_a_run_leaves_nothing") {
         return;
     }
-    let mut run = scratchd_run(
+    let (mut run, _, work) = start_run(
         &["--size", "64M"],
         "echo \"$SCRATCHD_MOUNT\"; exec sleep 60",
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut line = String::new();
-    BufReader::new(run.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let work = work_dir(&line);
+    );
     assert!(!leftovers(&work).is_empty(), "the run is attached");
     run.kill().unwrap();
     run.wait().unwrap();
@@ -221,14 +233,7 @@ fn a_server_that_dies_mid_run_fails_the_build_not_the_host() {
         dd if=/dev/urandom of="$SCRATCHD_MOUNT/f" bs=1M count=8 oflag=direct status=none
         echo "dd=$?"
     "#;
-    let mut run = scratchd_run(&["--server", &uri], script)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(run.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let work = work_dir(&line);
+    let (mut run, mut out, work) = start_run(&["--server", &uri], script);
     server.signal("KILL");
     std::fs::write(work.join("go"), "").unwrap();
     let mut rest = String::new();
@@ -319,18 +324,10 @@ fn sigterm_to_a_run_mid_build_cleans_up() {
     if skip("sigterm_to_a_run_mid_build_cleans_up") {
         return;
     }
-    let mut run = scratchd_run(
+    let (mut run, _, work) = start_run(
         &["--size", "64M"],
         "echo \"$SCRATCHD_MOUNT\"; exec sleep 30",
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut line = String::new();
-    BufReader::new(run.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let work = work_dir(&line);
+    );
     run_status(Command::new("kill").args(["-TERM", &run.id().to_string()]));
     let status = run.wait().unwrap();
     assert_eq!(status.code(), Some(128 + 15), "{status}");

@@ -5,6 +5,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
+use crate::util::rss_kib;
 use crate::util::{random_bytes, sockets, Server};
 use crate::wire::{Conn, Mode, CMD_READ};
 
@@ -112,15 +113,6 @@ fn drain(c: &mut Conn) -> usize {
         }
         assert!(total < 1 << 30, "the server kept sending");
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
 }
 
 fn sparse_image(dir: &std::path::Path) -> String {

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::util::free_port;
 use crate::util::{random_file, require, run, run_status, stdout, Server};
 
 /// Makes a CA in `dir` (ca-cert.pem, ca-key.pem) and, signed by it, a
@@ -90,14 +91,6 @@ fn tls_server(pki: &Path, extra: &[&str]) -> (Server, u16) {
 /// Required TLS with verified client certificates, serving `backend`.
 fn certified_server(pki: &Path, backend: &[&str]) -> (Server, u16) {
     tls_server_with(pki, &["--tls", "require", "--tls-verify-peer"], backend)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn nbds(port: u16, pki: &Path) -> String {
