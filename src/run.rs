@@ -292,20 +292,10 @@ fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenExport, RunError> {
     let limits = tmpdisk::Limits {
         max_exports: Some(1),
         memory_limit,
-        disk_limit: None,
-        name_prefix: None,
-        per_owner: scratchd_scratch::OwnerLimits {
-            max_exports: None,
-            memory: None,
-            disk: None,
-        },
+        ..tmpdisk::Limits::default()
     };
-    let options = tmpdisk::ExportOptions {
-        default_name: None,
-        description: None,
-        read_only: false,
-    };
-    let config = tmpdisk::config(&params, limits, options).map_err(BackendError::from)?;
+    let config = tmpdisk::config(&params, limits, tmpdisk::ExportOptions::default())
+        .map_err(BackendError::from)?;
     let exports = scratchd_scratch::from_config(config)
         .map_err(|e| RunError::Backend(OpenError::from(e).into()))?;
     // The run's own registry has one owner: this process.

@@ -63,6 +63,7 @@ pub struct ClassParams {
 }
 
 /// Server flags that only tmpdisk uses.
+#[derive(Default)]
 pub struct Limits {
     pub max_exports: Option<usize>,
     pub memory_limit: Option<u64>,
@@ -73,6 +74,7 @@ pub struct Limits {
 }
 
 /// Export-level settings shared with the other backends.
+#[derive(Default)]
 pub struct ExportOptions {
     pub default_name: Option<String>,
     pub description: Option<String>,
@@ -143,18 +145,10 @@ fn class_config(base: &[String], class: &ClassParams) -> Result<Class, UsageErro
         }
     }
     let limits = Limits {
-        max_exports: None,
         memory_limit: Some(0),
-        disk_limit: None,
-        name_prefix: None,
-        per_owner: OwnerLimits::default(),
+        ..Limits::default()
     };
-    let export = ExportOptions {
-        default_name: None,
-        description: None,
-        read_only: false,
-    };
-    let c = single_config(&params, limits, export, true)?;
+    let c = single_config(&params, limits, ExportOptions::default(), true)?;
     Ok(Class {
         pattern: class.pattern.clone(),
         size: c.size,
@@ -271,18 +265,10 @@ mod tests {
     fn parse(params: &[&str]) -> Result<Config, UsageError> {
         let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
         let limits = Limits {
-            max_exports: None,
             memory_limit: Some(1 << 30),
-            disk_limit: None,
-            name_prefix: None,
-            per_owner: OwnerLimits::default(),
+            ..Limits::default()
         };
-        let export = ExportOptions {
-            default_name: None,
-            description: None,
-            read_only: false,
-        };
-        config(&params, limits, export)
+        config(&params, limits, ExportOptions::default())
     }
 
     #[test]
@@ -336,17 +322,11 @@ mod tests {
             })
             .collect();
         let limits = Limits {
-            max_exports: None,
             memory_limit: Some(1 << 30),
             disk_limit: Some(1 << 40),
-            name_prefix: None,
-            per_owner: OwnerLimits::default(),
+            ..Limits::default()
         };
-        let export = ExportOptions {
-            default_name: None,
-            description: None,
-            read_only: false,
-        };
+        let export = ExportOptions::default();
         config_with_classes(&params, &classes, limits, export)
     }
 

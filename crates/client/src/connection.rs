@@ -596,19 +596,5 @@ fn apply_payload(
     Ok(())
 }
 
-pub(crate) fn command_name(command: u16) -> &'static str {
-    match command {
-        CMD_READ => "READ",
-        CMD_WRITE => "WRITE",
-        CMD_DISC => "DISC",
-        CMD_FLUSH => "FLUSH",
-        CMD_TRIM => "TRIM",
-        CMD_CACHE => "CACHE",
-        CMD_WRITE_ZEROES => "WRITE_ZEROES",
-        CMD_BLOCK_STATUS => "BLOCK_STATUS",
-        _ => "request",
-    }
-}
-
 #[cfg(test)]
 mod tests;

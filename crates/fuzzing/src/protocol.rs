@@ -400,17 +400,6 @@ struct Expected<'a> {
     payload: Option<ChunkPayload<'a>>,
 }
 
-const ERRNOS: [Errno; 8] = [
-    Errno::Perm,
-    Errno::Io,
-    Errno::NoMem,
-    Errno::Inval,
-    Errno::NoSpc,
-    Errno::Overflow,
-    Errno::NotSup,
-    Errno::Shutdown,
-];
-
 fn chunk_header(mode: ReplyMode, to: ReplyTo, last: bool, kind: u16, len: u64) -> ReplyHeader {
     let flags = if last { REPLY_FLAG_DONE } else { 0 };
     match mode {
@@ -479,7 +468,7 @@ pub fn reply(data: &[u8]) {
                 });
             }
             1 => {
-                let errno = input.pick(&ERRNOS);
+                let errno = input.pick(&Errno::ALL);
                 let message = message(&mut input);
                 put_error(&mut out, mode, to, errno, &message);
                 expected.push(if structured {

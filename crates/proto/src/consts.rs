@@ -189,6 +189,18 @@ pub enum Errno {
 }
 
 impl Errno {
+    /// Every error the spec defines.
+    pub const ALL: [Errno; 8] = [
+        Errno::Perm,
+        Errno::Io,
+        Errno::NoMem,
+        Errno::Inval,
+        Errno::NoSpc,
+        Errno::Overflow,
+        Errno::NotSup,
+        Errno::Shutdown,
+    ];
+
     /// Maps a host error from a storage backend to the nearest NBD error, as
     /// the spec asks (anything without an NBD counterpart becomes EIO).
     pub fn from_os_error(code: Option<i32>) -> Errno {

@@ -28,7 +28,7 @@ use crate::counters::HandshakeFailure;
 use crate::executor::{self, PoolRequest, ReplyContext, Scratch};
 use crate::export::{OpenExport, PeerCatalog};
 use crate::identity::{Fingerprint, Identity};
-use crate::input::{give_back_vec, Filled, Input, ReadTimeout, INPUT_BUFFER};
+use crate::input::{give_back_vec, Filled, Input, INPUT_BUFFER};
 use crate::listener::ServerContext;
 use crate::replies::Replies;
 use crate::tls::TlsMode;
@@ -109,12 +109,6 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     let pooled = export.device.capabilities().may_block;
     let replies = Replies::new(writer, control, ctx.reply_timeout, pooled);
     Transmission::new(input, replies, &session, export, ctx).run()
-}
-
-impl ReadTimeout for Control {
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        Control::set_read_timeout(self, timeout)
-    }
 }
 
 /// Runs the option haggling until transmission starts (`Some`) or the

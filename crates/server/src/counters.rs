@@ -7,19 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use scratchd_proto::Errno;
 
-/// Every NBD errno, in the order of [`ERRORS`].
-const ERRNOS: [Errno; 8] = [
-    Errno::Perm,
-    Errno::Io,
-    Errno::NoMem,
-    Errno::Inval,
-    Errno::NoSpc,
-    Errno::Overflow,
-    Errno::NotSup,
-    Errno::Shutdown,
-];
-
-/// Error replies sent, by errno (indexed like [`ERRNOS`]).
+/// Error replies sent, by errno (indexed like [`Errno::ALL`]).
 static ERRORS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 
 /// Why a handshake ended without transmission.
@@ -90,7 +78,7 @@ pub struct TlsFailed(pub io::Error);
 
 /// An error reply with `errno` was sent.
 pub fn error_replied(errno: Errno) {
-    if let Some(i) = ERRNOS.iter().position(|&e| e == errno) {
+    if let Some(i) = Errno::ALL.iter().position(|&e| e == errno) {
         ERRORS[i].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -111,7 +99,7 @@ pub fn tls_handshake(ok: bool) {
 
 /// Error replies sent so far, by errno name (`ENOSPC`).
 pub fn errors() -> Vec<(&'static str, u64)> {
-    ERRNOS
+    Errno::ALL
         .iter()
         .zip(&ERRORS)
         .map(|(e, n)| (errno_name(*e), n.load(Ordering::Relaxed)))

@@ -126,6 +126,14 @@ impl Control {
     }
 }
 
+/// The socket's read timeout is what tells the input buffer that a client
+/// went idle.
+impl crate::input::ReadTimeout for Control {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        Control::set_read_timeout(self, timeout)
+    }
+}
+
 impl Transport {
     pub fn unix(stream: UnixStream) -> io::Result<Self> {
         // A 1 MiB READ reply then fits the socket in one go, instead of the
