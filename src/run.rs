@@ -165,11 +165,30 @@ pub fn main(args: RunArgs) -> i32 {
             eprintln!("scratchd run: {e}");
             EXIT_USAGE
         }
-        Err(e) => {
+        Err(e @ RunError::Server(scratchd_client::Error::Uri(_))) => {
             eprintln!("scratchd run: {e}");
+            EXIT_USAGE
+        }
+        Err(e) => {
+            eprintln!("scratchd run: {}", with_causes(&e));
             EXIT_FAILED
         }
     }
+}
+
+/// An error and the chain of its causes, as one line.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        // Some errors already carry their cause's text.
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {

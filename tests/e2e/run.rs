@@ -129,6 +129,23 @@ fn a_disk_that_cannot_be_made_is_a_clear_error() {
     assert!(err.contains("mkfs.nosuchfs"), "{err}");
     let (code, out) = run_status(&mut scratchd_run(&["--size", "12Q"], "exit 0"));
     assert_eq!(code, 2, "{}", String::from_utf8_lossy(&out.stderr));
+    for (args, expected) in [
+        (&["--attach", "bogus"][..], "expected auto, kernel or fuse"),
+        (&["--server", "http://x"][..], "is not an NBD URI"),
+    ] {
+        let (code, out) = run_status(&mut scratchd_run(args, "exit 0"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // A server that is not there: the run fails, saying why.
+    let (code, out) = run_status(&mut scratchd_run(
+        &["--server", "nbd+unix:///?socket=/nonexistent/nbd.sock"],
+        "exit 0",
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("No such file or directory"), "{err}");
 }
 
 /// A build that writes more than the disk's memory may hold sees an I/O
