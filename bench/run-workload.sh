@@ -17,24 +17,31 @@
 #               --show` (buffered loop), mount -o noatime
 #   run-local   `scratchd run --size 20G -- CMD`: a private disk (a FUSE file
 #               calling the store directly, direct-I/O loop), mounted noatime
-#   run-server  `scratchd serve -U SOCK tmpdisk size=20G` and `scratchd run
+#   run-server  `scratchd serve -U SOCK tmpdisk size=20G pool=1` and `scratchd run
 #               --server nbd+unix:///?socket=SOCK -- CMD` (scratchd's NBD client,
 #               4 connections, FUSE, direct-I/O loop)
+#   run-tcp     the same over TCP loopback: `scratchd serve -i 127.0.0.1 -p PORT
+#               tmpdisk size=20G pool=1`, `scratchd run --server nbd://127.0.0.1:PORT`
 #
-# Phases (PHASES, default "attach extract rpm rm"):
+# Phases (PHASES, default "attach install extract rpm rm"):
 #   attach   run-*: the whole of `scratchd run ... -- true` (attach + mkfs +
 #            mount + detach; the mission's target is < 100 ms); nbdkit:
 #            nbdfuse + losetup + mount + umount + losetup -d + FUSE unmount
 #            (with a running server; its tmpdisk runs mkfs on connect);
 #            ceiling: truncate + mkfs + losetup + mount + umount + losetup -d
 #            + rm. ATTACH_TRIES (default 3) samples per configuration and round.
+#   install  package installation: `debootstrap --variant=minbase
+#            --unpack-tarball=DEB_TARBALL SUITE DIR` (dpkg unpacking and
+#            configuring ~90 packages, fsync-heavy), the tarball made once with
+#            --make-tarball from the system's Debian mirror (untimed, cached in
+#            $DEB_TARBALL)
 #   extract  `tar -xf` of the Linux 6.1 source tree (decompressed once to $TAR,
 #            read once so it is in the page cache) + `sync`
 #   rpm      `rpmbuild --nodeps -ba bench/rpm/hello.spec` (GNU hello from
 #            Debian's orig tarball: configure, make, make check, make install,
 #            packages), _topdir and _tmppath on the disk; the rpmbuild alone
 #   rm       `rm -rf` of the extracted tree + `sync` (needs extract)
-# extract, rpm and rm run in this order on one fresh disk per configuration
+# install, extract, rpm and rm run in this order on one fresh disk per configuration
 # and round, by the same phase script (this file, `phases` mode: it times
 # each phase with `date +%s.%N` inside the mounted disk and prints
 # `phase NAME SECONDS`); a `sync` (untimed) precedes each phase.
@@ -43,18 +50,19 @@
 # measurement (tab-separated) as they come, then a table: per phase and
 # configuration the median, min and max seconds, the ratio of the median to
 # the ceiling's and to nbdkit's, and the mission's target where it has one
-# (run-local within 5% of the ceiling, run-server within 10%, extract and rm
-# at most 0.75x nbdkit, attach < 100 ms). `total` = extract + rpm + rm of
-# one round. New kernel messages that look like trouble are shown at the end.
+# (run-local within 5% of the ceiling, run-server and run-tcp within 10%,
+# extract and rm at most 0.75x nbdkit, attach < 100 ms). `total` = the sum of
+# the disk phases of one round. New kernel messages that look like trouble are shown at the end.
 #
 # Other knobs: SCRATCHD (binary; default: target/release/scratchd, built with
 # `cargo build --release --locked` first), TAR (default
 # /var/tmp/linux-source-6.1.tar), SRC_DIR (where hello_*.orig.tar.gz is kept,
-# default /var/tmp), KEEP_LOGS=1 (keep the work directory with every log).
+# default /var/tmp), DEB_TARBALL (default
+# /var/tmp/debootstrap-minbase-SUITE.tgz), KEEP_LOGS=1 (keep the work directory with every log).
 #
 # Needs root, /dev/fuse and loop devices. Installs what is missing with
 # apt-get: nbdkit, libnbd-bin (nbdfuse), fuse3, e2fsprogs, rpm, gcc, make,
-# xz-utils, linux-source-6.1; for hello's source it adds a deb-src entry
+# xz-utils, linux-source-6.1, debootstrap; for hello's source it adds a deb-src entry
 # (/etc/apt/sources.list.d/scratchd-bench-deb-src.sources, mirroring the
 # system's deb entry) when none exists. Cleans up on every path: mounts, loop
 # devices, FUSE mounts, servers, runs and temporary directories.
@@ -66,7 +74,8 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f\n", b - a }'; }
 # ---------------------------------------------------------------------------
 # `phases [MNT]`: the phase script, run with the disk mounted on MNT (default
 # $SCRATCHD_MOUNT, set by scratchd run). Environment: RW_PHASES, RW_TAR,
-# RW_HELLO (the tarball), RW_HELLO_VERSION, RW_SPEC, RW_LOGDIR.
+# RW_HELLO (the tarball), RW_HELLO_VERSION, RW_SPEC, RW_LOGDIR, RW_DEB_TARBALL,
+# RW_SUITE.
 if [ "${1:-}" = phases ]; then
   mnt=${2:-${SCRATCHD_MOUNT:-}}
   fail() { echo "phases: $*" >&2; exit 1; }
@@ -74,6 +83,15 @@ if [ "${1:-}" = phases ]; then
   for p in $RW_PHASES; do
     sync
     case $p in
+      install)
+        t0=$(now)
+        if ! debootstrap --variant=minbase --unpack-tarball="$RW_DEB_TARBALL" "$RW_SUITE" "$mnt/root" \
+          >"$RW_LOGDIR/debootstrap.log" 2>&1; then
+          fail "debootstrap failed: see debootstrap.log (KEEP_LOGS=1 keeps it whole)"
+        fi
+        t1=$(now)
+        [ -x "$mnt/root/usr/bin/dpkg" ] || fail "debootstrap installed no dpkg"
+        ;;
       extract)
         mkdir "$mnt/src"
         t0=$(now)
@@ -114,12 +132,15 @@ cd "$(dirname "$0")/.."
 SELF=$PWD/bench/run-workload.sh
 SPEC=$PWD/bench/rpm/hello.spec
 ROUNDS=${ROUNDS:-3}
-CONFIGS=${CONFIGS:-"ceiling nbdkit run-local run-server"}
-PHASES=${PHASES:-"attach extract rpm rm"}
+CONFIGS=${CONFIGS:-"ceiling nbdkit run-local run-server run-tcp"}
+PHASES=${PHASES:-"attach install extract rpm rm"}
 ATTACH_TRIES=${ATTACH_TRIES:-3}
 TAR=${TAR:-/var/tmp/linux-source-6.1.tar}
 XZ=${XZ:-/usr/src/linux-source-6.1.tar.xz}
 SRC_DIR=${SRC_DIR:-/var/tmp}
+# shellcheck disable=SC1091
+SUITE=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+DEB_TARBALL=${DEB_TARBALL:-/var/tmp/debootstrap-minbase-$SUITE.tgz}
 SIZE=20G
 # scratchd's default ext4 options (crates/scratch/src/format.rs, mkfs_options)
 SCRATCH_MKFS="-F -q -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard -O ^has_journal"
@@ -134,18 +155,21 @@ read -r -a phases <<<"$PHASES"
 [ ${#cfgs[@]} -gt 0 ] || die "CONFIGS is empty"
 [ ${#phases[@]} -gt 0 ] || die "PHASES is empty"
 for c in "${cfgs[@]}"; do
-  case $c in ceiling | nbdkit | run-local | run-server) ;; *) die "unknown configuration '$c' (ceiling nbdkit run-local run-server)" ;; esac
+  case $c in
+    ceiling | nbdkit | run-local | run-server | run-tcp) ;;
+    *) die "unknown configuration '$c' (ceiling nbdkit run-local run-server run-tcp)" ;;
+  esac
 done
 want_attach="" disk_phases=""
 for p in "${phases[@]}"; do
   case $p in
     attach) want_attach=1 ;;
-    extract | rpm | rm) disk_phases+="$p " ;;
-    *) die "unknown phase '$p' (attach extract rpm rm)" ;;
+    install | extract | rpm | rm) disk_phases+="$p " ;;
+    *) die "unknown phase '$p' (attach install extract rpm rm)" ;;
   esac
 done
-# extract, rpm, rm always run in this order on one disk
-disk_phases=$(for p in extract rpm rm; do case " $disk_phases " in *" $p "*) printf '%s ' "$p" ;; esac; done)
+# install, extract, rpm, rm always run in this order on one disk
+disk_phases=$(for p in install extract rpm rm; do case " $disk_phases " in *" $p "*) printf '%s ' "$p" ;; esac; done)
 disk_phases=${disk_phases% }
 case " $disk_phases " in *" rm "*) case " $disk_phases " in *" extract "*) ;; *) die "phase rm needs phase extract" ;; esac ;; esac
 has_cfg() { case " ${cfgs[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -166,6 +190,7 @@ need python3 python3
 if has_cfg nbdkit; then need nbdkit nbdkit; need nbdfuse libnbd-bin; need fusermount3 fuse3; fi
 if has_phase extract; then need xz xz-utils; [ -s "$TAR" ] || [ -f "$XZ" ] || missing+=(linux-source-6.1); fi
 if has_phase rpm; then need rpmbuild rpm; need gcc gcc; need make make; fi
+if has_phase install; then need debootstrap debootstrap; fi
 apt_install() {
   command -v apt-get >/dev/null || die "missing: $* (and no apt-get to install them)"
   echo "installing: $*" >&2
@@ -182,7 +207,7 @@ if has_cfg nbdkit; then
 fi
 
 # --- scratchd ------------------------------------------------------------------
-if has_cfg run-local || has_cfg run-server; then
+if has_cfg run-local || has_cfg run-server || has_cfg run-tcp; then
   if [ -z "${SCRATCHD:-}" ]; then
     command -v cargo >/dev/null || die "cargo is needed to build scratchd (or set SCRATCHD=/path/to/scratchd)"
     echo "cargo build --release --locked" >&2
@@ -204,6 +229,25 @@ if has_phase extract; then
   cat "$TAR" >/dev/null # into the page cache
 fi
 
+debian_mirror() { # the system's Debian mirror, from its deb entries
+  local uri
+  uri=$(awk '/^URIs:/ && $2 ~ /\/debian\/?$/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $2 ~ /\/debian\/?$/ { print $2; exit }' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true)
+  echo "$uri"
+}
+if has_phase install && [ ! -s "$DEB_TARBALL" ]; then
+  [ -n "$SUITE" ] || die "no VERSION_CODENAME in /etc/os-release; set DEB_TARBALL to a debootstrap --make-tarball"
+  mirror=$(debian_mirror)
+  [ -n "$mirror" ] || die "no Debian mirror in /etc/apt; set DEB_TARBALL to a debootstrap --make-tarball"
+  echo "making $DEB_TARBALL (once, untimed): debootstrap --variant=minbase --make-tarball $SUITE $mirror" >&2
+  mk=$(mktemp -d /var/tmp/run-workload-deb.XXXXXX)
+  if ! debootstrap --variant=minbase --make-tarball="$DEB_TARBALL.part" "$SUITE" "$mk" "$mirror" >&2; then
+    rm -rf "$mk" "$DEB_TARBALL.part"; die "debootstrap --make-tarball failed"
+  fi
+  rm -rf "$mk"
+  mv "$DEB_TARBALL.part" "$DEB_TARBALL"
+fi
+
 hello="" hello_version=""
 find_hello() { # newest $SRC_DIR/hello_*.orig.tar.gz
   hello=$(find "$SRC_DIR" -maxdepth 1 -name 'hello_*.orig.tar.gz' 2>/dev/null | sort -V | tail -n 1 || true)
@@ -213,8 +257,7 @@ add_deb_src() { # a deb-src entry mirroring the system's Debian deb entry, when 
     return 0
   fi
   local uri codename keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-  uri=$(awk '/^URIs:/ && $2 ~ /\/debian\/?$/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-  [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $2 ~ /\/debian\/?$/ { print $2; exit }' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true)
+  uri=$(debian_mirror)
   [ -n "$uri" ] || die "no Debian 'deb' entry in /etc/apt to mirror as deb-src; put hello_VERSION.orig.tar.gz into $SRC_DIR"
   # shellcheck disable=SC1091
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
@@ -256,6 +299,8 @@ shm=$(mktemp -d /dev/shm/run-workload.XXXXXX)
 mnt=$work/mnt fusedir=$work/fuse logdir=$work/logs
 mkdir -p "$mnt" "$fusedir" "$logdir"
 server_pid="" fuse_pid="" loopdev="" mounted="" fuse_mounted="" child_pid=""
+# run-tcp's port: one free now (the kernel's choice)
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dmesg_start=$(dmesg 2>/dev/null | wc -l || echo 0)
 
 stop_pid() { # pid [seconds [group]]: stop a process we started (with 'group': its
@@ -325,6 +370,8 @@ start_server() { # name command...: start a server on $work/sock -> server_pid
   server_pid=$!
   for _ in $(seq 400); do
     [ -S "$work/sock" ] && return 0
+    # a TCP server: listening on $port
+    [ "$name" = scratchd-serve-tcp ] && (: <"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
     kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.05
   done
@@ -369,6 +416,7 @@ run_args() { # config -> run_cmd: the scratchd run command line, up to '--'
   case $1 in
     run-local) run_cmd=("$SCRATCHD" run --size "$SIZE") ;;
     run-server) run_cmd=("$SCRATCHD" run --server "nbd+unix:///?socket=$work/sock") ;;
+    run-tcp) run_cmd=("$SCRATCHD" run --server "nbd://127.0.0.1:$port") ;;
   esac
 }
 
@@ -397,7 +445,7 @@ measure_attach() { # round config
 
 measure_disk() { # round config: extract, rpm, rm on one fresh disk
   local r=$1 c=$2 rc=0 out=$work/phases.out
-  export RW_PHASES="$disk_phases" RW_TAR="$TAR" RW_HELLO="$hello" RW_HELLO_VERSION="$hello_version" \
+  export RW_DEB_TARBALL="$DEB_TARBALL" RW_SUITE="$SUITE" RW_PHASES="$disk_phases" RW_TAR="$TAR" RW_HELLO="$hello" RW_HELLO_VERSION="$hello_version" \
     RW_SPEC="$SPEC" RW_LOGDIR="$logdir"
   case $c in
     ceiling) ceiling_up ;;
@@ -438,7 +486,8 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r: $c" >&2
     case $c in
       nbdkit) start_server nbdkit env TMPDIR="$shm" nbdkit -f -U "$work/sock" tmpdisk size="$SIZE" ;;
-      run-server) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" ;;
+      run-server) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
+      run-tcp) start_server scratchd-serve-tcp "$SCRATCHD" serve -i 127.0.0.1 -p "$port" tmpdisk size="$SIZE" pool=1 ;;
     esac
     sync
     if [ -n "$want_attach" ]; then measure_attach "$r" "$c"; fi
@@ -456,9 +505,9 @@ rounds, cfgs, phases = int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split(
 acc, per_round = {}, {}
 for r, c, p, s in rows:
     acc.setdefault((p, c), []).append(float(s))
-    if p in ("extract", "rpm", "rm"):
+    if p in ("install", "extract", "rpm", "rm"):
         per_round.setdefault((c, r), {})[p] = float(s)
-work = [p for p in ("extract", "rpm", "rm") if p in phases]
+work = [p for p in ("install", "extract", "rpm", "rm") if p in phases]
 if len(work) > 1:
     for (c, r), d in per_round.items():
         if len(d) == len(work):
@@ -466,8 +515,8 @@ if len(work) > 1:
     phases = phases + ["total"]
 target = {  # (config, phase) -> (what, test on (median, x ceiling, x nbdkit))
 }
-for c, limit in (("run-local", 1.05), ("run-server", 1.10)):
-    for p in ("extract", "rpm", "rm", "total"):
+for c, limit in (("run-local", 1.05), ("run-server", 1.10), ("run-tcp", 1.10)):
+    for p in ("install", "extract", "rpm", "rm", "total"):
         target[(c, p, "ceil")] = limit
     for p in ("extract", "rm"):
         target[(c, p, "nbdkit")] = 0.75
