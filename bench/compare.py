@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
-# Vendored from the project's shared benchmark helpers (shared/bench/compare.py).
+# Vendored from the project's shared benchmark helpers (shared/bench/compare.py);
+# extended here with TCP servers ({port}) and client URI templates (--uri), for TLS.
 """Compare two NBD servers on the same fio workloads, alternating A B B A ... in one run.
 
     compare.py --a 'nbdkit -f -U {sock} memory 4G' \
                --b 'target/release/scratchd serve -U {sock} memory size=4G' [--rounds 3]
 
+    compare.py --uri 'nbds://127.0.0.1:{port}/?tls-certificates=PKI' \
+               --a 'nbdkit -f -i 127.0.0.1 -p {port} --tls=require --tls-certificates=PKI memory 4G' \
+               --b 'target/release/scratchd serve -i 127.0.0.1 -p {port} --tls=require ...'
+
 Each round starts a fresh server from each template ({sock} is replaced by a private Unix socket
-path; {uri} by its NBD URI inside --uri-suffix aware templates), waits for the socket, runs every
+path, {port} by a free TCP port of 127.0.0.1), waits for the socket (or for the port to accept
+when the template has {port}), connects fio to --uri (same placeholders; default: the socket), runs every
 workload with fio's nbd engine, records throughput and the server's CPU time per operation (user+sys
 of the whole process), then stops the server with SIGTERM. It prints medians per workload and the
 ratio B/A for IOPS and for CPU per op. Alternating servers in one run keeps the comparison fair on a
@@ -17,6 +23,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,19 +42,41 @@ def cpu_ticks(pid):
     return sum(int(fields[i - 3]) for i in (14, 15, 16, 17))
 
 
-def start(template, sock):
-    cmd = template.replace("{sock}", sock)
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(sock, port):
+    """Whether the server is ready: its Unix socket exists, or its TCP port accepts."""
+    if port is None:
+        return os.path.exists(sock)
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def fill(template, sock, port):
+    return template.replace("{sock}", sock).replace("{port}", str(port))
+
+
+def start(template, sock, port):
+    cmd = fill(template, sock, port)
     proc = subprocess.Popen(shlex.split(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
+    tcp = port if "{port}" in template else None
     for _ in range(200):
-        if os.path.exists(sock):
+        if listening(sock, tcp):
             return proc
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace")
             sys.exit(f"server exited early: {cmd}\n{err}")
         time.sleep(0.05)
     stop(proc)
-    sys.exit(f"server did not create {sock}: {cmd}")
+    sys.exit(f"server did not listen on {sock if tcp is None else tcp}: {cmd}")
 
 
 def stop(proc):
@@ -73,12 +102,12 @@ def run_fio(uri, rw, bs, args):
     return ops, iops, mbps
 
 
-def measure(template, workloads, args):
+def measure(template, uri_template, workloads, args):
     results = {}
     with tempfile.TemporaryDirectory() as d:
-        sock = os.path.join(d, "sock")
-        proc = start(template, sock)
-        uri = f"nbd+unix:///{args.export}?socket={sock}"
+        sock, port = os.path.join(d, "sock"), free_port()
+        proc = start(template, sock, port)
+        uri = fill(uri_template, sock, port) if uri_template else f"nbd+unix:///{args.export}?socket={sock}"
         try:
             for w in workloads:
                 rw, bs = w.split(":")
@@ -102,14 +131,16 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="fio jobs, one NBD connection each")
     p.add_argument("--size", default="1G")
     p.add_argument("--export", default="", help="export name to connect to")
+    p.add_argument("--uri", help="the URI fio connects to ({sock}, {port}); default: the socket")
+    p.add_argument("--uri-b", help="B's URI when it differs from A's (e.g. plain against TLS)")
     p.add_argument("--workloads", default=DEFAULT_WORKLOADS)
     args = p.parse_args()
     workloads = args.workloads.split()
     runs = {"A": {w: [] for w in workloads}, "B": {w: [] for w in workloads}}
     for r in range(args.rounds):
-        order = (("A", args.a), ("B", args.b))
-        for name, tmpl in (order if r % 2 == 0 else order[::-1]):  # ABBA: no server always goes first
-            for w, v in measure(tmpl, workloads, args).items():
+        order = (("A", args.a, args.uri), ("B", args.b, args.uri_b or args.uri))
+        for name, tmpl, uri in (order if r % 2 == 0 else order[::-1]):  # ABBA: no server always goes first
+            for w, v in measure(tmpl, uri, workloads, args).items():
                 runs[name][w].append(v)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(f"A = {args.a}\nB = {args.b}\nmedians of {args.rounds} rounds, qd={args.qd} jobs={args.jobs}")
