@@ -162,6 +162,10 @@ impl Filesystem for DiskFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         // Large requests and many of them in flight; refusals only cost speed.
         let _ = config.add_capabilities(InitFlags::FUSE_MAX_PAGES);
+        // The loop device writes with direct, asynchronous I/O: without
+        // this the kernel waits for each FUSE request before the loop
+        // device may send the next, one request in flight at a time.
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
         let _ = config.set_max_background(MAX_BACKGROUND);
