@@ -23,7 +23,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "scratchd",
-    version,
+    // The crate version, commit, build date and profile (build.rs).
+    version = env!("SCRATCHD_VERSION"),
     about = "Fast throw-away NBD scratch disks for package builds"
 )]
 struct Cli {
