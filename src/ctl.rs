@@ -212,6 +212,8 @@ pub enum CtlCommand {
     /// debugging a finished build.
     Keep {
         name: String,
+        /// Which owner's disk (all of them if several owners have one of
+        /// that name and this is left out).
         #[arg(long, value_name = "OWNER")]
         owner: Option<String>,
         /// How long to keep it after its last connection (default: until
