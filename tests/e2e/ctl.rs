@@ -495,14 +495,21 @@ fn metrics_move_with_traffic() {
 
 /// An ENOSPC write (past the disk's quota) moves
 /// `scratchd_errors_total{errno="ENOSPC"}`; a client sending garbage
-/// instead of an option, one refused its export and one leaving mid-handshake move
+/// instead of an option, one refused its export, one leaving mid-handshake
+/// and one saying nothing past `--handshake-timeout` move
 /// `scratchd_handshake_failures_total` by reason.
 #[test]
 fn metrics_count_errors_and_failed_handshakes() {
     use std::io::Read;
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let Setup { server, _dir, .. } = start(&["--metrics", &addr], &["quota=1M"]);
+    let Setup { server, _dir, .. } = start(
+        &["--metrics", &addr, "--handshake-timeout", "1s"],
+        &["quota=1M"],
+    );
+    // Greeted, then silent: dropped after the handshake timeout.
+    let mut silent = server.connect();
+    let silent_since = std::time::Instant::now();
     let url = format!("http://{addr}/metrics");
     let enospc = "scratchd_errors_total{errno=\"ENOSPC\"}";
     let failures =
@@ -561,6 +568,17 @@ except nbd.Error as e:
                 && value(&s, &failures("refused")) >= 1.0
         },
     );
+    let mut rest = Vec::new();
+    let _ = silent.read_to_end(&mut rest);
+    let waited = silent_since.elapsed();
+    assert_eq!(rest.len(), 18, "a silent client gets the greeting only");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(5)).contains(&waited),
+        "silent client dropped after {waited:?}, expected about 1 s"
+    );
+    eventually("the timeout count", Duration::from_secs(5), || {
+        value(&scrape(&url), &failures("timeout")) == 1.0
+    });
 }
 
 /// Every series the shipped Grafana dashboard queries is one the server

@@ -35,8 +35,9 @@ use crate::tls::TlsMode;
 use crate::transport::{Control, Transport, WriteHalf};
 
 /// A client must send each handshake message within this time (as in
-/// qemu-nbd), so silent connections cannot pin threads forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// qemu-nbd), so silent connections cannot pin threads forever; the
+/// default of [`ServerContext::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffers larger than this (grown by a huge request) are freed when the
 /// connection waits for input; smaller ones are kept, so steady 1 MiB
 /// traffic allocates nothing.
@@ -75,7 +76,7 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
         identity,
         ..
     } = transport;
-    control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    control.set_read_timeout(Some(ctx.handshake_timeout))?;
     let mut input = Input::new(reader);
     let mut refused = false;
     let shaken = handshake(
@@ -122,7 +123,8 @@ fn handshake(
     ctx: &ServerContext,
     refused: &mut bool,
 ) -> io::Result<Option<(Session, OpenExport)>> {
-    writer.write_all(&handshake::greeting(), HANDSHAKE_TIMEOUT)?;
+    let timeout = ctx.handshake_timeout;
+    writer.write_all(&handshake::greeting(), timeout)?;
     let mut raw = [0u8; 4];
     input.read_exact(&mut raw)?;
     let ClientFlags { no_zeroes } = ClientFlags::from_bytes(&raw).map_err(invalid_data)?;
@@ -148,7 +150,7 @@ fn handshake(
                     OptError::TooBig,
                     "option data is too long",
                 );
-                writer.write_all(&out, HANDSHAKE_TIMEOUT)?;
+                writer.write_all(&out, timeout)?;
                 continue;
             }
             OptionPayload::Read => {
@@ -163,7 +165,7 @@ fn handshake(
                 OptError::Shutdown,
                 "server is shutting down",
             );
-            let _ = writer.write_all(&out, HANDSHAKE_TIMEOUT);
+            let _ = writer.write_all(&out, timeout);
             return Ok(None);
         }
         let catalog = PeerCatalog {
@@ -174,7 +176,7 @@ fn handshake(
         let opened = match step {
             Step::Continue => None,
             Step::StartTls => {
-                writer.write_all(&out, HANDSHAKE_TIMEOUT)?;
+                writer.write_all(&out, timeout)?;
                 if let Some(fingerprint) = start_tls(input, writer, control, ctx)? {
                     // A verified client certificate names the peer better
                     // than the socket does (which, over TCP, names nobody).
@@ -184,7 +186,7 @@ fn handshake(
                 continue;
             }
             Step::Close => {
-                let _ = writer.write_all(&out, HANDSHAKE_TIMEOUT);
+                let _ = writer.write_all(&out, timeout);
                 return Ok(None);
             }
             Step::Open { name, via } => {
@@ -200,13 +202,13 @@ fn handshake(
                     Opened::Transmit(session) => export.map(|e| (session, e)),
                     Opened::Continue => None,
                     Opened::Close => {
-                        let _ = writer.write_all(&out, HANDSHAKE_TIMEOUT);
+                        let _ = writer.write_all(&out, timeout);
                         return Ok(None);
                     }
                 }
             }
         };
-        writer.write_all(&out, HANDSHAKE_TIMEOUT)?;
+        writer.write_all(&out, timeout)?;
         if opened.is_some() {
             return Ok(opened);
         }
