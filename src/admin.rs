@@ -5,12 +5,14 @@
 //! A [`Snapshot`] is taken on demand (a `ctl` request, a scrape) from the
 //! registry's own counters; nothing here is on the data path.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use scratchd_scratch::owner::Owner;
 use scratchd_scratch::registry::{DiskKey, DiskState, DiskView, Keep, CREATION_BUCKETS_MS};
 use scratchd_scratch::ScratchExports;
+use scratchd_server::counters::ErrorCounts;
 use scratchd_server::ServerContext;
 use scratchd_store::BlockDevice;
 use serde::{Deserialize, Serialize};
@@ -24,6 +26,8 @@ pub enum Backend {
         name: String,
         kind: String,
         device: Arc<dyn BlockDevice>,
+        /// Its error replies.
+        errors: Arc<ErrorCounts>,
     },
 }
 
@@ -68,6 +72,10 @@ pub struct ExportRow {
     pub zeroed_bytes: u64,
     pub flushes_dropped: u64,
     pub fua_dropped: u64,
+    /// Error replies sent for its requests, by errno name (`ENOSPC`); those
+    /// that occurred only.
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
 }
 
 /// A budget's use.
@@ -190,7 +198,18 @@ fn row(view: &DiskView, kind: &str) -> ExportRow {
         zeroed_bytes: s.zeroed_bytes,
         flushes_dropped: s.flushes_dropped,
         fua_dropped: s.fua_dropped,
+        errors: errors_by_name(s.errors.iter().copied()),
     }
+}
+
+/// Error counts as the operator sees them: by errno name, those that
+/// occurred only.
+fn errors_by_name(counts: impl IntoIterator<Item = (&'static str, u64)>) -> BTreeMap<String, u64> {
+    counts
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .map(|(name, n)| (name.to_owned(), n))
+        .collect()
 }
 
 impl Admin {
@@ -233,7 +252,12 @@ impl Admin {
                 status.pool_ready = r.pool_ready;
                 registry.disks().iter().map(|d| row(d, "tmpdisk")).collect()
             }
-            Backend::Single { name, kind, device } => {
+            Backend::Single {
+                name,
+                kind,
+                device,
+                errors,
+            } => {
                 status.backend = kind.clone();
                 status.exports_live = 1;
                 status.exports_created = 1;
@@ -260,6 +284,7 @@ impl Admin {
                     zeroed_bytes: 0,
                     flushes_dropped: 0,
                     fua_dropped: 0,
+                    errors: errors_by_name(errors.by_errno()),
                 }]
             }
         };

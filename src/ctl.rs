@@ -427,7 +427,7 @@ fn detail(e: &ExportRow) -> String {
          connections:     {} now, {} in all\nage:             {}\n\
          reads:           {} ({} bytes)\nwrites:          {} ({} bytes)\n\
          trims:           {} ({} bytes)\nzeroes:          {} ({} bytes)\n\
-         flushes dropped: {}\nFUA dropped:     {}\n\n",
+         flushes dropped: {}\nFUA dropped:     {}\nerrors:          {}\n\n",
         e.name,
         e.owner,
         e.backend,
@@ -450,7 +450,21 @@ fn detail(e: &ExportRow) -> String {
         e.zeroed_bytes,
         e.flushes_dropped,
         e.fua_dropped,
+        errors_text(e),
     )
+}
+
+/// Error replies as `ENOSPC 3, EINVAL 1`, or `none`.
+fn errors_text(e: &ExportRow) -> String {
+    if e.errors.is_empty() {
+        return "none".to_owned();
+    }
+    let counts: Vec<String> = e
+        .errors
+        .iter()
+        .map(|(errno, n)| format!("{errno} {n}"))
+        .collect();
+    counts.join(", ")
 }
 
 /// `ctl status`'s text.

@@ -431,17 +431,18 @@ fn build_exports(
     };
     let device = open_backend(backend, &args.params, &options)?;
     let may_block = device.capabilities().may_block;
-    let admin = AdminBackend::Single {
-        name: args.export_name().to_owned(),
-        kind: backend.to_owned(),
-        device: device.clone(),
-    };
     let export = SingleExport::new(
         args.export_name().to_owned(),
         args.description.clone(),
-        device,
+        device.clone(),
         args.readonly,
     );
+    let admin = AdminBackend::Single {
+        name: args.export_name().to_owned(),
+        kind: backend.to_owned(),
+        device,
+        errors: export.errors(),
+    };
     Ok((Arc::new(export), may_block, admin))
 }
 

@@ -370,6 +370,7 @@ impl Drop for Disk {
             zeroed_bytes = s.zeroed_bytes,
             flushes_dropped = s.flushes_dropped,
             fua_dropped = s.fua_dropped,
+            errors = ?s.errors,
             allocated_bytes = s.allocated_bytes,
             "scratch disk destroyed"
         );
@@ -854,6 +855,7 @@ impl Shared {
                 disk: disk.clone(),
             })),
             members: Some(disk.members.clone()),
+            errors: disk.device.errors(),
         }
     }
 

@@ -24,7 +24,7 @@ use scratchd_proto::{Codec, Errno};
 use scratchd_store::BlockDevice;
 use tracing::{debug, info};
 
-use crate::counters::HandshakeFailure;
+use crate::counters::{ErrorCounts, HandshakeFailure};
 use crate::executor::{self, PoolRequest, ReplyContext, Scratch};
 use crate::export::{OpenExport, PeerCatalog};
 use crate::identity::{Fingerprint, Identity};
@@ -109,7 +109,9 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     info!(export = %session.export.name, mode = ?session.mode, "transmission started");
     let pooled = export.device.capabilities().may_block;
     let replies = Replies::new(writer, control, ctx.reply_timeout, pooled);
-    Transmission::new(input, replies, &session, export, ctx).run()
+    // Borrowed by every request of the connection; the export holds it too.
+    let errors = export.errors.clone();
+    Transmission::new(input, replies, &session, &errors, export, ctx).run()
 }
 
 /// Runs the option haggling until transmission starts (`Some`) or the
@@ -265,7 +267,7 @@ struct Transmission<'a> {
     /// Requests run on this thread (backends that never block), not on the
     /// worker pool.
     inline: bool,
-    cx: ReplyContext,
+    cx: ReplyContext<'a>,
     header_len: usize,
     scratch: Scratch,
     /// Payloads too large for the input buffer (inline connections).
@@ -298,6 +300,7 @@ impl<'a> Transmission<'a> {
         input: Input,
         replies: Replies,
         session: &'a Session,
+        errors: &'a ErrorCounts,
         export: OpenExport,
         ctx: &'a ServerContext,
     ) -> Self {
@@ -312,6 +315,7 @@ impl<'a> Transmission<'a> {
             cx: ReplyContext {
                 mode: session.mode,
                 base_allocation: session.base_allocation,
+                errors,
             },
             header_len: request::request_len(session.mode),
             scratch: Scratch::default(),
@@ -340,7 +344,7 @@ impl<'a> Transmission<'a> {
             match self.next_request()? {
                 Next::Execute(req) => self.dispatch(req)?,
                 Next::Refuse { to, errno, message } => {
-                    crate::counters::error_replied(errno);
+                    crate::counters::error_replied(errno, self.cx.errors);
                     reply::put_error(self.replies.batch(), self.cx.mode, to, errno, message)
                 }
                 Next::Disconnect => return Ok(()),
@@ -492,7 +496,9 @@ impl<'a> Transmission<'a> {
         let job = PoolRequest {
             device: self.device.clone(),
             cmd,
-            cx: self.cx,
+            mode: self.cx.mode,
+            base_allocation: self.cx.base_allocation,
+            errors: self.export.errors.clone(),
             to,
             payload,
             ticket,
