@@ -105,7 +105,21 @@ pub struct Status {
     /// last bound.
     pub creation_counts: Vec<u64>,
     pub creation_seconds_sum: f64,
+    /// Formatted disks ready, in all pools.
     pub pool_ready: u64,
+    /// tmpdisk: each pool, the default class's first (even without one).
+    #[serde(default)]
+    pub pools: Vec<Pool>,
+}
+
+/// One class's pool of formatted disks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pool {
+    /// The class (`[[class]]`'s pattern), or `default`.
+    pub class: String,
+    pub ready: u64,
+    /// How many it keeps ready (`pool=`).
+    pub target: u64,
 }
 
 /// Both at one moment.
@@ -231,6 +245,7 @@ impl Admin {
             creation_counts: vec![0; CREATION_BUCKETS_MS.len() + 1],
             creation_seconds_sum: 0.0,
             pool_ready: 0,
+            pools: Vec::new(),
         };
         let exports = match &self.backend {
             Backend::Tmpdisk(registry) => {
@@ -250,6 +265,15 @@ impl Admin {
                 status.creation_counts = r.creation_buckets;
                 status.creation_seconds_sum = r.creation_seconds;
                 status.pool_ready = r.pool_ready;
+                status.pools = r
+                    .pools
+                    .into_iter()
+                    .map(|p| Pool {
+                        class: p.class,
+                        ready: p.ready,
+                        target: p.target,
+                    })
+                    .collect();
                 registry.disks().iter().map(|d| row(d, "tmpdisk")).collect()
             }
             Backend::Single {

@@ -449,11 +449,12 @@ pool = 2
         assert_eq!(merged.class.len(), 2);
         assert_eq!(merged.class[0].get("match").unwrap().text(), "big-*");
         assert_eq!(merged.class[1].get("type").unwrap().text(), "none");
-        let e = file("[[class]]\nmatch = \"a*\"\npool = 2\n")
+        assert!(file("[[class]]\nmatch = \"a*\"\npool = 2\n").is_ok());
+        let e = file("[[class]]\nmatch = \"a*\"\ncommand = \"true\"\n")
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("line 3: unknown key \"pool\" in [[class]]"),
+            e.contains("line 3: unknown key \"command\" in [[class]]"),
             "{e}"
         );
         let e = file("[[class]]\nsize = 2\n").unwrap_err().to_string();

@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 use tracing::{debug, warn};
 
 use crate::admin::{Acted, Admin, ExportRow, Status};
+use scratchd_scratch::config::DEFAULT_CLASS;
 
 /// A request or answer larger than this is refused.
 const MAX_LINE: u64 = 64 * 1024;
@@ -467,6 +468,23 @@ fn errors_text(e: &ExportRow) -> String {
     counts.join(", ")
 }
 
+/// The pools by class, when a class has one of its own: ` (default 2 of
+/// 2, big-* 1 of 1)`.
+fn pools_text(pools: &[crate::admin::Pool]) -> String {
+    let each: Vec<String> = pools
+        .iter()
+        .filter(|p| p.target > 0)
+        .map(|p| format!("{} {} of {}", p.class, p.ready, p.target))
+        .collect();
+    let only_default = pools
+        .iter()
+        .all(|p| p.target == 0 || p.class == DEFAULT_CLASS);
+    if only_default {
+        return String::new();
+    }
+    format!(" ({})", each.join(", "))
+}
+
 /// `ctl status`'s text.
 fn status_text(s: &Status) -> String {
     let budget = |b: Option<crate::admin::Budget>| match b {
@@ -481,7 +499,7 @@ fn status_text(s: &Status) -> String {
     format!(
         "backend:      {}\nuptime:       {}\nmemory:       {}\ndisk:         {}\n\
          exports:      {} live, {} created, {} destroyed\n\
-         connections:  {} open, {} accepted, {} refused\npool ready:   {}\n",
+         connections:  {} open, {} accepted, {} refused\npool ready:   {}{}\n",
         s.backend,
         human_secs(s.uptime_s),
         budget(s.memory),
@@ -493,5 +511,6 @@ fn status_text(s: &Status) -> String {
         s.connections_accepted,
         s.connections_refused,
         s.pool_ready,
+        pools_text(&s.pools),
     )
 }

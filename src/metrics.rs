@@ -287,12 +287,25 @@ impl Collector for Snapshots {
             Counter,
             &[(none(), s.exports_destroyed)],
         )?;
+        let pools = |f: &dyn Fn(&crate::admin::Pool) -> u64| -> Vec<(Labels, u64)> {
+            s.pools
+                .iter()
+                .map(|p| (vec![("class", p.class.clone())], f(p)))
+                .collect()
+        };
         family(
             e,
             "scratchd_pool_ready",
-            "Formatted disks ready in the pool",
+            "Formatted disks ready in the class's pool",
             Gauge,
-            &[(none(), s.pool_ready)],
+            &pools(&|p| p.ready),
+        )?;
+        family(
+            e,
+            "scratchd_pool_target",
+            "Formatted disks the class's pool keeps ready (pool=)",
+            Gauge,
+            &pools(&|p| p.target),
         )?;
         family(
             e,

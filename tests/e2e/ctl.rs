@@ -125,14 +125,15 @@ fn start(flags: &[&str], params: &[&str]) -> Setup {
 }
 
 /// `scratchd ctl --control PATH ARGS…`, which must succeed; its output.
-fn ctl(control: &Path, args: &[&str]) -> String {
+pub(crate) fn ctl(control: &Path, args: &[&str]) -> String {
     stdout(&run(Command::new(SCRATCHD)
         .args(["ctl", "--control"])
         .arg(control)
         .args(args)))
 }
 
-fn ctl_json(control: &Path, args: &[&str]) -> Json {
+/// [`ctl`] with `--json`, parsed.
+pub(crate) fn ctl_json(control: &Path, args: &[&str]) -> Json {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
     Json::parse(&ctl(control, &all))
@@ -424,6 +425,11 @@ fn metrics_move_with_traffic() {
     let s = scrape(&url);
     assert_eq!(value(&s, "scratchd_exports"), 0.0);
     assert!(value(&s, "scratchd_budget_limit_bytes{kind=\"memory\"}") > 0.0);
+    // The default class's pool (none here) has its series all the same.
+    assert!(s
+        .iter()
+        .any(|(k, _)| k == "scratchd_pool_target{class=\"default\"}"));
+    assert_eq!(value(&s, "scratchd_pool_ready{class=\"default\"}"), 0.0);
 
     let build = Build::start(&server, "m", 1 << 20, 3);
     let owner = me();
