@@ -21,8 +21,9 @@ fn main() {
     println!("cargo:rustc-env=SCRATCHD_VERSION={version} ({commit}, built {date}, {profile})");
     println!("cargo:rustc-env=SCRATCHD_BUILD_DATE={date}");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
-    // Sources decide whether the tree is dirty; the git files below decide
-    // the commit. Cargo scans directories for changes.
+    // The binary's sources decide whether the tree is dirty (an edit only
+    // to tests or docs leaves the mark as it was: the binary is the same);
+    // the git files below decide the commit. Cargo scans directories.
     for path in ["build.rs", "Cargo.toml", "Cargo.lock", "src", "crates"] {
         println!("cargo:rerun-if-changed={path}");
     }

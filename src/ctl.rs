@@ -27,12 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use scratchd_scratch::config::DEFAULT_CLASS;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
 use crate::admin::{Acted, Admin, ExportRow, Status};
-use scratchd_scratch::config::DEFAULT_CLASS;
 
 /// A request or answer larger than this is refused.
 const MAX_LINE: u64 = 64 * 1024;

@@ -120,7 +120,7 @@ pub fn config_with_classes(
 }
 
 /// The class `class` describes, with what it leaves out from `base` (but
-/// `pool`: [tmpdisk]'s pool is the default class's, and ready disks cost
+/// `pool`: `[tmpdisk]`'s pool is the default class's, and ready disks cost
 /// memory, so a class keeps none unless it says so).
 fn class_config(base: &[String], class: &ClassParams) -> Result<Class, UsageError> {
     let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '*');
