@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 need=()
 for tool in nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdfuse:nbdfuse qemu-img:qemu-utils \
             fio:fio nbdkit:nbdkit mkfs.ext4:e2fsprogs openssl:openssl losetup:mount \
-            systemd-analyze:systemd curl:curl ip:iproute2 ss:iproute2; do
+            systemd-analyze:systemd curl:curl ip:iproute2 ss:iproute2 groff:groff-base; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)

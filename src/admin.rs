@@ -5,12 +5,14 @@
 //! A [`Snapshot`] is taken on demand (a `ctl` request, a scrape) from the
 //! registry's own counters; nothing here is on the data path.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use scratchd_scratch::owner::Owner;
 use scratchd_scratch::registry::{DiskKey, DiskState, DiskView, Keep, CREATION_BUCKETS_MS};
 use scratchd_scratch::ScratchExports;
+use scratchd_server::counters::ErrorCounts;
 use scratchd_server::ServerContext;
 use scratchd_store::BlockDevice;
 use serde::{Deserialize, Serialize};
@@ -24,6 +26,8 @@ pub enum Backend {
         name: String,
         kind: String,
         device: Arc<dyn BlockDevice>,
+        /// Its error replies.
+        errors: Arc<ErrorCounts>,
     },
 }
 
@@ -68,6 +72,10 @@ pub struct ExportRow {
     pub zeroed_bytes: u64,
     pub flushes_dropped: u64,
     pub fua_dropped: u64,
+    /// Error replies sent for its requests, by errno name (`ENOSPC`); those
+    /// that occurred only.
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
 }
 
 /// A budget's use.
@@ -97,7 +105,21 @@ pub struct Status {
     /// last bound.
     pub creation_counts: Vec<u64>,
     pub creation_seconds_sum: f64,
+    /// Formatted disks ready, in all pools.
     pub pool_ready: u64,
+    /// tmpdisk: each pool, the default class's first (even without one).
+    #[serde(default)]
+    pub pools: Vec<Pool>,
+}
+
+/// One class's pool of formatted disks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pool {
+    /// The class (`[[class]]`'s pattern), or `default`.
+    pub class: String,
+    pub ready: u64,
+    /// How many it keeps ready (`pool=`).
+    pub target: u64,
 }
 
 /// Both at one moment.
@@ -190,7 +212,18 @@ fn row(view: &DiskView, kind: &str) -> ExportRow {
         zeroed_bytes: s.zeroed_bytes,
         flushes_dropped: s.flushes_dropped,
         fua_dropped: s.fua_dropped,
+        errors: errors_by_name(s.errors.iter().copied()),
     }
+}
+
+/// Error counts as the operator sees them: by errno name, those that
+/// occurred only.
+fn errors_by_name(counts: impl IntoIterator<Item = (&'static str, u64)>) -> BTreeMap<String, u64> {
+    counts
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .map(|(name, n)| (name.to_owned(), n))
+        .collect()
 }
 
 impl Admin {
@@ -212,6 +245,7 @@ impl Admin {
             creation_counts: vec![0; CREATION_BUCKETS_MS.len() + 1],
             creation_seconds_sum: 0.0,
             pool_ready: 0,
+            pools: Vec::new(),
         };
         let exports = match &self.backend {
             Backend::Tmpdisk(registry) => {
@@ -231,9 +265,23 @@ impl Admin {
                 status.creation_counts = r.creation_buckets;
                 status.creation_seconds_sum = r.creation_seconds;
                 status.pool_ready = r.pool_ready;
+                status.pools = r
+                    .pools
+                    .into_iter()
+                    .map(|p| Pool {
+                        class: p.class,
+                        ready: p.ready,
+                        target: p.target,
+                    })
+                    .collect();
                 registry.disks().iter().map(|d| row(d, "tmpdisk")).collect()
             }
-            Backend::Single { name, kind, device } => {
+            Backend::Single {
+                name,
+                kind,
+                device,
+                errors,
+            } => {
                 status.backend = kind.clone();
                 status.exports_live = 1;
                 status.exports_created = 1;
@@ -260,6 +308,7 @@ impl Admin {
                     zeroed_bytes: 0,
                     flushes_dropped: 0,
                     fua_dropped: 0,
+                    errors: errors_by_name(errors.by_errno()),
                 }]
             }
         };

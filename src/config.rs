@@ -91,8 +91,9 @@ pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error>
     Ok(Some(text))
 }
 
-/// `reply-timeout = "60s"` or a number of seconds.
-pub fn reply_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+/// `reply-timeout = "60s"`, `handshake-timeout = 10`: a duration or a
+/// number of seconds, more than 0.
+pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = d.deserialize_any(TextVisitor("a duration such as \"60s\", or seconds"))?;
     crate::serve::parse_reply_timeout(&text)
         .map(Some)
@@ -251,6 +252,7 @@ impl ServeArgs {
             tls_certificates,
             tls_verify_peer,
             reply_timeout,
+            handshake_timeout,
             tcp_keepalive,
             verbose,
             log_level,
@@ -291,6 +293,7 @@ impl ServeArgs {
             tls_certificates: tls_certificates.or(file.tls_certificates),
             tls_verify_peer: tls_verify_peer || file.tls_verify_peer,
             reply_timeout: reply_timeout.or(file.reply_timeout),
+            handshake_timeout: handshake_timeout.or(file.handshake_timeout),
             tcp_keepalive: tcp_keepalive.or(file.tcp_keepalive),
             verbose: if verbose > 0 { verbose } else { file.verbose },
             log_level: log_level.or(file.log_level),
@@ -446,11 +449,12 @@ pool = 2
         assert_eq!(merged.class.len(), 2);
         assert_eq!(merged.class[0].get("match").unwrap().text(), "big-*");
         assert_eq!(merged.class[1].get("type").unwrap().text(), "none");
-        let e = file("[[class]]\nmatch = \"a*\"\npool = 2\n")
+        assert!(file("[[class]]\nmatch = \"a*\"\npool = 2\n").is_ok());
+        let e = file("[[class]]\nmatch = \"a*\"\ncommand = \"true\"\n")
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("line 3: unknown key \"pool\" in [[class]]"),
+            e.contains("line 3: unknown key \"command\" in [[class]]"),
             "{e}"
         );
         let e = file("[[class]]\nsize = 2\n").unwrap_err().to_string();

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use scratchd_scratch::config::DEFAULT_CLASS;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{debug, warn};
@@ -212,6 +213,8 @@ pub enum CtlCommand {
     /// debugging a finished build.
     Keep {
         name: String,
+        /// Which owner's disk (all of them if several owners have one of
+        /// that name and this is left out).
         #[arg(long, value_name = "OWNER")]
         owner: Option<String>,
         /// How long to keep it after its last connection (default: until
@@ -425,7 +428,7 @@ fn detail(e: &ExportRow) -> String {
          connections:     {} now, {} in all\nage:             {}\n\
          reads:           {} ({} bytes)\nwrites:          {} ({} bytes)\n\
          trims:           {} ({} bytes)\nzeroes:          {} ({} bytes)\n\
-         flushes dropped: {}\nFUA dropped:     {}\n\n",
+         flushes dropped: {}\nFUA dropped:     {}\nerrors:          {}\n\n",
         e.name,
         e.owner,
         e.backend,
@@ -448,7 +451,38 @@ fn detail(e: &ExportRow) -> String {
         e.zeroed_bytes,
         e.flushes_dropped,
         e.fua_dropped,
+        errors_text(e),
     )
+}
+
+/// Error replies as `ENOSPC 3, EINVAL 1`, or `none`.
+fn errors_text(e: &ExportRow) -> String {
+    if e.errors.is_empty() {
+        return "none".to_owned();
+    }
+    let counts: Vec<String> = e
+        .errors
+        .iter()
+        .map(|(errno, n)| format!("{errno} {n}"))
+        .collect();
+    counts.join(", ")
+}
+
+/// The pools by class, when a class has one of its own: ` (default 2 of
+/// 2, big-* 1 of 1)`.
+fn pools_text(pools: &[crate::admin::Pool]) -> String {
+    let each: Vec<String> = pools
+        .iter()
+        .filter(|p| p.target > 0)
+        .map(|p| format!("{} {} of {}", p.class, p.ready, p.target))
+        .collect();
+    let only_default = pools
+        .iter()
+        .all(|p| p.target == 0 || p.class == DEFAULT_CLASS);
+    if only_default {
+        return String::new();
+    }
+    format!(" ({})", each.join(", "))
 }
 
 /// `ctl status`'s text.
@@ -465,7 +499,7 @@ fn status_text(s: &Status) -> String {
     format!(
         "backend:      {}\nuptime:       {}\nmemory:       {}\ndisk:         {}\n\
          exports:      {} live, {} created, {} destroyed\n\
-         connections:  {} open, {} accepted, {} refused\npool ready:   {}\n",
+         connections:  {} open, {} accepted, {} refused\npool ready:   {}{}\n",
         s.backend,
         human_secs(s.uptime_s),
         budget(s.memory),
@@ -477,5 +511,6 @@ fn status_text(s: &Status) -> String {
         s.connections_accepted,
         s.connections_refused,
         s.pool_ready,
+        pools_text(&s.pools),
     )
 }

@@ -11,6 +11,7 @@ mod admin;
 mod backend;
 mod config;
 mod ctl;
+mod generate;
 mod metrics;
 mod notify;
 mod run;
@@ -18,12 +19,13 @@ mod serve;
 mod size;
 mod tmpdisk;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "scratchd",
-    version,
+    // The crate version, commit, build date and profile (build.rs).
+    version = env!("SCRATCHD_VERSION"),
     about = "Fast throw-away NBD scratch disks for package builds"
 )]
 struct Cli {
@@ -44,6 +46,8 @@ enum Command {
     /// Look at and act on a running server through its control socket
     /// (`serve --control PATH`): list, show, drop and keep disks, status.
     Ctl(ctl::CtlArgs),
+    /// Write manual pages or shell completions made from these commands.
+    Generate(generate::GenerateArgs),
     /// (internal) The watchdog of a `scratchd run`.
     #[command(hide = true)]
     RunWatchdog,
@@ -55,6 +59,7 @@ fn main() {
         Command::Serve(args) => serve::main(args),
         Command::Run(args) => run::main(args),
         Command::Ctl(args) => ctl::main(args),
+        Command::Generate(args) => generate::main(args, Cli::command()),
         Command::RunWatchdog => run::watchdog_main(),
     };
     std::process::exit(code);

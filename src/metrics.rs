@@ -118,6 +118,20 @@ fn export_labels(e: &ExportRow) -> Labels {
     ]
 }
 
+/// The per-export error series: one per export and errno that occurred
+/// (all eight for every disk would be mostly zeros, and exports are many).
+fn by_errno(exports: &[ExportRow]) -> Vec<(Labels, u64)> {
+    let mut out = Vec::new();
+    for e in exports {
+        for (errno, n) in &e.errors {
+            let mut labels = export_labels(e);
+            labels.push(("errno", errno.clone()));
+            out.push((labels, *n));
+        }
+    }
+    out
+}
+
 /// Writes one metric family: `values` by label set.
 fn family(
     encoder: &mut DescriptorEncoder,
@@ -225,6 +239,13 @@ impl Collector for Snapshots {
             Counter,
             &per_export(&|e| e.fua_dropped),
         )?;
+        family(
+            e,
+            "scratchd_export_errors",
+            "Error replies sent for the export's requests, by errno (those that occurred)",
+            Counter,
+            &by_errno(&snap.exports),
+        )?;
         let budgets = |f: &dyn Fn(&crate::admin::Budget) -> u64| -> Vec<(Labels, u64)> {
             [("memory", s.memory), ("disk", s.disk)]
                 .into_iter()
@@ -266,12 +287,25 @@ impl Collector for Snapshots {
             Counter,
             &[(none(), s.exports_destroyed)],
         )?;
+        let pools = |f: &dyn Fn(&crate::admin::Pool) -> u64| -> Vec<(Labels, u64)> {
+            s.pools
+                .iter()
+                .map(|p| (vec![("class", p.class.clone())], f(p)))
+                .collect()
+        };
         family(
             e,
             "scratchd_pool_ready",
-            "Formatted disks ready in the pool",
+            "Formatted disks ready in the class's pool",
             Gauge,
-            &[(none(), s.pool_ready)],
+            &pools(&|p| p.ready),
+        )?;
+        family(
+            e,
+            "scratchd_pool_target",
+            "Formatted disks the class's pool keeps ready (pool=)",
+            Gauge,
+            &pools(&|p| p.target),
         )?;
         family(
             e,

@@ -127,8 +127,13 @@ pub struct ServeArgs {
     /// Cut off a client that reads none of its replies for this long while
     /// some are waiting for it (its queued replies are dropped; default 60s).
     #[arg(long, value_name = "DURATION", value_parser = parse_reply_timeout)]
-    #[serde(default, deserialize_with = "config::reply_timeout")]
+    #[serde(default, deserialize_with = "config::positive_duration")]
     pub reply_timeout: Option<Duration>,
+    /// Drop a client that takes longer than this to send a handshake
+    /// message or finish its TLS handshake (default 10s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_reply_timeout)]
+    #[serde(default, deserialize_with = "config::positive_duration")]
+    pub handshake_timeout: Option<Duration>,
     /// TCP keepalive: probe a TCP client after this long without traffic
     /// and end its connection when it vanished (about twice this); 0: off
     /// (default 60s).
@@ -293,6 +298,9 @@ pub fn main(args: ServeArgs) -> i32 {
         .with_allow(args.allow.clone())
         .with_max_per_peer(args.max_connections_per_peer.filter(|&n| n > 0)),
         reply_timeout: args.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
+        handshake_timeout: args
+            .handshake_timeout
+            .unwrap_or(scratchd_server::connection::DEFAULT_HANDSHAKE_TIMEOUT),
         tcp_keepalive: Some(args.tcp_keepalive.unwrap_or(DEFAULT_TCP_KEEPALIVE))
             .filter(|d| !d.is_zero()),
         tls,
@@ -423,17 +431,18 @@ fn build_exports(
     };
     let device = open_backend(backend, &args.params, &options)?;
     let may_block = device.capabilities().may_block;
-    let admin = AdminBackend::Single {
-        name: args.export_name().to_owned(),
-        kind: backend.to_owned(),
-        device: device.clone(),
-    };
     let export = SingleExport::new(
         args.export_name().to_owned(),
         args.description.clone(),
-        device,
+        device.clone(),
         args.readonly,
     );
+    let admin = AdminBackend::Single {
+        name: args.export_name().to_owned(),
+        kind: backend.to_owned(),
+        device,
+        errors: export.errors(),
+    };
     Ok((Arc::new(export), may_block, admin))
 }
 

@@ -52,8 +52,11 @@ pub const KEYS: Keys = &[
 ];
 
 /// The keys an export class (`[[class]]` in the config file) may set,
-/// besides `match`; the others come from `[tmpdisk]`.
-pub const CLASS_KEYS: &[&str] = &["size", "type", "backing", "quota", "linger", "label"];
+/// besides `match`; the others come from `[tmpdisk]`, except `pool`: a
+/// class has a pool only when it asks for one.
+pub const CLASS_KEYS: &[&str] = &[
+    "size", "type", "backing", "quota", "linger", "label", "pool",
+];
 
 /// An export class as written: its pattern and its `KEY=VALUE`s.
 #[derive(Debug, Clone, Default)]
@@ -116,7 +119,9 @@ pub fn config_with_classes(
     Ok(config)
 }
 
-/// The class `class` describes, with what it leaves out from `base`.
+/// The class `class` describes, with what it leaves out from `base` (but
+/// `pool`: `[tmpdisk]`'s pool is the default class's, and ready disks cost
+/// memory, so a class keeps none unless it says so).
 fn class_config(base: &[String], class: &ClassParams) -> Result<Class, UsageError> {
     let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '*');
     if class.pattern.is_empty() || class.pattern.len() > 128 || !class.pattern.chars().all(valid) {
@@ -136,7 +141,7 @@ fn class_config(base: &[String], class: &ClassParams) -> Result<Class, UsageErro
     let mut params = class.params.clone();
     for (i, p) in base.iter().enumerate() {
         let key = key_of(i, p);
-        if !own.contains(&key) {
+        if !own.contains(&key) && key != "pool" {
             params.push(if p.contains('=') {
                 p.clone()
             } else {
@@ -156,6 +161,7 @@ fn class_config(base: &[String], class: &ClassParams) -> Result<Class, UsageErro
         format: c.format,
         backing: c.backing,
         linger: c.linger,
+        pool: c.pool,
     })
 }
 
@@ -339,7 +345,7 @@ mod tests {
                     "big-*",
                     &["size=200G", "backing=dir:/var/tmp", "quota=100G"],
                 ),
-                ("raw-*", &["type=none", "linger=0"]),
+                ("raw-*", &["type=none", "linger=0", "pool=3"]),
             ],
         )
         .unwrap();
@@ -356,6 +362,7 @@ mod tests {
         assert_eq!(big.format.kind, FormatKind::Filesystem("ext4".into()));
         assert_eq!((raw.size, raw.linger), (20 << 30, Duration::ZERO));
         assert_eq!(raw.format.kind, FormatKind::None);
+        assert_eq!((big.pool, raw.pool), (0, 3), "a pool is never inherited");
     }
 
     #[test]
@@ -368,6 +375,8 @@ mod tests {
         assert!(e.contains("big-*") && e.contains("linger"), "{e}");
         let e = err(&[("big-*", &["backing=disk"])]);
         assert!(e.contains("big-*") && e.contains("backing=\"disk\""), "{e}");
+        let e = err(&[("big-*", &["pool=many"])]);
+        assert!(e.contains("big-*") && e.contains("pool=\"many\""), "{e}");
         let e = err(&[("big/*", &["size=1G"])]);
         assert!(e.contains("big/*") && e.contains("pattern"), "{e}");
         // --disk-limit needs some disk in files: a class's will do.

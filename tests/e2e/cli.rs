@@ -1,7 +1,10 @@
 //! Command-line errors: bad usage exits 2 with a message that says what is
-//! valid; a backend that cannot be opened exits 1.
+//! valid; a backend that cannot be opened exits 1. And `--version`, which
+//! names the build.
 
-use crate::util::{poll, run_status, scratchd_serve};
+use std::process::Command;
+
+use crate::util::{poll, run, run_status, scratchd_serve, stdout, SCRATCHD};
 
 /// Runs `scratchd serve ARGS` expecting failure; returns (code, stderr).
 fn refused(args: &[&str]) -> (i32, String) {
@@ -98,14 +101,14 @@ os.set_inheritable(3, True)
 os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
 os.execv(sys.argv[2], [sys.argv[2], "serve", "memory", "size=1M"])
 "#;
-    let mut child = std::process::Command::new("/usr/bin/python3")
+    let mut child = Command::new("/usr/bin/python3")
         .args(["-c", launcher])
         .arg(&sock)
         .arg(crate::util::SCRATCHD)
         .spawn()
         .unwrap();
     let info = poll(std::time::Duration::from_secs(10), || {
-        let out = std::process::Command::new("nbdinfo")
+        let out = Command::new("nbdinfo")
             .arg("--size")
             .arg(format!("nbd+unix:///?socket={}", sock.display()))
             .output()
@@ -134,7 +137,7 @@ os.closerange(3, 4)
 os.execv(sys.argv[1], [sys.argv[1], "serve", "memory", "size=1M"])
 "#;
     let (code, out) = run_status(
-        std::process::Command::new("/usr/bin/python3")
+        Command::new("/usr/bin/python3")
             .args(["-c", launcher])
             .arg(crate::util::SCRATCHD),
     );
@@ -144,4 +147,36 @@ os.execv(sys.argv[1], [sys.argv[1], "serve", "memory", "size=1M"])
         stderr.contains("descriptor 3, which is not open"),
         "{stderr}"
     );
+}
+
+/// `--version` names the crate version and, in a git checkout, the commit
+/// it was built from.
+#[test]
+fn version_names_the_commit() {
+    let out = run(Command::new(SCRATCHD).arg("--version"));
+    let version = stdout(&out);
+    assert!(
+        version.starts_with(&format!("scratchd {} (", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    assert!(version.contains("built 2"), "the build date: {version}");
+    let head = Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ])
+        .output();
+    match head {
+        Ok(o) if o.status.success() => {
+            let hash = stdout(&o).trim().to_owned();
+            assert!(
+                version.contains(&format!("({hash}")),
+                "{version} lacks {hash}"
+            );
+        }
+        _ => assert!(version.contains("(unknown,"), "{version}"),
+    }
 }

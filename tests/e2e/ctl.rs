@@ -125,14 +125,15 @@ fn start(flags: &[&str], params: &[&str]) -> Setup {
 }
 
 /// `scratchd ctl --control PATH ARGS…`, which must succeed; its output.
-fn ctl(control: &Path, args: &[&str]) -> String {
+pub(crate) fn ctl(control: &Path, args: &[&str]) -> String {
     stdout(&run(Command::new(SCRATCHD)
         .args(["ctl", "--control"])
         .arg(control)
         .args(args)))
 }
 
-fn ctl_json(control: &Path, args: &[&str]) -> Json {
+/// [`ctl`] with `--json`, parsed.
+pub(crate) fn ctl_json(control: &Path, args: &[&str]) -> Json {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
     Json::parse(&ctl(control, &all))
@@ -424,6 +425,11 @@ fn metrics_move_with_traffic() {
     let s = scrape(&url);
     assert_eq!(value(&s, "scratchd_exports"), 0.0);
     assert!(value(&s, "scratchd_budget_limit_bytes{kind=\"memory\"}") > 0.0);
+    // The default class's pool (none here) has its series all the same.
+    assert!(s
+        .iter()
+        .any(|(k, _)| k == "scratchd_pool_target{class=\"default\"}"));
+    assert_eq!(value(&s, "scratchd_pool_ready{class=\"default\"}"), 0.0);
 
     let build = Build::start(&server, "m", 1 << 20, 3);
     let owner = me();
@@ -495,14 +501,21 @@ fn metrics_move_with_traffic() {
 
 /// An ENOSPC write (past the disk's quota) moves
 /// `scratchd_errors_total{errno="ENOSPC"}`; a client sending garbage
-/// instead of an option, one refused its export and one leaving mid-handshake move
+/// instead of an option, one refused its export, one leaving mid-handshake
+/// and one saying nothing past `--handshake-timeout` move
 /// `scratchd_handshake_failures_total` by reason.
 #[test]
 fn metrics_count_errors_and_failed_handshakes() {
     use std::io::Read;
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let Setup { server, _dir, .. } = start(&["--metrics", &addr], &["quota=1M"]);
+    let Setup { server, _dir, .. } = start(
+        &["--metrics", &addr, "--handshake-timeout", "1s"],
+        &["quota=1M"],
+    );
+    // Greeted, then silent: dropped after the handshake timeout.
+    let mut silent = server.connect();
+    let silent_since = std::time::Instant::now();
     let url = format!("http://{addr}/metrics");
     let enospc = "scratchd_errors_total{errno=\"ENOSPC\"}";
     let failures =
@@ -561,6 +574,98 @@ except nbd.Error as e:
                 && value(&s, &failures("refused")) >= 1.0
         },
     );
+    let mut rest = Vec::new();
+    let _ = silent.read_to_end(&mut rest);
+    let waited = silent_since.elapsed();
+    assert_eq!(rest.len(), 18, "a silent client gets the greeting only");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(5)).contains(&waited),
+        "silent client dropped after {waited:?}, expected about 1 s"
+    );
+    eventually("the timeout count", Duration::from_secs(5), || {
+        value(&scrape(&url), &failures("timeout")) == 1.0
+    });
+}
+
+/// Error replies are counted per export, by errno: a read past the end
+/// (EINVAL, refused before it reaches the disk) and writes past the quota
+/// (ENOSPC, from the disk) move `scratchd_export_errors_total` of that
+/// export only, with its export, owner, backend and class labels, and show
+/// in `ctl show`; a busy export without errors has no error series.
+#[test]
+fn metrics_count_errors_per_export_by_errno() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let Setup {
+        server,
+        control,
+        _dir,
+    } = start(&["--metrics", &addr], &["quota=1M", "linger=60s"]);
+    let url = format!("http://{addr}/metrics");
+    let errors = |export: &str, errno: &str| {
+        format!(
+            "scratchd_export_errors_total{{export=\"{export}\",owner=\"{}\",backend=\"tmpdisk\",class=\"default\",errno=\"{errno}\"}}",
+            me()
+        )
+    };
+    let server_wide = |s: &[(String, f64)], errno: &str| {
+        value(s, &format!("scratchd_errors_total{{errno=\"{errno}\"}}"))
+    };
+    let before = scrape(&url);
+    crate::util::libnbd(
+        &server.uri_for("failing"),
+        r#"
+h = connect(URI)
+h.set_strict_mode(0)
+fails("EINVAL", h.pread, 4096, h.get_size())
+for _ in range(2):
+    fails("ENOSPC", h.pwrite, b"x" * (2 << 20), 0)
+h.shutdown()
+"#,
+        &[],
+    );
+    crate::util::libnbd(
+        &server.uri_for("healthy"),
+        r#"
+h = connect(URI)
+h.pwrite(b"y" * 65536, 0)
+eq(h.pread(65536, 0), b"y" * 65536, "read back")
+h.shutdown()
+"#,
+        &[],
+    );
+    let s = scrape(&url);
+    assert_eq!(value(&s, &errors("failing", "EINVAL")), 1.0);
+    assert_eq!(value(&s, &errors("failing", "ENOSPC")), 2.0);
+    let healthy: Vec<_> = s
+        .iter()
+        .filter(|(k, _)| k.starts_with("scratchd_export_errors_total") && k.contains("\"healthy\""))
+        .collect();
+    assert!(
+        healthy.is_empty(),
+        "the healthy export has errors: {healthy:?}"
+    );
+    let healthy_writes = format!(
+        "scratchd_export_ops_total{{export=\"healthy\",owner=\"{}\",backend=\"tmpdisk\",class=\"default\",command=\"write\"}}",
+        me()
+    );
+    assert_eq!(
+        value(&s, &healthy_writes),
+        1.0,
+        "the healthy export was used"
+    );
+    // The server-wide family counts them too.
+    assert!(server_wide(&s, "EINVAL") >= server_wide(&before, "EINVAL") + 1.0);
+    assert!(server_wide(&s, "ENOSPC") >= server_wide(&before, "ENOSPC") + 2.0);
+    let show = ctl_json(&control, &["show", "failing"]);
+    assert_eq!(show.int("exports.0.errors.EINVAL"), 1);
+    assert_eq!(show.int("exports.0.errors.ENOSPC"), 2);
+    let text = ctl(&control, &["show", "failing"]);
+    assert!(
+        text.contains("errors:          EINVAL 1, ENOSPC 2"),
+        "{text}"
+    );
+    let text = ctl(&control, &["show", "healthy"]);
+    assert!(text.contains("errors:          none"), "{text}");
 }
 
 /// Every series the shipped Grafana dashboard queries is one the server
@@ -571,6 +676,12 @@ fn the_dashboard_queries_exported_metrics() {
     let addr = format!("127.0.0.1:{port}");
     let Setup { server, _dir, .. } = start(&["--metrics", &addr], &[]);
     let build = Build::start(&server, "d", 4096, 1);
+    // One error, so that the per-export error family has a series.
+    crate::util::libnbd(
+        &server.uri_for("d"),
+        "h = connect(URI)\nh.set_strict_mode(0)\nfails('EINVAL', h.pread, 512, h.get_size())\n",
+        &[],
+    );
     let names: std::collections::BTreeSet<String> = scrape(&format!("http://{addr}/metrics"))
         .into_iter()
         .map(|(series, _)| series.split('{').next().unwrap().to_owned())

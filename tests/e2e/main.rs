@@ -12,6 +12,7 @@ mod cli;
 mod ctl;
 mod faults;
 mod fio;
+mod generate;
 mod idle;
 mod isolation;
 mod limits;

@@ -325,3 +325,109 @@ fn two_client_certificates_are_two_owners() {
         "another certificate read the build's disk"
     );
 }
+
+/// Two hundred TLS connections at once, four to each of fifty build names
+/// (clients with verified certificates, one owner): each writes its own
+/// 64 KiB and every connection of a name reads all four back (multi-conn
+/// over TLS); with all of them open the server counts 200 connections on
+/// 50 disks; once they close (no linger) there are no exports and no
+/// memory in use.
+#[test]
+fn two_hundred_tls_connections_on_fifty_names_then_nothing_left() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    const NAMES: usize = 50;
+    const PER_NAME: usize = 4;
+    const CHUNK: u64 = 64 << 10;
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let (_server, port) = tls_server_with(
+        pki.path(),
+        &[
+            "--tls",
+            "require",
+            "--tls-verify-peer",
+            "--control",
+            control.to_str().unwrap(),
+        ],
+        &["tmpdisk", "size=8M", "type=none"],
+    );
+    let script = r#"
+import sys, nbd
+port, certs, names, per_name, chunk = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+def data(n, j):
+    return (f"build-{n}-conn-{j}:".encode() * chunk)[:chunk]
+handles = []
+for n in range(names):
+    for j in range(per_name):
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(certs)
+        h.set_export_name(f"tls-build-{n}")
+        h.connect_tcp("localhost", port)
+        assert h.get_tls_negotiated(), "not TLS"
+        h.pwrite(data(n, j), j * chunk)
+        handles.append((n, j, h))
+for n, j, h in handles:
+    for k in range(per_name):
+        assert h.pread(chunk, k * chunk) == data(n, k), (n, j, k)
+print("open", len(handles), flush=True)
+sys.stdin.readline()
+for _, _, h in handles:
+    h.shutdown()
+print("closed", flush=True)
+"#;
+    let started = std::time::Instant::now();
+    let mut clients = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            script,
+            &port.to_string(),
+            pki.path().to_str().unwrap(),
+        ])
+        .args([NAMES, PER_NAME, CHUNK as usize].map(|n| n.to_string()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let mut out = BufReader::new(clients.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "open 200",
+        "the clients failed (see their traceback above)"
+    );
+    let opened = started.elapsed();
+    let status = crate::ctl::ctl_json(&control, &["status"]);
+    assert_eq!(status.int("connections"), (NAMES * PER_NAME) as u64);
+    assert_eq!(status.int("exports_live"), NAMES as u64);
+    assert_eq!(status.int("exports_created"), NAMES as u64);
+    let list = crate::ctl::ctl_json(&control, &["list"]);
+    assert_eq!(list.len("exports"), NAMES);
+    assert!(list.get("exports.0.owner").starts_with("cert:"));
+    assert_eq!(
+        status.int("memory.used"),
+        NAMES as u64 * PER_NAME as u64 * CHUNK,
+        "what the builds wrote"
+    );
+
+    writeln!(clients.stdin.take().unwrap(), "close").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "closed");
+    assert!(clients.wait().unwrap().success());
+    crate::util::eventually("every disk to go", Duration::from_secs(10), || {
+        let s = crate::ctl::ctl_json(&control, &["status"]);
+        s.int("exports_live") == 0 && s.int("connections") == 0
+    });
+    let status = crate::ctl::ctl_json(&control, &["status"]);
+    assert_eq!(status.int("exports_destroyed"), NAMES as u64);
+    assert_eq!(status.int("memory.used"), 0);
+    assert_eq!(crate::ctl::ctl_json(&control, &["list"]).len("exports"), 0);
+    eprintln!(
+        "200 TLS connections opened and checked in {opened:?}, all in {:?}",
+        started.elapsed()
+    );
+}

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::ctl::ctl_json;
 use crate::util::{
     eventually, fuse_unavailable, libnbd, require, run, run_status, stdout, Nbdfuse, Server,
 };
@@ -676,4 +677,110 @@ eq(other.pread(2, 1080), EXT4_MAGIC, "default is ext4")
     };
     assert_eq!(size("big-2"), (256u64 << 20).to_string());
     assert_eq!(size("small-2"), (64u64 << 20).to_string());
+}
+
+/// `pool = N` in a `[[class]]`: each class keeps its own pool of disks of
+/// its own size, formatted in advance; both pools fill (their disks
+/// charged to the memory budget like any other), and a new name of each
+/// class gets one of its pool's disks at once, while a name of the
+/// default class, which has no pool, waits for the (deliberately slow)
+/// format command.
+#[test]
+fn each_export_class_keeps_its_own_pool() {
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let config = dir.path().join("scratchd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+backend = "tmpdisk"
+control = "{}"
+
+[tmpdisk]
+size = "8M"
+linger = "60s"
+command = "sleep 1; head -c 4096 /dev/urandom | dd of=$disk conv=notrunc status=none"
+
+[[class]]
+match = "big-*"
+size = "32M"
+pool = 2
+
+[[class]]
+match = "small-*"
+size = "16M"
+pool = 1
+"#,
+            control.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let pools = || {
+        let s = ctl_json(&control, &["status"]);
+        let pools: Vec<String> = (0..s.len("pools"))
+            .map(|i| {
+                let p = |k: &str| s.get(&format!("pools.{i}.{k}")).to_owned();
+                format!("{} {}/{}", p("class"), p("ready"), p("target"))
+            })
+            .collect();
+        (pools, s.int("pool_ready"), s.int("memory.used"))
+    };
+    let full = vec![
+        "default 0/0".to_owned(),
+        "big-* 2/2".to_owned(),
+        "small-* 1/1".to_owned(),
+    ];
+    eventually("both pools to fill", Duration::from_secs(15), || {
+        pools().0 == full
+    });
+    let (_, ready, used) = pools();
+    assert_eq!(ready, 3);
+    assert_eq!(used, 3 * 4096, "pooled disks are charged to the budget");
+    let text = crate::ctl::ctl(&control, &["status"]);
+    assert!(
+        text.contains("pool ready:   3 (big-* 2 of 2, small-* 1 of 1)"),
+        "{text}"
+    );
+
+    // Size and time of a first connection to a new name.
+    let first_connect = |name: &str| {
+        let start = Instant::now();
+        let out = run(Command::new("nbdinfo")
+            .arg("--size")
+            .arg(server.uri_for(name)));
+        (stdout(&out).trim().parse::<u64>().unwrap(), start.elapsed())
+    };
+    let (size, took) = first_connect("big-1");
+    assert_eq!(size, 32 << 20);
+    assert!(
+        took < Duration::from_millis(900),
+        "big-1 waited {took:?}: not from the pool"
+    );
+    let (size, took) = first_connect("small-1");
+    assert_eq!(size, 16 << 20);
+    assert!(
+        took < Duration::from_millis(900),
+        "small-1 waited {took:?}: not from the pool"
+    );
+    let (size, took) = first_connect("other-1");
+    assert_eq!(size, 8 << 20);
+    assert!(
+        took >= Duration::from_secs(1),
+        "the default class has no pool"
+    );
+    let show = ctl_json(&control, &["show", "big-1"]);
+    assert_eq!(show.get("exports.0.class"), "big-*");
+    assert_eq!(
+        show.int("exports.0.allocated_bytes"),
+        4096,
+        "formatted in advance"
+    );
+    eventually("the pools to refill", Duration::from_secs(15), || {
+        pools().0 == full
+    });
+    // Three pooled disks, and three named ones (lingering).
+    assert_eq!(pools().2, 6 * 4096);
 }

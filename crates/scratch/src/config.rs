@@ -53,7 +53,8 @@ pub struct FormatSpec {
 
 /// An export class: new disks whose names match `pattern` are made with
 /// these settings instead of the default ones (`[[class]]` in the config
-/// file). The budgets, the pool and the name policy stay server-wide.
+/// file), from a pool of their own if `pool` > 0. The budgets and the
+/// name policy stay server-wide.
 #[derive(Debug, Clone)]
 pub struct Class {
     /// A glob with `*` only (`big-*`); the first class matching wins.
@@ -63,6 +64,8 @@ pub struct Class {
     pub format: FormatSpec,
     pub backing: Backing,
     pub linger: Duration,
+    /// Formatted disks of this class kept ready.
+    pub pool: usize,
 }
 
 /// The class name of disks that match no class (metrics, `ctl`).
@@ -101,7 +104,7 @@ pub struct Config {
     pub backing: Backing,
     /// How long a disk outlives its last connection.
     pub linger: Duration,
-    /// Formatted disks kept ready.
+    /// Formatted disks of the default class kept ready.
     pub pool: usize,
     /// At most this many names at once (live, being created or lingering).
     pub max_exports: Option<usize>,

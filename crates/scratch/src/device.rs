@@ -191,6 +191,12 @@ impl ScratchDevice {
         }
     }
 
+    /// The disk's error replies by errno, which the server charges (each
+    /// connection holds them through its [`scratchd_server::OpenExport`]).
+    pub fn errors(&self) -> std::sync::Arc<scratchd_server::counters::ErrorCounts> {
+        self.stats.errors.clone()
+    }
+
     fn drop_fua(&self, fua: bool) {
         if fua {
             self.stats

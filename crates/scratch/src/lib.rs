@@ -18,7 +18,7 @@
 //! - [`format`](mod@format): running mkfs or the format command under a timeout.
 //! - [`spill`]: [`spill::SpillDevice`], RAM first, then an unnamed file.
 //! - [`device`]: [`ScratchDevice`], stats and the disk budget of files.
-//! - `pool`: formatted disks kept ready.
+//! - `pool`: formatted disks kept ready (one pool per class that asks).
 //! - [`stats`]: per-disk counters.
 //!
 //! The design and its trade-offs are written up in `docs/SCRATCH.md`.
@@ -101,6 +101,7 @@ pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
             pattern: class.pattern.clone(),
             factory: Arc::new(maker),
             linger: class.linger,
+            pool: class.pool,
         });
     }
     let settings = Settings {

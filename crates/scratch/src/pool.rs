@@ -1,5 +1,6 @@
 //! A pool of formatted disks kept ready (`pool=N`), so that a new build gets
-//! its disk without waiting for mkfs.
+//! its disk without waiting for mkfs. The default class and each export
+//! class with `pool = N` have one, each with its own factory and filler.
 //!
 //! One filler thread makes disks until `N` are ready and sleeps on a condvar
 //! until one is taken. Ready disks hold memory or space like any other disk
@@ -72,6 +73,11 @@ impl Pool {
     /// How many disks are ready now.
     pub(crate) fn ready(&self) -> usize {
         self.shared.lock().ready.len()
+    }
+
+    /// How many disks it keeps ready.
+    pub(crate) fn target(&self) -> usize {
+        self.shared.target
     }
 }
 

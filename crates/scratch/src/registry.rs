@@ -90,7 +90,8 @@ pub struct Settings {
     /// How long to wait for another connection's disk creation.
     pub create_timeout: Duration,
     pub read_only: bool,
-    /// Formatted disks kept ready.
+    /// Formatted disks of the default class kept ready (each class sets
+    /// its own: [`Class::pool`]).
     pub pool: usize,
     /// Who owns the disks a connection makes.
     pub owners: OwnerPolicy,
@@ -183,8 +184,22 @@ pub struct RegistryStatus {
     pub creation_buckets: Vec<u64>,
     /// Sum of creation times, in seconds.
     pub creation_seconds: f64,
-    /// Formatted disks ready in the pool.
+    /// Formatted disks ready, in all pools.
     pub pool_ready: u64,
+    /// Each pool: the default class's first (always, even without a pool),
+    /// then those of the classes that have one.
+    pub pools: Vec<PoolStatus>,
+}
+
+/// One class's pool at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// The class's pattern, or [`DEFAULT_CLASS`](crate::config::DEFAULT_CLASS).
+    pub class: String,
+    /// Formatted disks waiting.
+    pub ready: u64,
+    /// How many it keeps (`pool=`).
+    pub target: u64,
 }
 
 /// Where a disk stands.
@@ -209,17 +224,20 @@ pub enum Keep {
 }
 
 /// An export class: disks whose names match `pattern` (a glob with `*`)
-/// are made by `factory` and linger for `linger`.
+/// are made by `factory` and linger for `linger`; `pool` of them are kept
+/// ready, formatted.
 pub struct Class {
     pub pattern: String,
     pub factory: Arc<dyn DiskFactory>,
     pub linger: Duration,
+    pub pool: usize,
 }
 
-/// A class with what its disks can do, probed once.
+/// A class with what its disks can do, probed once, and its pool.
 struct ClassEntry {
     class: Class,
     caps: Capabilities,
+    pool: Option<Pool>,
 }
 
 /// One disk, for the operator.
@@ -257,8 +275,9 @@ struct Shared {
     /// What every disk can do, for INFO on names without one.
     template_caps: Capabilities,
     /// Export classes, first match wins; names matching none get
-    /// `factory`, `template_caps` and `settings.linger`.
+    /// `factory`, `template_caps`, `settings.linger` and `pool`.
     classes: Vec<ClassEntry>,
+    /// The default class's ready disks.
     pool: Option<Pool>,
     state: Mutex<State>,
     /// Wakes the reaper when a deadline is added or the registry stops.
@@ -370,6 +389,7 @@ impl Drop for Disk {
             zeroed_bytes = s.zeroed_bytes,
             flushes_dropped = s.flushes_dropped,
             fua_dropped = s.fua_dropped,
+            errors = ?s.errors,
             allocated_bytes = s.allocated_bytes,
             "scratch disk destroyed"
         );
@@ -422,8 +442,8 @@ impl ScratchExports {
     }
 
     /// A registry making disks whose names match one of `classes` with the
-    /// first that does, and the others with `factory` (the pool holds
-    /// disks of `factory` only).
+    /// first that does, and the others with `factory`; each class with a
+    /// `pool` keeps its own pool, `settings.pool` is the default class's.
     ///
     /// # Errors
     ///
@@ -433,10 +453,7 @@ impl ScratchExports {
         factory: Arc<dyn DiskFactory>,
         classes: Vec<Class>,
     ) -> std::io::Result<ScratchExports> {
-        let pool = match settings.pool {
-            0 => None,
-            n => Some(Pool::start(n, factory.clone())?),
-        };
+        let pool = start_pool(settings.pool, &factory)?;
         // The classes share the server's budgets; each knows those it uses.
         let mut budgets = factory.budgets();
         for class in &classes {
@@ -446,11 +463,14 @@ impl ScratchExports {
         }
         let classes = classes
             .into_iter()
-            .map(|class| ClassEntry {
-                caps: class.factory.capabilities(),
-                class,
+            .map(|class| {
+                Ok(ClassEntry {
+                    caps: class.factory.capabilities(),
+                    pool: start_pool(class.pool, &class.factory)?,
+                    class,
+                })
             })
-            .collect();
+            .collect::<std::io::Result<_>>()?;
         let shared = Arc::new(Shared {
             template_caps: factory.capabilities(),
             budgets,
@@ -531,7 +551,24 @@ impl ScratchExports {
             creation_buckets,
             creation_seconds: c.creation_us.load(Ordering::Relaxed) as f64 / 1e6,
             pool_ready: self.pool_ready() as u64,
+            pools: self.pools(),
         }
+    }
+
+    /// The pools: the default class's, then each class's that has one.
+    fn pools(&self) -> Vec<PoolStatus> {
+        let status = |class: &str, pool: Option<&Pool>| PoolStatus {
+            class: class.to_owned(),
+            ready: pool.map_or(0, Pool::ready) as u64,
+            target: pool.map_or(0, Pool::target) as u64,
+        };
+        let shared = &self.shared;
+        std::iter::once(status(crate::config::DEFAULT_CLASS, shared.pool.as_ref()))
+            .chain(shared.classes.iter().filter_map(|c| {
+                let pool = c.pool.as_ref()?;
+                Some(status(&c.class.pattern, Some(pool)))
+            }))
+            .collect()
     }
 
     /// Takes `key`'s disk out of the registry (a later open of the name
@@ -616,9 +653,23 @@ impl ScratchExports {
         out
     }
 
-    /// Formatted disks ready in the pool.
+    /// Formatted disks ready, in all pools.
     pub fn pool_ready(&self) -> usize {
-        self.shared.pool.as_ref().map_or(0, Pool::ready)
+        let classes = self.shared.classes.iter().filter_map(|c| c.pool.as_ref());
+        self.shared
+            .pool
+            .iter()
+            .chain(classes)
+            .map(Pool::ready)
+            .sum()
+    }
+}
+
+/// A pool of `target` disks made by `factory`, unless `target` is 0.
+fn start_pool(target: usize, factory: &Arc<dyn DiskFactory>) -> std::io::Result<Option<Pool>> {
+    match target {
+        0 => Ok(None),
+        n => Pool::start(n, factory.clone()).map(Some),
     }
 }
 
@@ -660,6 +711,14 @@ impl Shared {
         self.classes
             .iter()
             .position(|c| crate::config::glob_match(&c.class.pattern, name))
+    }
+
+    /// The pool of a class (None: the default class), if it has one.
+    fn pool_of(&self, class: Option<usize>) -> Option<&Pool> {
+        match class {
+            Some(i) => self.classes[i].pool.as_ref(),
+            None => self.pool.as_ref(),
+        }
     }
 
     /// The name of a class, for the operator.
@@ -785,11 +844,8 @@ impl Shared {
     ) -> Result<OpenExport, LookupError> {
         let start = Instant::now();
         let class = self.class_of(&key.name);
-        // The pool holds disks of the default class only.
-        let pooled = match class {
-            None => self.pool.as_ref().and_then(Pool::take),
-            Some(_) => None,
-        };
+        // Each class's pool holds disks made by that class's factory.
+        let pooled = self.pool_of(class).and_then(Pool::take);
         let from_pool = pooled.is_some();
         let made = match (pooled, class) {
             (Some(device), _) => Ok(device),
@@ -854,6 +910,7 @@ impl Shared {
                 disk: disk.clone(),
             })),
             members: Some(disk.members.clone()),
+            errors: disk.device.errors(),
         }
     }
 
@@ -1298,6 +1355,7 @@ mod tests {
             pattern: pattern.into(),
             factory: Arc::new(Sized(size)),
             linger: Duration::from_secs(linger),
+            pool: 0,
         };
         let classes = vec![
             class("big-*", 4 << 20, 60),
@@ -1334,6 +1392,53 @@ mod tests {
         );
         drop((big, small));
         assert_eq!(names(&r), ["big-1"], "big-* lingers, the default does not");
+    }
+
+    /// A class with `pool` keeps its own ready disks: a new name of that
+    /// class takes one of them (without waiting for its factory), and the
+    /// default class's pool is left alone.
+    #[test]
+    fn each_class_takes_disks_from_its_own_pool() {
+        let (default, big) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
+        let class = Class {
+            pattern: "big-*".into(),
+            factory: big.clone(),
+            linger: Duration::ZERO,
+            pool: 2,
+        };
+        let settings = Settings {
+            pool: 1,
+            ..settings()
+        };
+        let r = ScratchExports::with_classes(settings, default.clone(), vec![class]).unwrap();
+        let pools = |r: &ScratchExports| -> Vec<(String, u64, u64)> {
+            let pools = r.status().pools.into_iter();
+            pools.map(|p| (p.class, p.ready, p.target)).collect()
+        };
+        eventually("both pools to fill", || r.pool_ready() == 3);
+        assert_eq!(
+            pools(&r),
+            [("default".into(), 1, 1), ("big-*".into(), 2, 2)]
+        );
+        // From now on a factory making a disk waits: an open that needs
+        // one would hang.
+        default.hold();
+        big.hold();
+        let opened = thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let r = &r;
+            s.spawn(move || tx.send(r.open("big-1", &alice()).map(|e| e.device.size()).ok()));
+            let opened = rx.recv_timeout(Duration::from_secs(5));
+            default.open_gate();
+            big.open_gate();
+            opened
+        });
+        assert_eq!(opened, Ok(Some(1 << 20)), "big-1 waited for a new disk");
+        let by_class = pools(&r);
+        assert_eq!(by_class[0].1, 1, "the default pool is untouched");
+        eventually("big-*'s pool to refill", || r.pool_ready() == 3);
+        assert_eq!(big.made(), 3, "big-*'s pool is refilled by its factory");
+        assert_eq!(default.made(), 1);
     }
 
     #[test]

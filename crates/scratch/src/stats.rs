@@ -1,9 +1,16 @@
 //! Per-disk counters, kept with relaxed atomics on the data path and read as
-//! a [`StatsSnapshot`] by the registry (for logs now, for the admin command
-//! and metrics later).
+//! a [`StatsSnapshot`] by the registry (for its log line when the disk goes,
+//! `scratchd ctl` and the metrics).
+//!
+//! The I/O counters are the device's to keep; error replies are the
+//! server's to count (a refused request never reaches the device), so the
+//! device hands its [`ErrorCounts`] to the connections that open it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use scratchd_server::counters::ErrorCounts;
 
 /// One operation kind: how many calls and how many bytes.
 #[derive(Debug, Default)]
@@ -35,6 +42,8 @@ pub(crate) struct Stats {
     pub(crate) zeroed: Counter,
     pub(crate) flushes_dropped: AtomicU64,
     pub(crate) fua_dropped: AtomicU64,
+    /// Error replies by errno, counted by the server's connections.
+    pub(crate) errors: Arc<ErrorCounts>,
 }
 
 /// A disk's statistics at one moment.
@@ -56,6 +65,8 @@ pub struct StatsSnapshot {
     pub flushes_dropped: u64,
     /// Requests whose FUA flag was ignored.
     pub fua_dropped: u64,
+    /// Error replies by errno name (`ENOSPC`), those that were sent only.
+    pub errors: Vec<(&'static str, u64)>,
     /// Memory or disk space the disk holds now.
     pub allocated_bytes: u64,
     /// Time since the disk was given its name.
@@ -80,6 +91,12 @@ impl Stats {
             zeroed_bytes,
             flushes_dropped: self.flushes_dropped.load(Ordering::Relaxed),
             fua_dropped: self.fua_dropped.load(Ordering::Relaxed),
+            errors: self
+                .errors
+                .by_errno()
+                .into_iter()
+                .filter(|&(_, n)| n > 0)
+                .collect(),
             ..StatsSnapshot::default()
         }
     }

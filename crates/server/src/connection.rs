@@ -24,7 +24,7 @@ use scratchd_proto::{Codec, Errno};
 use scratchd_store::BlockDevice;
 use tracing::{debug, info};
 
-use crate::counters::HandshakeFailure;
+use crate::counters::{ErrorCounts, HandshakeFailure};
 use crate::executor::{self, PoolRequest, ReplyContext, Scratch};
 use crate::export::{OpenExport, PeerCatalog};
 use crate::identity::{Fingerprint, Identity};
@@ -35,8 +35,9 @@ use crate::tls::TlsMode;
 use crate::transport::{Control, Transport, WriteHalf};
 
 /// A client must send each handshake message within this time (as in
-/// qemu-nbd), so silent connections cannot pin threads forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// qemu-nbd), so silent connections cannot pin threads forever; the
+/// default of [`ServerContext::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffers larger than this (grown by a huge request) are freed when the
 /// connection waits for input; smaller ones are kept, so steady 1 MiB
 /// traffic allocates nothing.
@@ -75,7 +76,7 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
         identity,
         ..
     } = transport;
-    control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    control.set_read_timeout(Some(ctx.handshake_timeout))?;
     let mut input = Input::new(reader);
     let mut refused = false;
     let shaken = handshake(
@@ -108,7 +109,9 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     info!(export = %session.export.name, mode = ?session.mode, "transmission started");
     let pooled = export.device.capabilities().may_block;
     let replies = Replies::new(writer, control, ctx.reply_timeout, pooled);
-    Transmission::new(input, replies, &session, export, ctx).run()
+    // Borrowed by every request of the connection; the export holds it too.
+    let errors = export.errors.clone();
+    Transmission::new(input, replies, &session, &errors, export, ctx).run()
 }
 
 /// Runs the option haggling until transmission starts (`Some`) or the
@@ -122,7 +125,8 @@ fn handshake(
     ctx: &ServerContext,
     refused: &mut bool,
 ) -> io::Result<Option<(Session, OpenExport)>> {
-    writer.write_all(&handshake::greeting(), HANDSHAKE_TIMEOUT)?;
+    let timeout = ctx.handshake_timeout;
+    writer.write_all(&handshake::greeting(), timeout)?;
     let mut raw = [0u8; 4];
     input.read_exact(&mut raw)?;
     let ClientFlags { no_zeroes } = ClientFlags::from_bytes(&raw).map_err(invalid_data)?;
@@ -148,7 +152,7 @@ fn handshake(
                     OptError::TooBig,
                     "option data is too long",
                 );
-                writer.write_all(&out, HANDSHAKE_TIMEOUT)?;
+                writer.write_all(&out, timeout)?;
                 continue;
             }
             OptionPayload::Read => {
@@ -163,7 +167,7 @@ fn handshake(
                 OptError::Shutdown,
                 "server is shutting down",
             );
-            let _ = writer.write_all(&out, HANDSHAKE_TIMEOUT);
+            let _ = writer.write_all(&out, timeout);
             return Ok(None);
         }
         let catalog = PeerCatalog {
@@ -174,7 +178,7 @@ fn handshake(
         let opened = match step {
             Step::Continue => None,
             Step::StartTls => {
-                writer.write_all(&out, HANDSHAKE_TIMEOUT)?;
+                writer.write_all(&out, timeout)?;
                 if let Some(fingerprint) = start_tls(input, writer, control, ctx)? {
                     // A verified client certificate names the peer better
                     // than the socket does (which, over TCP, names nobody).
@@ -184,7 +188,7 @@ fn handshake(
                 continue;
             }
             Step::Close => {
-                let _ = writer.write_all(&out, HANDSHAKE_TIMEOUT);
+                let _ = writer.write_all(&out, timeout);
                 return Ok(None);
             }
             Step::Open { name, via } => {
@@ -200,13 +204,13 @@ fn handshake(
                     Opened::Transmit(session) => export.map(|e| (session, e)),
                     Opened::Continue => None,
                     Opened::Close => {
-                        let _ = writer.write_all(&out, HANDSHAKE_TIMEOUT);
+                        let _ = writer.write_all(&out, timeout);
                         return Ok(None);
                     }
                 }
             }
         };
-        writer.write_all(&out, HANDSHAKE_TIMEOUT)?;
+        writer.write_all(&out, timeout)?;
         if opened.is_some() {
             return Ok(opened);
         }
@@ -263,7 +267,7 @@ struct Transmission<'a> {
     /// Requests run on this thread (backends that never block), not on the
     /// worker pool.
     inline: bool,
-    cx: ReplyContext,
+    cx: ReplyContext<'a>,
     header_len: usize,
     scratch: Scratch,
     /// Payloads too large for the input buffer (inline connections).
@@ -296,6 +300,7 @@ impl<'a> Transmission<'a> {
         input: Input,
         replies: Replies,
         session: &'a Session,
+        errors: &'a ErrorCounts,
         export: OpenExport,
         ctx: &'a ServerContext,
     ) -> Self {
@@ -310,6 +315,7 @@ impl<'a> Transmission<'a> {
             cx: ReplyContext {
                 mode: session.mode,
                 base_allocation: session.base_allocation,
+                errors,
             },
             header_len: request::request_len(session.mode),
             scratch: Scratch::default(),
@@ -338,7 +344,7 @@ impl<'a> Transmission<'a> {
             match self.next_request()? {
                 Next::Execute(req) => self.dispatch(req)?,
                 Next::Refuse { to, errno, message } => {
-                    crate::counters::error_replied(errno);
+                    crate::counters::error_replied(errno, self.cx.errors);
                     reply::put_error(self.replies.batch(), self.cx.mode, to, errno, message)
                 }
                 Next::Disconnect => return Ok(()),
@@ -490,7 +496,9 @@ impl<'a> Transmission<'a> {
         let job = PoolRequest {
             device: self.device.clone(),
             cmd,
-            cx: self.cx,
+            mode: self.cx.mode,
+            base_allocation: self.cx.base_allocation,
+            errors: self.export.errors.clone(),
             to,
             payload,
             ticket,

@@ -1,14 +1,51 @@
-//! Server-wide event counters for the metrics: NBD errors replied (by
-//! errno), handshake failures (by reason), TLS handshakes. Each event costs
-//! one relaxed atomic increment; the counters live as long as the process.
+//! Event counters for the metrics: NBD errors replied (by errno, server-wide
+//! and per export), handshake failures (by reason), TLS handshakes. Each
+//! event costs a relaxed atomic increment or two; the server-wide counters
+//! live as long as the process, an export's [`ErrorCounts`] as long as its
+//! disk.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use scratchd_proto::Errno;
 
-/// Error replies sent, by errno (indexed like [`Errno::ALL`]).
-static ERRORS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+/// Error replies sent by the whole server.
+static ERRORS: ErrorCounts = ErrorCounts::new();
+
+/// Error replies sent, by errno (indexed like [`Errno::ALL`]): the
+/// server's, and each export's, which its registry keeps beside the
+/// export's other counters and hands to every connection that opens it
+/// ([`crate::OpenExport::errors`]). Connections of one export share its
+/// atomics, never a lock.
+#[derive(Debug)]
+pub struct ErrorCounts([AtomicU64; Errno::ALL.len()]);
+
+impl ErrorCounts {
+    pub const fn new() -> ErrorCounts {
+        ErrorCounts([const { AtomicU64::new(0) }; Errno::ALL.len()])
+    }
+
+    fn add(&self, errno: Errno) {
+        if let Some(i) = Errno::ALL.iter().position(|&e| e == errno) {
+            self.0[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts so far, by errno name (`ENOSPC`), every errno included.
+    pub fn by_errno(&self) -> Vec<(&'static str, u64)> {
+        Errno::ALL
+            .iter()
+            .zip(&self.0)
+            .map(|(e, n)| (errno_name(*e), n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+impl Default for ErrorCounts {
+    fn default() -> ErrorCounts {
+        ErrorCounts::new()
+    }
+}
 
 /// Why a handshake ended without transmission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +113,11 @@ static TLS_FAILED: AtomicU64 = AtomicU64::new(0);
 #[error("TLS handshake failed: {0}")]
 pub struct TlsFailed(pub io::Error);
 
-/// An error reply with `errno` was sent.
-pub fn error_replied(errno: Errno) {
-    if let Some(i) = Errno::ALL.iter().position(|&e| e == errno) {
-        ERRORS[i].fetch_add(1, Ordering::Relaxed);
-    }
+/// An error reply with `errno` was sent for a request on the export
+/// whose counters are `export`.
+pub fn error_replied(errno: Errno, export: &ErrorCounts) {
+    ERRORS.add(errno);
+    export.add(errno);
 }
 
 /// A handshake ended without transmission, for `why`.
@@ -97,13 +134,9 @@ pub fn tls_handshake(ok: bool) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Error replies sent so far, by errno name (`ENOSPC`).
+/// Error replies the whole server sent so far, by errno name (`ENOSPC`).
 pub fn errors() -> Vec<(&'static str, u64)> {
-    Errno::ALL
-        .iter()
-        .zip(&ERRORS)
-        .map(|(e, n)| (errno_name(*e), n.load(Ordering::Relaxed)))
-        .collect()
+    ERRORS.by_errno()
 }
 
 /// Failed handshakes so far, by reason.
@@ -156,11 +189,19 @@ mod tests {
     }
 
     #[test]
-    fn errors_are_counted_by_errno() {
+    fn errors_are_counted_by_errno_for_the_server_and_the_export() {
         let before = errors();
-        error_replied(Errno::NoSpc);
+        let (export, other) = (ErrorCounts::new(), ErrorCounts::new());
+        error_replied(Errno::NoSpc, &export);
+        error_replied(Errno::NoSpc, &export);
+        error_replied(Errno::Inval, &export);
         let after = errors();
-        let enospc = |v: &[(&str, u64)]| v.iter().find(|e| e.0 == "ENOSPC").unwrap().1;
-        assert!(enospc(&after) > enospc(&before));
+        let count = |v: &[(&str, u64)], name| v.iter().find(|e| e.0 == name).unwrap().1;
+        assert!(count(&after, "ENOSPC") >= count(&before, "ENOSPC") + 2);
+        let mine = export.by_errno();
+        assert_eq!(mine.len(), Errno::ALL.len());
+        assert_eq!((count(&mine, "ENOSPC"), count(&mine, "EINVAL")), (2, 1));
+        assert_eq!(count(&mine, "EIO"), 0);
+        assert!(other.by_errno().iter().all(|(_, n)| *n == 0));
     }
 }

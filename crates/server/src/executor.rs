@@ -25,6 +25,7 @@ use scratchd_proto::request::Command;
 use scratchd_proto::Errno;
 use scratchd_store::{BlockDevice, Extent, ExtentKind, ZeroFlags};
 
+use crate::counters::ErrorCounts;
 use crate::input::Input;
 use crate::replies::{Output, Ticket};
 
@@ -55,9 +56,11 @@ pub struct Scratch {
 
 /// What a connection needs to know to answer a request.
 #[derive(Clone, Copy)]
-pub struct ReplyContext {
+pub struct ReplyContext<'e> {
     pub mode: ReplyMode,
     pub base_allocation: Option<u32>,
+    /// The export's error counters, charged with each error reply.
+    pub errors: &'e ErrorCounts,
 }
 
 /// Runs `cmd` and appends (or sends) its reply. Storage errors become error
@@ -126,17 +129,17 @@ pub fn execute(
         Ok(()) => {}
         Err(e) => {
             buf.truncate(mark);
-            put_storage_error(buf, cx.mode, to, &e);
+            put_storage_error(buf, cx, to, &e);
         }
     }
     Ok(())
 }
 
-/// Appends the error reply for a failed storage call.
-pub fn put_storage_error(out: &mut Vec<u8>, mode: ReplyMode, to: ReplyTo, e: &io::Error) {
+/// Appends the error reply for a failed storage call, and counts it.
+pub fn put_storage_error(out: &mut Vec<u8>, cx: ReplyContext, to: ReplyTo, e: &io::Error) {
     let errno = Errno::from_os_error(e.raw_os_error());
-    crate::counters::error_replied(errno);
-    reply::put_error(out, mode, to, errno, &e.to_string());
+    crate::counters::error_replied(errno, cx.errors);
+    reply::put_error(out, cx.mode, to, errno, &e.to_string());
 }
 
 enum ReadError {
@@ -320,7 +323,7 @@ pub fn write_in_place(
             let left = src.left as u64;
             src.input
                 .discard(left)
-                .map(|()| put_storage_error(out, cx.mode, to, &e))
+                .map(|()| put_storage_error(out, cx, to, &e))
         }
     })
 }
@@ -350,7 +353,10 @@ impl Read for Payload<'_> {
 pub struct PoolRequest {
     pub device: Arc<dyn BlockDevice>,
     pub cmd: Command,
-    pub cx: ReplyContext,
+    pub mode: ReplyMode,
+    pub base_allocation: Option<u32>,
+    /// The export's error counters (see [`ReplyContext::errors`]).
+    pub errors: Arc<ErrorCounts>,
     pub to: ReplyTo,
     pub payload: Vec<u8>,
     /// Room reserved for it on its connection, and the way its reply goes.
@@ -364,12 +370,17 @@ impl PoolRequest {
             buf: &mut buf,
             direct: None,
         };
+        let cx = ReplyContext {
+            mode: self.mode,
+            base_allocation: self.base_allocation,
+            errors: &self.errors,
+        };
         // Without a direct writer, execute cannot fail.
         let _ = execute(
             self.device.as_ref(),
             self.cmd,
             &self.payload,
-            self.cx,
+            cx,
             self.to,
             &mut out,
             &mut Scratch::default(),

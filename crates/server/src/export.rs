@@ -14,6 +14,7 @@ use scratchd_proto::request::MAX_PAYLOAD;
 use scratchd_proto::TransmissionFlags;
 use scratchd_store::{BlockDevice, Capabilities};
 
+use crate::counters::ErrorCounts;
 use crate::identity::Identity;
 use crate::shutdown::Members;
 
@@ -27,6 +28,9 @@ pub struct OpenExport {
     /// The export's connections, which this one joins while it transmits,
     /// for registries that can disconnect an export's clients.
     pub members: Option<Arc<Members>>,
+    /// The export's error replies by errno, charged by every connection
+    /// that has it open (the per-export metrics).
+    pub errors: Arc<ErrorCounts>,
 }
 
 /// Names → disks, shared by every connection of a server. `peer` is who
@@ -95,6 +99,8 @@ pub struct SingleExport {
     description: Option<String>,
     device: Arc<dyn BlockDevice>,
     read_only: bool,
+    /// Error replies of every connection, for the operator.
+    errors: Arc<ErrorCounts>,
 }
 
 impl SingleExport {
@@ -109,7 +115,13 @@ impl SingleExport {
             description,
             device,
             read_only,
+            errors: Arc::default(),
         }
+    }
+
+    /// The export's error replies by errno.
+    pub fn errors(&self) -> Arc<ErrorCounts> {
+        self.errors.clone()
     }
 
     fn lookup(&self, name: &str) -> Result<ExportInfo, LookupError> {
@@ -148,6 +160,7 @@ impl Exports for SingleExport {
             device: self.device.clone(),
             lease: None,
             members: None,
+            errors: self.errors.clone(),
         })
     }
 }

@@ -10,8 +10,8 @@
 //! - [`access`]: who may connect over TCP: `--allow` ranges, connections
 //!   per peer address.
 //! - [`connection`]: one client: the handshake, then the transmission loop.
-//! - [`counters`]: server-wide event counters for the metrics (errors by
-//!   errno, handshake failures, TLS handshakes).
+//! - [`counters`]: event counters for the metrics (errors by errno, for
+//!   the server and per export; handshake failures, TLS handshakes).
 //! - [`executor`]: runs a validated request against a backend and encodes
 //!   its reply.
 //! - [`shutdown`]: graceful stop: end reading everywhere, finish in-flight

@@ -37,6 +37,10 @@ pub struct ServerContext {
     /// A client that reads none of its replies for this long, while some
     /// wait for it, is cut off (see [`crate::replies`]).
     pub reply_timeout: std::time::Duration,
+    /// A client must send each handshake message (and finish its TLS
+    /// handshake) within this, so silent connections cannot pin threads
+    /// ([`crate::connection::DEFAULT_HANDSHAKE_TIMEOUT`] unless configured).
+    pub handshake_timeout: std::time::Duration,
     /// STARTTLS, when `--tls` is on or required.
     pub tls: Option<crate::tls::TlsConfig>,
     /// TCP keepalive: a peer that vanished without closing (a builder

@@ -76,6 +76,7 @@ impl Scratchd {
             shutdown: Shutdown::default(),
             connections: ConnectionLimit::new(None),
             reply_timeout: Duration::from_secs(30),
+            handshake_timeout: scratchd_server::connection::DEFAULT_HANDSHAKE_TIMEOUT,
             tls: None,
             tcp_keepalive: None,
         });
