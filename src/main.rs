@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod attachment;
 mod backend;
 mod config;
 mod ctl;
@@ -58,4 +59,20 @@ fn main() {
         Command::RunWatchdog => run::watchdog_main(),
     };
     std::process::exit(code);
+}
+
+/// An error and the chain of its causes, as one line (for the messages of
+/// commands that fail).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        // Some errors already carry their cause's text.
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }

@@ -83,6 +83,9 @@ fn a_command_gets_its_own_mounted_disk_and_nothing_is_left() {
         set -e
         echo "$SCRATCHD_MOUNT"
         echo "export=$SCRATCHD_EXPORT"
+        # The issue's names for the same, and no URI for a private disk.
+        [ "$SCRATCH_DIR" = "$SCRATCHD_MOUNT" ] && [ "$SCRATCH_DEV" = "$SCRATCHD_DEVICE" ]
+        [ -z "${SCRATCH_URI+set}" ]
         findmnt -n -o FSTYPE,SOURCE "$SCRATCHD_MOUNT"
         losetup -n -O DIO,LOG-SEC "$SCRATCHD_DEVICE"
         head -c 3000000 /dev/urandom > "$SCRATCHD_MOUNT/data"
@@ -218,6 +221,8 @@ fn a_run_on_a_server_disk() {
         set -e
         echo "$SCRATCHD_MOUNT"
         echo "$SCRATCHD_EXPORT"
+        echo "$SCRATCH_URI"
+        [ "$SCRATCH_DIR" = "$SCRATCHD_MOUNT" ] && [ "$SCRATCH_DEV" = "$SCRATCHD_DEVICE" ]
         head -c 2000000 /dev/urandom > "$SCRATCHD_MOUNT/data"
         sha256sum < "$SCRATCHD_MOUNT/data" > "$SCRATCHD_MOUNT/sum"
         sync -f "$SCRATCHD_MOUNT"
@@ -232,6 +237,10 @@ fn a_run_on_a_server_disk() {
     let mut lines = text.lines();
     let work = work_dir(lines.next().unwrap());
     assert_eq!(lines.next(), Some("build-remote-1"));
+    assert_eq!(
+        lines.next(),
+        Some(server.uri_for("build-remote-1").as_str())
+    );
     assert_eq!(leftovers(&work), Vec::<String>::new());
 }
 
