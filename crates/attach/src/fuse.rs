@@ -27,7 +27,7 @@ use fuser::{
     WriteFlags,
 };
 use scratchd_store::{BlockDevice, ZeroFlags};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// The name of the one file in the mount.
 pub const FILE_NAME: &str = "disk";
@@ -104,7 +104,18 @@ impl FuseFile {
                 debug!(error = %e, "cannot abort the FUSE connection");
             }
         }
-        session.umount_and_join()
+        match session.umount_and_join() {
+            // The file is still open (a loop device that has not let go
+            // yet). The connection is aborted, so nothing can wait on it:
+            // detach the mount lazily, and it goes with the file's last
+            // user. The session's threads end on their own.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                let dir = self.path.parent().unwrap_or(&self.path);
+                warn!(dir = %dir.display(), "FUSE file still in use; unmounting it lazily");
+                crate::ns::unmount_lazily(dir)
+            }
+            other => other,
+        }
     }
 }
 
