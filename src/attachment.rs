@@ -35,6 +35,25 @@ pub const LAZY_GRACE: Duration = Duration::from_secs(5);
 /// fails.
 const KERNEL_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a disk becomes a mounted block device: the options `scratchd run`
+/// and `scratchd attach` share.
+#[derive(clap::Args)]
+pub struct FrontEndArgs {
+    /// Mount options.
+    #[arg(long, value_name = "OPTS", default_value = "noatime")]
+    pub mount_options: String,
+    /// Connections to the server (when it allows several), and threads
+    /// serving the disk's FUSE file.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub connections: usize,
+    /// How the disk becomes a block device: fuse (a FUSE file and a loop
+    /// device), kernel (the kernel's nbd driver, over netlink; needs a disk
+    /// on a server and the nbd module), or auto (kernel where it can be
+    /// used, else fuse).
+    #[arg(long, value_name = "HOW", default_value = "auto")]
+    pub attach: String,
+}
+
 /// Why a disk could not be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -226,9 +245,16 @@ impl Attached {
         // lives on until its last user lets go, and writes itself back
         // then: keep serving it a little. Otherwise the loop device is
         // gone already (autoclear) and this costs one look at sysfs.
-        let deadline = Instant::now() + LAZY_GRACE;
-        while self.device.attached() && Instant::now() < deadline {
+        let started = Instant::now();
+        while self.device.attached() && started.elapsed() < LAZY_GRACE {
             std::thread::sleep(Duration::from_millis(5));
+        }
+        match self.device.attached() {
+            true => warn!(
+                device = %self.device.path().display(),
+                "the loop device is still in use after {LAZY_GRACE:?}; cutting it off"
+            ),
+            false => debug!(waited = ?started.elapsed(), "loop device detached"),
         }
         if let Some(fuse) = self.fuse.take() {
             if let Err(e) = fuse.unmount() {
@@ -339,6 +365,13 @@ impl KernelAttached {
     /// `/dev/nbdN`.
     pub fn device_path(&self) -> &Path {
         &self.device_path
+    }
+
+    /// Leaves the device connected and mounted, for `scratchd detach` to
+    /// undo later; returns its index.
+    pub fn keep(mut self) -> Option<u32> {
+        self.mounted = false;
+        self.device.take().map(NbdDevice::keep)
     }
 
     pub fn detach(mut self) {

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod attach;
 mod attachment;
 mod backend;
 mod config;
@@ -42,12 +43,21 @@ enum Command {
     /// Run a command on a fresh scratch disk of its own, mounted, and
     /// clean up whatever happens.
     Run(run::RunArgs),
+    /// Mount a disk on a server at a directory, for every process to see,
+    /// until `scratchd detach`.
+    Attach(attach::AttachArgs),
+    /// Undo an attach (DIR or DEVICE), or remove what dead ones left
+    /// (--stale).
+    Detach(attach::detach::DetachArgs),
     /// Look at and act on a running server through its control socket
     /// (`serve --control PATH`): list, show, drop and keep disks, status.
     Ctl(ctl::CtlArgs),
     /// (internal) The watchdog of a `scratchd run`.
     #[command(hide = true)]
     RunWatchdog,
+    /// (internal) The process that serves an attached disk's FUSE file.
+    #[command(hide = true, name = attach::holder::SUBCOMMAND)]
+    AttachHolder,
 }
 
 fn main() {
@@ -57,6 +67,9 @@ fn main() {
         Command::Run(args) => run::main(args),
         Command::Ctl(args) => ctl::main(args),
         Command::RunWatchdog => run::watchdog_main(),
+        Command::Attach(args) => attach::main(args),
+        Command::Detach(args) => attach::detach::main(args),
+        Command::AttachHolder => attach::holder::main(),
     };
     std::process::exit(code);
 }

@@ -55,7 +55,7 @@ use tracing::{debug, info, warn};
 
 use crate::attachment::{
     attach_kernel, choose_attach, connect_remote, random_id, AttachError, AttachKind, Attached,
-    FuseSetup,
+    FrontEndArgs, FuseSetup,
 };
 use crate::backend::{BackendError, OpenError};
 use crate::size::parse_size;
@@ -90,19 +90,8 @@ pub struct RunArgs {
     /// The mount is private to the command and its children.
     #[arg(long, value_name = "DIR")]
     mount: Option<PathBuf>,
-    /// Mount options.
-    #[arg(long, value_name = "OPTS", default_value = "noatime")]
-    mount_options: String,
-    /// Connections to the server (when it allows several), and threads
-    /// serving the disk's FUSE file.
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    connections: usize,
-    /// How the disk becomes a block device: fuse (a FUSE file and a loop
-    /// device), kernel (the kernel's nbd driver, over netlink; needs
-    /// --server and the nbd module), or auto (kernel where it can be used,
-    /// else fuse).
-    #[arg(long, value_name = "HOW", default_value = "auto")]
-    attach: String,
+    #[command(flatten)]
+    front_end: FrontEndArgs,
     /// RAM the disk may hold (default: half of the machine's RAM); writes
     /// past it fail with ENOSPC.
     #[arg(long, value_name = "SIZE")]
@@ -174,7 +163,7 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
     let name = args.name.clone().unwrap_or_else(random_name);
     let server = server_target(args, &name)?;
     let how = choose_attach(
-        &args.attach,
+        &args.front_end.attach,
         server.is_some(),
         server.as_ref().is_some_and(|t| t.tls.is_some()),
         nbd_kernel::kernel_nbd_available,
@@ -203,8 +192,8 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
         mount: args.mount.as_deref().unwrap_or(&default_mount),
         // A local disk made without a file system has nothing to mount.
         mount_options: (server.is_some() || args.fs_type != "none")
-            .then_some(args.mount_options.as_str()),
-        threads: args.connections,
+            .then_some(args.front_end.mount_options.as_str()),
+        threads: args.front_end.connections,
     };
     let attached = Attached::attach(disk.device(), &setup, |id| watchdog.watch(id))?;
     info!(
@@ -279,7 +268,7 @@ fn open_disk(args: &RunArgs, server: Option<&Target>, name: &str) -> Result<Disk
     match server {
         Some(target) => Ok(Disk::Remote(Arc::new(connect_remote(
             target,
-            args.connections,
+            args.front_end.connections,
         )?))),
         None => Ok(Disk::Local(open_local_disk(args, name)?)),
     }
@@ -454,9 +443,9 @@ fn run_kernel(args: &RunArgs, target: &Target, mut stops: Signals) -> Result<Exi
     let backend = format!("scratchd-run:{}:{}", std::process::id(), random_id());
     let attached = attach_kernel(
         target,
-        args.connections,
+        args.front_end.connections,
         &mount,
-        &args.mount_options,
+        &args.front_end.mount_options,
         backend,
     )?;
     info!(
