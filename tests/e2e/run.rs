@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::util::{eventually, fuse_unavailable, run_status, stdout, SCRATCHD};
+use crate::util::{eventually, run_status, skip_without_fuse, stdout, SCRATCHD};
 
 fn scratchd_run(args: &[&str], command: &str) -> Command {
     let mut c = Command::new(SCRATCHD);
@@ -64,19 +64,9 @@ fn start_run(
     (run, out, work_dir(&line))
 }
 
-fn skip(test: &str) -> bool {
-    match fuse_unavailable() {
-        Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
-            true
-        }
-        None => false,
-    }
-}
-
 #[test]
 fn a_command_gets_its_own_mounted_disk_and_nothing_is_left() {
-    if skip("a_command_gets_its_own_mounted_disk_and_nothing_is_left") {
+    if skip_without_fuse("a_command_gets_its_own_mounted_disk_and_nothing_is_left") {
         return;
     }
     let script = r#"
@@ -117,7 +107,7 @@ fn a_command_gets_its_own_mounted_disk_and_nothing_is_left() {
 
 #[test]
 fn a_command_killed_by_a_signal_gives_128_plus_the_signal() {
-    if skip("a_command_killed_by_a_signal_gives_128_plus_the_signal") {
+    if skip_without_fuse("a_command_killed_by_a_signal_gives_128_plus_the_signal") {
         return;
     }
     let (code, _) = run_status(&mut scratchd_run(&["--size", "64M"], "kill -TERM $$"));
@@ -156,7 +146,7 @@ fn a_disk_that_cannot_be_made_is_a_clear_error() {
 /// process never grows past the limit.
 #[test]
 fn a_full_memory_budget_fails_the_write_not_the_host() {
-    if skip("a_full_memory_budget_fails_the_write_not_the_host") {
+    if skip_without_fuse("a_full_memory_budget_fails_the_write_not_the_host") {
         return;
     }
     let script = r#"
@@ -185,7 +175,7 @@ fn a_full_memory_budget_fails_the_write_not_the_host() {
 /// the empty work directory.
 #[test]
 fn kill_9_of_a_run_leaves_nothing() {
-    if skip("kill_9_of_a_run_leaves_nothing") {
+    if skip_without_fuse("kill_9_of_a_run_leaves_nothing") {
         return;
     }
     let (mut run, _, work) = start_run(
@@ -212,7 +202,7 @@ fn kill_9_of_a_run_leaves_nothing() {
 /// reached by our client over four connections; the run names it.
 #[test]
 fn a_run_on_a_server_disk() {
-    if skip("a_run_on_a_server_disk") {
+    if skip_without_fuse("a_run_on_a_server_disk") {
         return;
     }
     let server = crate::util::Server::start(&["tmpdisk", "size=256M"]);
@@ -248,7 +238,7 @@ fn a_run_on_a_server_disk() {
 /// never a hang, and the run still cleans up.
 #[test]
 fn a_server_that_dies_mid_run_fails_the_build_not_the_host() {
-    if skip("a_server_that_dies_mid_run_fails_the_build_not_the_host") {
+    if skip_without_fuse("a_server_that_dies_mid_run_fails_the_build_not_the_host") {
         return;
     }
     let server = crate::util::Server::start(&["tmpdisk", "size=256M"]);
@@ -278,7 +268,7 @@ fn a_server_that_dies_mid_run_fails_the_build_not_the_host() {
 /// lets go (within a grace period), and the run ends with nothing left.
 #[test]
 fn a_process_left_behind_on_the_disk_does_not_hang_the_run() {
-    if skip("a_process_left_behind_on_the_disk_does_not_hang_the_run") {
+    if skip_without_fuse("a_process_left_behind_on_the_disk_does_not_hang_the_run") {
         return;
     }
     let script = r#"
@@ -303,7 +293,7 @@ fn a_process_left_behind_on_the_disk_does_not_hang_the_run() {
 /// the other never sees.
 #[test]
 fn two_concurrent_runs_on_one_server_get_independent_disks() {
-    if skip("two_concurrent_runs_on_one_server_get_independent_disks") {
+    if skip_without_fuse("two_concurrent_runs_on_one_server_get_independent_disks") {
         return;
     }
     let server = crate::util::Server::start(&["tmpdisk", "size=128M"]);
@@ -347,7 +337,7 @@ fn two_concurrent_runs_on_one_server_get_independent_disks() {
 /// run then cleans up and reports the command's status.
 #[test]
 fn sigterm_to_a_run_mid_build_cleans_up() {
-    if skip("sigterm_to_a_run_mid_build_cleans_up") {
+    if skip_without_fuse("sigterm_to_a_run_mid_build_cleans_up") {
         return;
     }
     let (mut run, _, work) = start_run(
