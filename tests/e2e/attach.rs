@@ -366,3 +366,39 @@ fn attach_and_detach_errors_are_clear_and_leave_nothing() {
     }
     a.assert_nothing_left(&mnt, None);
 }
+
+/// Kernel attachments (`--attach kernel`) cannot be made on a host without
+/// the nbd module, as this one: records written by hand stand in for them.
+/// A record whose `/dev/nbdN` no longer shows its backend identifier
+/// (disconnected, or given to someone else) is detached by its directory
+/// without touching the device, and swept by `--stale`; and an attach
+/// the kernel refuses leaves no record.
+#[test]
+fn kernel_records_whose_device_is_gone_are_removed() {
+    let a = Attachments::new();
+    let record = |id: &str, mount: &Path, index: u32| {
+        let text = format!(
+            r#"{{"id": "{id}", "kind": "kernel", "mount": "{}", "device": "/dev/nbd{index}",
+                "export": "koji-1", "uri": "nbd://storage1:10809/koji-1", "holder": null,
+                "fuse_dir": null, "backend": "scratchd-attach:{id}"}}"#,
+            mount.display()
+        );
+        std::fs::write(a.state.path().join(format!("{id}.json")), text).unwrap();
+    };
+    let (one, two) = (a.mount_point("one"), a.mount_point("two"));
+    record("k1", &one, 1000);
+    record("k2", &two, 1001);
+    a.detach_ok(one.to_str().unwrap());
+    assert_eq!(a.state_files(), [a.state.path().join("k2.json")]);
+    let (code, out) = run_status(&mut a.scratchd(&["detach", "--stale"]));
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(a.state_files(), Vec::<PathBuf>::new());
+    if !Path::new("/sys/module/nbd").exists() {
+        let server = Server::start(&["tmpdisk", "size=64M"]);
+        let (code, out) = a.attach(&one, &server.uri_for("k"), &["--attach", "kernel"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("modprobe nbd"), "{err}");
+        assert_eq!(a.state_files(), Vec::<PathBuf>::new());
+    }
+}
