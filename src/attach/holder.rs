@@ -100,13 +100,12 @@ pub fn main() -> i32 {
     // Before anything: out of the caller's session and directory.
     let _ = rustix::process::setsid();
     let _ = std::env::set_current_dir("/");
+    // Caught from the start: a detach while attaching undoes the attach.
+    let stops = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(HolderError::Signals);
     let request = read_request();
     let verbose = request.as_ref().map_or(0, |r| r.verbose);
     crate::serve::init_logging(verbose, None);
-    let held = request.and_then(|request| {
-        let stops = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(HolderError::Signals)?;
-        attach(request, stops)
-    });
+    let held = stops.and_then(|stops| attach(request?, stops));
     let mut held = match held {
         Ok(held) => held,
         Err(e) => {

@@ -402,3 +402,41 @@ fn kernel_records_whose_device_is_gone_are_removed() {
         assert_eq!(a.state_files(), Vec::<PathBuf>::new());
     }
 }
+
+/// A detach while a process still works in the directory: the file system
+/// is detached lazily and served while that process finishes (within the
+/// grace period); then everything goes.
+#[test]
+fn a_busy_mount_is_detached_lazily_and_goes_when_let_go() {
+    if skip_without_fuse("a_busy_mount_is_detached_lazily_and_goes_when_let_go") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &server.uri_for("busy"), &[]);
+    let holder = a.holder();
+    let m = mnt.display();
+    let mut busy = Command::new("sh")
+        .args([
+            "-c",
+            &format!("cd {m} && head -c 1000000 /dev/urandom > f && sleep 2 && cat f > /dev/null"),
+        ])
+        .spawn()
+        .unwrap();
+    eventually("the file to be written", Duration::from_secs(5), || {
+        std::fs::metadata(mnt.join("f")).is_ok_and(|f| f.len() == 1_000_000)
+    });
+    let started = Instant::now();
+    a.detach_ok(mnt.to_str().unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        busy.wait().unwrap().success(),
+        "the busy process could read its file"
+    );
+    a.assert_nothing_left(&mnt, Some(holder));
+}
