@@ -264,6 +264,9 @@ fn is_stale(record: &Record) -> bool {
 /// Removes a dead attachment's leftovers, each only if it is still this
 /// attachment's (see the module docs).
 pub fn clean_up(state: &StateDir, record: &Record) {
+    if record.kind == Kind::Fuse {
+        abort_fuse(record);
+    }
     if let Some(device) = &record.device {
         if ns::mount_source(&record.mount).as_ref() == Some(device) {
             if let Err(e) = ns::unmount_lazily(&record.mount) {
@@ -276,6 +279,21 @@ pub fn clean_up(state: &StateDir, record: &Record) {
         Kind::Kernel => disconnect_if_ours(record),
     }
     state.remove(&record.id);
+}
+
+/// Aborts the attachment's FUSE connection. A killed holder's connection is
+/// aborted already (the kernel does it when the last `/dev/fuse`
+/// descriptor closes), unless one of its threads is stuck in an
+/// uninterruptible wait on its own file system (unmounting DIR when it was
+/// killed): then the holder cannot finish dying, and this frees it. After
+/// it, nothing can wait on the disk.
+fn abort_fuse(record: &Record) {
+    let Some(id) = record.fuse_dir.as_deref().and_then(fuse::connection_at) else {
+        return;
+    };
+    if let Err(e) = fuse::abort_connection(id) {
+        debug!(id, error = %e, "cannot abort the FUSE connection");
+    }
 }
 
 /// The loop device (if still on this attachment's file) and the dead FUSE
@@ -291,7 +309,7 @@ fn release_fuse(record: &Record) {
             Err(e) => warn!(device = %device.display(), error = %e, "cannot detach"),
         }
     }
-    if ns::mount_source(fuse_dir).is_some() {
+    if ns::mount_at(fuse_dir).is_some() {
         if let Err(e) = ns::unmount_lazily(fuse_dir) {
             warn!(dir = %fuse_dir.display(), error = %e, "cannot unmount the FUSE file");
         }

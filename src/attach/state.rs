@@ -83,12 +83,32 @@ impl Process {
         Some(Process { pid, start_time })
     }
 
-    /// Whether this very process still runs (a zombie, which has released
-    /// everything it held, counts as gone).
+    /// Whether this very process still runs. A zombie, which has released
+    /// everything it held, counts as gone; so does a process with SIGKILL
+    /// pending: it is dying, and may be stuck doing so (a holder killed
+    /// while unmounting DIR waits on its own FUSE file, whose connection
+    /// the kernel aborts only once the holder is gone).
     pub fn alive(&self) -> bool {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok();
         stat.is_some_and(|s| start_time(&s) == Some(self.start_time) && !is_zombie(&s))
+            && !self.killed()
     }
+
+    /// Whether SIGKILL is pending for the process (`ShdPnd`, the signals
+    /// pending for the whole process, in `/proc/PID/status`).
+    fn killed(&self) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid));
+        status.is_ok_and(|s| sigkill_pending(&s))
+    }
+}
+
+fn sigkill_pending(status: &str) -> bool {
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    // Signal N is bit N - 1.
+    mask.is_some_and(|m| m & (1 << (libc::SIGKILL - 1)) != 0)
 }
 
 /// The fields after the command name, which may itself hold spaces and
@@ -165,7 +185,9 @@ impl StateDir {
         // A directory made by someone else, or with a wider umask above.
         std::fs::set_permissions(&state.path, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| state.error(e))?;
-        Ok(state)
+        // Mount points in it are found in mountinfo, which has real paths.
+        let path = std::fs::canonicalize(&state.path).map_err(|e| state.error(e))?;
+        Ok(StateDir { path })
     }
 
     fn error(&self, source: io::Error) -> StateError {
@@ -297,6 +319,13 @@ mod tests {
         assert!(!is_zombie(stat));
         assert!(is_zombie("7 (sh) Z 1 7"));
         assert_eq!(start_time("7 (sh"), None);
+        assert!(sigkill_pending(
+            "State:\tD (disk sleep)\nShdPnd:\t0000000000000100\n"
+        ));
+        assert!(
+            !sigkill_pending("ShdPnd:\t0000000000004000\n"),
+            "SIGTERM only"
+        );
         let me = Process::current().unwrap();
         assert!(me.alive());
         let reused = Process {

@@ -440,3 +440,33 @@ fn a_busy_mount_is_detached_lazily_and_goes_when_let_go() {
     );
     a.assert_nothing_left(&mnt, Some(holder));
 }
+
+/// A holder killed while it unmounts DIR itself (SIGTERM, then SIGKILL
+/// during the writeback) is stuck: its last thread waits on its own FUSE
+/// file, whose connection the kernel aborts only once the holder is gone.
+/// A holder with SIGKILL pending counts as dead, and the stale cleanup
+/// aborts its connection, which frees it.
+#[test]
+fn a_holder_killed_while_unmounting_is_freed_by_the_stale_cleanup() {
+    if skip_without_fuse("a_holder_killed_while_unmounting_is_freed_by_the_stale_cleanup") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=512M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &server.uri_for("stuck"), &[]);
+    let holder = a.holder();
+    let m = mnt.display();
+    // Dirty pages for the holder's unmount to write back.
+    let (code, _) = sh(&format!(
+        "dd if=/dev/zero of={m}/big bs=1M count=128 status=none"
+    ));
+    assert_eq!(code, 0);
+    run(Command::new("kill").args(["-TERM", &holder.to_string()]));
+    std::thread::sleep(Duration::from_millis(50));
+    run(Command::new("kill").args(["-KILL", &holder.to_string()]));
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, out) = run_status(&mut a.scratchd(&["detach", "--stale"]));
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    a.assert_nothing_left(&mnt, Some(holder));
+}

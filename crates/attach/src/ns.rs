@@ -125,29 +125,48 @@ pub fn unmount_lazily(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// What is mounted at `dir` (the source of the topmost mount there, such
-/// as `/dev/loop3`) in this process's mount namespace; `None` when `dir`
-/// is not a mount point.
-pub fn mount_source(dir: &Path) -> Option<PathBuf> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mount_source_in(&table, dir)
+/// The topmost mount at a directory, from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// What is mounted, such as `/dev/loop3` (or `scratchd`, a FUSE mount's
+    /// name).
+    pub source: PathBuf,
+    /// The file system's device number (`st_dev` of its files), read
+    /// without touching the file system, which may not answer.
+    pub major: u32,
+    pub minor: u32,
 }
 
-/// [`mount_source`] in the text of a `/proc/PID/mountinfo`.
-fn mount_source_in(table: &str, dir: &Path) -> Option<PathBuf> {
+/// What is mounted at `dir` (the topmost mount there) in this process's
+/// mount namespace; `None` when `dir` is not a mount point.
+pub fn mount_at(dir: &Path) -> Option<MountEntry> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mount_in(&table, dir)
+}
+
+/// The source of [`mount_at`]: `/dev/loop3` for a loop device's mount.
+pub fn mount_source(dir: &Path) -> Option<PathBuf> {
+    mount_at(dir).map(|m| m.source)
+}
+
+/// [`mount_at`] in the text of a `/proc/PID/mountinfo`.
+fn mount_in(table: &str, dir: &Path) -> Option<MountEntry> {
     let dir = dir.as_os_str().as_bytes();
     // Later lines are mounted on top of earlier ones at the same place.
     table.lines().rev().find_map(|line| {
         // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [TAGS...] - TYPE SOURCE SUPER
         let (fields, rest) = line.split_once(" - ")?;
-        let point = fields.split(' ').nth(4)?;
-        if unescape(point) != dir {
+        let fields: Vec<&str> = fields.split(' ').collect();
+        if unescape(fields.get(4)?) != dir {
             return None;
         }
+        let (major, minor) = fields.get(2)?.split_once(':')?;
         let source = rest.split(' ').nth(1)?;
-        Some(PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(
-            source,
-        ))))
+        Some(MountEntry {
+            source: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(source))),
+            major: major.parse().ok()?,
+            minor: minor.parse().ok()?,
+        })
     })
 }
 
@@ -211,13 +230,17 @@ mod tests {
 41 40 7:4 / /mnt/a\\040b rw,noatime - ext4 /dev/loop4 rw
 ";
         assert_eq!(
-            mount_source_in(table, Path::new("/mnt/a b")),
-            Some(PathBuf::from("/dev/loop4"))
+            mount_in(table, Path::new("/mnt/a b")),
+            Some(MountEntry {
+                source: PathBuf::from("/dev/loop4"),
+                major: 7,
+                minor: 4
+            })
         );
         assert_eq!(
-            mount_source_in(table, Path::new("/proc")),
+            mount_in(table, Path::new("/proc")).map(|m| m.source),
             Some(PathBuf::from("proc"))
         );
-        assert_eq!(mount_source_in(table, Path::new("/mnt")), None);
+        assert_eq!(mount_in(table, Path::new("/mnt")), None);
     }
 }
