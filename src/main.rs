@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod attach;
+mod attachment;
 mod backend;
 mod config;
 mod ctl;
@@ -43,6 +45,12 @@ enum Command {
     /// Run a command on a fresh scratch disk of its own, mounted, and
     /// clean up whatever happens.
     Run(run::RunArgs),
+    /// Mount a disk on a server at a directory, for every process to see,
+    /// until `scratchd detach`.
+    Attach(attach::AttachArgs),
+    /// Undo an attach (DIR or DEVICE), or remove what dead ones left
+    /// (--stale).
+    Detach(attach::detach::DetachArgs),
     /// Look at and act on a running server through its control socket
     /// (`serve --control PATH`): list, show, drop and keep disks, status.
     Ctl(ctl::CtlArgs),
@@ -51,6 +59,9 @@ enum Command {
     /// (internal) The watchdog of a `scratchd run`.
     #[command(hide = true)]
     RunWatchdog,
+    /// (internal) The process that serves an attached disk's FUSE file.
+    #[command(hide = true, name = attach::holder::SUBCOMMAND)]
+    AttachHolder,
 }
 
 fn main() {
@@ -61,6 +72,25 @@ fn main() {
         Command::Ctl(args) => ctl::main(args),
         Command::Generate(args) => generate::main(args, Cli::command()),
         Command::RunWatchdog => run::watchdog_main(),
+        Command::Attach(args) => attach::main(args),
+        Command::Detach(args) => attach::detach::main(args),
+        Command::AttachHolder => attach::holder::main(),
     };
     std::process::exit(code);
+}
+
+/// An error and the chain of its causes, as one line (for the messages of
+/// commands that fail).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        // Some errors already carry their cause's text.
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }

@@ -17,8 +17,12 @@
 //!    module, and `--server`: the client's sockets handed to the kernel's
 //!    nbd driver instead, [`run_kernel`], `/dev/nbdN`, no FUSE, no watchdog);
 //! 5. the file system mounted at `--mount` (or a fresh directory);
-//! 6. the command, with `SCRATCHD_MOUNT`, `SCRATCHD_DEVICE` and
-//!    `SCRATCHD_EXPORT` in its environment; its exit status is the run's.
+//! 6. the command, with `SCRATCH_DIR`, `SCRATCH_DEV`, `SCRATCH_URI` (a
+//!    disk on a server only) and the older `SCRATCHD_MOUNT`,
+//!    `SCRATCHD_DEVICE`, `SCRATCHD_EXPORT` in its environment; its exit
+//!    status is the run's.
+//!
+//! Steps 2 to 5 are [`crate::attachment`]'s, shared with `scratchd attach`.
 //!
 //! A run that is killed (`kill -9`) cannot unmount: its namespace's mounts
 //! are torn down by the kernel when the namespace's last process exits.
@@ -36,13 +40,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
-use scratchd_attach::fuse::FuseFile;
-use scratchd_attach::loopdev::LoopDevice;
-use scratchd_attach::nbd_kernel::{self, NbdDevice};
+use scratchd_attach::nbd_kernel;
 use scratchd_attach::ns;
+use scratchd_client::Target;
 use scratchd_proto::negotiation::LookupError;
 use scratchd_server::{Exports, OpenExport};
 use scratchd_store::BlockDevice;
@@ -50,18 +53,19 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{debug, info, warn};
 
+use crate::attachment::{
+    attach_kernel, choose_attach, connect_remote, random_id, AttachError, AttachKind, Attached,
+    FrontEndArgs, FuseSetup,
+};
 use crate::backend::{BackendError, OpenError};
 use crate::size::parse_size;
 use crate::tmpdisk;
+use crate::with_causes;
 
 /// Exit status for bad usage, as clap uses.
 const EXIT_USAGE: i32 = 2;
 /// Exit status when the run itself failed (no disk, no mount).
 const EXIT_FAILED: i32 = 125;
-/// How long a file system that was still busy at the end of the run, and so
-/// detached lazily, is served before the disk is cut off (its last writes
-/// then fail: nobody will read them).
-const LAZY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -86,19 +90,8 @@ pub struct RunArgs {
     /// The mount is private to the command and its children.
     #[arg(long, value_name = "DIR")]
     mount: Option<PathBuf>,
-    /// Mount options.
-    #[arg(long, value_name = "OPTS", default_value = "noatime")]
-    mount_options: String,
-    /// Connections to the server (when it allows several), and threads
-    /// serving the disk's FUSE file.
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    connections: usize,
-    /// How the disk becomes a block device: fuse (a FUSE file and a loop
-    /// device), kernel (the kernel's nbd driver, over netlink; needs
-    /// --server and the nbd module), or auto (kernel where it can be used,
-    /// else fuse).
-    #[arg(long, value_name = "HOW", default_value = "auto")]
-    attach: String,
+    #[command(flatten)]
+    front_end: FrontEndArgs,
     /// RAM the disk may hold (default: half of the machine's RAM); writes
     /// past it fail with ENOSPC.
     #[arg(long, value_name = "SIZE")]
@@ -126,19 +119,9 @@ enum RunError {
     #[error("cannot create scratch disk {name:?}: {reason}")]
     Disk { name: String, reason: String },
     #[error(transparent)]
-    Server(#[from] scratchd_client::Error),
-    #[error(transparent)]
-    Kernel(#[from] nbd_kernel::Error),
-    #[error("cannot read the disk: {0}")]
-    Probe(#[source] io::Error),
+    Attach(#[from] AttachError),
     #[error("cannot make a directory for the mount: {0}")]
     TempDir(#[source] io::Error),
-    #[error("cannot mount the disk's FUSE file: {0}")]
-    Fuse(#[source] io::Error),
-    #[error("cannot attach a loop device: {0}")]
-    Loop(#[source] io::Error),
-    #[error(transparent)]
-    Mount(#[from] ns::MountError),
     #[error("cannot catch signals: {0}")]
     Signals(#[source] io::Error),
     #[error("stopped by signal {0} before the command started")]
@@ -165,7 +148,7 @@ pub fn main(args: RunArgs) -> i32 {
             eprintln!("scratchd run: {e}");
             EXIT_USAGE
         }
-        Err(e @ RunError::Server(scratchd_client::Error::Uri(_))) => {
+        Err(RunError::Attach(e)) if e.is_usage() => {
             eprintln!("scratchd run: {e}");
             EXIT_USAGE
         }
@@ -176,31 +159,13 @@ pub fn main(args: RunArgs) -> i32 {
     }
 }
 
-/// An error and the chain of its causes, as one line.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        // Some errors already carry their cause's text.
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        cause = c.source();
-    }
-    text
-}
-
 fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
-    let tls = args
-        .server
-        .as_deref()
-        .and_then(|uri| scratchd_client::Target::parse(uri).ok())
-        .is_some_and(|target| target.tls.is_some());
+    let name = args.name.clone().unwrap_or_else(random_name);
+    let server = server_target(args, &name)?;
     let how = choose_attach(
-        &args.attach,
-        args.server.is_some(),
-        tls,
+        &args.front_end.attach,
+        server.is_some(),
+        server.as_ref().is_some_and(|t| t.tls.is_some()),
         nbd_kernel::kernel_nbd_available,
     )?;
     // First, while this process has one thread: the kernel will not give a
@@ -209,30 +174,43 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
     // From here on SIGINT, SIGTERM and SIGHUP are caught: before the command
     // runs, one ends the run (cleaning up); while it runs, it is passed on.
     let mut stops = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(RunError::Signals)?;
-    if let (AttachKind::Kernel, Some(uri)) = (how, &args.server) {
-        return run_kernel(args, uri, stops);
+    if let (AttachKind::Kernel, Some(target)) = (how, &server) {
+        return run_kernel(args, target, stops);
     }
     let started = Instant::now();
     let mut watchdog = Watchdog::start()?;
-    let name = args.name.clone().unwrap_or_else(random_name);
-    let disk = open_disk(args, &name)?;
+    let disk = open_disk(args, server.as_ref(), &name)?;
     stopped(&mut stops)?;
-    sweep_stale_work_dirs();
-    let work = tempfile::Builder::new()
-        .prefix(&format!("{WORK_PREFIX}{}.", std::process::id()))
-        .tempdir()
-        .map_err(RunError::TempDir)?;
-    let attached = Attached::attach(disk.device(), work.path(), args, &mut watchdog)?;
+    let work = work_dir()?;
+    let fuse_dir = work.path().join("fuse");
+    let default_mount = work.path().join("mnt");
+    for dir in [&fuse_dir, &default_mount] {
+        std::fs::create_dir(dir).map_err(RunError::TempDir)?;
+    }
+    let setup = FuseSetup {
+        fuse_dir: &fuse_dir,
+        mount: args.mount.as_deref().unwrap_or(&default_mount),
+        // A local disk made without a file system has nothing to mount.
+        mount_options: (server.is_some() || args.fs_type != "none")
+            .then_some(args.front_end.mount_options.as_str()),
+        threads: args.front_end.connections,
+    };
+    let attached = Attached::attach(disk.device(), &setup, |id| watchdog.watch(id))?;
     info!(
         export = %name,
-        device = %attached.device.path().display(),
-        mount = %attached.mount.display(),
-        direct_io = attached.device.direct_io(),
+        device = %attached.device_path().display(),
+        mount = %attached.mount().display(),
+        direct_io = attached.direct_io(),
         took = ?started.elapsed(),
         "scratch disk attached"
     );
-    let status = stopped(&mut stops)
-        .and_then(|()| run_command(args, &attached.mount, attached.device.path(), &name, stops));
+    let place = Place {
+        mount: attached.mount(),
+        device: attached.device_path(),
+        name: &name,
+        server: server.as_ref(),
+    };
+    let status = stopped(&mut stops).and_then(|()| run_command(args, &place, stops));
     let stopping = Instant::now();
     attached.detach();
     watchdog.done();
@@ -275,24 +253,25 @@ impl Disk {
     }
 }
 
-fn open_disk(args: &RunArgs, name: &str) -> Result<Disk, RunError> {
+/// `--server`'s export: the disk `name` on that server.
+fn server_target(args: &RunArgs, name: &str) -> Result<Option<Target>, RunError> {
     let Some(uri) = &args.server else {
-        return Ok(Disk::Local(open_local_disk(args, name)?));
+        return Ok(None);
     };
-    let mut target = scratchd_client::Target::parse(uri).map_err(scratchd_client::Error::from)?;
+    let mut target =
+        Target::parse(uri).map_err(|e| RunError::Attach(AttachError::Server(e.into())))?;
     target.export = name.to_owned();
-    let options = scratchd_client::Options {
-        connections: args.connections.max(1),
-        ..Default::default()
-    };
-    let client = scratchd_client::Client::connect_with(&target, &options)?;
-    info!(
-        server = %target,
-        connections = client.connection_count(),
-        size = client.size(),
-        "connected"
-    );
-    Ok(Disk::Remote(Arc::new(client)))
+    Ok(Some(target))
+}
+
+fn open_disk(args: &RunArgs, server: Option<&Target>, name: &str) -> Result<Disk, RunError> {
+    match server {
+        Some(target) => Ok(Disk::Remote(Arc::new(connect_remote(
+            target,
+            args.front_end.connections,
+        )?))),
+        None => Ok(Disk::Local(open_local_disk(args, name)?)),
+    }
 }
 
 /// Creates the run's own scratch disk with the tmpdisk machinery.
@@ -336,6 +315,16 @@ fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenExport, RunError> {
 /// (empty) mount points of the FUSE file and of the disk.
 const WORK_PREFIX: &str = "scratchd-run.";
 
+/// A fresh work directory for this run (after sweeping those of killed
+/// runs).
+fn work_dir() -> Result<tempfile::TempDir, RunError> {
+    sweep_stale_work_dirs();
+    tempfile::Builder::new()
+        .prefix(&format!("{WORK_PREFIX}{}.", std::process::id()))
+        .tempdir()
+        .map_err(RunError::TempDir)
+}
+
 /// Removes the work directories of runs that were killed (`kill -9`) and so
 /// could not remove their own. Their mounts died with their namespace; only
 /// the empty directories are left, and `remove_dir` never removes more.
@@ -368,93 +357,7 @@ fn sweep_stale_work_dirs() {
 
 /// `run-` and 128 random bits: a name nobody can guess (see docs/RUN.md).
 fn random_name() -> String {
-    let mut bytes = [0u8; 16];
-    if let Err(e) = rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()) {
-        // Only a local disk's name, which no other process can reach.
-        warn!(error = %e, "no random bytes; naming the disk after the process");
-        return format!("run-{}", std::process::id());
-    }
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("run-{hex}")
-}
-
-/// A disk attached and mounted; [`Attached::detach`] (or drop) undoes it.
-struct Attached {
-    mount: PathBuf,
-    mounted: bool,
-    device: LoopDevice,
-    fuse: Option<FuseFile>,
-}
-
-impl Attached {
-    fn attach(
-        device: Arc<dyn BlockDevice>,
-        work: &Path,
-        args: &RunArgs,
-        watchdog: &mut Watchdog,
-    ) -> Result<Self, RunError> {
-        let fuse_dir = work.join("fuse");
-        let default_mount = work.join("mnt");
-        for dir in [&fuse_dir, &default_mount] {
-            std::fs::create_dir(dir).map_err(RunError::TempDir)?;
-        }
-        let read_only = device.capabilities().read_only;
-        let block_size = logical_block_size(device.as_ref()).map_err(RunError::Probe)?;
-        let fuse = FuseFile::mount(device, &fuse_dir, args.connections).map_err(RunError::Fuse)?;
-        watchdog
-            .watch(fuse.connection().map_err(RunError::Fuse)?)
-            .map_err(RunError::Watchdog)?;
-        let loopdev =
-            LoopDevice::attach(fuse.path(), read_only, block_size).map_err(RunError::Loop)?;
-        let mut attached = Attached {
-            mount: args.mount.clone().unwrap_or(default_mount),
-            mounted: false,
-            device: loopdev,
-            fuse: Some(fuse),
-        };
-        if args.server.is_some() || args.fs_type != "none" {
-            ns::mount(attached.device.path(), &attached.mount, &args.mount_options)?;
-            attached.mounted = true;
-            // The mount holds the loop device now; ours would keep it
-            // attached after the mount is gone.
-            attached.device.release();
-        }
-        Ok(attached)
-    }
-
-    fn detach(mut self) {
-        self.undo();
-    }
-
-    fn undo(&mut self) {
-        let mut lazily = false;
-        if self.mounted {
-            self.mounted = false;
-            match ns::unmount(&self.mount) {
-                Ok(how) => lazily = how == ns::Unmounted::Lazily,
-                Err(e) => warn!(mount = %self.mount.display(), error = %e, "cannot unmount"),
-            }
-        }
-        self.device.release();
-        if lazily {
-            // Its last user may let go soon: keep serving it a little.
-            let deadline = Instant::now() + LAZY_GRACE;
-            while self.device.attached() && Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        }
-        if let Some(fuse) = self.fuse.take() {
-            if let Err(e) = fuse.unmount() {
-                warn!(error = %e, "cannot unmount the FUSE file");
-            }
-        }
-    }
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        self.undo();
-    }
+    format!("run-{}", random_id())
 }
 
 /// The run's watchdog process (see the module docs).
@@ -520,109 +423,13 @@ pub fn watchdog_main() -> i32 {
     0
 }
 
-/// The loop device's logical block size: the disk's preferred 4096 unless
-/// the file system on it was made for smaller sectors (an ext2/3/4 with
-/// 1 or 2 KiB blocks, an xfs with 512-byte sectors), which will not mount
-/// on a device whose sectors are larger than its own.
-fn logical_block_size(device: &dyn BlockDevice) -> io::Result<u32> {
-    let mut head = vec![0u8; 2048.min(device.size() as usize)];
-    device.read(0, &mut head)?;
-    Ok(filesystem_sector_limit(&head)
-        .unwrap_or(4096)
-        .clamp(512, 4096))
-}
-
-/// The largest sector size the file system whose first bytes are `head`
-/// mounts on, if it is one that cares.
-fn filesystem_sector_limit(head: &[u8]) -> Option<u32> {
-    let be16 = |at: usize| {
-        head.get(at..at + 2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]))
-    };
-    let le16 = |at: usize| {
-        head.get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let le32 = |at: usize| {
-        head.get(at..at + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    if head.starts_with(b"XFSB") {
-        // sb_sectsize, big-endian, at byte 102 of the superblock.
-        return be16(102).map(u32::from);
-    }
-    // ext2/3/4: magic 0xEF53 at 56 in the superblock at 1024, block size
-    // 1024 << s_log_block_size at 24.
-    if le16(1024 + 56) == Some(0xEF53) {
-        return le32(1024 + 24)
-            .filter(|&log| log <= 6)
-            .map(|log| 1024 << log);
-    }
-    None
-}
-
-/// The front end that makes the disk a block device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AttachKind {
-    /// A FUSE file and a loop device ([`Attached`]).
-    Fuse,
-    /// The kernel's nbd driver with our client's sockets ([`KernelAttached`]).
-    Kernel,
-}
-
-/// `--attach`: auto takes the kernel's nbd driver for a disk on a server
-/// when the driver is there (`kernel_available`, asked only then), else
-/// FUSE; a local disk has no sockets to hand to the kernel, and the kernel
-/// cannot take over a TLS session.
-fn choose_attach(
-    attach: &str,
-    server: bool,
-    tls: bool,
-    kernel_available: impl FnOnce() -> bool,
-) -> Result<AttachKind, RunError> {
-    match attach {
-        "fuse" => Ok(AttachKind::Fuse),
-        "kernel" if server && tls => Err(RunError::Usage(
-            "--attach kernel cannot take over a TLS connection (nbds://); use --attach fuse"
-                .to_owned(),
-        )),
-        "kernel" if server => Ok(AttachKind::Kernel),
-        "kernel" => Err(RunError::Usage(
-            "--attach kernel needs --server (a local disk has no sockets to hand to the kernel)"
-                .to_owned(),
-        )),
-        "auto" if server && !tls && kernel_available() => Ok(AttachKind::Kernel),
-        "auto" => Ok(AttachKind::Fuse),
-        other => Err(RunError::Usage(format!(
-            "--attach {other}: expected auto, kernel or fuse"
-        ))),
-    }
-}
-
-/// How long the kernel holds I/O when every connection to the server is
-/// dead, waiting for new sockets (`NBD_CMD_RECONFIGURE`): nothing of ours
-/// reconnects yet, so this is only a short grace before the build's I/O
-/// fails.
-const KERNEL_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A run whose disk, on the server at `uri`, is the kernel's `/dev/nbdN`:
+/// A run whose disk, `target` on a server, is the kernel's `/dev/nbdN`:
 /// no FUSE file and no watchdog (the kernel serves the device by itself,
 /// and a killed run's mount going makes the kernel disconnect it, see
-/// [`NbdDevice::disconnect_on_close`]).
-fn run_kernel(args: &RunArgs, uri: &str, mut stops: Signals) -> Result<ExitStatus, RunError> {
+/// [`scratchd_attach::nbd_kernel::NbdDevice::disconnect_on_close`]).
+fn run_kernel(args: &RunArgs, target: &Target, mut stops: Signals) -> Result<ExitStatus, RunError> {
     let started = Instant::now();
-    let name = args.name.clone().unwrap_or_else(random_name);
-    let mut target = scratchd_client::Target::parse(uri).map_err(scratchd_client::Error::from)?;
-    target.export = name.clone();
-    let options = scratchd_client::Options {
-        connections: args.connections.max(1),
-        ..Default::default()
-    };
-    sweep_stale_work_dirs();
-    let work = tempfile::Builder::new()
-        .prefix(&format!("{WORK_PREFIX}{}.", std::process::id()))
-        .tempdir()
-        .map_err(RunError::TempDir)?;
+    let work = work_dir()?;
     let mount = match &args.mount {
         Some(dir) => dir.clone(),
         None => {
@@ -631,16 +438,30 @@ fn run_kernel(args: &RunArgs, uri: &str, mut stops: Signals) -> Result<ExitStatu
             dir
         }
     };
-    let attached = attach_kernel(&target, &options, mount, &args.mount_options)?;
+    // Not the export's name, which is the disk's key: sysfs shows this to
+    // every local user.
+    let backend = format!("scratchd-run:{}:{}", std::process::id(), random_id());
+    let attached = attach_kernel(
+        target,
+        args.front_end.connections,
+        &mount,
+        &args.front_end.mount_options,
+        backend,
+    )?;
     info!(
-        export = %name,
-        device = %attached.device_path.display(),
-        mount = %attached.mount.display(),
+        export = %target.export,
+        device = %attached.device_path().display(),
+        mount = %attached.mount().display(),
         took = ?started.elapsed(),
         "scratch disk attached (kernel nbd)"
     );
-    let status = stopped(&mut stops)
-        .and_then(|()| run_command(args, &attached.mount, &attached.device_path, &name, stops));
+    let place = Place {
+        mount: attached.mount(),
+        device: attached.device_path(),
+        name: &target.export,
+        server: Some(target),
+    };
+    let status = stopped(&mut stops).and_then(|()| run_command(args, &place, stops));
     let stopping = Instant::now();
     attached.detach();
     debug!(took = ?stopping.elapsed(), "scratch disk detached");
@@ -655,107 +476,33 @@ fn stopped(stops: &mut Signals) -> Result<(), RunError> {
     }
 }
 
-/// A disk on a server as the kernel's `/dev/nbdN`, mounted;
-/// [`KernelAttached::detach`] (or drop) unmounts and disconnects it.
-struct KernelAttached {
-    mount: PathBuf,
-    mounted: bool,
-    device_path: PathBuf,
-    device: Option<NbdDevice>,
+/// Where the command finds its disk.
+struct Place<'a> {
+    mount: &'a Path,
+    device: &'a Path,
+    /// The disk's name.
+    name: &'a str,
+    /// The disk's server and export, for a disk on a server.
+    server: Option<&'a Target>,
 }
 
-/// Connects to `target` with `options`, hands the sockets to the kernel and
-/// mounts the device at `mount`.
-fn attach_kernel(
-    target: &scratchd_client::Target,
-    options: &scratchd_client::Options,
-    mount: PathBuf,
-    mount_options: &str,
-) -> Result<KernelAttached, RunError> {
-    use scratchd_client::{Client, Options, Replies};
-    // A connection of our own reads the file system's sector size (as the
-    // FUSE path does), and holds the export open until the kernel's are.
-    let probe = Client::connect_with(
-        target,
-        &Options {
-            connections: 1,
-            ..options.clone()
-        },
-    )?;
-    let largest = logical_block_size(&probe).map_err(RunError::Probe)?;
-    // The kernel speaks simple replies only, and asks no block status.
-    let handshaken = Client::handshake_only(
-        target,
-        &Options {
-            replies: Replies::Simple,
-            block_status: false,
-            ..options.clone()
-        },
-    )?;
-    let info = handshaken.info.clone();
-    let block_size =
-        nbd_kernel::choose_block_size(info.block_size.map(|b| (b.min, b.max)), largest)?;
-    let config = nbd_kernel::Config {
-        index: None,
-        size: info.size,
-        block_size,
-        server_flags: info.flags.0,
-        timeout: None,
-        dead_conn_timeout: KERNEL_DEAD_CONN_TIMEOUT,
-        // Not the export's name, which is the disk's key: sysfs shows this
-        // to every local user.
-        backend: Some(format!(
-            "scratchd-run:{}:{}",
-            std::process::id(),
-            random_name()
-        )),
-    };
-    let streams = handshaken
-        .into_fds()
-        .ok_or_else(|| RunError::Usage("the kernel cannot take over TLS connections".to_owned()))?;
-    let device = nbd_kernel::connect(streams, &config)?;
-    let mut attached = KernelAttached {
-        mount,
-        mounted: false,
-        device_path: device.path(),
-        device: Some(device),
-    };
-    ns::mount(&attached.device_path, &attached.mount, mount_options)?;
-    attached.mounted = true;
-    if let Some(device) = &mut attached.device {
-        if let Err(e) = device.disconnect_on_close() {
-            warn!(error = %e, "a killed run will leave its nbd device connected");
-        }
-    }
-    if let Err(e) = probe.close() {
-        debug!(error = %e, "closing the probe connection");
-    }
-    Ok(attached)
-}
-
-impl KernelAttached {
-    fn detach(mut self) {
-        self.undo();
-    }
-
-    fn undo(&mut self) {
-        if self.mounted {
-            self.mounted = false;
-            if let Err(e) = ns::unmount(&self.mount) {
-                warn!(mount = %self.mount.display(), error = %e, "cannot unmount");
-            }
-        }
-        if let Some(device) = self.device.take() {
-            if let Err(e) = device.disconnect() {
-                warn!(device = %self.device_path.display(), error = %e, "cannot disconnect");
-            }
-        }
-    }
-}
-
-impl Drop for KernelAttached {
-    fn drop(&mut self) {
-        self.undo();
+impl Place<'_> {
+    /// The command's environment: the names the issue asked for
+    /// (`SCRATCH_*`) and the ones runs had first (`SCRATCHD_*`).
+    fn set_env(&self, command: &mut Command) {
+        command
+            .env("SCRATCH_DIR", self.mount)
+            .env("SCRATCH_DEV", self.device)
+            .env("SCRATCHD_MOUNT", self.mount)
+            .env("SCRATCHD_DEVICE", self.device)
+            .env("SCRATCHD_EXPORT", self.name);
+        // A private disk has no URI: nothing else can reach it.
+        match self.server {
+            // The URI form carries no credentials (the parser drops a
+            // `user@`); only the certificate directory's path.
+            Some(target) => command.env("SCRATCH_URI", target.to_string()),
+            None => command.env_remove("SCRATCH_URI"),
+        };
     }
 }
 
@@ -764,19 +511,15 @@ impl Drop for KernelAttached {
 /// after it has).
 fn run_command(
     args: &RunArgs,
-    mount: &Path,
-    device: &Path,
-    name: &str,
+    place: &Place,
     mut signals: Signals,
 ) -> Result<ExitStatus, RunError> {
     let (program, rest) = args.command.split_first().expect("clap requires CMD");
     let mut command = Command::new(program);
     ns::kill_with_parent(&mut command);
+    place.set_env(&mut command);
     let mut child = command
         .args(rest)
-        .env("SCRATCHD_MOUNT", mount)
-        .env("SCRATCHD_DEVICE", device)
-        .env("SCRATCHD_EXPORT", name)
         .spawn()
         .map_err(|source| RunError::Spawn {
             command: program.to_string_lossy().into_owned(),
@@ -815,63 +558,6 @@ fn exit_code(status: ExitStatus) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sector_limits_come_from_the_superblock() {
-        let mut ext = vec![0u8; 2048];
-        ext[1024 + 56..1024 + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
-        ext[1024 + 24] = 2; // 4096-byte blocks
-        assert_eq!(filesystem_sector_limit(&ext), Some(4096));
-        ext[1024 + 24] = 0; // 1024-byte blocks
-        assert_eq!(filesystem_sector_limit(&ext), Some(1024));
-        let mut xfs = vec![0u8; 2048];
-        xfs[..4].copy_from_slice(b"XFSB");
-        xfs[102..104].copy_from_slice(&512u16.to_be_bytes());
-        assert_eq!(filesystem_sector_limit(&xfs), Some(512));
-        assert_eq!(filesystem_sector_limit(&[0u8; 2048]), None);
-        assert_eq!(filesystem_sector_limit(&[0u8; 10]), None);
-    }
-
-    #[test]
-    fn attach_choice() {
-        let never = || -> bool { panic!("availability asked without --server") };
-        assert_eq!(
-            choose_attach("fuse", true, false, || true).unwrap(),
-            AttachKind::Fuse
-        );
-        assert_eq!(
-            choose_attach("auto", false, false, never).unwrap(),
-            AttachKind::Fuse
-        );
-        assert_eq!(
-            choose_attach("auto", true, false, || false).unwrap(),
-            AttachKind::Fuse
-        );
-        assert_eq!(
-            choose_attach("auto", true, false, || true).unwrap(),
-            AttachKind::Kernel
-        );
-        assert_eq!(
-            choose_attach("kernel", true, false, || false).unwrap(),
-            AttachKind::Kernel
-        );
-        assert!(matches!(
-            choose_attach("kernel", false, false, never),
-            Err(RunError::Usage(_))
-        ));
-        assert_eq!(
-            choose_attach("auto", true, true, never).unwrap(),
-            AttachKind::Fuse
-        );
-        assert!(matches!(
-            choose_attach("kernel", true, true, never),
-            Err(RunError::Usage(_))
-        ));
-        assert!(matches!(
-            choose_attach("nbd", true, false, || true),
-            Err(RunError::Usage(_))
-        ));
-    }
 
     #[test]
     fn random_names_carry_128_bits() {

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod attach;
 mod bad_input;
 mod cli;
 mod ctl;

@@ -173,6 +173,18 @@ pub fn fuse_unavailable() -> Option<&'static str> {
     (stdout(&uid).trim() != "0").then_some("not root")
 }
 
+/// Whether a test that needs FUSE, loop devices and mounts must skip here
+/// (saying so, with the reason).
+pub fn skip_without_fuse(test: &str) -> bool {
+    match fuse_unavailable() {
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
 /// An export seen as a file through nbdfuse; unmounted, and nbdfuse
 /// reaped, on drop.
 pub struct Nbdfuse {

@@ -27,7 +27,7 @@ use fuser::{
     WriteFlags,
 };
 use scratchd_store::{BlockDevice, ZeroFlags};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// The name of the one file in the mount.
 pub const FILE_NAME: &str = "disk";
@@ -77,9 +77,10 @@ impl FuseFile {
     pub fn connection(&self) -> io::Result<u32> {
         let dir = self.path.parent().unwrap_or(&self.path);
         let dev = rustix::fs::stat(dir)?.st_dev;
-        // The kernel names it by its internal dev_t: major << 20 | minor.
-        let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-        Ok((major << 20) | minor)
+        Ok(connection_number(
+            rustix::fs::major(dev),
+            rustix::fs::minor(dev),
+        ))
     }
 
     /// The file whose bytes are the device's.
@@ -104,7 +105,18 @@ impl FuseFile {
                 debug!(error = %e, "cannot abort the FUSE connection");
             }
         }
-        session.umount_and_join()
+        match session.umount_and_join() {
+            // The file is still open (a loop device that has not let go
+            // yet). The connection is aborted, so nothing can wait on it:
+            // detach the mount lazily, and it goes with the file's last
+            // user. The session's threads end on their own.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                let dir = self.path.parent().unwrap_or(&self.path);
+                warn!(dir = %dir.display(), "FUSE file still in use; unmounting it lazily");
+                crate::ns::unmount_lazily(dir)
+            }
+            other => other,
+        }
     }
 }
 
@@ -363,6 +375,19 @@ impl Filesystem for DiskFs {
         }
         reply.ok();
     }
+}
+
+/// The kernel names a FUSE connection by its internal dev_t: major << 20 |
+/// minor.
+fn connection_number(major: u32, minor: u32) -> u32 {
+    (major << 20) | minor
+}
+
+/// The connection of the FUSE mount at `dir`, if one is mounted there;
+/// found in mountinfo, without a request to the file system, whose server
+/// may be dead or stuck.
+pub fn connection_at(dir: &Path) -> Option<u32> {
+    crate::ns::mount_at(dir).map(|m| connection_number(m.major, m.minor))
 }
 
 /// Aborts FUSE connection `id`: every request waiting on it, and every later

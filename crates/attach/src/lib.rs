@@ -1,5 +1,6 @@
-//! Attach front ends: how `scratchd run` turns a block device (a local
-//! scratch disk or an NBD client) into a mounted file system.
+//! Attach front ends: how `scratchd run` and `scratchd attach` turn a
+//! block device (a local scratch disk or an NBD client) into a mounted
+//! file system, and how `scratchd detach` finds what is left of one.
 //!
 //! Layout:
 //! - [`fuse`]: the device as one file in a FUSE mount, served by several
@@ -9,7 +10,8 @@
 //! - [`nbd_kernel`]: the kernel's nbd driver, configured over generic
 //!   netlink with sockets our client negotiated (hosts with the module);
 //! - [`ns`]: a private mount namespace, so that every mount of a run dies
-//!   with it, and mounting a device.
+//!   with it; mounting a device, unmounting, and what is mounted where
+//!   (from mountinfo).
 
 pub mod fuse;
 pub mod loopdev;

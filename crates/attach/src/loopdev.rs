@@ -19,6 +19,7 @@ use tracing::warn;
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 /// Attempts at claiming a free device, which another process may take
@@ -107,11 +108,7 @@ impl LoopDevice {
     /// Whether the kernel still has the device attached (autoclear detaches
     /// it when its last user closes it).
     pub fn attached(&self) -> bool {
-        let name = self.path.file_name().unwrap_or_default();
-        Path::new("/sys/block")
-            .join(name)
-            .join("loop/backing_file")
-            .exists()
+        backing_file(&self.path).is_some()
     }
 
     /// Closes this handle: from now on the device lives only as long as
@@ -119,6 +116,36 @@ impl LoopDevice {
     pub fn release(&mut self) {
         self.device = None;
     }
+}
+
+/// The file `/dev/loopN` reads and writes, as the kernel shows it; `None`
+/// when the device is not attached.
+pub fn backing_file(device: &Path) -> Option<PathBuf> {
+    let name = device.file_name()?;
+    let path = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(PathBuf::from(text.trim_end_matches('\n')))
+}
+
+/// Detaches `device` if it is attached to `file` (and not to whatever the
+/// kernel gave the same number to since): for the loop device of a
+/// process that died. A device still in use (mounted) is only marked
+/// autoclear by the kernel, and goes when its last user lets go. Returns
+/// whether it was ours.
+pub fn detach_if_backed_by(device: &Path, file: &Path) -> io::Result<bool> {
+    if backing_file(device).as_deref() != Some(file) {
+        return Ok(false);
+    }
+    let handle = OpenOptions::new().read(true).open(device)?;
+    // SAFETY: LOOP_CLR_FD takes no argument.
+    if unsafe { libc::ioctl(handle.as_raw_fd(), LOOP_CLR_FD) } < 0 {
+        let e = io::Error::last_os_error();
+        // ENXIO: it went (autoclear) between our look and the ioctl.
+        if e.raw_os_error() != Some(libc::ENXIO) {
+            return Err(e);
+        }
+    }
+    Ok(true)
 }
 
 /// Asks `/dev/loop-control` for a free device and opens it.

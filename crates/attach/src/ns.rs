@@ -11,7 +11,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::Duration;
@@ -113,6 +113,88 @@ pub fn unmount(dir: &Path) -> io::Result<Unmounted> {
     }
 }
 
+/// Detaches the file system at `dir` at once, however busy (`umount -l`):
+/// for mounts whose disk is gone, which nobody can write back anyway.
+pub fn unmount_lazily(dir: &Path) -> io::Result<()> {
+    let path = CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The topmost mount at a directory, from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// What is mounted, such as `/dev/loop3` (or `scratchd`, a FUSE mount's
+    /// name).
+    pub source: PathBuf,
+    /// The file system's device number (`st_dev` of its files), read
+    /// without touching the file system, which may not answer.
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// What is mounted at `dir` (the topmost mount there) in this process's
+/// mount namespace; `None` when `dir` is not a mount point.
+pub fn mount_at(dir: &Path) -> Option<MountEntry> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mount_in(&table, dir)
+}
+
+/// The source of [`mount_at`]: `/dev/loop3` for a loop device's mount.
+pub fn mount_source(dir: &Path) -> Option<PathBuf> {
+    mount_at(dir).map(|m| m.source)
+}
+
+/// [`mount_at`] in the text of a `/proc/PID/mountinfo`.
+fn mount_in(table: &str, dir: &Path) -> Option<MountEntry> {
+    let dir = dir.as_os_str().as_bytes();
+    // Later lines are mounted on top of earlier ones at the same place.
+    table.lines().rev().find_map(|line| {
+        // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [TAGS...] - TYPE SOURCE SUPER
+        let (fields, rest) = line.split_once(" - ")?;
+        let fields: Vec<&str> = fields.split(' ').collect();
+        if unescape(fields.get(4)?) != dir {
+            return None;
+        }
+        let (major, minor) = fields.get(2)?.split_once(':')?;
+        let source = rest.split(' ').nth(1)?;
+        Some(MountEntry {
+            source: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(source))),
+            major: major.parse().ok()?,
+            minor: minor.parse().ok()?,
+        })
+    })
+}
+
+/// The kernel writes space, tab, newline and backslash in mountinfo as
+/// `\ooo` octal escapes.
+fn unescape(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let text = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// Makes the kernel kill the command's process (SIGKILL) when this one dies,
 /// however it dies: a `kill -9`ed run must not leave its build running on a
 /// disk whose server is gone. (Processes the command started and that
@@ -133,5 +215,32 @@ pub fn kill_with_parent(command: &mut Command) {
             }
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_sources_come_from_the_topmost_mount() {
+        let table = "\
+22 1 0:21 / /proc rw,nosuid - proc proc rw
+40 22 7:3 / /mnt/a\\040b rw,noatime shared:5 - ext4 /dev/loop3 rw
+41 40 7:4 / /mnt/a\\040b rw,noatime - ext4 /dev/loop4 rw
+";
+        assert_eq!(
+            mount_in(table, Path::new("/mnt/a b")),
+            Some(MountEntry {
+                source: PathBuf::from("/dev/loop4"),
+                major: 7,
+                minor: 4
+            })
+        );
+        assert_eq!(
+            mount_in(table, Path::new("/proc")).map(|m| m.source),
+            Some(PathBuf::from("proc"))
+        );
+        assert_eq!(mount_in(table, Path::new("/mnt")), None);
     }
 }

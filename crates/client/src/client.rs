@@ -185,6 +185,13 @@ impl Client {
         self.connections.len()
     }
 
+    /// Why a connection to the server broke, once one has (the server went
+    /// away, the network failed): requests on it fail from then on. For
+    /// callers that hold a client for long and want to say so.
+    pub fn lost(&self) -> Option<String> {
+        self.connections.iter().find_map(Connection::lost)
+    }
+
     /// Disconnects every connection cleanly (DISC); dropping the client
     /// does the same, without the errors.
     pub fn close(mut self) -> io::Result<()> {

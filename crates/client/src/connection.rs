@@ -172,6 +172,11 @@ impl Connection {
         lock(&self.shared.state).in_flight
     }
 
+    /// Why the connection stopped carrying requests, once it has.
+    pub fn lost(&self) -> Option<String> {
+        lock(&self.shared.state).lost.clone()
+    }
+
     /// Takes a slot and a cookie for `request`.
     fn register(&self, request: &Request, done: Sender<io::Result<Reply>>) -> io::Result<u64> {
         let shared = &self.shared;

@@ -1,0 +1,472 @@
+//! `scratchd attach` and `scratchd detach`: a disk on a server mounted in
+//! the host's mount namespace, served by a holder process until detached;
+//! nothing left behind after a detach, after `kill -9` of the holder
+//! (`detach --stale`, or the next attach's sweep), or after a failed
+//! attach.
+//!
+//! Each test has a state directory of its own (`SCRATCHD_STATE_DIR`), so
+//! they run in parallel.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::util::{
+    eventually, fuse_unavailable, run, run_status, skip_without_fuse, stdout, Json, Server,
+    SCRATCHD,
+};
+
+/// A state directory and mount points of one test; whatever is still
+/// attached is detached on drop (a failing test leaves no mounts).
+struct Attachments {
+    state: tempfile::TempDir,
+    dirs: tempfile::TempDir,
+}
+
+impl Attachments {
+    fn new() -> Attachments {
+        Attachments {
+            state: tempfile::tempdir().unwrap(),
+            dirs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A fresh empty directory to mount on (canonical, as records hold it).
+    fn mount_point(&self, name: &str) -> PathBuf {
+        let dir = self.dirs.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        dir.canonicalize().unwrap()
+    }
+
+    fn scratchd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(SCRATCHD);
+        c.args(args).env("SCRATCHD_STATE_DIR", self.state.path());
+        c
+    }
+
+    fn attach(&self, mount: &Path, uri: &str, more: &[&str]) -> (i32, Output) {
+        let mount = mount.to_str().unwrap();
+        let mut args = vec!["attach", "--mount", mount];
+        args.extend_from_slice(more);
+        args.push(uri);
+        run_status(&mut self.scratchd(&args))
+    }
+
+    /// Attaches, asserting success; returns the block device.
+    fn attach_ok(&self, mount: &Path, uri: &str, more: &[&str]) -> String {
+        let (code, out) = self.attach(mount, uri, more);
+        assert_eq!(code, 0, "attach: {}", String::from_utf8_lossy(&out.stderr));
+        let device = stdout(&out).trim().to_owned();
+        assert!(device.starts_with("/dev/loop"), "{device}");
+        device
+    }
+
+    fn detach(&self, what: &str) -> (i32, Output) {
+        run_status(&mut self.scratchd(&["detach", what]))
+    }
+
+    fn detach_ok(&self, what: &str) {
+        let (code, out) = self.detach(what);
+        assert_eq!(code, 0, "detach: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The only record in the state directory.
+    fn record(&self) -> Json {
+        let records: Vec<PathBuf> = self
+            .state_files()
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        assert_eq!(records.len(), 1, "{records:?}");
+        Json::parse(&std::fs::read_to_string(&records[0]).unwrap())
+    }
+
+    /// The pid of the only attachment's holder.
+    fn holder(&self) -> u32 {
+        self.record().int("holder.pid") as u32
+    }
+
+    /// Files in the state directory but its lock.
+    fn state_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.state.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap() != "lock")
+            .collect()
+    }
+
+    /// What an attachment can leave behind: a mount at `mount`, mounts and
+    /// loop devices on files in the state directory, state files, a
+    /// holder still running.
+    fn leftovers(&self, mount: &Path, holder: Option<u32>) -> Vec<String> {
+        let state = self.state.path().to_str().unwrap();
+        let mut found = Vec::new();
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for line in table.lines() {
+            let point = line.split(' ').nth(4).unwrap();
+            if Path::new(point) == mount || point.starts_with(state) {
+                found.push(format!("mount: {line}"));
+            }
+        }
+        let loops = run(Command::new("losetup").args(["-l", "-n", "-O", "NAME,BACK-FILE"]));
+        for line in stdout(&loops).lines().filter(|l| l.contains(state)) {
+            found.push(format!("loop device: {line}"));
+        }
+        for file in self.state_files() {
+            found.push(format!("state: {}", file.display()));
+        }
+        if let Some(pid) = holder.filter(|&pid| running(pid)) {
+            found.push(format!("holder {pid} still runs"));
+        }
+        found
+    }
+
+    fn assert_nothing_left(&self, mount: &Path, holder: Option<u32>) {
+        eventually(
+            "the attachment's leftovers to go",
+            Duration::from_secs(10),
+            || self.leftovers(mount, holder).is_empty(),
+        );
+    }
+}
+
+impl Drop for Attachments {
+    fn drop(&mut self) {
+        let _ = self.scratchd(&["detach", "--all"]).output();
+        let _ = self.scratchd(&["detach", "--stale"]).output();
+    }
+}
+
+/// Whether process `pid` runs (a zombie does not count).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, s)| !s.starts_with('Z'))
+    })
+}
+
+/// The source of the mount at `dir`, as findmnt sees it.
+fn mounted_device(dir: &Path) -> String {
+    let out = Command::new("findmnt")
+        .args(["-n", "-o", "SOURCE", "--mountpoint"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    stdout(&out).trim().to_owned()
+}
+
+/// Writes to the file system at `mount` that reach the disk (direct I/O,
+/// and a sync) fail, soon: no hang (24 is timeout's status).
+fn assert_writes_fail(mount: &Path) {
+    let m = mount.display();
+    let started = Instant::now();
+    for write in [
+        format!("dd if=/dev/zero of={m}/g bs=1M count=4 oflag=direct status=none"),
+        format!("echo x > {m}/h && sync -f {m}"),
+    ] {
+        let (code, _) = sh(&format!("timeout 20 sh -c '{write}'"));
+        assert!(code != 0 && code != 124, "{write}: exit status {code}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "I/O hung");
+}
+
+fn sh(script: &str) -> (i32, Output) {
+    run_status(Command::new("sh").args(["-c", script]))
+}
+
+/// Attach, files written by two other processes, detach: nothing left;
+/// attached again within the server's linger (by `--name`), the files are
+/// there; detached by its device.
+#[test]
+fn attach_detach_and_reattach_within_linger() {
+    if skip_without_fuse("attach_detach_and_reattach_within_linger") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=256M", "linger=30s"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    let device = a.attach_ok(&mnt, &server.uri_for("build-1"), &["--connections", "2"]);
+    assert_eq!(
+        mounted_device(&mnt),
+        device,
+        "mounted in the host's namespace"
+    );
+    let record = a.record();
+    assert_eq!(record.get("kind"), "fuse");
+    assert_eq!(record.get("mount"), mnt.to_str().unwrap());
+    assert_eq!(record.get("device"), device);
+    assert_eq!(record.get("export"), "build-1");
+    assert_eq!(record.get("uri"), server.uri_for("build-1"));
+    let holder = record.int("holder.pid") as u32;
+    assert!(running(holder));
+    let m = mnt.display();
+    for (file, text) in [("a", "one"), ("b", "two")] {
+        let (code, out) = sh(&format!("echo {text} > {m}/{file}"));
+        assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    a.detach_ok(mnt.to_str().unwrap());
+    a.assert_nothing_left(&mnt, Some(holder));
+
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    let device = a.attach_ok(&mnt, &uri, &["--name", "build-1"]);
+    let (code, out) = sh(&format!("cat {m}/a {m}/b"));
+    assert_eq!((code, stdout(&out).as_str()), (0, "one\ntwo\n"));
+    let holder = a.holder();
+    a.detach_ok(&device);
+    a.assert_nothing_left(&mnt, Some(holder));
+}
+
+/// `kill -9` of a holder: I/O on the mount fails at once (the kernel
+/// aborted the FUSE connection with the holder's last `/dev/fuse`
+/// descriptor), nothing hangs; `detach --stale` removes the mount, loop
+/// device, FUSE mount and record. A second killed attachment is swept by
+/// the next attach at its directory.
+#[test]
+fn kill_9_of_the_holder_fails_io_and_stale_cleanup_removes_everything() {
+    if skip_without_fuse("kill_9_of_the_holder_fails_io_and_stale_cleanup_removes_everything") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=256M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &server.uri_for("killed-1"), &[]);
+    let holder = a.holder();
+    let m = mnt.display();
+    assert_eq!(sh(&format!("echo kept > {m}/f && sync -f {m}")).0, 0);
+    run(Command::new("kill").args(["-KILL", &holder.to_string()]));
+    eventually("the holder to die", Duration::from_secs(5), || {
+        !running(holder)
+    });
+    assert_writes_fail(&mnt);
+    assert!(
+        !a.leftovers(&mnt, None).is_empty(),
+        "the dead attachment is left"
+    );
+
+    let (code, out) = run_status(&mut a.scratchd(&["detach", "--stale"]));
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    a.assert_nothing_left(&mnt, Some(holder));
+
+    // The next attach at the same place sweeps a killed one first.
+    a.attach_ok(&mnt, &server.uri_for("killed-2"), &[]);
+    let holder = a.holder();
+    run(Command::new("kill").args(["-KILL", &holder.to_string()]));
+    eventually("the holder to die", Duration::from_secs(5), || {
+        !running(holder)
+    });
+    a.attach_ok(&mnt, &server.uri_for("killed-3"), &[]);
+    let holder = a.holder();
+    assert_eq!(a.record().get("export"), "killed-3");
+    a.detach_ok(mnt.to_str().unwrap());
+    a.assert_nothing_left(&mnt, Some(holder));
+}
+
+/// A server that goes away: the disk's I/O fails, the holder stays (and
+/// logs why) until detached, and the detach cleans up.
+#[test]
+fn a_server_that_dies_fails_io_and_detach_still_cleans_up() {
+    if skip_without_fuse("a_server_that_dies_fails_io_and_detach_still_cleans_up") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=256M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &server.uri_for("orphan"), &[]);
+    let record = a.record();
+    let holder = record.int("holder.pid") as u32;
+    let log = a.state.path().join(format!("{}.log", record.get("id")));
+    server.signal("KILL");
+    assert_writes_fail(&mnt);
+    eventually(
+        "the holder to log the broken connection",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|t| t.contains("connection to the server broke"))
+        },
+    );
+    assert!(running(holder), "the holder keeps the attachment");
+    a.detach_ok(mnt.to_str().unwrap());
+    a.assert_nothing_left(&mnt, Some(holder));
+}
+
+/// SIGTERM to the holder itself tears the attachment down as a detach
+/// does.
+#[test]
+fn sigterm_to_the_holder_detaches() {
+    if skip_without_fuse("sigterm_to_the_holder_detaches") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &server.uri_for("termed"), &[]);
+    let holder = a.holder();
+    run(Command::new("kill").args(["-TERM", &holder.to_string()]));
+    a.assert_nothing_left(&mnt, Some(holder));
+}
+
+/// Errors: each says why, with exit status 2 for usage and 1 for
+/// failures, and leaves nothing behind.
+#[test]
+fn attach_and_detach_errors_are_clear_and_leave_nothing() {
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    let m = mnt.to_str().unwrap();
+    let server = Server::start(&["--name-prefix", "koji-", "tmpdisk", "size=64M"]);
+    let expect = |(code, out): (i32, Output), want_code: i32, want: &str| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(code, want_code, "{err}");
+        assert!(err.contains(want), "wanted {want:?} in: {err}");
+        assert_eq!(stdout(&out), "", "no device printed");
+    };
+    expect(a.detach(m), 1, "is not attached");
+    expect(a.detach("/nonexistent"), 1, "is not attached");
+    let uri = server.uri_for("koji-1");
+    expect(
+        a.attach(Path::new("/nonexistent/dir"), &uri, &[]),
+        1,
+        "No such file or directory",
+    );
+    expect(a.attach(&mnt, &server.uri(), &[]), 2, "names no export");
+    expect(a.attach(&mnt, "http://x/y", &[]), 2, "is not an NBD URI");
+    expect(
+        a.attach(&mnt, &uri, &["--attach", "bogus"]),
+        2,
+        "expected auto, kernel or fuse",
+    );
+    expect(
+        a.attach(&mnt, "nbd+unix:///koji-1?socket=/nonexistent/nbd.sock", &[]),
+        1,
+        "cannot connect to unix:/nonexistent/nbd.sock: No such file or directory",
+    );
+    if fuse_unavailable().is_none() {
+        // Refused by the server's name policy, after the holder claimed
+        // the mount point: its record goes too.
+        expect(
+            a.attach(&mnt, &server.uri_for("other-1"), &[]),
+            1,
+            "ERR_POLICY",
+        );
+        // A mount point already in use, by something else or by us.
+        let tmpfs = a.mount_point("tmpfs");
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "none"])
+            .arg(&tmpfs));
+        let in_use = a.attach(&tmpfs, &uri, &[]);
+        run(Command::new("umount").arg(&tmpfs));
+        expect(in_use, 1, "is already a mount point");
+        let device = a.attach_ok(&mnt, &uri, &[]);
+        expect(
+            a.attach(&mnt, &server.uri_for("koji-2"), &[]),
+            1,
+            &format!("is already attached ({device})"),
+        );
+        a.detach_ok(m);
+    }
+    a.assert_nothing_left(&mnt, None);
+}
+
+/// Kernel attachments (`--attach kernel`) cannot be made on a host without
+/// the nbd module, as this one: records written by hand stand in for them.
+/// A record whose `/dev/nbdN` no longer shows its backend identifier
+/// (disconnected, or given to someone else) is detached by its directory
+/// without touching the device, and swept by `--stale`; and an attach
+/// the kernel refuses leaves no record.
+#[test]
+fn kernel_records_whose_device_is_gone_are_removed() {
+    let a = Attachments::new();
+    let record = |id: &str, mount: &Path, index: u32| {
+        let text = format!(
+            r#"{{"id": "{id}", "kind": "kernel", "mount": "{}", "device": "/dev/nbd{index}",
+                "export": "koji-1", "uri": "nbd://storage1:10809/koji-1", "holder": null,
+                "fuse_dir": null, "backend": "scratchd-attach:{id}"}}"#,
+            mount.display()
+        );
+        std::fs::write(a.state.path().join(format!("{id}.json")), text).unwrap();
+    };
+    let (one, two) = (a.mount_point("one"), a.mount_point("two"));
+    record("k1", &one, 1000);
+    record("k2", &two, 1001);
+    a.detach_ok(one.to_str().unwrap());
+    assert_eq!(a.state_files(), [a.state.path().join("k2.json")]);
+    let (code, out) = run_status(&mut a.scratchd(&["detach", "--stale"]));
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(a.state_files(), Vec::<PathBuf>::new());
+    if !Path::new("/sys/module/nbd").exists() {
+        let server = Server::start(&["tmpdisk", "size=64M"]);
+        let (code, out) = a.attach(&one, &server.uri_for("k"), &["--attach", "kernel"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("modprobe nbd"), "{err}");
+        assert_eq!(a.state_files(), Vec::<PathBuf>::new());
+    }
+}
+
+/// A detach while a process still works in the directory: the file system
+/// is detached lazily and served while that process finishes (within the
+/// grace period); then everything goes.
+#[test]
+fn a_busy_mount_is_detached_lazily_and_goes_when_let_go() {
+    if skip_without_fuse("a_busy_mount_is_detached_lazily_and_goes_when_let_go") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &server.uri_for("busy"), &[]);
+    let holder = a.holder();
+    let m = mnt.display();
+    let mut busy = Command::new("sh")
+        .args([
+            "-c",
+            &format!("cd {m} && head -c 1000000 /dev/urandom > f && sleep 2 && cat f > /dev/null"),
+        ])
+        .spawn()
+        .unwrap();
+    eventually("the file to be written", Duration::from_secs(5), || {
+        std::fs::metadata(mnt.join("f")).is_ok_and(|f| f.len() == 1_000_000)
+    });
+    let started = Instant::now();
+    a.detach_ok(mnt.to_str().unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        busy.wait().unwrap().success(),
+        "the busy process could read its file"
+    );
+    a.assert_nothing_left(&mnt, Some(holder));
+}
+
+/// A holder killed while it unmounts DIR itself (SIGTERM, then SIGKILL
+/// during the writeback) is stuck: its last thread waits on its own FUSE
+/// file, whose connection the kernel aborts only once the holder is gone.
+/// A holder with SIGKILL pending counts as dead, and the stale cleanup
+/// aborts its connection, which frees it.
+#[test]
+fn a_holder_killed_while_unmounting_is_freed_by_the_stale_cleanup() {
+    if skip_without_fuse("a_holder_killed_while_unmounting_is_freed_by_the_stale_cleanup") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=512M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &server.uri_for("stuck"), &[]);
+    let holder = a.holder();
+    let m = mnt.display();
+    // Dirty pages for the holder's unmount to write back.
+    let (code, _) = sh(&format!(
+        "dd if=/dev/zero of={m}/big bs=1M count=128 status=none"
+    ));
+    assert_eq!(code, 0);
+    run(Command::new("kill").args(["-TERM", &holder.to_string()]));
+    std::thread::sleep(Duration::from_millis(50));
+    run(Command::new("kill").args(["-KILL", &holder.to_string()]));
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, out) = run_status(&mut a.scratchd(&["detach", "--stale"]));
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    a.assert_nothing_left(&mnt, Some(holder));
+}
