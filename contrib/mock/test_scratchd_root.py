@@ -69,7 +69,7 @@ class FakeBuildroot(object):
 
 def mock_process(root, **opts):
     """One mock invocation: the plugin initialised as mock does it."""
-    conf = {"server": URI, "scratchd": SCRATCHD, "connections": 2}
+    conf = {"server": URI, "scratchd": SCRATCHD, "connections": 2, "control": CONTROL}
     conf.update(opts)
     plugins = FakePlugins()
     buildroot = FakeBuildroot(root)
@@ -133,6 +133,14 @@ class ScratchdRootTest(unittest.TestCase):
         self.assertTrue(PLUGIN.is_mount_point(buildroot.make_chroot_path()))
         plugins.call_hooks("scrub", "scratchd")
         self.assert_nothing_left(buildroot)
+
+    def test_scrub_without_control_leaves_the_disk_to_the_linger(self):
+        plugins, buildroot = mock_process("remote-x86_64", control=None)
+        plugins.call_hooks("mount_root")
+        name = plugins.hooks["scrub"][0].__self__.name
+        plugins.call_hooks("scrub", "all")
+        self.assert_nothing_left(buildroot)
+        self.assertEqual(exports()[name]["state"], "lingering")
 
     def test_keep_attached_leaves_it_for_the_next_run(self):
         plugins, buildroot = mock_process("keep-x86_64", keep_attached=True)

@@ -18,6 +18,7 @@ mod idle;
 mod isolation;
 mod limits;
 mod load;
+mod mock;
 mod nbdcopy;
 mod nbdinfo;
 mod nbdsh;

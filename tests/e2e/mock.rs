@@ -6,12 +6,11 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::{fuse_unavailable, run_status, Server, SCRATCHD};
+use crate::util::{run_status, skip_without_fuse, Server, SCRATCHD};
 
 #[test]
 fn mock_plugin_against_a_fake_registry() {
-    if let Some(why) = fuse_unavailable() {
-        eprintln!("skipped: {why}");
+    if skip_without_fuse("mock_plugin_against_a_fake_registry") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
