@@ -173,7 +173,9 @@ impl StateDir {
     /// Opens the state directory, making it (mode 0700: records name disks,
     /// whose names are their keys) when needed.
     pub fn open() -> Result<StateDir, StateError> {
+        // Set but empty counts as unset, as for most variables of the kind.
         let path = std::env::var_os(DIR_ENV)
+            .filter(|dir| !dir.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
         let state = StateDir { path };
