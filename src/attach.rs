@@ -62,7 +62,7 @@ pub struct AttachArgs {
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     verbose: u8,
     /// The server and export: `nbd+unix:///EXPORT?socket=PATH`,
-    /// `nbd://HOST[:PORT]/EXPORT`, `nbds://…?tls-certificates=DIR`.
+    /// `nbd://HOST[:PORT]/EXPORT`, `nbds://...?tls-certificates=DIR`.
     #[arg(value_name = "URI")]
     uri: String,
 }

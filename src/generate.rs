@@ -104,7 +104,7 @@ fn write_pages(
     let path = dir.join(man.get_filename());
     let mut page = Vec::new();
     man.render(&mut page)
-        .and_then(|()| std::fs::write(&path, &page))
+        .and_then(|()| std::fs::write(&path, ascii_roff(&page)))
         .map_err(|source| GenerateError::Write {
             path: path.clone(),
             source,
@@ -114,6 +114,22 @@ fn write_pages(
         write_pages(sub, dir, written)?;
     }
     Ok(())
+}
+
+/// The page with every non-ASCII character as a roff escape (`…` becomes
+/// `\[u2026]`): troff reads its input as Latin-1 unless a preprocessor
+/// says otherwise, and would print UTF-8 help text as garbage.
+fn ascii_roff(page: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(page);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\[u{:04X}]", c as u32));
+        }
+    }
+    out.into_bytes()
 }
 
 /// Writes the completion script for `shell` to `out`.
@@ -148,4 +164,18 @@ fn create_dir(dir: &Path) -> Result<(), GenerateError> {
         dir: dir.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ascii_roff;
+
+    #[test]
+    fn non_ascii_becomes_roff_escapes() {
+        assert_eq!(
+            ascii_roff("nbds://…?x é".as_bytes()),
+            b"nbds://\\[u2026]?x \\[u00E9]".to_vec()
+        );
+        assert_eq!(ascii_roff(b".TH A 1\n"), b".TH A 1\n".to_vec());
+    }
 }
