@@ -6,11 +6,13 @@
 #   bench/run-workload.sh                       # 3 rounds, every configuration and phase
 #   ROUNDS=1 CONFIGS="ceiling run-local" PHASES="attach extract rm" bench/run-workload.sh
 #
-# Configurations (CONFIGS, default all four, in this order):
+# Configurations (CONFIGS, default all seven, in this order):
 #   ceiling     ext4 on a loop device (buffered) over a sparse 20G image in
 #               /dev/shm, made with scratchd's default mkfs options (ext4
 #               without journal, -b 4096 -m 0, lazy init, nodiscard; see
 #               crates/scratch/src/format.rs), mounted noatime
+#   tmpfs       a tmpfs (size=20G) mounted on the directory: no block device at all
+#   local-disk  a directory on /var/tmp (this machine's own disk), bind-mounted
 #   nbdkit      `nbdkit -f -U SOCK tmpdisk size=20G` (its default mkfs: ext4 WITH
 #               journal), TMPDIR=/dev/shm so its disk is in RAM as ours; attached
 #               as a new user would: `nbdfuse DIR/disk URI`, `losetup --find
@@ -132,7 +134,7 @@ cd "$(dirname "$0")/.."
 SELF=$PWD/bench/run-workload.sh
 SPEC=$PWD/bench/rpm/hello.spec
 ROUNDS=${ROUNDS:-3}
-CONFIGS=${CONFIGS:-"ceiling nbdkit run-local run-server run-tcp"}
+CONFIGS=${CONFIGS:-"ceiling tmpfs local-disk nbdkit run-local run-server run-tcp"}
 PHASES=${PHASES:-"attach install extract rpm rm"}
 ATTACH_TRIES=${ATTACH_TRIES:-3}
 TAR=${TAR:-/var/tmp/linux-source-6.1.tar}
@@ -156,8 +158,8 @@ read -r -a phases <<<"$PHASES"
 [ ${#phases[@]} -gt 0 ] || die "PHASES is empty"
 for c in "${cfgs[@]}"; do
   case $c in
-    ceiling | nbdkit | run-local | run-server | run-tcp) ;;
-    *) die "unknown configuration '$c' (ceiling nbdkit run-local run-server run-tcp)" ;;
+    ceiling | tmpfs | local-disk | nbdkit | run-local | run-server | run-tcp) ;;
+    *) die "unknown configuration '$c' (ceiling tmpfs local-disk nbdkit run-local run-server run-tcp)" ;;
   esac
 done
 want_attach="" disk_phases=""
@@ -335,6 +337,7 @@ teardown() { # everything one measurement set up, in reverse order; never fails
   if [ -n "$fuse_pid" ]; then exited "$fuse_pid" 5 || true; fi # nbdfuse ends when unmounted
   stop_pid "$fuse_pid"; fuse_pid=""
   rm -f "$shm/ext4.img"
+  rm -rf "$work/local"
 }
 stop_server() { stop_pid "$server_pid"; server_pid=""; rm -f "$work/sock"; }
 cleanup() {
@@ -387,6 +390,17 @@ ceiling_up() {
   mount -o noatime "$loopdev" "$mnt"
   mounted=1
 }
+# tmpfs: a tmpfs of the same size
+tmpfs_up() {
+  mount -t tmpfs -o "size=$SIZE,nr_inodes=0,mode=755" scratchd-bench "$mnt"
+  mounted=1
+}
+# local-disk: a fresh directory on /var/tmp, bind-mounted (the phases want a mount)
+local_up() {
+  mkdir "$work/local"
+  mount --bind "$work/local" "$mnt"
+  mounted=1
+}
 # nbdkit: nbdfuse DIR/disk URI, loop (buffered), mount
 nbdkit_up() {
   rm -f "$work/nbdfuse.pid"
@@ -404,13 +418,14 @@ nbdkit_up() {
 }
 down() { # unmount, detach and stop what *_up made (timed in attach)
   umount "$mnt"; mounted=""
-  losetup -d "$loopdev"; loopdev=""
+  if [ -n "$loopdev" ]; then losetup -d "$loopdev"; loopdev=""; fi
   if [ -n "$fuse_mounted" ]; then
     unmount "$fusedir"; fuse_mounted=""
     exited "$fuse_pid" 10 || die "nbdfuse did not exit after its unmount"
     wait "$fuse_pid" 2>/dev/null || true; fuse_pid=""
   fi
   rm -f "$shm/ext4.img"
+  rm -rf "$work/local"
 }
 run_args() { # config -> run_cmd: the scratchd run command line, up to '--'
   case $1 in
@@ -432,6 +447,8 @@ measure_attach() { # round config
   for _ in $(seq "$ATTACH_TRIES"); do
     case $c in
       ceiling) t0=$(now); ceiling_up; down; t1=$(now) ;;
+      tmpfs) t0=$(now); tmpfs_up; down; t1=$(now) ;;
+      local-disk) t0=$(now); local_up; down; t1=$(now) ;;
       nbdkit) t0=$(now); nbdkit_up; down; t1=$(now) ;;
       run-*)
         run_args "$c"
@@ -449,10 +466,12 @@ measure_disk() { # round config: extract, rpm, rm on one fresh disk
     RW_SPEC="$SPEC" RW_LOGDIR="$logdir"
   case $c in
     ceiling) ceiling_up ;;
+    tmpfs) tmpfs_up ;;
+    local-disk) local_up ;;
     nbdkit) nbdkit_up ;;
   esac
   case $c in
-    ceiling | nbdkit) setsid bash "$SELF" phases "$mnt" >"$out" 2>"$logdir/phases.log" & ;;
+    ceiling | tmpfs | local-disk | nbdkit) setsid bash "$SELF" phases "$mnt" >"$out" 2>"$logdir/phases.log" & ;;
     run-*) run_args "$c"; setsid "${run_cmd[@]}" -- bash "$SELF" phases >"$out" 2>"$logdir/phases.log" & ;;
   esac
   child_pid=$!
@@ -461,7 +480,7 @@ measure_disk() { # round config: extract, rpm, rm on one fresh disk
   if [ $rc -ne 0 ]; then
     die "$c round $r: the phases failed (exit status $rc; their log follows)"
   fi
-  case $c in ceiling | nbdkit) down ;; esac
+  case $c in ceiling | tmpfs | local-disk | nbdkit) down ;; esac
   local p s n=0
   while read -r tag p s; do
     [ "$tag" = phase ] || continue
