@@ -237,6 +237,10 @@ fn wait_for_exit(pidfd: &OwnedFd, within: Duration) -> bool {
     }
 }
 
+/// How long a log without a record is left alone: an attach writes its
+/// holder's log a moment before the holder claims the record.
+const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Removes what attachments whose holder died left behind (see the module
 /// docs); returns how many it removed. Live attachments are not touched.
 pub fn sweep_stale(state: &StateDir) -> usize {
@@ -244,6 +248,13 @@ pub fn sweep_stale(state: &StateDir) -> usize {
     for record in &stale {
         info!(mount = %record.mount.display(), id = %record.id, "removing a stale attachment");
         clean_up(state, record);
+    }
+    let orphans = state.remove_orphans(ORPHAN_AGE);
+    if orphans > 0 {
+        info!(
+            orphans,
+            "removed logs of attaches that died before their record"
+        );
     }
     stale.len()
 }

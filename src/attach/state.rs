@@ -262,6 +262,38 @@ impl StateDir {
         records
     }
 
+    /// Removes logs and half-written records that no record owns and that
+    /// nobody touched for `quiet`: what an attach killed together with its
+    /// holder before the record existed left. (A younger one may belong to
+    /// an attach under way.) Returns how many went.
+    pub fn remove_orphans(&self, quiet: std::time::Duration) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let id = match (name.strip_suffix(".log"), name.strip_suffix(".json.tmp")) {
+                (Some(id), _) => id,
+                (None, Some(tmp)) => tmp.trim_start_matches('.'),
+                (None, None) => continue,
+            };
+            let idle = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if self.record_path(id).exists() || idle.map_or(true, |idle| idle < quiet) {
+                continue;
+            }
+            if std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// The record of attachment `id`, if it is still there.
     pub fn get(&self, id: &str) -> Option<Record> {
         let text = std::fs::read(self.record_path(id)).ok()?;
@@ -335,6 +367,38 @@ mod tests {
             ..me
         };
         assert!(!reused.alive(), "another start time is another process");
+    }
+
+    #[test]
+    fn orphan_logs_go_once_quiet_and_owned_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir {
+            path: dir.path().to_owned(),
+        };
+        let owned = Record {
+            id: "owned".into(),
+            kind: Kind::Fuse,
+            mount: "/mnt/a".into(),
+            device: None,
+            export: "a".into(),
+            uri: "nbd+unix:///a?socket=/run/s".into(),
+            holder: None,
+            fuse_dir: None,
+            backend: None,
+        };
+        state.write(&owned).unwrap();
+        for file in ["owned.log", "orphan.log", ".half.json.tmp", "lock"] {
+            std::fs::write(dir.path().join(file), b"x").unwrap();
+        }
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(state.remove_orphans(hour), 0, "too young to be orphans");
+        assert_eq!(state.remove_orphans(std::time::Duration::ZERO), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["lock", "owned.json", "owned.log"]);
     }
 
     #[test]
