@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use scratchd_scratch::owner::Owner;
 use scratchd_scratch::registry::{DiskKey, DiskState, DiskView, Keep, CREATION_BUCKETS_MS};
-use scratchd_scratch::ScratchExports;
+use scratchd_scratch::{IoCounters, ScratchExports};
 use scratchd_server::counters::ErrorCounts;
 use scratchd_server::ServerContext;
 use scratchd_store::BlockDevice;
@@ -62,16 +62,10 @@ pub struct ExportRow {
     /// The `ctl keep` in force: `forever`, `after:SECONDS` (counted from
     /// the last connection) or none.
     pub keep: Option<String>,
-    pub reads: u64,
-    pub read_bytes: u64,
-    pub writes: u64,
-    pub written_bytes: u64,
-    pub trims: u64,
-    pub trimmed_bytes: u64,
-    pub zeroes: u64,
-    pub zeroed_bytes: u64,
-    pub flushes_dropped: u64,
-    pub fua_dropped: u64,
+    /// Read, write, trim and zero counts and bytes, flushes and FUA
+    /// dropped: fields of the row itself in JSON.
+    #[serde(flatten)]
+    pub io: IoCounters,
     /// Error replies sent for its requests, by errno name (`ENOSPC`); those
     /// that occurred only.
     #[serde(default)]
@@ -202,16 +196,7 @@ fn row(view: &DiskView, kind: &str) -> ExportRow {
         state: state.to_owned(),
         expires_in_s: expires.map(|d| d.as_secs_f64()),
         keep,
-        reads: s.reads,
-        read_bytes: s.read_bytes,
-        writes: s.writes,
-        written_bytes: s.written_bytes,
-        trims: s.trims,
-        trimmed_bytes: s.trimmed_bytes,
-        zeroes: s.zeroes,
-        zeroed_bytes: s.zeroed_bytes,
-        flushes_dropped: s.flushes_dropped,
-        fua_dropped: s.fua_dropped,
+        io: s.io,
         errors: errors_by_name(s.errors.iter().copied()),
     }
 }
@@ -298,16 +283,7 @@ impl Admin {
                     state: "live".to_owned(),
                     expires_in_s: None,
                     keep: None,
-                    reads: 0,
-                    read_bytes: 0,
-                    writes: 0,
-                    written_bytes: 0,
-                    trims: 0,
-                    trimmed_bytes: 0,
-                    zeroes: 0,
-                    zeroed_bytes: 0,
-                    flushes_dropped: 0,
-                    fua_dropped: 0,
+                    io: IoCounters::default(),
                     errors: errors_by_name(errors.by_errno()),
                 }]
             }

@@ -211,10 +211,10 @@ impl Collector for Snapshots {
             Counter,
             &by_command(&|e| {
                 [
-                    e.read_bytes,
-                    e.written_bytes,
-                    e.trimmed_bytes,
-                    e.zeroed_bytes,
+                    e.io.read_bytes,
+                    e.io.written_bytes,
+                    e.io.trimmed_bytes,
+                    e.io.zeroed_bytes,
                 ]
             }),
         )?;
@@ -223,21 +223,21 @@ impl Collector for Snapshots {
             "scratchd_export_ops",
             "Requests by command",
             Counter,
-            &by_command(&|e| [e.reads, e.writes, e.trims, e.zeroes]),
+            &by_command(&|e| [e.io.reads, e.io.writes, e.io.trims, e.io.zeroes]),
         )?;
         family(
             e,
             "scratchd_export_flushes_dropped",
             "FLUSH requests answered without doing anything",
             Counter,
-            &per_export(&|e| e.flushes_dropped),
+            &per_export(&|e| e.io.flushes_dropped),
         )?;
         family(
             e,
             "scratchd_export_fua_dropped",
             "Requests whose FUA flag was ignored",
             Counter,
-            &per_export(&|e| e.fua_dropped),
+            &per_export(&|e| e.io.fua_dropped),
         )?;
         family(
             e,

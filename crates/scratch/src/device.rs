@@ -515,13 +515,18 @@ mod tests {
         .unwrap();
         assert_eq!(seen, 4096);
         let s = dev.stats();
-        assert_eq!((s.writes, s.written_bytes), (3, 8292));
-        assert_eq!((s.reads, s.read_bytes), (2, 4196));
+        assert_eq!((s.io.writes, s.io.written_bytes), (3, 8292));
+        assert_eq!((s.io.reads, s.io.read_bytes), (2, 4196));
         assert_eq!(
-            (s.trims, s.trimmed_bytes, s.zeroes, s.zeroed_bytes),
+            (
+                s.io.trims,
+                s.io.trimmed_bytes,
+                s.io.zeroes,
+                s.io.zeroed_bytes
+            ),
             (1, 4096, 1, 10)
         );
-        assert_eq!((s.flushes_dropped, s.fua_dropped), (1, 3));
+        assert_eq!((s.io.flushes_dropped, s.io.fua_dropped), (1, 3));
         assert_eq!(s.allocated_bytes, dev.allocated_bytes());
     }
 

@@ -46,7 +46,7 @@ pub use config::{Backing, Class, Config, FormatKind, FormatSpec};
 pub use device::ScratchDevice;
 pub use owner::{Owner, OwnerLimits, OwnerPolicy};
 pub use registry::{ScratchExports, Settings};
-pub use stats::StatsSnapshot;
+pub use stats::{IoCounters, StatsSnapshot};
 
 /// Why [`from_config`] could not build the registry.
 #[derive(Debug, thiserror::Error)]

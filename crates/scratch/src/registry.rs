@@ -379,16 +379,7 @@ impl Drop for Disk {
             owner = %self.key.owner,
             age_s = s.age.as_secs_f64(),
             connections = s.connections_total,
-            reads = s.reads,
-            read_bytes = s.read_bytes,
-            writes = s.writes,
-            written_bytes = s.written_bytes,
-            trims = s.trims,
-            trimmed_bytes = s.trimmed_bytes,
-            zeroes = s.zeroes,
-            zeroed_bytes = s.zeroed_bytes,
-            flushes_dropped = s.flushes_dropped,
-            fua_dropped = s.fua_dropped,
+            io = ?s.io,
             errors = ?s.errors,
             allocated_bytes = s.allocated_bytes,
             "scratch disk destroyed"
@@ -1170,7 +1161,7 @@ mod tests {
             (stats[0].1.connections, stats[0].1.connections_total),
             (2, 2)
         );
-        assert_eq!(stats[0].1.writes, 1);
+        assert_eq!(stats[0].1.io.writes, 1);
         drop(a1);
         assert_eq!(names(&r), ["a", "b"]);
         drop(a2);

@@ -46,13 +46,10 @@ pub(crate) struct Stats {
     pub(crate) errors: Arc<ErrorCounts>,
 }
 
-/// A disk's statistics at one moment.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    /// Connections attached now.
-    pub connections: u64,
-    /// Connections attached since the disk was created.
-    pub connections_total: u64,
+/// A disk's I/O counters: what `ctl` shows and the metrics export, in
+/// one place (`scratchd ctl --json` flattens them into each export).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IoCounters {
     pub reads: u64,
     pub read_bytes: u64,
     pub writes: u64,
@@ -65,6 +62,16 @@ pub struct StatsSnapshot {
     pub flushes_dropped: u64,
     /// Requests whose FUA flag was ignored.
     pub fua_dropped: u64,
+}
+
+/// A disk's statistics at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Connections attached now.
+    pub connections: u64,
+    /// Connections attached since the disk was created.
+    pub connections_total: u64,
+    pub io: IoCounters,
     /// Error replies by errno name (`ENOSPC`), those that were sent only.
     pub errors: Vec<(&'static str, u64)>,
     /// Memory or disk space the disk holds now.
@@ -81,16 +88,18 @@ impl Stats {
         let (trims, trimmed_bytes) = self.trimmed.get();
         let (zeroes, zeroed_bytes) = self.zeroed.get();
         StatsSnapshot {
-            reads,
-            read_bytes,
-            writes,
-            written_bytes,
-            trims,
-            trimmed_bytes,
-            zeroes,
-            zeroed_bytes,
-            flushes_dropped: self.flushes_dropped.load(Ordering::Relaxed),
-            fua_dropped: self.fua_dropped.load(Ordering::Relaxed),
+            io: IoCounters {
+                reads,
+                read_bytes,
+                writes,
+                written_bytes,
+                trims,
+                trimmed_bytes,
+                zeroes,
+                zeroed_bytes,
+                flushes_dropped: self.flushes_dropped.load(Ordering::Relaxed),
+                fua_dropped: self.fua_dropped.load(Ordering::Relaxed),
+            },
             errors: self
                 .errors
                 .by_errno()
