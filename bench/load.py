@@ -28,6 +28,8 @@ import tempfile
 import threading
 import time
 
+from serverproc import export_names, sample, wait_listening
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,42 +38,6 @@ def size_bytes(text):
     if text[-1].upper() in units:
         return int(text[:-1]) * units[text[-1].upper()]
     return int(text)
-
-
-def sample(pid):
-    """(RSS KiB, threads, open descriptors) of process `pid`."""
-    rss = threads = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-            elif line.startswith("Threads:"):
-                threads = int(line.split()[1])
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return rss, threads, fds
-
-
-def exports(sock):
-    out = subprocess.run(
-        ["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}"],
-        check=True, capture_output=True, text=True).stdout
-    return [e["export-name"] for e in json.loads(out).get("exports", [])]
-
-
-def wait_listening(sock, server, timeout=10):
-    deadline = time.monotonic() + timeout
-    import socket
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"scratchd exited with {server.returncode}")
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(sock)
-            s.close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    sys.exit("scratchd never listened")
 
 
 def run_wave(a, sock, per, tmp):
@@ -137,14 +103,14 @@ def main():
     try:
         wait_listening(sock, server)
         time.sleep(0.5)
-        idle = sample(server.pid)
+        idle = sample(server.pid)[:3]
         peak = list(idle)
         stop = threading.Event()
 
         def sampler():
             while not stop.is_set():
                 try:
-                    for i, v in enumerate(sample(server.pid)):
+                    for i, v in enumerate(sample(server.pid)[:3]):
                         peak[i] = max(peak[i], v)
                 except OSError:
                     return
@@ -163,7 +129,7 @@ def main():
             verified += v
             if a.rounds > 1:
                 time.sleep(3)
-                afters.append(sample(server.pid))
+                afters.append(sample(server.pid)[:3])
                 with open(f"/proc/{server.pid}/status") as f:
                     kinds = " ".join(l.split(":")[0] + "=" + l.split()[1] for l in f
                                      if l.startswith(("RssAnon", "RssShmem", "RssFile")))
@@ -176,8 +142,10 @@ def main():
         # Back to idle: no exports, and threads, descriptors, RSS as before.
         deadline = time.monotonic() + 20
         while True:
-            left = exports(sock)
-            now = sample(server.pid)
+            left = export_names(sock)
+            if left is None:
+                sys.exit("nbdinfo --list failed: is the server still there?")
+            now = sample(server.pid)[:3]
             back = (not left and now[1] <= idle[1] and now[2] <= idle[2]
                     and now[0] <= idle[0] + 16 * 1024)
             if back or time.monotonic() > deadline:

@@ -25,37 +25,22 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+from serverproc import export_names, sample, wait_listening
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
 
 
-def sample(pid):
-    """(RSS KiB, threads, open descriptors, RssAnon KiB, RssShmem KiB) of
-    process `pid`. RssAnon holds the memory disks' data (anonymous mappings)
-    and the server's heap and stacks; RssShmem, memfds being formatted."""
-    v = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, rest = line.partition(":")
-            if k in ("VmRSS", "Threads", "RssAnon", "RssShmem"):
-                v[k] = int(rest.split()[0])
-    return (v["VmRSS"], v["Threads"], len(os.listdir(f"/proc/{pid}/fd")), v["RssAnon"],
-            v["RssShmem"])
-
-
 def exports(sock):
-    out = subprocess.run(["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}"],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        return -1
-    return len(json.loads(out.stdout).get("exports", []))
+    """How many exports the server has; -1 when it cannot be asked."""
+    names = export_names(sock)
+    return -1 if names is None else len(names)
 
 
 class Soak:
@@ -172,14 +157,7 @@ def main():
     server = subprocess.Popen([a.server, "serve", "-U", sock, "tmpdisk", "size=64M"],
                               stdin=subprocess.DEVNULL)
     try:
-        for _ in range(500):
-            try:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(sock)
-                s.close()
-                break
-            except OSError:
-                time.sleep(0.02)
+        wait_listening(sock, server)
         soak = Soak(a, sock, tmp)
         workers = [threading.Thread(target=soak.worker, args=(w,)) for w in range(a.workers)]
         for t in workers:
