@@ -486,7 +486,11 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
         .collect();
     let config = tmpdisk::config_with_classes(&args.params, &classes, limits, export)?;
     warn_about_ownership(config.owners);
-    let may_block = !matches!(config.backing, scratchd_scratch::Backing::Memory);
+    // Any class with disks in files sends requests to the worker pool,
+    // which then needs its threads (memory disks answer inline).
+    let may_block = config
+        .disks()
+        .any(|d| d.backing != scratchd_scratch::Backing::Memory);
     let exports = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);
     Ok((exports.clone(), may_block, AdminBackend::Tmpdisk(exports)))
 }

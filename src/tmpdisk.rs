@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use scratchd_scratch::config::{check_env_key, default_memory_limit, parse_duration};
 use scratchd_scratch::names::NamePolicy;
-use scratchd_scratch::{Backing, Class, Config, FormatKind, FormatSpec, OwnerLimits, OwnerPolicy};
+use scratchd_scratch::{
+    Backing, Class, Config, DiskSpec, FormatKind, FormatSpec, OwnerLimits, OwnerPolicy,
+};
 
 use crate::backend::{parse_params, Keys, UsageError};
 use crate::size::parse_size;
@@ -113,7 +115,7 @@ pub fn config_with_classes(
             },
         })?);
     }
-    let uses_files = parsed.iter().any(|c| c.backing != Backing::Memory);
+    let uses_files = parsed.iter().any(|c| c.disk.backing != Backing::Memory);
     let mut config = single_config(params, limits, export, uses_files)?;
     config.classes = parsed;
     Ok(config)
@@ -156,12 +158,7 @@ fn class_config(base: &[String], class: &ClassParams) -> Result<Class, UsageErro
     let c = single_config(&params, limits, ExportOptions::default(), true)?;
     Ok(Class {
         pattern: class.pattern.clone(),
-        size: c.size,
-        quota: c.quota,
-        format: c.format,
-        backing: c.backing,
-        linger: c.linger,
-        pool: c.pool,
+        disk: c.disk,
     })
 }
 
@@ -231,22 +228,24 @@ fn single_config(
     };
     let quota = get("quota").map(|q| parse_size("quota", q)).transpose()?;
     Ok(Config {
-        size,
-        quota,
-        format: FormatSpec {
-            kind,
-            fs_type,
-            label: get("label").map(str::to_owned),
-            env: params
-                .extra
-                .iter()
-                .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-            timeout: duration("format-timeout", Duration::from_secs(60))?,
+        disk: DiskSpec {
+            size,
+            quota,
+            format: FormatSpec {
+                kind,
+                fs_type,
+                label: get("label").map(str::to_owned),
+                env: params
+                    .extra
+                    .iter()
+                    .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+                timeout: duration("format-timeout", Duration::from_secs(60))?,
+            },
+            backing,
+            linger: duration("linger", Duration::ZERO)?,
+            pool,
         },
-        backing,
-        linger: duration("linger", Duration::ZERO)?,
-        pool,
         max_exports: limits.max_exports,
         memory_limit: limits.memory_limit.unwrap_or_else(default_memory_limit),
         disk_limit: limits.disk_limit,
@@ -280,10 +279,10 @@ mod tests {
     #[test]
     fn defaults_and_keys() {
         let c = parse(&["20G"]).unwrap();
-        assert_eq!(c.size, 20 << 30);
-        assert_eq!(c.format.kind, FormatKind::Filesystem("ext4".into()));
+        assert_eq!(c.disk.size, 20 << 30);
+        assert_eq!(c.disk.format.kind, FormatKind::Filesystem("ext4".into()));
         assert_eq!(
-            (c.linger, c.pool, c.backing),
+            (c.disk.linger, c.disk.pool, c.disk.backing),
             (Duration::ZERO, 0, Backing::Memory)
         );
         let c = parse(&[
@@ -296,13 +295,16 @@ mod tests {
             "label=L",
         ])
         .unwrap();
-        assert_eq!(c.format.kind, FormatKind::None);
-        assert_eq!(c.backing, Backing::Dir("/var/tmp".into()));
-        assert_eq!((c.linger, c.pool), (Duration::from_millis(500), 2));
-        assert_eq!(c.format.timeout, Duration::from_secs(120));
-        assert_eq!(c.format.label.as_deref(), Some("L"));
+        assert_eq!(c.disk.format.kind, FormatKind::None);
+        assert_eq!(c.disk.backing, Backing::Dir("/var/tmp".into()));
+        assert_eq!(
+            (c.disk.linger, c.disk.pool),
+            (Duration::from_millis(500), 2)
+        );
+        assert_eq!(c.disk.format.timeout, Duration::from_secs(120));
+        assert_eq!(c.disk.format.label.as_deref(), Some("L"));
         let c = parse(&["1M", "backing=memory,spill=dir:/var/tmp"]).unwrap();
-        assert_eq!(c.backing, Backing::MemorySpill("/var/tmp".into()));
+        assert_eq!(c.disk.backing, Backing::MemorySpill("/var/tmp".into()));
         assert_eq!(c.owners, OwnerPolicy::Peer);
         assert_eq!(
             parse(&["1M", "owner=name"]).unwrap().owners,
@@ -349,20 +351,42 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!((c.size, c.pool, c.backing), (20 << 30, 2, Backing::Memory));
+        assert_eq!(
+            (c.disk.size, c.disk.pool, c.disk.backing),
+            (20 << 30, 2, Backing::Memory)
+        );
         let [big, raw] = &c.classes[..] else {
             panic!("{:?}", c.classes)
         };
         assert_eq!(big.pattern, "big-*");
-        assert_eq!(big.size, 200 << 30);
-        assert_eq!(big.quota, Some(100 << 30));
-        assert_eq!(big.backing, Backing::Dir("/var/tmp".into()));
-        assert_eq!(big.linger, Duration::from_secs(30), "from [tmpdisk]");
-        assert_eq!(big.format.label.as_deref(), Some("L"));
-        assert_eq!(big.format.kind, FormatKind::Filesystem("ext4".into()));
-        assert_eq!((raw.size, raw.linger), (20 << 30, Duration::ZERO));
-        assert_eq!(raw.format.kind, FormatKind::None);
-        assert_eq!((big.pool, raw.pool), (0, 3), "a pool is never inherited");
+        assert_eq!(big.disk.size, 200 << 30);
+        assert_eq!(big.disk.quota, Some(100 << 30));
+        assert_eq!(big.disk.backing, Backing::Dir("/var/tmp".into()));
+        assert_eq!(big.disk.linger, Duration::from_secs(30), "from [tmpdisk]");
+        assert_eq!(big.disk.format.label.as_deref(), Some("L"));
+        assert_eq!(big.disk.format.kind, FormatKind::Filesystem("ext4".into()));
+        assert_eq!((raw.disk.size, raw.disk.linger), (20 << 30, Duration::ZERO));
+        assert_eq!(raw.disk.format.kind, FormatKind::None);
+        assert_eq!(
+            (big.disk.pool, raw.disk.pool),
+            (0, 3),
+            "a pool is never inherited"
+        );
+    }
+
+    #[test]
+    fn disks_are_the_default_class_then_each_class() {
+        let c = with_classes(
+            &["20G"],
+            &[("big-*", &["size=200G", "backing=dir:/var/tmp"])],
+        )
+        .unwrap();
+        let backings: Vec<&Backing> = c.disks().map(|d| &d.backing).collect();
+        assert_eq!(
+            backings,
+            [&Backing::Memory, &Backing::Dir("/var/tmp".into())],
+            "a memory default with a file-backed class still needs the worker pool"
+        );
     }
 
     #[test]
@@ -390,7 +414,7 @@ mod tests {
     fn extra_keys_need_a_command_and_valid_names() {
         let c = parse(&["size=1M", "command=true", "counter=/tmp/x"]).unwrap();
         assert_eq!(
-            c.format.env,
+            c.disk.format.env,
             [("counter".to_string(), "/tmp/x".to_string())]
         );
         match parse(&["size=1M", "counter=/tmp/x"]) {

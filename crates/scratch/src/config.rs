@@ -51,21 +51,30 @@ pub struct FormatSpec {
     pub timeout: Duration,
 }
 
-/// An export class: new disks whose names match `pattern` are made with
-/// these settings instead of the default ones (`[[class]]` in the config
-/// file), from a pool of their own if `pool` > 0. The budgets and the
+/// What one kind of disk is: the default class's, or an export class's.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// Size of every disk, in bytes.
+    pub size: u64,
+    /// Most bytes one disk may allocate (`quota=`).
+    pub quota: Option<u64>,
+    pub format: FormatSpec,
+    pub backing: Backing,
+    /// How long a disk outlives its last connection.
+    pub linger: Duration,
+    /// Formatted disks kept ready.
+    pub pool: usize,
+}
+
+/// An export class: new disks whose names match `pattern` are made as
+/// `disk` says instead of as the default class (`[[class]]` in the config
+/// file), from a pool of their own if its `pool` > 0. The budgets and the
 /// name policy stay server-wide.
 #[derive(Debug, Clone)]
 pub struct Class {
     /// A glob with `*` only (`big-*`); the first class matching wins.
     pub pattern: String,
-    pub size: u64,
-    pub quota: Option<u64>,
-    pub format: FormatSpec,
-    pub backing: Backing,
-    pub linger: Duration,
-    /// Formatted disks of this class kept ready.
-    pub pool: usize,
+    pub disk: DiskSpec,
 }
 
 /// The class name of disks that match no class (metrics, `ctl`).
@@ -96,16 +105,8 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// Everything a [`crate::ScratchExports`] needs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Size of every disk, in bytes.
-    pub size: u64,
-    /// Most bytes one disk may allocate (`quota=`).
-    pub quota: Option<u64>,
-    pub format: FormatSpec,
-    pub backing: Backing,
-    /// How long a disk outlives its last connection.
-    pub linger: Duration,
-    /// Formatted disks of the default class kept ready.
-    pub pool: usize,
+    /// The default class: disks whose names match no class.
+    pub disk: DiskSpec,
     /// At most this many names at once (live, being created or lingering).
     pub max_exports: Option<usize>,
     /// Bytes of RAM that all memory-backed disks together may hold.
@@ -127,6 +128,14 @@ pub struct Config {
     /// Export classes, in order (the first matching wins); a name matching
     /// none gets the settings above.
     pub classes: Vec<Class>,
+}
+
+impl Config {
+    /// Every kind of disk the server makes: the default class's, then each
+    /// export class's.
+    pub fn disks(&self) -> impl Iterator<Item = &DiskSpec> {
+        std::iter::once(&self.disk).chain(self.classes.iter().map(|c| &c.disk))
+    }
 }
 
 /// Why [`parse_duration`] refused its text.

@@ -42,7 +42,7 @@ pub mod registry;
 pub mod spill;
 pub mod stats;
 
-pub use config::{Backing, Class, Config, FormatKind, FormatSpec};
+pub use config::{Backing, Class, Config, DiskSpec, FormatKind, FormatSpec};
 pub use device::ScratchDevice;
 pub use owner::{Owner, OwnerLimits, OwnerPolicy};
 pub use registry::{ScratchExports, Settings};
@@ -79,42 +79,27 @@ pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
     // server-wide.
     let memory = Arc::new(Budget::new(config.memory_limit));
     let disk = disk_limit.map(|limit| Arc::new(Budget::new(limit)));
-    let maker = make(
-        &memory,
-        &disk,
-        config.size,
-        config.quota,
-        &config.format,
-        &config.backing,
-    )?;
+    let maker = make(&memory, &disk, &config.disk)?;
     let mut classes = Vec::new();
     for class in &config.classes {
-        let maker = make(
-            &memory,
-            &disk,
-            class.size,
-            class.quota,
-            &class.format,
-            &class.backing,
-        )?;
         classes.push(registry::Class {
             pattern: class.pattern.clone(),
-            factory: Arc::new(maker),
-            linger: class.linger,
-            pool: class.pool,
+            factory: Arc::new(make(&memory, &disk, &class.disk)?),
+            linger: class.disk.linger,
+            pool: class.disk.pool,
         });
     }
     let settings = Settings {
         names: config.names,
         default_name: config.default_name,
         description: config.description,
-        linger: config.linger,
+        linger: config.disk.linger,
         max_exports: config.max_exports,
         read_only: config.read_only,
-        pool: config.pool,
+        pool: config.disk.pool,
         owners: config.owners,
         per_owner: config.per_owner,
-        ..Settings::new(config.format.timeout)
+        ..Settings::new(config.disk.format.timeout)
     };
     ScratchExports::with_classes(settings, Arc::new(maker), classes).map_err(BuildError::Threads)
 }
@@ -123,11 +108,16 @@ pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
 fn make(
     memory: &Arc<Budget>,
     disk: &Option<Arc<Budget>>,
-    size: u64,
-    quota: Option<u64>,
-    format: &FormatSpec,
-    backing: &Backing,
+    spec: &DiskSpec,
 ) -> Result<disk::Maker, BuildError> {
+    let DiskSpec {
+        size,
+        quota,
+        format,
+        backing,
+        ..
+    } = spec;
+    let size = *size;
     let placement = match backing {
         Backing::Memory => disk::Placement::Memory(memory.clone()),
         Backing::Dir(path) => disk::Placement::Dir {
@@ -141,7 +131,7 @@ fn make(
         },
     };
     let maker = disk::Maker {
-        quota,
+        quota: *quota,
         size,
         placement,
         format: Box::new(format.clone()),
