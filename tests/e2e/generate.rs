@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::{require, run, stdout, SCRATCHD};
+use crate::util::{require, run, run_status, stdout, SCRATCHD};
 
 /// `scratchd ARGS… --help`.
 fn help(path: &[String]) -> String {
@@ -143,4 +143,18 @@ fn completions_for_bash_zsh_and_fish_name_the_subcommands() {
     );
     let out = run(Command::new("bash").arg("-c").arg(script));
     assert_eq!(stdout(&out).trim(), "ctl", "completing `scratchd c`");
+}
+
+/// A directory that cannot be made, or a shell clap does not know: a
+/// clear error and a failing exit status, nothing written.
+#[test]
+fn generate_errors_are_clear() {
+    let (code, out) = run_status(Command::new(SCRATCHD).args(["generate", "man", "/proc/no/such"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot create /proc/no/such"), "{err}");
+    let (code, out) = run_status(Command::new(SCRATCHD).args(["generate", "completions", "tcsh"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid value 'tcsh'"), "{err}");
 }
