@@ -19,6 +19,15 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# What this run proves is only as good as the peers it ran against: name them.
+first_line() { "$@" 2>&1 | head -n1 || true; }
+echo "peers: kernel $(uname -r)"
+echo "peers: $(first_line qemu-nbd --version)"
+echo "peers: $(first_line nbdkit --version)"
+echo "peers: libnbd $(first_line nbdinfo --version | awk '{print $2}')"
+echo "peers: $(first_line fio --version)"
+echo "peers: $(first_line rustc --version)"
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Doc comments link to what they name; a broken link fails the run.
@@ -26,6 +35,6 @@ RUSTDOCFLAGS="-D warnings -A rustdoc::private-intra-doc-links" \
   cargo doc --workspace --no-deps --document-private-items --locked -q
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -42,10 +42,48 @@ const TTL: Duration = Duration::from_secs(3600);
 const ROOT: INodeNo = INodeNo(1);
 const FILE: INodeNo = INodeNo(2);
 
+/// How long [`FuseFile::unmount`] waits for the kernel to release the
+/// file's last open handle (a loop device that just let go of it releases
+/// it from a work queue, a moment later) before cutting the connection.
+const RELEASE_GRACE: Duration = Duration::from_secs(1);
+
 /// A mounted FUSE file serving a device; unmounted on drop.
 pub struct FuseFile {
     session: Option<BackgroundSession>,
     path: PathBuf,
+    open: Arc<OpenHandles>,
+}
+
+/// The file's open handles, counted between the replies to `open` and to
+/// `release`, so that teardown can wait until the kernel has none: a reply
+/// to a request of an aborted connection fails (the kernel no longer knows
+/// the request) and fuser logs it as an error.
+#[derive(Default)]
+struct OpenHandles {
+    count: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl OpenHandles {
+    fn opened(&self) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    fn released(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count = count.saturating_sub(1);
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `limit` for the last handle to go; true if none is open.
+    fn wait_none(&self, limit: Duration) -> bool {
+        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, _) = self
+            .changed
+            .wait_timeout_while(count, limit, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *count == 0
+    }
 }
 
 impl FuseFile {
@@ -61,14 +99,17 @@ impl FuseFile {
         config.acl = SessionACL::Owner;
         config.n_threads = Some(threads.max(1));
         config.clone_fd = true;
+        let open = Arc::new(OpenHandles::default());
         let fs = DiskFs {
             device,
             mounted: SystemTime::now(),
+            open: open.clone(),
         };
         let session = fuser::spawn_mount(fs, dir, &config)?;
         Ok(FuseFile {
             session: Some(session),
             path: dir.join(FILE_NAME),
+            open,
         })
     }
 
@@ -88,7 +129,8 @@ impl FuseFile {
         &self.path
     }
 
-    /// Aborts the connection, so that whatever still reads or writes the
+    /// Waits a moment for the file's last handle to be released, then
+    /// aborts the connection, so that whatever still reads or writes the
     /// file (a lazily detached file system above a loop device, writing
     /// itself back) fails at once instead of waiting for threads that are
     /// about to end; then unmounts and waits for the session's threads.
@@ -100,6 +142,9 @@ impl FuseFile {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        if !self.open.wait_none(RELEASE_GRACE) {
+            debug!("the FUSE file is still open; aborting its connection");
+        }
         if let Ok(id) = self.connection() {
             if let Err(e) = abort_connection(id) {
                 debug!(error = %e, "cannot abort the FUSE connection");
@@ -129,6 +174,7 @@ impl Drop for FuseFile {
 struct DiskFs {
     device: Arc<dyn BlockDevice>,
     mounted: SystemTime,
+    open: Arc<OpenHandles>,
 }
 
 thread_local! {
@@ -227,6 +273,7 @@ impl Filesystem for DiskFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.open.opened();
         if ino == FILE {
             // The kernel may keep pages of the file cached across opens:
             // only this process changes it.
@@ -234,6 +281,21 @@ impl Filesystem for DiskFs {
         } else {
             reply.opened(FileHandle(0), FopenFlags::empty());
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Counted after the reply is written: teardown waits for this.
+        reply.ok();
+        self.open.released();
     }
 
     fn read(

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use scratchd_client::{Client, Options, Replies, Target};
+use scratchd_client::{Client, Options, Replies, ReplyMode, Target};
 use scratchd_server::shutdown::Shutdown;
 use scratchd_server::workers::WorkerPool;
 use scratchd_server::{ConnectionLimit, Listener, ServerContext, SingleExport};
@@ -211,6 +211,49 @@ pub fn qemu_nbd(size: u64, extra: &[&str]) -> Process {
     all.extend_from_slice(extra);
     all.push(&img);
     Process::start_in(dir, "qemu-nbd", "qemu-utils", &all)
+}
+
+/// The version `qemu-nbd --version` prints first ("qemu-nbd 7.2.22 (Debian
+/// ...)"), as (major, minor).
+pub fn qemu_nbd_version() -> (u32, u32) {
+    let out = Command::new("qemu-nbd")
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-nbd --version: {e} (apt-get install qemu-utils)"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_qemu_version(&text)
+        .unwrap_or_else(|| panic!("no version in qemu-nbd --version: {text:?}"))
+}
+
+/// The first `MAJOR.MINOR` after the program name in `--version` output.
+fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
+    let word = text.split_whitespace().nth(1)?;
+    let mut parts = word.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// The reply framing the qemu-nbd on this machine negotiates when asked for
+/// extended headers: qemu 8.2 added `NBD_OPT_EXTENDED_HEADERS` to its server
+/// (qemu's `docs/interop/nbd.rst`, "Features by version": "8.2:
+/// NBD_OPT_EXTENDED_HEADERS"); before that, structured replies are the best
+/// it offers (since 2.11). Debian 12 packages 7.2, its backports 10.0.
+pub fn qemu_nbd_best_replies() -> ReplyMode {
+    if qemu_nbd_version() >= (8, 2) {
+        ReplyMode::Extended
+    } else {
+        ReplyMode::Structured
+    }
+}
+
+#[test]
+fn qemu_versions_parse() {
+    let debian12 = "qemu-nbd 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nWritten by";
+    assert_eq!(parse_qemu_version(debian12), Some((7, 2)));
+    assert_eq!(
+        parse_qemu_version("qemu-nbd 10.0.2 (Debian)"),
+        Some((10, 0))
+    );
+    assert_eq!(parse_qemu_version("qemu-nbd"), None);
 }
 
 /// Deterministic pseudo-random bytes (splitmix64), so failures repeat.
