@@ -3,6 +3,7 @@
 # its output and exit status.
 #
 #   scripts/vm/guest.sh [--timeout SECS] FLAVOUR -- COMMAND [ARG...]
+#   scripts/vm/guest.sh --fetch FLAVOUR...   (download and prepare only)
 #
 # FLAVOUR is `6.1` (Debian 12's default kernel, the dependency of
 # linux-image-amd64), `6.12` (the 6.12 kernel Debian 12 also ships, the
@@ -39,14 +40,23 @@ fail() {
 }
 
 timeout_secs=600
+fetch_only=
 while [ $# -gt 0 ]; do
   case "$1" in
     --timeout) timeout_secs=$2; shift 2 ;;
+    --fetch) fetch_only=1; shift; break ;;
     --) shift; break ;;
     -*) fail "unknown option $1" ;;
     *) [ -z "${flavour:-}" ] || fail "more than one flavour"; flavour=$1; shift ;;
   esac
 done
+if [ -n "$fetch_only" ]; then
+  [ $# -gt 0 ] || fail "--fetch: no flavour given"
+  for flavour in "$@"; do
+    "$0" --timeout 0 "$flavour" -- fetch-only || exit $?
+  done
+  exit 0
+fi
 [ -n "${flavour:-}" ] || fail "usage: guest.sh [--timeout SECS] FLAVOUR -- COMMAND [ARG...]"
 [ $# -gt 0 ] || fail "no command given"
 
@@ -133,6 +143,10 @@ if [ ! -e "$initramfs" ] || [ "$initramfs" -ot "$repo/scripts/vm/init" ]; then
   rm -rf "$staging"
 fi
 flock -u 9
+if [ "$timeout_secs" = 0 ] && [ "$*" = fetch-only ]; then
+  echo "guest.sh: $package ready in $kdir"
+  exit 0
+fi
 
 run=$(mktemp -d "${TMPDIR:-/tmp}/scratchd-vm.XXXXXX")
 cleanup() {

@@ -1,0 +1,186 @@
+//! Real kernels for the kernel front: each test here boots one of Debian
+//! 12's kernels under qemu with `scripts/vm/guest.sh` (the host's root
+//! read-only over 9p, `nbd.ko` loaded) and runs this test binary's
+//! [`crate::kernel_guest`] tests inside it, then reports each guest test's
+//! result. One boot per kernel keeps the time down: the guest tests run in
+//! parallel within it.
+//!
+//! Guest tests that fail on today's code for a known reason are listed in
+//! [`KNOWN_FAILURES`] with the issue finding that fixes them: their
+//! failure is reported, not fatal; a listed test that passes fails the run,
+//! so that the list is shortened with the fix.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::poll;
+
+/// Guest tests expected to fail today, and why.
+const KNOWN_FAILURES: &[(&str, &str)] = &[
+    (
+        "twenty_runs_leave_the_nbd_devices_as_they_were",
+        "issue 17 finding 2 (NBD_CFLAG_DESTROY_ON_DISCONNECT deletes /dev/nbdN): fixed by the lead",
+    ),
+    (
+        "a_stalled_server_loses_no_connection",
+        "issue 17 finding 1 (no NBD_ATTR_TIMEOUT: the kernel drops slow connections): fixed by the lead",
+    ),
+    (
+        "io_fails_soon_when_the_server_vanishes",
+        "issue 17 finding 3 (no keepalive or TCP_USER_TIMEOUT: I/O hangs): fixed by the lead",
+    ),
+];
+
+/// How long one guest may take, boot to power-off, before it is killed.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(420);
+
+#[test]
+fn debian_12_kernel_6_1() {
+    guest_suite("6.1");
+}
+
+#[test]
+fn debian_12_kernel_6_12() {
+    guest_suite("6.12");
+}
+
+/// Boots kernel `flavour`, runs the guest tests in it and checks each
+/// one's result against [`KNOWN_FAILURES`].
+fn guest_suite(flavour: &str) {
+    let outcome = boot_and_run_guest_tests(flavour);
+    let results = parse_results(&outcome.stdout);
+    // The whole guest output goes to the test's output: shown on failure.
+    eprintln!("{}", outcome.stdout);
+    eprintln!("{}", outcome.stderr);
+    assert!(
+        !results.is_empty(),
+        "kernel {flavour}: the guest ran no test (status {:?}, {:?})",
+        outcome.status,
+        outcome.elapsed
+    );
+    let mut problems = Vec::new();
+    for (name, passed) in &results {
+        let known = KNOWN_FAILURES.iter().find(|(n, _)| n == name);
+        match (passed, known) {
+            (true, None) => eprintln!("kernel {flavour}: {name}: ok"),
+            (false, Some((_, why))) => {
+                eprintln!("kernel {flavour}: {name}: KNOWN FAILURE: {why}")
+            }
+            (false, None) => problems.push(format!("{name} failed")),
+            (true, Some(_)) => problems.push(format!(
+                "{name} passes now: take it off kernel_vm::KNOWN_FAILURES"
+            )),
+        }
+    }
+    eprintln!(
+        "kernel {flavour}: {} guest tests in {:?}",
+        results.len(),
+        outcome.elapsed
+    );
+    assert!(
+        problems.is_empty(),
+        "kernel {flavour}: {}",
+        problems.join("; ")
+    );
+    assert_eq!(
+        outcome.status,
+        Some(if results.iter().all(|(_, ok)| *ok) { 0 } else { 101 }),
+        "kernel {flavour}: the guest's test run ended unexpectedly"
+    );
+}
+
+/// What a guest run gave back.
+struct GuestOutcome {
+    /// guest.sh's exit status (the guest test binary's, or 124/125 for a
+    /// timeout or a harness failure); `None` if it had to be killed.
+    status: Option<i32>,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+/// Runs this test binary's ignored `kernel_guest::` tests in a guest
+/// running kernel `flavour`.
+fn boot_and_run_guest_tests(flavour: &str) -> GuestOutcome {
+    for tool in ["qemu-system-x86_64", "busybox", "cpio", "depmod"] {
+        crate::util::require(tool);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/vm/guest.sh");
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // Files, not pipes: guest.sh writes the guest's output only after
+    // qemu ends, and an unread pipe would block it.
+    let logs = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str| std::fs::File::create(logs.path().join(name)).expect("log file");
+    let started = Instant::now();
+    let child = Command::new(&script)
+        .args(["--timeout", &GUEST_TIMEOUT.as_secs().to_string(), flavour, "--"])
+        .arg(exe)
+        .args(["--ignored", "--test-threads=8", "kernel_guest::"])
+        .stdin(Stdio::null())
+        .stdout(file("stdout"))
+        .stderr(file("stderr"))
+        // Its own process group, with qemu in it: killed as one.
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let mut guard = GroupGuard(child);
+    // guest.sh kills qemu itself after GUEST_TIMEOUT; this is the backstop
+    // for guest.sh hanging before or after.
+    let status = poll(GUEST_TIMEOUT + Duration::from_secs(180), || {
+        guard.0.try_wait().expect("try_wait")
+    });
+    drop(guard);
+    let read = |name: &str| std::fs::read_to_string(logs.path().join(name)).unwrap_or_default();
+    let (stdout, stderr) = (read("stdout"), read("stderr"));
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "kernel {flavour}: guest.sh still ran after {:?}: killed\n{stderr}",
+            started.elapsed()
+        )
+    });
+    GuestOutcome {
+        status: status.code(),
+        stdout,
+        stderr,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// `(test name without its module, passed)` of each guest test, from
+/// libtest's `test kernel_guest::NAME ... ok|FAILED` lines.
+fn parse_results(stdout: &str) -> Vec<(String, bool)> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("test kernel_guest::")?;
+            let (name, result) = rest.split_once(" ... ")?;
+            match result.trim() {
+                "ok" => Some((name.to_owned(), true)),
+                "FAILED" => Some((name.to_owned(), false)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// SIGKILL to process group `pgid`.
+fn kill_group(pgid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .status();
+}
+
+/// guest.sh's process: its whole group (qemu included) is killed on drop,
+/// so that no qemu outlives a test that panicked.
+struct GroupGuard(Child);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            kill_group(self.0.id());
+            let _ = self.0.wait();
+        }
+    }
+}
