@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 need=()
 for tool in nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdfuse:nbdfuse qemu-img:qemu-utils \
             fio:fio nbdkit:nbdkit mkfs.ext4:e2fsprogs openssl:openssl losetup:mount \
-            systemd-analyze:systemd curl:curl ip:iproute2 ss:iproute2 groff:groff-base; do
+            systemd-analyze:systemd curl:curl ip:iproute2 ss:iproute2 groff:groff-base \
+            qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio depmod:kmod; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
@@ -18,6 +19,14 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+# The kernels the guest tests boot (tests/e2e/kernel_vm.rs), fetched while
+# the build runs; the tests wait for it through guest.sh's lock.
+vm_log=$(mktemp)
+scripts/vm/guest.sh --fetch 6.1 6.12 >"$vm_log" 2>&1 &
+vm_fetch=$!
+log=
+trap 'kill "$vm_fetch" 2>/dev/null || true; rm -f "$vm_log" ${log:+"$log"}' EXIT
 
 # What this run proves is only as good as the peers it ran against: name them.
 first_line() { "$@" 2>&1 | head -n1 || true; }
@@ -34,7 +43,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings -A rustdoc::private-intra-doc-links" \
   cargo doc --workspace --no-deps --document-private-items --locked -q
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+if ! wait "$vm_fetch"; then
+  echo "cannot fetch the guest kernels (the kernel_vm tests will fail):" >&2
+  cat "$vm_log" >&2
+fi
+sed 's/^/peers: guest /' "$vm_log"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

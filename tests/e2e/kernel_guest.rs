@@ -149,25 +149,41 @@ fn write_and_check(mount: &Path, file: &str) {
     );
 }
 
-/// Attach, write, detach twenty times in a row on one export: each
-/// attach finds the previous round's files.
+/// Attach, write and sync, detach: twenty times in a row on one export,
+/// each attach finding the previous rounds' files.
 #[test]
 #[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
 fn twenty_attach_write_detach_cycles() {
+    attach_write_detach_cycles("cycles", 20, true);
+}
+
+/// The same without a sync before each detach: the detach itself must
+/// write back what the file system still holds.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn a_detach_keeps_what_was_written_without_sync() {
+    attach_write_detach_cycles("unsynced", 20, false);
+}
+
+fn attach_write_detach_cycles(export: &str, rounds: u32, sync: bool) {
     let server = Server::start(&["tmpdisk", "size=256M", "linger=60s"]);
     let a = Attachments::new();
     let mnt = a.mount_point("mnt");
-    let uri = server.uri_for("cycles");
-    for round in 0..20 {
+    let uri = server.uri_for(export);
+    for round in 0..rounds {
         let device = a.attach_ok(&mnt, &uri, &["--attach", "kernel"]);
         assert!(device.starts_with("/dev/nbd"), "round {round}: {device}");
         for earlier in 0..round {
             assert!(
                 mnt.join(format!("f{earlier}")).exists(),
-                "round {round}: f{earlier} is gone"
+                "round {round}: f{earlier}, written before the last detach, is gone"
             );
         }
-        std::fs::write(mnt.join(format!("f{round}")), vec![round as u8; 65536]).unwrap();
+        let file = mnt.join(format!("f{round}"));
+        std::fs::write(&file, vec![round as u8; 65536]).unwrap();
+        if sync {
+            run(Command::new("sync").arg("-f").arg(&mnt));
+        }
         a.detach_ok(mnt.to_str().unwrap());
     }
 }
