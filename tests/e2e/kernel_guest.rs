@@ -275,7 +275,10 @@ fn twenty_runs_leave_the_nbd_devices_as_they_were() {
     require_nbd();
     let server = Server::start(&["tmpdisk", "size=64M"]);
     let before = nbd_devices();
-    assert!(before.len() >= 16, "nbd made 16 devices at load: {before:?}");
+    assert!(
+        before.len() >= 16,
+        "nbd made 16 devices at load: {before:?}"
+    );
     for round in 0..20 {
         let (code, out) = run_on_kernel(&server.uri(), "echo x > \"$SCRATCHD_MOUNT/x\"");
         assert_eq!(
@@ -358,11 +361,7 @@ fn io_fails_soon_when_the_server_vanishes() {
     let (_server, uri) = net.start_server();
     let a = Attachments::new();
     let mnt = a.mount_point("mnt");
-    a.attach_ok(
-        &mnt,
-        &uri,
-        &["--attach", "kernel", "--connections", "1"],
-    );
+    a.attach_ok(&mnt, &uri, &["--attach", "kernel", "--connections", "1"]);
     write_and_check(&mnt, "before");
     net.link("down");
     let started = Instant::now();
@@ -378,7 +377,10 @@ fn io_fails_soon_when_the_server_vanishes() {
         ended.is_some(),
         "I/O still hung {waited:?} after the server's host vanished"
     );
-    assert!(!status.success(), "the writer succeeded with the server gone");
+    assert!(
+        !status.success(),
+        "the writer succeeded with the server gone"
+    );
 }
 
 /// A network namespace `srv` for a server, reached from here over a veth
@@ -443,7 +445,9 @@ impl ServerNetwork {
 
 impl Drop for ServerNetwork {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", "veth-host"]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", "veth-host"])
+            .status();
         let _ = Command::new("ip").args(["netns", "del", Self::NS]).status();
     }
 }

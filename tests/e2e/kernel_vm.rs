@@ -117,7 +117,11 @@ fn guest_suite(flavour: &str) {
     );
     assert_eq!(
         outcome.status,
-        Some(if results.iter().all(|(_, ok)| *ok) { 0 } else { 101 }),
+        Some(if results.iter().all(|(_, ok)| *ok) {
+            0
+        } else {
+            101
+        }),
         "kernel {flavour}: the guest's test run ended unexpectedly"
     );
 }
@@ -146,7 +150,12 @@ fn boot_and_run_guest_tests(flavour: &str) -> GuestOutcome {
     let file = |name: &str| std::fs::File::create(logs.path().join(name)).expect("log file");
     let started = Instant::now();
     let child = Command::new(&script)
-        .args(["--timeout", &GUEST_TIMEOUT.as_secs().to_string(), flavour, "--"])
+        .args([
+            "--timeout",
+            &GUEST_TIMEOUT.as_secs().to_string(),
+            flavour,
+            "--",
+        ])
         .arg(exe)
         .args(["--ignored", "--test-threads=8", "kernel_guest::"])
         .stdin(Stdio::null())
