@@ -8,6 +8,7 @@
 //! Each test has a state directory of its own, so they run in parallel
 //! (the two long ones, a server stall and a vanished server, mostly wait).
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -289,6 +290,48 @@ fn twenty_runs_leave_the_nbd_devices_as_they_were() {
         );
     }
     assert_eq!(nbd_devices(), before, "the devices after twenty runs");
+}
+
+/// Whether block device `/dev/NAME` is connected: nbd shows its `pid`
+/// file only then.
+fn connected(device: &str) -> bool {
+    let name = device.strip_prefix("/dev/").expect(device);
+    Path::new(&format!("/sys/block/{name}/pid")).exists()
+}
+
+/// `kill -9` of `scratchd run` while its command runs: the run's mount
+/// namespace goes with it, and with the mount the device disconnects
+/// (disconnect-on-close); nothing of ours is left to do it.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn a_killed_run_leaves_no_device_connected() {
+    require_nbd();
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let mut run = Command::new(SCRATCHD)
+        .args(["run", "--attach", "kernel", "--server", &server.uri()])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo \"$SCRATCHD_DEVICE\"; exec sleep 120",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start scratchd run");
+    let mut line = String::new();
+    BufReader::new(run.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let device = line.trim().to_owned();
+    assert!(device.starts_with("/dev/nbd"), "{device:?}");
+    assert!(connected(&device), "{device} connected during the run");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    eventually(
+        &format!("{device} to disconnect"),
+        Duration::from_secs(20),
+        || !connected(&device),
+    );
 }
 
 /// A writer that keeps requests in flight on `mount` (direct I/O, so they

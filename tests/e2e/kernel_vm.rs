@@ -81,9 +81,10 @@ fn guest_suite(flavour: &str) {
     eprintln!("{}", outcome.stderr);
     assert!(
         !results.is_empty(),
-        "kernel {flavour}: the guest ran no test (status {:?}, {:?})",
+        "kernel {flavour}: the guest ran no test (status {:?}, {:?}):\n{}",
         outcome.status,
-        outcome.elapsed
+        outcome.elapsed,
+        outcome.stderr
     );
     let mut problems = Vec::new();
     for (name, passed) in &results {
