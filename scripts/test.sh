@@ -47,7 +47,7 @@ if ! wait "$vm_fetch"; then
   echo "cannot fetch the guest kernels (the kernel_vm tests will fail):" >&2
   cat "$vm_log" >&2
 fi
-sed 's/^/peers: guest /' "$vm_log"
+sed 's/^/peers: /' "$vm_log"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 # Real kernels under qemu (tests/e2e/kernel_vm.rs), on their own: two TCG
 # guests keep both cores busy, and the suite above times some clients.

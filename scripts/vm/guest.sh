@@ -144,7 +144,7 @@ if [ ! -e "$initramfs" ] || [ "$initramfs" -ot "$repo/scripts/vm/init" ]; then
 fi
 flock -u 9
 if [ "$timeout_secs" = 0 ] && [ "$*" = fetch-only ]; then
-  echo "guest.sh: $package ready in $kdir"
+  echo "guest kernel: $package ($kdir)"
   exit 0
 fi
 

@@ -88,6 +88,14 @@ fn guest_suite(flavour: &str) {
         eprintln!("SKIPPED kernel_vm {flavour}: not root");
         return;
     }
+    let expected = guest_tests();
+    for known in KNOWN_FAILURES {
+        assert!(
+            expected.iter().any(|name| name == known.test),
+            "KNOWN_FAILURES names {}, which is no kernel_guest test",
+            known.test
+        );
+    }
     let outcome = boot_and_run_guest_tests(flavour);
     let results = parse_results(&outcome.stdout);
     // The whole guest output goes to the test's output: shown on failure.
@@ -100,7 +108,11 @@ fn guest_suite(flavour: &str) {
         outcome.elapsed,
         outcome.stderr
     );
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = expected
+        .iter()
+        .filter(|name| !results.iter().any(|(n, _)| n == *name))
+        .map(|name| format!("{name} gave no result"))
+        .collect();
     for (name, passed) in &results {
         let known = KNOWN_FAILURES
             .iter()
@@ -201,6 +213,18 @@ fn boot_and_run_guest_tests(flavour: &str) -> GuestOutcome {
         stderr,
         elapsed: started.elapsed(),
     }
+}
+
+/// The names (without their module) of the `kernel_guest::` tests, as this
+/// test binary lists them.
+fn guest_tests() -> Vec<String> {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let list = crate::util::run(Command::new(exe).args(["--list", "--ignored", "kernel_guest::"]));
+    crate::util::stdout(&list)
+        .lines()
+        .filter_map(|l| l.strip_prefix("kernel_guest::")?.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `(test name without its module, passed)` of each guest test, from
