@@ -7,6 +7,7 @@
 //!
 //! Each test has a state directory of its own, so they run in parallel
 //! (the two long ones, a server stall and a vanished server, mostly wait).
+//! The `without_nbd` tests are for a second boot, with nbd not loaded.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -33,6 +34,11 @@ struct Attachments {
 impl Attachments {
     fn new() -> Attachments {
         require_nbd();
+        Attachments::anywhere()
+    }
+
+    /// [`Attachments::new`] on a kernel with or without nbd loaded.
+    fn anywhere() -> Attachments {
         Attachments {
             state: tempfile::tempdir().unwrap(),
             dirs: tempfile::tempdir().unwrap(),
@@ -531,4 +537,39 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The guest's kernel as (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(['.', '-']);
+    let mut number = || parts.next().and_then(|p| p.parse().ok()).expect(&release);
+    (number(), number())
+}
+
+/// `--attach auto` with nbd not loaded: on 6.1 it takes FUSE; from 6.5 on
+/// the kernel loads nbd itself when asked for its netlink family (the
+/// module's alias), so `auto` takes the kernel's driver.
+#[test]
+#[ignore = "runs in a guest kernel without nbd loaded: kernel_vm boots it"]
+fn without_nbd_auto_takes_fuse_or_loads_the_module() {
+    assert!(
+        !Path::new("/sys/module/nbd").exists(),
+        "nbd is loaded: this test is for the guest kernel_vm boots without it"
+    );
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let a = Attachments::anywhere();
+    let mnt = a.mount_point("mnt");
+    let device = a.attach_ok(&mnt, &server.uri_for("auto"), &[]);
+    let kind = a.record().get("kind").to_owned();
+    let version = kernel_version();
+    eprintln!("kernel {version:?}: auto without nbd loaded: {kind} on {device}");
+    if version < (6, 5) {
+        assert_eq!(kind, "fuse", "{device}");
+        assert!(!Path::new("/sys/module/nbd").exists(), "nbd was loaded");
+    } else {
+        assert_eq!(kind, "kernel", "{device}");
+        assert!(Path::new("/sys/module/nbd").exists());
+    }
+    a.detach_ok(mnt.to_str().unwrap());
 }

@@ -96,18 +96,32 @@ fn guest_suite(flavour: &str) {
             known.test
         );
     }
-    let outcome = boot_and_run_guest_tests(flavour);
-    let results = parse_results(&outcome.stdout);
-    // The whole guest output goes to the test's output: shown on failure.
-    eprintln!("{}", outcome.stdout);
-    eprintln!("{}", outcome.stderr);
-    assert!(
-        !results.is_empty(),
-        "kernel {flavour}: the guest ran no test (status {:?}, {:?}):\n{}",
-        outcome.status,
-        outcome.elapsed,
-        outcome.stderr
-    );
+    let mut results = Vec::new();
+    let mut elapsed = Duration::ZERO;
+    for boot in BOOTS {
+        let outcome = boot_and_run_guest_tests(flavour, boot);
+        let ran = parse_results(&outcome.stdout);
+        // The whole guest output goes to the test's output: shown on failure.
+        eprintln!("{}", outcome.stdout);
+        eprintln!("{}", outcome.stderr);
+        assert!(
+            !ran.is_empty(),
+            "kernel {flavour}, {}: the guest ran no test (status {:?}, {:?}):\n{}",
+            boot.what,
+            outcome.status,
+            outcome.elapsed,
+            outcome.stderr
+        );
+        let all_passed = ran.iter().all(|(_, ok)| *ok);
+        assert_eq!(
+            outcome.status,
+            Some(if all_passed { 0 } else { 101 }),
+            "kernel {flavour}, {}: the guest's test run ended unexpectedly",
+            boot.what
+        );
+        results.extend(ran);
+        elapsed += outcome.elapsed;
+    }
     let mut problems: Vec<String> = expected
         .iter()
         .filter(|name| !results.iter().any(|(n, _)| n == *name))
@@ -133,25 +147,40 @@ fn guest_suite(flavour: &str) {
         }
     }
     eprintln!(
-        "kernel {flavour}: {} guest tests in {:?}",
+        "kernel {flavour}: {} guest tests in {} boots, {elapsed:?}",
         results.len(),
-        outcome.elapsed
+        BOOTS.len()
     );
     assert!(
         problems.is_empty(),
         "kernel {flavour}: {}",
         problems.join("; ")
     );
-    assert_eq!(
-        outcome.status,
-        Some(if results.iter().all(|(_, ok)| *ok) {
-            0
-        } else {
-            101
-        }),
-        "kernel {flavour}: the guest's test run ended unexpectedly"
-    );
 }
+
+/// One boot of a guest: the modules loaded at boot, and which guest tests
+/// it runs (libtest's arguments).
+struct Boot {
+    what: &'static str,
+    modules: &'static str,
+    tests: &'static [&'static str],
+}
+
+/// The guest tests that need nbd not loaded start with this.
+const WITHOUT_NBD: &str = "kernel_guest::without_nbd";
+
+const BOOTS: &[Boot] = &[
+    Boot {
+        what: "nbd loaded",
+        modules: "nbd loop fuse ext4",
+        tests: &["kernel_guest::", "--skip", WITHOUT_NBD],
+    },
+    Boot {
+        what: "nbd not loaded",
+        modules: "loop fuse ext4",
+        tests: &[WITHOUT_NBD],
+    },
+];
 
 /// What a guest run gave back.
 struct GuestOutcome {
@@ -163,9 +192,9 @@ struct GuestOutcome {
     elapsed: Duration,
 }
 
-/// Runs this test binary's ignored `kernel_guest::` tests in a guest
-/// running kernel `flavour`.
-fn boot_and_run_guest_tests(flavour: &str) -> GuestOutcome {
+/// Runs this test binary's ignored guest tests that `boot` names in a
+/// guest running kernel `flavour`.
+fn boot_and_run_guest_tests(flavour: &str, boot: &Boot) -> GuestOutcome {
     for tool in ["qemu-system-x86_64", "busybox", "cpio", "depmod"] {
         crate::util::require(tool);
     }
@@ -184,7 +213,9 @@ fn boot_and_run_guest_tests(flavour: &str) -> GuestOutcome {
             "--",
         ])
         .arg(exe)
-        .args(["--ignored", "--test-threads=8", "kernel_guest::"])
+        .args(["--ignored", "--test-threads=8"])
+        .args(boot.tests)
+        .env("SCRATCHD_VM_MODULES", boot.modules)
         .stdin(Stdio::null())
         .stdout(file("stdout"))
         .stderr(file("stderr"))
