@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{eventually, poll, run, run_status, stdout, Json, Server, SCRATCHD};
+use crate::util::{
+    as_user, eventually, poll, run, run_status, stdout, Json, Server, NOBODY, SCRATCHD,
+};
 
 /// Panics unless the nbd module is loaded: these tests are for the guest.
 fn require_nbd() {
@@ -338,6 +340,51 @@ fn a_killed_run_leaves_no_device_connected() {
         Duration::from_secs(20),
         || !connected(&device),
     );
+}
+
+/// `attach --attach kernel` as a user other than root: the kernel refuses
+/// the connect (EPERM), the message says what is needed, and no record
+/// is left.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn attach_as_non_root_is_refused() {
+    require_nbd();
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    server.open_to_everyone();
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, state) = (dir.path().join("mnt"), dir.path().join("state"));
+    std::fs::create_dir(&mnt).unwrap();
+    sh(&format!(
+        "chmod 777 {} {}",
+        dir.path().display(),
+        mnt.display()
+    ));
+    let argv = as_user(
+        Some(NOBODY),
+        &[
+            "env",
+            &format!("SCRATCHD_STATE_DIR={}", state.display()),
+            SCRATCHD,
+            "attach",
+            "--attach",
+            "kernel",
+            "--mount",
+            mnt.to_str().unwrap(),
+            &server.uri_for("nobody"),
+        ],
+    );
+    let (code, out) = run_status(Command::new(&argv[0]).args(&argv[1..]).current_dir("/"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("needs root or CAP_SYS_ADMIN"), "{err}");
+    let records = std::fs::read_dir(&state)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(records, 0, "a refused attach leaves no record");
 }
 
 /// A writer that keeps requests in flight on `mount` (direct I/O, so they
