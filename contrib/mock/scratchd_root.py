@@ -257,17 +257,37 @@ class Generations(object):
 
 # --- what is mounted where, and scratchd's records of it ---
 
-def mounted_source(path):
-    """The source (device) of the file system mounted at `path` in this
-    mount namespace (the topmost, if several), or None."""
-    source = None
+def mounted_at(path):
+    """(device number "MAJ:MIN", source) of the file system mounted at
+    `path` in this mount namespace (the topmost, if several), or None."""
+    found = None
     with open("/proc/self/mountinfo") as mounts:
         for line in mounts:
             fields = line.split()
             separator = fields.index("-")
             if _unescape(fields[4]) == path:
-                source = _unescape(fields[separator + 2])
-    return source
+                found = (fields[2], _unescape(fields[separator + 2]))
+    return found
+
+
+def mounted_source(path):
+    """The source (device) of what is mounted at `path`, or None."""
+    found = mounted_at(path)
+    return found[1] if found else None
+
+
+def is_device(mount, device):
+    """Whether the mount (as mounted_at gives it) is of block device
+    `device`: by its name as the mount's source, or by its number."""
+    if not device:
+        return False
+    if mount[1] == device:
+        return True
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return False
+    return mount[0] == "{0}:{1}".format(os.major(rdev), os.minor(rdev))
 
 
 def _unescape(field):
@@ -403,17 +423,17 @@ class ScratchdRoot(object):
     # --- mount_root: attach, or reuse what is provably ours ---
 
     def hook_mount_root(self):
-        source = mounted_source(self.root_path)
+        mount = mounted_at(self.root_path)
         record = attachment_record(self.root_path)
-        if source is not None:
-            if record is None or record.get("device") != source:
+        if mount is not None:
+            if record is None or not is_device(mount, record.get("device")):
                 raise RootError(
                     "{0}: {1} is already a mount point (of {2}) and not a scratchd "
                     "attachment; unmount it (is the tmpfs or lvm_root plugin enabled "
-                    "too?)".format(PLUGIN, self.root_path, source))
+                    "too?)".format(PLUGIN, self.root_path, mount[1]))
             if record.get("export") == self.name and holder_alive(record):
                 self.log("reusing disk {0} attached at {1} ({2})".format(
-                    fingerprint(self.name), self.root_path, source))
+                    fingerprint(self.name), self.root_path, mount[1]))
                 return
             # Another disk of this root (an older generation) or one whose
             # holder died: it must go before the root's own disk comes.
