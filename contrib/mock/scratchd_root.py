@@ -16,6 +16,17 @@
 #   }
 #   config_opts['plugin_conf']['tmpfs_enable'] = False
 #
+# mock only warns about an enabled plugin it cannot find, and then builds
+# on the local disk; docs/BUILD-FARMS.md has a three-line guard for
+# site-defaults.cfg that fails the build instead. Only the main build
+# root is put on a disk; mock's bootstrap root stays local (see
+# run_in_bootstrap below).
+#
+# The plugin, not contrib/mock/mock-on-scratchd, is what Koji builders
+# use: the wrapper is for one-off mock runs on a workstation (with a
+# --resultdir outside /var/lib/mock); kojid runs /usr/bin/mock by path and
+# reads the build root between its mock runs.
+#
 # Options (all but `server` optional):
 #   server          NBD URI of the scratchd server (nbd://, nbd+unix://,
 #                   nbds://...?tls-certificates=DIR)
