@@ -104,14 +104,12 @@ def install_plugin():
     shutil.copy(os.path.join(HERE, "scratchd_root.py"), PLUGIN_DIR)
 
 
-def mock_config(root, append_to_plugins=False, use_bootstrap=True, **opts):
+def mock_config(root, append_to_plugins=False, use_bootstrap=True, unique_ext=None, **opts):
     """config_opts as mockbuild/config.py's load_config leaves them, then
     the site configuration of docs/BUILD-FARMS.md on top."""
     config = {
         "root": root,
         "basedir": os.path.join(WORK, "mock"),  # config.py: config_opts['basedir']
-        "rootdir": None,  # config.py: '{{basedir}}/{{root}}/root' (resolved below)
-        "unique-ext": None,
         "use_bootstrap": use_bootstrap,  # config.py: config_opts['use_bootstrap'] = True
         "clean": True,  # config.py: config_opts['clean'] = True
         "plugins": list(PLUGIN_LIST),
@@ -120,6 +118,8 @@ def mock_config(root, append_to_plugins=False, use_bootstrap=True, **opts):
     }
     for p in PLUGIN_LIST:
         config["plugin_conf"][p + "_opts"] = {}
+    if unique_ext is not None:  # config.py: --uniqueext sets config_opts['unique-ext']
+        config["unique-ext"] = unique_ext
     # config.py, after `runtime_plugins =`: every *.py in plugin_dir not in
     # the list is appended to config_opts['plugins'], disabled, with {} opts.
     for path in sorted(glob.glob(PLUGIN_DIR + "/*.py")):
@@ -210,7 +210,7 @@ class Buildroot(object):
         self.is_bootstrap = is_bootstrap
         # __init__: shared_root_name is the root before unique-ext.
         self.shared_root_name = config["root"]
-        if config.get("unique-ext"):
+        if "unique-ext" in config:
             config["root"] = "%s-%s" % (config["root"], config["unique-ext"])
         self.mockdir = config["basedir"]
         self.basedir = os.path.join(config["basedir"], config["root"])
@@ -526,6 +526,19 @@ class ScratchdRootTest(unittest.TestCase):
         self.assertEqual(mock.bootstrap.plugins._hooks, {})
         self.assertFalse(hasattr(mock.bootstrap, PLUGIN.INSTANCE_ATTR))
         self.assert_nothing_attached(root)
+
+    def test_unique_exts_of_one_root_get_disks_of_their_own(self):
+        root = "uniq-x86_64"
+        mocks = [self.run_mock("init", root, unique_ext=ext, keep_attached=True)
+                 for ext in ("a", "b")]
+        self.assertEqual([status for status, _ in mocks], [0, 0])
+        names = {instance(mock).name for _, mock in mocks}
+        self.assertEqual(len(names), 2)
+        self.assertEqual(len(records()), 2)
+        for ext in ("a", "b"):
+            self.assertTrue(PLUGIN.is_mount_point(root_path(root + "-" + ext)))
+        for _, mock in mocks:
+            mock.buildroot.delete()
 
     # the task sequence: several mock runs of one root share its disk
 
