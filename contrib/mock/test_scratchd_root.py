@@ -813,6 +813,38 @@ class ScratchdRootTest(unittest.TestCase):
                 self.assertNotIn(name[len("mock-"):len("mock-") + 12], line)
             self.assertTrue(any(PLUGIN.fingerprint(name) in line for line in self.log.lines))
 
+    # the wrapper (contrib/mock/mock-on-scratchd): results must live off the disk
+
+    def wrapper(self, *args, **env):
+        fake = os.path.join(WORK, "fake-scratchd")
+        with open(fake, "w") as f:
+            f.write('#!/bin/sh\necho "$@"\n')
+        os.chmod(fake, 0o755)
+        environ = {"PATH": os.environ["PATH"], "SCRATCHD": fake, "REAL_MOCK": "/usr/bin/mock"}
+        environ.update(env)
+        return subprocess.run(["sh", os.path.join(HERE, "mock-on-scratchd")] + list(args),
+                              env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, check=False)
+
+    def test_the_wrapper_wants_a_result_directory_off_the_disk(self):
+        done = self.wrapper("--rebuild", "pkg.src.rpm")
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("--resultdir", done.stderr)
+        for spelling in (["--resultdir=/var/lib/mock/r"], ["--resultdir", "/var/lib/mock"]):
+            done = self.wrapper(*spelling + ["--rebuild", "pkg.src.rpm"])
+            self.assertEqual(done.returncode, 2, spelling)
+            self.assertIn("on the scratch disk", done.stderr)
+        done = self.wrapper("--resultdir", "/home/u/rpms", "--rebuild", "pkg.src.rpm")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.split(), [
+            "run", "--size", "40G", "--mount", "/var/lib/mock", "--", "/usr/bin/mock",
+            "--resultdir", "/home/u/rpms", "--rebuild", "pkg.src.rpm"])
+        done = self.wrapper("--rebuild", "pkg.src.rpm", SCRATCHD_RESULTDIR="/home/u/rpms")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("/usr/bin/mock --resultdir=/home/u/rpms --rebuild pkg.src.rpm",
+                      done.stdout)
+        self.assertEqual(self.wrapper("--help").returncode, 0)
+
     def test_outside_mock_the_errors_are_the_plugins_own(self):
         plugin = load_plugin(under_mock=False)
         self.assertFalse(issubclass(plugin.RootError, EXC.Error))
