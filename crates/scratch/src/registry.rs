@@ -105,6 +105,10 @@ use histogram::Counters;
 use lifecycle::{Disk, Pending};
 use owners::OwnerState;
 
+/// The one log target of the registry's events, whichever module logs
+/// them: operators filter on it (`docs/SCRATCH.md`).
+const LOG: &str = "scratchd_scratch::registry";
+
 /// Waiting for another connection's disk creation gives up after the format
 /// timeout plus this.
 const CREATE_WAIT_SLACK: Duration = Duration::from_secs(30);

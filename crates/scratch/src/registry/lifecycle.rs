@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::histogram::Counters;
 use super::operator::Keep;
 use super::users::{User, Users};
-use super::{DiskKey, Entry, OpenDisk, OpenError, Shared};
+use super::{DiskKey, Entry, OpenDisk, OpenError, Shared, LOG};
 use crate::device::{Budgets, ScratchDevice};
 use crate::pool::Pool;
 use crate::stats::StatsSnapshot;
@@ -51,6 +51,7 @@ impl Drop for Disk {
         self.counters.destroyed();
         let s = self.stats(0);
         info!(
+            target: LOG,
             export = %self.key.name,
             owner = %self.key.owner,
             age_s = s.age.as_secs_f64(),
@@ -167,7 +168,7 @@ impl Shared {
         let result = self.make(key, class, shares).map(|(device, from_pool)| {
             let took = start.elapsed();
             self.counters.created(took);
-            info!(export = %key.name, owner = %key.owner, class = self.class_name(class), from_pool, ms = took.as_secs_f64() * 1e3, "scratch disk created");
+            info!(target: LOG, export = %key.name, owner = %key.owner, class = self.class_name(class), from_pool, ms = took.as_secs_f64() * 1e3, "scratch disk created");
             let disk = self.name_disk(key, class, device);
             self.lock().entries.insert(
                 key.clone(),
@@ -200,12 +201,12 @@ impl Shared {
         let device = match pooled {
             Some(device) => device,
             None => self.factory_of(class).create().map_err(|why| {
-                warn!(export = %key.name, owner = %key.owner, "cannot create scratch disk: {why}");
+                warn!(target: LOG, export = %key.name, owner = %key.owner, "cannot create scratch disk: {why}");
                 OpenError::Create(Arc::new(why))
             })?,
         };
         device.claim(shares).map_err(|why| {
-            info!(export = %key.name, owner = %key.owner, "new disk refused: {why}");
+            info!(target: LOG, export = %key.name, owner = %key.owner, "new disk refused: {why}");
             OpenError::Share(Arc::new(why))
         })?;
         Ok((device, from_pool))

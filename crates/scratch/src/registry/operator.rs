@@ -16,7 +16,7 @@ use scratchd_store::{sync, BlockDevice};
 use tracing::info;
 
 use super::lifecycle::{Disk, FOREVER};
-use super::{DiskKey, Entry, Registry};
+use super::{DiskKey, Entry, Registry, LOG};
 use crate::stats::StatsSnapshot;
 
 /// A budget's use at one moment.
@@ -194,7 +194,7 @@ impl Registry {
             Entry::Live { disk, .. } => disk.users.disconnect(),
             _ => 0,
         };
-        info!(export = %key.name, owner = %key.owner, connections, "scratch disk dropped by the operator");
+        info!(target: LOG, export = %key.name, owner = %key.owner, connections, "scratch disk dropped by the operator");
         drop(removed);
         Ok(connections)
     }
@@ -213,7 +213,7 @@ impl Registry {
             Some(Entry::Creating(_)) => return Err(AdminError::Creating(key.name.clone())),
             Some(Entry::Live { disk, .. }) => {
                 *sync::lock(&disk.keep) = Some(time.map_or(Keep::Forever, Keep::After));
-                info!(export = %key.name, owner = %key.owner, for_s = time.map(|t| t.as_secs_f64()), "scratch disk to be kept after its last connection");
+                info!(target: LOG, export = %key.name, owner = %key.owner, for_s = time.map(|t| t.as_secs_f64()), "scratch disk to be kept after its last connection");
                 return Ok(());
             }
             Some(Entry::Lingering { disk, until }) => {
@@ -228,7 +228,7 @@ impl Registry {
                 .push(Reverse((disk.1, disk.0.id, key.clone())));
         }
         drop(state);
-        info!(export = %key.name, owner = %key.owner, for_s = time.map(|t| t.as_secs_f64()), "scratch disk kept by the operator");
+        info!(target: LOG, export = %key.name, owner = %key.owner, for_s = time.map(|t| t.as_secs_f64()), "scratch disk kept by the operator");
         self.shared.reaper.notify_all();
         Ok(())
     }

@@ -5,7 +5,7 @@
 
 use tracing::info;
 
-use super::{DiskKey, Entry, OpenError, Shared, State};
+use super::{DiskKey, Entry, OpenError, Shared, State, LOG};
 use crate::device::Budgets;
 use crate::owner::Owner;
 
@@ -87,14 +87,14 @@ impl Shared {
                 let victim = state
                     .evict(|key| key.owner == *owner)
                     .ok_or(OpenError::TooManyOfOwner { max })?;
-                info!(export = %victim.0.name, owner = %owner, "evicting a lingering disk to stay within --max-exports-per-owner");
+                info!(target: LOG, export = %victim.0.name, owner = %owner, "evicting a lingering disk to stay within --max-exports-per-owner");
                 evicted.push(victim.1);
             }
         }
         if let Some(max) = self.settings.max_exports {
             if state.entries.len() >= max {
                 let victim = state.evict(|_| true).ok_or(OpenError::TooMany { max })?;
-                info!(export = %victim.0.name, owner = %victim.0.owner, "evicting a lingering disk to stay within --max-exports");
+                info!(target: LOG, export = %victim.0.name, owner = %victim.0.owner, "evicting a lingering disk to stay within --max-exports");
                 evicted.push(victim.1);
             }
         }
