@@ -86,11 +86,11 @@ use crate::names::{NameError, NamePolicy};
 use crate::owner::{Owner, OwnerLimits, OwnerPolicy, Peer};
 use crate::pool::Pool;
 
-pub mod classes;
-pub mod histogram;
-pub mod lifecycle;
-pub mod operator;
-pub mod owners;
+mod classes;
+mod histogram;
+mod lifecycle;
+mod operator;
+mod owners;
 #[cfg(test)]
 mod testing;
 mod users;
