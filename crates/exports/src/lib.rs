@@ -84,9 +84,8 @@ fn open_export(open: OpenDisk) -> OpenExport {
     } = open;
     let members = Arc::new(Members::default());
     let on_drop = members.clone();
-    lease.on_drop(move || {
-        on_drop.disconnect();
-    });
+    // Counts the connection only while it transmits, as `ctl drop` reports.
+    lease.on_drop(move || on_drop.disconnect());
     OpenExport {
         info: export_info(info),
         errors: device.errors(),

@@ -135,12 +135,14 @@ fn each_peer_sees_its_owners_disks() {
 }
 
 /// `ctl drop` reaches the connection through the members the exports
-/// layer gave it: its socket stops reading.
+/// layer gave it: its socket stops reading. It counts the connections that
+/// were transmitting (members), not those still negotiating.
 #[test]
 fn dropping_a_disk_ends_its_connections() {
     let (exports, registry) = served(settings());
     let alice = unix(1000, 1000);
     let open = exports.open("build", &alice).unwrap();
+    let not_yet_transmitting = exports.open("build", &alice).unwrap();
     let (ours, _theirs) = UnixStream::pair().unwrap();
     let membership = open
         .members
@@ -155,7 +157,7 @@ fn dropping_a_disk_ends_its_connections() {
     let mut buf = [0u8; 1];
     assert_eq!((&ours).read(&mut buf).unwrap(), 0, "reading has stopped");
     open.device.write(0, b"x", false).unwrap();
-    drop((membership, open));
+    drop((membership, open, not_yet_transmitting));
     assert_eq!(registry.status().destroyed, 1);
 }
 

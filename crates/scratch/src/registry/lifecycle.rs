@@ -96,12 +96,12 @@ pub struct Lease {
 impl Lease {
     /// Tells the registry how to end this user when the operator drops
     /// the disk (`scratchd ctl drop`): `stop` is called then, or at once if
-    /// the disk was dropped already. A user that never says is not ended,
-    /// only let go of by the registry; [`Registry::drop_disk`] counts the
-    /// users it ended.
+    /// the disk was dropped already, and returns how many connections it
+    /// closed, which [`Registry::drop_disk`] adds up. A user that never
+    /// says is not ended, only let go of by the registry.
     ///
     /// [`Registry::drop_disk`]: super::Registry::drop_disk
-    pub fn on_drop(&mut self, stop: impl FnOnce() + Send + Sync + 'static) {
+    pub fn on_drop(&mut self, stop: impl FnOnce() -> usize + Send + Sync + 'static) {
         self.user = Some(self.disk.users.join(Box::new(stop)));
     }
 }

@@ -176,7 +176,8 @@ impl Registry {
     /// Takes `key`'s disk out of the registry (a later open of the name
     /// makes a new one) and ends its users (each by the stop it left, see
     /// [`Lease::on_drop`](super::Lease::on_drop)); the disk is destroyed
-    /// when the last of them is done. Returns how many were ended.
+    /// when the last of them is done. Returns how many connections that
+    /// closed.
     ///
     /// # Errors
     ///
@@ -279,7 +280,10 @@ mod tests {
         // (The exports layer leaves a stop that ends the connection.)
         let stopped = Arc::new(AtomicBool::new(false));
         let flag = stopped.clone();
-        b.lease.on_drop(move || flag.store(true, Ordering::SeqCst));
+        b.lease.on_drop(move || {
+            flag.store(true, Ordering::SeqCst);
+            1
+        });
         assert_eq!(r.drop_disk(&key("b")), Ok(1));
         assert!(stopped.load(Ordering::SeqCst), "its user was ended");
         assert!(r.disks().is_empty());

@@ -3,17 +3,19 @@
 //! them all.
 //!
 //! The registry does not know what a user is: the exports layer hands in a
-//! closure that ends one connection as a graceful shutdown does. A user
-//! that arrives after the disk was dropped (it opened the disk just before)
-//! is ended as soon as it leaves its stop.
+//! closure that ends one connection as a graceful shutdown does, and says
+//! how many connections that ended (none if the connection was not yet, or
+//! no longer, transmitting), so that `ctl drop` reports what it closed. A
+//! user that arrives after the disk was dropped (it opened the disk just
+//! before) is ended as soon as it leaves its stop.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use scratchd_store::sync;
 
-/// Ends one user.
-type Stop = Box<dyn FnOnce() + Send + Sync>;
+/// Ends one user; how many connections that closed.
+type Stop = Box<dyn FnOnce() -> usize + Send + Sync>;
 
 /// The users of one disk.
 #[derive(Default)]
@@ -50,6 +52,7 @@ impl Users {
         live.next_id += 1;
         if live.closed {
             drop(live);
+            // Dropped before it joined: nobody waits for the count.
             stop();
         } else {
             live.stops.insert(id, stop);
@@ -60,7 +63,8 @@ impl Users {
         }
     }
 
-    /// Ends every user, now and to come; returns how many there were.
+    /// Ends every user, now and to come; returns how many connections
+    /// that closed.
     pub(super) fn disconnect(&self) -> usize {
         let stops: Vec<Stop> = {
             let mut live = sync::lock(&self.live);
@@ -68,9 +72,7 @@ impl Users {
             live.stops.drain().map(|(_, stop)| stop).collect()
         };
         // Outside the lock: a stop may take locks of its own.
-        let n = stops.len();
-        stops.into_iter().for_each(|stop| stop());
-        n
+        stops.into_iter().map(|stop| stop()).sum()
     }
 }
 
@@ -87,6 +89,7 @@ mod tests {
             let ended = ended.clone();
             Box::new(move || {
                 ended.fetch_add(1, Ordering::SeqCst);
+                1
             })
         };
         let users = Arc::new(Users::default());
