@@ -78,7 +78,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use scratchd_store::{sync, Capabilities};
+use scratchd_store::{sync, BlockDevice, Capabilities};
 
 use crate::device::{Budgets, ClaimError, ScratchDevice};
 use crate::disk::{CreateError, DiskFactory};
@@ -394,7 +394,6 @@ impl Shared {
     /// What `name` is: its disk's size and capabilities when it has one,
     /// its class's otherwise.
     fn info(&self, name: &str, device: Option<&ScratchDevice>) -> DiskInfo {
-        use scratchd_store::BlockDevice;
         let (size, caps) = match (device, self.class_of(name)) {
             (Some(dev), _) => (dev.size(), dev.capabilities()),
             (None, Some(i)) => (self.classes[i].class.factory.size(), self.classes[i].caps),
