@@ -12,40 +12,12 @@ use scratchd_proto::Errno;
 /// Error replies sent by the whole server.
 static ERRORS: ErrorCounts = ErrorCounts::new();
 
-/// Error replies sent, by errno (indexed like [`Errno::ALL`]): the
-/// server's, and each export's, which its registry keeps beside the
-/// export's other counters and hands to every connection that opens it
-/// ([`crate::OpenExport::errors`]). Connections of one export share its
-/// atomics, never a lock.
-#[derive(Debug)]
-pub struct ErrorCounts([AtomicU64; Errno::ALL.len()]);
-
-impl ErrorCounts {
-    pub const fn new() -> ErrorCounts {
-        ErrorCounts([const { AtomicU64::new(0) }; Errno::ALL.len()])
-    }
-
-    fn add(&self, errno: Errno) {
-        if let Some(i) = Errno::ALL.iter().position(|&e| e == errno) {
-            self.0[i].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// The counts so far, by errno name (`ENOSPC`), every errno included.
-    pub fn by_errno(&self) -> Vec<(&'static str, u64)> {
-        Errno::ALL
-            .iter()
-            .zip(&self.0)
-            .map(|(e, n)| (errno_name(*e), n.load(Ordering::Relaxed)))
-            .collect()
-    }
-}
-
-impl Default for ErrorCounts {
-    fn default() -> ErrorCounts {
-        ErrorCounts::new()
-    }
-}
+/// Error replies sent, by errno: the server's, and each export's, which
+/// its registry keeps beside the export's other counters and hands to every
+/// connection that opens it ([`crate::OpenExport::errors`]). It lives in
+/// `scratchd_store` so that registries below the server can keep one; it is
+/// re-exported here, where it always was.
+pub use scratchd_store::errors::ErrorCounts;
 
 /// Why a handshake ended without transmission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,8 +88,9 @@ pub struct TlsFailed(pub io::Error);
 /// An error reply with `errno` was sent for a request on the export
 /// whose counters are `export`.
 pub fn error_replied(errno: Errno, export: &ErrorCounts) {
-    ERRORS.add(errno);
-    export.add(errno);
+    // NBD's error values are Linux errno numbers, which the counts use.
+    ERRORS.add(errno as u32);
+    export.add(errno as u32);
 }
 
 /// A handshake ended without transmission, for `why`.
