@@ -24,9 +24,10 @@ use crate::admin::{Admin, Backend as AdminBackend};
 use crate::backend::{open_backend, BackendError, OpenError, Options, UsageError};
 use crate::config;
 use crate::notify::Notifier;
-use crate::size::parse_size;
 use crate::tmpdisk;
 use scratchd_scratch::config::default_memory_limit;
+use scratchd_scratch::units::{parse_duration, parse_positive_duration, parse_size};
+use scratchd_scratch::{ClassSettings, DiskSettings};
 
 /// Exit status for bad usage, as clap uses.
 const EXIT_USAGE: i32 = 2;
@@ -199,13 +200,14 @@ pub struct ServeArgs {
     /// The config file's `[file]` table.
     #[arg(skip)]
     pub file: Option<config::Params>,
-    /// The config file's `[tmpdisk]` table.
+    /// The config file's `[tmpdisk]` table: the default class's disk
+    /// settings, parsed as the command line's `KEY=VALUE`s are.
     #[arg(skip)]
-    pub tmpdisk: Option<config::Params>,
+    pub tmpdisk: Option<DiskSettings>,
     /// The config file's `[[class]]` tables: tmpdisk's export classes.
     #[arg(skip)]
     #[serde(default)]
-    pub class: Vec<config::Params>,
+    pub class: Vec<ClassSettings>,
 }
 
 impl ServeArgs {
@@ -429,7 +431,12 @@ fn build_exports(
         read_only: args.readonly,
         memory_limit,
     };
-    let device = open_backend(backend, &args.params, &options)?;
+    let file_table = match backend {
+        "memory" => args.memory.as_ref(),
+        "file" => args.file.as_ref(),
+        _ => None,
+    };
+    let device = open_backend(backend, &args.params, file_table, &options)?;
     let may_block = device.capabilities().may_block;
     let export = SingleExport::new(
         args.export_name().to_owned(),
@@ -469,22 +476,8 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
         description: args.description.clone(),
         read_only: args.readonly,
     };
-    let classes: Vec<tmpdisk::ClassParams> = args
-        .class
-        .iter()
-        .map(|table| {
-            let mut pattern = String::new();
-            let mut params = Vec::new();
-            for (key, value) in table {
-                match key.get_ref().as_str() {
-                    "match" => pattern = value.text().to_owned(),
-                    key => params.push(format!("{key}={}", value.text())),
-                }
-            }
-            tmpdisk::ClassParams { pattern, params }
-        })
-        .collect();
-    let config = tmpdisk::config_with_classes(&args.params, &classes, limits, export)?;
+    let disk = args.disk_settings().map_err(UsageError::from)?;
+    let config = tmpdisk::config(&disk, &args.class, limits, export)?;
     warn_about_ownership(config.owners);
     // Any class with disks in files sends requests to the worker pool,
     // which then needs its threads (memory disks answer inline).
@@ -740,12 +733,10 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>, notifier:
     }
 }
 
+/// `--reply-timeout`, `--handshake-timeout`, `ctl --for`: a duration more
+/// than 0 (clap's value parser for [`parse_positive_duration`]).
 pub fn parse_reply_timeout(text: &str) -> Result<std::time::Duration, String> {
-    match scratchd_scratch::config::parse_duration(text) {
-        Ok(d) if d.is_zero() => Err("must be more than 0".to_owned()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(e.to_string()),
-    }
+    parse_positive_duration(text).map_err(|e| e.to_string())
 }
 
 /// Why `--tls` could not be set up.
@@ -779,7 +770,8 @@ fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, TlsSetupError> {
     Ok(Some(TlsConfig::load(dir, mode, args.tls_verify_peer)?))
 }
 
-/// `--tcp-keepalive`: a duration, 0 for off.
+/// `--tcp-keepalive`: a duration, 0 for off (clap's value parser for
+/// [`parse_duration`]).
 pub fn parse_keepalive(text: &str) -> Result<Duration, String> {
-    scratchd_scratch::config::parse_duration(text).map_err(|e| e.to_string())
+    parse_duration(text).map_err(|e| e.to_string())
 }
