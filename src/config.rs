@@ -56,10 +56,11 @@ impl<'de> Deserialize<'de> for ParamValue {
 
 /// `memory-limit = "64G"` or a number of bytes, checked here so that the
 /// error points at the line.
-pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let text = deserialize_text(d, "a size such as \"64G\", or bytes")?;
-    parse_size("size", &text).map_err(de::Error::custom)?;
-    Ok(Some(text))
+    parse_size("size", &text)
+        .map(Some)
+        .map_err(de::Error::custom)
 }
 
 /// `reply-timeout = "60s"`, `handshake-timeout = 10`: a duration or a
@@ -333,7 +334,7 @@ pool = 2
         assert!(merged.readonly);
         assert_eq!(merged.allow, vec!["10.0.0.0/8".parse().unwrap()]);
         assert_eq!(merged.reply_timeout, Some(Duration::from_secs(30)));
-        assert_eq!(merged.memory_limit.as_deref(), Some("64G"));
+        assert_eq!(merged.memory_limit, Some(64 << 30));
         assert_eq!(
             merged.control,
             Some(PathBuf::from("/run/scratchd/control.sock"))
@@ -361,6 +362,31 @@ pool = 2
             .and_then(|rest| rest.split("```").next())
             .expect("docs/CONFIG.md shows the example in a toml block");
         assert_eq!(shown, include_str!("../contrib/scratchd.toml"));
+    }
+
+    /// Flags and keys hold the same typed values, parsed once.
+    #[test]
+    fn sizes_and_modes_are_typed_from_both_sources() {
+        let flags = cli(&[
+            "--memory-limit",
+            "64G",
+            "--owner-disk-limit",
+            "1M",
+            "--tls",
+            "require",
+        ]);
+        let text = "memory-limit = \"64G\"\nowner-disk-limit = 1048576\ntls = \"require\"\n";
+        let from_file = file(text).unwrap();
+        for args in [&flags, &from_file] {
+            assert_eq!(args.memory_limit, Some(64 << 30));
+            assert_eq!(args.owner_disk_limit, Some(1 << 20));
+            assert_eq!(args.tls, Some(crate::serve::TlsSetting::Require));
+        }
+        let bad = Cli::try_parse_from(["serve", "--disk-limit", "12Q"])
+            .err()
+            .unwrap();
+        let bad = bad.to_string();
+        assert!(bad.contains("--disk-limit") && bad.contains("12Q"), "{bad}");
     }
 
     #[test]
@@ -447,6 +473,10 @@ pool = 2
         assert!(e.contains("did you mean 10.0.0.0/8"), "{e}");
         let e = file("reply-timeout = \"0\"\n").unwrap_err().to_string();
         assert!(e.contains("more than 0"), "{e}");
+        let e = file("port = 1\ntls = \"requir\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("requir"), "{e}");
         let e = file("backend = \"tmpdisk\"\n[memory]\nsize = \"1G\"\n")
             .unwrap_err()
             .to_string();
