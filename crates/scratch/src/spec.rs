@@ -16,9 +16,10 @@
 //! the defaults and checks what depends on several keys (a size is needed,
 //! extra keys need `command=`), giving the [`DiskSpec`] the registry uses.
 //!
-//! A new disk key is a field here, its arm in [`DiskSettings::set`], its
-//! line in [`KEYS`] (and [`CLASS_KEYS`] if a class may set it), and where
-//! [`DiskSpec`] carries it.
+//! A new disk key is a field here, its arm in [`DiskSettings::set`] and
+//! its line in [`DiskSettings::or`], its line in [`KEYS`] (and
+//! [`CLASS_KEYS`] if a class may set it), and where [`DiskSpec`] carries
+//! it.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -196,39 +197,28 @@ impl DiskSettings {
     /// given twice is refused; a key tmpdisk does not know is kept for
     /// `command=`.
     pub fn set(&mut self, key: &str, text: &str) -> Result<(), SpecError> {
-        if self.has(key) {
-            return Err(SpecError::Duplicate(key.to_owned()));
-        }
         match key {
-            "size" => self.size = Some(parse_size("size", text)?),
-            "type" => self.fs_type = Some(parse_fs_type(text)?),
-            "label" => self.label = Some(text.to_owned()),
-            "command" => self.command = Some(text.to_owned()),
-            "backing" => self.backing = Some(parse_backing(text)?),
-            "linger" => self.linger = Some(duration("linger", text)?),
-            "pool" => self.pool = Some(text.parse().map_err(|_| SpecError::Pool(text.to_owned()))?),
-            "quota" => self.quota = Some(parse_size("quota", text)?),
-            "format-timeout" => self.format_timeout = Some(duration("format-timeout", text)?),
-            "owner" => self.owner = Some(OwnerPolicy::parse(text)?),
-            _ => self.env.push((key.to_owned(), text.to_owned())),
-        }
-        Ok(())
-    }
-
-    /// Whether `key` is set already.
-    fn has(&self, key: &str) -> bool {
-        match key {
-            "size" => self.size.is_some(),
-            "type" => self.fs_type.is_some(),
-            "label" => self.label.is_some(),
-            "command" => self.command.is_some(),
-            "backing" => self.backing.is_some(),
-            "linger" => self.linger.is_some(),
-            "pool" => self.pool.is_some(),
-            "quota" => self.quota.is_some(),
-            "format-timeout" => self.format_timeout.is_some(),
-            "owner" => self.owner.is_some(),
-            _ => self.env.iter().any(|(k, _)| k == key),
+            "size" => fill(&mut self.size, key, || Ok(parse_size("size", text)?)),
+            "type" => fill(&mut self.fs_type, key, || parse_fs_type(text)),
+            "label" => fill(&mut self.label, key, || Ok(text.to_owned())),
+            "command" => fill(&mut self.command, key, || Ok(text.to_owned())),
+            "backing" => fill(&mut self.backing, key, || parse_backing(text)),
+            "linger" => fill(&mut self.linger, key, || duration("linger", text)),
+            "pool" => fill(&mut self.pool, key, || {
+                text.parse().map_err(|_| SpecError::Pool(text.to_owned()))
+            }),
+            "quota" => fill(&mut self.quota, key, || Ok(parse_size("quota", text)?)),
+            "format-timeout" => fill(&mut self.format_timeout, key, || {
+                duration("format-timeout", text)
+            }),
+            "owner" => fill(&mut self.owner, key, || Ok(OwnerPolicy::parse(text)?)),
+            _ if self.env.iter().any(|(k, _)| k == key) => {
+                Err(SpecError::Duplicate(key.to_owned()))
+            }
+            _ => {
+                self.env.push((key.to_owned(), text.to_owned()));
+                Ok(())
+            }
         }
     }
 
@@ -306,6 +296,20 @@ impl DiskSettings {
             pool: self.pool.unwrap_or(0),
         })
     }
+}
+
+/// Sets an unset `slot` to what `parse` makes of the value; a key given
+/// twice is refused before its value is looked at.
+fn fill<T>(
+    slot: &mut Option<T>,
+    key: &str,
+    parse: impl FnOnce() -> Result<T, SpecError>,
+) -> Result<(), SpecError> {
+    if slot.is_some() {
+        return Err(SpecError::Duplicate(key.to_owned()));
+    }
+    *slot = Some(parse()?);
+    Ok(())
 }
 
 /// `type=`: a word of `[A-Za-z0-9_.-]` (it names `mkfs.TYPE`).
@@ -626,6 +630,11 @@ counter = "/tmp/x"
         assert_eq!(
             params(&["size=1M", "size=2M"]),
             Err(SpecError::Duplicate("size".into()))
+        );
+        assert_eq!(
+            params(&["size=1M", "size=12Q"]),
+            Err(SpecError::Duplicate("size".into())),
+            "the key, before its value"
         );
         assert_eq!(
             params(&["1M", "command=true", "x=1", "x=2"]),
