@@ -4,15 +4,20 @@
 //! options without their dashes (`max-connections = 64`, `unix =
 //! "/run/scratchd.sock"`), plus `backend = "tmpdisk"` and the backend's
 //! `KEY=VALUE` parameters as a table named after it (`[tmpdisk]`). One
-//! struct serves both, so a new option is a config key at once; serde's
-//! `deny_unknown_fields` refuses a misspelt key by name, and the toml
-//! crate's errors carry the line and column. The format, with a full
-//! example, is in `docs/CONFIG.md`.
+//! struct serves both, so a new option is a config key at once, parsed to
+//! the same typed value (a size in bytes, a duration) by the same function
+//! as its flag; serde's `deny_unknown_fields` refuses a misspelt key by
+//! name, and the toml crate's errors carry the line and column. The
+//! `[tmpdisk]` and `[[class]]` tables deserialize into
+//! [`scratchd_scratch::spec`]'s typed disk settings, through the parser
+//! of the command line's `KEY=VALUE`s. The format, with a full example, is
+//! in `docs/CONFIG.md`.
 //!
 //! Precedence: what the command line gives wins; a flag (`-r`) can only
 //! switch a setting on. Backend parameters merge key by key when the
-//! command line names the file's backend (or none); a command line naming
-//! another backend ignores the file's parameters.
+//! command line names the file's backend (or none), as typed values for
+//! tmpdisk; a command line naming another backend ignores the file's
+//! parameters.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -274,9 +279,7 @@ impl ServeArgs {
             class: file.class,
         }
     }
-}
 
-impl ServeArgs {
     /// tmpdisk's default class: the command line's `KEY=VALUE`s over the
     /// file's `[tmpdisk]` (kept by [`ServeArgs::or_file`] only when it is
     /// for this backend), key by key.
