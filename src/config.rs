@@ -114,6 +114,13 @@ pub enum ConfigError {
         key: String,
         valid: String,
     },
+    /// A `[tmpdisk]` key the file's own `command=` does not take.
+    #[error("config file {}{}: {source}", path.display(), at_line(*.line))]
+    Disk {
+        path: PathBuf,
+        line: Option<usize>,
+        source: SpecError,
+    },
     #[error("config file {}: [[class]] number {number} has no match = \"PATTERN\"", path.display())]
     ClassWithoutMatch { path: PathBuf, number: usize },
     #[error("config file {}: table [{table}] does not match backend = {backend:?}", path.display())]
@@ -149,7 +156,19 @@ fn parse(path: &Path, text: &str) -> Result<ServeArgs, ConfigError> {
             }
         }
     }
-    // `[tmpdisk]` and `[[class]]` keys were checked as they were read.
+    // `[tmpdisk]` and `[[class]]` keys were checked as they were read, but
+    // for extra keys, which depend on a `command=` that may come later.
+    if let Some(disk) = &file.tmpdisk {
+        disk.check_extra_keys()
+            .map_err(|source| ConfigError::Disk {
+                path: path.to_owned(),
+                line: match &source {
+                    SpecError::UnknownKey(key) => tmpdisk_key_line(text, key),
+                    _ => None,
+                },
+                source,
+            })?;
+    }
     for (table, params) in [("memory", &file.memory), ("file", &file.file)] {
         let Some(params) = params else { continue };
         let keys = crate::backend::keys(table).unwrap_or_default();
@@ -172,6 +191,26 @@ fn parse(path: &Path, text: &str) -> Result<ServeArgs, ConfigError> {
         });
     }
     Ok(file)
+}
+
+/// `, line N`, when the line is known.
+fn at_line(line: Option<usize>) -> String {
+    line.map_or_else(String::new, |n| format!(", line {n}"))
+}
+
+/// The line of `key` in the `[tmpdisk]` table of `text` (a file that
+/// parsed), read again with the keys' places.
+fn tmpdisk_key_line(text: &str, key: &str) -> Option<usize> {
+    #[derive(Deserialize)]
+    struct Places {
+        tmpdisk: Option<Params>,
+    }
+    let places: Places = toml::from_str(text).ok()?;
+    let (spanned, _) = places
+        .tmpdisk?
+        .into_iter()
+        .find(|(k, _)| k.get_ref() == key)?;
+    Some(1 + text[..spanned.span().start].matches('\n').count())
 }
 
 impl ServeArgs {
@@ -492,6 +531,14 @@ pool = 2
             "{e}"
         );
         assert!(file("[tmpdisk]\nsize = 1\ncommand = \"true\"\nX = 2\n").is_ok());
+        assert!(file("[tmpdisk]\nX = 2\ncommand = \"true\"\n").is_ok());
+        let e = file("[tmpdisk]\nsize = 1\n\nsise = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 4: unknown key \"sise\" for backend tmpdisk"),
+            "{e}"
+        );
         let e = file("[tmpdisk]\nsize = [1]\n").unwrap_err().to_string();
         assert!(e.contains("a string, number or boolean"), "{e}");
         for key in ["config = \"x\"", "params = []", "unknown = 1"] {
