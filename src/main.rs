@@ -18,7 +18,6 @@ mod metrics;
 mod notify;
 mod run;
 mod serve;
-mod size;
 mod tmpdisk;
 
 use clap::{CommandFactory, Parser, Subcommand};

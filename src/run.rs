@@ -57,9 +57,10 @@ use crate::attachment::{
     FrontEndArgs, FuseSetup,
 };
 use crate::backend::{BackendError, OpenError};
-use crate::size::parse_size;
 use crate::tmpdisk;
 use crate::with_causes;
+use scratchd_scratch::units::parse_size;
+use scratchd_scratch::{DiskSettings, SpecError};
 
 /// Exit status for bad usage, as clap uses.
 const EXIT_USAGE: i32 = 2;
@@ -275,11 +276,12 @@ fn open_disk(args: &RunArgs, server: Option<&Target>, name: &str) -> Result<Disk
 
 /// Creates the run's own scratch disk with the tmpdisk machinery.
 fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenDisk, RunError> {
-    let mut params = vec![
-        format!("size={}", args.size),
-        format!("type={}", args.fs_type),
-    ];
-    params.extend(args.disk_options.iter().cloned());
+    // --size and --type, then -o KEY=VALUEs (which may not repeat them).
+    let mut disk = DiskSettings::default();
+    let usage = |e: SpecError| BackendError::from(crate::backend::UsageError::from(e));
+    disk.size = Some(parse_size("--size", &args.size).map_err(|e| usage(e.into()))?);
+    disk.set("type", &args.fs_type).map_err(usage)?;
+    disk.add_params(&args.disk_options).map_err(usage)?;
     let memory_limit = args
         .memory_limit
         .as_deref()
@@ -291,7 +293,7 @@ fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenDisk, RunError> {
         memory_limit,
         ..tmpdisk::Limits::default()
     };
-    let config = tmpdisk::config(&params, limits, tmpdisk::ExportOptions::default())
+    let config = tmpdisk::config(&disk, &[], limits, tmpdisk::ExportOptions::default())
         .map_err(BackendError::from)?;
     let exports = scratchd_scratch::from_config(config)
         .map_err(|e| RunError::Backend(OpenError::from(e).into()))?;

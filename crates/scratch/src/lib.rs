@@ -9,7 +9,10 @@
 //! nothing does, since no disk ever has a name in the file system.
 //!
 //! Layout:
-//! - [`config`]: the template and limits, and their small parsers.
+//! - [`config`]: the template and limits the registry is built from.
+//! - [`spec`]: the disk settings as written (`KEY=VALUE`, `[tmpdisk]`,
+//!   `[[class]]`), their one parser, and their merge into a [`DiskSpec`].
+//! - [`units`]: sizes and durations, one parser each.
 //! - [`names`]: which export names are allowed, and unguessable names.
 //! - [`owner`]: who a disk belongs to, and what one owner may hold.
 //! - [`registry`]: [`Registry`], the (owner, name) → disk map: lifecycle,
@@ -43,13 +46,16 @@ pub mod names;
 pub mod owner;
 mod pool;
 pub mod registry;
+pub mod spec;
 pub mod spill;
 pub mod stats;
+pub mod units;
 
 pub use config::{Backing, Class, Config, DiskSpec, FormatKind, FormatSpec};
 pub use device::ScratchDevice;
 pub use owner::{Owner, OwnerLimits, OwnerPolicy, Peer};
 pub use registry::{DiskInfo, OpenDisk, OpenError, Registry, Settings};
+pub use spec::{ClassSettings, DiskSettings, SpecError};
 pub use stats::{IoCounters, StatsSnapshot};
 
 /// Why [`from_config`] could not build the registry.
