@@ -557,3 +557,270 @@ fn receive<'b>(input: &'b mut Input, big: &'b mut Vec<u8>, len: usize) -> io::Re
     input.read_exact(big)?;
     Ok(big)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::io::Write;
+    use std::time::Duration;
+
+    use scratchd_proto::consts::*;
+
+    use super::*;
+    use crate::testing::{
+        connect, eventually, request, Peer, Setup, SimpleReply, TestDevice, DISK,
+    };
+
+    const EINVAL: u32 = 22;
+    const ENOSPC: u32 = 28;
+
+    fn ok(cookie: u64) -> SimpleReply {
+        SimpleReply { error: 0, cookie }
+    }
+
+    fn failed(error: u32, cookie: u64) -> SimpleReply {
+        SimpleReply { error, cookie }
+    }
+
+    /// A server over `device`, and a client of it in transmission.
+    fn open(device: TestDevice) -> (Peer, std::thread::JoinHandle<()>, Arc<ServerContext>) {
+        let ctx = Setup::single(Arc::new(device)).context();
+        let (mut peer, served) = connect(&ctx);
+        assert_eq!(peer.open("disk").0, DISK);
+        (peer, served, ctx)
+    }
+
+    /// Sends DISC and checks that the server closes without another byte.
+    fn disconnect(mut peer: Peer, served: std::thread::JoinHandle<()>) {
+        peer.send(&request(CMD_DISC, 0, 99, 0, 0, &[]));
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+    }
+
+    fn failures(_ctx: &ServerContext, reason: &str) -> u64 {
+        let all = crate::counters::handshake_failures();
+        all.iter().find(|(r, _)| *r == reason).unwrap().1
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order_inline() {
+        let (mut peer, served, _ctx) = open(TestDevice::new(false));
+        let data = vec![0xab; 4096];
+        let mut burst = request(CMD_WRITE, 0, 1, 8192, 4096, &data);
+        burst.extend(request(CMD_READ, 0, 2, 8192, 4096, &[]));
+        burst.extend(request(CMD_FLUSH, 0, 3, 0, 0, &[]));
+        burst.extend(request(CMD_READ, 0, 4, 0, 16, &[]));
+        peer.send(&burst);
+        assert_eq!(peer.reply(), ok(1));
+        assert_eq!(peer.reply(), ok(2));
+        assert_eq!(peer.read_exact(4096), data);
+        assert_eq!(peer.reply(), ok(3));
+        assert_eq!(peer.reply(), ok(4));
+        assert_eq!(peer.read_exact(16), [0; 16]);
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn pooled_requests_are_each_answered_once_with_their_data() {
+        let (mut peer, served, _ctx) = open(TestDevice::new(true));
+        let data: Vec<u8> = (0..65536u32).map(|i| i as u8).collect();
+        peer.send(&request(CMD_WRITE, 0, 1, 0, data.len() as u32, &data));
+        assert_eq!(peer.reply(), ok(1));
+        let mut burst = Vec::new();
+        for cookie in 10..40 {
+            burst.extend(request(CMD_FLUSH, 0, cookie, 0, 0, &[]));
+        }
+        peer.send(&burst);
+        let answered: BTreeSet<u64> = (10..40).map(|_| peer.reply().cookie).collect();
+        assert_eq!(answered, (10..40).collect());
+        peer.send(&request(CMD_READ, 0, 2, 0, data.len() as u32, &[]));
+        assert_eq!(peer.reply(), ok(2));
+        assert_eq!(peer.read_exact(data.len()), data);
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn a_refused_request_has_its_payload_skipped_and_the_stream_stays_in_sync() {
+        for pooled in [false, true] {
+            let (mut peer, served, _ctx) = open(TestDevice::new(pooled));
+            let mut burst = request(CMD_WRITE, 0, 1, DISK, 512, &[7; 512]);
+            // A flag WRITE does not take.
+            burst.extend(request(CMD_WRITE, CMD_FLAG_DF, 2, 0, 512, &[7; 512]));
+            burst.extend(request(CMD_READ, 0, 3, 0, 512, &[]));
+            peer.send(&burst);
+            assert_eq!(peer.reply(), failed(ENOSPC, 1), "pooled: {pooled}");
+            assert_eq!(peer.reply(), failed(EINVAL, 2));
+            assert_eq!(peer.reply(), ok(3));
+            assert_eq!(peer.read_exact(512), [0; 512]);
+            disconnect(peer, served);
+        }
+    }
+
+    #[test]
+    fn an_oversize_payload_is_skipped_and_refused() {
+        let (mut peer, served, _ctx) = open(TestDevice::new(false));
+        let len = request::MAX_PAYLOAD + 1;
+        peer.send(&request(CMD_WRITE, 0, 1, 0, len, &[]));
+        // The client writes its payload while the server skips it.
+        let mut writer = peer.0.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let chunk = vec![1u8; 1 << 20];
+            let mut left = len as usize;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                writer.write_all(&chunk[..n]).unwrap();
+                left -= n;
+            }
+            writer
+                .write_all(&request(CMD_FLUSH, 0, 2, 0, 0, &[]))
+                .unwrap();
+        });
+        assert_eq!(peer.reply(), failed(EINVAL, 1));
+        assert_eq!(peer.reply(), ok(2));
+        sender.join().unwrap();
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn an_absurd_payload_ends_the_connection() {
+        let (mut peer, served, _ctx) = open(TestDevice::new(false));
+        peer.send(&request(CMD_WRITE, 0, 1, 0, u32::MAX, &[]));
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+    }
+
+    #[test]
+    fn a_storage_error_becomes_an_error_reply_charged_to_the_export() {
+        let mut device = TestDevice::new(false);
+        device.fail_writes = Some(ENOSPC as i32);
+        let export = crate::SingleExport::new("disk".into(), None, Arc::new(device), false);
+        let errors = export.errors();
+        let ctx = Setup::new(Arc::new(export)).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        peer.send(&request(CMD_WRITE, 0, 1, 0, 512, &[1; 512]));
+        assert_eq!(peer.reply(), failed(ENOSPC, 1));
+        peer.send(&request(CMD_WRITE, 0, 2, DISK - 1, 512, &[1; 512]));
+        assert_eq!(peer.reply(), failed(ENOSPC, 2));
+        let counts = errors.by_errno();
+        let enospc = counts.iter().find(|(name, _)| *name == "ENOSPC").unwrap().1;
+        // The refusal (past the end) and the storage error both count.
+        assert_eq!(enospc, 2);
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn no_more_requests_run_at_once_than_a_connection_may_have_in_flight() {
+        let device = Arc::new(TestDevice::new(true));
+        let ctx = Setup {
+            workers: crate::replies::MAX_IN_FLIGHT + 8,
+            ..Setup::single(device.clone())
+        }
+        .context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        device.gate().close();
+        let total = crate::replies::MAX_IN_FLIGHT as u64 + 20;
+        let burst: Vec<u8> = (0..total)
+            .flat_map(|cookie| request(CMD_FLUSH, 0, cookie, 0, 0, &[]))
+            .collect();
+        peer.send(&burst);
+        let limit = crate::replies::MAX_IN_FLIGHT;
+        eventually("the in-flight limit", || device.gate().inside() == limit);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(device.gate().most_inside(), limit);
+        device.gate().open();
+        let answered: BTreeSet<u64> = (0..total).map(|_| peer.reply().cookie).collect();
+        assert_eq!(answered, (0..total).collect());
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn a_refused_export_ends_the_handshake_and_counts_as_refused() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let before = failures(&ctx, "refused");
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        peer.option(OPT_EXPORT_NAME, b"nope");
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+        assert!(failures(&ctx, "refused") > before);
+    }
+
+    #[test]
+    fn a_failed_go_keeps_negotiating() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        let go = |name: &str| {
+            let mut data = (name.len() as u32).to_be_bytes().to_vec();
+            data.extend_from_slice(name.as_bytes());
+            data.extend_from_slice(&0u16.to_be_bytes());
+            data
+        };
+        peer.option(OPT_GO, &go("nope"));
+        let (option, reply_type, _) = peer.option_reply();
+        assert_eq!((option, reply_type), (OPT_GO, OptError::Unknown as u32));
+        peer.option(OPT_GO, &go("disk"));
+        loop {
+            let (_, reply_type, _) = peer.option_reply();
+            if reply_type == REP_ACK {
+                break;
+            }
+            assert_eq!(reply_type, REP_INFO);
+        }
+        peer.send(&request(CMD_FLUSH, 0, 5, 0, 0, &[]));
+        assert_eq!(peer.reply(), ok(5));
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn a_client_that_is_not_nbd_is_counted_as_malformed() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let before = failures(&ctx, "malformed");
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        peer.send(b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+        assert!(failures(&ctx, "malformed") > before);
+    }
+
+    #[test]
+    fn a_client_gone_mid_handshake_is_counted_as_gone() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let before = failures(&ctx, "client_gone");
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        peer.send(b"IHAVE");
+        drop(peer);
+        served.join().unwrap();
+        assert!(failures(&ctx, "client_gone") > before);
+    }
+
+    #[test]
+    fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+        let ctx = Setup {
+            handshake_timeout: Duration::from_millis(100),
+            ..Setup::single(Arc::new(TestDevice::new(false)))
+        }
+        .context();
+        let before = failures(&ctx, "timeout");
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+        assert!(failures(&ctx, "timeout") > before);
+    }
+
+    #[test]
+    fn an_abort_closes_without_counting_a_failure() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        peer.option(OPT_ABORT, &[]);
+        assert_eq!(peer.option_reply().1, REP_ACK);
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+    }
+}

@@ -31,6 +31,8 @@ pub mod input;
 pub mod listener;
 pub mod replies;
 pub mod shutdown;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod transport;
 pub mod workers;
