@@ -1,13 +1,17 @@
 //! One client connection: the handshake, then the transmission loop.
 //!
-//! The loop reads like the protocol: [`Transmission::next_request`] reads and
-//! checks one request and says what to do with it (refuse it, run it, or
-//! end), and [`Transmission::dispatch`] runs it on this thread (backends
-//! that never block) or hands it to the worker pool. Requests are parsed in
-//! place from the input buffer ([`crate::input`]); replies leave through
-//! the connection's [`Replies`] ([`crate::replies`]), gathered so that a
-//! client with 32 requests in flight gets 32 replies in one system call.
-//! Commands are executed in [`crate::executor`].
+//! The handshake ([`Handshake`]) moves bytes for the option haggling that
+//! `proto::negotiation::Negotiator` decides, and opens the export the
+//! client picks. The loop reads like the protocol:
+//! [`Transmission::next_request`] reads and checks one request and says what
+//! to do with it (refuse it, run it, or end), and [`Transmission::dispatch`]
+//! runs it on this thread (backends that never block) or hands it to the
+//! worker pool. Requests are parsed in place from the input buffer
+//! ([`crate::input`]); replies leave through the connection's [`Replies`]
+//! ([`crate::replies`]), gathered so that a client with 32 requests in
+//! flight gets 32 replies in one system call. Commands are executed in
+//! [`crate::executor`]. Whatever ends a connection is a
+//! [`ConnectionError`] ([`crate::error`]).
 
 use std::io;
 use std::sync::Arc;
@@ -17,7 +21,7 @@ use scratchd_proto::consts::OptError;
 use scratchd_proto::handshake::{
     self, ClientFlags, OptionHeader, OptionPayload, OPTION_HEADER_LEN,
 };
-use scratchd_proto::negotiation::{Negotiator, Opened, Session, Step, TlsPolicy};
+use scratchd_proto::negotiation::{Negotiator, OpenVia, Opened, Session, Step, TlsPolicy};
 use scratchd_proto::reply::{self, ReplyTo};
 use scratchd_proto::request::{self, Command, RequestHeader, RequestPayload};
 use scratchd_proto::{Codec, Errno};
@@ -25,9 +29,10 @@ use scratchd_store::BlockDevice;
 use tracing::{debug, info};
 
 use crate::counters::{ErrorCounts, HandshakeFailure};
+use crate::error::{Causes, ConnectionError};
 use crate::executor::{self, PoolRequest, ReplyContext, Scratch};
 use crate::export::{OpenExport, PeerCatalog};
-use crate::identity::{Fingerprint, Identity};
+use crate::identity::Identity;
 use crate::input::{give_back_vec, Filled, Input, INPUT_BUFFER};
 use crate::listener::ServerContext;
 use crate::replies::Replies;
@@ -58,17 +63,24 @@ pub fn serve(transport: Transport, ctx: &ServerContext) {
             return;
         }
     };
-    match run(transport, ctx) {
-        Ok(()) => debug!(%peer, "connection closed"),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            debug!(%peer, "client went away")
-        }
-        Err(e) => info!(%peer, error = %e, "connection ended"),
-    }
+    log_end(&peer, &run(transport, ctx));
     drop(registration);
 }
 
-fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
+/// A clean end, a client gone or refused are worth a debug line; anything
+/// else, an info line with every cause.
+fn log_end(peer: &str, result: &Result<(), ConnectionError>) {
+    let Err(e) = result else {
+        return debug!(%peer, "connection closed");
+    };
+    match e.ending() {
+        None => debug!(%peer, "connection closed"),
+        Some(ConnectionError::Closed) => debug!(%peer, "client went away"),
+        Some(_) => info!(%peer, error = %Causes(e), "connection ended"),
+    }
+}
+
+fn run(transport: Transport, ctx: &ServerContext) -> Result<(), ConnectionError> {
     let Transport {
         reader,
         mut writer,
@@ -78,27 +90,19 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     } = transport;
     control.set_read_timeout(Some(ctx.handshake_timeout))?;
     let mut input = Input::new(reader);
-    let mut refused = false;
-    let shaken = handshake(
-        &mut input,
-        &mut writer,
-        &control,
-        identity,
+    let shaken = Handshake {
+        input: &mut input,
+        writer: &mut writer,
+        control: &control,
+        peer: identity,
         ctx,
-        &mut refused,
-    );
-    // A client refused an export usually leaves (or errs) next: that is
-    // the reason, whatever comes after.
-    let failure = match &shaken {
-        Ok(None) | Err(_) if refused => Some(HandshakeFailure::Refused),
-        Err(e) => Some(HandshakeFailure::of(e)),
-        Ok(_) => None,
-    };
-    if let Some(why) = failure {
-        crate::counters::handshake_failed(why);
+        refused: None,
     }
-    let shaken = shaken?;
-    let Some((session, export)) = shaken else {
+    .run();
+    if let Err(e) = &shaken {
+        crate::counters::handshake_failed(HandshakeFailure::of(e));
+    }
+    let Some((session, export)) = shaken? else {
         return Ok(());
     };
     input.watch_idle(Box::new(control.try_clone()?))?;
@@ -114,147 +118,208 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     Transmission::new(input, replies, &session, &errors, export, ctx).run()
 }
 
-/// Runs the option haggling until transmission starts (`Some`) or the
-/// client leaves (`None`). `peer` is who asks: the registry answers LIST,
-/// INFO and opens as that peer.
-fn handshake(
-    input: &mut Input,
-    writer: &mut WriteHalf,
-    control: &Control,
-    mut peer: Identity,
-    ctx: &ServerContext,
-    refused: &mut bool,
-) -> io::Result<Option<(Session, OpenExport)>> {
-    let timeout = ctx.handshake_timeout;
-    writer.write_all(&handshake::greeting(), timeout)?;
-    let mut raw = [0u8; 4];
-    input.read_exact(&mut raw)?;
-    let ClientFlags { no_zeroes } = ClientFlags::from_bytes(&raw).map_err(invalid_data)?;
-    let policy = match ctx.tls.as_ref().map(|t| t.mode) {
-        None => TlsPolicy::Off,
-        Some(TlsMode::On) => TlsPolicy::On,
-        Some(TlsMode::Require) => TlsPolicy::Require,
-    };
-    let mut negotiator = Negotiator::with_tls(no_zeroes, policy);
-    let mut out = Vec::new();
-    let mut payload = Vec::new();
-    loop {
-        let mut raw = [0u8; OPTION_HEADER_LEN];
-        input.read_exact(&mut raw)?;
-        let header = OptionHeader::from_bytes(&raw).map_err(invalid_data)?;
-        out.clear();
-        match header.payload_plan().map_err(invalid_data)? {
-            OptionPayload::DrainAndRefuse => {
-                input.discard(header.len as u64)?;
-                handshake::put_option_error(
-                    &mut out,
-                    header.option,
-                    OptError::TooBig,
-                    "option data is too long",
-                );
-                writer.write_all(&out, timeout)?;
+/// A connection in its handshake: the option haggling, until transmission
+/// starts or the client leaves.
+struct Handshake<'h> {
+    input: &'h mut Input,
+    writer: &'h mut WriteHalf,
+    control: &'h Control,
+    /// Who asks: the registry answers LIST, INFO and opens as that peer.
+    peer: Identity,
+    ctx: &'h ServerContext,
+    /// The last export the registry refused this client.
+    refused: Option<String>,
+}
+
+/// What the connection does after one option. (One per option, moved
+/// once: the size of `Transmit` costs nothing worth a box.)
+#[allow(clippy::large_enum_variant)]
+enum Then {
+    /// Read the next option.
+    Next,
+    /// Transmission starts.
+    Transmit(Session, OpenExport),
+    /// The client leaves (ABORT, a failed EXPORT_NAME, shutdown).
+    Leave,
+}
+
+impl Handshake<'_> {
+    /// Runs the option haggling until transmission starts (`Some`) or the
+    /// client leaves (`None`). An export refused on the way is the reason
+    /// for whatever ends the handshake after it: the client usually leaves,
+    /// or errs, next.
+    fn run(mut self) -> Result<Option<(Session, OpenExport)>, ConnectionError> {
+        let end = self.negotiate();
+        match (self.refused.take(), end) {
+            (Some(export), Ok(None)) => Err(ConnectionError::Refused { export, then: None }),
+            (Some(export), Err(e)) => Err(ConnectionError::Refused {
+                export,
+                then: Some(Box::new(e)),
+            }),
+            (_, end) => end,
+        }
+    }
+
+    /// The greeting, then one option after another.
+    fn negotiate(&mut self) -> Result<Option<(Session, OpenExport)>, ConnectionError> {
+        let mut negotiator = self.greet()?;
+        let mut out = Vec::new();
+        let mut payload = Vec::new();
+        loop {
+            out.clear();
+            let Some(header) = self.read_option(&mut payload, &mut out)? else {
                 continue;
+            };
+            let then = self.answer(&mut negotiator, header, &payload, &mut out)?;
+            match then {
+                Then::Next => self.send(&out)?,
+                Then::Transmit(session, export) => {
+                    self.send(&out)?;
+                    return Ok(Some((session, export)));
+                }
+                Then::Leave => {
+                    // The client may be gone already: a last answer is a courtesy.
+                    let _ = self.send(&out);
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), ConnectionError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        Ok(self.writer.write_all(bytes, self.ctx.handshake_timeout)?)
+    }
+
+    /// Sends the greeting, reads the client's flags, and sets up the
+    /// negotiator for them and the server's TLS policy.
+    fn greet(&mut self) -> Result<Negotiator, ConnectionError> {
+        self.send(&handshake::greeting())?;
+        let mut raw = [0u8; 4];
+        self.input.read_exact(&mut raw)?;
+        let ClientFlags { no_zeroes } = ClientFlags::from_bytes(&raw)?;
+        let policy = match self.ctx.tls.as_ref().map(|t| t.mode) {
+            None => TlsPolicy::Off,
+            Some(TlsMode::On) => TlsPolicy::On,
+            Some(TlsMode::Require) => TlsPolicy::Require,
+        };
+        Ok(Negotiator::with_tls(no_zeroes, policy))
+    }
+
+    /// Reads the next option header and its payload into `payload`. An
+    /// over-size payload is skipped and refused right here (the refusal is
+    /// sent; `None`).
+    fn read_option(
+        &mut self,
+        payload: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<OptionHeader>, ConnectionError> {
+        let mut raw = [0u8; OPTION_HEADER_LEN];
+        self.input.read_exact(&mut raw)?;
+        let header = OptionHeader::from_bytes(&raw)?;
+        match header.payload_plan()? {
+            OptionPayload::DrainAndRefuse => {
+                self.input.discard(header.len as u64)?;
+                let message = "option data is too long";
+                handshake::put_option_error(out, header.option, OptError::TooBig, message);
+                self.send(out)?;
+                Ok(None)
             }
             OptionPayload::Read => {
                 payload.resize(header.len as usize, 0);
-                input.read_exact(&mut payload)?;
+                self.input.read_exact(payload)?;
+                Ok(Some(header))
             }
         }
-        if ctx.shutdown.is_started() {
-            handshake::put_option_error(
-                &mut out,
-                header.option,
-                OptError::Shutdown,
-                "server is shutting down",
-            );
-            let _ = writer.write_all(&out, timeout);
-            return Ok(None);
+    }
+
+    /// Lets the negotiator answer one option into `out`, and does what it
+    /// asks for: TLS, or opening an export.
+    fn answer(
+        &mut self,
+        negotiator: &mut Negotiator,
+        header: OptionHeader,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Then, ConnectionError> {
+        if self.ctx.shutdown.is_started() {
+            let message = "server is shutting down";
+            handshake::put_option_error(out, header.option, OptError::Shutdown, message);
+            return Ok(Then::Leave);
         }
         let catalog = PeerCatalog {
-            exports: ctx.exports.as_ref(),
-            peer: &peer,
+            exports: self.ctx.exports.as_ref(),
+            peer: &self.peer,
         };
-        let step = negotiator.handle(header.option, &payload, &catalog, &mut out);
-        let opened = match step {
-            Step::Continue => None,
+        match negotiator.handle(header.option, payload, &catalog, out) {
+            Step::Continue => Ok(Then::Next),
+            Step::Close => Ok(Then::Leave),
             Step::StartTls => {
-                writer.write_all(&out, timeout)?;
-                if let Some(fingerprint) = start_tls(input, writer, control, ctx)? {
-                    // A verified client certificate names the peer better
-                    // than the socket does (which, over TCP, names nobody).
-                    peer = Identity::Certificate(fingerprint);
-                }
+                self.send(out)?;
+                out.clear();
+                self.start_tls()?;
                 negotiator.tls_started();
-                continue;
+                Ok(Then::Next)
             }
-            Step::Close => {
-                let _ = writer.write_all(&out, timeout);
-                return Ok(None);
-            }
-            Step::Open { name, via } => {
-                let result = ctx.exports.open(&name, &peer);
-                let (info, export) = match result {
-                    Ok(e) => (Ok(e.info.clone()), Some(e)),
-                    Err(e) => {
-                        *refused = true;
-                        (Err(e), None)
-                    }
-                };
-                match negotiator.finish_open(&via, info, &mut out) {
-                    Opened::Transmit(session) => export.map(|e| (session, e)),
-                    Opened::Continue => None,
-                    Opened::Close => {
-                        let _ = writer.write_all(&out, timeout);
-                        return Ok(None);
-                    }
-                }
+            Step::Open { name, via } => Ok(self.open(negotiator, name, &via, out)),
+        }
+    }
+
+    /// Opens `name` for GO or EXPORT_NAME and lets the negotiator answer.
+    fn open(
+        &mut self,
+        negotiator: &mut Negotiator,
+        name: String,
+        via: &OpenVia,
+        out: &mut Vec<u8>,
+    ) -> Then {
+        let (info, export) = match self.ctx.exports.open(&name, &self.peer) {
+            Ok(e) => (Ok(e.info.clone()), Some(e)),
+            Err(e) => {
+                self.refused = Some(name);
+                (Err(e), None)
             }
         };
-        writer.write_all(&out, timeout)?;
-        if opened.is_some() {
-            return Ok(opened);
+        match (negotiator.finish_open(via, info, out), export) {
+            (Opened::Transmit(session), Some(export)) => Then::Transmit(session, export),
+            (Opened::Transmit(_), None) | (Opened::Continue, _) => Then::Next,
+            (Opened::Close, _) => Then::Leave,
         }
     }
-}
 
-/// Runs the TLS handshake on the connection's socket (STARTTLS was just
-/// acknowledged); from then on both halves go through the TLS session.
-fn start_tls(
-    input: &mut Input,
-    writer: &mut WriteHalf,
-    control: &Control,
-    ctx: &ServerContext,
-) -> io::Result<Option<Fingerprint>> {
-    let tls = ctx
-        .tls
-        .as_ref()
-        .ok_or_else(|| invalid_data("STARTTLS without TLS"))?;
-    // The client may send nothing between STARTTLS and its TLS hello, which
-    // it sends only after our ACK: buffered bytes are a confused client.
-    if !input.buffered().is_empty() {
-        return Err(invalid_data("data after NBD_OPT_STARTTLS"));
+    /// Runs the TLS handshake on the connection's socket (STARTTLS was just
+    /// acknowledged); from then on both halves go through the TLS session.
+    /// A verified client certificate names the peer better than the socket
+    /// does (which, over TCP, names nobody).
+    fn start_tls(&mut self) -> Result<(), ConnectionError> {
+        let tls = self
+            .ctx
+            .tls
+            .as_ref()
+            .ok_or(ConnectionError::StartTls("STARTTLS without TLS"))?;
+        // The client may send nothing between STARTTLS and its TLS hello,
+        // which it sends only after our ACK: buffered bytes are a confused
+        // client.
+        if !self.input.buffered().is_empty() {
+            return Err(ConnectionError::StartTls("data after NBD_OPT_STARTTLS"));
+        }
+        let socket = self
+            .control
+            .socket()
+            .ok_or(ConnectionError::StartTls("TLS needs a socket"))??;
+        let accepted = tls.accept(socket);
+        crate::counters::tls_handshake(accepted.is_ok());
+        let (reader, tls_writer, fingerprint) = accepted.map_err(ConnectionError::Tls)?;
+        self.input.replace_reader(Box::new(reader));
+        *self.writer = WriteHalf::Tls(tls_writer);
+        debug!(client_certificate = fingerprint.is_some(), "TLS started");
+        if let Some(fingerprint) = fingerprint {
+            self.peer = Identity::Certificate(fingerprint);
+        }
+        Ok(())
     }
-    let socket = control
-        .socket()
-        .ok_or_else(|| invalid_data("TLS needs a socket"))??;
-    let (reader, tls_writer, fingerprint) = match tls.accept(socket) {
-        Ok(accepted) => {
-            crate::counters::tls_handshake(true);
-            accepted
-        }
-        Err(e) => {
-            crate::counters::tls_handshake(false);
-            return Err(io::Error::new(e.kind(), crate::counters::TlsFailed(e)));
-        }
-    };
-    input.replace_reader(Box::new(reader));
-    *writer = WriteHalf::Tls(tls_writer);
-    debug!(client_certificate = fingerprint.is_some(), "TLS started");
-    Ok(fingerprint)
-}
-
-fn invalid_data(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
 /// A connection in transmission: everything its loop keeps between requests.
@@ -324,22 +389,22 @@ impl<'a> Transmission<'a> {
         }
     }
 
-    fn run(mut self) -> io::Result<()> {
+    fn run(mut self) -> Result<(), ConnectionError> {
         let result = self.serve_requests();
         // DISC, EOF or error: whatever was answered goes out (unless the
         // client stopped reading), and the export is released only after
         // every request still running has finished.
         let flushed = match &result {
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(()),
+            Err(ConnectionError::TimedOut(_)) => Ok(()),
             _ => self.replies.flush(),
         };
         self.replies.wait_idle();
         self.replies.close();
         drop(self.export);
-        result.and(flushed)
+        result.and(flushed.map_err(ConnectionError::from))
     }
 
-    fn serve_requests(&mut self) -> io::Result<()> {
+    fn serve_requests(&mut self) -> Result<(), ConnectionError> {
         loop {
             match self.next_request()? {
                 Next::Execute(req) => self.dispatch(req)?,
@@ -357,13 +422,13 @@ impl<'a> Transmission<'a> {
 
     /// Reads the next request header and checks it. A request that cannot
     /// run has its payload skipped here, so the stream stays in sync.
-    fn next_request(&mut self) -> io::Result<Next> {
+    fn next_request(&mut self) -> Result<Next, ConnectionError> {
         if !self.wait_for_header()? {
             return Ok(Next::Disconnect);
         }
         let header =
             RequestHeader::from_bytes(&self.input.buffered()[..self.header_len], self.cx.mode)
-                .map_err(invalid_data)?;
+                .map_err(ConnectionError::Request)?;
         self.input.consume(self.header_len);
         let to = ReplyTo {
             cookie: header.cookie,
@@ -379,10 +444,7 @@ impl<'a> Transmission<'a> {
                 return Ok(refusal);
             }
             RequestPayload::Disconnect => {
-                return Err(invalid_data(format!(
-                    "request payload of {} bytes is beyond any sane size",
-                    header.length
-                )));
+                return Err(ConnectionError::AbsurdPayload(header.length));
             }
         };
         let refusal = if self.ctx.shutdown.is_started() {
@@ -409,7 +471,7 @@ impl<'a> Transmission<'a> {
     /// the client, gathered replies are sent (so a burst of requests is
     /// answered in one write); after a while without input, buffers are
     /// given back. False on a clean end of stream.
-    fn wait_for_header(&mut self) -> io::Result<bool> {
+    fn wait_for_header(&mut self) -> Result<bool, ConnectionError> {
         while self.input.buffered().len() < self.header_len {
             self.replies.flush()?;
             self.shrink_buffers();
@@ -422,7 +484,7 @@ impl<'a> Transmission<'a> {
         Ok(true)
     }
 
-    fn dispatch(&mut self, req: Request) -> io::Result<()> {
+    fn dispatch(&mut self, req: Request) -> Result<(), ConnectionError> {
         if self.inline {
             self.execute_inline(req)
         } else {
@@ -431,7 +493,7 @@ impl<'a> Transmission<'a> {
     }
 
     /// Runs a request on this thread; its reply joins the gathered ones.
-    fn execute_inline(&mut self, req: Request) -> io::Result<()> {
+    fn execute_inline(&mut self, req: Request) -> Result<(), ConnectionError> {
         let Request {
             cmd,
             to,
@@ -447,7 +509,7 @@ impl<'a> Transmission<'a> {
                 self.replies.batch(),
             );
             if let Some(result) = written {
-                return result;
+                return Ok(result?);
             }
         }
         let payload = receive(&mut self.input, &mut self.big_payload, payload_len)?;
@@ -468,7 +530,7 @@ impl<'a> Transmission<'a> {
 
     /// Hands a request to the worker pool, once its connection has room for
     /// it (see [`crate::replies`]).
-    fn submit(&mut self, req: Request) -> io::Result<()> {
+    fn submit(&mut self, req: Request) -> Result<(), ConnectionError> {
         let Request {
             cmd,
             to,

@@ -4,10 +4,11 @@
 //! live as long as the process, an export's [`ErrorCounts`] as long as its
 //! disk.
 
-use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use scratchd_proto::Errno;
+
+use crate::error::ConnectionError;
 
 /// Error replies sent by the whole server.
 static ERRORS: ErrorCounts = ErrorCounts::new();
@@ -88,18 +89,19 @@ impl HandshakeFailure {
     }
 
     /// The reason a handshake error stands for.
-    pub fn of(e: &io::Error) -> HandshakeFailure {
-        if e.get_ref().is_some_and(|inner| inner.is::<TlsFailed>()) {
-            return HandshakeFailure::Tls;
-        }
-        match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => HandshakeFailure::Timeout,
-            io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => HandshakeFailure::Malformed,
-            io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe => HandshakeFailure::ClientGone,
-            _ => HandshakeFailure::Other,
+    pub fn of(e: &ConnectionError) -> HandshakeFailure {
+        use ConnectionError as E;
+        match e {
+            E::Refused { .. } => HandshakeFailure::Refused,
+            E::TimedOut(_) => HandshakeFailure::Timeout,
+            E::Handshake(_)
+            | E::StartTls(_)
+            | E::Request(_)
+            | E::AbsurdPayload(_)
+            | E::Corrupt(_) => HandshakeFailure::Malformed,
+            E::Closed | E::Lost(_) => HandshakeFailure::ClientGone,
+            E::Tls(_) => HandshakeFailure::Tls,
+            E::Io(_) => HandshakeFailure::Other,
         }
     }
 }
@@ -107,11 +109,6 @@ impl HandshakeFailure {
 static HANDSHAKE_FAILURES: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 static TLS_COMPLETED: AtomicU64 = AtomicU64::new(0);
 static TLS_FAILED: AtomicU64 = AtomicU64::new(0);
-
-/// Marks a handshake error as a TLS failure (see [`HandshakeFailure::of`]).
-#[derive(Debug, thiserror::Error)]
-#[error("TLS handshake failed: {0}")]
-pub struct TlsFailed(pub io::Error);
 
 /// An error reply with `errno` was sent for a request on the export
 /// whose counters are `export`.
@@ -172,20 +169,33 @@ pub fn errno_name(errno: Errno) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use scratchd_proto::handshake::HandshakeError;
+
     use super::*;
 
     #[test]
     fn handshake_errors_are_classified() {
-        let of = |kind| HandshakeFailure::of(&io::Error::from(kind));
+        use std::io;
+        let of = |kind| HandshakeFailure::of(&io::Error::from(kind).into());
         assert_eq!(of(io::ErrorKind::WouldBlock), HandshakeFailure::Timeout);
+        assert_eq!(of(io::ErrorKind::TimedOut), HandshakeFailure::Timeout);
         assert_eq!(of(io::ErrorKind::InvalidData), HandshakeFailure::Malformed);
         assert_eq!(
             of(io::ErrorKind::UnexpectedEof),
             HandshakeFailure::ClientGone
         );
+        assert_eq!(of(io::ErrorKind::BrokenPipe), HandshakeFailure::ClientGone);
         assert_eq!(of(io::ErrorKind::Other), HandshakeFailure::Other);
-        let tls = io::Error::other(TlsFailed(io::ErrorKind::InvalidData.into()));
+        let tls = ConnectionError::Tls(io::ErrorKind::InvalidData.into());
         assert_eq!(HandshakeFailure::of(&tls), HandshakeFailure::Tls);
+        let bad = ConnectionError::Handshake(HandshakeError::NotFixedNewstyle);
+        assert_eq!(HandshakeFailure::of(&bad), HandshakeFailure::Malformed);
+        // A refusal is the reason, whatever ended the handshake after it.
+        let refused = ConnectionError::Refused {
+            export: "x".into(),
+            then: Some(Box::new(ConnectionError::Closed)),
+        };
+        assert_eq!(HandshakeFailure::of(&refused), HandshakeFailure::Refused);
     }
 
     #[test]

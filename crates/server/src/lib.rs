@@ -10,6 +10,8 @@
 //! - [`access`]: who may connect over TCP: `--allow` ranges, connections
 //!   per peer address.
 //! - [`connection`]: one client: the handshake, then the transmission loop.
+//! - [`error`]: [`ConnectionError`], why a connection ended, for the
+//!   counters and the log.
 //! - [`counters`]: event counters for the metrics (errors by errno, for
 //!   the server and per export; handshake failures, TLS handshakes).
 //! - [`executor`]: runs a validated request against a backend and encodes
@@ -24,6 +26,7 @@
 pub mod access;
 pub mod connection;
 pub mod counters;
+pub mod error;
 pub mod executor;
 pub mod export;
 pub mod identity;
@@ -39,6 +42,7 @@ pub mod workers;
 
 pub use access::Cidr;
 pub use connection::serve;
+pub use error::ConnectionError;
 pub use export::{Exports, OpenExport, PeerCatalog, SingleExport};
 pub use identity::Identity;
 pub use listener::{ConnectionLimit, Listener, ServerContext};
