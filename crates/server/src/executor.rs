@@ -25,7 +25,7 @@ use scratchd_proto::request::Command;
 use scratchd_proto::Errno;
 use scratchd_store::{BlockDevice, Extent, ExtentKind, ZeroFlags};
 
-use crate::counters::ErrorCounts;
+use crate::counters::ErrorSink;
 use crate::input::Input;
 use crate::replies::{Output, Ticket};
 
@@ -59,8 +59,9 @@ pub struct Scratch {
 pub struct ReplyContext<'e> {
     pub mode: ReplyMode,
     pub base_allocation: Option<u32>,
-    /// The export's error counters, charged with each error reply.
-    pub errors: &'e ErrorCounts,
+    /// The server's and the export's error counters, charged with each
+    /// error reply.
+    pub errors: &'e ErrorSink,
 }
 
 /// Runs `cmd` and appends (or sends) its reply. Storage errors become error
@@ -138,7 +139,7 @@ pub fn execute(
 /// Appends the error reply for a failed storage call, and counts it.
 pub fn put_storage_error(out: &mut Vec<u8>, cx: ReplyContext, to: ReplyTo, e: &io::Error) {
     let errno = Errno::from_os_error(e.raw_os_error());
-    crate::counters::error_replied(errno, cx.errors);
+    cx.errors.error_replied(errno);
     reply::put_error(out, cx.mode, to, errno, &e.to_string());
 }
 
@@ -355,8 +356,8 @@ pub struct PoolRequest {
     pub cmd: Command,
     pub mode: ReplyMode,
     pub base_allocation: Option<u32>,
-    /// The export's error counters (see [`ReplyContext::errors`]).
-    pub errors: Arc<ErrorCounts>,
+    /// Its connection's error counters (see [`ReplyContext::errors`]).
+    pub errors: Arc<ErrorSink>,
     pub to: ReplyTo,
     pub payload: Vec<u8>,
     /// Room reserved for it on its connection, and the way its reply goes.
@@ -400,6 +401,7 @@ mod tests {
     use scratchd_store::MemoryDevice;
 
     use super::*;
+    use crate::counters::ErrorCounts;
     use crate::replies::Replies;
     use crate::testing::{reply_socket, TestDevice};
 
@@ -409,7 +411,7 @@ mod tests {
         offset: 0,
     };
 
-    fn cx(mode: ReplyMode, errors: &ErrorCounts) -> ReplyContext<'_> {
+    fn cx(mode: ReplyMode, errors: &ErrorSink) -> ReplyContext<'_> {
         ReplyContext {
             mode,
             base_allocation: Some(1),
@@ -435,13 +437,17 @@ mod tests {
         r
     }
 
+    fn sink() -> ErrorSink {
+        ErrorSink::new(Arc::default(), Arc::default())
+    }
+
     fn count(errors: &ErrorCounts, name: &str) -> u64 {
         errors.by_errno().iter().find(|e| e.0 == name).unwrap().1
     }
 
     #[test]
     fn a_write_then_a_read_answer_with_simple_replies() {
-        let (dev, errors) = (MemoryDevice::new(1 << 20).unwrap(), ErrorCounts::new());
+        let (dev, errors) = (MemoryDevice::new(1 << 20).unwrap(), sink());
         let cx = cx(ReplyMode::Simple, &errors);
         let write = Command::Write {
             offset: 4096,
@@ -463,7 +469,8 @@ mod tests {
     fn a_failed_read_is_rolled_back_to_an_error_reply_and_counted() {
         let mut dev = TestDevice::new(false);
         dev.fail_reads = Some(EIO as i32);
-        let errors = ErrorCounts::new();
+        let (server, export) = (Arc::default(), Arc::new(ErrorCounts::new()));
+        let errors = ErrorSink::new(server, export.clone());
         let mut buf = b"earlier".to_vec();
         let mut out = Output {
             buf: &mut buf,
@@ -479,7 +486,7 @@ mod tests {
         let mut expected = b"earlier".to_vec();
         expected.extend(simple(EIO));
         assert_eq!(buf, expected);
-        assert_eq!(count(&errors, "EIO"), 1);
+        assert_eq!(count(&export, "EIO"), 1);
     }
 
     #[test]
@@ -490,7 +497,7 @@ mod tests {
         let (mut client, writer, control) = reply_socket();
         let mut replies = Replies::new(writer, control, Duration::from_secs(10), false);
         replies.batch().extend_from_slice(b"earlier");
-        let errors = ErrorCounts::new();
+        let errors = sink();
         let read = Command::Read {
             offset: 0,
             len: len as u32,
@@ -521,7 +528,7 @@ mod tests {
 
     #[test]
     fn a_sparse_structured_read_answers_with_a_hole_chunk() {
-        let (dev, errors) = (MemoryDevice::new(1 << 20).unwrap(), ErrorCounts::new());
+        let (dev, errors) = (MemoryDevice::new(1 << 20).unwrap(), sink());
         let read = Command::Read {
             offset: 0,
             len: HOLE_SCAN_MIN,
@@ -538,7 +545,7 @@ mod tests {
 
     #[test]
     fn block_status_with_req_one_describes_one_extent() {
-        let (dev, errors) = (MemoryDevice::new(1 << 20).unwrap(), ErrorCounts::new());
+        let (dev, errors) = (MemoryDevice::new(1 << 20).unwrap(), sink());
         dev.write(65536, &[1; 4096], false).unwrap();
         let status = |req_one| Command::BlockStatus {
             offset: 0,
@@ -560,7 +567,7 @@ mod tests {
             cmd: Command::Flush,
             mode: ReplyMode::Simple,
             base_allocation: None,
-            errors: Arc::default(),
+            errors: Arc::new(sink()),
             to: TO,
             payload: Vec::new(),
             ticket: replies.admit(100).unwrap(),
@@ -578,7 +585,7 @@ mod tests {
         let mut payload = vec![3u8; 300_000];
         payload.extend_from_slice(b"NEXT");
         let mut input = Input::new(Box::new(Cursor::new(payload)));
-        let errors = ErrorCounts::new();
+        let errors = sink();
         let cx = cx(ReplyMode::Simple, &errors);
         let mut out = Vec::new();
         let written = write_in_place(&dev, (0, 300_000, false), &mut input, cx, TO, &mut out);

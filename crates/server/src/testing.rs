@@ -171,6 +171,7 @@ impl Setup {
     pub fn context(self) -> Arc<ServerContext> {
         Arc::new(ServerContext {
             exports: self.exports,
+            counters: Arc::default(),
             workers: WorkerPool::new(self.workers).unwrap(),
             shutdown: Shutdown::default(),
             connections: ConnectionLimit::new(None),
