@@ -9,29 +9,13 @@
 
 use crate::codec::{Codec, Reader};
 use crate::consts::*;
-use crate::handshake::{put_option_error, ExportNameReply};
-use crate::options::{InfoReply, InfoRequest, MetaContextRequest, OptionReply, OptionReplyBody};
-
-/// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockSize {
-    pub min: u32,
-    pub preferred: u32,
-    pub max: u32,
-}
-
-/// What a client learns about an export before transmission.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportInfo {
-    /// The export's canonical name (the default export "" resolves to it).
-    pub name: String,
-    pub size: u64,
-    /// Flags as the export would have them with structured replies on; the
-    /// negotiator drops those the session cannot use.
-    pub flags: TransmissionFlags,
-    pub block_size: BlockSize,
-    pub description: Option<String>,
-}
+use crate::handshake::ExportNameReply;
+use crate::options::{
+    put_option_error, InfoReply, InfoRequest, MetaContextRequest, OptionReply, OptionReplyBody,
+};
+/// The session types, where the server and client crates have always found
+/// them (they live in [`crate::session`]).
+pub use crate::session::{BlockSize, ExportInfo, ReplyMode, Session};
 
 /// One entry of an `NBD_OPT_LIST` answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,24 +52,6 @@ impl LookupError {
 pub trait Catalog {
     fn list(&self) -> Vec<ExportListing>;
     fn info(&self, name: &str) -> Result<ExportInfo, LookupError>;
-}
-
-/// How transmission replies are framed, fixed when transmission starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyMode {
-    Simple,
-    Structured,
-    Extended,
-}
-
-/// Everything transmission needs from the handshake.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
-    pub export: ExportInfo,
-    pub mode: ReplyMode,
-    /// Context id for `base:allocation`, when the client selected it for
-    /// this export; BLOCK_STATUS is refused otherwise.
-    pub base_allocation: Option<u32>,
 }
 
 /// Which option asked to open an export.
@@ -459,6 +425,8 @@ fn put_lookup_error(out: &mut Vec<u8>, option: u32, e: &LookupError) {
 mod tests {
     use super::*;
     use crate::codec::PutBe;
+    use crate::handshake::OptionHeader;
+    use crate::options::OptionRequest;
 
     struct OneExport;
 
@@ -719,6 +687,96 @@ mod tests {
         assert_eq!(
             handle(&mut n, OPT_STARTTLS, &[]).1[0].1,
             OptError::Invalid as u32
+        );
+    }
+
+    /// What the server's negotiator sends is what a client decodes.
+    #[test]
+    fn negotiator_replies_decode_as_a_client_reads_them() {
+        struct One;
+        impl Catalog for One {
+            fn list(&self) -> Vec<ExportListing> {
+                vec![ExportListing {
+                    name: "disk".into(),
+                    description: None,
+                }]
+            }
+            fn info(&self, _: &str) -> Result<ExportInfo, LookupError> {
+                Ok(ExportInfo {
+                    name: "disk".into(),
+                    size: 4096,
+                    flags: TransmissionFlags(TransmissionFlags::HAS_FLAGS),
+                    block_size: BlockSize {
+                        min: 1,
+                        preferred: 4096,
+                        max: 1 << 25,
+                    },
+                    description: Some("scratch".into()),
+                })
+            }
+        }
+        let requests = [
+            OptionRequest::StructuredReply,
+            OptionRequest::List,
+            OptionRequest::SetMetaContext(MetaContextRequest {
+                export: "disk".into(),
+                queries: vec![BASE_ALLOCATION.into()],
+            }),
+            OptionRequest::Info(InfoRequest {
+                name: "".into(),
+                info_requests: vec![INFO_NAME, INFO_DESCRIPTION],
+            }),
+            OptionRequest::Other {
+                option: 99,
+                data: vec![],
+            },
+        ];
+        let mut n = Negotiator::new(true);
+        let mut out = Vec::new();
+        for request in &requests {
+            // The server sees what a client encoded.
+            let bytes = request.to_bytes();
+            let mut r = Reader::new(&bytes);
+            let header = OptionHeader::decode(&mut r).unwrap();
+            n.handle(header.option, r.rest(), &One, &mut out);
+        }
+        let mut r = Reader::new(&out);
+        let mut got = Vec::new();
+        while !r.is_empty() {
+            got.push(OptionReply::decode(&mut r).unwrap().body);
+        }
+        use OptionReplyBody as B;
+        assert_eq!(
+            got,
+            [
+                B::Ack,
+                B::Server {
+                    name: "disk".into(),
+                    description: "".into()
+                },
+                B::Ack,
+                B::MetaContext {
+                    id: BASE_ALLOCATION_ID,
+                    name: BASE_ALLOCATION.into()
+                },
+                B::Ack,
+                B::Info(InfoReply::Export {
+                    size: 4096,
+                    flags: TransmissionFlags(TransmissionFlags::HAS_FLAGS)
+                }),
+                B::Info(InfoReply::BlockSize(BlockSize {
+                    min: 1,
+                    preferred: 4096,
+                    max: 1 << 25
+                })),
+                B::Info(InfoReply::Name("disk".into())),
+                B::Info(InfoReply::Description("scratch".into())),
+                B::Ack,
+                B::Error {
+                    code: OptError::Unsup as u32,
+                    message: "option 99 is not supported".into()
+                },
+            ]
         );
     }
 }

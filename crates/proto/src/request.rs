@@ -7,7 +7,7 @@
 
 use crate::codec::{DecodeError, PutBe, Reader};
 use crate::consts::*;
-use crate::negotiation::{ReplyMode, Session};
+use crate::session::{ReplyMode, Session};
 
 pub const COMPACT_REQUEST_LEN: usize = 28;
 pub const EXTENDED_REQUEST_LEN: usize = 32;
@@ -311,7 +311,7 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::negotiation::{BlockSize, ExportInfo};
+    use crate::session::{BlockSize, ExportInfo};
     use proptest::prelude::*;
 
     fn encode(h: &RequestHeader, mode: ReplyMode) -> Vec<u8> {

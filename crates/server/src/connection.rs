@@ -22,6 +22,7 @@ use scratchd_proto::handshake::{
     self, ClientFlags, OptionHeader, OptionPayload, OPTION_HEADER_LEN,
 };
 use scratchd_proto::negotiation::{Negotiator, OpenVia, Opened, Session, Step, TlsPolicy};
+use scratchd_proto::options;
 use scratchd_proto::reply::{self, ReplyTo};
 use scratchd_proto::request::{self, Command, RequestHeader, RequestPayload};
 use scratchd_proto::{Codec, Errno};
@@ -224,7 +225,7 @@ impl Handshake<'_> {
             OptionPayload::DrainAndRefuse => {
                 self.input.discard(header.len as u64)?;
                 let message = "option data is too long";
-                handshake::put_option_error(out, header.option, OptError::TooBig, message);
+                options::put_option_error(out, header.option, OptError::TooBig, message);
                 self.send(out)?;
                 Ok(None)
             }
@@ -247,7 +248,7 @@ impl Handshake<'_> {
     ) -> Result<Then, ConnectionError> {
         if self.ctx.shutdown.is_started() {
             let message = "server is shutting down";
-            handshake::put_option_error(out, header.option, OptError::Shutdown, message);
+            options::put_option_error(out, header.option, OptError::Shutdown, message);
             return Ok(Then::Leave);
         }
         let catalog = PeerCatalog {

@@ -66,7 +66,7 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    /// Every reason, in the order of [`HANDSHAKE_FAILURES`].
+    /// Every reason, in the order [`ServerCounters`] counts them.
     pub const ALL: [HandshakeFailure; 6] = [
         HandshakeFailure::Timeout,
         HandshakeFailure::Malformed,
