@@ -157,18 +157,8 @@ impl Negotiator {
         catalog: &dyn Catalog,
         out: &mut Vec<u8>,
     ) -> Step {
-        let tls_missing = self.tls == TlsPolicy::Require && !self.tls_active;
-        if tls_missing && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
-            if option == OPT_EXPORT_NAME {
-                return Step::Close;
-            }
-            put_option_error(
-                out,
-                option,
-                OptError::TlsReqd,
-                "TLS is required: send NBD_OPT_STARTTLS first",
-            );
-            return Step::Continue;
+        if let Some(refused) = self.refuse_before_tls(option, out) {
+            return refused;
         }
         match option {
             OPT_EXPORT_NAME => self.export_name(payload),
@@ -176,79 +166,97 @@ impl Negotiator {
                 ack(out, option);
                 Step::Close
             }
-            OPT_LIST => {
-                if !payload.is_empty() {
-                    return invalid(out, option, "NBD_OPT_LIST takes no data");
-                }
-                for e in catalog.list() {
-                    let body = OptionReplyBody::Server {
-                        name: e.name,
-                        description: e.description.unwrap_or_default(),
-                    };
-                    reply(out, option, body);
-                }
-                ack(out, option);
-                Step::Continue
-            }
+            OPT_LIST => list(payload, catalog, out),
             OPT_STARTTLS => self.start_tls(payload, out),
-            OPT_INFO | OPT_GO => match InfoRequest::from_bytes(payload) {
-                Err(e) => invalid(out, option, &format!("malformed request: {e}")),
-                Ok(InfoRequest {
-                    name,
-                    info_requests,
-                }) if option == OPT_GO => Step::Open {
-                    name,
-                    via: OpenVia::Go { info_requests },
-                },
-                Ok(InfoRequest {
-                    name,
-                    info_requests,
-                }) => {
-                    match catalog.info(&name) {
-                        Ok(info) => self.put_export_info(out, option, &info, &info_requests),
-                        Err(e) => put_lookup_error(out, option, &e),
-                    }
-                    Step::Continue
-                }
-            },
-            OPT_STRUCTURED_REPLY => {
-                if !payload.is_empty() {
-                    invalid(out, option, "NBD_OPT_STRUCTURED_REPLY takes no data")
-                } else if self.extended {
-                    put_option_error(
-                        out,
-                        option,
-                        OptError::ExtHeaderReqd,
-                        "extended headers are already negotiated",
-                    );
-                    Step::Continue
-                } else {
-                    self.structured = true;
-                    ack(out, option);
-                    Step::Continue
-                }
-            }
-            OPT_EXTENDED_HEADERS => {
-                if !payload.is_empty() {
-                    return invalid(out, option, "NBD_OPT_EXTENDED_HEADERS takes no data");
-                }
-                self.extended = true;
-                ack(out, option);
-                Step::Continue
-            }
+            OPT_INFO | OPT_GO => self.info_or_go(option, payload, catalog, out),
+            OPT_STRUCTURED_REPLY => self.structured_reply(payload, out),
+            OPT_EXTENDED_HEADERS => self.extended_headers(payload, out),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 self.meta_context(option, payload, catalog, out)
             }
             _ => {
-                put_option_error(
-                    out,
-                    option,
-                    OptError::Unsup,
-                    &format!("option {option} is not supported"),
-                );
+                let message = format!("option {option} is not supported");
+                put_option_error(out, option, OptError::Unsup, &message);
                 Step::Continue
             }
         }
+    }
+
+    /// With TLS required and not up yet, every option but STARTTLS and
+    /// ABORT is refused (EXPORT_NAME, which has no error reply, hangs up).
+    fn refuse_before_tls(&self, option: u32, out: &mut Vec<u8>) -> Option<Step> {
+        let tls_missing = self.tls == TlsPolicy::Require && !self.tls_active;
+        if !tls_missing || matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            return None;
+        }
+        if option == OPT_EXPORT_NAME {
+            return Some(Step::Close);
+        }
+        put_option_error(
+            out,
+            option,
+            OptError::TlsReqd,
+            "TLS is required: send NBD_OPT_STARTTLS first",
+        );
+        Some(Step::Continue)
+    }
+
+    /// INFO describes an export (through the catalog, never creating it);
+    /// GO asks the caller to open it.
+    fn info_or_go(
+        &self,
+        option: u32,
+        payload: &[u8],
+        catalog: &dyn Catalog,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        let InfoRequest {
+            name,
+            info_requests,
+        } = match InfoRequest::from_bytes(payload) {
+            Ok(request) => request,
+            Err(e) => return invalid(out, option, &format!("malformed request: {e}")),
+        };
+        if option == OPT_GO {
+            return Step::Open {
+                name,
+                via: OpenVia::Go { info_requests },
+            };
+        }
+        match catalog.info(&name) {
+            Ok(info) => self.put_export_info(out, option, &info, &info_requests),
+            Err(e) => put_lookup_error(out, option, &e),
+        }
+        Step::Continue
+    }
+
+    fn structured_reply(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Step {
+        let option = OPT_STRUCTURED_REPLY;
+        if !payload.is_empty() {
+            return invalid(out, option, "NBD_OPT_STRUCTURED_REPLY takes no data");
+        }
+        if self.extended {
+            put_option_error(
+                out,
+                option,
+                OptError::ExtHeaderReqd,
+                "extended headers are already negotiated",
+            );
+            return Step::Continue;
+        }
+        self.structured = true;
+        ack(out, option);
+        Step::Continue
+    }
+
+    fn extended_headers(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Step {
+        let option = OPT_EXTENDED_HEADERS;
+        if !payload.is_empty() {
+            return invalid(out, option, "NBD_OPT_EXTENDED_HEADERS takes no data");
+        }
+        self.extended = true;
+        ack(out, option);
+        Step::Continue
     }
 
     fn start_tls(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Step {
@@ -401,6 +409,22 @@ impl Negotiator {
         ack(out, option);
         Step::Continue
     }
+}
+
+/// LIST: every export the catalog shows this client.
+fn list(payload: &[u8], catalog: &dyn Catalog, out: &mut Vec<u8>) -> Step {
+    if !payload.is_empty() {
+        return invalid(out, OPT_LIST, "NBD_OPT_LIST takes no data");
+    }
+    for e in catalog.list() {
+        let body = OptionReplyBody::Server {
+            name: e.name,
+            description: e.description.unwrap_or_default(),
+        };
+        reply(out, OPT_LIST, body);
+    }
+    ack(out, OPT_LIST);
+    Step::Continue
 }
 
 fn invalid(out: &mut Vec<u8>, option: u32, message: &str) -> Step {
