@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 need=()
 for tool in nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdfuse:nbdfuse qemu-img:qemu-utils \
             fio:fio nbdkit:nbdkit mkfs.ext4:e2fsprogs openssl:openssl losetup:mount \
-            systemd-analyze:systemd curl:curl ip:iproute2 ss:iproute2 groff:groff-base; do
+            systemd-analyze:systemd curl:curl ip:iproute2 ss:iproute2 groff:groff-base \
+            rpmbuild:rpm objdump:binutils; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
@@ -36,5 +37,8 @@ RUSTDOCFLAGS="-D warnings -A rustdoc::private-intra-doc-links" \
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
+# The packages' recipes (deb, RPM with the mock plugin), built around the
+# binary the tests just used and installed into scratch roots.
+scripts/package.sh --profile dev
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -46,8 +46,7 @@ use clap::Args;
 use scratchd_attach::nbd_kernel;
 use scratchd_attach::ns;
 use scratchd_client::Target;
-use scratchd_proto::negotiation::LookupError;
-use scratchd_server::{Exports, OpenExport};
+use scratchd_scratch::{OpenDisk, Owner};
 use scratchd_store::BlockDevice;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -222,7 +221,7 @@ fn run(args: &RunArgs) -> Result<ExitStatus, RunError> {
 /// The disk of a run.
 enum Disk {
     /// The run's own, held open in its registry.
-    Local(OpenExport),
+    Local(OpenDisk),
     /// An export on a server.
     Remote(Arc<scratchd_client::Client>),
 }
@@ -275,7 +274,7 @@ fn open_disk(args: &RunArgs, server: Option<&Target>, name: &str) -> Result<Disk
 }
 
 /// Creates the run's own scratch disk with the tmpdisk machinery.
-fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenExport, RunError> {
+fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenDisk, RunError> {
     let mut params = vec![
         format!("size={}", args.size),
         format!("type={}", args.fs_type),
@@ -298,16 +297,10 @@ fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenExport, RunError> {
         .map_err(|e| RunError::Backend(OpenError::from(e).into()))?;
     // The run's own registry has one owner: this process.
     exports
-        .open(name, &scratchd_server::Identity::Anonymous)
-        .map_err(|e| {
-            let (LookupError::Unknown(reason)
-            | LookupError::Policy(reason)
-            | LookupError::Platform(reason)
-            | LookupError::Shutdown(reason)) = e;
-            RunError::Disk {
-                name: name.to_owned(),
-                reason,
-            }
+        .open(name, Owner::Anyone)
+        .map_err(|e| RunError::Disk {
+            name: name.to_owned(),
+            reason: e.to_string(),
         })
 }
 

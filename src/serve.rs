@@ -492,8 +492,9 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
     let may_block = config
         .disks()
         .any(|d| d.backing != scratchd_scratch::Backing::Memory);
-    let exports = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);
-    Ok((exports.clone(), may_block, AdminBackend::Tmpdisk(exports)))
+    let registry = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);
+    let exports = Arc::new(scratchd_exports::ScratchExports::new(registry.clone()));
+    Ok((exports, may_block, AdminBackend::Tmpdisk(registry)))
 }
 
 /// Warns that under `owner=name` every client reaches scratch disks by

@@ -102,7 +102,7 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     rest.ends_with(last)
 }
 
-/// Everything a [`crate::ScratchExports`] needs.
+/// Everything a [`crate::Registry`] needs.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The default class: disks whose names match no class.

@@ -13,40 +13,12 @@ use scratchd_proto::Errno;
 
 use crate::error::ConnectionError;
 
-/// Error replies sent, by errno (indexed like [`Errno::ALL`]): the
-/// server's, and each export's, which its registry keeps beside the
-/// export's other counters and hands to every connection that opens it
-/// ([`crate::OpenExport::errors`]). Connections of one export share its
-/// atomics, never a lock.
-#[derive(Debug)]
-pub struct ErrorCounts([AtomicU64; Errno::ALL.len()]);
-
-impl ErrorCounts {
-    pub const fn new() -> ErrorCounts {
-        ErrorCounts([const { AtomicU64::new(0) }; Errno::ALL.len()])
-    }
-
-    fn add(&self, errno: Errno) {
-        if let Some(i) = Errno::ALL.iter().position(|&e| e == errno) {
-            self.0[i].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// The counts so far, by errno name (`ENOSPC`), every errno included.
-    pub fn by_errno(&self) -> Vec<(&'static str, u64)> {
-        Errno::ALL
-            .iter()
-            .zip(&self.0)
-            .map(|(e, n)| (errno_name(*e), n.load(Ordering::Relaxed)))
-            .collect()
-    }
-}
-
-impl Default for ErrorCounts {
-    fn default() -> ErrorCounts {
-        ErrorCounts::new()
-    }
-}
+/// Error replies sent, by errno: the server's, and each export's, which
+/// its registry keeps beside the export's other counters and hands to every
+/// connection that opens it ([`crate::OpenExport::errors`]). It lives in
+/// `scratchd_store` so that registries below the server can keep one; it is
+/// re-exported here, where it always was.
+pub use scratchd_store::errors::ErrorCounts;
 
 /// Why a handshake ended without transmission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,8 +151,9 @@ impl ErrorSink {
 
     /// An error reply with `errno` was sent.
     pub fn error_replied(&self, errno: Errno) {
-        self.server.errors.add(errno);
-        self.export.add(errno);
+        // NBD's error values are Linux errno numbers, which the counts use.
+        self.server.errors.add(errno as u32);
+        self.export.add(errno as u32);
     }
 }
 
