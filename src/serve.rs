@@ -304,6 +304,7 @@ pub fn main(args: ServeArgs) -> i32 {
     };
     let ctx = Arc::new(ServerContext {
         exports,
+        counters: Arc::default(),
         workers,
         shutdown: Shutdown::default(),
         connections: ConnectionLimit::new(
