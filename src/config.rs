@@ -95,7 +95,7 @@ pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error>
 /// number of seconds, more than 0.
 pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = d.deserialize_any(TextVisitor("a duration such as \"60s\", or seconds"))?;
-    crate::serve::parse_reply_timeout(&text)
+    crate::cli::parse_reply_timeout(&text)
         .map(Some)
         .map_err(de::Error::custom)
 }
@@ -103,7 +103,7 @@ pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Durat
 /// `tcp-keepalive = "60s"` (or seconds; 0 is off).
 pub fn keepalive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = d.deserialize_any(TextVisitor("a duration such as \"60s\", or seconds"))?;
-    crate::serve::parse_keepalive(&text)
+    crate::cli::parse_keepalive(&text)
         .map(Some)
         .map_err(de::Error::custom)
 }
