@@ -350,6 +350,23 @@ mod tests {
         }
     }
 
+    /// The match fails to compile when a front end is added: list it in
+    /// the preference too.
+    #[test]
+    fn every_front_end_is_registered() {
+        let registered = |f: FrontEnd| match f {
+            FrontEnd::Fuse | FrontEnd::Kernel => FrontEnd::PREFERENCE.contains(&f),
+        };
+        assert!(FrontEnd::PREFERENCE.into_iter().all(registered));
+        assert!(registered(FrontEnd::Fuse) && registered(FrontEnd::Kernel));
+        let names: std::collections::HashSet<_> = FrontEnd::PREFERENCE
+            .map(FrontEnd::name)
+            .into_iter()
+            .collect();
+        assert_eq!(names.len(), FrontEnd::PREFERENCE.len(), "names are unique");
+        assert!(!names.contains("auto"));
+    }
+
     #[test]
     fn names_are_the_record_kinds() {
         for front_end in FrontEnd::PREFERENCE {
