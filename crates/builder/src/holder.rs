@@ -96,7 +96,7 @@ impl Answer {
 /// Starts a holder for `request` and waits for its answer; the block
 /// device. A holder that failed cleaned up after itself; what one that
 /// died left is cleaned up here.
-pub fn start(state: &StateDir, request: &KeepRequest) -> Result<PathBuf, AttachError> {
+pub(crate) fn start(state: &StateDir, request: &KeepRequest) -> Result<PathBuf, AttachError> {
     let request = Request {
         id: request.id.to_owned(),
         uri: request.target.to_string(),
@@ -171,7 +171,7 @@ fn log_tail(path: &Path) -> String {
 
 /// SIGTERM to the holder, and waits for it to go; SIGKILL after
 /// [`HOLDER_GRACE`].
-pub fn stop(holder: Process) -> Result<(), DetachError> {
+pub(crate) fn stop(holder: Process) -> Result<(), DetachError> {
     let failed = |source: io::Error| DetachError::Holder {
         pid: holder.pid,
         source,
