@@ -71,13 +71,7 @@ pub fn main(args: RunArgs) -> i32 {
         front_end: args.front_end.options(),
         command: args.command.clone(),
     };
-    let result = scratchd_builder::run::run(&request, |name| {
-        let export = open_local_disk(&args, name)?;
-        Ok::<_, LocalDiskError>(RunDisk {
-            export,
-            has_file_system: args.fs_type != "none",
-        })
-    });
+    let result = scratchd_builder::run::run(&request, |name| open_run_disk(&args, name));
     match result {
         Ok(status) => cli::exit_code(status),
         Err(e) => {
@@ -126,6 +120,14 @@ impl LocalDisk for RunDisk {
     fn has_file_system(&self) -> bool {
         self.has_file_system
     }
+}
+
+/// The run's own disk, and whether it has a file system to mount.
+fn open_run_disk(args: &RunArgs, name: &str) -> Result<RunDisk, LocalDiskError> {
+    Ok(RunDisk {
+        export: open_local_disk(args, name)?,
+        has_file_system: args.fs_type != "none",
+    })
 }
 
 /// Creates the run's own scratch disk with the tmpdisk machinery.
