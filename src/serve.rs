@@ -22,15 +22,14 @@ use tracing::{info, warn};
 
 use crate::admin::{Admin, Backend as AdminBackend};
 use crate::backend::{open_backend, BackendError, OpenError, Options, UsageError};
+use crate::cli::{init_logging, parse_keepalive, parse_reply_timeout, EXIT_USAGE};
 use crate::config;
 use crate::notify::Notifier;
 use crate::tmpdisk;
 use scratchd_scratch::config::default_memory_limit;
-use scratchd_scratch::units::{parse_duration, parse_positive_duration, parse_size};
+use scratchd_scratch::units::parse_size;
 use scratchd_scratch::{ClassSettings, DiskSettings};
 
-/// Exit status for bad usage, as clap uses.
-const EXIT_USAGE: i32 = 2;
 const DEFAULT_PORT: u16 = 10809;
 const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 const DEFAULT_THREADS: usize = 16;
@@ -523,23 +522,6 @@ fn fail(message: impl Display) -> i32 {
     1
 }
 
-pub fn init_logging(verbose: u8, level: Option<&str>) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(level.unwrap_or(default))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only for a terminal: not into the journal or a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 /// The environment `--run` commands get: how to reach the server.
 struct RunEnv {
     uri: String,
@@ -737,12 +719,6 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>, notifier:
     }
 }
 
-/// `--reply-timeout`, `--handshake-timeout`, `ctl --for`: a duration more
-/// than 0 (clap's value parser for [`parse_positive_duration`]).
-pub fn parse_reply_timeout(text: &str) -> Result<std::time::Duration, String> {
-    parse_positive_duration(text).map_err(|e| e.to_string())
-}
-
 /// Why `--tls` could not be set up.
 #[derive(Debug, thiserror::Error)]
 enum TlsSetupError {
@@ -772,10 +748,4 @@ fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, TlsSetupError> {
             "--tls=on|require needs --tls-certificates DIR",
         ))?;
     Ok(Some(TlsConfig::load(dir, mode, args.tls_verify_peer)?))
-}
-
-/// `--tcp-keepalive`: a duration, 0 for off (clap's value parser for
-/// [`parse_duration`]).
-pub fn parse_keepalive(text: &str) -> Result<Duration, String> {
-    parse_duration(text).map_err(|e| e.to_string())
 }
