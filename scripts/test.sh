@@ -9,6 +9,7 @@ need=()
 for tool in nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdfuse:nbdfuse qemu-img:qemu-utils \
             fio:fio nbdkit:nbdkit mkfs.ext4:e2fsprogs openssl:openssl losetup:mount \
             systemd-analyze:systemd curl:curl ip:iproute2 ss:iproute2 groff:groff-base \
+            rpmbuild:rpm objdump:binutils \
             qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio depmod:kmod; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
@@ -52,5 +53,8 @@ cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 # Real kernels under qemu (tests/e2e/kernel_vm.rs), on their own: two TCG
 # guests keep both cores busy, and the suite above times some clients.
 cargo test --locked --test e2e kernel_vm:: -- --ignored 2>&1 | tee -a "$log"
+# The packages' recipes (deb, RPM with the mock plugin), built around the
+# binary the tests just used and installed into scratch roots.
+scripts/package.sh --profile dev
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

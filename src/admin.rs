@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use scratchd_scratch::owner::Owner;
 use scratchd_scratch::registry::{DiskKey, DiskState, DiskView, Keep, CREATION_BUCKETS_MS};
-use scratchd_scratch::{IoCounters, ScratchExports};
+use scratchd_scratch::{IoCounters, Registry};
 use scratchd_server::counters::ErrorCounts;
 use scratchd_server::ServerContext;
 use scratchd_store::BlockDevice;
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 /// The exports behind a server, as the operator acts on them.
 pub enum Backend {
     /// tmpdisk: many disks, by owner and name.
-    Tmpdisk(Arc<ScratchExports>),
+    Tmpdisk(Arc<Registry>),
     /// memory or file: one export.
     Single {
         name: String,
@@ -293,11 +293,7 @@ impl Admin {
 
     /// The registry, and the tmpdisk disks `name` (and `owner`, if given)
     /// designate.
-    fn select(
-        &self,
-        name: &str,
-        owner: Option<&str>,
-    ) -> Result<(&ScratchExports, Vec<DiskKey>), String> {
+    fn select(&self, name: &str, owner: Option<&str>) -> Result<(&Registry, Vec<DiskKey>), String> {
         let Backend::Tmpdisk(registry) = &self.backend else {
             return Err("only tmpdisk exports can be dropped or kept".to_owned());
         };

@@ -11,12 +11,12 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use scratchd_scratch::config::{DurationError, EnvKeyError};
-use scratchd_scratch::BuildError;
+use scratchd_scratch::units::{parse_size, SizeError};
+use scratchd_scratch::{BuildError, SpecError};
 use scratchd_store::memory::Budget;
 use scratchd_store::{BlockDevice, FileDevice, MemoryDevice};
 
-use crate::size::{parse_size, SizeError};
+use crate::config;
 
 /// A backend's keys with their help; the first is the bare value's.
 pub type Keys = &'static [(&'static str, &'static str)];
@@ -44,23 +44,17 @@ pub enum BackendError {
 pub enum UsageError {
     #[error("unknown backend {0:?}; valid backends are:\n{help}", help = backends_help())]
     UnknownBackend(String),
-    #[error("parameter {param:?} is not KEY=VALUE{}", takes(.backend, .keys, *.extra))]
+    #[error("parameter {param:?} is not KEY=VALUE; {backend} takes: {}", names(.keys))]
     NotKeyValue {
         backend: &'static str,
         param: String,
         keys: Keys,
-        /// The backend passes unknown keys on (tmpdisk's `command=`), so
-        /// its keys are not all it takes.
-        extra: bool,
     },
-    #[error("unknown key {key:?} for backend {backend}; valid keys: {}{}", names(.keys),
-        if *.extra { " (other keys are passed to command= only)" } else { "" })]
+    #[error("unknown key {key:?} for backend {backend}; valid keys: {}", names(.keys))]
     UnknownKey {
         backend: &'static str,
         key: String,
         keys: Keys,
-        /// Unknown keys would be accepted with `command=`.
-        extra: bool,
     },
     #[error("key {0:?} given twice")]
     DuplicateKey(String),
@@ -75,43 +69,13 @@ pub enum UsageError {
     /// A flag that only tmpdisk takes, given for another backend.
     #[error("{0} applies to the tmpdisk backend only")]
     TmpdiskOnly(&'static str),
-    #[error("type={0:?} is not a filesystem type")]
-    FsType(String),
+    /// tmpdisk's disk settings (the default class's or a class's).
     #[error(transparent)]
-    EnvKey(#[from] EnvKeyError),
-    #[error("{key}: {source}")]
-    Duration {
-        key: &'static str,
-        source: DurationError,
-    },
-    #[error("backing={0:?}: expected memory, dir:PATH or memory,spill=dir:PATH")]
-    Backing(String),
+    Disk(#[from] SpecError),
     #[error("--disk-limit applies to backing=dir:PATH only; use --memory-limit")]
     DiskLimitWithoutDir,
     #[error("--owner-disk-limit applies to backing=dir:PATH or spill=dir:PATH only; use --owner-memory-limit")]
     OwnerDiskLimitWithoutDir,
-    #[error(transparent)]
-    Owner(#[from] scratchd_scratch::owner::OwnerPolicyError),
-    #[error("pool={0:?} is not a number")]
-    Pool(String),
-    /// A key of an export class (`[[class]]` in the config file).
-    #[error("[[class]] match = {pattern:?}: {source}")]
-    Class {
-        pattern: String,
-        source: Box<UsageError>,
-    },
-    #[error("[[class]] match = {0:?}: a pattern is 1-128 characters of [A-Za-z0-9._-] and *")]
-    ClassPattern(String),
-}
-
-/// The end of a [`UsageError::NotKeyValue`] message: what the backend takes,
-/// unless it also takes keys of its own.
-fn takes(backend: &str, keys: Keys, extra: bool) -> String {
-    if extra {
-        String::new()
-    } else {
-        format!("; {backend} takes: {}", names(keys))
-    }
 }
 
 /// The names of `keys`, comma-separated.
@@ -137,11 +101,21 @@ pub struct Params<'a> {
     keys: Keys,
     /// The values of `keys`, in the same order.
     values: Vec<Option<&'a str>>,
-    /// Keys not in `keys`, in the order given (only when allowed).
-    pub extra: Vec<(&'a str, &'a str)>,
 }
 
 impl<'a> Params<'a> {
+    /// Where `key`'s value goes, if the backend has such a key.
+    fn slot(&self, key: &str) -> Result<usize, UsageError> {
+        self.keys
+            .iter()
+            .position(|k| k.0 == key)
+            .ok_or_else(|| UsageError::UnknownKey {
+                backend: self.backend,
+                key: key.to_owned(),
+                keys: self.keys,
+            })
+    }
+
     /// The value of `key`, which must be one of the backend's keys.
     pub fn get(&self, key: &str) -> Option<&'a str> {
         let slot = self.keys.iter().position(|k| k.0 == key);
@@ -165,19 +139,18 @@ impl<'a> Params<'a> {
 }
 
 /// Sorts `params` (`KEY=VALUE`, or the first key's value alone first) by
-/// the backend's `keys`. A key not among them is refused, unless `extra`
-/// allows it: then it is kept in [`Params::extra`].
+/// the backend's `keys`, then takes the keys they leave out from the config
+/// file's table for the backend, if any. A key not among `keys` is refused.
 pub fn parse_params<'a>(
     backend: &'static str,
     keys: Keys,
     params: &'a [String],
-    extra: bool,
+    file: Option<&'a config::Params>,
 ) -> Result<Params<'a>, UsageError> {
     let mut parsed = Params {
         backend,
         keys,
         values: vec![None; keys.len()],
-        extra: Vec::new(),
     };
     for (i, p) in params.iter().enumerate() {
         let (key, value) = match p.split_once('=') {
@@ -188,25 +161,17 @@ pub fn parse_params<'a>(
                     backend,
                     param: p.clone(),
                     keys,
-                    extra,
                 })
             }
         };
-        match keys.iter().position(|k| k.0 == key) {
-            Some(slot) if parsed.values[slot].replace(value).is_some() => {
-                return Err(UsageError::DuplicateKey(key.to_owned()));
-            }
-            Some(_) => {}
-            None if extra => parsed.extra.push((key, value)),
-            None => {
-                return Err(UsageError::UnknownKey {
-                    backend,
-                    key: key.to_owned(),
-                    keys,
-                    extra,
-                })
-            }
+        let slot = parsed.slot(key)?;
+        if parsed.values[slot].replace(value).is_some() {
+            return Err(UsageError::DuplicateKey(key.to_owned()));
         }
+    }
+    for (key, value) in file.into_iter().flatten() {
+        let slot = parsed.slot(key.get_ref())?;
+        parsed.values[slot].get_or_insert(value.text());
     }
     Ok(parsed)
 }
@@ -264,7 +229,7 @@ pub fn backends_help() -> String {
         }
     }
     s.push_str("  tmpdisk  one throw-away disk per export name (build)\n");
-    for (k, doc) in crate::tmpdisk::KEYS {
+    for (k, doc) in scratchd_scratch::spec::KEYS {
         s.push_str(&format!("           {k}=...  {doc}\n"));
     }
     s
@@ -290,28 +255,24 @@ pub fn serve_help() -> String {
 /// The keys backend `name` takes, if it is a backend.
 pub fn keys(name: &str) -> Option<Keys> {
     match name {
-        "tmpdisk" => Some(crate::tmpdisk::KEYS),
+        "tmpdisk" => Some(scratchd_scratch::spec::KEYS),
         _ => BACKENDS.iter().find(|b| b.name == name).map(|b| b.keys),
     }
 }
 
-/// The key a bare first value stands for in backend `name`'s parameters
-/// (`memory 1G` is `memory size=1G`), if `name` is a backend.
-pub fn first_key(name: &str) -> Option<&'static str> {
-    keys(name).and_then(|k| k.first()).map(|k| k.0)
-}
-
-/// Builds the device for `name` with `params` (`KEY=VALUE` or a bare value).
+/// Builds the device for `name` with `params` (`KEY=VALUE` or a bare value)
+/// over the config file's table for it (`file`).
 pub fn open_backend(
     name: &str,
     params: &[String],
+    file: Option<&config::Params>,
     options: &Options,
 ) -> Result<Arc<dyn BlockDevice>, BackendError> {
     let spec = BACKENDS
         .iter()
         .find(|b| b.name == name)
         .ok_or_else(|| UsageError::UnknownBackend(name.to_owned()))?;
-    let params = parse_params(spec.name, spec.keys, params, false)?;
+    let params = parse_params(spec.name, spec.keys, params, file)?;
     (spec.open)(&params, options)
 }
 
@@ -321,16 +282,16 @@ mod tests {
 
     const KEYS: Keys = &[("size", "the size"), ("label", "a label")];
 
-    fn parse(params: &[&str], extra: bool) -> Result<Params<'static>, UsageError> {
+    fn parse(params: &[&str]) -> Result<Params<'static>, UsageError> {
         let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
-        parse_params("test", KEYS, Vec::leak(params), extra)
+        parse_params("test", KEYS, Vec::leak(params), None)
     }
 
     #[test]
     fn the_first_value_may_be_bare() {
-        let p = parse(&["1G", "label=L"], false).unwrap();
+        let p = parse(&["1G", "label=L"]).unwrap();
         assert_eq!((p.get("size"), p.get("label")), (Some("1G"), Some("L")));
-        let p = parse(&["label=L"], false).unwrap();
+        let p = parse(&["label=L"]).unwrap();
         assert_eq!(p.get("size"), None);
         assert!(matches!(
             p.required("size", None),
@@ -344,22 +305,41 @@ mod tests {
 
     #[test]
     fn bad_parameters_name_what_is_wrong() {
-        for (params, extra) in [(&["1G", "L"], false), (&["1G", "L"], true)] {
-            match parse(params, extra) {
-                Err(UsageError::NotKeyValue { param, .. }) => assert_eq!(param, "L"),
-                other => panic!("{other:?}"),
-            }
+        match parse(&["1G", "L"]) {
+            Err(e @ UsageError::NotKeyValue { .. }) => assert_eq!(
+                e.to_string(),
+                "parameter \"L\" is not KEY=VALUE; test takes: size, label"
+            ),
+            other => panic!("{other:?}"),
         }
-        match parse(&["1G", "size=2G"], true) {
+        match parse(&["1G", "size=2G"]) {
             Err(UsageError::DuplicateKey(key)) => assert_eq!(key, "size"),
             other => panic!("{other:?}"),
         }
-        match parse(&["1G", "colour=blue"], false) {
+        match parse(&["1G", "colour=blue"]) {
             Err(UsageError::UnknownKey { key, .. }) => assert_eq!(key, "colour"),
             other => panic!("{other:?}"),
         }
-        let p = parse(&["1G", "colour=blue"], true).unwrap();
-        assert_eq!(p.extra, [("colour", "blue")]);
+    }
+
+    /// The config file's table fills in what the command line leaves out.
+    #[test]
+    fn the_file_table_fills_in_keys_left_out() {
+        #[derive(serde::Deserialize)]
+        struct File {
+            test: config::Params,
+        }
+        let file: File = toml::from_str("[test]\nsize = 1048576\nlabel = \"F\"\n").unwrap();
+        let file = Box::leak(Box::new(file.test));
+        let params = vec!["label=L".to_owned()];
+        let p = parse_params("test", KEYS, Vec::leak(params), Some(file)).unwrap();
+        assert_eq!(
+            (p.get("size"), p.get("label")),
+            (Some("1048576"), Some("L"))
+        );
+        let bare = vec!["2G".to_owned()];
+        let p = parse_params("test", KEYS, Vec::leak(bare), Some(file)).unwrap();
+        assert_eq!((p.get("size"), p.get("label")), (Some("2G"), Some("F")));
     }
 
     #[test]
@@ -370,7 +350,7 @@ mod tests {
         };
         let open = |name: &str, params: &[&str]| {
             let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
-            open_backend(name, &params, &options).err()
+            open_backend(name, &params, None, &options).err()
         };
         match open("nosuch", &[]) {
             Some(BackendError::Usage(e @ UsageError::UnknownBackend(_))) => {

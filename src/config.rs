@@ -4,37 +4,45 @@
 //! options without their dashes (`max-connections = 64`, `unix =
 //! "/run/scratchd.sock"`), plus `backend = "tmpdisk"` and the backend's
 //! `KEY=VALUE` parameters as a table named after it (`[tmpdisk]`). One
-//! struct serves both, so a new option is a config key at once; serde's
-//! `deny_unknown_fields` refuses a misspelt key by name, and the toml
-//! crate's errors carry the line and column. The format, with a full
-//! example, is in `docs/CONFIG.md`.
+//! struct serves both, so a new option is a config key at once, parsed to
+//! the same typed value (a size in bytes, a duration) by the same function
+//! as its flag; serde's `deny_unknown_fields` refuses a misspelt key by
+//! name, and the toml crate's errors carry the line and column. The
+//! `[tmpdisk]` and `[[class]]` tables deserialize into
+//! [`scratchd_scratch::spec`]'s typed disk settings, through the parser
+//! of the command line's `KEY=VALUE`s. The format, with a full example, is
+//! in `docs/CONFIG.md`.
 //!
 //! Precedence: what the command line gives wins; a flag (`-r`) can only
 //! switch a setting on. Backend parameters merge key by key when the
-//! command line names the file's backend (or none); a command line naming
-//! another backend ignores the file's parameters.
+//! command line names the file's backend (or none), as typed values for
+//! tmpdisk; a command line naming another backend ignores the file's
+//! parameters.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::serve::ServeArgs;
-use crate::size::parse_size;
+use scratchd_scratch::spec::deserialize_text;
+use scratchd_scratch::units::{parse_duration, parse_positive_duration, parse_size};
+use scratchd_scratch::{DiskSettings, SpecError};
 use scratchd_server::Cidr;
 
 /// The backends whose parameters may form a table in the file.
 const BACKEND_TABLES: [&str; 3] = ["memory", "file", "tmpdisk"];
 
-/// A backend's parameters from the file: `KEY = VALUE` with a string,
-/// number or boolean value (keys keep their place in the file, for errors).
+/// The `[memory]` or `[file]` backend's parameters from the file: `KEY =
+/// VALUE` with a string, number or boolean value (keys keep their place in
+/// the file, for errors). `[tmpdisk]` and `[[class]]` are typed disk
+/// settings ([`scratchd_scratch::spec`]).
 pub type Params = BTreeMap<toml::Spanned<String>, ParamValue>;
 
-/// A backend parameter's value, kept as the text `KEY=VALUE` would carry
-/// (`size = "20G"`, `pool = 2`, `size = 1073741824` all work).
+/// A `[memory]` or `[file]` parameter's value, kept as the text
+/// `KEY=VALUE` would carry (`size = "1G"`, `size = 1073741824` both work).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamValue(String);
 
@@ -47,65 +55,32 @@ impl ParamValue {
 
 impl<'de> Deserialize<'de> for ParamValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(TextVisitor("a string, number or boolean"))
-            .map(ParamValue)
-    }
-}
-
-/// Accepts a string, integer, float or boolean as its text.
-struct TextVisitor(&'static str);
-
-impl Visitor<'_> for TextVisitor {
-    type Value = String;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(self.0)
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
-        Ok(v.to_owned())
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
-        Ok(v.to_string())
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
-        Ok(v.to_string())
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
-        Ok(v.to_string())
-    }
-
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
-        Ok(v.to_string())
+        deserialize_text(d, "a string, number or boolean").map(ParamValue)
     }
 }
 
 /// `memory-limit = "64G"` or a number of bytes, checked here so that the
 /// error points at the line.
-pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let text = d.deserialize_any(TextVisitor("a size such as \"64G\", or bytes"))?;
-    parse_size("size", &text).map_err(de::Error::custom)?;
-    Ok(Some(text))
+pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let text = deserialize_text(d, "a size such as \"64G\", or bytes")?;
+    parse_size("size", &text)
+        .map(Some)
+        .map_err(de::Error::custom)
 }
 
 /// `reply-timeout = "60s"`, `handshake-timeout = 10`: a duration or a
 /// number of seconds, more than 0.
 pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = d.deserialize_any(TextVisitor("a duration such as \"60s\", or seconds"))?;
-    crate::serve::parse_reply_timeout(&text)
+    let text = deserialize_text(d, "a duration such as \"60s\", or seconds")?;
+    parse_positive_duration(&text)
         .map(Some)
         .map_err(de::Error::custom)
 }
 
 /// `tcp-keepalive = "60s"` (or seconds; 0 is off).
 pub fn keepalive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = d.deserialize_any(TextVisitor("a duration such as \"60s\", or seconds"))?;
-    crate::serve::parse_keepalive(&text)
-        .map(Some)
-        .map_err(de::Error::custom)
+    let text = deserialize_text(d, "a duration such as \"60s\", or seconds")?;
+    parse_duration(&text).map(Some).map_err(de::Error::custom)
 }
 
 /// `allow = ["10.0.0.0/8", "::1"]`.
@@ -130,9 +105,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("config file {}, line {line}: unknown key {key:?} in [{table}]; valid keys: {valid}{}",
-        path.display(),
-        if *table == "tmpdisk" { " (others only with command=)" } else { "" })]
+    #[error("config file {}, line {line}: unknown key {key:?} in [{table}]; valid keys: {valid}",
+        path.display())]
     UnknownParam {
         path: PathBuf,
         line: usize,
@@ -140,12 +114,12 @@ pub enum ConfigError {
         key: String,
         valid: String,
     },
-    #[error("config file {}, line {line}: unknown key {key:?} in [[class]]; valid keys: match, {}",
-        path.display(), crate::tmpdisk::CLASS_KEYS.join(", "))]
-    UnknownClassKey {
+    /// A `[tmpdisk]` key the file's own `command=` does not take.
+    #[error("config file {}{}: {source}", path.display(), at_line(*.line))]
+    Disk {
         path: PathBuf,
-        line: usize,
-        key: String,
+        line: Option<usize>,
+        source: SpecError,
     },
     #[error("config file {}: [[class]] number {number} has no match = \"PATTERN\"", path.display())]
     ClassWithoutMatch { path: PathBuf, number: usize },
@@ -172,8 +146,8 @@ fn parse(path: &Path, text: &str) -> Result<ServeArgs, ConfigError> {
         source,
     })?;
     if let Some(backend) = &file.backend {
-        for (table, params) in BACKEND_TABLES.into_iter().zip(file.tables()) {
-            if params.is_some() && table != backend {
+        for (table, given) in BACKEND_TABLES.into_iter().zip(file.tables()) {
+            if given && table != backend {
                 return Err(ConfigError::OtherBackendTable {
                     path: path.to_owned(),
                     table,
@@ -182,13 +156,24 @@ fn parse(path: &Path, text: &str) -> Result<ServeArgs, ConfigError> {
             }
         }
     }
-    for (table, params) in BACKEND_TABLES.into_iter().zip(file.tables()) {
+    // `[tmpdisk]` and `[[class]]` keys were checked as they were read, but
+    // for extra keys, which depend on a `command=` that may come later.
+    if let Some(disk) = &file.tmpdisk {
+        disk.check_extra_keys()
+            .map_err(|source| ConfigError::Disk {
+                path: path.to_owned(),
+                line: match &source {
+                    SpecError::UnknownKey(key) => tmpdisk_key_line(text, key),
+                    _ => None,
+                },
+                source,
+            })?;
+    }
+    for (table, params) in [("memory", &file.memory), ("file", &file.file)] {
         let Some(params) = params else { continue };
         let keys = crate::backend::keys(table).unwrap_or_default();
-        // tmpdisk passes other keys to its format command.
-        let extra = table == "tmpdisk" && params.contains_key("command");
         for key in params.keys() {
-            if !extra && !keys.iter().any(|k| k.0 == key.get_ref()) {
+            if !keys.iter().any(|k| k.0 == key.get_ref()) {
                 return Err(ConfigError::UnknownParam {
                     path: path.to_owned(),
                     line: 1 + text[..key.span().start].matches('\n').count(),
@@ -199,37 +184,51 @@ fn parse(path: &Path, text: &str) -> Result<ServeArgs, ConfigError> {
             }
         }
     }
-    for (i, class) in file.class.iter().enumerate() {
-        for key in class.keys() {
-            let name = key.get_ref().as_str();
-            if name != "match" && !crate::tmpdisk::CLASS_KEYS.contains(&name) {
-                return Err(ConfigError::UnknownClassKey {
-                    path: path.to_owned(),
-                    line: 1 + text[..key.span().start].matches('\n').count(),
-                    key: name.to_owned(),
-                });
-            }
-        }
-        if !class.contains_key("match") {
-            return Err(ConfigError::ClassWithoutMatch {
-                path: path.to_owned(),
-                number: i + 1,
-            });
-        }
+    if let Some(i) = file.class.iter().position(|c| c.pattern.is_none()) {
+        return Err(ConfigError::ClassWithoutMatch {
+            path: path.to_owned(),
+            number: i + 1,
+        });
     }
     Ok(file)
 }
 
+/// `, line N`, when the line is known.
+fn at_line(line: Option<usize>) -> String {
+    line.map_or_else(String::new, |n| format!(", line {n}"))
+}
+
+/// The line of `key` in the `[tmpdisk]` table of `text` (a file that
+/// parsed), read again with the keys' places.
+fn tmpdisk_key_line(text: &str, key: &str) -> Option<usize> {
+    #[derive(Deserialize)]
+    struct Places {
+        tmpdisk: Option<Params>,
+    }
+    let places: Places = toml::from_str(text).ok()?;
+    let (spanned, _) = places
+        .tmpdisk?
+        .into_iter()
+        .find(|(k, _)| k.get_ref() == key)?;
+    Some(1 + text[..spanned.span().start].matches('\n').count())
+}
+
 impl ServeArgs {
-    /// The backend tables, in the order of [`BACKEND_TABLES`].
-    fn tables(&self) -> [&Option<Params>; 3] {
-        [&self.memory, &self.file, &self.tmpdisk]
+    /// Which backend tables the file has, in the order of [`BACKEND_TABLES`].
+    fn tables(&self) -> [bool; 3] {
+        [
+            self.memory.is_some(),
+            self.file.is_some(),
+            self.tmpdisk.is_some(),
+        ]
     }
 
     /// These settings (the command line's), with what they leave out taken
-    /// from `file`.
+    /// from `file`. The backend's parameters stay in two parts, the command
+    /// line's `params` and the file's table for that backend (the others are
+    /// dropped), which the backend merges key by key as it parses them
+    /// ([`ServeArgs::disk_settings`] for tmpdisk).
     pub fn or_file(self, file: ServeArgs) -> ServeArgs {
-        let params = merge_params(&self, &file);
         // Destructured whole, so that a new field cannot be forgotten here.
         let ServeArgs {
             config,
@@ -266,12 +265,16 @@ impl ServeArgs {
             control,
             metrics,
             backend,
-            params: _,
+            params,
             memory: _,
             file: _,
             tmpdisk: _,
             class: _,
         } = self;
+        // The file's table counts when it is for the backend in use.
+        let backend = backend.or(file.backend.clone());
+        let tables = backend.is_some() && (file.backend.is_none() || file.backend == backend);
+        let table = |name: &str| tables && backend.as_deref() == Some(name);
         ServeArgs {
             config,
             unix: unix.or(file.unix),
@@ -306,51 +309,26 @@ impl ServeArgs {
             owner_disk_limit: owner_disk_limit.or(file.owner_disk_limit),
             control: control.or(file.control),
             metrics: metrics.or(file.metrics),
-            backend: backend.or(file.backend),
+            memory: file.memory.filter(|_| table("memory")),
+            file: file.file.filter(|_| table("file")),
+            tmpdisk: file.tmpdisk.filter(|_| table("tmpdisk")),
+            backend,
             params,
-            memory: None,
-            file: None,
-            tmpdisk: None,
             // Classes come from the file only.
             class: file.class,
         }
     }
-}
 
-/// The command line's `KEY=VALUE`s, followed by the file's for keys the
-/// command line does not set, when both speak of the same backend.
-fn merge_params(cli: &ServeArgs, file: &ServeArgs) -> Vec<String> {
-    let mut params = cli.params.clone();
-    let Some(backend) = cli.backend.as_ref().or(file.backend.as_ref()) else {
-        return params;
-    };
-    if file.backend.as_ref().is_some_and(|b| b != backend) {
-        return params;
-    }
-    let Some(table) = BACKEND_TABLES
-        .iter()
-        .position(|t| t == backend)
-        .and_then(|i| file.tables()[i].as_ref())
-    else {
-        return params;
-    };
-    let given: Vec<&str> = cli
-        .params
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| match p.split_once('=') {
-            Some((key, _)) => Some(key),
-            // A bare first value stands for the backend's first key.
-            None if i == 0 => crate::backend::first_key(backend),
-            None => None,
+    /// tmpdisk's default class: the command line's `KEY=VALUE`s over the
+    /// file's `[tmpdisk]` (kept by [`ServeArgs::or_file`] only when it is
+    /// for this backend), key by key.
+    pub fn disk_settings(&self) -> Result<DiskSettings, SpecError> {
+        let cli = DiskSettings::from_params(&self.params)?;
+        Ok(match &self.tmpdisk {
+            Some(file) => cli.or(file),
+            None => cli,
         })
-        .collect();
-    for (key, value) in table {
-        if !given.contains(&key.get_ref().as_str()) {
-            params.push(format!("{}={}", key.get_ref(), value.0));
-        }
     }
-    params
 }
 
 #[cfg(test)]
@@ -398,14 +376,17 @@ pool = 2
         assert!(merged.readonly);
         assert_eq!(merged.allow, vec!["10.0.0.0/8".parse().unwrap()]);
         assert_eq!(merged.reply_timeout, Some(Duration::from_secs(30)));
-        assert_eq!(merged.memory_limit.as_deref(), Some("64G"));
+        assert_eq!(merged.memory_limit, Some(64 << 30));
         assert_eq!(
             merged.control,
             Some(PathBuf::from("/run/scratchd/control.sock"))
         );
         assert_eq!(merged.metrics.as_deref(), Some("127.0.0.1:9810"));
         assert_eq!(merged.backend.as_deref(), Some("tmpdisk"));
-        assert_eq!(merged.params, ["linger=30s", "pool=2", "size=20G"]);
+        let disk = merged.disk_settings().unwrap();
+        assert_eq!(disk.size, Some(20 << 30));
+        assert_eq!(disk.linger, Some(Duration::from_secs(30)));
+        assert_eq!(disk.pool, Some(2));
     }
 
     /// The example shipped in contrib/ (and shown in docs/CONFIG.md) is valid.
@@ -414,7 +395,7 @@ pool = 2
         let example = file(include_str!("../contrib/scratchd.toml")).unwrap();
         let merged = cli(&[]).or_file(example);
         assert_eq!(merged.backend.as_deref(), Some("tmpdisk"));
-        assert!(merged.params.contains(&"pool=2".to_owned()));
+        assert_eq!(merged.disk_settings().unwrap().pool, Some(2));
         assert_eq!(merged.allow.len(), 3);
         let docs = include_str!("../docs/CONFIG.md");
         let shown = docs
@@ -425,21 +406,75 @@ pool = 2
         assert_eq!(shown, include_str!("../contrib/scratchd.toml"));
     }
 
+    /// Flags and keys hold the same typed values, parsed once.
+    #[test]
+    fn sizes_and_modes_are_typed_from_both_sources() {
+        let flags = cli(&[
+            "--memory-limit",
+            "64G",
+            "--owner-disk-limit",
+            "1M",
+            "--tls",
+            "require",
+        ]);
+        let text = "memory-limit = \"64G\"\nowner-disk-limit = 1048576\ntls = \"require\"\n";
+        let from_file = file(text).unwrap();
+        for args in [&flags, &from_file] {
+            assert_eq!(args.memory_limit, Some(64 << 30));
+            assert_eq!(args.owner_disk_limit, Some(1 << 20));
+            assert_eq!(args.tls, Some(crate::serve::TlsSetting::Require));
+        }
+        let bad = Cli::try_parse_from(["serve", "--disk-limit", "12Q"])
+            .err()
+            .unwrap();
+        let bad = bad.to_string();
+        assert!(bad.contains("--disk-limit") && bad.contains("12Q"), "{bad}");
+    }
+
     #[test]
     fn backend_parameters_merge_key_by_key() {
         let merged = cli(&["tmpdisk", "10G", "pool=0"]).or_file(file(EXAMPLE).unwrap());
-        assert_eq!(merged.params, ["10G", "pool=0", "linger=30s"]);
+        let disk = merged.disk_settings().unwrap();
+        assert_eq!(disk.size, Some(10 << 30), "a bare size is size=");
+        assert_eq!(disk.pool, Some(0), "the command line wins");
+        assert_eq!(disk.linger, Some(Duration::from_secs(30)), "from the file");
         let other = cli(&["memory", "size=1G"]).or_file(file(EXAMPLE).unwrap());
         assert_eq!(other.backend.as_deref(), Some("memory"));
-        assert_eq!(
-            other.params,
-            ["size=1G"],
+        assert_eq!(other.params, ["size=1G"]);
+        assert!(
+            other.tmpdisk.is_none() && other.memory.is_none(),
             "another backend's table is ignored"
         );
         let no_backend = cli(&[]).or_file(file("[memory]\nsize = 1048576\n").unwrap());
         assert_eq!(no_backend.backend, None);
+        assert!(no_backend.memory.is_none());
         let named = cli(&["memory"]).or_file(file("[memory]\nsize = 1048576\n").unwrap());
-        assert_eq!(named.params, ["size=1048576"]);
+        let table = named.memory.as_ref().unwrap();
+        assert_eq!(table.get("size").map(ParamValue::text), Some("1048576"));
+        // A file without a backend, whose [tmpdisk] the command line's
+        // tmpdisk completes.
+        let named =
+            cli(&["tmpdisk", "linger=1s"]).or_file(file("[tmpdisk]\nsize = 1024\n").unwrap());
+        let disk = named.disk_settings().unwrap();
+        assert_eq!(
+            (disk.size, disk.linger),
+            (Some(1024), Some(Duration::from_secs(1)))
+        );
+        // The two sources give the same settings, and a bad value on the
+        // command line is refused naming its key, as in the file.
+        let same = cli(&["tmpdisk", "size=20G", "linger=30s", "pool=2"]).disk_settings();
+        assert_eq!(same, file(EXAMPLE).unwrap().disk_settings());
+        let e = cli(&["tmpdisk", "1G", "linger=x"])
+            .disk_settings()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("linger: invalid duration"), "{e}");
+        let e = file("[tmpdisk]\nsize = 1\nlinger = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("linger: invalid duration"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -447,14 +482,15 @@ pool = 2
         let text = "backend = \"tmpdisk\"\n[tmpdisk]\nsize = \"20G\"\n\n[[class]]\nmatch = \"big-*\"\nsize = \"200G\"\n\n[[class]]\nmatch = \"raw-*\"\ntype = \"none\"\n";
         let merged = cli(&["-p", "0"]).or_file(file(text).unwrap());
         assert_eq!(merged.class.len(), 2);
-        assert_eq!(merged.class[0].get("match").unwrap().text(), "big-*");
-        assert_eq!(merged.class[1].get("type").unwrap().text(), "none");
+        assert_eq!(merged.class[0].pattern.as_deref(), Some("big-*"));
+        assert_eq!(merged.class[0].disk.size, Some(200 << 30));
+        assert_eq!(merged.class[1].disk.fs_type.as_deref(), Some("none"));
         assert!(file("[[class]]\nmatch = \"a*\"\npool = 2\n").is_ok());
         let e = file("[[class]]\nmatch = \"a*\"\ncommand = \"true\"\n")
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("line 3: unknown key \"command\" in [[class]]"),
+            e.contains("line 3") && e.contains("unknown key \"command\" in [[class]]"),
             "{e}"
         );
         let e = file("[[class]]\nsize = 2\n").unwrap_err().to_string();
@@ -479,6 +515,10 @@ pool = 2
         assert!(e.contains("did you mean 10.0.0.0/8"), "{e}");
         let e = file("reply-timeout = \"0\"\n").unwrap_err().to_string();
         assert!(e.contains("more than 0"), "{e}");
+        let e = file("port = 1\ntls = \"requir\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("requir"), "{e}");
         let e = file("backend = \"tmpdisk\"\n[memory]\nsize = \"1G\"\n")
             .unwrap_err()
             .to_string();
@@ -491,6 +531,14 @@ pool = 2
             "{e}"
         );
         assert!(file("[tmpdisk]\nsize = 1\ncommand = \"true\"\nX = 2\n").is_ok());
+        assert!(file("[tmpdisk]\nX = 2\ncommand = \"true\"\n").is_ok());
+        let e = file("[tmpdisk]\nsize = 1\n\nsise = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 4: unknown key \"sise\" for backend tmpdisk"),
+            "{e}"
+        );
         let e = file("[tmpdisk]\nsize = [1]\n").unwrap_err().to_string();
         assert!(e.contains("a string, number or boolean"), "{e}");
         for key in ["config = \"x\"", "params = []", "unknown = 1"] {

@@ -219,7 +219,7 @@ pub enum CtlCommand {
         owner: Option<String>,
         /// How long to keep it after its last connection (default: until
         /// `ctl drop` or the server stops).
-        #[arg(long = "for", value_name = "DURATION", value_parser = crate::serve::parse_reply_timeout)]
+        #[arg(long = "for", value_name = "DURATION", value_parser = crate::cli::parse_reply_timeout)]
         time: Option<Duration>,
     },
     /// Budgets, export and connection totals.

@@ -3,22 +3,24 @@
 //! This binary is only the edge: command-line parsing, logging, listeners
 //! and process lifetime (`--run`, pidfile, signals). The protocol lives in
 //! `scratchd-proto`, storage in `scratchd-store`, connections in
-//! `scratchd-server`.
+//! `scratchd-server`, the builder side (`run`, `attach`, `detach`) in
+//! `scratchd-builder`; what every command shares at the edge (exit
+//! statuses, logging, error reports) in [`cli`].
 
 #![forbid(unsafe_code)]
 
 mod admin;
 mod attach;
-mod attachment;
 mod backend;
+mod cli;
 mod config;
 mod ctl;
+mod detach;
 mod generate;
 mod metrics;
 mod notify;
 mod run;
 mod serve;
-mod size;
 mod tmpdisk;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -50,17 +52,17 @@ enum Command {
     Attach(attach::AttachArgs),
     /// Undo an attach (DIR or DEVICE), or remove what dead ones left
     /// (--stale).
-    Detach(attach::detach::DetachArgs),
+    Detach(detach::DetachArgs),
     /// Look at and act on a running server through its control socket
     /// (`serve --control PATH`): list, show, drop and keep disks, status.
     Ctl(ctl::CtlArgs),
     /// Write manual pages or shell completions made from these commands.
     Generate(generate::GenerateArgs),
     /// (internal) The watchdog of a `scratchd run`.
-    #[command(hide = true)]
+    #[command(hide = true, name = scratchd_builder::run::WATCHDOG_SUBCOMMAND)]
     RunWatchdog,
     /// (internal) The process that serves an attached disk's FUSE file.
-    #[command(hide = true, name = attach::holder::SUBCOMMAND)]
+    #[command(hide = true, name = scratchd_builder::holder::SUBCOMMAND)]
     AttachHolder,
 }
 
@@ -71,26 +73,10 @@ fn main() {
         Command::Run(args) => run::main(args),
         Command::Ctl(args) => ctl::main(args),
         Command::Generate(args) => generate::main(args, Cli::command()),
-        Command::RunWatchdog => run::watchdog_main(),
+        Command::RunWatchdog => scratchd_builder::run::watchdog_main(),
         Command::Attach(args) => attach::main(args),
-        Command::Detach(args) => attach::detach::main(args),
-        Command::AttachHolder => attach::holder::main(),
+        Command::Detach(args) => detach::main(args),
+        Command::AttachHolder => attach::holder_main(),
     };
     std::process::exit(code);
-}
-
-/// An error and the chain of its causes, as one line (for the messages of
-/// commands that fail).
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        // Some errors already carry their cause's text.
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        cause = c.source();
-    }
-    text
 }

@@ -22,7 +22,10 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tracing::{debug, warn};
 
-use crate::admin::{Admin, ExportRow};
+use scratchd_server::counters::ServerCounters;
+use MetricType::{Counter, Gauge};
+
+use crate::admin::{Admin, Budget, ExportRow, Pool, Status};
 
 /// How long one scraper may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,232 +154,281 @@ fn family(
     Ok(())
 }
 
+/// The metric families, in the order they are exposed: per export, the
+/// registry's totals, connections, the server's events, creation times.
 impl Collector for Snapshots {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snap = self.0.snapshot();
-        let s = &snap.status;
-        let none = Labels::new;
-        let per_export = |f: &dyn Fn(&ExportRow) -> u64| -> Vec<(Labels, u64)> {
-            snap.exports
-                .iter()
-                .map(|e| (export_labels(e), f(e)))
-                .collect()
-        };
-        use MetricType::{Counter, Gauge};
-        let e = &mut encoder;
-        family(
-            e,
-            "scratchd_export_connections",
-            "Connections open on the export",
-            Gauge,
-            &per_export(&|e| e.connections),
-        )?;
-        family(
-            e,
-            "scratchd_export_connections_opened",
-            "Connections the export has had",
-            Counter,
-            &per_export(&|e| e.connections_total),
-        )?;
-        family(
-            e,
-            "scratchd_export_allocated_bytes",
-            "Memory or disk space the export holds",
-            Gauge,
-            &per_export(&|e| e.allocated_bytes),
-        )?;
-        family(
-            e,
-            "scratchd_export_size_bytes",
-            "Size of the export",
-            Gauge,
-            &per_export(&|e| e.size),
-        )?;
-        let by_command = |f: &dyn Fn(&ExportRow) -> [u64; 4]| -> Vec<(Labels, u64)> {
-            let mut out = Vec::new();
-            for e in &snap.exports {
-                let values = f(e);
-                for (command, v) in ["read", "write", "trim", "write_zeroes"].iter().zip(values) {
-                    let mut labels = export_labels(e);
-                    labels.push(("command", (*command).to_owned()));
-                    out.push((labels, v));
-                }
-            }
-            out
-        };
-        family(
-            e,
-            "scratchd_export_bytes",
-            "Bytes by command",
-            Counter,
-            &by_command(&|e| {
-                [
-                    e.io.read_bytes,
-                    e.io.written_bytes,
-                    e.io.trimmed_bytes,
-                    e.io.zeroed_bytes,
-                ]
-            }),
-        )?;
-        family(
-            e,
-            "scratchd_export_ops",
-            "Requests by command",
-            Counter,
-            &by_command(&|e| [e.io.reads, e.io.writes, e.io.trims, e.io.zeroes]),
-        )?;
-        family(
-            e,
-            "scratchd_export_flushes_dropped",
-            "FLUSH requests answered without doing anything",
-            Counter,
-            &per_export(&|e| e.io.flushes_dropped),
-        )?;
-        family(
-            e,
-            "scratchd_export_fua_dropped",
-            "Requests whose FUA flag was ignored",
-            Counter,
-            &per_export(&|e| e.io.fua_dropped),
-        )?;
-        family(
-            e,
-            "scratchd_export_errors",
-            "Error replies sent for the export's requests, by errno (those that occurred)",
-            Counter,
-            &by_errno(&snap.exports),
-        )?;
-        let budgets = |f: &dyn Fn(&crate::admin::Budget) -> u64| -> Vec<(Labels, u64)> {
-            [("memory", s.memory), ("disk", s.disk)]
-                .into_iter()
-                .filter_map(|(kind, b)| b.map(|b| (vec![("kind", kind.to_owned())], f(&b))))
-                .collect()
-        };
-        family(
-            e,
-            "scratchd_budget_used_bytes",
-            "Bytes of the budget in use",
-            Gauge,
-            &budgets(&|b| b.used),
-        )?;
-        family(
-            e,
-            "scratchd_budget_limit_bytes",
-            "The budget's limit",
-            Gauge,
-            &budgets(&|b| b.limit),
-        )?;
-        family(
-            e,
-            "scratchd_exports",
-            "Exports now (being created, live or lingering)",
-            Gauge,
-            &[(none(), s.exports_live)],
-        )?;
-        family(
-            e,
-            "scratchd_exports_created",
-            "Exports created",
-            Counter,
-            &[(none(), s.exports_created)],
-        )?;
-        family(
-            e,
-            "scratchd_exports_destroyed",
-            "Exports destroyed",
-            Counter,
-            &[(none(), s.exports_destroyed)],
-        )?;
-        let pools = |f: &dyn Fn(&crate::admin::Pool) -> u64| -> Vec<(Labels, u64)> {
-            s.pools
-                .iter()
-                .map(|p| (vec![("class", p.class.clone())], f(p)))
-                .collect()
-        };
-        family(
-            e,
-            "scratchd_pool_ready",
-            "Formatted disks ready in the class's pool",
-            Gauge,
-            &pools(&|p| p.ready),
-        )?;
-        family(
-            e,
-            "scratchd_pool_target",
-            "Formatted disks the class's pool keeps ready (pool=)",
-            Gauge,
-            &pools(&|p| p.target),
-        )?;
-        family(
-            e,
-            "scratchd_connections",
-            "Connections open",
-            Gauge,
-            &[(none(), s.connections)],
-        )?;
-        family(
-            e,
-            "scratchd_connections_accepted",
-            "Connections accepted",
-            Counter,
-            &[(none(), s.connections_accepted)],
-        )?;
-        family(
-            e,
-            "scratchd_connections_refused",
-            "Connections closed at accept (--allow, limits)",
-            Counter,
-            &[(none(), s.connections_refused)],
-        )?;
-        use scratchd_server::counters;
-        let labelled = |label: &'static str, values: Vec<(&'static str, u64)>| {
-            values
-                .into_iter()
-                .map(|(v, n)| (vec![(label, v.to_owned())], n))
-                .collect::<Vec<_>>()
-        };
-        family(
-            e,
-            "scratchd_errors",
-            "NBD error replies sent, by errno",
-            Counter,
-            &labelled("errno", counters::errors()),
-        )?;
-        family(
-            e,
-            "scratchd_handshake_failures",
-            "Handshakes that ended without transmission, by reason",
-            Counter,
-            &labelled("reason", counters::handshake_failures()),
-        )?;
-        let (completed, failed) = counters::tls_handshakes();
-        family(
-            e,
-            "scratchd_tls_handshakes",
-            "TLS handshakes, by result",
-            Counter,
-            &labelled("result", vec![("completed", completed), ("failed", failed)]),
-        )?;
-        let buckets: Vec<(f64, u64)> = s
-            .creation_buckets_ms
-            .iter()
-            .map(|ms| ms / 1e3)
-            .chain([f64::INFINITY])
-            .zip(s.creation_counts.iter().copied())
-            .collect();
-        let count = s.creation_counts.iter().sum();
-        let mut m = e.encode_descriptor(
-            "scratchd_export_creation_seconds",
-            "Time to create (and format) a scratch disk",
-            None,
-            MetricType::Histogram,
-        )?;
-        m.encode_histogram::<NoLabelSet>(
-            s.creation_seconds_sum,
-            count,
-            &buckets,
-            None::<&HashMap<usize, Exemplar<NoLabelSet, f64>>>,
-        )?;
-        Ok(())
+        let (e, s) = (&mut encoder, &snap.status);
+        export_sizes(e, &snap.exports)?;
+        export_io(e, &snap.exports)?;
+        budgets(e, s)?;
+        export_totals(e, s)?;
+        pools(e, s)?;
+        connections(e, s)?;
+        server_events(e, &self.0.server.counters)?;
+        creation_histogram(e, s)
     }
+}
+
+/// One value per export.
+fn per_export(exports: &[ExportRow], f: impl Fn(&ExportRow) -> u64) -> Vec<(Labels, u64)> {
+    exports.iter().map(|e| (export_labels(e), f(e))).collect()
+}
+
+/// Four values per export, one per data command.
+fn by_command(exports: &[ExportRow], f: impl Fn(&ExportRow) -> [u64; 4]) -> Vec<(Labels, u64)> {
+    let mut out = Vec::new();
+    for e in exports {
+        let values = f(e);
+        for (command, v) in ["read", "write", "trim", "write_zeroes"].iter().zip(values) {
+            let mut labels = export_labels(e);
+            labels.push(("command", (*command).to_owned()));
+            out.push((labels, v));
+        }
+    }
+    out
+}
+
+/// One unlabelled value.
+fn single(v: u64) -> [(Labels, u64); 1] {
+    [(Labels::new(), v)]
+}
+
+/// Values labelled by one name (`errno`, `reason`, ...).
+fn labelled(label: &'static str, values: Vec<(&'static str, u64)>) -> Vec<(Labels, u64)> {
+    values
+        .into_iter()
+        .map(|(v, n)| (vec![(label, v.to_owned())], n))
+        .collect()
+}
+
+/// Each export's connections and space.
+fn export_sizes(e: &mut DescriptorEncoder, exports: &[ExportRow]) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "scratchd_export_connections",
+        "Connections open on the export",
+        Gauge,
+        &per_export(exports, |e| e.connections),
+    )?;
+    family(
+        e,
+        "scratchd_export_connections_opened",
+        "Connections the export has had",
+        Counter,
+        &per_export(exports, |e| e.connections_total),
+    )?;
+    family(
+        e,
+        "scratchd_export_allocated_bytes",
+        "Memory or disk space the export holds",
+        Gauge,
+        &per_export(exports, |e| e.allocated_bytes),
+    )?;
+    family(
+        e,
+        "scratchd_export_size_bytes",
+        "Size of the export",
+        Gauge,
+        &per_export(exports, |e| e.size),
+    )
+}
+
+/// Each export's requests: bytes and operations by command, flushes and
+/// FUA dropped, error replies.
+fn export_io(e: &mut DescriptorEncoder, exports: &[ExportRow]) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "scratchd_export_bytes",
+        "Bytes by command",
+        Counter,
+        &by_command(exports, |e| {
+            [
+                e.io.read_bytes,
+                e.io.written_bytes,
+                e.io.trimmed_bytes,
+                e.io.zeroed_bytes,
+            ]
+        }),
+    )?;
+    family(
+        e,
+        "scratchd_export_ops",
+        "Requests by command",
+        Counter,
+        &by_command(exports, |e| {
+            [e.io.reads, e.io.writes, e.io.trims, e.io.zeroes]
+        }),
+    )?;
+    family(
+        e,
+        "scratchd_export_flushes_dropped",
+        "FLUSH requests answered without doing anything",
+        Counter,
+        &per_export(exports, |e| e.io.flushes_dropped),
+    )?;
+    family(
+        e,
+        "scratchd_export_fua_dropped",
+        "Requests whose FUA flag was ignored",
+        Counter,
+        &per_export(exports, |e| e.io.fua_dropped),
+    )?;
+    family(
+        e,
+        "scratchd_export_errors",
+        "Error replies sent for the export's requests, by errno (those that occurred)",
+        Counter,
+        &by_errno(exports),
+    )
+}
+
+/// The memory and disk budgets, those that are set.
+fn budgets(e: &mut DescriptorEncoder, s: &Status) -> Result<(), std::fmt::Error> {
+    let by_kind = |f: &dyn Fn(&Budget) -> u64| -> Vec<(Labels, u64)> {
+        [("memory", s.memory), ("disk", s.disk)]
+            .into_iter()
+            .filter_map(|(kind, b)| b.map(|b| (vec![("kind", kind.to_owned())], f(&b))))
+            .collect()
+    };
+    family(
+        e,
+        "scratchd_budget_used_bytes",
+        "Bytes of the budget in use",
+        Gauge,
+        &by_kind(&|b| b.used),
+    )?;
+    family(
+        e,
+        "scratchd_budget_limit_bytes",
+        "The budget's limit",
+        Gauge,
+        &by_kind(&|b| b.limit),
+    )
+}
+
+/// Exports now, created and destroyed.
+fn export_totals(e: &mut DescriptorEncoder, s: &Status) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "scratchd_exports",
+        "Exports now (being created, live or lingering)",
+        Gauge,
+        &single(s.exports_live),
+    )?;
+    family(
+        e,
+        "scratchd_exports_created",
+        "Exports created",
+        Counter,
+        &single(s.exports_created),
+    )?;
+    family(
+        e,
+        "scratchd_exports_destroyed",
+        "Exports destroyed",
+        Counter,
+        &single(s.exports_destroyed),
+    )
+}
+
+/// Each class's pool of formatted disks.
+fn pools(e: &mut DescriptorEncoder, s: &Status) -> Result<(), std::fmt::Error> {
+    let by_class = |f: &dyn Fn(&Pool) -> u64| -> Vec<(Labels, u64)> {
+        s.pools
+            .iter()
+            .map(|p| (vec![("class", p.class.clone())], f(p)))
+            .collect()
+    };
+    family(
+        e,
+        "scratchd_pool_ready",
+        "Formatted disks ready in the class's pool",
+        Gauge,
+        &by_class(&|p| p.ready),
+    )?;
+    family(
+        e,
+        "scratchd_pool_target",
+        "Formatted disks the class's pool keeps ready (pool=)",
+        Gauge,
+        &by_class(&|p| p.target),
+    )
+}
+
+/// Connections open, accepted and refused at accept.
+fn connections(e: &mut DescriptorEncoder, s: &Status) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "scratchd_connections",
+        "Connections open",
+        Gauge,
+        &single(s.connections),
+    )?;
+    family(
+        e,
+        "scratchd_connections_accepted",
+        "Connections accepted",
+        Counter,
+        &single(s.connections_accepted),
+    )?;
+    family(
+        e,
+        "scratchd_connections_refused",
+        "Connections closed at accept (--allow, limits)",
+        Counter,
+        &single(s.connections_refused),
+    )
+}
+
+/// The server's own event counters: error replies, failed handshakes,
+/// TLS handshakes.
+fn server_events(e: &mut DescriptorEncoder, c: &ServerCounters) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "scratchd_errors",
+        "NBD error replies sent, by errno",
+        Counter,
+        &labelled("errno", c.errors()),
+    )?;
+    family(
+        e,
+        "scratchd_handshake_failures",
+        "Handshakes that ended without transmission, by reason",
+        Counter,
+        &labelled("reason", c.handshake_failures()),
+    )?;
+    let (completed, failed) = c.tls_handshakes();
+    family(
+        e,
+        "scratchd_tls_handshakes",
+        "TLS handshakes, by result",
+        Counter,
+        &labelled("result", vec![("completed", completed), ("failed", failed)]),
+    )
+}
+
+/// How long creating a scratch disk took, as a histogram.
+fn creation_histogram(e: &mut DescriptorEncoder, s: &Status) -> Result<(), std::fmt::Error> {
+    let buckets: Vec<(f64, u64)> = s
+        .creation_buckets_ms
+        .iter()
+        .map(|ms| ms / 1e3)
+        .chain([f64::INFINITY])
+        .zip(s.creation_counts.iter().copied())
+        .collect();
+    let count = s.creation_counts.iter().sum();
+    let mut m = e.encode_descriptor(
+        "scratchd_export_creation_seconds",
+        "Time to create (and format) a scratch disk",
+        None,
+        MetricType::Histogram,
+    )?;
+    m.encode_histogram::<NoLabelSet>(
+        s.creation_seconds_sum,
+        count,
+        &buckets,
+        None::<&HashMap<usize, Exemplar<NoLabelSet, f64>>>,
+    )
 }

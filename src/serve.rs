@@ -22,14 +22,14 @@ use tracing::{info, warn};
 
 use crate::admin::{Admin, Backend as AdminBackend};
 use crate::backend::{open_backend, BackendError, OpenError, Options, UsageError};
+use crate::cli::{init_logging, parse_keepalive, parse_reply_timeout, EXIT_USAGE};
 use crate::config;
 use crate::notify::Notifier;
-use crate::size::parse_size;
 use crate::tmpdisk;
 use scratchd_scratch::config::default_memory_limit;
+use scratchd_scratch::units::parse_size;
+use scratchd_scratch::{ClassSettings, DiskSettings};
 
-/// Exit status for bad usage, as clap uses.
-const EXIT_USAGE: i32 = 2;
 const DEFAULT_PORT: u16 = 10809;
 const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 const DEFAULT_THREADS: usize = 16;
@@ -113,8 +113,8 @@ pub struct ServeArgs {
     pub threads: Option<usize>,
     /// TLS: off (STARTTLS refused; the default), on (offered), require
     /// (nothing but STARTTLS before TLS is up).
-    #[arg(long, value_name = "MODE", value_parser = ["off", "on", "require"])]
-    pub tls: Option<String>,
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub tls: Option<TlsSetting>,
     /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (the
     /// layout of nbdkit and qemu).
     #[arg(long, value_name = "DIR")]
@@ -153,14 +153,14 @@ pub struct ServeArgs {
     pub max_exports: Option<usize>,
     /// memory and tmpdisk: RAM that all memory disks may hold together;
     /// writes past it fail with ENOSPC (default: half of the machine's RAM).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", value_parser = |t: &str| parse_size("--memory-limit", t))]
     #[serde(default, deserialize_with = "config::size")]
-    pub memory_limit: Option<String>,
+    pub memory_limit: Option<u64>,
     /// tmpdisk with backing=dir: space all disk files may allocate together
     /// (default: until the file system is full).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", value_parser = |t: &str| parse_size("--disk-limit", t))]
     #[serde(default, deserialize_with = "config::size")]
-    pub disk_limit: Option<String>,
+    pub disk_limit: Option<u64>,
     /// tmpdisk: export names must start with P.
     #[arg(long, value_name = "P")]
     pub name_prefix: Option<String>,
@@ -170,14 +170,14 @@ pub struct ServeArgs {
     pub max_exports_per_owner: Option<NonZeroUsize>,
     /// tmpdisk: RAM the disks of one owner may hold together; their writes
     /// past it fail with ENOSPC.
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", value_parser = |t: &str| parse_size("--owner-memory-limit", t))]
     #[serde(default, deserialize_with = "config::size")]
-    pub owner_memory_limit: Option<String>,
+    pub owner_memory_limit: Option<u64>,
     /// tmpdisk with dir: or spill=: space the disk files of one owner may
     /// allocate together.
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", value_parser = |t: &str| parse_size("--owner-disk-limit", t))]
     #[serde(default, deserialize_with = "config::size")]
-    pub owner_disk_limit: Option<String>,
+    pub owner_disk_limit: Option<u64>,
     /// Serve `scratchd ctl` on a Unix socket at PATH (mode 0600, removed
     /// at exit; docs/OPERATIONS.md).
     #[arg(long, value_name = "PATH")]
@@ -199,13 +199,26 @@ pub struct ServeArgs {
     /// The config file's `[file]` table.
     #[arg(skip)]
     pub file: Option<config::Params>,
-    /// The config file's `[tmpdisk]` table.
+    /// The config file's `[tmpdisk]` table: the default class's disk
+    /// settings, parsed as the command line's `KEY=VALUE`s are.
     #[arg(skip)]
-    pub tmpdisk: Option<config::Params>,
+    pub tmpdisk: Option<DiskSettings>,
     /// The config file's `[[class]]` tables: tmpdisk's export classes.
     #[arg(skip)]
     #[serde(default)]
-    pub class: Vec<config::Params>,
+    pub class: Vec<ClassSettings>,
+}
+
+/// `--tls` (`tls =` in the file): whether TCP clients may or must start
+/// TLS. The server's own [`TlsMode`] has no "off": no TLS config at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSetting {
+    // No doc comments: clap would print them in `--help` as a list of
+    // values, which the option's own help already explains.
+    Off,
+    On,
+    Require,
 }
 
 impl ServeArgs {
@@ -290,6 +303,7 @@ pub fn main(args: ServeArgs) -> i32 {
     };
     let ctx = Arc::new(ServerContext {
         exports,
+        counters: Arc::default(),
         workers,
         shutdown: Shutdown::default(),
         connections: ConnectionLimit::new(
@@ -421,15 +435,16 @@ fn build_exports(
     if !args.class.is_empty() {
         return Err(UsageError::TmpdiskOnly("[[class]]").into());
     }
-    let memory_limit = match &args.memory_limit {
-        Some(text) => parse_size("--memory-limit", text).map_err(UsageError::from)?,
-        None => default_memory_limit(),
-    };
     let options = Options {
         read_only: args.readonly,
-        memory_limit,
+        memory_limit: args.memory_limit.unwrap_or_else(default_memory_limit),
     };
-    let device = open_backend(backend, &args.params, &options)?;
+    let file_table = match backend {
+        "memory" => args.memory.as_ref(),
+        "file" => args.file.as_ref(),
+        _ => None,
+    };
+    let device = open_backend(backend, &args.params, file_table, &options)?;
     let may_block = device.capabilities().may_block;
     let export = SingleExport::new(
         args.export_name().to_owned(),
@@ -447,21 +462,15 @@ fn build_exports(
 }
 
 fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBackend), BackendError> {
-    let size = |flag: &'static str, text: &Option<String>| {
-        text.as_deref()
-            .map(|t| parse_size(flag, t))
-            .transpose()
-            .map_err(UsageError::from)
-    };
     let limits = tmpdisk::Limits {
         max_exports: args.max_exports,
-        memory_limit: size("--memory-limit", &args.memory_limit)?,
-        disk_limit: size("--disk-limit", &args.disk_limit)?,
+        memory_limit: args.memory_limit,
+        disk_limit: args.disk_limit,
         name_prefix: args.name_prefix.clone(),
         per_owner: scratchd_scratch::OwnerLimits {
             max_exports: args.max_exports_per_owner.map(NonZeroUsize::get),
-            memory: size("--owner-memory-limit", &args.owner_memory_limit)?,
-            disk: size("--owner-disk-limit", &args.owner_disk_limit)?,
+            memory: args.owner_memory_limit,
+            disk: args.owner_disk_limit,
         },
     };
     let export = tmpdisk::ExportOptions {
@@ -469,30 +478,17 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
         description: args.description.clone(),
         read_only: args.readonly,
     };
-    let classes: Vec<tmpdisk::ClassParams> = args
-        .class
-        .iter()
-        .map(|table| {
-            let mut pattern = String::new();
-            let mut params = Vec::new();
-            for (key, value) in table {
-                match key.get_ref().as_str() {
-                    "match" => pattern = value.text().to_owned(),
-                    key => params.push(format!("{key}={}", value.text())),
-                }
-            }
-            tmpdisk::ClassParams { pattern, params }
-        })
-        .collect();
-    let config = tmpdisk::config_with_classes(&args.params, &classes, limits, export)?;
+    let disk = args.disk_settings().map_err(UsageError::from)?;
+    let config = tmpdisk::config(&disk, &args.class, limits, export)?;
     warn_about_ownership(config.owners);
     // Any class with disks in files sends requests to the worker pool,
     // which then needs its threads (memory disks answer inline).
     let may_block = config
         .disks()
         .any(|d| d.backing != scratchd_scratch::Backing::Memory);
-    let exports = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);
-    Ok((exports.clone(), may_block, AdminBackend::Tmpdisk(exports)))
+    let registry = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);
+    let exports = Arc::new(scratchd_exports::ScratchExports::new(registry.clone()));
+    Ok((exports, may_block, AdminBackend::Tmpdisk(registry)))
 }
 
 /// Warns that under `owner=name` every client reaches scratch disks by
@@ -524,23 +520,6 @@ fn warn_about_tcp(listeners: &[Listener]) {
 fn fail(message: impl Display) -> i32 {
     eprintln!("scratchd: {message}");
     1
-}
-
-pub fn init_logging(verbose: u8, level: Option<&str>) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(level.unwrap_or(default))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only for a terminal: not into the journal or a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 /// The environment `--run` commands get: how to reach the server.
@@ -594,7 +573,7 @@ fn start_listeners(
     let port = listeners.iter().find_map(Listener::tcp_port);
     // With required TLS and verified client certificates, every TCP
     // client is an owner (its certificate): nothing to warn about.
-    let certified = args.tls.as_deref() == Some("require") && args.tls_verify_peer;
+    let certified = args.tls == Some(TlsSetting::Require) && args.tls_verify_peer;
     if args.backend.as_deref() == Some("tmpdisk") && !certified {
         warn_about_tcp(&listeners);
     }
@@ -740,14 +719,6 @@ fn run_captive(cmd: &str, env: &RunEnv, cleanup: &Arc<Mutex<Cleanup>>, notifier:
     }
 }
 
-pub fn parse_reply_timeout(text: &str) -> Result<std::time::Duration, String> {
-    match scratchd_scratch::config::parse_duration(text) {
-        Ok(d) if d.is_zero() => Err("must be more than 0".to_owned()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 /// Why `--tls` could not be set up.
 #[derive(Debug, thiserror::Error)]
 enum TlsSetupError {
@@ -758,10 +729,10 @@ enum TlsSetupError {
 }
 
 fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, TlsSetupError> {
-    let mode = match args.tls.as_deref().unwrap_or("off") {
-        "on" => TlsMode::On,
-        "require" => TlsMode::Require,
-        _ => {
+    let mode = match args.tls.unwrap_or(TlsSetting::Off) {
+        TlsSetting::On => TlsMode::On,
+        TlsSetting::Require => TlsMode::Require,
+        TlsSetting::Off => {
             if args.tls_certificates.is_some() || args.tls_verify_peer {
                 return Err(TlsSetupError::Usage(
                     "--tls-certificates and --tls-verify-peer need --tls=on or --tls=require",
@@ -777,9 +748,4 @@ fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, TlsSetupError> {
             "--tls=on|require needs --tls-certificates DIR",
         ))?;
     Ok(Some(TlsConfig::load(dir, mode, args.tls_verify_peer)?))
-}
-
-/// `--tcp-keepalive`: a duration, 0 for off.
-pub fn parse_keepalive(text: &str) -> Result<Duration, String> {
-    scratchd_scratch::config::parse_duration(text).map_err(|e| e.to_string())
 }

@@ -1,71 +1,17 @@
-//! `tmpdisk`: the build scratch-disk backend's keys, turned into a
-//! [`scratchd_scratch::Config`].
+//! `tmpdisk`: the build scratch-disk backend's settings and the server
+//! flags it takes, turned into a [`scratchd_scratch::Config`].
 //!
-//! Unlike the other backends, tmpdisk accepts keys it does not know when a
-//! `command=` is given: they become environment variables of the format
-//! command, so each must be a valid shell variable name. Without `command=`
-//! an unknown key is an error naming it, as for every backend.
+//! The disk keys themselves (`size=`, `backing=`, classes, ...) are parsed,
+//! merged and checked by [`scratchd_scratch::spec`], from the command line
+//! and the config file alike; what is left here are the server-wide
+//! settings that only tmpdisk uses (budgets, names, owners' limits) and the
+//! checks between them and the disks.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use scratchd_scratch::config::{check_env_key, default_memory_limit, parse_duration};
+use scratchd_scratch::config::default_memory_limit;
 use scratchd_scratch::names::NamePolicy;
-use scratchd_scratch::{
-    Backing, Class, Config, DiskSpec, FormatKind, FormatSpec, OwnerLimits, OwnerPolicy,
-};
+use scratchd_scratch::{Backing, ClassSettings, Config, DiskSettings, OwnerLimits};
 
-use crate::backend::{parse_params, Keys, UsageError};
-use crate::size::parse_size;
-
-/// The keys tmpdisk knows, with their help (the first is the bare value's).
-pub const KEYS: Keys = &[
-    ("size", "size of each disk, e.g. 20G (required)"),
-    (
-        "type",
-        "filesystem for mkfs -t (default ext4, no journal); none: blank",
-    ),
-    ("label", "filesystem label"),
-    (
-        "command",
-        "format with `sh -c COMMAND` ($disk $size $type $label, extra KEY=VALUEs)",
-    ),
-    (
-        "backing",
-        "memory (default), dir:PATH (unnamed sparse files in PATH), or memory,spill=dir:PATH (RAM, then files in PATH)",
-    ),
-    (
-        "linger",
-        "keep a disk this long after its last connection (default 0; 30s, 2m)",
-    ),
-    ("pool", "keep N formatted disks ready (default 0)"),
-    (
-        "quota",
-        "most bytes one disk may allocate (RAM and file each); past it, ENOSPC for that disk",
-    ),
-    (
-        "format-timeout",
-        "kill a format command running longer (default 60s)",
-    ),
-    (
-        "owner",
-        "who owns a disk: peer (default: the Unix peer's uid), peer+gid, or name (whoever knows the name)",
-    ),
-];
-
-/// The keys an export class (`[[class]]` in the config file) may set,
-/// besides `match`; the others come from `[tmpdisk]`, except `pool`: a
-/// class has a pool only when it asks for one.
-pub const CLASS_KEYS: &[&str] = &[
-    "size", "type", "backing", "quota", "linger", "label", "pool",
-];
-
-/// An export class as written: its pattern and its `KEY=VALUE`s.
-#[derive(Debug, Clone, Default)]
-pub struct ClassParams {
-    pub pattern: String,
-    pub params: Vec<String>,
-}
+use crate::backend::UsageError;
 
 /// Server flags that only tmpdisk uses.
 #[derive(Default)]
@@ -86,166 +32,32 @@ pub struct ExportOptions {
     pub read_only: bool,
 }
 
-/// Builds the configuration from `params` (`KEY=VALUE`, or the size alone
-/// first).
+/// Builds the configuration from the default class's settings and the
+/// export classes' (each taking what it leaves out from `disk`).
 pub fn config(
-    params: &[String],
+    disk: &DiskSettings,
+    classes: &[ClassSettings],
     limits: Limits,
     export: ExportOptions,
 ) -> Result<Config, UsageError> {
-    config_with_classes(params, &[], limits, export)
-}
-
-/// Builds the configuration from `params` and the export classes: each
-/// class's keys, and `params` for the keys it does not set, parsed and
-/// checked exactly as `params` are (errors name the class).
-pub fn config_with_classes(
-    params: &[String],
-    classes: &[ClassParams],
-    limits: Limits,
-    export: ExportOptions,
-) -> Result<Config, UsageError> {
-    let mut parsed = Vec::new();
-    for class in classes {
-        parsed.push(class_config(params, class).map_err(|source| match source {
-            UsageError::ClassPattern(_) => source,
-            source => UsageError::Class {
-                pattern: class.pattern.clone(),
-                source: Box::new(source),
-            },
-        })?);
-    }
-    let uses_files = parsed.iter().any(|c| c.disk.backing != Backing::Memory);
-    let mut config = single_config(params, limits, export, uses_files)?;
-    config.classes = parsed;
-    Ok(config)
-}
-
-/// The class `class` describes, with what it leaves out from `base` (but
-/// `pool`: `[tmpdisk]`'s pool is the default class's, and ready disks cost
-/// memory, so a class keeps none unless it says so).
-fn class_config(base: &[String], class: &ClassParams) -> Result<Class, UsageError> {
-    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '*');
-    if class.pattern.is_empty() || class.pattern.len() > 128 || !class.pattern.chars().all(valid) {
-        return Err(UsageError::ClassPattern(class.pattern.clone()));
-    }
-    let key_of = |i: usize, p: &str| match p.split_once('=') {
-        Some((key, _)) => key.to_owned(),
-        None if i == 0 => "size".to_owned(),
-        None => String::new(),
-    };
-    let own: Vec<String> = class
-        .params
+    let classes = classes
         .iter()
-        .enumerate()
-        .map(|(i, p)| key_of(i, p))
-        .collect();
-    let mut params = class.params.clone();
-    for (i, p) in base.iter().enumerate() {
-        let key = key_of(i, p);
-        if !own.contains(&key) && key != "pool" {
-            params.push(if p.contains('=') {
-                p.clone()
-            } else {
-                format!("size={p}")
-            });
-        }
-    }
-    let limits = Limits {
-        memory_limit: Some(0),
-        ..Limits::default()
-    };
-    let c = single_config(&params, limits, ExportOptions::default(), true)?;
-    Ok(Class {
-        pattern: class.pattern.clone(),
-        disk: c.disk,
-    })
-}
-
-/// The configuration `params` give; `uses_files`: some class keeps disks
-/// in files, so disk limits make sense whatever the default backing.
-fn single_config(
-    params: &[String],
-    limits: Limits,
-    export: ExportOptions,
-    uses_files: bool,
-) -> Result<Config, UsageError> {
-    let params = parse_params("tmpdisk", KEYS, params, true)?;
-    let get = |key: &str| params.get(key);
-    let size = parse_size("size", params.required("size", Some("e.g. size=20G"))?)?;
-    let fs_type = get("type").unwrap_or("ext4").to_owned();
-    if fs_type.is_empty()
-        || !fs_type
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-    {
-        return Err(UsageError::FsType(fs_type));
-    }
-    let kind = match (get("command"), fs_type.as_str()) {
-        (Some(command), _) => FormatKind::Command(command.to_owned()),
-        (None, "none") => FormatKind::None,
-        (None, fs) => FormatKind::Filesystem(fs.to_owned()),
-    };
-    if let Some((key, _)) = params.extra.first() {
-        if !matches!(kind, FormatKind::Command(_)) {
-            return Err(UsageError::UnknownKey {
-                backend: "tmpdisk",
-                key: (*key).to_owned(),
-                keys: KEYS,
-                extra: true,
-            });
-        }
-    }
-    for (key, _) in &params.extra {
-        check_env_key(key)?;
-    }
-    let duration = |key: &'static str, default: Duration| match get(key) {
-        Some(text) => parse_duration(text).map_err(|source| UsageError::Duration { key, source }),
-        None => Ok(default),
-    };
-    let backing = match get("backing").unwrap_or("memory") {
-        "memory" => Backing::Memory,
-        other => match (
-            other.strip_prefix("dir:"),
-            other.strip_prefix("memory,spill=dir:"),
-        ) {
-            (Some(dir), _) if !dir.is_empty() => Backing::Dir(PathBuf::from(dir)),
-            (_, Some(dir)) if !dir.is_empty() => Backing::MemorySpill(PathBuf::from(dir)),
-            _ => return Err(UsageError::Backing(other.to_owned())),
-        },
-    };
-    let memory_only = backing == Backing::Memory && !uses_files;
+        .map(|class| class.class(disk))
+        .collect::<Result<Vec<_>, _>>()?;
+    let default = disk.disk_spec()?;
+    // Some class keeps disks in files: disk limits make sense whatever the
+    // default backing.
+    let memory_only = std::iter::once(&default.backing)
+        .chain(classes.iter().map(|c| &c.disk.backing))
+        .all(|b| *b == Backing::Memory);
     if memory_only && limits.disk_limit.is_some() {
         return Err(UsageError::DiskLimitWithoutDir);
     }
     if memory_only && limits.per_owner.disk.is_some() {
         return Err(UsageError::OwnerDiskLimitWithoutDir);
     }
-    let owners = get("owner").map_or(Ok(OwnerPolicy::default()), OwnerPolicy::parse)?;
-    let pool = match get("pool") {
-        Some(n) => n.parse().map_err(|_| UsageError::Pool(n.to_owned()))?,
-        None => 0,
-    };
-    let quota = get("quota").map(|q| parse_size("quota", q)).transpose()?;
     Ok(Config {
-        disk: DiskSpec {
-            size,
-            quota,
-            format: FormatSpec {
-                kind,
-                fs_type,
-                label: get("label").map(str::to_owned),
-                env: params
-                    .extra
-                    .iter()
-                    .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect(),
-                timeout: duration("format-timeout", Duration::from_secs(60))?,
-            },
-            backing,
-            linger: duration("linger", Duration::ZERO)?,
-            pool,
-        },
+        disk: default,
         max_exports: limits.max_exports,
         memory_limit: limits.memory_limit.unwrap_or_else(default_memory_limit),
         disk_limit: limits.disk_limit,
@@ -255,25 +67,33 @@ fn single_config(
         default_name: export.default_name,
         description: export.description,
         read_only: export.read_only,
-        owners,
+        owners: disk.owner.unwrap_or_default(),
         per_owner: limits.per_owner,
-        classes: Vec::new(),
+        classes,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use scratchd_scratch::config::{DurationError, EnvKeyError};
+    use std::time::Duration;
+
+    use scratchd_scratch::config::EnvKeyError;
+    use scratchd_scratch::units::DurationError;
+    use scratchd_scratch::{FormatKind, OwnerPolicy, SpecError};
 
     use super::*;
 
-    fn parse(params: &[&str]) -> Result<Config, UsageError> {
+    fn settings(params: &[&str]) -> Result<DiskSettings, UsageError> {
         let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
+        Ok(DiskSettings::from_params(&params)?)
+    }
+
+    fn parse(params: &[&str]) -> Result<Config, UsageError> {
         let limits = Limits {
             memory_limit: Some(1 << 30),
             ..Limits::default()
         };
-        config(&params, limits, ExportOptions::default())
+        config(&settings(params)?, &[], limits, ExportOptions::default())
     }
 
     #[test]
@@ -316,26 +136,28 @@ mod tests {
         );
         assert!(matches!(
             parse(&["1M", "owner=root"]),
-            Err(UsageError::Owner(_))
+            Err(UsageError::Disk(SpecError::Owner(_)))
         ));
     }
 
     fn with_classes(params: &[&str], classes: &[(&str, &[&str])]) -> Result<Config, UsageError> {
-        let params: Vec<String> = params.iter().map(|s| s.to_string()).collect();
-        let classes: Vec<ClassParams> = classes
-            .iter()
-            .map(|(pattern, params)| ClassParams {
-                pattern: pattern.to_string(),
-                params: params.iter().map(|s| s.to_string()).collect(),
-            })
-            .collect();
+        let mut parsed = Vec::new();
+        for (pattern, params) in classes {
+            let mut class = ClassSettings::default();
+            class.set("match", pattern).map_err(UsageError::from)?;
+            for param in *params {
+                let (key, value) = param.split_once('=').unwrap();
+                class.set(key, value).map_err(UsageError::from)?;
+            }
+            parsed.push(class);
+        }
         let limits = Limits {
             memory_limit: Some(1 << 30),
             disk_limit: Some(1 << 40),
             ..Limits::default()
         };
         let export = ExportOptions::default();
-        config_with_classes(&params, &classes, limits, export)
+        config(&settings(params)?, &parsed, limits, export)
     }
 
     #[test]
@@ -418,48 +240,53 @@ mod tests {
             [("counter".to_string(), "/tmp/x".to_string())]
         );
         match parse(&["size=1M", "counter=/tmp/x"]) {
-            Err(UsageError::UnknownKey {
-                key, extra: true, ..
-            }) => assert_eq!(key, "counter"),
+            Err(UsageError::Disk(SpecError::UnknownKey(key))) => assert_eq!(key, "counter"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
             parse(&["size=1M", "command=true", "bad-key=1"]),
-            Err(UsageError::EnvKey(EnvKeyError::NotAVariable(_)))
+            Err(UsageError::Disk(SpecError::EnvKey(
+                EnvKeyError::NotAVariable(_)
+            )))
         ));
         assert!(matches!(
             parse(&["size=1M", "command=true", "disk=1"]),
-            Err(UsageError::EnvKey(EnvKeyError::Reserved(_)))
+            Err(UsageError::Disk(SpecError::EnvKey(EnvKeyError::Reserved(
+                _
+            ))))
         ));
         assert!(matches!(
             parse(&["size=1M", "size=2M"]),
-            Err(UsageError::DuplicateKey(_))
+            Err(UsageError::Disk(SpecError::Duplicate(_)))
         ));
         assert!(matches!(
             parse(&["type=ext4"]),
-            Err(UsageError::MissingKey { key: "size", .. })
+            Err(UsageError::Disk(SpecError::MissingSize))
         ));
         for backing in ["disk", "memory,spill=dir:", "memory,spill=/tmp"] {
             match parse(&["1M", &format!("backing={backing}")]) {
-                Err(UsageError::Backing(b)) => assert_eq!(b, backing),
+                Err(UsageError::Disk(SpecError::Backing(b))) => assert_eq!(b, backing),
                 other => panic!("{other:?}"),
             }
         }
         assert!(matches!(
             parse(&["1M", "type=../x"]),
-            Err(UsageError::FsType(_))
+            Err(UsageError::Disk(SpecError::FsType(_)))
         ));
         assert!(matches!(
             parse(&["1M", "linger=forever"]),
-            Err(UsageError::Duration {
+            Err(UsageError::Disk(SpecError::Duration {
                 key: "linger",
                 source: DurationError::UnknownUnit { .. }
-            })
+            }))
         ));
-        assert!(matches!(parse(&["1M", "pool=x"]), Err(UsageError::Pool(_))));
+        assert!(matches!(
+            parse(&["1M", "pool=x"]),
+            Err(UsageError::Disk(SpecError::Pool(_)))
+        ));
         assert!(matches!(
             parse(&["1M", "-1"]),
-            Err(UsageError::NotKeyValue { extra: true, .. })
+            Err(UsageError::Disk(SpecError::NotKeyValue(_)))
         ));
     }
 }

@@ -2,99 +2,375 @@
 # mock plugin: the build root on a scratchd scratch disk.
 #
 # Install: copy this file into mock's plugin directory (`plugin_dir`, e.g.
-# /usr/lib/python3.12/site-packages/mockbuild/plugins/), then in a mock
-# config (site-defaults.cfg or the chroot's .cfg):
+# /usr/lib/python3.12/site-packages/mockbuild/plugins/). mock lists every
+# `*.py` there as a plugin by itself (mockbuild/config.py, the plugin-dir
+# scan after `runtime_plugins =`), so enabling it takes only this, in
+# /etc/mock/site-defaults.cfg or one chroot's .cfg (no `plugins.append`:
+# that would list it twice):
 #
-#   config_opts['plugins'].append('scratchd_root')
 #   config_opts['plugin_conf']['scratchd_root_enable'] = True
 #   config_opts['plugin_conf']['scratchd_root_opts'] = {
-#       'server': 'nbd+unix:///?socket=/run/scratchd.sock',
+#       'server': 'nbd+unix:///?socket=/run/scratchd/nbd.sock',
+#       'control': '/run/scratchd/control.sock',   # a server on this host
+#       'keep_attached': True,                     # Koji (docs/BUILD-FARMS.md)
 #   }
+#   config_opts['plugin_conf']['tmpfs_enable'] = False
+#
+# mock only warns about an enabled plugin it cannot find, and then builds
+# on the local disk; docs/BUILD-FARMS.md has a three-line guard for
+# site-defaults.cfg that fails the build instead. Only the main build
+# root is put on a disk; mock's bootstrap root stays local (see
+# run_in_bootstrap below).
+#
+# The plugin, not contrib/mock/mock-on-scratchd, is what Koji builders
+# use: the wrapper is for one-off mock runs on a workstation (with a
+# --resultdir outside /var/lib/mock); kojid runs /usr/bin/mock by path and
+# reads the build root between its mock runs.
 #
 # Options (all but `server` optional):
 #   server          NBD URI of the scratchd server (nbd://, nbd+unix://,
 #                   nbds://...?tls-certificates=DIR)
-#   name            export name; default: "mock-" and an HMAC of the build
-#                   root's name and unique-ext under a key kept on the
-#                   builder, so that the several mock runs of one build
-#                   find one disk and nobody else can guess its name
-#   key_file        that key (default: <mock's basedir>/.scratchd-name-key,
-#                   made with 128 random bits on first use)
+#   name_prefix     the export names' prefix (default "mock-"); a server
+#                   class's name pattern picks it up (e.g. "big-")
+#   name            a fixed export name for this configuration's root
+#                   (one build root at a time only: concurrent builds of one
+#                   configuration would share it; prefer name_prefix)
+#   key_file        the builder's naming key (default: <mock's basedir>/
+#                   .scratchd-name-key, 32 random bytes, made on first use)
 #   connections     NBD connections per attach (default 4)
 #   mount_options   (default "noatime")
 #   scratchd        the scratchd binary (default "scratchd" on PATH)
 #   control         the server's control socket, when the server runs on
-#                   this host: `--scrub` then drops the disk at once
-#                   instead of waiting for the server's linger
-#   keep_attached   like the tmpfs plugin's keep_mounted: do not detach at
-#                   the end of a mock run (the next run finds it attached)
+#                   this host: a clean then drops the old disk at once
+#                   instead of leaving it to the server's linger
+#   keep_attached   do not detach at the end of a mock run (as lvm_root
+#                   stays mounted): the next mock run, and kojid between
+#                   runs, find the root mounted. For Koji.
 #
-# How the hooks map (see docs/BUILD-FARMS.md): mount_root attaches (the
-# server creates and formats the disk on the first attach of a name);
-# postumount and umount_root detach (the server keeps the disk for its
-# `linger`, so the next mock run of the same build attaches it again with
-# its contents); scrub drops it.
+# The disk's name is "mock-" and an HMAC of the build root's name, mock's
+# unique-ext and a generation (bumped by every clean) under the key: every
+# mock run of one root finds the same disk, a clean gets a fresh one, and
+# nobody without the key can name it. The name is the disk's only secret:
+# the plugin never logs it (root.log is published by Koji), only a
+# fingerprint, the first 8 hex digits of its SHA-256, which
+# `scratchd ctl list` output can be matched against.
+#
+# How mock's hooks map (docs/BUILD-FARMS.md has the table):
+#   mount_root   attach (the server makes the disk on the first attach of
+#                a name; later ones find it with its contents)
+#   postumount   detach, unless keep_attached (the server keeps the disk
+#                for its linger)
+#   umount_root  detach (`mock --umount`, and first thing in a clean)
+#   postclean    detach, drop the old disk (with `control`), and bump the
+#                root's generation: the next mount_root gets a fresh disk
+# Teardown hooks never raise: they log a warning, as mock's tmpfs plugin
+# does (mockbuild/plugins/tmpfs.py, _tmpfsUmount), so that one failed
+# detach cannot skip the rest of mock's cleanup.
 
 import hashlib
 import hmac
+import json
 import os
+import secrets
+import shutil
+import stat
 import subprocess
+
+try:
+    # mock's own exception types: mock.py's main reports them with their
+    # resultcode (ConfigError 3, RootError 20) instead of a traceback.
+    from mockbuild.exception import ConfigError, RootError
+    from mockbuild.exception import Error as ScratchdError
+except ImportError:  # not under mock (the plugin's tests)
+
+    class ScratchdError(Exception):
+        """A scratchd command failed; the message says which and why."""
+        resultcode = 1
+
+    class ConfigError(ScratchdError):
+        """The plugin's configuration or key cannot be used."""
+        resultcode = 3
+
+    class RootError(ScratchdError):
+        """The build root's disk cannot be attached."""
+        resultcode = 20
+
 
 requires_api_version = "1.1"
 
+# The bootstrap root stays on local disk: it holds only mock's package
+# manager, is small, and is reused by every build of the configuration
+# (or unpacked from an image), so a disk of its own would double the
+# attaches and exports per mock run for nothing; and a second instance
+# there would attach the same export as the main root whenever `name` is
+# fixed (mock.py's main deep-copies plugin_conf into the bootstrap root's
+# config). mockbuild/plugin.py, Plugins.init_plugins: a module with
+# run_in_bootstrap False is not initialised for a root with is_bootstrap.
+run_in_bootstrap = False
+
 PLUGIN = "scratchd_root"
+KEY_BYTES = 32
+DEFAULT_PREFIX = "mock-"
+# `scratchd attach`'s records (docs/RUN.md, "State records"); the same
+# variable as scratchd's, empty counting as unset.
+STATE_DIR_ENV = "SCRATCHD_STATE_DIR"
+DEFAULT_STATE_DIR = "/run/scratchd/attach"
+# The attribute that holds a build root's one instance of the plugin.
+INSTANCE_ATTR = "_scratchd_root_plugin"
 
 
-class ScratchdError(Exception):
-    """A scratchd command failed; the message says which and why."""
+def build_name(key, root, unique_ext, generation=0, prefix=DEFAULT_PREFIX):
+    """The disk's export name: stable for one build root (and generation)
+    on one builder, unguessable elsewhere."""
+    message = "{0}\0{1}".format(root, unique_ext)
+    if generation:
+        message += "\0{0}".format(generation)
+    digest = hmac.new(key, message.encode(), hashlib.sha256)
+    return prefix + digest.hexdigest()[:32]
 
 
-def _mock_error(message):
-    """mock's own exception type when running inside mock (mock reports it
-    and fails the build cleanly), else ours."""
-    try:
-        from mockbuild.exception import Error  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        return ScratchdError(message)
-    return Error(message)
+def fingerprint(name):
+    """What logs say instead of a disk's name: not enough to reach it."""
+    return hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
-def build_name(key, root, unique_ext):
-    """The disk's export name: stable for one build root on one builder,
-    unguessable elsewhere."""
-    digest = hmac.new(key, "{0}\0{1}".format(root, unique_ext).encode(), hashlib.sha256)
-    return "mock-" + digest.hexdigest()[:32]
-
+# --- the key and the generations: root-only files beside each other ---
 
 def load_key(path):
-    """The builder's naming key, made on first use (mode 0600)."""
+    """The builder's naming key: made on first use (32 random bytes, mode
+    0600), and refused unless it is a regular file of root's that nobody
+    else can read."""
+    _make_dir(os.path.dirname(path), 0o755)
     try:
-        with open(path, "rb") as f:
-            key = f.read()
-        if len(key) >= 16:
-            return key
+        return _read_key(path)
     except FileNotFoundError:
         pass
-    key = os.urandom(16)
-    tmp = "{0}.{1}".format(path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _create_file(path, secrets.token_bytes(KEY_BYTES))
+    return _read_key(path)
+
+
+def _read_key(path):
+    key = _read_private(path)
+    if len(key) < KEY_BYTES:
+        raise ConfigError("{0}: the key {1} has {2} bytes, fewer than {3}: remove it "
+                          "(a new one is made; the disks' names change)".format(
+                              PLUGIN, path, len(key), KEY_BYTES))
+    return key
+
+
+def _read_private(path):
+    """A root-only file's contents; FileNotFoundError if there is none."""
     try:
-        os.write(fd, key)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise ConfigError("{0}: cannot open {1}: {2}".format(PLUGIN, path, err))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError("{0}: {1} is not a regular file".format(PLUGIN, path))
+        if info.st_uid != 0 or info.st_mode & 0o077:
+            raise ConfigError(
+                "{0}: {1} must belong to root and be readable by root only "
+                "(it is uid {2}, mode {3:o})".format(
+                    PLUGIN, path, info.st_uid, stat.S_IMODE(info.st_mode)))
+        chunks = []
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
     finally:
         os.close(fd)
-    # Two mock runs racing here: the first rename wins, both read its key.
-    if not os.path.exists(path):
-        os.rename(tmp, path)
-    else:
+
+
+def _create_file(path, data):
+    """Writes `data` to a new file under an unpredictable name and links it
+    to `path`: a racing mock run's link fails (both then read the first),
+    and `path` never exists half-written."""
+    tmp = os.path.join(os.path.dirname(path),
+                       ".{0}.{1}".format(os.path.basename(path), secrets.token_hex(8)))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as err:
+        raise ConfigError("{0}: cannot create {1}: {2}".format(PLUGIN, tmp, err))
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
         os.unlink(tmp)
-    with open(path, "rb") as f:
-        return f.read()
+
+
+def _replace_file(path, data):
+    """Writes `data` to `path` whole, replacing what was there."""
+    tmp = os.path.join(os.path.dirname(path),
+                       ".{0}.{1}".format(os.path.basename(path), secrets.token_hex(8)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _make_dir(path, mode):
+    try:
+        os.makedirs(path, mode=mode, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("{0}: cannot make {1}: {2}".format(PLUGIN, path, err))
+
+
+class Generations(object):
+    """How many times each build root was cleaned, in root-only files in a
+    directory beside the key: mixed into the disk's name, so that the
+    mount_root after a clean gets a fresh disk even while the server still
+    keeps the old one for its linger."""
+
+    def __init__(self, key_file, key, root, unique_ext):
+        self.dir = os.path.join(os.path.dirname(key_file), ".scratchd-generations")
+        # The file's name is keyed too: it says nothing about the root.
+        digest = hmac.new(key, "generation\0{0}\0{1}".format(root, unique_ext).encode(),
+                          hashlib.sha256)
+        self.path = os.path.join(self.dir, digest.hexdigest()[:32])
+
+    def current(self):
+        try:
+            text = _read_private(self.path)
+        except FileNotFoundError:
+            return 0
+        try:
+            return int(text.decode())
+        except ValueError:
+            raise ConfigError("{0}: {1} does not hold a number".format(PLUGIN, self.path))
+
+    def bump(self):
+        _make_dir(self.dir, 0o700)
+        _replace_file(self.path, str(self.current() + 1).encode())
+
+
+# --- what is mounted where, and scratchd's records of it ---
+
+def mounted_at(path):
+    """(device number "MAJ:MIN", source) of the file system mounted at
+    `path` in this mount namespace (the topmost, if several), or None."""
+    found = None
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            separator = fields.index("-")
+            if _unescape(fields[4]) == path:
+                found = (fields[2], _unescape(fields[separator + 2]))
+    return found
+
+
+def mounted_source(path):
+    """The source (device) of what is mounted at `path`, or None."""
+    found = mounted_at(path)
+    return found[1] if found else None
+
+
+def is_device(mount, device):
+    """Whether the mount (as mounted_at gives it) is of block device
+    `device`: by its name as the mount's source, or by its number."""
+    if not device:
+        return False
+    if mount[1] == device:
+        return True
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return False
+    return mount[0] == "{0}:{1}".format(os.major(rdev), os.minor(rdev))
+
+
+def _unescape(field):
+    # mountinfo writes space, tab, newline and backslash as octal escapes.
+    for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(escaped, char)
+    return field
 
 
 def is_mount_point(path):
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as mounts:
-        return any(line.split()[4] == real for line in mounts)
+    return mounted_source(os.path.realpath(path)) is not None
+
+
+def attachment_record(path):
+    """scratchd attach's record of the attachment mounted at `path`, or
+    None. (docs/RUN.md, "State records": one ID.json per attachment.)"""
+    state = os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    try:
+        entries = sorted(os.listdir(state))
+    except FileNotFoundError:
+        return None
+    for entry in entries:
+        if not entry.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(state, entry)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue  # going away, or being written
+        if record.get("mount") == path:
+            return record
+    return None
+
+
+def holder_alive(record):
+    """Whether the attachment's holder still runs (a kernel attachment has
+    none: the kernel holds it). The pid is checked against its start time,
+    field 22 of /proc/PID/stat, as scratchd does."""
+    holder = record.get("holder")
+    if record.get("kind") == "kernel" and holder is None:
+        return True
+    if not holder:
+        return False
+    try:
+        with open("/proc/{0}/stat".format(holder["pid"])) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] != "Z" and fields[19] == str(holder["start_time"])
+
+
+def run_scratchd(scratchd, args, secret=None):
+    """Every scratchd command the plugin runs goes through here. Returns
+    (exit status, stdout, stderr), with `secret` (the disk's name) replaced
+    by its fingerprint in both outputs, so that no message built from them
+    can carry it into a log.
+
+    TODO(issue 16): the name is still on `scratchd attach --name`'s command
+    line, where /proc/PID/cmdline shows it to every local user while the
+    command runs; pass it on a pipe or in a root-only file once scratchd
+    takes it so. This function is the one place to change.
+    """
+    try:
+        done = subprocess.run([scratchd] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, check=False)
+    except OSError as err:
+        return 127, "", str(err)
+    out, err = done.stdout.strip(), done.stderr.strip()
+    if secret:
+        hidden = "<disk {0}>".format(fingerprint(secret))
+        out, err = out.replace(secret, hidden), err.replace(secret, hidden)
+    return done.returncode, out, err
 
 
 class ScratchdRoot(object):
@@ -105,84 +381,152 @@ class ScratchdRoot(object):
         self.conf = conf
         self.server = conf.get("server")
         if not self.server:
-            raise _mock_error("{0}: the 'server' option (an NBD URI) is required".format(PLUGIN))
+            raise ConfigError("{0}: the 'server' option (an NBD URI) is required".format(PLUGIN))
         self.scratchd = conf.get("scratchd", "scratchd")
+        if shutil.which(self.scratchd) is None:
+            # Enabled but unusable must fail the build, not build on the
+            # local disk unnoticed.
+            raise ConfigError("{0}: the scratchd binary {1!r} is not there (the 'scratchd' "
+                              "option, or PATH)".format(PLUGIN, self.scratchd))
         self.root_path = os.path.realpath(buildroot.make_chroot_path())
-        self.name = conf.get("name") or self._default_name()
-        self.attached = is_mount_point(self.root_path)
-        for hook in ("mount_root", "postumount", "umount_root", "scrub"):
-            plugins.add_hook(hook, getattr(self, "hook_" + hook))
-        self.log("scratchd_root: build root {0} on disk {1} of {2}".format(
-            self.root_path, self.name, self.server))
-
-    def _default_name(self):
         # mock's top directory (/var/lib/mock), not this root's: the key
-        # outlives `mock --scrub=all` of one root.
-        basedir = self.buildroot.config.get("basedir", "/var/lib/mock")
-        key = load_key(self.conf.get("key_file") or os.path.join(basedir, ".scratchd-name-key"))
-        unique_ext = self.buildroot.config.get("unique-ext", "head")
-        return build_name(key, self.buildroot.shared_root_name, unique_ext)
+        # and the generations outlive `mock --scrub=all` of one root.
+        basedir = buildroot.config.get("basedir", "/var/lib/mock")
+        key_file = conf.get("key_file") or os.path.join(basedir, ".scratchd-name-key")
+        key = load_key(key_file)
+        unique_ext = buildroot.config.get("unique-ext", "head")
+        self.generations = Generations(key_file, key, buildroot.shared_root_name, unique_ext)
+        self.key = key
+        self.unique_ext = unique_ext
+        self.name = self._name()
+        # All of mock's hooks we serve; no `scrub` hook: Commands.scrub
+        # (mockbuild/backend.py) removes a root through Buildroot.delete()
+        # for `all`, `chroot` and `bootstrap`, which calls umount_root and
+        # postclean, and its other kinds (caches, lvm, overlayfs) do not
+        # touch the root.
+        for hook in ("mount_root", "postumount", "umount_root", "postclean"):
+            plugins.add_hook(hook, getattr(self, "hook_" + hook))
+        self.log("build root {0} on scratchd disk {1} of {2}".format(
+            self.root_path, fingerprint(self.name), self.server))
+
+    def _name(self):
+        generation = self.generations.current()
+        fixed = self.conf.get("name")
+        if fixed:
+            return fixed if not generation else "{0}-{1}".format(fixed, generation)
+        return build_name(self.key, self.buildroot.shared_root_name, self.unique_ext,
+                          generation, self.conf.get("name_prefix", DEFAULT_PREFIX))
 
     def log(self, message):
-        self.buildroot.root_log.info(message)
+        self.buildroot.root_log.info("%s: %s", PLUGIN, message)
+
+    def warn(self, message):
+        self.buildroot.root_log.warning("%s: %s", PLUGIN, message)
 
     def scratchd_do(self, *args):
-        command = [self.scratchd] + list(args)
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, check=False)
-        if done.returncode != 0:
-            raise _mock_error("{0}: `{1}` failed (exit {2}): {3}".format(
-                PLUGIN, " ".join(command), done.returncode, done.stderr.strip()))
-        return done.stdout.strip()
+        """Runs scratchd; its output, or the failure as a message."""
+        status, out, err = run_scratchd(self.scratchd, args, self.name)
+        if status != 0:
+            raise ScratchdError("`scratchd {0}` failed (exit {1}): {2}".format(
+                args[0], status, err))
+        return out
+
+    # --- mount_root: attach, or reuse what is provably ours ---
 
     def hook_mount_root(self):
-        if self.attached:
-            self.log("scratchd_root: reusing the disk attached at {0}".format(self.root_path))
-            return
-        # An attachment of an earlier mock run that was killed (its holder
-        # still serving a mount in that run's namespace) would make this a
-        # second mount of one file system: let it go first.
-        self._detach(quiet=True)
-        device = self.scratchd_do(
-            "attach", "--name", self.name, "--mount", self.root_path,
-            "--connections", str(self.conf.get("connections", 4)),
-            "--mount-options", self.conf.get("mount_options", "noatime"),
-            self.server)
-        self.attached = True
-        self.log("scratchd_root: attached {0} at {1}".format(device, self.root_path))
+        mount = mounted_at(self.root_path)
+        record = attachment_record(self.root_path)
+        if mount is not None:
+            if record is None or not is_device(mount, record.get("device")):
+                raise RootError(
+                    "{0}: {1} is already a mount point (of {2}) and not a scratchd "
+                    "attachment; unmount it (is the tmpfs or lvm_root plugin enabled "
+                    "too?)".format(PLUGIN, self.root_path, mount[1]))
+            if record.get("export") == self.name and holder_alive(record):
+                self.log("reusing disk {0} attached at {1} ({2})".format(
+                    fingerprint(self.name), self.root_path, mount[1]))
+                return
+            # Another disk of this root (an older generation) or one whose
+            # holder died: it must go before the root's own disk comes.
+            self._detach_or_raise()
+        elif record is not None:
+            # Attached in another mount namespace: a killed mock run's
+            # holder still serving its mount. Attaching beside it would
+            # mount one file system twice; let it go first.
+            self._detach_or_raise()
+        try:
+            device = self.scratchd_do(
+                "attach", "--name", self.name, "--mount", self.root_path,
+                "--connections", str(self.conf.get("connections", 4)),
+                "--mount-options", self.conf.get("mount_options", "noatime"),
+                self.server)
+        except ScratchdError as err:
+            raise RootError("{0}: cannot attach the build root's disk: {1}".format(PLUGIN, err))
+        self.log("attached disk {0} at {1} ({2})".format(
+            fingerprint(self.name), self.root_path, device))
+
+    def _detach_or_raise(self):
+        try:
+            self.scratchd_do("detach", self.root_path)
+        except ScratchdError as err:
+            raise RootError("{0}: cannot detach what is attached at {1}: {2}".format(
+                PLUGIN, self.root_path, err))
+
+    # --- teardown hooks: never raise ---
 
     def hook_postumount(self):
         if self.conf.get("keep_attached"):
+            self.log("disk {0} stays attached at {1} (keep_attached)".format(
+                fingerprint(self.name), self.root_path))
             return
-        self.hook_umount_root()
+        self._detach_quietly("the server keeps the disk for its linger")
 
     def hook_umount_root(self):
-        if not self.attached:
-            return
-        self._detach(quiet=False)
-        self.attached = False
-        self.log("scratchd_root: detached {0}; the server keeps the disk for its linger".format(
-            self.root_path))
+        self._detach_quietly("the server keeps the disk for its linger")
 
-    def hook_scrub(self, what):
-        if what not in ("scratchd", "all"):
-            return
-        self._detach(quiet=True)
-        self.attached = False
+    def hook_postclean(self):
+        self._detach_quietly("a clean")
+        old = self.name
+        try:
+            self.generations.bump()
+            self.name = self._name()
+        except (OSError, ScratchdError) as err:
+            self.warn("cannot record the clean of {0} ({1}): the next mock run may find "
+                      "the old disk".format(self.root_path, err))
+        next_disk = "the root's next disk is {0}".format(fingerprint(self.name))
         control = self.conf.get("control")
-        if control:
-            self.scratchd_do("ctl", "--control", control, "drop", self.name)
-            self.log("scratchd_root: dropped disk {0}".format(self.name))
+        if not control:
+            self.log("disk {0} goes after the server's linger; {1}".format(
+                fingerprint(old), next_disk))
+            return
+        status, _, err = run_scratchd(self.scratchd, ["ctl", "--control", control, "drop", old],
+                                      old)
+        if status == 0:
+            self.log("dropped disk {0}; {1}".format(fingerprint(old), next_disk))
         else:
-            self.log("scratchd_root: disk {0} goes after the server's linger".format(self.name))
+            # Also when there was no such disk: the clean of a root that
+            # was never attached (mock --init cleans first by default).
+            self.log("no disk {0} dropped ({1}); {2}".format(fingerprint(old), err, next_disk))
 
-    def _detach(self, quiet):
+    def _detach_quietly(self, why):
+        """Detaches the root if it is attached; a failure is a warning:
+        mockbuild/plugins/tmpfs.py, _tmpfsUmount, does the same."""
+        if mounted_source(self.root_path) is None and attachment_record(self.root_path) is None:
+            return
         try:
             self.scratchd_do("detach", self.root_path)
-        except Exception:  # pylint: disable=broad-except
-            if not quiet:
-                raise
+        except Exception as err:  # pylint: disable=broad-except
+            self.warn("cannot detach {0}: {1}".format(self.root_path, err))
+            return
+        self.log("detached {0}; {1}".format(self.root_path, why))
 
 
 def init(plugins, conf, buildroot):
-    ScratchdRoot(plugins, conf, buildroot)
+    """mock's entry point. Safe to run twice for one build root (a
+    configuration that also lists the plugin in config_opts['plugins']):
+    mockbuild/plugin.py, Plugins.init_plugins, executes the module anew and
+    calls init once per entry of the list, so the one instance lives on
+    the build root, not in this module."""
+    if getattr(buildroot, INSTANCE_ATTR, None) is not None:
+        return
+    setattr(buildroot, INSTANCE_ATTR, ScratchdRoot(plugins, conf, buildroot))

@@ -1,7 +1,13 @@
-//! The mock plugin (`contrib/mock/scratchd_root.py`) against a small fake
-//! of mock's plugin registry (`contrib/mock/test_scratchd_root.py`) and
-//! this scratchd: attach at `mount_root`, detach at `postumount`, the next
-//! mock run of the build finds its files, `scrub` drops the disk.
+//! The mock plugin (`contrib/mock/scratchd_root.py`) against a fake of
+//! mock that does what real mock does, each fact citing mock's source
+//! (`contrib/mock/test_scratchd_root.py`: the plugin-dir scan, the plugin
+//! loader, main and bootstrap roots, `_init`, `finalize()` under its lock,
+//! `delete()`, `Commands.scrub`, a failing build, SIGTERM), and this
+//! scratchd: one registration however it is enabled, the bootstrap root
+//! left local, mock runs of one root sharing its disk, a clean giving a
+//! fresh one, Koji's attached-between-runs mode, teardown hooks that only
+//! warn, the key's checks, no disk name in the log; and the wrapper
+//! `contrib/mock/mock-on-scratchd` refusing results on the disk.
 
 use std::path::Path;
 use std::process::Command;
@@ -9,8 +15,8 @@ use std::process::Command;
 use crate::util::{run_status, skip_without_fuse, Server, SCRATCHD};
 
 #[test]
-fn mock_plugin_against_a_fake_registry() {
-    if skip_without_fuse("mock_plugin_against_a_fake_registry") {
+fn mock_plugin_against_a_fake_of_mock() {
+    if skip_without_fuse("mock_plugin_against_a_fake_of_mock") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

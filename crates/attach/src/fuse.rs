@@ -476,3 +476,46 @@ pub fn abort_connection(id: u32) -> io::Result<()> {
     }
     std::fs::write(abort, "1")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scratchd_store::MemoryDevice;
+    use std::time::Instant;
+
+    /// The kernel releases a loop device's file a moment after the loop
+    /// device lets go; aborting the connection before that made the reply
+    /// to the release fail. Here a plain open file stands in for the loop
+    /// device: unmounting must wait for its release, not cut it off.
+    #[test]
+    fn unmount_waits_for_the_last_release() {
+        if !Path::new("/dev/fuse").exists() || !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED unmount_waits_for_the_last_release: needs root and /dev/fuse");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let device = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let fuse = FuseFile::mount(device, dir.path(), 1).unwrap();
+        let file = std::fs::File::open(fuse.path()).unwrap();
+        let hold = Duration::from_millis(300);
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(hold);
+            drop(file);
+            Instant::now()
+        });
+        let started = Instant::now();
+        fuse.unmount().unwrap();
+        let unmounted = Instant::now();
+        let closed = closer.join().unwrap();
+        assert!(
+            unmounted >= closed,
+            "unmounted {:?} before the file was closed",
+            closed - unmounted
+        );
+        assert!(
+            started.elapsed() < hold + RELEASE_GRACE,
+            "waited past the grace"
+        );
+        assert!(crate::ns::mount_at(dir.path()).is_none(), "still mounted");
+    }
+}

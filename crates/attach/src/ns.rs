@@ -88,14 +88,16 @@ pub enum Unmounted {
     Lazily,
 }
 
-/// Unmounts `dir`. A file system still busy (a process of the build left
+/// Unmounts `dir`, never through a symlink at its last component (a user
+/// who owns the parent could otherwise point it at another mount). A file
+/// system still busy (a process of the build left
 /// behind with a file open) is retried for a while, then detached lazily:
 /// it goes once the last user lets go, and cannot outlive the namespace.
 pub fn unmount(dir: &Path) -> io::Result<Unmounted> {
     let path = CString::new(dir.as_os_str().as_bytes())?;
     for _ in 0..20 {
         // SAFETY: valid NUL-terminated path.
-        if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+        if unsafe { libc::umount2(path.as_ptr(), libc::UMOUNT_NOFOLLOW) } == 0 {
             return Ok(Unmounted::Clean);
         }
         let e = io::Error::last_os_error();
@@ -106,7 +108,7 @@ pub fn unmount(dir: &Path) -> io::Result<Unmounted> {
     }
     warn!(dir = %dir.display(), "file system still busy; detaching it lazily");
     // SAFETY: as above.
-    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == 0 {
         Ok(Unmounted::Lazily)
     } else {
         Err(io::Error::last_os_error())
@@ -118,7 +120,7 @@ pub fn unmount(dir: &Path) -> io::Result<Unmounted> {
 pub fn unmount_lazily(dir: &Path) -> io::Result<()> {
     let path = CString::new(dir.as_os_str().as_bytes())?;
     // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())

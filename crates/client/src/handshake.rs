@@ -345,7 +345,7 @@ impl Negotiation<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use scratchd_proto::handshake::put_option_error;
+    use scratchd_proto::options::put_option_error;
     use scratchd_proto::options::OptionReply;
 
     /// A scripted server: what it sends is fixed up front, what the client

@@ -1,8 +1,9 @@
 //! Targets over the wire protocol (`scratchd-proto`).
 
+use scratchd_proto::codec::clip;
 use scratchd_proto::consts::*;
 use scratchd_proto::handshake::{
-    clip, ClientFlags, ExportNameReply, Greeting, OptionHeader, OptionReplyHeader,
+    ClientFlags, ExportNameReply, Greeting, OptionHeader, OptionReplyHeader,
 };
 use scratchd_proto::negotiation::{
     BlockSize, Catalog, ExportInfo, ExportListing, LookupError, Negotiator, OpenVia, Opened,

@@ -14,6 +14,8 @@
 
 use thiserror::Error;
 
+use crate::consts::MAX_STRING_LEN;
+
 /// Bytes that cannot be a message of the expected kind. The `Display` texts
 /// reach clients in option error replies, so they are part of the protocol
 /// behaviour and change only deliberately.
@@ -183,9 +185,39 @@ impl PutBe for Vec<u8> {
     }
 }
 
+/// Shortens a message to the protocol's string limit, on a char boundary.
+pub fn clip(s: &str) -> &str {
+    if s.len() <= MAX_STRING_LEN {
+        return s;
+    }
+    let mut end = MAX_STRING_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A string shown to people (description, error message) as decoded from
+/// the peer: invalid UTF-8 replaced, then clipped to the protocol's limit as
+/// the encoders clip it, so that a decoded value encodes back to what it
+/// holds (a longer one would be clipped on the way out, and replacement
+/// characters can triple a string's length).
+pub fn lossy(bytes: &[u8]) -> String {
+    clip(&String::from_utf8_lossy(bytes)).to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_respects_char_boundaries() {
+        let long = "é".repeat(3000);
+        let c = clip(&long);
+        assert!(c.len() <= MAX_STRING_LEN);
+        assert!(c.chars().all(|ch| ch == 'é'));
+    }
+
     use proptest::prelude::*;
 
     #[test]

@@ -1,11 +1,10 @@
 //! Framing of the fixed-newstyle handshake, in both directions: the
 //! greeting, the client's flags, option request and option reply headers, and
-//! the reply to `NBD_OPT_EXPORT_NAME`. Option payloads are in
-//! [`crate::options`].
+//! the reply to `NBD_OPT_EXPORT_NAME`. Option payloads (and option error
+//! replies) are in [`crate::options`].
 
 use crate::codec::{Codec, DecodeError, PutBe, Reader};
 use crate::consts::*;
-use crate::options::{OptionReply, OptionReplyBody};
 use thiserror::Error;
 
 /// Bytes of the server greeting: magic, IHAVEOPT, handshake flags.
@@ -205,19 +204,6 @@ impl Codec<'_> for OptionReplyHeader {
     }
 }
 
-/// Appends an option error reply carrying a human-readable message (clipped
-/// to the protocol's string limit).
-pub fn put_option_error(out: &mut Vec<u8>, option: u32, err: OptError, message: &str) {
-    OptionReply {
-        option,
-        body: OptionReplyBody::Error {
-            code: err as u32,
-            message: message.into(),
-        },
-    }
-    .encode(out);
-}
-
 /// The reply to a successful `NBD_OPT_EXPORT_NAME`, which has no option
 /// reply header. Its length depends on whether both sides set NO_ZEROES,
 /// so it is encoded and decoded with that setting.
@@ -248,18 +234,6 @@ impl ExportNameReply {
         }
         Ok(reply)
     }
-}
-
-/// Shortens a message to the protocol's string limit, on a char boundary.
-pub fn clip(s: &str) -> &str {
-    if s.len() <= MAX_STRING_LEN {
-        return s;
-    }
-    let mut end = MAX_STRING_LEN;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
@@ -326,27 +300,6 @@ mod tests {
             OptionHeader::from_bytes(&raw),
             Err(HandshakeError::BadOptionMagic(_))
         ));
-    }
-
-    #[test]
-    fn option_error_replies_are_framed_and_clipped() {
-        let mut out = Vec::new();
-        put_option_error(&mut out, 9, OptError::Policy, &"x".repeat(5000));
-        let mut r = Reader::new(&out);
-        let h = OptionReplyHeader::decode(&mut r).unwrap();
-        assert_eq!(
-            (h.option, h.reply_type, h.len as usize),
-            (9, OptError::Policy as u32, MAX_STRING_LEN)
-        );
-        assert_eq!(r.remaining(), MAX_STRING_LEN);
-    }
-
-    #[test]
-    fn clip_respects_char_boundaries() {
-        let long = "é".repeat(3000);
-        let c = clip(&long);
-        assert!(c.len() <= MAX_STRING_LEN);
-        assert!(c.chars().all(|ch| ch == 'é'));
     }
 
     proptest! {

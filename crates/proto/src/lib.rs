@@ -13,12 +13,14 @@
 //! decoding panic or misread a neighbouring message.
 //!
 //! Layout, in the order a connection uses them:
-//! - [`codec`]: the bounded reader, the [`Codec`] trait and big-endian
-//!   writer helpers.
+//! - [`codec`]: the bounded reader, the [`Codec`] trait, big-endian
+//!   writer helpers, and the string limit (`clip`, `lossy`).
+//! - [`session`]: what both sides agree on and every phase uses: the
+//!   export's description, block sizes, the reply mode, the session.
 //! - [`handshake`]: greeting, client flags, option request/reply framing,
 //!   the EXPORT_NAME reply.
 //! - [`options`]: option payloads: INFO/GO and meta-context requests, the
-//!   option request a client sends, and every option reply.
+//!   option request a client sends, and every option reply (errors too).
 //! - [`negotiation`]: the server's option-haggling state machine (LIST, INFO,
 //!   GO, STRUCTURED_REPLY, EXTENDED_HEADERS, meta contexts, ...).
 //! - [`request`]: transmission request headers and their validation.
@@ -34,6 +36,7 @@ pub mod negotiation;
 pub mod options;
 pub mod reply;
 pub mod request;
+pub mod session;
 
 pub use codec::{Codec, DecodeError, Reader};
 pub use consts::{Errno, TransmissionFlags};

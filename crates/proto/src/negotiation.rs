@@ -9,29 +9,13 @@
 
 use crate::codec::{Codec, Reader};
 use crate::consts::*;
-use crate::handshake::{put_option_error, ExportNameReply};
-use crate::options::{InfoReply, InfoRequest, MetaContextRequest, OptionReply, OptionReplyBody};
-
-/// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockSize {
-    pub min: u32,
-    pub preferred: u32,
-    pub max: u32,
-}
-
-/// What a client learns about an export before transmission.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportInfo {
-    /// The export's canonical name (the default export "" resolves to it).
-    pub name: String,
-    pub size: u64,
-    /// Flags as the export would have them with structured replies on; the
-    /// negotiator drops those the session cannot use.
-    pub flags: TransmissionFlags,
-    pub block_size: BlockSize,
-    pub description: Option<String>,
-}
+use crate::handshake::ExportNameReply;
+use crate::options::{
+    put_option_error, InfoReply, InfoRequest, MetaContextRequest, OptionReply, OptionReplyBody,
+};
+/// The session types, where the server and client crates have always found
+/// them (they live in [`crate::session`]).
+pub use crate::session::{BlockSize, ExportInfo, ReplyMode, Session};
 
 /// One entry of an `NBD_OPT_LIST` answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,24 +52,6 @@ impl LookupError {
 pub trait Catalog {
     fn list(&self) -> Vec<ExportListing>;
     fn info(&self, name: &str) -> Result<ExportInfo, LookupError>;
-}
-
-/// How transmission replies are framed, fixed when transmission starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyMode {
-    Simple,
-    Structured,
-    Extended,
-}
-
-/// Everything transmission needs from the handshake.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
-    pub export: ExportInfo,
-    pub mode: ReplyMode,
-    /// Context id for `base:allocation`, when the client selected it for
-    /// this export; BLOCK_STATUS is refused otherwise.
-    pub base_allocation: Option<u32>,
 }
 
 /// Which option asked to open an export.
@@ -191,18 +157,8 @@ impl Negotiator {
         catalog: &dyn Catalog,
         out: &mut Vec<u8>,
     ) -> Step {
-        let tls_missing = self.tls == TlsPolicy::Require && !self.tls_active;
-        if tls_missing && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
-            if option == OPT_EXPORT_NAME {
-                return Step::Close;
-            }
-            put_option_error(
-                out,
-                option,
-                OptError::TlsReqd,
-                "TLS is required: send NBD_OPT_STARTTLS first",
-            );
-            return Step::Continue;
+        if let Some(refused) = self.refuse_before_tls(option, out) {
+            return refused;
         }
         match option {
             OPT_EXPORT_NAME => self.export_name(payload),
@@ -210,79 +166,97 @@ impl Negotiator {
                 ack(out, option);
                 Step::Close
             }
-            OPT_LIST => {
-                if !payload.is_empty() {
-                    return invalid(out, option, "NBD_OPT_LIST takes no data");
-                }
-                for e in catalog.list() {
-                    let body = OptionReplyBody::Server {
-                        name: e.name,
-                        description: e.description.unwrap_or_default(),
-                    };
-                    reply(out, option, body);
-                }
-                ack(out, option);
-                Step::Continue
-            }
+            OPT_LIST => list(payload, catalog, out),
             OPT_STARTTLS => self.start_tls(payload, out),
-            OPT_INFO | OPT_GO => match InfoRequest::from_bytes(payload) {
-                Err(e) => invalid(out, option, &format!("malformed request: {e}")),
-                Ok(InfoRequest {
-                    name,
-                    info_requests,
-                }) if option == OPT_GO => Step::Open {
-                    name,
-                    via: OpenVia::Go { info_requests },
-                },
-                Ok(InfoRequest {
-                    name,
-                    info_requests,
-                }) => {
-                    match catalog.info(&name) {
-                        Ok(info) => self.put_export_info(out, option, &info, &info_requests),
-                        Err(e) => put_lookup_error(out, option, &e),
-                    }
-                    Step::Continue
-                }
-            },
-            OPT_STRUCTURED_REPLY => {
-                if !payload.is_empty() {
-                    invalid(out, option, "NBD_OPT_STRUCTURED_REPLY takes no data")
-                } else if self.extended {
-                    put_option_error(
-                        out,
-                        option,
-                        OptError::ExtHeaderReqd,
-                        "extended headers are already negotiated",
-                    );
-                    Step::Continue
-                } else {
-                    self.structured = true;
-                    ack(out, option);
-                    Step::Continue
-                }
-            }
-            OPT_EXTENDED_HEADERS => {
-                if !payload.is_empty() {
-                    return invalid(out, option, "NBD_OPT_EXTENDED_HEADERS takes no data");
-                }
-                self.extended = true;
-                ack(out, option);
-                Step::Continue
-            }
+            OPT_INFO | OPT_GO => self.info_or_go(option, payload, catalog, out),
+            OPT_STRUCTURED_REPLY => self.structured_reply(payload, out),
+            OPT_EXTENDED_HEADERS => self.extended_headers(payload, out),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 self.meta_context(option, payload, catalog, out)
             }
             _ => {
-                put_option_error(
-                    out,
-                    option,
-                    OptError::Unsup,
-                    &format!("option {option} is not supported"),
-                );
+                let message = format!("option {option} is not supported");
+                put_option_error(out, option, OptError::Unsup, &message);
                 Step::Continue
             }
         }
+    }
+
+    /// With TLS required and not up yet, every option but STARTTLS and
+    /// ABORT is refused (EXPORT_NAME, which has no error reply, hangs up).
+    fn refuse_before_tls(&self, option: u32, out: &mut Vec<u8>) -> Option<Step> {
+        let tls_missing = self.tls == TlsPolicy::Require && !self.tls_active;
+        if !tls_missing || matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            return None;
+        }
+        if option == OPT_EXPORT_NAME {
+            return Some(Step::Close);
+        }
+        put_option_error(
+            out,
+            option,
+            OptError::TlsReqd,
+            "TLS is required: send NBD_OPT_STARTTLS first",
+        );
+        Some(Step::Continue)
+    }
+
+    /// INFO describes an export (through the catalog, never creating it);
+    /// GO asks the caller to open it.
+    fn info_or_go(
+        &self,
+        option: u32,
+        payload: &[u8],
+        catalog: &dyn Catalog,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        let InfoRequest {
+            name,
+            info_requests,
+        } = match InfoRequest::from_bytes(payload) {
+            Ok(request) => request,
+            Err(e) => return invalid(out, option, &format!("malformed request: {e}")),
+        };
+        if option == OPT_GO {
+            return Step::Open {
+                name,
+                via: OpenVia::Go { info_requests },
+            };
+        }
+        match catalog.info(&name) {
+            Ok(info) => self.put_export_info(out, option, &info, &info_requests),
+            Err(e) => put_lookup_error(out, option, &e),
+        }
+        Step::Continue
+    }
+
+    fn structured_reply(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Step {
+        let option = OPT_STRUCTURED_REPLY;
+        if !payload.is_empty() {
+            return invalid(out, option, "NBD_OPT_STRUCTURED_REPLY takes no data");
+        }
+        if self.extended {
+            put_option_error(
+                out,
+                option,
+                OptError::ExtHeaderReqd,
+                "extended headers are already negotiated",
+            );
+            return Step::Continue;
+        }
+        self.structured = true;
+        ack(out, option);
+        Step::Continue
+    }
+
+    fn extended_headers(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Step {
+        let option = OPT_EXTENDED_HEADERS;
+        if !payload.is_empty() {
+            return invalid(out, option, "NBD_OPT_EXTENDED_HEADERS takes no data");
+        }
+        self.extended = true;
+        ack(out, option);
+        Step::Continue
     }
 
     fn start_tls(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Step {
@@ -437,6 +411,22 @@ impl Negotiator {
     }
 }
 
+/// LIST: every export the catalog shows this client.
+fn list(payload: &[u8], catalog: &dyn Catalog, out: &mut Vec<u8>) -> Step {
+    if !payload.is_empty() {
+        return invalid(out, OPT_LIST, "NBD_OPT_LIST takes no data");
+    }
+    for e in catalog.list() {
+        let body = OptionReplyBody::Server {
+            name: e.name,
+            description: e.description.unwrap_or_default(),
+        };
+        reply(out, OPT_LIST, body);
+    }
+    ack(out, OPT_LIST);
+    Step::Continue
+}
+
 fn invalid(out: &mut Vec<u8>, option: u32, message: &str) -> Step {
     put_option_error(out, option, OptError::Invalid, message);
     Step::Continue
@@ -459,6 +449,8 @@ fn put_lookup_error(out: &mut Vec<u8>, option: u32, e: &LookupError) {
 mod tests {
     use super::*;
     use crate::codec::PutBe;
+    use crate::handshake::OptionHeader;
+    use crate::options::OptionRequest;
 
     struct OneExport;
 
@@ -719,6 +711,96 @@ mod tests {
         assert_eq!(
             handle(&mut n, OPT_STARTTLS, &[]).1[0].1,
             OptError::Invalid as u32
+        );
+    }
+
+    /// What the server's negotiator sends is what a client decodes.
+    #[test]
+    fn negotiator_replies_decode_as_a_client_reads_them() {
+        struct One;
+        impl Catalog for One {
+            fn list(&self) -> Vec<ExportListing> {
+                vec![ExportListing {
+                    name: "disk".into(),
+                    description: None,
+                }]
+            }
+            fn info(&self, _: &str) -> Result<ExportInfo, LookupError> {
+                Ok(ExportInfo {
+                    name: "disk".into(),
+                    size: 4096,
+                    flags: TransmissionFlags(TransmissionFlags::HAS_FLAGS),
+                    block_size: BlockSize {
+                        min: 1,
+                        preferred: 4096,
+                        max: 1 << 25,
+                    },
+                    description: Some("scratch".into()),
+                })
+            }
+        }
+        let requests = [
+            OptionRequest::StructuredReply,
+            OptionRequest::List,
+            OptionRequest::SetMetaContext(MetaContextRequest {
+                export: "disk".into(),
+                queries: vec![BASE_ALLOCATION.into()],
+            }),
+            OptionRequest::Info(InfoRequest {
+                name: "".into(),
+                info_requests: vec![INFO_NAME, INFO_DESCRIPTION],
+            }),
+            OptionRequest::Other {
+                option: 99,
+                data: vec![],
+            },
+        ];
+        let mut n = Negotiator::new(true);
+        let mut out = Vec::new();
+        for request in &requests {
+            // The server sees what a client encoded.
+            let bytes = request.to_bytes();
+            let mut r = Reader::new(&bytes);
+            let header = OptionHeader::decode(&mut r).unwrap();
+            n.handle(header.option, r.rest(), &One, &mut out);
+        }
+        let mut r = Reader::new(&out);
+        let mut got = Vec::new();
+        while !r.is_empty() {
+            got.push(OptionReply::decode(&mut r).unwrap().body);
+        }
+        use OptionReplyBody as B;
+        assert_eq!(
+            got,
+            [
+                B::Ack,
+                B::Server {
+                    name: "disk".into(),
+                    description: "".into()
+                },
+                B::Ack,
+                B::MetaContext {
+                    id: BASE_ALLOCATION_ID,
+                    name: BASE_ALLOCATION.into()
+                },
+                B::Ack,
+                B::Info(InfoReply::Export {
+                    size: 4096,
+                    flags: TransmissionFlags(TransmissionFlags::HAS_FLAGS)
+                }),
+                B::Info(InfoReply::BlockSize(BlockSize {
+                    min: 1,
+                    preferred: 4096,
+                    max: 1 << 25
+                })),
+                B::Info(InfoReply::Name("disk".into())),
+                B::Info(InfoReply::Description("scratch".into())),
+                B::Ack,
+                B::Error {
+                    code: OptError::Unsup as u32,
+                    message: "option 99 is not supported".into()
+                },
+            ]
         );
     }
 }

@@ -12,10 +12,9 @@
 //! chunk, its payload as a [`ChunkPayload`]. [`put_chunk`] is the matching
 //! general encoder, which the `put_*` functions agree with byte for byte.
 
-use crate::codec::{Codec, DecodeError, PutBe, Reader};
+use crate::codec::{clip, lossy, Codec, DecodeError, PutBe, Reader};
 use crate::consts::*;
-use crate::handshake::clip;
-use crate::negotiation::ReplyMode;
+use crate::session::ReplyMode;
 
 pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const STRUCTURED_REPLY_LEN: usize = 20;
@@ -360,7 +359,7 @@ impl<'a> ChunkPayload<'a> {
                 let error = r.u32()?;
                 let len = r.u16()?;
                 // Leniently, and clipped as the encoder clips (see `lossy`).
-                let message = crate::options::lossy(r.take(len.into())?);
+                let message = lossy(r.take(len.into())?);
                 if kind == REPLY_TYPE_ERROR {
                     ChunkPayload::Error { error, message }
                 } else {

@@ -7,7 +7,7 @@
 
 use crate::codec::{DecodeError, PutBe, Reader};
 use crate::consts::*;
-use crate::negotiation::{ReplyMode, Session};
+use crate::session::{ReplyMode, Session};
 
 pub const COMPACT_REQUEST_LEN: usize = 28;
 pub const EXTENDED_REQUEST_LEN: usize = 32;
@@ -187,131 +187,174 @@ fn refuse(errno: Errno, message: &'static str) -> Refusal {
 
 /// Checks a request against the session; returns the command to run or the
 /// error to reply with. Never fails the connection.
+///
+/// Flags come first (a flag the command does not take is refused whatever
+/// else is wrong), then each command's own checks, in the order the spec
+/// gives their errors.
 pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
-    let flags = s.export.flags;
-    let extended = s.mode == ReplyMode::Extended;
-    let allowed = match h.kind {
-        CMD_READ if flags.contains(TransmissionFlags::SEND_DF) => CMD_FLAG_DF,
-        CMD_WRITE_ZEROES if flags.contains(TransmissionFlags::SEND_FAST_ZERO) => {
-            CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO
-        }
-        CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
-        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-        _ => 0,
-    };
-    // With SEND_FUA advertised, FUA must be accepted on every command.
-    let allowed = if flags.contains(TransmissionFlags::SEND_FUA) {
-        allowed | CMD_FLAG_FUA
-    } else {
-        allowed
-    };
-    // PAYLOAD_LEN only restates a WRITE's length; on anything else it means a
-    // payload this server never asked for.
-    let allowed = if extended && h.kind == CMD_WRITE {
-        allowed | CMD_FLAG_PAYLOAD_LEN
-    } else {
-        allowed
-    };
-    if h.flags & !allowed != 0 {
-        return Err(refuse(Errno::Inval, "flag not valid for this command"));
-    }
-    let (offset, len) = (h.offset, h.length);
-    let end = offset.checked_add(len);
-    let within = end.is_some_and(|e| e <= s.export.size);
-    let read_only = flags.contains(TransmissionFlags::READ_ONLY);
-    let fua = h.flags & CMD_FLAG_FUA != 0;
-    let payload = |len: u64| -> Result<u32, Refusal> {
-        if len > MAX_PAYLOAD as u64 {
-            Err(refuse(
-                Errno::Inval,
-                "request exceeds the maximum payload size",
-            ))
-        } else {
-            Ok(len as u32)
-        }
-    };
-    // Past the end, writes get ENOSPC but a trim EINVAL, as the spec says.
-    let writable = |advertised: bool, past_end: Errno| -> Result<(), Refusal> {
-        if read_only {
-            Err(refuse(Errno::Perm, "export is read-only"))
-        } else if !advertised {
-            Err(refuse(Errno::Inval, "command not supported by this export"))
-        } else if !within {
-            Err(refuse(past_end, "request goes past the end of the export"))
-        } else {
-            Ok(())
-        }
-    };
-    let in_range = || -> Result<(), Refusal> {
-        if within {
-            Ok(())
-        } else {
-            Err(refuse(
-                Errno::Inval,
-                "request goes past the end of the export",
-            ))
-        }
-    };
+    let c = Checks::new(h, s);
+    c.known_flags()?;
+    let (offset, len, fua) = (h.offset, h.length, c.has(CMD_FLAG_FUA));
     match h.kind {
         CMD_READ => {
-            let len = payload(len)?;
-            in_range()?;
-            Ok(Command::Read {
-                offset,
-                len,
-                df: h.flags & CMD_FLAG_DF != 0,
-            })
+            let len = c.payload()?;
+            c.in_range()?;
+            let df = c.has(CMD_FLAG_DF);
+            Ok(Command::Read { offset, len, df })
         }
         CMD_WRITE => {
-            let len = payload(len)?;
-            writable(true, Errno::NoSpc)?;
+            let len = c.payload()?;
+            c.writable(true, Errno::NoSpc)?;
             Ok(Command::Write { offset, len, fua })
         }
         CMD_DISC => Ok(Command::Disconnect),
-        CMD_FLUSH if flags.contains(TransmissionFlags::SEND_FLUSH) => Ok(Command::Flush),
+        CMD_FLUSH if c.offers(TransmissionFlags::SEND_FLUSH) => Ok(Command::Flush),
         CMD_TRIM => {
-            writable(flags.contains(TransmissionFlags::SEND_TRIM), Errno::Inval)?;
+            // Past the end, a trim gets EINVAL where writes get ENOSPC.
+            c.writable(c.offers(TransmissionFlags::SEND_TRIM), Errno::Inval)?;
             Ok(Command::Trim { offset, len, fua })
         }
-        CMD_CACHE if flags.contains(TransmissionFlags::SEND_CACHE) => {
-            in_range()?;
+        CMD_CACHE if c.offers(TransmissionFlags::SEND_CACHE) => {
+            c.in_range()?;
             Ok(Command::Cache { offset, len })
         }
         CMD_WRITE_ZEROES => {
-            writable(
-                flags.contains(TransmissionFlags::SEND_WRITE_ZEROES),
-                Errno::NoSpc,
-            )?;
+            let offered = c.offers(TransmissionFlags::SEND_WRITE_ZEROES);
+            c.writable(offered, Errno::NoSpc)?;
             Ok(Command::WriteZeroes {
                 offset,
                 len,
                 fua,
-                no_hole: h.flags & CMD_FLAG_NO_HOLE != 0,
-                fast: h.flags & CMD_FLAG_FAST_ZERO != 0,
+                no_hole: c.has(CMD_FLAG_NO_HOLE),
+                fast: c.has(CMD_FLAG_FAST_ZERO),
             })
         }
-        CMD_BLOCK_STATUS => {
-            if s.base_allocation.is_none() {
-                return Err(refuse(Errno::Inval, "no metadata context was selected"));
-            }
-            if len == 0 {
-                return Err(refuse(Errno::Inval, "block status of zero bytes"));
-            }
-            in_range()?;
-            Ok(Command::BlockStatus {
-                offset,
-                len,
-                req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
-            })
-        }
+        CMD_BLOCK_STATUS => c.block_status(s.base_allocation.is_some()),
         _ => Err(refuse(Errno::Inval, "unknown or unsupported command")),
+    }
+}
+
+/// One request seen against its session: the checks each command picks
+/// from.
+struct Checks<'a> {
+    h: &'a RequestHeader,
+    /// The export's flags as negotiated for this session.
+    flags: TransmissionFlags,
+    extended: bool,
+    /// The whole range lies within the export.
+    within: bool,
+}
+
+impl<'a> Checks<'a> {
+    fn new(h: &'a RequestHeader, s: &Session) -> Self {
+        let end = h.offset.checked_add(h.length);
+        Checks {
+            h,
+            flags: s.export.flags,
+            extended: s.mode == ReplyMode::Extended,
+            within: end.is_some_and(|e| e <= s.export.size),
+        }
+    }
+
+    /// The session offers `flag` (`TransmissionFlags::SEND_*`).
+    fn offers(&self, flag: u16) -> bool {
+        self.flags.contains(flag)
+    }
+
+    /// The request carries `flag` (`CMD_FLAG_*`).
+    fn has(&self, flag: u16) -> bool {
+        self.h.flags & flag != 0
+    }
+
+    fn known_flags(&self) -> Result<(), Refusal> {
+        if self.h.flags & !self.allowed_flags() != 0 {
+            return Err(refuse(Errno::Inval, "flag not valid for this command"));
+        }
+        Ok(())
+    }
+
+    /// The flags this command may carry in this session.
+    fn allowed_flags(&self) -> u16 {
+        let mut allowed = match self.h.kind {
+            CMD_READ if self.offers(TransmissionFlags::SEND_DF) => CMD_FLAG_DF,
+            CMD_WRITE_ZEROES if self.offers(TransmissionFlags::SEND_FAST_ZERO) => {
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO
+            }
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
+        // With SEND_FUA advertised, FUA must be accepted on every command.
+        if self.offers(TransmissionFlags::SEND_FUA) {
+            allowed |= CMD_FLAG_FUA;
+        }
+        // PAYLOAD_LEN only restates a WRITE's length; on anything else it
+        // means a payload this server never asked for.
+        if self.extended && self.h.kind == CMD_WRITE {
+            allowed |= CMD_FLAG_PAYLOAD_LEN;
+        }
+        allowed
+    }
+
+    /// The length of a request that moves data (READ, WRITE), which must
+    /// fit one payload.
+    fn payload(&self) -> Result<u32, Refusal> {
+        if self.h.length > MAX_PAYLOAD as u64 {
+            return Err(refuse(
+                Errno::Inval,
+                "request exceeds the maximum payload size",
+            ));
+        }
+        Ok(self.h.length as u32)
+    }
+
+    fn in_range(&self) -> Result<(), Refusal> {
+        if !self.within {
+            return Err(refuse(
+                Errno::Inval,
+                "request goes past the end of the export",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A command that changes the disk: the export must be writable, the
+    /// command `offered`, and the range within the export (else
+    /// `past_end`, as the spec says for each command).
+    fn writable(&self, offered: bool, past_end: Errno) -> Result<(), Refusal> {
+        if self.offers(TransmissionFlags::READ_ONLY) {
+            Err(refuse(Errno::Perm, "export is read-only"))
+        } else if !offered {
+            Err(refuse(Errno::Inval, "command not supported by this export"))
+        } else if !self.within {
+            Err(refuse(past_end, "request goes past the end of the export"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// BLOCK_STATUS needs the metadata context selected in the handshake
+    /// (`selected`) and a range that is not empty.
+    fn block_status(&self, selected: bool) -> Result<Command, Refusal> {
+        if !selected {
+            return Err(refuse(Errno::Inval, "no metadata context was selected"));
+        }
+        if self.h.length == 0 {
+            return Err(refuse(Errno::Inval, "block status of zero bytes"));
+        }
+        self.in_range()?;
+        Ok(Command::BlockStatus {
+            offset: self.h.offset,
+            len: self.h.length,
+            req_one: self.has(CMD_FLAG_REQ_ONE),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::negotiation::{BlockSize, ExportInfo};
+    use crate::session::{BlockSize, ExportInfo};
     use proptest::prelude::*;
 
     fn encode(h: &RequestHeader, mode: ReplyMode) -> Vec<u8> {
@@ -502,6 +545,17 @@ mod tests {
         for kind in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
             assert_eq!(errno(header(kind, 0, 0, 1), &ro), Some(Errno::Perm));
         }
+    }
+
+    #[test]
+    fn payload_len_restates_a_write_only_with_extended_headers() {
+        let ext = session(ReplyMode::Extended, false);
+        let compact = session(ReplyMode::Structured, false);
+        let write = header(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512);
+        assert_eq!(errno(write, &ext), None);
+        assert_eq!(errno(write, &compact), Some(Errno::Inval));
+        let read = header(CMD_READ, CMD_FLAG_PAYLOAD_LEN, 0, 512);
+        assert_eq!(errno(read, &ext), Some(Errno::Inval));
     }
 
     #[test]

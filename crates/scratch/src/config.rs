@@ -1,6 +1,7 @@
 //! What a `tmpdisk` server makes: the disk template and the server-wide
-//! limits, plus the small parsers the command line needs (durations, the
-//! names of extra environment variables, the default memory budget).
+//! limits, plus the small checks they need (the names of extra environment
+//! variables, the default memory budget). The settings as written, and
+//! their parser, are [`crate::spec`]'s.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -102,7 +103,7 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     rest.ends_with(last)
 }
 
-/// Everything a [`crate::ScratchExports`] needs.
+/// Everything a [`crate::Registry`] needs.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The default class: disks whose names match no class.
@@ -136,45 +137,6 @@ impl Config {
     pub fn disks(&self) -> impl Iterator<Item = &DiskSpec> {
         std::iter::once(&self.disk).chain(self.classes.iter().map(|c| &c.disk))
     }
-}
-
-/// Why [`parse_duration`] refused its text.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DurationError {
-    #[error("invalid duration {text:?}: unknown unit {unit:?} (examples: 30s, 500ms, 2m, 1h, 10)")]
-    UnknownUnit { text: String, unit: String },
-    #[error("invalid duration {text:?}: not a number (examples: 30s, 500ms, 2m, 1h, 10)")]
-    NotANumber { text: String },
-    #[error("invalid duration {text:?}: out of range")]
-    OutOfRange { text: String },
-}
-
-/// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or plain (possibly
-/// fractional) seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let scale = match unit {
-        "" | "s" => 1.0,
-        "ms" => 1e-3,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(DurationError::UnknownUnit {
-                text: text.to_owned(),
-                unit: unit.to_owned(),
-            })
-        }
-    };
-    let value: f64 = number.parse().map_err(|_| DurationError::NotANumber {
-        text: text.to_owned(),
-    })?;
-    Duration::try_from_secs_f64(value * scale).map_err(|_| DurationError::OutOfRange {
-        text: text.to_owned(),
-    })
 }
 
 /// Why [`check_env_key`] refused a key.
@@ -221,29 +183,6 @@ fn parse_memtotal(meminfo: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        let ms = Duration::from_millis;
-        assert_eq!(parse_duration("30s"), Ok(ms(30_000)));
-        assert_eq!(parse_duration("500ms"), Ok(ms(500)));
-        assert_eq!(parse_duration("2m"), Ok(ms(120_000)));
-        assert_eq!(parse_duration("1h"), Ok(ms(3_600_000)));
-        assert_eq!(parse_duration("10"), Ok(ms(10_000)));
-        assert_eq!(parse_duration("0"), Ok(ms(0)));
-        assert_eq!(parse_duration("1.5s"), Ok(ms(1500)));
-        for bad in ["", "s", "1.2.3s"] {
-            let err = parse_duration(bad).unwrap_err();
-            assert!(matches!(err, DurationError::NotANumber { .. }), "{bad:?}");
-        }
-        // Signs and exponents are not digits, so they start the unit.
-        for bad in ["-1s", "1d", "x", "1e400"] {
-            let err = parse_duration(bad).unwrap_err();
-            assert!(matches!(err, DurationError::UnknownUnit { .. }), "{bad:?}");
-        }
-        let err = parse_duration(&"9".repeat(30)).unwrap_err();
-        assert!(matches!(err, DurationError::OutOfRange { .. }), "{err}");
-    }
 
     #[test]
     fn env_keys() {

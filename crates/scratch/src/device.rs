@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use scratchd_store::memory::{Budget, NarrowError};
 use scratchd_store::sync;
 use scratchd_store::{
-    BlockDevice, Capabilities, Extent, ExtentKind, FileDevice, MemoryDevice, ZeroFlags,
+    BlockDevice, Capabilities, ErrorCounts, Extent, ExtentKind, FileDevice, MemoryDevice, ZeroFlags,
 };
 
 use crate::spill::SpillDevice;
@@ -191,9 +191,10 @@ impl ScratchDevice {
         }
     }
 
-    /// The disk's error replies by errno, which the server charges (each
-    /// connection holds them through its [`scratchd_server::OpenExport`]).
-    pub fn errors(&self) -> std::sync::Arc<scratchd_server::counters::ErrorCounts> {
+    /// The disk's error replies by errno, which whoever answers its
+    /// requests charges (the server's connections, through the exports
+    /// layer).
+    pub fn errors(&self) -> Arc<ErrorCounts> {
         self.stats.errors.clone()
     }
 

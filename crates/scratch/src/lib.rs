@@ -9,17 +9,24 @@
 //! nothing does, since no disk ever has a name in the file system.
 //!
 //! Layout:
-//! - [`config`]: the template and limits, and their small parsers.
+//! - [`config`]: the template and limits the registry is built from.
+//! - [`spec`]: the disk settings as written (`KEY=VALUE`, `[tmpdisk]`,
+//!   `[[class]]`), their one parser, and their merge into a [`DiskSpec`].
+//! - [`units`]: sizes and durations, one parser each.
 //! - [`names`]: which export names are allowed, and unguessable names.
 //! - [`owner`]: who a disk belongs to, and what one owner may hold.
-//! - [`registry`]: [`ScratchExports`], the (owner, name) → disk map and its
-//!   lifecycle.
+//! - [`registry`]: [`Registry`], the (owner, name) → disk map: lifecycle,
+//!   owners, classes and pools, the operator's views.
 //! - [`disk`]: making a disk (memfd or `O_TMPFILE`, format, load).
 //! - [`format`](mod@format): running mkfs or the format command under a timeout.
 //! - [`spill`]: [`spill::SpillDevice`], RAM first, then an unnamed file.
 //! - [`device`]: [`ScratchDevice`], stats and the disk budget of files.
 //! - `pool`: formatted disks kept ready (one pool per class that asks).
 //! - [`stats`]: per-disk counters.
+//!
+//! This crate knows disks, owners and budgets, not NBD: the exports layer
+//! (`scratchd_exports`) serves a [`Registry`] to the protocol server, and
+//! `scratchd run` opens its one disk from a registry of its own.
 //!
 //! The design and its trade-offs are written up in `docs/SCRATCH.md`.
 
@@ -39,13 +46,16 @@ pub mod names;
 pub mod owner;
 mod pool;
 pub mod registry;
+pub mod spec;
 pub mod spill;
 pub mod stats;
+pub mod units;
 
 pub use config::{Backing, Class, Config, DiskSpec, FormatKind, FormatSpec};
 pub use device::ScratchDevice;
-pub use owner::{Owner, OwnerLimits, OwnerPolicy};
-pub use registry::{ScratchExports, Settings};
+pub use owner::{Owner, OwnerLimits, OwnerPolicy, Peer};
+pub use registry::{DiskInfo, OpenDisk, OpenError, Registry, Settings};
+pub use spec::{ClassSettings, DiskSettings, SpecError};
 pub use stats::{IoCounters, StatsSnapshot};
 
 /// Why [`from_config`] could not build the registry.
@@ -68,7 +78,7 @@ pub enum BuildError {
 ///
 /// When disks cannot be made at all (a `backing=dir:` that does not exist
 /// or takes no files) or a thread cannot start.
-pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
+pub fn from_config(config: Config) -> Result<Registry, BuildError> {
     // Owners' disk shares need a server-wide disk budget to be part of,
     // even when the server sets no limit of its own.
     let disk_limit = match (config.disk_limit, config.per_owner.disk) {
@@ -101,7 +111,7 @@ pub fn from_config(config: Config) -> Result<ScratchExports, BuildError> {
         per_owner: config.per_owner,
         ..Settings::new(config.disk.format.timeout)
     };
-    ScratchExports::with_classes(settings, Arc::new(maker), classes).map_err(BuildError::Threads)
+    Registry::with_classes(settings, Arc::new(maker), classes).map_err(BuildError::Threads)
 }
 
 /// The disk maker for one class (or the default), checked.

@@ -12,8 +12,6 @@
 
 use std::io;
 
-use scratchd_proto::negotiation::LookupError;
-
 /// The longest name accepted.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -45,6 +43,27 @@ pub fn unguessable(prefix: &str) -> io::Result<String> {
     Ok(name)
 }
 
+/// Why a name may not become a scratch disk. The messages go to the
+/// client, so each says what a good name looks like.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The empty (default) name, on a server without `--export-name`.
+    #[error(
+        "this server makes one scratch disk per build: connect with the build's name \
+         as the export name (e.g. nbd+unix:///build-1234?socket=...)"
+    )]
+    Empty,
+    #[error("export name is {0} bytes long; at most {MAX_NAME_LEN} are allowed")]
+    TooLong(usize),
+    #[error("export name contains {0:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")]
+    Character(char),
+    #[error("export name must not start with '.'")]
+    LeadingDot,
+    /// The name lacks the server's `--name-prefix`.
+    #[error("export name must start with {0:?} on this server")]
+    Prefix(String),
+}
+
 /// Which export names may be created: 1–128 characters of `[A-Za-z0-9._-]`,
 /// not starting with `.`, starting with `prefix`.
 #[derive(Debug, Clone, Default)]
@@ -54,38 +73,25 @@ pub struct NamePolicy {
 }
 
 impl NamePolicy {
-    /// Accepts `name` or explains, as an NBD policy error, why not.
-    pub fn check(&self, name: &str) -> Result<(), LookupError> {
-        let refuse = |why: String| Err(LookupError::Policy(why));
+    /// Accepts `name` or says why not.
+    pub fn check(&self, name: &str) -> Result<(), NameError> {
         if name.is_empty() {
-            return refuse(
-                "this server makes one scratch disk per build: connect with the build's name \
-                 as the export name (e.g. nbd+unix:///build-1234?socket=...)"
-                    .into(),
-            );
+            return Err(NameError::Empty);
         }
         if name.len() > MAX_NAME_LEN {
-            return refuse(format!(
-                "export name is {} bytes long; at most {MAX_NAME_LEN} are allowed",
-                name.len()
-            ));
+            return Err(NameError::TooLong(name.len()));
         }
         if let Some(c) = name
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
-            return refuse(format!(
-                "export name contains {c:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed"
-            ));
+            return Err(NameError::Character(c));
         }
         if name.starts_with('.') {
-            return refuse("export name must not start with '.'".into());
+            return Err(NameError::LeadingDot);
         }
         if !name.starts_with(&self.prefix) {
-            return refuse(format!(
-                "export name must start with {:?} on this server",
-                self.prefix
-            ));
+            return Err(NameError::Prefix(self.prefix.clone()));
         }
         Ok(())
     }
@@ -108,7 +114,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_paths_dots_long_and_odd_characters_with_policy_errors() {
+    fn refuses_paths_dots_long_and_odd_characters_saying_why() {
         let p = NamePolicy::default();
         for name in [
             "",
@@ -123,10 +129,8 @@ mod tests {
             &"x".repeat(129),
             &"x".repeat(200),
         ] {
-            match p.check(name) {
-                Err(LookupError::Policy(msg)) => assert!(!msg.is_empty()),
-                other => panic!("{name:?}: {other:?}"),
-            }
+            let why = p.check(name).expect_err(name);
+            assert!(!why.to_string().is_empty());
         }
     }
 
@@ -154,7 +158,11 @@ mod tests {
             prefix: "ci-".into(),
         };
         assert!(ok(&p, "ci-1"));
-        assert!(!ok(&p, "build-1"));
+        assert_eq!(p.check("build-1"), Err(NameError::Prefix("ci-".into())));
+        assert_eq!(
+            p.check("build-1").unwrap_err().to_string(),
+            "export name must start with \"ci-\" on this server"
+        );
         assert!(!ok(&p, "ci"));
     }
 }

@@ -7,14 +7,29 @@
 //! empty disk of its own — so no answer (LIST, INFO, GO, or a refusal)
 //! tells it whether someone else's disk has that name, and nobody can block
 //! a build by taking its name first. The [`OwnerPolicy`] (`owner=`) turns a
-//! connection's [`Identity`] into its owner.
+//! connection's [`Peer`] into its owner.
+//!
+//! A [`Peer`] is what the connection's transport proved about the other
+//! end, in the registry's own terms: the server's identity type is mapped
+//! to it by the exports layer above, so that this crate knows owners, not
+//! connections.
 //!
 //! [`OwnerLimits`] keep one owner from taking the whole host: a cap on its
 //! disks and a share of each budget (see [`crate::device::Budgets`]).
 
 use std::fmt;
 
-use scratchd_server::identity::{Fingerprint, Identity};
+/// Who asks for a disk, as far as the connection's transport proved it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// A process on this host (a Unix socket's peer credentials).
+    Unix { uid: u32, gid: u32 },
+    /// A TLS client, by the SHA-256 of its verified certificate.
+    Certificate([u8; 32]),
+    /// Nothing is known about the peer (plain TCP, stdio, or the run's own
+    /// registry).
+    Anonymous,
+}
 
 /// Who a disk belongs to: a connection's identity under the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,7 +58,10 @@ impl fmt::Display for Owner {
         match self {
             Owner::Uid(uid) => write!(f, "uid {uid}"),
             Owner::UidGid(uid, gid) => write!(f, "uid {uid} gid {gid}"),
-            Owner::Certificate(fp) => write!(f, "certificate {}", Fingerprint(*fp)),
+            Owner::Certificate(fp) => {
+                f.write_str("certificate sha256:")?;
+                fp.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
             Owner::Anyone => f.write_str("anyone"),
         }
     }
@@ -79,12 +97,12 @@ impl OwnerPolicy {
     }
 
     /// The owner of disks that `peer` creates and may open.
-    pub fn owner_of(self, peer: &Identity) -> Owner {
+    pub fn owner_of(self, peer: Peer) -> Owner {
         match (self, peer) {
-            (OwnerPolicy::Name, _) | (_, Identity::Anonymous) => Owner::Anyone,
-            (OwnerPolicy::Peer, Identity::Unix(c)) => Owner::Uid(c.uid),
-            (OwnerPolicy::PeerGid, Identity::Unix(c)) => Owner::UidGid(c.uid, c.gid),
-            (_, Identity::Certificate(fp)) => Owner::Certificate(fp.0),
+            (OwnerPolicy::Name, _) | (_, Peer::Anonymous) => Owner::Anyone,
+            (OwnerPolicy::Peer, Peer::Unix { uid, .. }) => Owner::Uid(uid),
+            (OwnerPolicy::PeerGid, Peer::Unix { uid, gid }) => Owner::UidGid(uid, gid),
+            (_, Peer::Certificate(fp)) => Owner::Certificate(fp),
         }
     }
 }
@@ -102,30 +120,29 @@ pub struct OwnerLimits {
 
 #[cfg(test)]
 mod tests {
-    use scratchd_server::identity::Credentials;
-
     use super::*;
 
     #[test]
-    fn policies_turn_identities_into_owners() {
-        let unix = Identity::Unix(Credentials {
+    fn policies_turn_peers_into_owners() {
+        let unix = Peer::Unix {
             uid: 1000,
             gid: 100,
-            pid: 42,
-        });
-        let cert = Identity::Certificate(Fingerprint([7; 32]));
+        };
+        let cert = Peer::Certificate([7; 32]);
         let p = |text| OwnerPolicy::parse(text).unwrap();
-        assert_eq!(p("peer").owner_of(&unix), Owner::Uid(1000));
-        assert_eq!(p("peer+gid").owner_of(&unix), Owner::UidGid(1000, 100));
-        assert_eq!(p("name").owner_of(&unix), Owner::Anyone);
-        assert_eq!(p("peer").owner_of(&cert), Owner::Certificate([7; 32]));
-        assert_eq!(p("name").owner_of(&cert), Owner::Anyone);
-        assert_eq!(p("peer").owner_of(&Identity::Anonymous), Owner::Anyone);
+        assert_eq!(p("peer").owner_of(unix), Owner::Uid(1000));
+        assert_eq!(p("peer+gid").owner_of(unix), Owner::UidGid(1000, 100));
+        assert_eq!(p("name").owner_of(unix), Owner::Anyone);
+        assert_eq!(p("peer").owner_of(cert), Owner::Certificate([7; 32]));
+        assert_eq!(p("name").owner_of(cert), Owner::Anyone);
+        assert_eq!(p("peer").owner_of(Peer::Anonymous), Owner::Anyone);
         assert_eq!(OwnerPolicy::default(), OwnerPolicy::Peer);
         for bad in ["", "uid", "Peer", "peer+uid"] {
             assert_eq!(OwnerPolicy::parse(bad), Err(OwnerPolicyError(bad.into())));
         }
         assert!(!Owner::Anyone.is_identified() && Owner::Uid(0).is_identified());
         assert_eq!(Owner::UidGid(1, 2).to_string(), "uid 1 gid 2");
+        let cert = Owner::Certificate([0xab; 32]).to_string();
+        assert_eq!(cert, format!("certificate sha256:{}", "ab".repeat(32)));
     }
 }

@@ -4,13 +4,14 @@
 //!
 //! The I/O counters are the device's to keep; error replies are the
 //! server's to count (a refused request never reaches the device), so the
-//! device hands its [`ErrorCounts`] to the connections that open it.
+//! device hands its [`ErrorCounts`] (a store type, which knows errno names,
+//! not NBD) to the connections that open it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use scratchd_server::counters::ErrorCounts;
+use scratchd_store::ErrorCounts;
 
 /// One operation kind: how many calls and how many bytes.
 #[derive(Debug, Default)]

@@ -1,13 +1,17 @@
 //! One client connection: the handshake, then the transmission loop.
 //!
-//! The loop reads like the protocol: [`Transmission::next_request`] reads and
-//! checks one request and says what to do with it (refuse it, run it, or
-//! end), and [`Transmission::dispatch`] runs it on this thread (backends
-//! that never block) or hands it to the worker pool. Requests are parsed in
-//! place from the input buffer ([`crate::input`]); replies leave through
-//! the connection's [`Replies`] ([`crate::replies`]), gathered so that a
-//! client with 32 requests in flight gets 32 replies in one system call.
-//! Commands are executed in [`crate::executor`].
+//! The handshake ([`Handshake`]) moves bytes for the option haggling that
+//! `proto::negotiation::Negotiator` decides, and opens the export the
+//! client picks. The loop reads like the protocol:
+//! [`Transmission::next_request`] reads and checks one request and says what
+//! to do with it (refuse it, run it, or end), and [`Transmission::dispatch`]
+//! runs it on this thread (backends that never block) or hands it to the
+//! worker pool. Requests are parsed in place from the input buffer
+//! ([`crate::input`]); replies leave through the connection's [`Replies`]
+//! ([`crate::replies`]), gathered so that a client with 32 requests in
+//! flight gets 32 replies in one system call. Commands are executed in
+//! [`crate::executor`]. Whatever ends a connection is a
+//! [`ConnectionError`] ([`crate::error`]).
 
 use std::io;
 use std::sync::Arc;
@@ -17,17 +21,19 @@ use scratchd_proto::consts::OptError;
 use scratchd_proto::handshake::{
     self, ClientFlags, OptionHeader, OptionPayload, OPTION_HEADER_LEN,
 };
-use scratchd_proto::negotiation::{Negotiator, Opened, Session, Step, TlsPolicy};
+use scratchd_proto::negotiation::{Negotiator, OpenVia, Opened, Session, Step, TlsPolicy};
+use scratchd_proto::options;
 use scratchd_proto::reply::{self, ReplyTo};
 use scratchd_proto::request::{self, Command, RequestHeader, RequestPayload};
 use scratchd_proto::{Codec, Errno};
 use scratchd_store::BlockDevice;
 use tracing::{debug, info};
 
-use crate::counters::{ErrorCounts, HandshakeFailure};
+use crate::counters::{ErrorSink, HandshakeFailure};
+use crate::error::{Causes, ConnectionError};
 use crate::executor::{self, PoolRequest, ReplyContext, Scratch};
 use crate::export::{OpenExport, PeerCatalog};
-use crate::identity::{Fingerprint, Identity};
+use crate::identity::Identity;
 use crate::input::{give_back_vec, Filled, Input, INPUT_BUFFER};
 use crate::listener::ServerContext;
 use crate::replies::Replies;
@@ -58,17 +64,24 @@ pub fn serve(transport: Transport, ctx: &ServerContext) {
             return;
         }
     };
-    match run(transport, ctx) {
-        Ok(()) => debug!(%peer, "connection closed"),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            debug!(%peer, "client went away")
-        }
-        Err(e) => info!(%peer, error = %e, "connection ended"),
-    }
+    log_end(&peer, &run(transport, ctx));
     drop(registration);
 }
 
-fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
+/// A clean end, a client gone or refused are worth a debug line; anything
+/// else, an info line with every cause.
+fn log_end(peer: &str, result: &Result<(), ConnectionError>) {
+    let Err(e) = result else {
+        return debug!(%peer, "connection closed");
+    };
+    match e.ending() {
+        None => debug!(%peer, "connection closed"),
+        Some(ConnectionError::Closed) => debug!(%peer, "client went away"),
+        Some(_) => info!(%peer, error = %Causes(e), "connection ended"),
+    }
+}
+
+fn run(transport: Transport, ctx: &ServerContext) -> Result<(), ConnectionError> {
     let Transport {
         reader,
         mut writer,
@@ -78,27 +91,19 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     } = transport;
     control.set_read_timeout(Some(ctx.handshake_timeout))?;
     let mut input = Input::new(reader);
-    let mut refused = false;
-    let shaken = handshake(
-        &mut input,
-        &mut writer,
-        &control,
-        identity,
+    let shaken = Handshake {
+        input: &mut input,
+        writer: &mut writer,
+        control: &control,
+        peer: identity,
         ctx,
-        &mut refused,
-    );
-    // A client refused an export usually leaves (or errs) next: that is
-    // the reason, whatever comes after.
-    let failure = match &shaken {
-        Ok(None) | Err(_) if refused => Some(HandshakeFailure::Refused),
-        Err(e) => Some(HandshakeFailure::of(e)),
-        Ok(_) => None,
-    };
-    if let Some(why) = failure {
-        crate::counters::handshake_failed(why);
+        refused: None,
     }
-    let shaken = shaken?;
-    let Some((session, export)) = shaken else {
+    .run();
+    if let Err(e) = &shaken {
+        ctx.counters.handshake_failed(HandshakeFailure::of(e));
+    }
+    let Some((session, export)) = shaken? else {
         return Ok(());
     };
     input.watch_idle(Box::new(control.try_clone()?))?;
@@ -109,152 +114,214 @@ fn run(transport: Transport, ctx: &ServerContext) -> io::Result<()> {
     info!(export = %session.export.name, mode = ?session.mode, "transmission started");
     let pooled = export.device.capabilities().may_block;
     let replies = Replies::new(writer, control, ctx.reply_timeout, pooled);
-    // Borrowed by every request of the connection; the export holds it too.
-    let errors = export.errors.clone();
+    // Borrowed by every request of the connection, shared with those on
+    // the worker pool.
+    let errors = Arc::new(ErrorSink::new(ctx.counters.clone(), export.errors.clone()));
     Transmission::new(input, replies, &session, &errors, export, ctx).run()
 }
 
-/// Runs the option haggling until transmission starts (`Some`) or the
-/// client leaves (`None`). `peer` is who asks: the registry answers LIST,
-/// INFO and opens as that peer.
-fn handshake(
-    input: &mut Input,
-    writer: &mut WriteHalf,
-    control: &Control,
-    mut peer: Identity,
-    ctx: &ServerContext,
-    refused: &mut bool,
-) -> io::Result<Option<(Session, OpenExport)>> {
-    let timeout = ctx.handshake_timeout;
-    writer.write_all(&handshake::greeting(), timeout)?;
-    let mut raw = [0u8; 4];
-    input.read_exact(&mut raw)?;
-    let ClientFlags { no_zeroes } = ClientFlags::from_bytes(&raw).map_err(invalid_data)?;
-    let policy = match ctx.tls.as_ref().map(|t| t.mode) {
-        None => TlsPolicy::Off,
-        Some(TlsMode::On) => TlsPolicy::On,
-        Some(TlsMode::Require) => TlsPolicy::Require,
-    };
-    let mut negotiator = Negotiator::with_tls(no_zeroes, policy);
-    let mut out = Vec::new();
-    let mut payload = Vec::new();
-    loop {
-        let mut raw = [0u8; OPTION_HEADER_LEN];
-        input.read_exact(&mut raw)?;
-        let header = OptionHeader::from_bytes(&raw).map_err(invalid_data)?;
-        out.clear();
-        match header.payload_plan().map_err(invalid_data)? {
-            OptionPayload::DrainAndRefuse => {
-                input.discard(header.len as u64)?;
-                handshake::put_option_error(
-                    &mut out,
-                    header.option,
-                    OptError::TooBig,
-                    "option data is too long",
-                );
-                writer.write_all(&out, timeout)?;
+/// A connection in its handshake: the option haggling, until transmission
+/// starts or the client leaves.
+struct Handshake<'h> {
+    input: &'h mut Input,
+    writer: &'h mut WriteHalf,
+    control: &'h Control,
+    /// Who asks: the registry answers LIST, INFO and opens as that peer.
+    peer: Identity,
+    ctx: &'h ServerContext,
+    /// The last export the registry refused this client.
+    refused: Option<String>,
+}
+
+/// What the connection does after one option. (One per option, moved
+/// once: the size of `Transmit` costs nothing worth a box.)
+#[allow(clippy::large_enum_variant)]
+enum Then {
+    /// Read the next option.
+    Next,
+    /// Transmission starts.
+    Transmit(Session, OpenExport),
+    /// The client leaves (ABORT, a failed EXPORT_NAME, shutdown).
+    Leave,
+}
+
+impl Handshake<'_> {
+    /// Runs the option haggling until transmission starts (`Some`) or the
+    /// client leaves (`None`). An export refused on the way is the reason
+    /// for whatever ends the handshake after it: the client usually leaves,
+    /// or errs, next.
+    fn run(mut self) -> Result<Option<(Session, OpenExport)>, ConnectionError> {
+        let end = self.negotiate();
+        match (self.refused.take(), end) {
+            (Some(export), Ok(None)) => Err(ConnectionError::Refused { export, then: None }),
+            (Some(export), Err(e)) => Err(ConnectionError::Refused {
+                export,
+                then: Some(Box::new(e)),
+            }),
+            (_, end) => end,
+        }
+    }
+
+    /// The greeting, then one option after another.
+    fn negotiate(&mut self) -> Result<Option<(Session, OpenExport)>, ConnectionError> {
+        let mut negotiator = self.greet()?;
+        let mut out = Vec::new();
+        let mut payload = Vec::new();
+        loop {
+            out.clear();
+            let Some(header) = self.read_option(&mut payload, &mut out)? else {
                 continue;
+            };
+            let then = self.answer(&mut negotiator, header, &payload, &mut out)?;
+            match then {
+                Then::Next => self.send(&out)?,
+                Then::Transmit(session, export) => {
+                    self.send(&out)?;
+                    return Ok(Some((session, export)));
+                }
+                Then::Leave => {
+                    // The client may be gone already: a last answer is a courtesy.
+                    let _ = self.send(&out);
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), ConnectionError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        Ok(self.writer.write_all(bytes, self.ctx.handshake_timeout)?)
+    }
+
+    /// Sends the greeting, reads the client's flags, and sets up the
+    /// negotiator for them and the server's TLS policy.
+    fn greet(&mut self) -> Result<Negotiator, ConnectionError> {
+        self.send(&handshake::greeting())?;
+        let mut raw = [0u8; 4];
+        self.input.read_exact(&mut raw)?;
+        let ClientFlags { no_zeroes } = ClientFlags::from_bytes(&raw)?;
+        let policy = match self.ctx.tls.as_ref().map(|t| t.mode) {
+            None => TlsPolicy::Off,
+            Some(TlsMode::On) => TlsPolicy::On,
+            Some(TlsMode::Require) => TlsPolicy::Require,
+        };
+        Ok(Negotiator::with_tls(no_zeroes, policy))
+    }
+
+    /// Reads the next option header and its payload into `payload`. An
+    /// over-size payload is skipped and refused right here (the refusal is
+    /// sent; `None`).
+    fn read_option(
+        &mut self,
+        payload: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<OptionHeader>, ConnectionError> {
+        let mut raw = [0u8; OPTION_HEADER_LEN];
+        self.input.read_exact(&mut raw)?;
+        let header = OptionHeader::from_bytes(&raw)?;
+        match header.payload_plan()? {
+            OptionPayload::DrainAndRefuse => {
+                self.input.discard(header.len as u64)?;
+                let message = "option data is too long";
+                options::put_option_error(out, header.option, OptError::TooBig, message);
+                self.send(out)?;
+                Ok(None)
             }
             OptionPayload::Read => {
                 payload.resize(header.len as usize, 0);
-                input.read_exact(&mut payload)?;
+                self.input.read_exact(payload)?;
+                Ok(Some(header))
             }
         }
-        if ctx.shutdown.is_started() {
-            handshake::put_option_error(
-                &mut out,
-                header.option,
-                OptError::Shutdown,
-                "server is shutting down",
-            );
-            let _ = writer.write_all(&out, timeout);
-            return Ok(None);
+    }
+
+    /// Lets the negotiator answer one option into `out`, and does what it
+    /// asks for: TLS, or opening an export.
+    fn answer(
+        &mut self,
+        negotiator: &mut Negotiator,
+        header: OptionHeader,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Then, ConnectionError> {
+        if self.ctx.shutdown.is_started() {
+            let message = "server is shutting down";
+            options::put_option_error(out, header.option, OptError::Shutdown, message);
+            return Ok(Then::Leave);
         }
         let catalog = PeerCatalog {
-            exports: ctx.exports.as_ref(),
-            peer: &peer,
+            exports: self.ctx.exports.as_ref(),
+            peer: &self.peer,
         };
-        let step = negotiator.handle(header.option, &payload, &catalog, &mut out);
-        let opened = match step {
-            Step::Continue => None,
+        match negotiator.handle(header.option, payload, &catalog, out) {
+            Step::Continue => Ok(Then::Next),
+            Step::Close => Ok(Then::Leave),
             Step::StartTls => {
-                writer.write_all(&out, timeout)?;
-                if let Some(fingerprint) = start_tls(input, writer, control, ctx)? {
-                    // A verified client certificate names the peer better
-                    // than the socket does (which, over TCP, names nobody).
-                    peer = Identity::Certificate(fingerprint);
-                }
+                self.send(out)?;
+                out.clear();
+                self.start_tls()?;
                 negotiator.tls_started();
-                continue;
+                Ok(Then::Next)
             }
-            Step::Close => {
-                let _ = writer.write_all(&out, timeout);
-                return Ok(None);
-            }
-            Step::Open { name, via } => {
-                let result = ctx.exports.open(&name, &peer);
-                let (info, export) = match result {
-                    Ok(e) => (Ok(e.info.clone()), Some(e)),
-                    Err(e) => {
-                        *refused = true;
-                        (Err(e), None)
-                    }
-                };
-                match negotiator.finish_open(&via, info, &mut out) {
-                    Opened::Transmit(session) => export.map(|e| (session, e)),
-                    Opened::Continue => None,
-                    Opened::Close => {
-                        let _ = writer.write_all(&out, timeout);
-                        return Ok(None);
-                    }
-                }
+            Step::Open { name, via } => Ok(self.open(negotiator, name, &via, out)),
+        }
+    }
+
+    /// Opens `name` for GO or EXPORT_NAME and lets the negotiator answer.
+    fn open(
+        &mut self,
+        negotiator: &mut Negotiator,
+        name: String,
+        via: &OpenVia,
+        out: &mut Vec<u8>,
+    ) -> Then {
+        let (info, export) = match self.ctx.exports.open(&name, &self.peer) {
+            Ok(e) => (Ok(e.info.clone()), Some(e)),
+            Err(e) => {
+                self.refused = Some(name);
+                (Err(e), None)
             }
         };
-        writer.write_all(&out, timeout)?;
-        if opened.is_some() {
-            return Ok(opened);
+        match (negotiator.finish_open(via, info, out), export) {
+            (Opened::Transmit(session), Some(export)) => Then::Transmit(session, export),
+            (Opened::Transmit(_), None) | (Opened::Continue, _) => Then::Next,
+            (Opened::Close, _) => Then::Leave,
         }
     }
-}
 
-/// Runs the TLS handshake on the connection's socket (STARTTLS was just
-/// acknowledged); from then on both halves go through the TLS session.
-fn start_tls(
-    input: &mut Input,
-    writer: &mut WriteHalf,
-    control: &Control,
-    ctx: &ServerContext,
-) -> io::Result<Option<Fingerprint>> {
-    let tls = ctx
-        .tls
-        .as_ref()
-        .ok_or_else(|| invalid_data("STARTTLS without TLS"))?;
-    // The client may send nothing between STARTTLS and its TLS hello, which
-    // it sends only after our ACK: buffered bytes are a confused client.
-    if !input.buffered().is_empty() {
-        return Err(invalid_data("data after NBD_OPT_STARTTLS"));
+    /// Runs the TLS handshake on the connection's socket (STARTTLS was just
+    /// acknowledged); from then on both halves go through the TLS session.
+    /// A verified client certificate names the peer better than the socket
+    /// does (which, over TCP, names nobody).
+    fn start_tls(&mut self) -> Result<(), ConnectionError> {
+        let tls = self
+            .ctx
+            .tls
+            .as_ref()
+            .ok_or(ConnectionError::StartTls("STARTTLS without TLS"))?;
+        // The client may send nothing between STARTTLS and its TLS hello,
+        // which it sends only after our ACK: buffered bytes are a confused
+        // client.
+        if !self.input.buffered().is_empty() {
+            return Err(ConnectionError::StartTls("data after NBD_OPT_STARTTLS"));
+        }
+        let socket = self
+            .control
+            .socket()
+            .ok_or(ConnectionError::StartTls("TLS needs a socket"))??;
+        let accepted = tls.accept(socket);
+        self.ctx.counters.tls_handshake(accepted.is_ok());
+        let (reader, tls_writer, fingerprint) = accepted.map_err(ConnectionError::Tls)?;
+        self.input.replace_reader(Box::new(reader));
+        *self.writer = WriteHalf::Tls(tls_writer);
+        debug!(client_certificate = fingerprint.is_some(), "TLS started");
+        if let Some(fingerprint) = fingerprint {
+            self.peer = Identity::Certificate(fingerprint);
+        }
+        Ok(())
     }
-    let socket = control
-        .socket()
-        .ok_or_else(|| invalid_data("TLS needs a socket"))??;
-    let (reader, tls_writer, fingerprint) = match tls.accept(socket) {
-        Ok(accepted) => {
-            crate::counters::tls_handshake(true);
-            accepted
-        }
-        Err(e) => {
-            crate::counters::tls_handshake(false);
-            return Err(io::Error::new(e.kind(), crate::counters::TlsFailed(e)));
-        }
-    };
-    input.replace_reader(Box::new(reader));
-    *writer = WriteHalf::Tls(tls_writer);
-    debug!(client_certificate = fingerprint.is_some(), "TLS started");
-    Ok(fingerprint)
-}
-
-fn invalid_data(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
 /// A connection in transmission: everything its loop keeps between requests.
@@ -267,6 +334,9 @@ struct Transmission<'a> {
     /// Requests run on this thread (backends that never block), not on the
     /// worker pool.
     inline: bool,
+    /// Where error replies are counted; requests on the worker pool take
+    /// a handle.
+    errors: &'a Arc<ErrorSink>,
     cx: ReplyContext<'a>,
     header_len: usize,
     scratch: Scratch,
@@ -300,7 +370,7 @@ impl<'a> Transmission<'a> {
         input: Input,
         replies: Replies,
         session: &'a Session,
-        errors: &'a ErrorCounts,
+        errors: &'a Arc<ErrorSink>,
         export: OpenExport,
         ctx: &'a ServerContext,
     ) -> Self {
@@ -312,6 +382,7 @@ impl<'a> Transmission<'a> {
             inline: !device.capabilities().may_block,
             device,
             export,
+            errors,
             cx: ReplyContext {
                 mode: session.mode,
                 base_allocation: session.base_allocation,
@@ -324,27 +395,27 @@ impl<'a> Transmission<'a> {
         }
     }
 
-    fn run(mut self) -> io::Result<()> {
+    fn run(mut self) -> Result<(), ConnectionError> {
         let result = self.serve_requests();
         // DISC, EOF or error: whatever was answered goes out (unless the
         // client stopped reading), and the export is released only after
         // every request still running has finished.
         let flushed = match &result {
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(()),
+            Err(ConnectionError::TimedOut(_)) => Ok(()),
             _ => self.replies.flush(),
         };
         self.replies.wait_idle();
         self.replies.close();
         drop(self.export);
-        result.and(flushed)
+        result.and(flushed.map_err(ConnectionError::from))
     }
 
-    fn serve_requests(&mut self) -> io::Result<()> {
+    fn serve_requests(&mut self) -> Result<(), ConnectionError> {
         loop {
             match self.next_request()? {
                 Next::Execute(req) => self.dispatch(req)?,
                 Next::Refuse { to, errno, message } => {
-                    crate::counters::error_replied(errno, self.cx.errors);
+                    self.cx.errors.error_replied(errno);
                     reply::put_error(self.replies.batch(), self.cx.mode, to, errno, message)
                 }
                 Next::Disconnect => return Ok(()),
@@ -357,13 +428,13 @@ impl<'a> Transmission<'a> {
 
     /// Reads the next request header and checks it. A request that cannot
     /// run has its payload skipped here, so the stream stays in sync.
-    fn next_request(&mut self) -> io::Result<Next> {
+    fn next_request(&mut self) -> Result<Next, ConnectionError> {
         if !self.wait_for_header()? {
             return Ok(Next::Disconnect);
         }
         let header =
             RequestHeader::from_bytes(&self.input.buffered()[..self.header_len], self.cx.mode)
-                .map_err(invalid_data)?;
+                .map_err(ConnectionError::Request)?;
         self.input.consume(self.header_len);
         let to = ReplyTo {
             cookie: header.cookie,
@@ -379,10 +450,7 @@ impl<'a> Transmission<'a> {
                 return Ok(refusal);
             }
             RequestPayload::Disconnect => {
-                return Err(invalid_data(format!(
-                    "request payload of {} bytes is beyond any sane size",
-                    header.length
-                )));
+                return Err(ConnectionError::AbsurdPayload(header.length));
             }
         };
         let refusal = if self.ctx.shutdown.is_started() {
@@ -409,7 +477,7 @@ impl<'a> Transmission<'a> {
     /// the client, gathered replies are sent (so a burst of requests is
     /// answered in one write); after a while without input, buffers are
     /// given back. False on a clean end of stream.
-    fn wait_for_header(&mut self) -> io::Result<bool> {
+    fn wait_for_header(&mut self) -> Result<bool, ConnectionError> {
         while self.input.buffered().len() < self.header_len {
             self.replies.flush()?;
             self.shrink_buffers();
@@ -422,7 +490,7 @@ impl<'a> Transmission<'a> {
         Ok(true)
     }
 
-    fn dispatch(&mut self, req: Request) -> io::Result<()> {
+    fn dispatch(&mut self, req: Request) -> Result<(), ConnectionError> {
         if self.inline {
             self.execute_inline(req)
         } else {
@@ -431,7 +499,7 @@ impl<'a> Transmission<'a> {
     }
 
     /// Runs a request on this thread; its reply joins the gathered ones.
-    fn execute_inline(&mut self, req: Request) -> io::Result<()> {
+    fn execute_inline(&mut self, req: Request) -> Result<(), ConnectionError> {
         let Request {
             cmd,
             to,
@@ -447,7 +515,7 @@ impl<'a> Transmission<'a> {
                 self.replies.batch(),
             );
             if let Some(result) = written {
-                return result;
+                return Ok(result?);
             }
         }
         let payload = receive(&mut self.input, &mut self.big_payload, payload_len)?;
@@ -468,7 +536,7 @@ impl<'a> Transmission<'a> {
 
     /// Hands a request to the worker pool, once its connection has room for
     /// it (see [`crate::replies`]).
-    fn submit(&mut self, req: Request) -> io::Result<()> {
+    fn submit(&mut self, req: Request) -> Result<(), ConnectionError> {
         let Request {
             cmd,
             to,
@@ -498,7 +566,7 @@ impl<'a> Transmission<'a> {
             cmd,
             mode: self.cx.mode,
             base_allocation: self.cx.base_allocation,
-            errors: self.export.errors.clone(),
+            errors: self.errors.clone(),
             to,
             payload,
             ticket,
@@ -556,4 +624,267 @@ fn receive<'b>(input: &'b mut Input, big: &'b mut Vec<u8>, len: usize) -> io::Re
     big.resize(len, 0);
     input.read_exact(big)?;
     Ok(big)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::io::Write;
+    use std::time::Duration;
+
+    use scratchd_proto::consts::*;
+
+    use super::*;
+    use crate::testing::{
+        connect, eventually, request, Peer, Setup, SimpleReply, TestDevice, DISK,
+    };
+
+    const EINVAL: u32 = 22;
+    const ENOSPC: u32 = 28;
+
+    fn ok(cookie: u64) -> SimpleReply {
+        SimpleReply { error: 0, cookie }
+    }
+
+    fn failed(error: u32, cookie: u64) -> SimpleReply {
+        SimpleReply { error, cookie }
+    }
+
+    /// A server over `device`, and a client of it in transmission.
+    fn open(device: TestDevice) -> (Peer, std::thread::JoinHandle<()>, Arc<ServerContext>) {
+        let ctx = Setup::single(Arc::new(device)).context();
+        let (mut peer, served) = connect(&ctx);
+        assert_eq!(peer.open("disk").0, DISK);
+        (peer, served, ctx)
+    }
+
+    /// Sends DISC and checks that the server closes without another byte.
+    fn disconnect(mut peer: Peer, served: std::thread::JoinHandle<()>) {
+        peer.send(&request(CMD_DISC, 0, 99, 0, 0, &[]));
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+    }
+
+    fn failures(ctx: &ServerContext, reason: &str) -> u64 {
+        let all = ctx.counters.handshake_failures();
+        all.iter().find(|(r, _)| *r == reason).unwrap().1
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order_inline() {
+        let (mut peer, served, _ctx) = open(TestDevice::new(false));
+        let data = vec![0xab; 4096];
+        let mut burst = request(CMD_WRITE, 0, 1, 8192, 4096, &data);
+        burst.extend(request(CMD_READ, 0, 2, 8192, 4096, &[]));
+        burst.extend(request(CMD_FLUSH, 0, 3, 0, 0, &[]));
+        burst.extend(request(CMD_READ, 0, 4, 0, 16, &[]));
+        peer.send(&burst);
+        assert_eq!(peer.reply(), ok(1));
+        assert_eq!(peer.reply(), ok(2));
+        assert_eq!(peer.read_exact(4096), data);
+        assert_eq!(peer.reply(), ok(3));
+        assert_eq!(peer.reply(), ok(4));
+        assert_eq!(peer.read_exact(16), [0; 16]);
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn pooled_requests_are_each_answered_once_with_their_data() {
+        let (mut peer, served, _ctx) = open(TestDevice::new(true));
+        let data: Vec<u8> = (0..65536u32).map(|i| i as u8).collect();
+        peer.send(&request(CMD_WRITE, 0, 1, 0, data.len() as u32, &data));
+        assert_eq!(peer.reply(), ok(1));
+        let mut burst = Vec::new();
+        for cookie in 10..40 {
+            burst.extend(request(CMD_FLUSH, 0, cookie, 0, 0, &[]));
+        }
+        peer.send(&burst);
+        let answered: BTreeSet<u64> = (10..40).map(|_| peer.reply().cookie).collect();
+        assert_eq!(answered, (10..40).collect());
+        peer.send(&request(CMD_READ, 0, 2, 0, data.len() as u32, &[]));
+        assert_eq!(peer.reply(), ok(2));
+        assert_eq!(peer.read_exact(data.len()), data);
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn a_refused_request_has_its_payload_skipped_and_the_stream_stays_in_sync() {
+        for pooled in [false, true] {
+            let (mut peer, served, _ctx) = open(TestDevice::new(pooled));
+            let mut burst = request(CMD_WRITE, 0, 1, DISK, 512, &[7; 512]);
+            // A flag WRITE does not take.
+            burst.extend(request(CMD_WRITE, CMD_FLAG_DF, 2, 0, 512, &[7; 512]));
+            burst.extend(request(CMD_READ, 0, 3, 0, 512, &[]));
+            peer.send(&burst);
+            assert_eq!(peer.reply(), failed(ENOSPC, 1), "pooled: {pooled}");
+            assert_eq!(peer.reply(), failed(EINVAL, 2));
+            assert_eq!(peer.reply(), ok(3));
+            assert_eq!(peer.read_exact(512), [0; 512]);
+            disconnect(peer, served);
+        }
+    }
+
+    #[test]
+    fn an_oversize_payload_is_skipped_and_refused() {
+        let (mut peer, served, _ctx) = open(TestDevice::new(false));
+        let len = request::MAX_PAYLOAD + 1;
+        peer.send(&request(CMD_WRITE, 0, 1, 0, len, &[]));
+        // The client writes its payload while the server skips it.
+        let mut writer = peer.0.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let chunk = vec![1u8; 1 << 20];
+            let mut left = len as usize;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                writer.write_all(&chunk[..n]).unwrap();
+                left -= n;
+            }
+            writer
+                .write_all(&request(CMD_FLUSH, 0, 2, 0, 0, &[]))
+                .unwrap();
+        });
+        assert_eq!(peer.reply(), failed(EINVAL, 1));
+        assert_eq!(peer.reply(), ok(2));
+        sender.join().unwrap();
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn an_absurd_payload_ends_the_connection() {
+        let (mut peer, served, _ctx) = open(TestDevice::new(false));
+        peer.send(&request(CMD_WRITE, 0, 1, 0, u32::MAX, &[]));
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+    }
+
+    #[test]
+    fn a_storage_error_becomes_an_error_reply_charged_to_the_export() {
+        let mut device = TestDevice::new(false);
+        device.fail_writes = Some(ENOSPC as i32);
+        let export = crate::SingleExport::new("disk".into(), None, Arc::new(device), false);
+        let errors = export.errors();
+        let ctx = Setup::new(Arc::new(export)).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        peer.send(&request(CMD_WRITE, 0, 1, 0, 512, &[1; 512]));
+        assert_eq!(peer.reply(), failed(ENOSPC, 1));
+        peer.send(&request(CMD_WRITE, 0, 2, DISK - 1, 512, &[1; 512]));
+        assert_eq!(peer.reply(), failed(ENOSPC, 2));
+        let counts = errors.by_errno();
+        let enospc = counts.iter().find(|(name, _)| *name == "ENOSPC").unwrap().1;
+        // The refusal (past the end) and the storage error both count.
+        assert_eq!(enospc, 2);
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn no_more_requests_run_at_once_than_a_connection_may_have_in_flight() {
+        let device = Arc::new(TestDevice::new(true));
+        let ctx = Setup {
+            workers: crate::replies::MAX_IN_FLIGHT + 8,
+            ..Setup::single(device.clone())
+        }
+        .context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        device.gate().close();
+        let total = crate::replies::MAX_IN_FLIGHT as u64 + 20;
+        let burst: Vec<u8> = (0..total)
+            .flat_map(|cookie| request(CMD_FLUSH, 0, cookie, 0, 0, &[]))
+            .collect();
+        peer.send(&burst);
+        let limit = crate::replies::MAX_IN_FLIGHT;
+        eventually("the in-flight limit", || device.gate().inside() == limit);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(device.gate().most_inside(), limit);
+        device.gate().open();
+        let answered: BTreeSet<u64> = (0..total).map(|_| peer.reply().cookie).collect();
+        assert_eq!(answered, (0..total).collect());
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn a_refused_export_ends_the_handshake_and_counts_as_refused() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        peer.option(OPT_EXPORT_NAME, b"nope");
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+        assert_eq!(failures(&ctx, "refused"), 1);
+    }
+
+    #[test]
+    fn a_failed_go_keeps_negotiating() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        let go = |name: &str| {
+            let mut data = (name.len() as u32).to_be_bytes().to_vec();
+            data.extend_from_slice(name.as_bytes());
+            data.extend_from_slice(&0u16.to_be_bytes());
+            data
+        };
+        peer.option(OPT_GO, &go("nope"));
+        let (option, reply_type, _) = peer.option_reply();
+        assert_eq!((option, reply_type), (OPT_GO, OptError::Unknown as u32));
+        peer.option(OPT_GO, &go("disk"));
+        loop {
+            let (_, reply_type, _) = peer.option_reply();
+            if reply_type == REP_ACK {
+                break;
+            }
+            assert_eq!(reply_type, REP_INFO);
+        }
+        peer.send(&request(CMD_FLUSH, 0, 5, 0, 0, &[]));
+        assert_eq!(peer.reply(), ok(5));
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn a_client_that_is_not_nbd_is_counted_as_malformed() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        peer.send(b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+        assert_eq!(failures(&ctx, "malformed"), 1);
+    }
+
+    #[test]
+    fn a_client_gone_mid_handshake_is_counted_as_gone() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        peer.send(b"IHAVE");
+        drop(peer);
+        served.join().unwrap();
+        assert_eq!(failures(&ctx, "client_gone"), 1);
+    }
+
+    #[test]
+    fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+        let ctx = Setup {
+            handshake_timeout: Duration::from_millis(100),
+            ..Setup::single(Arc::new(TestDevice::new(false)))
+        }
+        .context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+        assert_eq!(failures(&ctx, "timeout"), 1);
+    }
+
+    #[test]
+    fn an_abort_closes_without_counting_a_failure() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        peer.option(OPT_ABORT, &[]);
+        assert_eq!(peer.option_reply().1, REP_ACK);
+        assert_eq!(peer.read_to_end().unwrap(), b"");
+        served.join().unwrap();
+    }
 }

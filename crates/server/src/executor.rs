@@ -25,7 +25,7 @@ use scratchd_proto::request::Command;
 use scratchd_proto::Errno;
 use scratchd_store::{BlockDevice, Extent, ExtentKind, ZeroFlags};
 
-use crate::counters::ErrorCounts;
+use crate::counters::ErrorSink;
 use crate::input::Input;
 use crate::replies::{Output, Ticket};
 
@@ -59,8 +59,9 @@ pub struct Scratch {
 pub struct ReplyContext<'e> {
     pub mode: ReplyMode,
     pub base_allocation: Option<u32>,
-    /// The export's error counters, charged with each error reply.
-    pub errors: &'e ErrorCounts,
+    /// The server's and the export's error counters, charged with each
+    /// error reply.
+    pub errors: &'e ErrorSink,
 }
 
 /// Runs `cmd` and appends (or sends) its reply. Storage errors become error
@@ -138,7 +139,7 @@ pub fn execute(
 /// Appends the error reply for a failed storage call, and counts it.
 pub fn put_storage_error(out: &mut Vec<u8>, cx: ReplyContext, to: ReplyTo, e: &io::Error) {
     let errno = Errno::from_os_error(e.raw_os_error());
-    crate::counters::error_replied(errno, cx.errors);
+    cx.errors.error_replied(errno);
     reply::put_error(out, cx.mode, to, errno, &e.to_string());
 }
 
@@ -355,8 +356,8 @@ pub struct PoolRequest {
     pub cmd: Command,
     pub mode: ReplyMode,
     pub base_allocation: Option<u32>,
-    /// The export's error counters (see [`ReplyContext::errors`]).
-    pub errors: Arc<ErrorCounts>,
+    /// Its connection's error counters (see [`ReplyContext::errors`]).
+    pub errors: Arc<ErrorSink>,
     pub to: ReplyTo,
     pub payload: Vec<u8>,
     /// Room reserved for it on its connection, and the way its reply goes.
@@ -388,5 +389,226 @@ impl PoolRequest {
         // The payload's memory goes back before the reply may wait.
         drop(self.payload);
         self.ticket.post(buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+    use std::time::Duration;
+
+    use scratchd_proto::consts::*;
+    use scratchd_store::MemoryDevice;
+
+    use super::*;
+    use crate::counters::ErrorCounts;
+    use crate::replies::Replies;
+    use crate::testing::{reply_socket, TestDevice};
+
+    const EIO: u32 = 5;
+    const TO: ReplyTo = ReplyTo {
+        cookie: 7,
+        offset: 0,
+    };
+
+    fn cx(mode: ReplyMode, errors: &ErrorSink) -> ReplyContext<'_> {
+        ReplyContext {
+            mode,
+            base_allocation: Some(1),
+            errors,
+        }
+    }
+
+    /// Runs `cmd` with its reply gathered in `buf`.
+    fn run(dev: &dyn BlockDevice, cmd: Command, payload: &[u8], cx: ReplyContext) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut out = Output {
+            buf: &mut buf,
+            direct: None,
+        };
+        execute(dev, cmd, payload, cx, TO, &mut out, &mut Scratch::default()).unwrap();
+        buf
+    }
+
+    fn simple(error: u32) -> Vec<u8> {
+        let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&error.to_be_bytes());
+        r.extend_from_slice(&TO.cookie.to_be_bytes());
+        r
+    }
+
+    fn sink() -> ErrorSink {
+        ErrorSink::new(Arc::default(), Arc::default())
+    }
+
+    fn count(errors: &ErrorCounts, name: &str) -> u64 {
+        errors.by_errno().iter().find(|e| e.0 == name).unwrap().1
+    }
+
+    #[test]
+    fn a_write_then_a_read_answer_with_simple_replies() {
+        let (dev, errors) = (MemoryDevice::new(1 << 20).unwrap(), sink());
+        let cx = cx(ReplyMode::Simple, &errors);
+        let write = Command::Write {
+            offset: 4096,
+            len: 4,
+            fua: false,
+        };
+        assert_eq!(run(&dev, write, b"data", cx), simple(0));
+        let read = Command::Read {
+            offset: 4096,
+            len: 4,
+            df: false,
+        };
+        let mut expected = simple(0);
+        expected.extend_from_slice(b"data");
+        assert_eq!(run(&dev, read, &[], cx), expected);
+    }
+
+    #[test]
+    fn a_failed_read_is_rolled_back_to_an_error_reply_and_counted() {
+        let mut dev = TestDevice::new(false);
+        dev.fail_reads = Some(EIO as i32);
+        let (server, export) = (Arc::default(), Arc::new(ErrorCounts::new()));
+        let errors = ErrorSink::new(server, export.clone());
+        let mut buf = b"earlier".to_vec();
+        let mut out = Output {
+            buf: &mut buf,
+            direct: None,
+        };
+        let read = Command::Read {
+            offset: 0,
+            len: 4096,
+            df: false,
+        };
+        let cx = cx(ReplyMode::Simple, &errors);
+        execute(&dev, read, &[], cx, TO, &mut out, &mut Scratch::default()).unwrap();
+        let mut expected = b"earlier".to_vec();
+        expected.extend(simple(EIO));
+        assert_eq!(buf, expected);
+        assert_eq!(count(&export, "EIO"), 1);
+    }
+
+    #[test]
+    fn a_large_inline_read_goes_straight_to_the_socket_after_what_was_gathered() {
+        let dev = MemoryDevice::new(1 << 20).unwrap();
+        let len = DIRECT_READ_MIN as usize;
+        dev.write(0, &vec![5; len], false).unwrap();
+        let (mut client, writer, control) = reply_socket();
+        let mut replies = Replies::new(writer, control, Duration::from_secs(10), false);
+        replies.batch().extend_from_slice(b"earlier");
+        let errors = sink();
+        let read = Command::Read {
+            offset: 0,
+            len: len as u32,
+            df: false,
+        };
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0; 7 + 16 + len];
+            client.read_exact(&mut got).unwrap();
+            got
+        });
+        let cx = cx(ReplyMode::Simple, &errors);
+        execute(
+            &dev,
+            read,
+            &[],
+            cx,
+            TO,
+            &mut replies.output(),
+            &mut Scratch::default(),
+        )
+        .unwrap();
+        assert!(replies.batch().is_empty(), "nothing left to gather");
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..7], b"earlier");
+        assert_eq!(got[7..23], simple(0));
+        assert!(got[23..].iter().all(|&b| b == 5));
+    }
+
+    #[test]
+    fn a_sparse_structured_read_answers_with_a_hole_chunk() {
+        let (dev, errors) = (MemoryDevice::new(1 << 20).unwrap(), sink());
+        let read = Command::Read {
+            offset: 0,
+            len: HOLE_SCAN_MIN,
+            df: false,
+        };
+        let r = run(&dev, read, &[], cx(ReplyMode::Structured, &errors));
+        // Structured reply header (20 bytes), offset and hole size.
+        assert_eq!(r.len(), 20 + 12);
+        assert_eq!(r[..4], STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(u16::from_be_bytes([r[4], r[5]]), REPLY_FLAG_DONE);
+        assert_eq!(u16::from_be_bytes([r[6], r[7]]), REPLY_TYPE_OFFSET_HOLE);
+        assert_eq!(r[28..], HOLE_SCAN_MIN.to_be_bytes());
+    }
+
+    #[test]
+    fn block_status_with_req_one_describes_one_extent() {
+        let (dev, errors) = (MemoryDevice::new(1 << 20).unwrap(), sink());
+        dev.write(65536, &[1; 4096], false).unwrap();
+        let status = |req_one| Command::BlockStatus {
+            offset: 0,
+            len: 1 << 20,
+            req_one,
+        };
+        let cx = cx(ReplyMode::Structured, &errors);
+        // Header (20), context id (4), then 8 bytes per descriptor.
+        assert_eq!(run(&dev, status(true), &[], cx).len(), 20 + 4 + 8);
+        assert_eq!(run(&dev, status(false), &[], cx).len(), 20 + 4 + 3 * 8);
+    }
+
+    #[test]
+    fn a_pool_request_posts_its_reply_and_frees_its_room() {
+        let (mut client, writer, control) = reply_socket();
+        let replies = Replies::new(writer, control, Duration::from_secs(10), true);
+        let job = PoolRequest {
+            device: Arc::new(MemoryDevice::new(1 << 20).unwrap()),
+            cmd: Command::Flush,
+            mode: ReplyMode::Simple,
+            base_allocation: None,
+            errors: Arc::new(sink()),
+            to: TO,
+            payload: Vec::new(),
+            ticket: replies.admit(100).unwrap(),
+        };
+        std::thread::spawn(move || job.run());
+        replies.wait_idle();
+        let mut got = [0; 16];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got[..], simple(0));
+    }
+
+    #[test]
+    fn a_large_write_is_received_straight_into_storage_that_offers_its_memory() {
+        let dev = MemoryDevice::new(1 << 20).unwrap();
+        let mut payload = vec![3u8; 300_000];
+        payload.extend_from_slice(b"NEXT");
+        let mut input = Input::new(Box::new(Cursor::new(payload)));
+        let errors = sink();
+        let cx = cx(ReplyMode::Simple, &errors);
+        let mut out = Vec::new();
+        let written = write_in_place(&dev, (0, 300_000, false), &mut input, cx, TO, &mut out);
+        written.expect("memory offers its memory").unwrap();
+        assert_eq!(out, simple(0));
+        let mut back = vec![0; 300_000];
+        dev.read(0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 3));
+        // The next message is left in place.
+        assert!(input.fill(4).unwrap());
+        assert_eq!(input.buffered(), b"NEXT");
+        // A backend without memory of its own gets nothing read.
+        let mut input = Input::new(Box::new(Cursor::new(vec![3u8; 8])));
+        let none = write_in_place(
+            &TestDevice::new(false),
+            (0, 8, false),
+            &mut input,
+            cx,
+            TO,
+            &mut out,
+        );
+        assert!(none.is_none());
+        let mut all = [0; 8];
+        input.read_exact(&mut all).unwrap();
     }
 }

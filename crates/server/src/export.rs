@@ -164,3 +164,24 @@ impl Exports for SingleExport {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use scratchd_proto::Errno;
+
+    use std::sync::Arc;
+
+    use crate::counters::{errno_name, ErrorCounts, ErrorSink};
+
+    /// The per-export counts live in the store, which knows errno numbers
+    /// and names but not NBD: each NBD error must land under its own name.
+    #[test]
+    fn every_nbd_errno_is_counted_under_its_name() {
+        for errno in Errno::ALL {
+            let counts = Arc::new(ErrorCounts::new());
+            ErrorSink::new(Arc::default(), counts.clone()).error_replied(errno);
+            let counted: Vec<_> = counts.by_errno().into_iter().filter(|e| e.1 > 0).collect();
+            assert_eq!(counted, [(errno_name(errno), 1)], "{errno:?}");
+        }
+    }
+}

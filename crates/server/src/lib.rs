@@ -10,8 +10,14 @@
 //! - [`access`]: who may connect over TCP: `--allow` ranges, connections
 //!   per peer address.
 //! - [`connection`]: one client: the handshake, then the transmission loop.
+//! - [`error`]: [`ConnectionError`], why a connection ended, for the
+//!   counters and the log.
+//! - [`input`]: the connection's input buffer, requests parsed in place.
+//! - [`replies`]: where a connection's replies leave, and how much may
+//!   wait to leave (the in-flight and byte budgets, the flusher).
 //! - [`counters`]: event counters for the metrics (errors by errno, for
-//!   the server and per export; handshake failures, TLS handshakes).
+//!   the server and per export; handshake failures, TLS handshakes), owned
+//!   by the server instance ([`ServerContext::counters`]).
 //! - [`executor`]: runs a validated request against a backend and encodes
 //!   its reply.
 //! - [`shutdown`]: graceful stop: end reading everywhere, finish in-flight
@@ -20,10 +26,15 @@
 //!   behind a connection's two halves.
 //! - [`workers`]: the thread pool that runs requests for backends that may
 //!   block, so a slow request never holds up fast ones.
+//!
+//! The unit tests of the connection loop, the reply queue and the executor
+//! share `testing` (tests only): a client speaking raw NBD bytes over a
+//! socket pair, and a device that can block, fail or hold calls.
 
 pub mod access;
 pub mod connection;
 pub mod counters;
+pub mod error;
 pub mod executor;
 pub mod export;
 pub mod identity;
@@ -31,12 +42,15 @@ pub mod input;
 pub mod listener;
 pub mod replies;
 pub mod shutdown;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod transport;
 pub mod workers;
 
 pub use access::Cidr;
 pub use connection::serve;
+pub use error::ConnectionError;
 pub use export::{Exports, OpenExport, PeerCatalog, SingleExport};
 pub use identity::Identity;
 pub use listener::{ConnectionLimit, Listener, ServerContext};

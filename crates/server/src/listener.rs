@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::access::{Cidr, PeerCounts};
 use crate::connection;
+use crate::counters::ServerCounters;
 use crate::export::Exports;
 use crate::shutdown::Shutdown;
 use crate::transport::Transport;
@@ -30,6 +31,9 @@ const CONNECTION_STACK: usize = 512 * 1024;
 /// What every connection of a server shares.
 pub struct ServerContext {
     pub exports: Arc<dyn Exports>,
+    /// This server's event counters (errors replied, failed handshakes,
+    /// TLS handshakes), for `ctl` and the metrics.
+    pub counters: Arc<ServerCounters>,
     pub workers: WorkerPool,
     /// Every live connection, for a graceful stop.
     pub shutdown: Shutdown,

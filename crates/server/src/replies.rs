@@ -419,3 +419,161 @@ impl Writer<'_> {
         self.state.writer.write_all(bytes, self.stall)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::testing::reply_socket;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn replies(pooled: bool, stall: Duration) -> (UnixStream, Replies) {
+        let (client, writer, control) = reply_socket();
+        (client, Replies::new(writer, control, stall, pooled))
+    }
+
+    fn read(client: &mut UnixStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        client.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    /// Admits `bytes` on another thread; the receiver hears when it got in.
+    fn admit_later(replies: &Arc<Replies>, bytes: usize) -> mpsc::Receiver<io::Result<Ticket>> {
+        let (tx, rx) = mpsc::channel();
+        let replies = replies.clone();
+        thread::spawn(move || tx.send(replies.admit(bytes)).unwrap());
+        rx
+    }
+
+    fn waits(rx: &mpsc::Receiver<io::Result<Ticket>>) -> bool {
+        rx.recv_timeout(Duration::from_millis(200)).is_err()
+    }
+
+    #[test]
+    fn an_inline_batch_leaves_in_one_piece_when_flushed() {
+        let (mut client, mut replies) = replies(false, SECOND);
+        replies.batch().extend_from_slice(b"one");
+        replies.batch().extend_from_slice(b"two");
+        assert!(!replies.batch_is_full());
+        replies.flush().unwrap();
+        assert_eq!(read(&mut client, 6), b"onetwo");
+        assert!(replies.batch().is_empty());
+        replies.batch().resize(FLUSH_AT, 0);
+        assert!(replies.batch_is_full());
+    }
+
+    #[test]
+    fn pooled_replies_leave_whole_in_the_order_they_are_posted() {
+        let (mut client, replies) = replies(true, SECOND);
+        let first = replies.admit(100).unwrap();
+        let second = replies.admit(100).unwrap();
+        second.post(vec![2; 100]);
+        first.post(vec![1; 100]);
+        replies.wait_idle();
+        let got = read(&mut client, 200);
+        assert_eq!((got[0], got[99], got[100], got[199]), (2, 2, 1, 1));
+    }
+
+    #[test]
+    fn replies_the_socket_cannot_take_are_queued_without_waiting_and_sent_in_order() {
+        let (mut client, replies) = replies(true, 10 * SECOND);
+        let (count, len) = (16, 512 * 1024);
+        let started = Instant::now();
+        for i in 0..count {
+            let ticket = replies.admit(len).unwrap();
+            ticket.post(vec![i as u8; len]);
+        }
+        // 8 MiB is more than a Unix socket holds: the rest was queued, and
+        // posting never waited for this client, which reads nothing yet.
+        assert!(started.elapsed() < 5 * SECOND);
+        assert!(sync::lock(&replies.shared.state).queued_bytes > 0);
+        for i in 0..count {
+            assert!(read(&mut client, len).iter().all(|&b| b == i as u8));
+        }
+        replies.wait_idle();
+        assert_eq!(sync::lock(&replies.shared.state).queued_bytes, 0);
+    }
+
+    #[test]
+    fn a_request_waits_until_the_budget_has_room() {
+        let (_client, replies) = replies(true, SECOND);
+        let replies = Arc::new(replies);
+        let big = replies.admit(BUDGET).unwrap();
+        let next = admit_later(&replies, BUDGET);
+        assert!(waits(&next));
+        // Dropped without a reply (abandoned), its room is freed too.
+        drop(big);
+        assert!(next.recv_timeout(5 * SECOND).unwrap().is_ok());
+    }
+
+    #[test]
+    fn small_requests_overtake_a_large_one_within_the_headroom() {
+        let (_client, replies) = replies(true, SECOND);
+        let replies = Arc::new(replies);
+        let _big = replies.admit(BUDGET).unwrap();
+        let small = admit_later(&replies, SMALL);
+        assert!(small.recv_timeout(5 * SECOND).unwrap().is_ok());
+        let not_small = admit_later(&replies, SMALL + 1);
+        assert!(waits(&not_small));
+    }
+
+    #[test]
+    fn at_most_max_in_flight_requests_are_admitted() {
+        let (mut client, replies) = replies(true, SECOND);
+        let replies = Arc::new(replies);
+        let mut tickets: Vec<Ticket> = (0..MAX_IN_FLIGHT)
+            .map(|_| replies.admit(1).unwrap())
+            .collect();
+        let next = admit_later(&replies, 1);
+        assert!(waits(&next));
+        tickets.pop().unwrap().post(vec![9]);
+        assert!(next.recv_timeout(5 * SECOND).unwrap().is_ok());
+        assert_eq!(read(&mut client, 1), [9]);
+    }
+
+    #[test]
+    fn wait_idle_waits_for_running_requests_to_post() {
+        let (mut client, replies) = replies(true, SECOND);
+        let ticket = replies.admit(3).unwrap();
+        let started = Instant::now();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(100));
+            ticket.post(b"end".to_vec());
+        });
+        replies.wait_idle();
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert_eq!(read(&mut client, 3), b"end");
+    }
+
+    #[test]
+    fn a_client_that_reads_nothing_is_cut_off_after_the_stall_timeout() {
+        let stall = Duration::from_millis(200);
+        let (mut client, replies) = replies(true, stall);
+        for _ in 0..16 {
+            replies.admit(512 * 1024).unwrap().post(vec![0; 512 * 1024]);
+        }
+        let started = Instant::now();
+        replies.wait_idle();
+        let waited = started.elapsed();
+        assert!(waited < 5 * SECOND, "cut off after {waited:?}");
+        let e = replies.admit(1).err().expect("the client is gone");
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+        // What the socket held arrives, then the end: the rest was dropped.
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got);
+        assert!(got.len() < 16 * 512 * 1024);
+    }
+
+    #[test]
+    fn an_inline_client_that_reads_nothing_fails_the_flush_after_the_stall_timeout() {
+        let (_client, mut replies) = replies(false, Duration::from_millis(200));
+        replies.batch().resize(16 * 1024 * 1024, 0);
+        let e = replies.flush().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+}

@@ -9,17 +9,21 @@
 //! - [`memory`]: a sparse in-memory disk shared by every connection.
 //! - [`file`](mod@file): an existing regular file or block device.
 //! - [`sync`]: lock helpers that recover from poisoning, shared by every crate.
+//! - [`errors`]: error replies by errno, counted per device by whoever
+//!   answers its requests.
 //! - `testing` (feature `testing`): the model-based suite every device's
 //!   tests run.
 
 use std::io;
 
+pub mod errors;
 pub mod file;
 pub mod memory;
 pub mod sync;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use errors::ErrorCounts;
 pub use file::FileDevice;
 pub use memory::MemoryDevice;
 

@@ -72,6 +72,7 @@ impl Scratchd {
         let exports = SingleExport::new(self.name.into(), None, device, self.read_only);
         let ctx = Arc::new(ServerContext {
             exports: Arc::new(exports),
+            counters: Arc::default(),
             workers: WorkerPool::new(1).expect("workers"),
             shutdown: Shutdown::default(),
             connections: ConnectionLimit::new(None),

@@ -22,6 +22,8 @@ use scratchd_attach::ns;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::frontend::FrontEnd;
+
 /// Where records live unless [`DIR_ENV`] says otherwise.
 pub const DEFAULT_DIR: &str = "/run/scratchd/attach";
 /// The environment variable naming another state directory (tests run in
@@ -49,16 +51,6 @@ pub enum ClaimError {
     MountPoint { mount: PathBuf, mounted: PathBuf },
     #[error(transparent)]
     State(#[from] StateError),
-}
-
-/// How the attachment's block device is served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// By a holder process: FUSE file and loop device.
-    Fuse,
-    /// By the kernel's nbd driver.
-    Kernel,
 }
 
 /// A process, told apart from a later one with the same pid by its start
@@ -131,7 +123,8 @@ fn is_zombie(stat: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub id: String,
-    pub kind: Kind,
+    /// The front end that attached it, which knows how to detach it.
+    pub kind: FrontEnd,
     /// Where the disk's file system is mounted (canonical path).
     pub mount: PathBuf,
     /// `/dev/loopN` or `/dev/nbdN`; `None` while it is being attached.
@@ -377,7 +370,7 @@ mod tests {
         };
         let owned = Record {
             id: "owned".into(),
-            kind: Kind::Fuse,
+            kind: FrontEnd::Fuse,
             mount: "/mnt/a".into(),
             device: None,
             export: "a".into(),
@@ -409,7 +402,7 @@ mod tests {
         };
         let record = Record {
             id: "abc".into(),
-            kind: Kind::Fuse,
+            kind: FrontEnd::Fuse,
             mount: "/mnt/build".into(),
             device: Some("/dev/loop7".into()),
             export: "koji-1".into(),
@@ -432,5 +425,42 @@ mod tests {
         assert_eq!(state.records().len(), 1, "unreadable records are skipped");
         state.remove("abc");
         assert_eq!(state.get("abc"), None);
+    }
+
+    /// Records as the binary wrote them before the front ends moved into
+    /// this crate: their `kind` names the front end.
+    #[test]
+    fn records_of_earlier_versions_parse() {
+        let kernel = r#"{
+  "id": "0f1e",
+  "kind": "kernel",
+  "mount": "/mnt/build",
+  "device": "/dev/nbd3",
+  "export": "koji-1",
+  "uri": "nbd://h/koji-1",
+  "holder": null,
+  "fuse_dir": null,
+  "backend": "scratchd-attach:0f1e"
+}"#;
+        let record: Record = serde_json::from_str(kernel).unwrap();
+        assert_eq!(record.kind, FrontEnd::Kernel);
+        assert_eq!(record.backend.as_deref(), Some("scratchd-attach:0f1e"));
+        let fuse = r#"{"id":"a","kind":"fuse","mount":"/m","device":null,"export":"e",
+            "uri":"nbd+unix:///e?socket=/s","holder":{"pid":7,"start_time":9},
+            "fuse_dir":"/run/scratchd/attach/a.fuse","backend":null}"#;
+        let record: Record = serde_json::from_str(fuse).unwrap();
+        assert_eq!(record.kind, FrontEnd::Fuse);
+        assert_eq!(
+            record.holder,
+            Some(Process {
+                pid: 7,
+                start_time: 9
+            })
+        );
+        // And a record written now reads as one written then.
+        let written: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        assert_eq!(written["kind"], "fuse");
+        assert!(serde_json::from_str::<Record>(&kernel.replace("kernel\"", "ublk\"")).is_err());
     }
 }

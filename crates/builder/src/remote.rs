@@ -1,0 +1,42 @@
+//! Our NBD client to a disk on a server, as both front ends open it.
+
+use scratchd_client::{Client, Options, Target};
+use scratchd_store::BlockDevice;
+
+/// Connects our client to the disk `target` names, over up to
+/// `connections` connections (several only when the server allows
+/// multi-conn).
+pub fn connect(target: &Target, connections: usize) -> Result<Client, scratchd_client::Error> {
+    let client = Client::connect_with(target, &options(connections))?;
+    tracing::info!(
+        server = %target,
+        connections = client.connection_count(),
+        size = client.size(),
+        "connected"
+    );
+    Ok(client)
+}
+
+/// The client's options for up to `connections` connections (at least one).
+pub fn options(connections: usize) -> Options {
+    Options {
+        connections: connections.max(1),
+        ..Default::default()
+    }
+}
+
+/// Disconnects cleanly (DISC), so that the server knows the disk is let go
+/// (its linger starts), if nothing else holds the client; otherwise only
+/// drops this reference.
+pub fn close(client: std::sync::Arc<Client>) {
+    match std::sync::Arc::try_unwrap(client) {
+        Ok(client) => {
+            if let Err(e) = client.close() {
+                tracing::warn!(error = %e, "disconnecting from the server");
+            }
+        }
+        // A health check holds it for an instant: dropping disconnects as
+        // well, without the errors.
+        Err(client) => drop(client),
+    }
+}

@@ -1,0 +1,139 @@
+//! The exports layer: scratch disks served as NBD exports.
+//!
+//! The protocol server asks an [`Exports`] registry for names; the scratch
+//! [`Registry`] knows disks, owners and budgets, not NBD. [`ScratchExports`]
+//! joins the two, and is the only place that knows both:
+//! - who asks: the server's [`Identity`] becomes the registry's [`Peer`]
+//!   ([`peer_of`]), which the registry's `owner=` policy turns into an
+//!   [`Owner`];
+//! - what a name is: the registry's [`DiskInfo`] becomes an [`ExportInfo`]
+//!   ([`export_info`]), with the transmission flags the server derives
+//!   from a backend's capabilities ([`flags_for`]) and its block sizes
+//!   ([`BLOCK_SIZE`]);
+//! - why not: the registry's [`OpenError`] becomes the protocol's
+//!   [`LookupError`] ([`lookup_error`]), which decides the option reply the
+//!   client gets;
+//! - who holds a disk: each connection gets its own [`Members`], which the
+//!   disk's lease ends when the operator drops the disk (`scratchd ctl
+//!   drop`), and the disk's error counts, which the connection charges.
+//!
+//! Dependencies point into this crate from both sides (`server` and
+//! `scratch` know nothing of each other); only the binary's serve code uses
+//! it.
+
+use std::sync::Arc;
+
+use scratchd_proto::negotiation::{ExportInfo, ExportListing, LookupError};
+use scratchd_scratch::{DiskInfo, OpenDisk, OpenError, Owner, Peer, Registry};
+use scratchd_server::export::{flags_for, BLOCK_SIZE};
+use scratchd_server::shutdown::Members;
+use scratchd_server::{Exports, Identity, OpenExport};
+use scratchd_store::BlockDevice;
+
+/// A scratch [`Registry`] as the server's export registry.
+pub struct ScratchExports {
+    registry: Arc<Registry>,
+}
+
+impl ScratchExports {
+    /// Serves `registry`'s disks (the operator's side keeps a handle on it
+    /// too, for `ctl` and the metrics).
+    pub fn new(registry: Arc<Registry>) -> ScratchExports {
+        ScratchExports { registry }
+    }
+
+    /// The owner whose disks `peer` reaches.
+    fn owner(&self, peer: &Identity) -> Owner {
+        self.registry.owner_of(peer_of(peer))
+    }
+}
+
+/// Every question is answered within the asking peer's owner (see
+/// [`scratchd_scratch::registry`]).
+impl Exports for ScratchExports {
+    fn list(&self, peer: &Identity) -> Vec<ExportListing> {
+        let description = self.registry.description().map(str::to_owned);
+        self.registry
+            .list(self.owner(peer))
+            .into_iter()
+            .map(|name| ExportListing {
+                name,
+                description: description.clone(),
+            })
+            .collect()
+    }
+
+    fn info(&self, name: &str, peer: &Identity) -> Result<ExportInfo, LookupError> {
+        let info = self.registry.info(name, self.owner(peer));
+        info.map(export_info).map_err(lookup_error)
+    }
+
+    fn open(&self, name: &str, peer: &Identity) -> Result<OpenExport, LookupError> {
+        let open = self.registry.open(name, self.owner(peer));
+        open.map(open_export).map_err(lookup_error)
+    }
+}
+
+/// A connection's open disk: the connection joins its own [`Members`],
+/// which the disk's lease ends if the operator drops the disk.
+fn open_export(open: OpenDisk) -> OpenExport {
+    let OpenDisk {
+        info,
+        device,
+        mut lease,
+    } = open;
+    let members = Arc::new(Members::default());
+    let on_drop = members.clone();
+    // Counts the connection only while it transmits, as `ctl drop` reports.
+    lease.on_drop(move || on_drop.disconnect());
+    OpenExport {
+        info: export_info(info),
+        errors: device.errors(),
+        device: device as Arc<dyn BlockDevice>,
+        lease: Some(Box::new(lease)),
+        members: Some(members),
+    }
+}
+
+/// What the server's transport proved, in the registry's terms.
+pub fn peer_of(identity: &Identity) -> Peer {
+    match identity {
+        Identity::Unix(c) => Peer::Unix {
+            uid: c.uid,
+            gid: c.gid,
+        },
+        Identity::Certificate(fp) => Peer::Certificate(fp.0),
+        Identity::Anonymous => Peer::Anonymous,
+    }
+}
+
+/// A name's description as NBD's export info: the server's flags for the
+/// disk's capabilities and the registry's `--readonly`.
+pub fn export_info(info: DiskInfo) -> ExportInfo {
+    ExportInfo {
+        name: info.name,
+        size: info.size,
+        flags: flags_for(info.caps, info.read_only),
+        block_size: BLOCK_SIZE,
+        description: info.description,
+    }
+}
+
+/// Why a name was refused, as the kind of option error the client gets:
+/// the client's request (a name, a cap, a share) is a policy refusal, a
+/// disk that cannot be made the platform's failure, a stopping registry a
+/// shutdown. The message is the registry's.
+pub fn lookup_error(e: OpenError) -> LookupError {
+    let message = e.to_string();
+    match e {
+        OpenError::Name(_)
+        | OpenError::TooMany { .. }
+        | OpenError::TooManyOfOwner { .. }
+        | OpenError::Share(_) => LookupError::Policy(message),
+        OpenError::Create(_) | OpenError::CreateTimeout => LookupError::Platform(message),
+        OpenError::Stopping => LookupError::Shutdown(message),
+    }
+}
+
+#[cfg(test)]
+mod tests;
