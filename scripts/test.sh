@@ -9,7 +9,8 @@ need=()
 for tool in nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdfuse:nbdfuse qemu-img:qemu-utils \
             fio:fio nbdkit:nbdkit mkfs.ext4:e2fsprogs openssl:openssl losetup:mount \
             systemd-analyze:systemd curl:curl ip:iproute2 ss:iproute2 groff:groff-base \
-            rpmbuild:rpm objdump:binutils; do
+            rpmbuild:rpm objdump:binutils \
+            qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio depmod:kmod; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
@@ -19,6 +20,14 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+# The kernels the guest tests boot (tests/e2e/kernel_vm.rs), fetched while
+# the build runs; the tests wait for it through guest.sh's lock.
+vm_log=$(mktemp)
+scripts/vm/guest.sh --fetch 6.1 6.12 >"$vm_log" 2>&1 &
+vm_fetch=$!
+log=
+trap 'kill "$vm_fetch" 2>/dev/null || true; rm -f "$vm_log" ${log:+"$log"}' EXIT
 
 # What this run proves is only as good as the peers it ran against: name them.
 first_line() { "$@" 2>&1 | head -n1 || true; }
@@ -35,8 +44,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings -A rustdoc::private-intra-doc-links" \
   cargo doc --workspace --no-deps --document-private-items --locked -q
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+if ! wait "$vm_fetch"; then
+  echo "cannot fetch the guest kernels (the kernel_vm tests will fail):" >&2
+  cat "$vm_log" >&2
+fi
+sed 's/^/peers: /' "$vm_log"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
+# Real kernels under qemu (tests/e2e/kernel_vm.rs), on their own: two TCG
+# guests keep both cores busy, and the suite above times some clients.
+cargo test --locked --test e2e kernel_vm:: -- --ignored 2>&1 | tee -a "$log"
 # The packages' recipes (deb, RPM with the mock plugin), built around the
 # binary the tests just used and installed into scratch roots.
 scripts/package.sh --profile dev

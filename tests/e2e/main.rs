@@ -16,6 +16,8 @@ mod fio;
 mod generate;
 mod idle;
 mod isolation;
+mod kernel_guest;
+mod kernel_vm;
 mod limits;
 mod load;
 mod mock;

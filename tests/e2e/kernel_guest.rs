@@ -1,0 +1,622 @@
+//! The kernel front (`--attach kernel`, the kernel's nbd driver over
+//! netlink) against a real kernel: these tests run inside a guest that
+//! [`crate::kernel_vm`] boots (Debian 12's 6.1 and 6.12 kernels, `nbd.ko`
+//! loaded), never on the host, which has no nbd module. They are
+//! `#[ignore]`d so that a plain `cargo test` passes them by; the guest runs
+//! them with `--ignored`.
+//!
+//! Each test has a state directory of its own, so they run in parallel
+//! (the two long ones, a server stall and a vanished server, mostly wait).
+//! The `without_nbd` tests are for a second boot, with nbd not loaded.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{
+    as_user, eventually, poll, run, run_status, stdout, Json, Server, NOBODY, SCRATCHD,
+};
+
+/// Panics unless the nbd module is loaded: these tests are for the guest.
+fn require_nbd() {
+    assert!(
+        Path::new("/sys/module/nbd").exists(),
+        "no nbd module here: these tests run inside the guest that kernel_vm boots"
+    );
+}
+
+/// A state directory and mount points of one test; whatever is still
+/// attached is detached on drop.
+struct Attachments {
+    state: tempfile::TempDir,
+    dirs: tempfile::TempDir,
+}
+
+impl Attachments {
+    fn new() -> Attachments {
+        require_nbd();
+        Attachments::anywhere()
+    }
+
+    /// [`Attachments::new`] on a kernel with or without nbd loaded.
+    fn anywhere() -> Attachments {
+        Attachments {
+            state: tempfile::tempdir().unwrap(),
+            dirs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn mount_point(&self, name: &str) -> PathBuf {
+        let dir = self.dirs.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        dir.canonicalize().unwrap()
+    }
+
+    fn scratchd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(SCRATCHD);
+        c.args(args).env("SCRATCHD_STATE_DIR", self.state.path());
+        c
+    }
+
+    /// `attach --mount MOUNT ARGS... URI`, asserting success; returns the
+    /// block device it printed.
+    fn attach_ok(&self, mount: &Path, uri: &str, args: &[&str]) -> String {
+        let mut all = vec!["attach", "--mount", mount.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all.push(uri);
+        let (code, out) = run_status(&mut self.scratchd(&all));
+        assert_eq!(code, 0, "attach: {}", String::from_utf8_lossy(&out.stderr));
+        stdout(&out).trim().to_owned()
+    }
+
+    fn detach_ok(&self, what: &str) {
+        let (code, out) = run_status(&mut self.scratchd(&["detach", what]));
+        assert_eq!(code, 0, "detach: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The only attachment record in the state directory.
+    fn record(&self) -> Json {
+        let records: Vec<PathBuf> = std::fs::read_dir(self.state.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        assert_eq!(records.len(), 1, "{records:?}");
+        Json::parse(&std::fs::read_to_string(&records[0]).unwrap())
+    }
+}
+
+impl Drop for Attachments {
+    fn drop(&mut self) {
+        let _ = self.scratchd(&["detach", "--all"]).output();
+        let _ = self.scratchd(&["detach", "--stale"]).output();
+    }
+}
+
+/// `scratchd run --attach kernel --server URI -- sh -c SCRIPT`.
+fn run_on_kernel(uri: &str, script: &str) -> (i32, Output) {
+    require_nbd();
+    run_status(Command::new(SCRATCHD).args([
+        "run", "--attach", "kernel", "--server", uri, "--", "sh", "-c", script,
+    ]))
+}
+
+fn sh(script: &str) -> (i32, Output) {
+    run_status(Command::new("sh").args(["-c", script]))
+}
+
+/// `/sys/block/NAME/FILE` of a device `/dev/NAME`, trimmed.
+fn sysfs(device: &str, file: &str) -> String {
+    let name = device.strip_prefix("/dev/").expect(device);
+    let path = format!("/sys/block/{name}/{file}");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+/// The `/dev/nbdN` that exist, sorted by N.
+fn nbd_devices() -> Vec<String> {
+    let mut found: Vec<(u32, String)> = std::fs::read_dir("/dev")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|name| Some((name.strip_prefix("nbd")?.parse().ok()?, name)))
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, name)| name).collect()
+}
+
+/// The kernel log lines about block device `/dev/NAME` (`block NAME: ...`).
+fn kernel_log_of(device: &str) -> Vec<String> {
+    let name = device.strip_prefix("/dev/").expect(device);
+    let log = run(&mut Command::new("dmesg"));
+    stdout(&log)
+        .lines()
+        .filter(|l| l.contains(&format!("block {name}:")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Writes 4 MiB with direct I/O and reads it back: fails the test unless
+/// both reach the disk and agree.
+fn write_and_check(mount: &Path, file: &str) {
+    let f = mount.join(file);
+    let f = f.display();
+    let (code, out) = sh(&format!(
+        "set -e; head -c 4194304 /dev/urandom > {f}.src
+         dd if={f}.src of={f} bs=1M oflag=direct status=none
+         sync -f {f}
+         dd if={f} bs=1M iflag=direct status=none | cmp - {f}.src
+         rm {f}.src"
+    ));
+    assert_eq!(
+        code,
+        0,
+        "write and read back {f}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Attach, write and sync, detach: twenty times in a row on one export,
+/// each attach finding the previous rounds' files.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn twenty_attach_write_detach_cycles() {
+    attach_write_detach_cycles("cycles", 20, true);
+}
+
+/// The same without a sync before each detach: the detach itself must
+/// write back what the file system still holds.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn a_detach_keeps_what_was_written_without_sync() {
+    attach_write_detach_cycles("unsynced", 20, false);
+}
+
+fn attach_write_detach_cycles(export: &str, rounds: u32, sync: bool) {
+    let server = Server::start(&["tmpdisk", "size=256M", "linger=60s"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    let uri = server.uri_for(export);
+    for round in 0..rounds {
+        let device = a.attach_ok(&mnt, &uri, &["--attach", "kernel"]);
+        assert!(device.starts_with("/dev/nbd"), "round {round}: {device}");
+        for earlier in 0..round {
+            assert!(
+                mnt.join(format!("f{earlier}")).exists(),
+                "round {round}: f{earlier}, written before the last detach, is gone"
+            );
+        }
+        let file = mnt.join(format!("f{round}"));
+        std::fs::write(&file, vec![round as u8; 65536]).unwrap();
+        if sync {
+            run(Command::new("sync").arg("-f").arg(&mnt));
+        }
+        a.detach_ok(mnt.to_str().unwrap());
+    }
+}
+
+/// `run --attach kernel` mounts the disk from `/dev/nbdN` for the command
+/// and returns the command's status.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn run_returns_the_command_status() {
+    let server = Server::start(&["tmpdisk", "size=256M"]);
+    let script = r#"
+        set -e
+        findmnt -n -o FSTYPE,SOURCE "$SCRATCHD_MOUNT"
+        echo "device=$SCRATCHD_DEVICE"
+        head -c 3000000 /dev/urandom > "$SCRATCHD_MOUNT/data"
+        sync -f "$SCRATCHD_MOUNT"
+        exit 7
+    "#;
+    let (code, out) = run_on_kernel(&server.uri(), script);
+    let text = stdout(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 7, "the command's status is the run's\n{text}\n{err}");
+    let mut lines = text.lines();
+    let fs: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    assert!(
+        fs.len() == 2 && fs[0] == "ext4" && fs[1].starts_with("/dev/nbd"),
+        "{fs:?}"
+    );
+    assert_eq!(lines.next(), Some(format!("device={}", fs[1]).as_str()));
+}
+
+/// After the connect, the device's sysfs shows the attachment's backend
+/// identifier, a connecting pid, the export's size, the file system's
+/// 4 KiB sectors, discard (the server trims), and read-write.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn sysfs_describes_the_connected_device() {
+    let server = Server::start(&["tmpdisk", "size=256M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    let device = a.attach_ok(&mnt, &server.uri_for("sysfs"), &["--attach", "kernel"]);
+    let record = a.record();
+    assert_eq!(record.get("kind"), "kernel");
+    assert_eq!(record.get("device"), device);
+    let report = |file: &str| format!("{file} = {}", sysfs(&device, file));
+    eprintln!(
+        "{device}: {}, {}, {}, {}, {}, {}",
+        report("backend"),
+        report("pid"),
+        report("size"),
+        report("queue/logical_block_size"),
+        report("queue/discard_max_bytes"),
+        report("ro")
+    );
+    assert_eq!(sysfs(&device, "backend"), record.get("backend"));
+    let pid: u32 = sysfs(&device, "pid").parse().expect("a pid");
+    assert!(pid > 0);
+    assert_eq!(
+        sysfs(&device, "size").parse::<u64>().unwrap() * 512,
+        256 << 20,
+        "size (512-byte sectors)"
+    );
+    assert_eq!(sysfs(&device, "queue/logical_block_size"), "4096");
+    assert_ne!(sysfs(&device, "queue/discard_max_bytes"), "0");
+    assert_eq!(sysfs(&device, "ro"), "0");
+    write_and_check(&mnt, "data");
+    a.detach_ok(&device);
+}
+
+/// `--attach auto` (the default) takes the kernel's driver for a disk on a
+/// server when nbd is loaded.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn auto_takes_the_kernel_when_nbd_is_loaded() {
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    let device = a.attach_ok(&mnt, &server.uri_for("auto"), &[]);
+    assert!(device.starts_with("/dev/nbd"), "{device}");
+    assert_eq!(a.record().get("kind"), "kernel");
+    a.detach_ok(mnt.to_str().unwrap());
+}
+
+/// Twenty runs in a row leave the host's `/dev/nbd0..15` as they were: a
+/// device made at module load is not the run's to delete.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn twenty_runs_leave_the_nbd_devices_as_they_were() {
+    require_nbd();
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let before = nbd_devices();
+    assert!(
+        before.len() >= 16,
+        "nbd made 16 devices at load: {before:?}"
+    );
+    for round in 0..20 {
+        let (code, out) = run_on_kernel(&server.uri(), "echo x > \"$SCRATCHD_MOUNT/x\"");
+        assert_eq!(
+            code,
+            0,
+            "run {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(nbd_devices(), before, "the devices after twenty runs");
+}
+
+/// Whether block device `/dev/NAME` is connected: nbd shows its `pid`
+/// file only then.
+fn connected(device: &str) -> bool {
+    let name = device.strip_prefix("/dev/").expect(device);
+    Path::new(&format!("/sys/block/{name}/pid")).exists()
+}
+
+/// `kill -9` of `scratchd run` while its command runs: the run's mount
+/// namespace goes with it, and with the mount the device disconnects
+/// (disconnect-on-close); nothing of ours is left to do it.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn a_killed_run_leaves_no_device_connected() {
+    require_nbd();
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let mut run = Command::new(SCRATCHD)
+        .args(["run", "--attach", "kernel", "--server", &server.uri()])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo \"$SCRATCHD_DEVICE\"; exec sleep 120",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start scratchd run");
+    let mut line = String::new();
+    BufReader::new(run.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let device = line.trim().to_owned();
+    assert!(device.starts_with("/dev/nbd"), "{device:?}");
+    assert!(connected(&device), "{device} connected during the run");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    eventually(
+        &format!("{device} to disconnect"),
+        Duration::from_secs(20),
+        || !connected(&device),
+    );
+}
+
+/// `attach --attach kernel` as a user other than root: the kernel refuses
+/// the connect (EPERM), the message says what is needed, and no record
+/// is left.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn attach_as_non_root_is_refused() {
+    require_nbd();
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    server.open_to_everyone();
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, state) = (dir.path().join("mnt"), dir.path().join("state"));
+    std::fs::create_dir(&mnt).unwrap();
+    sh(&format!(
+        "chmod 777 {} {}",
+        dir.path().display(),
+        mnt.display()
+    ));
+    let argv = as_user(
+        Some(NOBODY),
+        &[
+            "env",
+            &format!("SCRATCHD_STATE_DIR={}", state.display()),
+            SCRATCHD,
+            "attach",
+            "--attach",
+            "kernel",
+            "--mount",
+            mnt.to_str().unwrap(),
+            &server.uri_for("nobody"),
+        ],
+    );
+    let (code, out) = run_status(Command::new(&argv[0]).args(&argv[1..]).current_dir("/"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("needs root or CAP_SYS_ADMIN"), "{err}");
+    let records = std::fs::read_dir(&state)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(records, 0, "a refused attach leaves no record");
+}
+
+/// A writer that keeps requests in flight on `mount` (direct I/O, so they
+/// reach the server), until it has written `mib` MiB.
+fn start_writer(mount: &Path, mib: u32) -> Child {
+    Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "oflag=direct", "status=none"])
+        .arg(format!("of={}", mount.join("stream").display()))
+        .arg(format!("count={mib}"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dd")
+}
+
+/// Four connections, and the server stopped (SIGSTOP) for 45 s, longer
+/// than the kernel's default 30 s request timeout, with requests in
+/// flight; resumed, they all complete without an error, and the kernel
+/// dropped none of the four connections.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn a_stalled_server_loses_no_connection() {
+    let server = Server::start(&["tmpdisk", "size=512M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    let device = a.attach_ok(
+        &mnt,
+        &server.uri_for("stall"),
+        &["--attach", "kernel", "--connections", "4"],
+    );
+    write_and_check(&mnt, "before");
+    // Stopped first, and small requests (direct reads of 64 KiB): each is
+    // sent whole and waits for its reply through the stall. (A large write
+    // can instead block in the send, where the kernel's timeout handler
+    // leaves it alone.)
+    server.signal("STOP");
+    let readers: Vec<Child> = (0..4)
+        .map(|i| start_reader(&mnt.join("before"), i))
+        .collect();
+    std::thread::sleep(Duration::from_secs(45));
+    server.signal("CONT");
+    let outs: Vec<Output> = readers
+        .into_iter()
+        .map(|r| r.wait_with_output().unwrap())
+        .collect();
+    let log = kernel_log_of(&device);
+    for out in &outs {
+        assert!(
+            out.status.success(),
+            "a reader failed after the stall: {}\nkernel log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            log.join("\n")
+        );
+    }
+    write_and_check(&mnt, "after");
+    let dropped: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("timed out") || l.contains("dead"))
+        .collect();
+    assert!(
+        dropped.is_empty(),
+        "the kernel dropped connections during the stall:\n{}",
+        log.join("\n")
+    );
+    a.detach_ok(mnt.to_str().unwrap());
+}
+
+/// A reader of `file` with direct I/O (so its requests reach the server),
+/// 64 KiB at a time from a different offset for each `n`.
+fn start_reader(file: &Path, n: u32) -> Child {
+    Command::new("dd")
+        .args([
+            "of=/dev/null",
+            "bs=64k",
+            "count=8",
+            "iflag=direct",
+            "status=none",
+        ])
+        .arg(format!("skip={}", n * 8))
+        .arg(format!("if={}", file.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dd")
+}
+
+/// How long I/O on a device whose server vanished may take to fail.
+const VANISHED_SERVER_LIMIT: Duration = Duration::from_secs(50);
+
+/// The server's host gone (its network namespace's link down, so its
+/// packets are dropped, not refused) with one connection: I/O fails within
+/// [`VANISHED_SERVER_LIMIT`] instead of hanging. The link comes back
+/// afterwards either way, so that a hung writer is released and the test
+/// cleans up.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn io_fails_soon_when_the_server_vanishes() {
+    require_nbd();
+    let net = ServerNetwork::new();
+    let (_server, uri) = net.start_server();
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &uri, &["--attach", "kernel", "--connections", "1"]);
+    write_and_check(&mnt, "before");
+    net.link("down");
+    let started = Instant::now();
+    let mut writer = start_writer(&mnt, 64);
+    let ended = poll(VANISHED_SERVER_LIMIT, || writer.try_wait().unwrap());
+    net.link("up");
+    let status = match ended {
+        Some(status) => status,
+        None => writer.wait().unwrap(),
+    };
+    let waited = started.elapsed();
+    assert!(
+        ended.is_some(),
+        "I/O still hung {waited:?} after the server's host vanished"
+    );
+    assert!(
+        !status.success(),
+        "the writer succeeded with the server gone"
+    );
+}
+
+/// A network namespace `srv` for a server, reached from here over a veth
+/// pair (addresses from the benchmarking range 198.18.0.0/15, inside the
+/// guest only); removed on drop.
+struct ServerNetwork;
+
+impl ServerNetwork {
+    const NS: &'static str = "scratchd-srv";
+    const HOST_ADDR: &'static str = "198.18.0.1";
+    const SERVER_ADDR: &'static str = "198.18.0.2";
+
+    fn new() -> ServerNetwork {
+        let ns = Self::NS;
+        let (code, out) = sh(&format!(
+            "set -e
+             ip netns add {ns}
+             ip link add veth-host type veth peer name veth-srv
+             ip link set veth-srv netns {ns}
+             ip addr add {}/30 dev veth-host
+             ip link set veth-host up
+             ip -n {ns} addr add {}/30 dev veth-srv
+             ip -n {ns} link set veth-srv up
+             ip -n {ns} link set lo up",
+            Self::HOST_ADDR,
+            Self::SERVER_ADDR
+        ));
+        let net = ServerNetwork;
+        assert_eq!(
+            code,
+            0,
+            "network namespace: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        net
+    }
+
+    /// `scratchd serve` inside the namespace on TCP; returns it and the
+    /// URI of its export `gone`.
+    fn start_server(&self) -> (ChildGuard, String) {
+        let port = 10809;
+        let child = Command::new("ip")
+            .args(["netns", "exec", Self::NS, SCRATCHD, "serve"])
+            .args(["-i", Self::SERVER_ADDR, "-p", &port.to_string()])
+            .args(["tmpdisk", "size=128M"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start scratchd in the namespace");
+        let guard = ChildGuard(child);
+        let addr = format!("{}:{port}", Self::SERVER_ADDR);
+        eventually("the server to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        (guard, format!("nbd://{addr}/gone"))
+    }
+
+    /// Sets the server side's link up or down.
+    fn link(&self, state: &str) {
+        run(Command::new("ip").args(["-n", Self::NS, "link", "set", "veth-srv", state]));
+    }
+}
+
+impl Drop for ServerNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", "veth-host"])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", Self::NS]).status();
+    }
+}
+
+/// A child process killed and reaped on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The guest's kernel as (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(['.', '-']);
+    let mut number = || parts.next().and_then(|p| p.parse().ok()).expect(&release);
+    (number(), number())
+}
+
+/// `--attach auto` with nbd not loaded: on 6.1 it takes FUSE; from 6.5 on
+/// the kernel loads nbd itself when asked for its netlink family (the
+/// module's alias), so `auto` takes the kernel's driver.
+#[test]
+#[ignore = "runs in a guest kernel without nbd loaded: kernel_vm boots it"]
+fn without_nbd_auto_takes_fuse_or_loads_the_module() {
+    assert!(
+        !Path::new("/sys/module/nbd").exists(),
+        "nbd is loaded: this test is for the guest kernel_vm boots without it"
+    );
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let a = Attachments::anywhere();
+    let mnt = a.mount_point("mnt");
+    let device = a.attach_ok(&mnt, &server.uri_for("auto"), &[]);
+    let kind = a.record().get("kind").to_owned();
+    let version = kernel_version();
+    eprintln!("kernel {version:?}: auto without nbd loaded: {kind} on {device}");
+    if version < (6, 5) {
+        assert_eq!(kind, "fuse", "{device}");
+        assert!(!Path::new("/sys/module/nbd").exists(), "nbd was loaded");
+    } else {
+        assert_eq!(kind, "kernel", "{device}");
+        assert!(Path::new("/sys/module/nbd").exists());
+    }
+    a.detach_ok(mnt.to_str().unwrap());
+}
