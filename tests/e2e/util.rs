@@ -66,7 +66,9 @@ impl Server {
 
     fn wait_ready(&mut self) {
         let what = format!("scratchd to listen on {}", self.sock.display());
-        eventually(&what, Duration::from_secs(10), || {
+        // Long: in a guest under TCG the kernel_guest tests start eight
+        // servers at once on two slow virtual CPUs.
+        eventually(&what, Duration::from_secs(60), || {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!("scratchd exited early with {status}");
             }
