@@ -486,15 +486,22 @@ fn io_fails_soon_when_the_server_vanishes() {
     // Idle until TCP gives the connection up (30 s), then a read.
     std::thread::sleep(Duration::from_secs(35));
     let mut reader = Command::new("dd")
-        .args(["of=/dev/null", "bs=64k", "count=1", "iflag=direct", "status=none"])
+        .args([
+            "of=/dev/null",
+            "bs=64k",
+            "count=1",
+            "iflag=direct",
+            "status=none",
+        ])
         .arg(format!("if={device}"))
         .arg("skip=1000")
         .stderr(Stdio::piped())
         .spawn()
         .expect("start dd");
-    let ended = poll(VANISHED_SERVER_LIMIT.saturating_sub(started.elapsed()), || {
-        reader.try_wait().unwrap()
-    });
+    let ended = poll(
+        VANISHED_SERVER_LIMIT.saturating_sub(started.elapsed()),
+        || reader.try_wait().unwrap(),
+    );
     let waited = started.elapsed();
     net.link("up");
     let status = match ended {
@@ -552,7 +559,12 @@ fn detach_stale(state: &Path) {
             .args(["detach", "--stale"])
             .env("SCRATCHD_STATE_DIR", state),
     );
-    assert_eq!(code, 0, "detach --stale: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        code,
+        0,
+        "detach --stale: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `kill -9` of `scratchd run` the moment its device is connected, before

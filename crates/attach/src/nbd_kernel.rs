@@ -637,7 +637,7 @@ pub fn connect(fds: Vec<OwnedFd>, config: &Config) -> Result<NbdDevice, Error> {
         return Err(Error::Invalid(format!("block size {}", config.block_size)));
     }
     // The kernel refuses it too (EINVAL), saying nothing of why.
-    if config.size % u64::from(config.block_size) != 0 {
+    if !config.size.is_multiple_of(u64::from(config.block_size)) {
         return Err(Error::Invalid(format!(
             "the export's size ({} bytes) is not a multiple of the device's block size \
              ({} bytes), which the kernel's nbd driver needs; use --attach fuse",

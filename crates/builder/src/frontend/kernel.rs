@@ -437,7 +437,10 @@ mod tests {
     fn a_run_label_names_its_process() {
         let me = Process::current().unwrap();
         let label = run_label(me);
-        assert!(label.starts_with(&format!("scratchd-run:{}:", me.pid)), "{label}");
+        assert!(
+            label.starts_with(&format!("scratchd-run:{}:", me.pid)),
+            "{label}"
+        );
         let named = run_of_label(&label).unwrap();
         assert_eq!((named.pid, named.start_time), (me.pid, me.start_time));
         assert!(named.alive());
