@@ -466,7 +466,7 @@ const VANISHED_SERVER_LIMIT: Duration = Duration::from_secs(50);
 /// packets are dropped, not refused) with one idle connection: TCP finds
 /// the connection dead, and a read of the device then fails within
 /// [`VANISHED_SERVER_LIMIT`] of the link going down instead of hanging
-/// (without keepalive it waited for the request timeout, 120 s, or for
+/// (without keepalive it waited for the request timeout, 300 s, or for
 /// ever with no timeout). The reader goes to the device itself, so that
 /// no journal write of the file system is left in flight. The link comes
 /// back afterwards either way, so that the test cleans up.

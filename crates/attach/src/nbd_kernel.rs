@@ -377,8 +377,8 @@ pub struct Config {
     /// The device's logical block size (see [`choose_block_size`]).
     pub block_size: u32,
     /// The export's transmission flags, as the handshake gave them: the
-    /// kernel reads read-only, flush, FUA, trim, write-zeroes and multi-conn
-    /// from them.
+    /// kernel reads read-only, flush, FUA, trim and multi-conn from them
+    /// (it never sends write-zeroes).
     pub server_flags: u16,
     /// Per-request timeout (`NBD_ATTR_TIMEOUT`): a request older than this
     /// marks its connection dead and is retried on another, or fails once
@@ -594,7 +594,10 @@ impl Genl {
 }
 
 /// Whether the kernel's nbd driver can be used: its generic netlink family
-/// resolves, or the module is loaded (`/sys/module/nbd`).
+/// resolves, or the module is loaded (`/sys/module/nbd`). From Linux 6.5
+/// on, asking for the family loads the module when it is absent (the
+/// module's `net-pf-16-proto-16-family-nbd` alias): there, a host with the
+/// module installed always has it.
 pub fn kernel_nbd_available() -> bool {
     match Genl::open().and_then(|mut g| g.resolve_nbd()) {
         Ok(_) => true,
