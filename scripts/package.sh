@@ -71,6 +71,7 @@ build_deb() {
   install -d "$root/lib/systemd/system"
   install -m 0644 "$staged"/contrib/systemd/*.service "$staged"/contrib/systemd/*.socket "$root/lib/systemd/system/"
   install -D -m 0644 "$staged/contrib/scratchd.toml" "$root/etc/scratchd/scratchd.toml"
+  install -D -m 0644 "$staged/contrib/tmpfiles.d/scratchd.conf" "$root/usr/lib/tmpfiles.d/scratchd.conf"
   install -D -m 0644 "$staged/contrib/mock/scratchd_root.py" "$root/usr/share/scratchd/mock/scratchd_root.py"
   install -d "$root/usr/share/doc/scratchd"
   install -m 0644 "$staged/README.md" "$staged"/docs/*.md "$root/usr/share/doc/scratchd/"

@@ -176,6 +176,7 @@ pub fn run<D: LocalDisk, E>(
         mount_options: source
             .has_file_system()
             .then_some(request.front_end.mount_options.as_str()),
+        fs_type: &request.front_end.fs_type,
         connections: request.front_end.connections,
         private_dir: &work.path().join("fuse"),
         label: &label,
