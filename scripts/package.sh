@@ -21,8 +21,8 @@ done
 # A debug binary is over 100 MiB: checking its packages is not worth
 # minutes of xz, so it gets the fastest compression.
 case "$profile" in
-  release) bindir=target/release deb_z=(-Zxz) rpm_z=() ;;
-  dev) bindir=target/debug deb_z=(-Zgzip -z1) rpm_z=(--define "_binary_payload w1.gzdio") ;;
+  release) bindir=${CARGO_TARGET_DIR:-target}/release deb_z=(-Zxz) rpm_z=() ;;
+  dev) bindir=${CARGO_TARGET_DIR:-target}/debug deb_z=(-Zgzip -z1) rpm_z=(--define "_binary_payload w1.gzdio") ;;
   *) echo "$0: unknown profile $profile" >&2; exit 2 ;;
 esac
 
