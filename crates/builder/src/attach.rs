@@ -128,7 +128,28 @@ fn mount_dir(dir: &Path) -> Result<PathBuf, AttachCommandError> {
     if !canonical.is_dir() {
         return Err(failed(io::Error::from_raw_os_error(libc::ENOTDIR)));
     }
+    // A symlink on the way could be replaced by whoever owns its
+    // directory, between this check and the mount or at the next attach:
+    // the mount point is given as the real path it is.
+    let absolute = std::path::absolute(dir).map_err(failed)?;
+    if lexically_normal(&absolute) != canonical {
+        return Err(AttachCommandError::Usage(format!(
+            "{} has a symlink in its path: give the real path ({}), which nobody \
+             but its owners can redirect",
+            dir.display(),
+            canonical.display()
+        )));
+    }
     Ok(canonical)
+}
+
+/// `path` without `.` components and trailing slashes (`..` is left: it
+/// would need the file system to resolve, and then differs from the
+/// canonical path, which is refused).
+fn lexically_normal(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }
 
 /// Root, or a process with CAP_SYS_ADMIN (bit 21 of the effective set in
