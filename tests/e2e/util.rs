@@ -66,9 +66,7 @@ impl Server {
 
     fn wait_ready(&mut self) {
         let what = format!("scratchd to listen on {}", self.sock.display());
-        // Long: in a guest under TCG the kernel_guest tests start eight
-        // servers at once on two slow virtual CPUs.
-        eventually(&what, Duration::from_secs(60), || {
+        eventually(&what, startup_limit(), || {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!("scratchd exited early with {status}");
             }
@@ -644,4 +642,26 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A state directory for `scratchd attach`/`detach` (`SCRATCHD_STATE_DIR`)
+/// of one test: under /run, which is root's and 0755 as the builder
+/// requires of every directory above its state (it refuses one under
+/// /tmp, which everyone may write).
+pub fn state_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("scratchd-e2e-state.")
+        .tempdir_in("/run")
+        .expect("a state directory under /run")
+}
+
+/// How long a server may take to start listening: 10 s, or a minute in a
+/// qemu guest without KVM (`/run/scratchd-vm` is its results directory),
+/// where a debug binary loads over 9p under emulation.
+pub fn startup_limit() -> Duration {
+    if Path::new("/run/scratchd-vm").exists() {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(10)
+    }
 }
