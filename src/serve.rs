@@ -104,7 +104,8 @@ pub struct ServeArgs {
     #[serde(default, deserialize_with = "config::cidrs")]
     pub allow: Vec<Cidr>,
     /// At most N connections at once from one TCP client address (0: no
-    /// limit, the default); Unix-socket clients are not counted per peer.
+    /// limit; default a sixteenth of --max-connections, at least 1);
+    /// Unix-socket clients are not counted per peer.
     #[arg(long, value_name = "N")]
     pub max_connections_per_peer: Option<usize>,
     /// Worker threads for backends that may block (file; tmpdisk with
@@ -129,8 +130,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_reply_timeout)]
     #[serde(default, deserialize_with = "config::positive_duration")]
     pub reply_timeout: Option<Duration>,
-    /// Drop a client that takes longer than this to send a handshake
-    /// message or finish its TLS handshake (default 10s).
+    /// Drop a client whose whole handshake (from accept to GO or
+    /// EXPORT_NAME, TLS included) takes longer than this (default 10s).
     #[arg(long, value_name = "DURATION", value_parser = parse_reply_timeout)]
     #[serde(default, deserialize_with = "config::positive_duration")]
     pub handshake_timeout: Option<Duration>,
@@ -310,7 +311,7 @@ pub fn main(args: ServeArgs) -> i32 {
             Some(args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)).filter(|&n| n > 0),
         )
         .with_allow(args.allow.clone())
-        .with_max_per_peer(args.max_connections_per_peer.filter(|&n| n > 0)),
+        .with_max_per_peer(max_per_peer(&args)),
         reply_timeout: args.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
         handshake_timeout: args
             .handshake_timeout
@@ -407,6 +408,21 @@ fn start_admin(
         info!(%bound, "metrics at http://{bound}/metrics");
     }
     Ok(())
+}
+
+/// Connections one TCP address may hold at once: `--max-connections-per-peer`,
+/// or by default a sixteenth of `--max-connections` (256 of 4,096), so that
+/// one address, before it has authenticated anything, cannot take every
+/// slot while farms of builders still have plenty each. No global limit,
+/// no default per address.
+fn max_per_peer(args: &ServeArgs) -> Option<usize> {
+    match args.max_connections_per_peer {
+        Some(n) => Some(n).filter(|&n| n > 0),
+        None => {
+            let max = args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+            Some((max / 16).max(1)).filter(|_| max > 0)
+        }
+    }
 }
 
 /// The exports to serve, whether their backend may block, and the
