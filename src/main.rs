@@ -21,6 +21,7 @@ mod metrics;
 mod notify;
 mod run;
 mod serve;
+mod timed_read;
 mod tmpdisk;
 
 use clap::{CommandFactory, Parser, Subcommand};
