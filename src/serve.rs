@@ -148,8 +148,8 @@ pub struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
-    /// tmpdisk: at most N scratch disks at once (lingering ones are evicted
-    /// first).
+    /// tmpdisk: at most N scratch disks at once (the asking owner's
+    /// lingering ones are evicted first, never another owner's).
     #[arg(long, value_name = "N")]
     pub max_exports: Option<usize>,
     /// memory and tmpdisk: RAM that all memory disks may hold together;
@@ -165,8 +165,9 @@ pub struct ServeArgs {
     /// tmpdisk: export names must start with P.
     #[arg(long, value_name = "P")]
     pub name_prefix: Option<String>,
-    /// tmpdisk: at most N scratch disks at once per owner (see owner=); the
-    /// owner's lingering disks are evicted first.
+    /// tmpdisk: at most N scratch disks at once per owner (see owner=;
+    /// default three quarters of --max-exports); the owner's lingering
+    /// disks are evicted first.
     #[arg(long, value_name = "N")]
     pub max_exports_per_owner: Option<NonZeroUsize>,
     /// tmpdisk: RAM the disks of one owner may hold together; their writes
@@ -484,7 +485,10 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
         disk_limit: args.disk_limit,
         name_prefix: args.name_prefix.clone(),
         per_owner: scratchd_scratch::OwnerLimits {
-            max_exports: args.max_exports_per_owner.map(NonZeroUsize::get),
+            max_exports: args
+                .max_exports_per_owner
+                .map(NonZeroUsize::get)
+                .or_else(|| default_max_exports_per_owner(args.max_exports)),
             memory: args.owner_memory_limit,
             disk: args.owner_disk_limit,
         },
@@ -505,6 +509,16 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
     let registry = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);
     let exports = Arc::new(scratchd_exports::ScratchExports::new(registry.clone()));
     Ok((exports, may_block, AdminBackend::Tmpdisk(registry)))
+}
+
+/// `--max-exports-per-owner` when not given: three quarters of
+/// `--max-exports` (at least one slot short of it from 2 on), so that one
+/// owner cannot take every slot and others can always create a disk.
+fn default_max_exports_per_owner(max_exports: Option<usize>) -> Option<usize> {
+    max_exports.map(|max| match max {
+        0 | 1 => max,
+        _ => max - (max / 4).max(1),
+    })
 }
 
 /// Warns that under `owner=name` every client reaches scratch disks by
