@@ -12,10 +12,10 @@ use scratchd_scratch::units::parse_size;
 use scratchd_scratch::{DiskSettings, OpenDisk, Owner, SpecError};
 use scratchd_store::BlockDevice;
 
-use crate::attach::FrontEndArgs;
-use crate::backend::{BackendError, OpenError};
+use crate::builder::attach::FrontEndArgs;
 use crate::cli;
-use crate::tmpdisk;
+use crate::serve::backend::{BackendError, OpenError};
+use crate::serve::tmpdisk;
 
 /// Exit status when the run itself failed (no disk, no mount).
 const EXIT_FAILED: i32 = 125;
@@ -129,7 +129,7 @@ fn open_run_disk(args: &RunArgs, name: &str) -> Result<RunDisk, LocalDiskError> 
 fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenDisk, LocalDiskError> {
     // --size and --type, then -o KEY=VALUEs (which may not repeat them).
     let mut disk = DiskSettings::default();
-    let usage = |e: SpecError| BackendError::from(crate::backend::UsageError::from(e));
+    let usage = |e: SpecError| BackendError::from(crate::serve::backend::UsageError::from(e));
     disk.size = Some(parse_size("--size", &args.size).map_err(|e| usage(e.into()))?);
     disk.set("type", &args.front_end.fs_type).map_err(usage)?;
     disk.add_params(&args.disk_options).map_err(usage)?;
