@@ -104,6 +104,12 @@ impl Drop for HandshakeDeadline {
     }
 }
 
+/// Starts the watchdog thread now (it also starts on first use), so that
+/// a server's threads are all there before its first client.
+pub fn start() {
+    watchdog();
+}
+
 /// The watchdog, started on first use; `None` if its thread cannot start.
 fn watchdog() -> Option<&'static Watchdog> {
     static DOG: OnceLock<Option<&'static Watchdog>> = OnceLock::new();

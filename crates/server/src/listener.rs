@@ -312,6 +312,7 @@ impl Listener {
     /// Accepts clients until the process exits, one thread each.
     pub fn spawn(self, ctx: Arc<ServerContext>) -> io::Result<()> {
         let name = self.describe();
+        crate::deadline::start();
         info!(listener = %name, "listening");
         thread::Builder::new()
             .name(format!("accept {name}"))
