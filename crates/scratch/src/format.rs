@@ -130,7 +130,8 @@ impl FormatSpec {
                 // `scratchd run` runs this as root: mkfs (and the
                 // mkfs.TYPE it runs) come from the system's directories,
                 // not from whatever PATH the caller had.
-                cmd.env("PATH", SYSTEM_PATH).arg("-t")
+                cmd.env("PATH", SYSTEM_PATH)
+                    .arg("-t")
                     .arg(fs)
                     .args(mkfs_options(fs, label))
                     .arg(disk);
