@@ -18,6 +18,7 @@ mod ctl;
 mod detach;
 mod generate;
 mod metrics;
+mod name;
 mod notify;
 mod run;
 mod serve;

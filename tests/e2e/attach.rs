@@ -470,3 +470,67 @@ fn a_holder_killed_while_unmounting_is_freed_by_the_stale_cleanup() {
     assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
     a.assert_nothing_left(&mnt, Some(holder));
 }
+
+/// Koji mode: kojid tears a build root down with its own `umount` (eager,
+/// or lazy with `-l`), never `scratchd detach`. Two processes write, the
+/// directory is unmounted from outside, and within a second the holder,
+/// loop device, FUSE mount and record are gone; the server keeps the disk
+/// for its linger (`ctl show` finds it, idle; attached again, the files are
+/// there). The name is given in the environment only.
+#[test]
+fn an_unmount_from_outside_releases_everything_within_a_second() {
+    if skip_without_fuse("an_unmount_from_outside_releases_everything_within_a_second") {
+        return;
+    }
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("ctl.sock");
+    let server = Server::start(&[
+        "--control",
+        control.to_str().unwrap(),
+        "tmpdisk",
+        "size=64M",
+        "linger=60s",
+    ]);
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    for (umount, name) in [("umount", "koji-eager"), ("umount -l", "koji-lazy")] {
+        let a = Attachments::new();
+        let mnt = a.mount_point("root");
+        let (code, out) = run_status(
+            a.scratchd(&["attach", "--mount", mnt.to_str().unwrap(), &uri])
+                .env("SCRATCHD_NAME", name),
+        );
+        assert_eq!(code, 0, "attach: {}", String::from_utf8_lossy(&out.stderr));
+        let holder = a.holder();
+        let m = mnt.display();
+        let (code, out) = sh(&format!(
+            "echo one > {m}/a & echo two > {m}/b & wait; sync -f {m}/a"
+        ));
+        assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        let (code, out) = sh(&format!("{umount} {m}"));
+        assert_eq!(
+            code,
+            0,
+            "{umount}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let started = Instant::now();
+        let left = crate::util::poll(Duration::from_secs(1), || {
+            a.leftovers(&mnt, Some(holder)).is_empty()
+        });
+        assert!(
+            left.is_some(),
+            "{umount}: still there after {:?}: {:?}",
+            started.elapsed(),
+            a.leftovers(&mnt, Some(holder))
+        );
+        let show = run(Command::new(SCRATCHD)
+            .args(["ctl", "--control", control.to_str().unwrap(), "show"])
+            .env("SCRATCHD_NAME", name));
+        assert!(stdout(&show).contains(name), "{}", stdout(&show));
+        let device = a.attach_ok(&mnt, &server.uri_for(name), &[]);
+        let (code, out) = sh(&format!("cat {m}/a {m}/b"));
+        assert_eq!((code, stdout(&out).as_str()), (0, "one\ntwo\n"), "{umount}");
+        a.detach_ok(&device);
+        a.assert_nothing_left(&mnt, None);
+    }
+}

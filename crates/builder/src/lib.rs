@@ -33,6 +33,7 @@ pub mod detach;
 pub mod frontend;
 pub mod holder;
 pub mod id;
+pub mod mount_watch;
 pub mod remote;
 pub mod run;
 pub mod sector;
