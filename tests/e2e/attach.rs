@@ -534,3 +534,60 @@ fn an_unmount_from_outside_releases_everything_within_a_second() {
         a.assert_nothing_left(&mnt, None);
     }
 }
+
+/// An attach with the name in `SCRATCHD_NAME` and a URI without one: no
+/// command line shows the name while the holder runs, and its info-level
+/// log shows the fingerprint, not the name. `ctl drop -` reads it from
+/// standard input.
+#[test]
+fn attach_names_stay_off_command_lines_and_out_of_info_logs() {
+    if skip_without_fuse("attach_names_stay_off_command_lines_and_out_of_info_logs") {
+        return;
+    }
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("ctl.sock");
+    let server = Server::start(&[
+        "--control",
+        control.to_str().unwrap(),
+        "tmpdisk",
+        "size=64M",
+        "linger=60s",
+    ]);
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    let name = format!("secret-attach-{}", std::process::id());
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    let (code, out) = run_status(
+        a.scratchd(&["attach", "-v", "--mount", mnt.to_str().unwrap(), &uri])
+            .env("SCRATCHD_NAME", &name),
+    );
+    assert_eq!(code, 0, "attach: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        crate::util::cmdlines_containing(&name),
+        Vec::<String>::new()
+    );
+    assert_eq!(a.record().get("export"), name);
+    // The log goes with the record at the detach.
+    let log: String = std::fs::read_dir(a.state.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    a.detach_ok(mnt.to_str().unwrap());
+    let fingerprint = crate::util::fingerprint(&name);
+    assert!(log.contains(&fingerprint) && !log.contains(&name), "{log}");
+
+    let mut drop = Command::new(SCRATCHD)
+        .args(["ctl", "--control", control.to_str().unwrap(), "drop", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = drop.stdin.take().unwrap();
+    std::io::Write::write_all(&mut input, format!("{name}\n").as_bytes()).unwrap();
+    std::mem::drop(input);
+    let out = drop.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(stdout(&out).contains(&name), "{}", stdout(&out));
+}
