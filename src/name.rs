@@ -54,7 +54,7 @@ fn read_line(mut input: impl Read) -> Result<String, NameError> {
     let mut line = Vec::new();
     let mut byte = [0u8];
     // One byte per read, on purpose: a buffer would take the command's.
-    while input.read(&mut byte).map_err(NameError::Read)? == 1 && byte[0] != b'\n' {
+    while read_byte(&mut input, &mut byte)? && byte[0] != b'\n' {
         line.push(byte[0]);
         if line.len() > MAX_NAME {
             return Err(NameError::TooLong);
@@ -67,6 +67,18 @@ fn read_line(mut input: impl Read) -> Result<String, NameError> {
         return Err(NameError::Empty);
     }
     String::from_utf8(line).map_err(|_| NameError::NotUtf8)
+}
+
+/// Reads one byte; false at the end of the input. A signal's interruption
+/// is retried.
+fn read_byte(input: &mut impl Read, byte: &mut [u8; 1]) -> Result<bool, NameError> {
+    loop {
+        match input.read(byte) {
+            Ok(n) => return Ok(n == 1),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(NameError::Read(e)),
+        }
+    }
 }
 
 #[cfg(test)]

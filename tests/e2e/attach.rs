@@ -591,3 +591,46 @@ fn attach_names_stay_off_command_lines_and_out_of_info_logs() {
     assert!(out.status.success());
     assert!(stdout(&out).contains(&name), "{}", stdout(&out));
 }
+
+/// Koji mode, a lazy unmount of a root still in use: the file system lives
+/// on for its last user, who finishes writing; the holder serves it until
+/// then, and lets the loop device and FUSE file go only after it was
+/// written back (the file is on the disk when attached again).
+#[test]
+fn a_lazy_unmount_from_outside_waits_for_the_last_user() {
+    if skip_without_fuse("a_lazy_unmount_from_outside_waits_for_the_last_user") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=64M", "linger=60s"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("root");
+    a.attach_ok(&mnt, &server.uri_for("koji-busy"), &[]);
+    let holder = a.holder();
+    let m = mnt.display();
+    let mut busy = Command::new("sh")
+        .args([
+            "-c",
+            &format!("cd {m} && echo started > /dev/stderr && sleep 1 && echo late > late"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut started = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(busy.stderr.take().unwrap()),
+        &mut started,
+    )
+    .unwrap();
+    let (code, out) = sh(&format!("umount -l {m}"));
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(busy.wait().unwrap().success(), "the last user could write");
+    let left = crate::util::poll(Duration::from_secs(1), || {
+        a.leftovers(&mnt, Some(holder)).is_empty()
+    });
+    assert!(left.is_some(), "{:?}", a.leftovers(&mnt, Some(holder)));
+    let device = a.attach_ok(&mnt, &server.uri_for("koji-busy"), &[]);
+    let (code, out) = sh(&format!("cat {m}/late"));
+    assert_eq!((code, stdout(&out).as_str()), (0, "late\n"));
+    a.detach_ok(&device);
+    a.assert_nothing_left(&mnt, None);
+}

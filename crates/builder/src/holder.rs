@@ -14,7 +14,9 @@
 //!
 //! SIGTERM, SIGINT or SIGHUP (`scratchd detach`) tear it down in order:
 //! DIR if still mounted, the loop device, the FUSE file, the connections
-//! (cleanly, so the server's linger starts), the record.
+//! (cleanly, so the server's linger starts), the record. So does an
+//! unmount of DIR from outside (Koji mode: kojid unmounts build roots
+//! itself), which [`crate::mount_watch`] notices without polling.
 //!
 //! [`start`] is `scratchd attach`'s side: it starts the holder and waits
 //! for its answer; [`stop`] is `scratchd detach`'s.
