@@ -21,8 +21,8 @@ done
 # A debug binary is over 100 MiB: checking its packages is not worth
 # minutes of xz, so it gets the fastest compression.
 case "$profile" in
-  release) bindir=target/release deb_z=(-Zxz) rpm_z=() ;;
-  dev) bindir=target/debug deb_z=(-Zgzip -z1) rpm_z=(--define "_binary_payload w1.gzdio") ;;
+  release) bindir=${CARGO_TARGET_DIR:-target}/release deb_z=(-Zxz) rpm_z=() ;;
+  dev) bindir=${CARGO_TARGET_DIR:-target}/debug deb_z=(-Zgzip -z1) rpm_z=(--define "_binary_payload w1.gzdio") ;;
   *) echo "$0: unknown profile $profile" >&2; exit 2 ;;
 esac
 
@@ -71,6 +71,7 @@ build_deb() {
   install -d "$root/lib/systemd/system"
   install -m 0644 "$staged"/contrib/systemd/*.service "$staged"/contrib/systemd/*.socket "$root/lib/systemd/system/"
   install -D -m 0644 "$staged/contrib/scratchd.toml" "$root/etc/scratchd/scratchd.toml"
+  install -D -m 0644 "$staged/contrib/tmpfiles.d/scratchd.conf" "$root/usr/lib/tmpfiles.d/scratchd.conf"
   install -D -m 0644 "$staged/contrib/mock/scratchd_root.py" "$root/usr/share/scratchd/mock/scratchd_root.py"
   install -d "$root/usr/share/doc/scratchd"
   install -m 0644 "$staged/README.md" "$staged"/docs/*.md "$root/usr/share/doc/scratchd/"

@@ -9,20 +9,16 @@
 
 #![forbid(unsafe_code)]
 
-mod admin;
-mod attach;
-mod backend;
+mod builder;
 mod cli;
-mod config;
-mod ctl;
-mod detach;
 mod generate;
-mod metrics;
 mod name;
-mod notify;
-mod run;
+mod ops;
 mod serve;
-mod tmpdisk;
+
+use builder::{attach, detach, run};
+use ops::ctl;
+use serve::backend;
 
 use clap::{CommandFactory, Parser, Subcommand};
 

@@ -114,7 +114,7 @@ DEFAULT_PREFIX = "mock-"
 # `scratchd attach`'s records (docs/RUN.md, "State records"); the same
 # variable as scratchd's, empty counting as unset.
 STATE_DIR_ENV = "SCRATCHD_STATE_DIR"
-DEFAULT_STATE_DIR = "/run/scratchd/attach"
+DEFAULT_STATE_DIR = "/run/scratchd-builder"
 # The attribute that holds a build root's one instance of the plugin.
 INSTANCE_ATTR = "_scratchd_root_plugin"
 

@@ -26,7 +26,7 @@ struct Attachments {
 impl Attachments {
     fn new() -> Attachments {
         Attachments {
-            state: tempfile::tempdir().unwrap(),
+            state: crate::util::state_dir(),
             dirs: tempfile::tempdir().unwrap(),
         }
     }
@@ -386,10 +386,10 @@ fn kernel_records_whose_device_is_gone_are_removed() {
         std::fs::write(a.state.path().join(format!("{id}.json")), text).unwrap();
     };
     let (one, two) = (a.mount_point("one"), a.mount_point("two"));
-    record("k1", &one, 1000);
-    record("k2", &two, 1001);
+    record("0c1", &one, 1000);
+    record("0c2", &two, 1001);
     a.detach_ok(one.to_str().unwrap());
-    assert_eq!(a.state_files(), [a.state.path().join("k2.json")]);
+    assert_eq!(a.state_files(), [a.state.path().join("0c2.json")]);
     let (code, out) = run_status(&mut a.scratchd(&["detach", "--stale"]));
     assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(a.state_files(), Vec::<PathBuf>::new());

@@ -42,7 +42,7 @@ impl Attachments {
     /// [`Attachments::new`] on a kernel with or without nbd loaded.
     fn anywhere() -> Attachments {
         Attachments {
-            state: tempfile::tempdir().unwrap(),
+            state: crate::util::state_dir(),
             dirs: tempfile::tempdir().unwrap(),
         }
     }

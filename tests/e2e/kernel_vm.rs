@@ -216,6 +216,9 @@ fn boot_and_run_guest_tests(flavour: &str, boot: &Boot) -> GuestOutcome {
         .args(["--ignored", "--test-threads=8"])
         .args(boot.tests)
         .env("SCRATCHD_VM_MODULES", boot.modules)
+        // guest.sh's run directory inside ours: gone with it even when
+        // guest.sh itself had to be killed.
+        .env("TMPDIR", logs.path())
         .stdin(Stdio::null())
         .stdout(file("stdout"))
         .stderr(file("stderr"))

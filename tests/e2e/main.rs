@@ -14,6 +14,7 @@ mod ctl;
 mod faults;
 mod fio;
 mod generate;
+mod hardening;
 mod idle;
 mod isolation;
 mod kernel_guest;

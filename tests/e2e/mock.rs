@@ -28,6 +28,7 @@ fn mock_plugin_against_a_fake_of_mock() {
         "size=256M",
         "linger=60s",
     ]);
+    let state = crate::util::state_dir();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/mock/test_scratchd_root.py");
     let (code, out) = run_status(
         Command::new("/usr/bin/python3")
@@ -35,7 +36,7 @@ fn mock_plugin_against_a_fake_of_mock() {
             .env("SCRATCHD", SCRATCHD)
             .env("SCRATCHD_URI", server.uri())
             .env("SCRATCHD_CONTROL", &control)
-            .env("SCRATCHD_STATE_DIR", dir.path().join("state"))
+            .env("SCRATCHD_STATE_DIR", state.path())
             .env("WORK", dir.path()),
     );
     let report = String::from_utf8_lossy(&out.stderr);

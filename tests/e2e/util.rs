@@ -678,3 +678,14 @@ pub fn fingerprint(name: &str) -> String {
     let out = child.wait_with_output().unwrap();
     stdout(&out)[..8].to_owned()
 }
+
+/// A state directory for `scratchd attach`/`detach` (`SCRATCHD_STATE_DIR`)
+/// of one test: under /run, which is root's and 0755 as the builder
+/// requires of every directory above its state (it refuses one under
+/// /tmp, which everyone may write).
+pub fn state_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("scratchd-e2e-state.")
+        .tempdir_in("/run")
+        .expect("a state directory under /run")
+}

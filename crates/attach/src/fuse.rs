@@ -468,11 +468,15 @@ pub fn abort_connection(id: u32) -> io::Result<()> {
     let abort = control.join(id.to_string()).join("abort");
     if !abort.exists() {
         // fusectl is not mounted on every host; mount it (in the caller's
-        // mount namespace) to reach the connection.
-        let _ = std::process::Command::new("mount")
-            .args(["-t", "fusectl", "fusectl"])
-            .arg(control)
-            .status();
+        // mount namespace) to reach the connection. By system call: root's
+        // PATH is the caller's to choose.
+        let _ = rustix::mount::mount(
+            "fusectl",
+            control,
+            "fusectl",
+            rustix::mount::MountFlags::empty(),
+            None,
+        );
     }
     std::fs::write(abort, "1")
 }

@@ -1,4 +1,5 @@
-//! Private mounts, and mounting a block device.
+//! Private mounts, unmounting, and what is mounted where (mounting a
+//! disk is [`crate::mount`]'s).
 //!
 //! `scratchd run` moves itself into a mount namespace of its own before it
 //! mounts anything (its FUSE file and the scratch filesystem). The build
@@ -44,39 +45,6 @@ pub fn enter_private_mount_namespace() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Why mounting a device failed.
-#[derive(Debug, thiserror::Error)]
-pub enum MountError {
-    #[error("cannot run mount: {0}")]
-    Spawn(#[source] io::Error),
-    #[error("mount {device} on {dir} failed: {stderr}")]
-    Failed {
-        device: String,
-        dir: String,
-        stderr: String,
-    },
-}
-
-/// Mounts the file system on `device` at `dir` with `options` (its type
-/// found by `mount`, which asks libblkid).
-pub fn mount(device: &Path, dir: &Path, options: &str) -> Result<(), MountError> {
-    let out = Command::new("mount")
-        .arg("-o")
-        .arg(options)
-        .arg(device)
-        .arg(dir)
-        .output()
-        .map_err(MountError::Spawn)?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(MountError::Failed {
-        device: device.display().to_string(),
-        dir: dir.display().to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-    })
 }
 
 /// How [`unmount`] got a file system off its mount point.

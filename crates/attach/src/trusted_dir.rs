@@ -163,6 +163,42 @@ impl TrustedDir {
         Ok(self.open(name, flags, Mode::from_raw_mode(0o600))?.into())
     }
 
+    /// Opens file `name` for appending (a log), creating it (0600) if
+    /// missing; never through a symlink.
+    pub fn open_append(&self, name: &str) -> Result<std::fs::File, TrustError> {
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::APPEND;
+        Ok(self.open(name, flags, Mode::from_raw_mode(0o600))?.into())
+    }
+
+    /// Makes directory `name` (mode 0700); one there already is fine if it
+    /// is a directory.
+    pub fn make_dir(&self, name: &str) -> Result<(), TrustError> {
+        check_name(name)?;
+        match rustix::fs::mkdirat(&self.dir, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(io_error(&self.path.join(name), e)),
+        }
+    }
+
+    /// Removes the empty directory `name`; gone already is fine.
+    pub fn remove_dir(&self, name: &str) -> Result<(), TrustError> {
+        check_name(name)?;
+        match rustix::fs::unlinkat(&self.dir, name, rustix::fs::AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(io_error(&self.path.join(name), e)),
+        }
+    }
+
+    /// How long ago file `name` was last modified, if it exists.
+    pub fn age(&self, name: &str) -> Option<std::time::Duration> {
+        check_name(name).ok()?;
+        let stat =
+            rustix::fs::statat(&self.dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let modified = std::time::UNIX_EPOCH
+            + std::time::Duration::new(stat.st_mtime as u64, stat.st_mtime_nsec as u32);
+        modified.elapsed().ok()
+    }
+
     fn open(&self, name: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, TrustError> {
         check_name(name)?;
         let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;

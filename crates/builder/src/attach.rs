@@ -57,6 +57,8 @@ pub enum AttachCommandError {
     Attach(#[from] AttachError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("attach needs root or CAP_SYS_ADMIN: it mounts a file system and attaches a device")]
+    NotPrivileged,
 }
 
 impl AttachCommandError {
@@ -73,6 +75,11 @@ impl AttachCommandError {
 
 /// Attaches; returns the block device.
 pub fn attach(request: &AttachRequest) -> Result<PathBuf, AttachCommandError> {
+    // First: the state directory's checks would refuse anyone else too,
+    // but say less clearly why.
+    if !privileged() {
+        return Err(AttachCommandError::NotPrivileged);
+    }
     let target = export_target(request)?;
     let front_end = request.front_end.attach.choose(Origin::of(Some(&target)))?;
     let mount = mount_dir(&request.mount)?;
@@ -86,6 +93,7 @@ pub fn attach(request: &AttachRequest) -> Result<PathBuf, AttachCommandError> {
         target: &target,
         mount: &mount,
         mount_options: &request.front_end.mount_options,
+        fs_type: &request.front_end.fs_type,
         connections: request.front_end.connections,
         verbose: request.verbose,
     };
@@ -120,5 +128,40 @@ fn mount_dir(dir: &Path) -> Result<PathBuf, AttachCommandError> {
     if !canonical.is_dir() {
         return Err(failed(io::Error::from_raw_os_error(libc::ENOTDIR)));
     }
+    // A symlink on the way could be replaced by whoever owns its
+    // directory, between this check and the mount or at the next attach:
+    // the mount point is given as the real path it is.
+    let absolute = std::path::absolute(dir).map_err(failed)?;
+    if lexically_normal(&absolute) != canonical {
+        return Err(AttachCommandError::Usage(format!(
+            "{} has a symlink in its path: give the real path ({}), which nobody \
+             but its owners can redirect",
+            dir.display(),
+            canonical.display()
+        )));
+    }
     Ok(canonical)
+}
+
+/// `path` without `.` components and trailing slashes (`..` is left: it
+/// would need the file system to resolve, and then differs from the
+/// canonical path, which is refused).
+fn lexically_normal(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
+/// Root, or a process with CAP_SYS_ADMIN (bit 21 of the effective set in
+/// `/proc/self/status`).
+fn privileged() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    effective.is_some_and(|caps| caps & (1 << 21) != 0)
 }

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use scratchd_attach::{nbd_kernel, ns};
+use scratchd_attach::{mount, nbd_kernel};
 use scratchd_client::Target;
 use scratchd_store::BlockDevice;
 use serde::{Deserialize, Serialize};
@@ -153,6 +153,9 @@ pub struct FrontEndOptions {
     /// serving the disk where this process serves it.
     pub connections: usize,
     pub mount_options: String,
+    /// The disk's file system type (`--type`): the mount names it, so the
+    /// kernel never probes a disk with every driver it has.
+    pub fs_type: String,
 }
 
 /// Where the disk to attach comes from: what decides which front ends can
@@ -192,6 +195,8 @@ pub struct Setup<'a> {
     /// Mount options; `None` leaves the block device unmounted (a disk with
     /// no file system).
     pub mount_options: Option<&'a str>,
+    /// The file system's type, for the mount.
+    pub fs_type: &'a str,
     /// Connections to the server (when it allows several), and threads
     /// serving the disk where this process serves it.
     pub connections: usize,
@@ -214,6 +219,7 @@ pub struct KeepRequest<'a> {
     /// The mount point (canonical).
     pub mount: &'a Path,
     pub mount_options: &'a str,
+    pub fs_type: &'a str,
     pub connections: usize,
     /// The verbosity a process that keeps the attachment logs with.
     pub verbose: u8,
@@ -300,7 +306,7 @@ pub enum AttachError {
     #[error("cannot attach a loop device: {0}")]
     Loop(#[source] io::Error),
     #[error(transparent)]
-    Mount(#[from] ns::MountError),
+    Mount(#[from] mount::MountError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -317,6 +323,22 @@ pub enum AttachError {
         status: std::process::ExitStatus,
         log: String,
     },
+}
+
+/// Mounts the file system on `device` at `dir` as untrusted media:
+/// `nosuid,nodev`, of type `fs_type` only, onto the directory as it is when
+/// opened here (see [`scratchd_attach::mount`]).
+pub(crate) fn mount_disk(
+    device: &Path,
+    dir: &Path,
+    fs_type: &str,
+    options: &str,
+    read_only: bool,
+) -> Result<(), AttachError> {
+    let spec = mount::MountSpec::new(fs_type, options, read_only)?;
+    let at = mount::MountPoint::open(dir)?;
+    mount::mount_device(device, &spec, &at)?;
+    Ok(())
 }
 
 impl AttachError {

@@ -29,7 +29,6 @@
 use std::error::Error;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Weak;
@@ -78,6 +77,9 @@ pub struct Request {
     /// The mount point (canonical).
     pub mount: PathBuf,
     pub mount_options: String,
+    /// The file system's type (a holder of an older attach: ext4).
+    #[serde(default = "default_fs_type")]
+    pub fs_type: String,
     pub verbose: u8,
 }
 
@@ -108,14 +110,10 @@ pub(crate) fn start(state: &StateDir, request: &KeepRequest) -> Result<PathBuf, 
         connections: request.connections,
         mount: request.mount.to_owned(),
         mount_options: request.mount_options.to_owned(),
+        fs_type: request.fs_type.to_owned(),
         verbose: request.verbose,
     };
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(state.log_path(&request.id))
-        .map_err(AttachError::Spawn)?;
+    let log = state.open_log(&request.id)?;
     let exe = std::env::current_exe().map_err(AttachError::Spawn)?;
     let mut child = Command::new(exe)
         .arg(SUBCOMMAND)
@@ -195,6 +193,15 @@ pub(crate) fn stop(holder: Process) -> Result<(), DetachError> {
     };
     if !holder.alive() {
         return Ok(());
+    }
+    // A record names a pid; only a scratchd process, started when the
+    // record says, is signalled (checked after the pidfd pins it).
+    if !holder.runs_this_program() {
+        warn!(
+            pid = holder.pid,
+            "the record's holder is not a scratchd process; not signalled"
+        );
+        return Err(failed(io::Error::other("not a scratchd process")));
     }
     rustix::process::pidfd_send_signal(&pidfd, Signal::TERM).map_err(|e| failed(e.into()))?;
     if wait_for_exit(&pidfd, HOLDER_GRACE) {
@@ -431,6 +438,7 @@ fn attach(request: Request, mut stops: Signals) -> Result<Held, HolderError> {
     let setup = Setup {
         mount: &request.mount,
         mount_options: Some(&request.mount_options),
+        fs_type: &request.fs_type,
         connections: request.connections,
         private_dir: &fuse_dir,
         label: &request.id,
@@ -493,4 +501,8 @@ fn watch_server(client: Weak<Client>) {
             return;
         }
     });
+}
+
+fn default_fs_type() -> String {
+    "ext4".to_owned()
 }

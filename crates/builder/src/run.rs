@@ -176,6 +176,7 @@ pub fn run<D: LocalDisk, E>(
         mount_options: source
             .has_file_system()
             .then_some(request.front_end.mount_options.as_str()),
+        fs_type: &request.front_end.fs_type,
         connections: request.front_end.connections,
         private_dir: &work.path().join("fuse"),
         label: &label,
@@ -287,7 +288,7 @@ fn sweep_stale_work_dirs() {
         else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        if Path::new(&format!("/proc/{pid}")).exists() || !made_by_root(&entry) {
             continue;
         }
         let dir = entry.path();
@@ -298,6 +299,17 @@ fn sweep_stale_work_dirs() {
             debug!(dir = %dir.display(), "removed a killed run's work directory");
         }
     }
+}
+
+/// Whether a work directory is one a run made: a real directory (not a
+/// symlink another user put there, in a `TMPDIR` everyone writes, to make
+/// root remove directories elsewhere), root's.
+fn made_by_root(entry: &std::fs::DirEntry) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    entry
+        .path()
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_dir() && m.uid() == 0)
 }
 
 /// `run-` and 128 random bits: a name nobody can guess (see docs/RUN.md).

@@ -2,41 +2,59 @@
 //! to find and undo.
 //!
 //! One JSON file per attachment, `ID.json`, in the state directory
-//! (`/run/scratchd/attach`, mode 0700; [`DIR_ENV`] overrides it), written
-//! atomically (a temporary file renamed over it), beside:
+//! (`/run/scratchd-builder`; [`DIR_ENV`] names another), written
+//! atomically (under a fresh name created exclusively, then renamed over
+//! it), beside:
 //! - `ID.fuse/`: the FUSE mount point holding the disk's file (FUSE
 //!   attachments);
 //! - `ID.log`: the holder's standard error (its log);
 //! - `lock`: locked while a new attachment claims its mount point, so that
 //!   two attaches cannot both take one directory.
 //!
+//! Root acts on what a record says (signals its holder, unmounts its
+//! mount), so the directory must be root's alone: it is opened as a
+//! [`TrustedDir`] (every component of its path root's, written by root
+//! alone, no symlink; refused otherwise, never repaired) and every file in
+//! it is reached from that descriptor without following symlinks. It is
+//! not the server's `RuntimeDirectory` (`/run/scratchd`, which belongs to
+//! the service's user and which systemd empties at every restart), so
+//! records outlive a server restart. A record must also make sense before
+//! it is used: its id is the file's, hex, and it names only this
+//! directory's FUSE mount point and loop or nbd devices.
+//!
 //! `/run` is a tmpfs: records do not survive a reboot, and neither do the
 //! mounts they describe.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use scratchd_attach::ns;
+use scratchd_attach::trusted_dir::{TrustError, TrustedDir};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::frontend::FrontEnd;
 
-/// Where records live unless [`DIR_ENV`] says otherwise.
-pub const DEFAULT_DIR: &str = "/run/scratchd/attach";
+/// Where records live unless [`DIR_ENV`] says otherwise: a directory of
+/// root's own, beside (not inside) the server's `/run/scratchd`.
+pub const DEFAULT_DIR: &str = "/run/scratchd-builder";
 /// The environment variable naming another state directory (tests run in
-/// parallel, each with its own).
+/// parallel, each with its own); it must pass the same checks.
 pub const DIR_ENV: &str = "SCRATCHD_STATE_DIR";
 
 /// Why the state directory could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error("state directory {}: {source}", dir.display())]
+#[error("state directory: {source}")]
 pub struct StateError {
-    dir: PathBuf,
     #[source]
-    source: io::Error,
+    source: TrustError,
+}
+
+impl From<TrustError> for StateError {
+    fn from(source: TrustError) -> Self {
+        StateError { source }
+    }
 }
 
 /// Why a mount point cannot be attached to.
@@ -86,12 +104,35 @@ impl Process {
             && !self.killed()
     }
 
+    /// Whether the process runs the program this one runs (its
+    /// `/proc/PID/exe` is ours: the same file, or the same path when an
+    /// upgrade replaced it since).
+    pub fn runs_this_program(&self) -> bool {
+        let theirs = std::fs::read_link(format!("/proc/{}/exe", self.pid));
+        let ours = std::fs::read_link("/proc/self/exe");
+        match (theirs, ours) {
+            (Ok(theirs), Ok(ours)) => same_program(&theirs, &ours),
+            _ => false,
+        }
+    }
+
     /// Whether SIGKILL is pending for the process (`ShdPnd`, the signals
     /// pending for the whole process, in `/proc/PID/status`).
     fn killed(&self) -> bool {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid));
         status.is_ok_and(|s| sigkill_pending(&s))
     }
+}
+
+/// The kernel marks a replaced executable's link "PATH (deleted)".
+fn same_program(theirs: &Path, ours: &Path) -> bool {
+    let plain = |p: &Path| {
+        let text = p.to_string_lossy().into_owned();
+        text.strip_suffix(" (deleted)")
+            .map(str::to_owned)
+            .unwrap_or(text)
+    };
+    plain(theirs) == plain(ours)
 }
 
 fn sigkill_pending(status: &str) -> bool {
@@ -154,7 +195,7 @@ impl Record {
 
 /// The state directory.
 pub struct StateDir {
-    path: PathBuf,
+    dir: TrustedDir,
 }
 
 /// The state directory's lock, held until dropped.
@@ -164,95 +205,83 @@ pub struct Lock {
 
 impl StateDir {
     /// Opens the state directory, making it (mode 0700: records name disks,
-    /// whose names are their keys) when needed.
+    /// whose names are their keys) when needed; refuses one that anyone
+    /// but root could change.
     pub fn open() -> Result<StateDir, StateError> {
         // Set but empty counts as unset, as for most variables of the kind.
         let path = std::env::var_os(DIR_ENV)
             .filter(|dir| !dir.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
-        let state = StateDir { path };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&state.path)
-            .map_err(|e| state.error(e))?;
-        // A directory made by someone else, or with a wider umask above.
-        std::fs::set_permissions(&state.path, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| state.error(e))?;
-        // Mount points in it are found in mountinfo, which has real paths.
-        let path = std::fs::canonicalize(&state.path).map_err(|e| state.error(e))?;
-        Ok(StateDir { path })
+        Ok(StateDir {
+            dir: TrustedDir::open_or_create(&path)?,
+        })
     }
 
-    fn error(&self, source: io::Error) -> StateError {
-        StateError {
-            dir: self.path.clone(),
-            source,
-        }
-    }
-
-    fn record_path(&self, id: &str) -> PathBuf {
-        self.path.join(format!("{id}.json"))
+    /// The directory (its path has no symlink: mount points in it are
+    /// found in mountinfo by it).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The FUSE mount point of attachment `id`.
     pub fn fuse_dir(&self, id: &str) -> PathBuf {
-        self.path.join(format!("{id}.fuse"))
+        self.path().join(format!("{id}.fuse"))
+    }
+
+    /// Makes attachment `id`'s FUSE mount point.
+    pub fn make_fuse_dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        self.dir.make_dir(&format!("{id}.fuse"))?;
+        Ok(self.fuse_dir(id))
     }
 
     /// The holder's log of attachment `id`.
     pub fn log_path(&self, id: &str) -> PathBuf {
-        self.path.join(format!("{id}.log"))
+        self.path().join(format!("{id}.log"))
+    }
+
+    /// Opens attachment `id`'s log for its holder to append to.
+    pub fn open_log(&self, id: &str) -> Result<File, StateError> {
+        Ok(self.dir.open_append(&format!("{id}.log"))?)
     }
 
     /// Writes `record` atomically: a reader sees the old one or the new
     /// one, never half of either.
     pub fn write(&self, record: &Record) -> Result<(), StateError> {
-        let text = serde_json::to_vec_pretty(record).map_err(|e| self.error(e.into()))?;
-        let temp = self.path.join(format!(".{}.json.tmp", record.id));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| self.error(e))?;
+        let text = serde_json::to_vec_pretty(record).map_err(|e| TrustError::Io {
+            path: self.path().join(&record.id),
+            source: e.into(),
+        })?;
         // No fsync: the directory is on a tmpfs, which no crash keeps.
-        file.write_all(&text).map_err(|e| self.error(e))?;
-        std::fs::rename(&temp, self.record_path(&record.id)).map_err(|e| self.error(e))
+        Ok(self
+            .dir
+            .write_atomically(&format!("{}.json", record.id), &text)?)
     }
 
     /// Removes attachment `id`'s record, log and (empty) FUSE mount point;
     /// what is already gone is no error.
     pub fn remove(&self, id: &str) {
-        let _ = std::fs::remove_dir(self.fuse_dir(id));
-        let _ = std::fs::remove_file(self.log_path(id));
-        let _ = std::fs::remove_file(self.record_path(id));
+        let _ = self.dir.remove_dir(&format!("{id}.fuse"));
+        let _ = self.dir.remove(&format!("{id}.log"));
+        let _ = self.dir.remove(&format!("{id}.json"));
     }
 
-    /// Every record; unreadable ones are skipped with a warning.
+    /// Every record; unreadable or senseless ones are skipped with a
+    /// warning.
     pub fn records(&self) -> Vec<Record> {
-        let Ok(entries) = std::fs::read_dir(&self.path) else {
-            return Vec::new();
+        let names = match self.dir.names() {
+            Ok(names) => names,
+            Err(e) => {
+                warn!(error = %e, "cannot list the state directory");
+                return Vec::new();
+            }
         };
-        let mut records = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') || !name.ends_with(".json") {
-                continue;
-            }
-            match std::fs::read(&path).map(|text| serde_json::from_slice::<Record>(&text)) {
-                Ok(Ok(record)) => records.push(record),
-                // Removed meanwhile (a holder that just detached).
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Ok(Err(e)) => warn!(record = %path.display(), error = %e, "unreadable record"),
-                Err(e) => warn!(record = %path.display(), error = %e, "unreadable record"),
-            }
-        }
-        records
+        names
+            .iter()
+            .filter_map(|name| name.strip_suffix(".json"))
+            .filter(|id| !id.starts_with('.'))
+            .filter_map(|id| self.get(id))
+            .collect()
     }
 
     /// Removes logs and half-written records that no record owns and that
@@ -260,37 +289,84 @@ impl StateDir {
     /// holder before the record existed left. (A younger one may belong to
     /// an attach under way.) Returns how many went.
     pub fn remove_orphans(&self, quiet: std::time::Duration) -> usize {
-        let Ok(entries) = std::fs::read_dir(&self.path) else {
+        let Ok(names) = self.dir.names() else {
             return 0;
         };
         let mut removed = 0;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let id = match (name.strip_suffix(".log"), name.strip_suffix(".json.tmp")) {
+        for name in names {
+            let id = match (name.strip_suffix(".log"), name.strip_suffix(".tmp")) {
                 (Some(id), _) => id,
-                (None, Some(tmp)) => tmp.trim_start_matches('.'),
+                // `.ID.json.RANDOM.tmp`, as TrustedDir stages a write.
+                (None, Some(staged)) => staged
+                    .trim_start_matches('.')
+                    .split('.')
+                    .next()
+                    .unwrap_or(""),
                 (None, None) => continue,
             };
-            let idle = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok());
-            if self.record_path(id).exists() || idle.map_or(true, |idle| idle < quiet) {
+            let owned = self.dir.age(&format!("{id}.json")).is_some();
+            let idle = self.dir.age(&name);
+            if owned || idle.map_or(true, |idle| idle < quiet) {
                 continue;
             }
-            if std::fs::remove_file(entry.path()).is_ok() {
+            if self.dir.remove(&name).is_ok() {
                 removed += 1;
             }
         }
         removed
     }
 
-    /// The record of attachment `id`, if it is still there.
+    /// The record of attachment `id`, if it is there and makes sense.
     pub fn get(&self, id: &str) -> Option<Record> {
-        let text = std::fs::read(self.record_path(id)).ok()?;
-        serde_json::from_slice(&text).ok()
+        if !valid_id(id) {
+            warn!(id, "a record whose name is not an attachment id; ignored");
+            return None;
+        }
+        let text = match self.dir.read(&format!("{id}.json")) {
+            Ok(text) => text?,
+            Err(e) => {
+                warn!(id, error = %e, "unreadable record");
+                return None;
+            }
+        };
+        let record: Record = match serde_json::from_slice(&text) {
+            Ok(record) => record,
+            Err(e) => {
+                warn!(id, error = %e, "unreadable record");
+                return None;
+            }
+        };
+        match self.check(id, &record) {
+            Ok(()) => Some(record),
+            Err(why) => {
+                warn!(id, why, "a record that makes no sense; ignored");
+                None
+            }
+        }
+    }
+
+    /// What a record may name: its own id, this directory's FUSE mount
+    /// point, an absolute mount point, a loop or nbd device.
+    fn check(&self, id: &str, record: &Record) -> Result<(), &'static str> {
+        if record.id != id {
+            return Err("its id is not its file's");
+        }
+        if !record.mount.is_absolute() {
+            return Err("its mount point is not an absolute path");
+        }
+        if record
+            .fuse_dir
+            .as_ref()
+            .is_some_and(|d| *d != self.fuse_dir(id))
+        {
+            return Err("its FUSE mount point is not its own in the state directory");
+        }
+        if let Some(device) = &record.device {
+            if !is_block_device_name(device) {
+                return Err("its device is not /dev/loopN or /dev/nbdN");
+            }
+        }
+        Ok(())
     }
 
     /// The attachment mounted at, or attached as, `path` (canonical).
@@ -300,15 +376,13 @@ impl StateDir {
 
     /// Locks the state directory until the returned guard is dropped.
     fn lock(&self) -> Result<Lock, StateError> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(self.path.join("lock"))
-            .map_err(|e| self.error(e))?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| self.error(e.into()))?;
+        let file = self.dir.open_file("lock", true)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+            TrustError::Io {
+                path: self.path().join("lock"),
+                source: e.into(),
+            }
+        })?;
         Ok(Lock { _file: file })
     }
 
@@ -334,6 +408,22 @@ impl StateDir {
     }
 }
 
+/// An attachment id: hex, as [`crate::id`] makes them.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `/dev/loopN` or `/dev/nbdN`: the devices attachments are made of.
+fn is_block_device_name(path: &Path) -> bool {
+    let Some(name) = path.to_str().and_then(|p| p.strip_prefix("/dev/")) else {
+        return false;
+    };
+    let digits = name
+        .strip_prefix("loop")
+        .or_else(|| name.strip_prefix("nbd"));
+    digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,6 +445,13 @@ mod tests {
         );
         let me = Process::current().unwrap();
         assert!(me.alive());
+        assert!(me.runs_this_program());
+        let init = Process::of(1).unwrap();
+        assert!(!init.runs_this_program(), "init is not scratchd");
+        assert!(same_program(
+            Path::new("/usr/bin/scratchd (deleted)"),
+            Path::new("/usr/bin/scratchd")
+        ));
         let reused = Process {
             start_time: me.start_time + 1,
             ..me
@@ -362,14 +459,30 @@ mod tests {
         assert!(!reused.alive(), "another start time is another process");
     }
 
+    /// A state directory of the test's own, under /run (root's, 0755):
+    /// the checks refuse one under /tmp, which everyone may write.
+    fn test_state(test: &str) -> Option<(tempfile::TempDir, StateDir)> {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED {test}: needs root (the state directory must be root's)");
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("scratchd-state-test")
+            .tempdir_in("/run")
+            .unwrap();
+        let state = StateDir {
+            dir: TrustedDir::open_or_create(dir.path()).unwrap(),
+        };
+        Some((dir, state))
+    }
+
     #[test]
     fn orphan_logs_go_once_quiet_and_owned_ones_stay() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir {
-            path: dir.path().to_owned(),
+        let Some((dir, state)) = test_state("orphan_logs_go_once_quiet_and_owned_ones_stay") else {
+            return;
         };
         let owned = Record {
-            id: "owned".into(),
+            id: "0e1d".into(),
             kind: FrontEnd::Fuse,
             mount: "/mnt/a".into(),
             device: None,
@@ -380,7 +493,7 @@ mod tests {
             backend: None,
         };
         state.write(&owned).unwrap();
-        for file in ["owned.log", "orphan.log", ".half.json.tmp", "lock"] {
+        for file in ["0e1d.log", "0bad.log", ".0f00.json.1234.tmp", "lock"] {
             std::fs::write(dir.path().join(file), b"x").unwrap();
         }
         let hour = std::time::Duration::from_secs(3600);
@@ -391,14 +504,14 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["lock", "owned.json", "owned.log"]);
+        assert_eq!(left, ["0e1d.json", "0e1d.log", "lock"]);
     }
 
     #[test]
     fn records_round_trip_and_are_found_by_mount_or_device() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir {
-            path: dir.path().to_owned(),
+        let Some((dir, state)) = test_state("records_round_trip_and_are_found_by_mount_or_device")
+        else {
+            return;
         };
         let record = Record {
             id: "abc".into(),
@@ -425,6 +538,55 @@ mod tests {
         assert_eq!(state.records().len(), 1, "unreadable records are skipped");
         state.remove("abc");
         assert_eq!(state.get("abc"), None);
+    }
+
+    /// Records that name what is not theirs are ignored, whoever wrote
+    /// them: another id, another FUSE mount point, a device that is no
+    /// loop or nbd device, a file name that is not an id.
+    #[test]
+    fn senseless_records_are_ignored() {
+        let Some((dir, state)) = test_state("senseless_records_are_ignored") else {
+            return;
+        };
+        let good = Record {
+            id: "aa".into(),
+            kind: FrontEnd::Fuse,
+            mount: "/mnt/build".into(),
+            device: Some("/dev/loop7".into()),
+            export: "e".into(),
+            uri: "nbd+unix:///e?socket=/run/s".into(),
+            holder: None,
+            fuse_dir: Some(state.fuse_dir("aa")),
+            backend: None,
+        };
+        state.write(&good).unwrap();
+        assert_eq!(state.get("aa"), Some(good.clone()));
+        let forged = [
+            Record {
+                id: "bb".into(),
+                ..good.clone()
+            },
+            Record {
+                fuse_dir: Some("/home/victim/fuse".into()),
+                ..good.clone()
+            },
+            Record {
+                device: Some("/dev/sda".into()),
+                ..good.clone()
+            },
+            Record {
+                mount: "relative".into(),
+                ..good.clone()
+            },
+        ];
+        for record in forged {
+            let text = serde_json::to_vec(&record).unwrap();
+            std::fs::write(dir.path().join("aa.json"), text).unwrap();
+            assert_eq!(state.get("aa"), None, "{record:?}");
+        }
+        assert_eq!(state.get("../precious"), None);
+        std::fs::write(dir.path().join("not-hex.json"), b"{}").unwrap();
+        assert!(state.records().is_empty());
     }
 
     /// Records as the binary wrote them before the front ends moved into

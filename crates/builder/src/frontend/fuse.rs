@@ -24,7 +24,7 @@ use scratchd_attach::ns;
 use scratchd_client::Client;
 use tracing::{debug, warn};
 
-use super::{AttachError, Attachment, Disk, Driver, KeepRequest, Origin, Setup};
+use super::{mount_disk, AttachError, Attachment, Disk, Driver, KeepRequest, Origin, Setup};
 use crate::detach::{self, DetachError};
 use crate::holder;
 use crate::remote;
@@ -147,7 +147,8 @@ impl FuseAttached {
             client,
         };
         if let Some(options) = setup.mount_options {
-            ns::mount(attached.device.path(), &attached.mount, options)?;
+            let device = attached.device.path();
+            mount_disk(device, &attached.mount, setup.fs_type, options, read_only)?;
             attached.mounted = true;
             // The mount holds the loop device now; ours would keep it
             // attached after the mount is gone.

@@ -22,7 +22,9 @@ use scratchd_attach::ns;
 use scratchd_client::{Client, Options, Replies, Target};
 use tracing::{debug, warn};
 
-use super::{AttachError, Attachment, Disk, Driver, FrontEnd, KeepRequest, Origin, Setup};
+use super::{
+    mount_disk, AttachError, Attachment, Disk, Driver, FrontEnd, KeepRequest, Origin, Setup,
+};
 use crate::detach::{self, DetachError};
 use crate::remote;
 use crate::sector::logical_block_size;
@@ -99,6 +101,7 @@ impl Driver for Kernel {
         let setup = Setup {
             mount: request.mount,
             mount_options: Some(request.mount_options),
+            fs_type: request.fs_type,
             connections: request.connections,
             private_dir: &state.fuse_dir(request.id),
             label: &label,
@@ -184,6 +187,7 @@ impl KernelAttached {
             },
         )?;
         let info = handshaken.info.clone();
+        let handshaken_read_only = info.read_only();
         let block_size =
             nbd_kernel::choose_block_size(info.block_size.map(|b| (b.min, b.max)), largest)?;
         let config = nbd_kernel::Config {
@@ -206,7 +210,8 @@ impl KernelAttached {
             device: Some(device),
         };
         if let Some(options) = setup.mount_options {
-            ns::mount(&attached.device_path, &attached.mount, options)?;
+            let (device, read_only) = (&attached.device_path, handshaken_read_only);
+            mount_disk(device, &attached.mount, setup.fs_type, options, read_only)?;
             attached.mounted = true;
         }
         if let Some(device) = &mut attached.device {

@@ -11,7 +11,7 @@ use scratchd_scratch::config::default_memory_limit;
 use scratchd_scratch::names::NamePolicy;
 use scratchd_scratch::{Backing, ClassSettings, Config, DiskSettings, OwnerLimits};
 
-use crate::backend::UsageError;
+use crate::serve::backend::UsageError;
 
 /// Server flags that only tmpdisk uses.
 #[derive(Default)]

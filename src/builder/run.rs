@@ -12,9 +12,9 @@ use scratchd_scratch::units::parse_size;
 use scratchd_scratch::{DiskSettings, OpenDisk, Owner, SpecError};
 use scratchd_store::BlockDevice;
 
-use crate::attach::FrontEndArgs;
-use crate::backend::{BackendError, OpenError};
-use crate::tmpdisk;
+use crate::builder::attach::FrontEndArgs;
+use crate::serve::backend::{BackendError, OpenError};
+use crate::serve::tmpdisk;
 use crate::{cli, name};
 
 /// Exit status when the run itself failed (no disk, no mount).
@@ -31,10 +31,6 @@ pub struct RunArgs {
     /// Size of the scratch disk (sparse: unused space costs nothing).
     #[arg(long, value_name = "SIZE", default_value = "20G")]
     size: String,
-    /// File system to make on it (mkfs -t TYPE; ext4 is made without a
-    /// journal).
-    #[arg(long = "type", value_name = "TYPE", default_value = "ext4")]
-    fs_type: String,
     /// Name of the disk (the build's identity); default: `run-` and 128
     /// random bits. `-` reads it from a line of standard input (the rest
     /// is the command's). Give it there or in $SCRATCHD_NAME (root's
@@ -133,7 +129,7 @@ impl LocalDisk for RunDisk {
 fn open_run_disk(args: &RunArgs, name: &str) -> Result<RunDisk, LocalDiskError> {
     Ok(RunDisk {
         export: open_local_disk(args, name)?,
-        has_file_system: args.fs_type != "none",
+        has_file_system: args.front_end.fs_type != "none",
     })
 }
 
@@ -141,9 +137,9 @@ fn open_run_disk(args: &RunArgs, name: &str) -> Result<RunDisk, LocalDiskError> 
 fn open_local_disk(args: &RunArgs, name: &str) -> Result<OpenDisk, LocalDiskError> {
     // --size and --type, then -o KEY=VALUEs (which may not repeat them).
     let mut disk = DiskSettings::default();
-    let usage = |e: SpecError| BackendError::from(crate::backend::UsageError::from(e));
+    let usage = |e: SpecError| BackendError::from(crate::serve::backend::UsageError::from(e));
     disk.size = Some(parse_size("--size", &args.size).map_err(|e| usage(e.into()))?);
-    disk.set("type", &args.fs_type).map_err(usage)?;
+    disk.set("type", &args.front_end.fs_type).map_err(usage)?;
     disk.add_params(&args.disk_options).map_err(usage)?;
     let memory_limit = args
         .memory_limit

@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
-use crate::admin::{Acted, Admin, ExportRow, Status};
 use crate::name;
+use crate::ops::admin::{Acted, Admin, ExportRow, Status};
 
 /// A request or answer larger than this is refused.
 const MAX_LINE: u64 = 64 * 1024;
@@ -141,7 +141,7 @@ fn execute(req: Request, admin: &Admin) -> Result<Value, String> {
                     e.name == name
                         && owner
                             .as_deref()
-                            .map_or(true, |o| crate::admin::selector_matches(o, &e.owner))
+                            .map_or(true, |o| crate::ops::admin::selector_matches(o, &e.owner))
                 })
                 .collect();
             if exports.is_empty() {
@@ -489,7 +489,7 @@ fn errors_text(e: &ExportRow) -> String {
 
 /// The pools by class, when a class has one of its own: ` (default 2 of
 /// 2, big-* 1 of 1)`.
-fn pools_text(pools: &[crate::admin::Pool]) -> String {
+fn pools_text(pools: &[crate::ops::admin::Pool]) -> String {
     let each: Vec<String> = pools
         .iter()
         .filter(|p| p.target > 0)
@@ -506,7 +506,7 @@ fn pools_text(pools: &[crate::admin::Pool]) -> String {
 
 /// `ctl status`'s text.
 fn status_text(s: &Status) -> String {
-    let budget = |b: Option<crate::admin::Budget>| match b {
+    let budget = |b: Option<crate::ops::admin::Budget>| match b {
         Some(b) => format!(
             "{} of {} ({:.1}%)",
             human_bytes(b.used),

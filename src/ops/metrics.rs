@@ -1,6 +1,6 @@
 //! `serve --metrics ADDR`: Prometheus text at `http://ADDR/metrics`.
 //!
-//! Each scrape takes one [`Snapshot`](crate::admin::Snapshot) (the numbers
+//! Each scrape takes one [`Snapshot`](crate::ops::admin::Snapshot) (the numbers
 //! `ctl` shows) and encodes it with `prometheus-client`, through a
 //! [`Collector`] rather than live metric objects: the registry's own
 //! counters are the truth, and nothing is added to the data path. The HTTP
@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 use scratchd_server::counters::ServerCounters;
 use MetricType::{Counter, Gauge};
 
-use crate::admin::{Admin, Budget, ExportRow, Pool, Status};
+use crate::ops::admin::{Admin, Budget, ExportRow, Pool, Status};
 
 /// How long one scraper may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,5 +1,15 @@
 //! `scratchd serve`: set up listeners for one backend and serve until told
 //! to stop (signal, parent death, or the end of the `--run` command).
+//!
+//! Beside it, what only serving needs: `config.rs` (the TOML file),
+//! `backend.rs` (a backend from its name and settings), `tmpdisk.rs` (the
+//! scratch-disk backend's registry from its settings), `notify.rs`
+//! (systemd's readiness protocol).
+
+pub mod backend;
+pub mod config;
+pub mod notify;
+pub mod tmpdisk;
 
 use std::fmt::Display;
 use std::io::{self, Write};
@@ -20,12 +30,10 @@ use serde::Deserialize;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
-use crate::admin::{Admin, Backend as AdminBackend};
-use crate::backend::{open_backend, BackendError, OpenError, Options, UsageError};
 use crate::cli::{init_logging, parse_keepalive, parse_reply_timeout, EXIT_USAGE};
-use crate::config;
-use crate::notify::Notifier;
-use crate::tmpdisk;
+use crate::ops::admin::{Admin, Backend as AdminBackend};
+use backend::{open_backend, BackendError, OpenError, Options, UsageError};
+use notify::Notifier;
 use scratchd_scratch::config::default_memory_limit;
 use scratchd_scratch::units::parse_size;
 use scratchd_scratch::{ClassSettings, DiskSettings};
@@ -397,12 +405,12 @@ fn start_admin(
     cleanup: &Mutex<Cleanup>,
 ) -> Result<(), io::Error> {
     if let Some(path) = &args.control {
-        crate::ctl::serve(path, admin.clone())?;
+        crate::ops::ctl::serve(path, admin.clone())?;
         sync::lock(cleanup).sockets.push(path.clone());
         info!(path = %path.display(), "control socket ready");
     }
     if let Some(addr) = &args.metrics {
-        let bound = crate::metrics::serve(addr, admin.clone())?;
+        let bound = crate::ops::metrics::serve(addr, admin.clone())?;
         // Printed too: with port 0 the caller needs to know.
         info!(%bound, "metrics at http://{bound}/metrics");
     }

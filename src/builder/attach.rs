@@ -18,9 +18,17 @@ const EXIT_FAILED: i32 = 1;
 /// and `scratchd attach` share.
 #[derive(Args)]
 pub struct FrontEndArgs {
-    /// Mount options.
+    /// Mount options. Every mount is nosuid,nodev (a disk's contents come
+    /// from elsewhere: a setuid program or a device node on it must not
+    /// work here); `suid` and `dev` are refused.
     #[arg(long, value_name = "OPTS", default_value = "noatime")]
     mount_options: String,
+    /// The disk's file system: what is mounted (only that driver reads the
+    /// disk; the kernel never probes it with others) and, for `run`'s own
+    /// disk, what mkfs makes (ext4 without a journal; `none` for no file
+    /// system and no mount).
+    #[arg(long = "type", value_name = "TYPE", default_value = "ext4")]
+    pub fs_type: String,
     /// Connections to the server (when it allows several), and threads
     /// serving the disk's FUSE file.
     #[arg(long, value_name = "N", default_value_t = 4)]
@@ -39,6 +47,7 @@ impl FrontEndArgs {
             attach: self.attach,
             connections: self.connections,
             mount_options: self.mount_options.clone(),
+            fs_type: self.fs_type.clone(),
         }
     }
 }

@@ -171,7 +171,7 @@ fn parse(path: &Path, text: &str) -> Result<ServeArgs, ConfigError> {
     }
     for (table, params) in [("memory", &file.memory), ("file", &file.file)] {
         let Some(params) = params else { continue };
-        let keys = crate::backend::keys(table).unwrap_or_default();
+        let keys = crate::serve::backend::keys(table).unwrap_or_default();
         for key in params.keys() {
             if !keys.iter().any(|k| k.0 == key.get_ref()) {
                 return Err(ConfigError::UnknownParam {
@@ -392,18 +392,18 @@ pool = 2
     /// The example shipped in contrib/ (and shown in docs/CONFIG.md) is valid.
     #[test]
     fn the_shipped_example_parses() {
-        let example = file(include_str!("../contrib/scratchd.toml")).unwrap();
+        let example = file(include_str!("../../contrib/scratchd.toml")).unwrap();
         let merged = cli(&[]).or_file(example);
         assert_eq!(merged.backend.as_deref(), Some("tmpdisk"));
         assert_eq!(merged.disk_settings().unwrap().pool, Some(2));
         assert_eq!(merged.allow.len(), 3);
-        let docs = include_str!("../docs/CONFIG.md");
+        let docs = include_str!("../../docs/CONFIG.md");
         let shown = docs
             .split("```toml\n")
             .nth(1)
             .and_then(|rest| rest.split("```").next())
             .expect("docs/CONFIG.md shows the example in a toml block");
-        assert_eq!(shown, include_str!("../contrib/scratchd.toml"));
+        assert_eq!(shown, include_str!("../../contrib/scratchd.toml"));
     }
 
     /// Flags and keys hold the same typed values, parsed once.

@@ -16,7 +16,7 @@ use scratchd_scratch::{BuildError, SpecError};
 use scratchd_store::memory::Budget;
 use scratchd_store::{BlockDevice, FileDevice, MemoryDevice};
 
-use crate::config;
+use crate::serve::config;
 
 /// A backend's keys with their help; the first is the bare value's.
 pub type Keys = &'static [(&'static str, &'static str)];

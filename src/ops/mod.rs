@@ -1,0 +1,10 @@
+//! The operator's side: what a running server shows and takes.
+//! - `admin.rs`: one snapshot of the server (exports, owners, pools,
+//!   budgets) and the operator's actions (drop, keep), behind both:
+//! - `ctl.rs`: the control socket (`serve --control PATH`) and `scratchd
+//!   ctl`, its client;
+//! - `metrics.rs`: the Prometheus endpoint (`serve --metrics ADDR`).
+
+pub mod admin;
+pub mod ctl;
+pub mod metrics;

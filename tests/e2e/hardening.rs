@@ -1,0 +1,306 @@
+//! The builder side against an unprivileged user on the same host and a
+//! disk image written by someone else (issue 16): each attack run as that
+//! user (`setpriv`) against the real binary, each failing on the code
+//! before the hardening.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::util::{as_user, run, run_status, skip_without_fuse, state_dir, Server, SCRATCHD};
+
+/// The unprivileged user the attacks run as.
+const NOBODY: u32 = 65534;
+
+fn as_nobody(argv: &[&str]) -> (i32, std::process::Output) {
+    let argv = as_user(Some(NOBODY), argv);
+    run_status(Command::new(&argv[0]).args(&argv[1..]).current_dir("/"))
+}
+
+fn chown_nobody(path: &Path) {
+    std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+}
+
+fn mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A root process that must survive: killed on drop.
+struct Victim(Child);
+
+impl Victim {
+    fn start() -> Victim {
+        Victim(
+            Command::new("sleep")
+                .arg("120")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Field 22 of /proc/PID/stat, as a record holds it.
+    fn start_time(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let rest = stat.rsplit_once(')').unwrap().1;
+        rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+    }
+
+    fn assert_alive(&mut self) {
+        assert!(
+            self.0.try_wait().unwrap().is_none(),
+            "the victim was signalled"
+        );
+    }
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A record, as JSON, that makes `detach` act on `victim` and `mount`.
+fn forged_record(id: &str, mount: &Path, victim: &Victim, fuse_dir: &Path) -> String {
+    format!(
+        r#"{{"id": "{id}", "kind": "fuse", "mount": "{}", "device": "/dev/loop7",
+            "export": "x", "uri": "nbd+unix:///x?socket=/run/x", "fuse_dir": "{}",
+            "holder": {{"pid": {}, "start_time": {}}}, "backend": null}}"#,
+        mount.display(),
+        fuse_dir.display(),
+        victim.pid(),
+        victim.start_time()
+    )
+}
+
+/// Another user owns a directory above the state directory, and fills it
+/// with a forged record (naming a root process as holder), a symlinked
+/// lock and a symlinked record: root's attach and detach refuse the
+/// directory, naming the culprit, and touch nothing it names.
+#[test]
+fn a_state_directory_another_user_can_change_is_refused() {
+    let base = state_dir();
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    chown_nobody(&theirs);
+    let state = theirs.join("state");
+    let precious = base.path().join("precious");
+    std::fs::write(&precious, b"root's").unwrap();
+    let mut victim = Victim::start();
+    let mount = base.path().join("mnt");
+    std::fs::create_dir(&mount).unwrap();
+    let record = forged_record("0bad", &mount, &victim, &state.join("0bad.fuse"));
+    let script = format!(
+        "set -e; mkdir -m 755 {state}; printf '%s' '{record}' > {state}/0bad.json; \
+         ln -s {precious} {state}/lock; ln -s {precious} {state}/0bee.json",
+        state = state.display(),
+        precious = precious.display(),
+    );
+    let (code, out) = as_nobody(&["sh", "-c", &script]);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+
+    for args in [
+        vec!["detach", "--all"],
+        vec!["detach", "--stale"],
+        vec!["detach", mount.to_str().unwrap()],
+        vec![
+            "attach",
+            "--mount",
+            mount.to_str().unwrap(),
+            "nbd+unix:///x?socket=/run/none",
+        ],
+    ] {
+        let (code, out) = run_status(
+            Command::new(SCRATCHD)
+                .args(&args)
+                .env("SCRATCHD_STATE_DIR", &state),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains("owned by uid 65534"), "{args:?}: {err}");
+        victim.assert_alive();
+        assert_eq!(std::fs::read(&precious).unwrap(), b"root's", "{args:?}");
+    }
+    // Below /tmp, which everyone may write, the same.
+    let open = tempfile::tempdir_in("/tmp").unwrap();
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args(["detach", "--stale"])
+            .env("SCRATCHD_STATE_DIR", open.path().join("state")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("/tmp: mode 1777: writable by group or others"),
+        "{err}"
+    );
+}
+
+/// Inside a trusted state directory a record still only points: one whose
+/// holder is not a scratchd process gets no signal, and one whose id or
+/// FUSE directory is not its own is ignored (an id of `../x` once made
+/// root delete files outside the directory).
+#[test]
+fn a_record_naming_another_process_signals_nothing() {
+    let state = state_dir();
+    let mut victim = Victim::start();
+    let dirs = tempfile::tempdir().unwrap();
+    let mount = dirs.path().canonicalize().unwrap();
+    let fuse_dir = state.path().join("0abc.fuse");
+    let record = forged_record("0abc", &mount, &victim, &fuse_dir);
+    std::fs::write(state.path().join("0abc.json"), &record).unwrap();
+    let precious = dirs.path().join("precious.json");
+    std::fs::write(&precious, b"keep").unwrap();
+    let outside = forged_record("../x", &mount, &victim, &fuse_dir).replace(
+        "\"../x\"",
+        &format!("\"{}\"", precious.with_extension("").display()),
+    );
+    std::fs::write(state.path().join("0abd.json"), outside).unwrap();
+
+    let detach = |args: &[&str]| {
+        run_status(
+            Command::new(SCRATCHD)
+                .args(args)
+                .env("SCRATCHD_STATE_DIR", state.path()),
+        )
+    };
+    let (code, out) = detach(&["detach", mount.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a scratchd process"), "{err}");
+    victim.assert_alive();
+    let (_, out) = detach(&["detach", "--all"]);
+    victim.assert_alive();
+    let (_, _) = detach(&["detach", "--stale"]);
+    victim.assert_alive();
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("precious"), "{log}");
+}
+
+/// A disk whose writer planted a setuid-root program and a device node
+/// readable and writable by all: after root attaches it, an unprivileged
+/// user gets neither root nor the device.
+#[test]
+fn a_served_disk_cannot_carry_setuid_programs_or_device_nodes() {
+    if skip_without_fuse("a_served_disk_cannot_carry_setuid_programs_or_device_nodes") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    mode(work.path(), 0o755);
+    let content = work.path().join("content");
+    std::fs::create_dir(&content).unwrap();
+    std::fs::copy("/usr/bin/id", content.join("id")).unwrap();
+    mode(&content.join("id"), 0o4755);
+    run(Command::new("mknod")
+        .args(["-m", "666"])
+        .arg(content.join("null"))
+        .args(["c", "1", "3"]));
+    let image = work.path().join("hostile.img");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&content)
+        .arg(&image)
+        .arg("64M"));
+    // The writer: any client that knows the name (here the image goes in
+    // whole, as nbdcopy writes it).
+    let server = Server::start(&["tmpdisk", "size=64M", "type=none", "linger=30s"]);
+    let uri = server.uri_for("hostile-build");
+    run(Command::new("nbdcopy").arg(&image).arg(&uri));
+
+    let state = state_dir();
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let attach = |args: &[&str]| {
+        run_status(
+            Command::new(SCRATCHD)
+                .args(args)
+                .env("SCRATCHD_STATE_DIR", state.path()),
+        )
+    };
+    let mnt_text = mnt.to_str().unwrap();
+    let (code, out) = attach(&["attach", "--attach", "fuse", "--mount", mnt_text, &uri]);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let planted = |name: &str| mnt.join(name).to_str().unwrap().to_owned();
+    let (code, out) = as_nobody(&[&planted("id"), "-u"]);
+    let euid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (_, dev) = as_nobody(&["sh", "-c", &format!("echo x > {}", planted("null"))]);
+    let options = crate::util::stdout(&run(Command::new("findmnt")
+        .args(["-no", "OPTIONS"])
+        .arg(&mnt)));
+    let (detached, out) = attach(&["detach", mnt_text]);
+    assert_eq!(detached, 0, "{}", String::from_utf8_lossy(&out.stderr));
+
+    assert_eq!((code, euid.as_str()), (0, "65534"), "the setuid bit worked");
+    let dev_err = String::from_utf8_lossy(&dev.stderr);
+    assert!(
+        !dev.status.success() && dev_err.contains("Permission denied"),
+        "{dev_err}"
+    );
+    assert!(
+        options.contains("nosuid") && options.contains("nodev"),
+        "{options}"
+    );
+}
+
+/// The mount point's parent belongs to the attacker: a symlink put in the
+/// mount point's place is refused instead of followed (the disk once went
+/// over a root-only directory), and what `detach` unmounts is never
+/// reached through a symlink.
+#[test]
+fn a_mount_point_swapped_for_a_symlink_is_refused() {
+    if skip_without_fuse("a_mount_point_swapped_for_a_symlink_is_refused") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=64M", "linger=30s"]);
+    let work = tempfile::tempdir().unwrap();
+    mode(work.path(), 0o755);
+    let theirs = work.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    chown_nobody(&theirs);
+    let root_only: PathBuf = work.path().join("root-only");
+    std::fs::create_dir(&root_only).unwrap();
+    mode(&root_only, 0o700);
+    let link = theirs.join("mnt");
+    let (code, _) = as_nobody(&[
+        "ln",
+        "-s",
+        root_only.to_str().unwrap(),
+        link.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    let state = state_dir();
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args([
+                "attach",
+                "--attach",
+                "fuse",
+                "--mount",
+                link.to_str().unwrap(),
+            ])
+            .arg(server.uri_for("swap"))
+            .env("SCRATCHD_STATE_DIR", state.path()),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    // findmnt exits 1 when nothing is mounted there.
+    let (_, found) = run_status(Command::new("findmnt").arg("-n").arg(&root_only));
+    let mounted = crate::util::stdout(&found);
+    if code == 0 {
+        let _ = Command::new(SCRATCHD)
+            .args(["detach", "--all"])
+            .env("SCRATCHD_STATE_DIR", state.path())
+            .status();
+    }
+    assert!(
+        mounted.is_empty(),
+        "mounted over the symlink's target: {mounted}"
+    );
+    assert_ne!(code, 0, "attached through a symlink");
+    assert!(err.contains("symlink"), "{err}");
+}
