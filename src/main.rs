@@ -1,11 +1,15 @@
 //! `scratchd`: fast throw-away NBD disks for package builds.
 //!
-//! This binary is only the edge: command-line parsing, logging, listeners
-//! and process lifetime (`--run`, pidfile, signals). The protocol lives in
+//! The binary holds the commands, in folders by application: `serve/`
+//! (the server: listeners, its settings, its backends, process lifetime),
+//! `builder/` (`run`, `attach`, `detach`: thin layers over
+//! `scratchd-builder`), `ops/` (the operator's snapshot, the control
+//! socket and `ctl`, the metrics endpoint); `generate.rs` makes man pages
+//! and completions. What every command shares (exit statuses, logging,
+//! error reports, duration parsers) is in [`cli`]. The protocol lives in
 //! `scratchd-proto`, storage in `scratchd-store`, connections in
-//! `scratchd-server`, the builder side (`run`, `attach`, `detach`) in
-//! `scratchd-builder`; what every command shares at the edge (exit
-//! statuses, logging, error reports) in [`cli`].
+//! `scratchd-server`, disks in `scratchd-scratch`, their join in
+//! `scratchd-exports` (docs/ARCHITECTURE.md).
 
 #![forbid(unsafe_code)]
 

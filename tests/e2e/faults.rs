@@ -284,12 +284,16 @@ fn kill_9_with_live_disks_then_a_restart_on_the_same_socket() {
     assert!(left.is_empty(), "files left in the backing dir: {left:?}");
 
     let mut second = serve_at(&sock, &pidfile, &backing);
-    let pid: u32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(pid, second.id(), "pidfile of the new server");
+    // The socket accepts a moment before the pidfile is rewritten (it
+    // still names the killed server until then).
+    let written = crate::util::poll(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        text.trim().parse::<u32>().ok() == Some(second.id())
+    });
+    if written.is_none() {
+        let _ = second.kill();
+        panic!("the new server's pidfile never named it");
+    }
     let mut a = open_build(&sock, "a");
     assert!(
         a.read(1, 0, 4 * MIB as u32).iter().all(|&b| b == 0),

@@ -135,7 +135,7 @@ impl Drop for Build {
 #[test]
 fn another_uid_can_neither_list_nor_open_read_or_write_a_build_disk() {
     require("nbdcopy");
-    let server = start(&["tmpdisk", "size=16M", "type=none", "pool=1", "linger=2s"]);
+    let server = start(&["tmpdisk", "size=16M", "type=none", "pool=1", "linger=30s"]);
     let build = Build::start(&server, BUILD);
     assert_eq!(
         listed_as(None, &server),

@@ -91,7 +91,7 @@ fn requests_unparsed_at_sigterm_get_eshutdown() {
         eprintln!("SKIPPED requests_unparsed_at_sigterm_get_eshutdown: {why}");
         return;
     }
-    const IN_FLIGHT: u64 = 64; // MAX_IN_FLIGHT in crates/server/src/connection.rs
+    const IN_FLIGHT: u64 = 64; // MAX_IN_FLIGHT in crates/server/src/replies.rs
     const WAITING: u64 = 8;
     let inner = Server::start(&["memory", "size=1M"]);
     let dir = tempfile::tempdir().unwrap();

@@ -66,7 +66,7 @@ impl Server {
 
     fn wait_ready(&mut self) {
         let what = format!("scratchd to listen on {}", self.sock.display());
-        eventually(&what, Duration::from_secs(10), || {
+        eventually(&what, startup_limit(), || {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!("scratchd exited early with {status}");
             }
@@ -688,4 +688,15 @@ pub fn state_dir() -> tempfile::TempDir {
         .prefix("scratchd-e2e-state.")
         .tempdir_in("/run")
         .expect("a state directory under /run")
+}
+
+/// How long a server may take to start listening: 10 s, or a minute in a
+/// qemu guest without KVM (`/run/scratchd-vm` is its results directory),
+/// where a debug binary loads over 9p under emulation.
+pub fn startup_limit() -> Duration {
+    if Path::new("/run/scratchd-vm").exists() {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(10)
+    }
 }

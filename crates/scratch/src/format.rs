@@ -105,6 +105,9 @@ impl Format for FormatSpec {
     }
 }
 
+/// Where mkfs is looked for.
+const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 impl FormatSpec {
     /// The command that formats `disk`, or `None` for a blank disk.
     fn command(&self, disk: &Path, size: u64) -> Option<Command> {
@@ -124,7 +127,10 @@ impl FormatSpec {
             }
             FormatKind::Filesystem(fs) => {
                 let mut cmd = Command::new("mkfs");
-                cmd.arg("-t")
+                // `scratchd run` runs this as root: mkfs (and the
+                // mkfs.TYPE it runs) come from the system's directories,
+                // not from whatever PATH the caller had.
+                cmd.env("PATH", SYSTEM_PATH).arg("-t")
                     .arg(fs)
                     .args(mkfs_options(fs, label))
                     .arg(disk);
