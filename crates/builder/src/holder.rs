@@ -506,3 +506,19 @@ fn watch_server(client: Weak<Client>) {
 fn default_fs_type() -> String {
     "ext4".to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server's refusal names the export; the holder's log must not.
+    #[test]
+    fn logged_errors_show_the_fingerprint_not_the_name() {
+        let message = r#"unix:/s refused export "build-42" (GO: ERR_UNKNOWN)"#;
+        assert_eq!(
+            hide_name(message, "build-42"),
+            r#"unix:/s refused export "<disk 9bf1b543>" (GO: ERR_UNKNOWN)"#
+        );
+        assert_eq!(hide_name(message, ""), message, "no name, nothing hidden");
+    }
+}
