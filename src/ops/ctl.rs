@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
+use crate::name;
 use crate::ops::admin::{Acted, Admin, ExportRow, Status};
 
 /// A request or answer larger than this is refused.
@@ -210,6 +211,10 @@ pub enum CtlCommand {
     List,
     /// One export in detail.
     Show {
+        /// The export; `-` reads it from a line of standard input. Give it
+        /// there or in $SCRATCHD_NAME (readable by its user and root
+        /// alone), not here, where every local user can read it.
+        #[arg(value_name = "NAME", env = name::NAME_VAR, hide_env_values = true)]
         name: String,
         /// Which owner's disk: uid:N, uid:N+gid:M, cert:HEX (a prefix
         /// will do), anonymous, or all.
@@ -219,6 +224,8 @@ pub enum CtlCommand {
     /// Disconnect a disk's clients and destroy it (a later connection
     /// with its name gets a fresh disk).
     Drop {
+        /// The export; `-`, or $SCRATCHD_NAME, as for `show`.
+        #[arg(value_name = "NAME", env = name::NAME_VAR, hide_env_values = true)]
         name: String,
         /// Needed when several owners have a disk of that name.
         #[arg(long, value_name = "OWNER")]
@@ -227,6 +234,8 @@ pub enum CtlCommand {
     /// Keep a disk after its last connection (replacing its linger), for
     /// debugging a finished build.
     Keep {
+        /// The export; `-`, or $SCRATCHD_NAME, as for `show`.
+        #[arg(value_name = "NAME", env = name::NAME_VAR, hide_env_values = true)]
         name: String,
         /// Which owner's disk (all of them if several owners have one of
         /// that name and this is left out).
@@ -241,24 +250,34 @@ pub enum CtlCommand {
     Status,
 }
 
-/// Runs `scratchd ctl`; its exit status.
-pub fn main(args: CtlArgs) -> i32 {
-    let req = match &args.command {
+/// The request a command asks, its name read from standard input if it
+/// is `-`.
+fn request(command: &CtlCommand) -> Result<Request, name::NameError> {
+    let named = |name: &String| name::resolve(Some(name.clone())).map(Option::unwrap_or_default);
+    Ok(match command {
         CtlCommand::List => Request::List,
         CtlCommand::Show { name, owner } => Request::Show {
-            name: name.clone(),
+            name: named(name)?,
             owner: owner.clone(),
         },
         CtlCommand::Drop { name, owner } => Request::Drop {
-            name: name.clone(),
+            name: named(name)?,
             owner: owner.clone(),
         },
         CtlCommand::Keep { name, owner, time } => Request::Keep {
-            name: name.clone(),
+            name: named(name)?,
             owner: owner.clone(),
             for_s: time.map(|t| t.as_secs_f64()),
         },
         CtlCommand::Status => Request::Status,
+    })
+}
+
+/// Runs `scratchd ctl`; its exit status.
+pub fn main(args: CtlArgs) -> i32 {
+    let req = match request(&args.command) {
+        Ok(req) => req,
+        Err(e) => return crate::cli::fail("ctl", &e, true, 1),
     };
     let reply = match ask(&args.control, &req) {
         Ok(r) => r,
