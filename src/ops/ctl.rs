@@ -105,12 +105,20 @@ pub fn serve(path: &Path, admin: Arc<Admin>) -> io::Result<()> {
     Ok(())
 }
 
+use crate::ops::timed_read::Timed;
+
+/// Seconds in a (365-day) year.
+const YEAR: u64 = 365 * 24 * 3600;
+/// The longest `keep --for`: a disk kept longer is kept for good, and a
+/// time past what the clock can add would only be an overflow.
+const MAX_KEEP: Duration = Duration::from_secs(10 * YEAR);
+
 /// Reads one request from `stream` and writes its answer.
 fn answer(stream: UnixStream, admin: &Admin) -> io::Result<()> {
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     let mut line = String::new();
-    BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line)?;
+    BufReader::new(Timed::new(&stream, REQUEST_TIMEOUT).take(MAX_LINE)).read_line(&mut line)?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(req) => match execute(req, admin) {
             Ok(result) => json!({"ok": true, "result": result}),
@@ -154,6 +162,13 @@ fn execute(req: Request, admin: &Admin) -> Result<Value, String> {
         }),
         Request::Keep { name, owner, for_s } => {
             let time = match for_s {
+                Some(s) if s > MAX_KEEP.as_secs_f64() => {
+                    return Err(format!(
+                        "keep: {s} s is more than {} years; keep without --for keeps \
+                         it until it is dropped",
+                        MAX_KEEP.as_secs() / YEAR
+                    ))
+                }
                 Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
                 Some(_) => return Err("keep: for_s must be more than 0".to_owned()),
                 None => None,
