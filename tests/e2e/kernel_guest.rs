@@ -387,18 +387,6 @@ fn attach_as_non_root_is_refused() {
     assert_eq!(records, 0, "a refused attach leaves no record");
 }
 
-/// A writer that keeps requests in flight on `mount` (direct I/O, so they
-/// reach the server), until it has written `mib` MiB.
-fn start_writer(mount: &Path, mib: u32) -> Child {
-    Command::new("dd")
-        .args(["if=/dev/zero", "bs=1M", "oflag=direct", "status=none"])
-        .arg(format!("of={}", mount.join("stream").display()))
-        .arg(format!("count={mib}"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start dd")
-}
-
 /// Four connections, and the server stopped (SIGSTOP) for 45 s, longer
 /// than the kernel's default 30 s request timeout, with requests in
 /// flight; resumed, they all complete without an error, and the kernel
@@ -469,14 +457,25 @@ fn start_reader(file: &Path, n: u32) -> Child {
         .expect("start dd")
 }
 
-/// How long I/O on a device whose server vanished may take to fail.
-const VANISHED_SERVER_LIMIT: Duration = Duration::from_secs(50);
+/// How long after its server's host vanished the kernel may take to find
+/// the connection dead: TCP gives it up 30 s after the last answer
+/// (keepalive and `TCP_USER_TIMEOUT`), or 30 s after the first packet sent
+/// into the void, with a margin for TCG.
+const VANISHED_SERVER_DEAD: Duration = Duration::from_secs(60);
+
+/// How long I/O may then take to fail: the dead-connection timeout (5 s),
+/// with a margin.
+const DEAD_CONNECTION_IO: Duration = Duration::from_secs(15);
 
 /// The server's host gone (its network namespace's link down, so its
-/// packets are dropped, not refused) with one connection: I/O fails within
-/// [`VANISHED_SERVER_LIMIT`] instead of hanging. The link comes back
-/// afterwards either way, so that a hung writer is released and the test
-/// cleans up.
+/// packets are dropped, not refused) with one connection: TCP finds the
+/// connection dead (the kernel logs it) within [`VANISHED_SERVER_DEAD`],
+/// and a read of the device then fails within [`DEAD_CONNECTION_IO`]
+/// instead of hanging (without keepalive and `TCP_USER_TIMEOUT` nothing
+/// was ever found dead, and I/O hung). The reader goes to the device
+/// itself, and the file system is mounted without background inode-table
+/// initialization, so that little else is in flight. The link comes back
+/// afterwards either way, so that the test cleans up.
 #[test]
 #[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
 fn io_fails_soon_when_the_server_vanishes() {
@@ -485,26 +484,188 @@ fn io_fails_soon_when_the_server_vanishes() {
     let (_server, uri) = net.start_server();
     let a = Attachments::new();
     let mnt = a.mount_point("mnt");
-    a.attach_ok(&mnt, &uri, &["--attach", "kernel", "--connections", "1"]);
+    let device = a.attach_ok(
+        &mnt,
+        &uri,
+        &[
+            "--attach",
+            "kernel",
+            "--connections",
+            "1",
+            "--mount-options",
+            "noatime,noinit_itable",
+        ],
+    );
     write_and_check(&mnt, "before");
+    run(Command::new("sync").arg("-f").arg(&mnt));
+    let logged = kernel_log_of(&device).len();
     net.link("down");
     let started = Instant::now();
-    let mut writer = start_writer(&mnt, 64);
-    let ended = poll(VANISHED_SERVER_LIMIT, || writer.try_wait().unwrap());
+    let found_dead = poll(VANISHED_SERVER_DEAD, || {
+        kernel_log_of(&device).len() > logged
+    });
+    let dead_after = started.elapsed();
+    let mut reader = Command::new("dd")
+        .args([
+            "of=/dev/null",
+            "bs=64k",
+            "count=1",
+            "iflag=direct",
+            "status=none",
+        ])
+        .arg(format!("if={device}"))
+        .arg("skip=1000")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dd");
+    let read_started = Instant::now();
+    let ended = poll(DEAD_CONNECTION_IO, || reader.try_wait().unwrap());
+    let read_took = read_started.elapsed();
     net.link("up");
     let status = match ended {
         Some(status) => status,
-        None => writer.wait().unwrap(),
+        None => reader.wait().unwrap(),
     };
-    let waited = started.elapsed();
+    let log = kernel_log_of(&device).join("\n");
+    eprintln!(
+        "server vanished: found dead after {dead_after:?}; a read then ended after \
+         {read_took:?} ({status}); kernel log:\n{log}"
+    );
+    assert!(
+        found_dead.is_some(),
+        "the kernel logged nothing about {device} {dead_after:?} after its server's host \
+         vanished:\n{log}"
+    );
     assert!(
         ended.is_some(),
-        "I/O still hung {waited:?} after the server's host vanished"
+        "a read still hung {read_took:?} after the connection was found dead:\n{log}"
     );
-    assert!(
-        !status.success(),
-        "the writer succeeded with the server gone"
+    assert!(!status.success(), "the read succeeded with the server gone");
+}
+
+/// The connected nbd devices whose sysfs `backend` starts with `prefix`.
+fn devices_labelled(prefix: &str) -> Vec<String> {
+    nbd_devices()
+        .into_iter()
+        .filter(|name| {
+            std::fs::read_to_string(format!("/sys/block/{name}/backend"))
+                .is_ok_and(|b| b.starts_with(prefix))
+        })
+        .map(|name| format!("/dev/{name}"))
+        .collect()
+}
+
+/// Waits (polling hard, to land in the window between the connect and
+/// the mount) for a device labelled `prefix` while `child` lives; kills
+/// `child` with SIGKILL the moment one shows; returns the device.
+fn kill_once_connected(child: &mut Child, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(device) = devices_labelled(prefix).pop() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return device;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{prefix}: ended before its device showed"
+        );
+        assert!(Instant::now() < deadline, "{prefix}: no device after 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `scratchd detach --stale` (state directory `state`), asserting success.
+fn detach_stale(state: &Path) {
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args(["detach", "--stale"])
+            .env("SCRATCHD_STATE_DIR", state),
     );
+    assert_eq!(
+        code,
+        0,
+        "detach --stale: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `kill -9` of `scratchd run` the moment its device is connected, before
+/// the reconfigure that makes its mount's end disconnect it: `detach
+/// --stale` finds the device by the run's label and disconnects it (the
+/// device stayed connected for good before).
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn a_run_killed_while_mounting_leaves_no_device_after_detach_stale() {
+    require_nbd();
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let state = crate::util::state_dir();
+    for round in 0..2 {
+        let mut run = Command::new(SCRATCHD)
+            .args(["run", "--attach", "kernel", "--server", &server.uri()])
+            .args(["--", "sleep", "120"])
+            .spawn()
+            .expect("start scratchd run");
+        let label = format!("scratchd-run:{}:", run.id());
+        let device = kill_once_connected(&mut run, &label);
+        detach_stale(state.path());
+        eventually(
+            &format!("round {round}: {device} to disconnect"),
+            Duration::from_secs(20),
+            || !connected(&device),
+        );
+    }
+}
+
+/// `kill -9` of `scratchd attach --attach kernel` (the attachment's only
+/// process) the moment its device is connected, before it records the
+/// device: `detach --stale` finds the device by the record's label,
+/// unmounts it if it got that far, disconnects it and removes the record.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn an_attach_killed_while_mounting_leaves_no_device_after_detach_stale() {
+    require_nbd();
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let a = Attachments::new();
+    for round in 0..2 {
+        let mnt = a.mount_point(&format!("mnt{round}"));
+        let mut attach = a
+            .scratchd(&["attach", "--attach", "kernel", "--mount"])
+            .arg(&mnt)
+            .arg(server.uri_for(&format!("killed{round}")))
+            .spawn()
+            .expect("start scratchd attach");
+        // Its record, claimed before the connect, names the label.
+        let id = poll(Duration::from_secs(30), || {
+            std::fs::read_dir(a.state.path())
+                .unwrap()
+                .flatten()
+                .find_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    name.strip_suffix(".json").map(str::to_owned)
+                })
+        })
+        .expect("attach claimed no record");
+        let device = kill_once_connected(&mut attach, &format!("scratchd-attach:{id}"));
+        detach_stale(a.state.path());
+        // The kernel lets the device go once its last opener (the mount,
+        // unmounted lazily) has closed it.
+        eventually(
+            &format!("round {round}: {device} to disconnect"),
+            Duration::from_secs(20),
+            || !connected(&device),
+        );
+        let (_, mounts) = sh("cat /proc/self/mountinfo");
+        assert!(
+            !stdout(&mounts).contains(&format!(" {} ", mnt.display())),
+            "round {round}: {} still mounted",
+            mnt.display()
+        );
+        assert!(
+            !a.state.path().join(format!("{id}.json")).exists(),
+            "round {round}: the record is left"
+        );
+    }
 }
 
 /// A network namespace `srv` for a server, reached from here over a veth

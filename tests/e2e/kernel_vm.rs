@@ -34,34 +34,7 @@ struct KnownFailure {
 }
 
 /// Guest tests expected to fail today, and why.
-const KNOWN_FAILURES: &[KnownFailure] = &[
-    KnownFailure {
-        test: "twenty_runs_leave_the_nbd_devices_as_they_were",
-        kernels: &["6.1", "6.12"],
-        why: "issue 17 finding 2 (NBD_CFLAG_DESTROY_ON_DISCONNECT deletes /dev/nbdN): fixed by the lead",
-        every_time: true,
-    },
-    KnownFailure {
-        test: "a_stalled_server_loses_no_connection",
-        kernels: &["6.1", "6.12"],
-        why: "issue 17 finding 1 (no NBD_ATTR_TIMEOUT: the kernel drops the connection of a \
-              request older than 30 s): fixed by the lead",
-        every_time: true,
-    },
-    KnownFailure {
-        test: "io_fails_soon_when_the_server_vanishes",
-        kernels: &["6.1", "6.12"],
-        why: "issue 17 finding 3 (no keepalive or TCP_USER_TIMEOUT: I/O hangs): fixed by the lead",
-        every_time: true,
-    },
-    KnownFailure {
-        test: "a_detach_keeps_what_was_written_without_sync",
-        kernels: &["6.1", "6.12"],
-        why: "issue 17 finding 5 (a lazy unmount then an immediate disconnect loses writeback): \
-              fixed by the lead",
-        every_time: false,
-    },
-];
+const KNOWN_FAILURES: &[KnownFailure] = &[];
 
 /// How long one guest may take, boot to power-off, before it is killed.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(420);

@@ -38,16 +38,33 @@
 //! the nbd attributes above are written here.
 //!
 //! Choices for a throw-away disk:
-//! - `NBD_CFLAG_DESTROY_ON_DISCONNECT`: the device goes away with its
-//!   connection, leaving no configured `/dev/nbdN` behind;
+//! - no `NBD_CFLAG_DESTROY_ON_DISCONNECT` (client flags 0, as nbd-client
+//!   sends): the kernel would delete the device at disconnect, and the
+//!   devices made at module load (`/dev/nbd0..15`) belong to the host, not
+//!   to us; after sixteen runs `qemu-nbd -c` and `nbd-client` found none.
+//!   A device the connect itself creates (all sixteen busy) stays too, as
+//!   with nbd-client;
 //! - `NBD_CFLAG_DISCONNECT_ON_CLOSE` is *not* set at connect: udev opens and
 //!   closes a new device to probe it, and that close would disconnect it
 //!   before we mount it. [`NbdDevice::disconnect_on_close`] sets it with
 //!   `NBD_CMD_RECONFIGURE` once a mount holds the device, so that the end
 //!   of the mount (even when a killed run's namespace tears it down)
 //!   disconnects the device;
-//! - no `NBD_ATTR_TIMEOUT`: a slow server must not fail a build's I/O; a
-//!   server that goes away closes its sockets, which fails I/O at once;
+//! - a long `NBD_ATTR_TIMEOUT` (the caller's, see [`Config::timeout`]):
+//!   without one the block layer's 30 s applies, and with several
+//!   connections the kernel marks a connection dead for good whenever one
+//!   of its requests is older than that (a server stalled for 30 s lost
+//!   half of its connections); with one connection and no timeout, a
+//!   request to a vanished server waits for ever. The kernel fails a
+//!   request that is still in flight on a dead connection only when its
+//!   timeout fires, so the timeout is also how long such a request waits;
+//! - TCP keepalive and `TCP_USER_TIMEOUT` on the sockets
+//!   ([`TCP_DEAD_AFTER`]): a server whose host vanished (no RST, no FIN)
+//!   is found dead by TCP itself, the kernel's receive thread sees the
+//!   error and marks the connection dead, and new I/O fails once the
+//!   dead-connection timeout passes instead of waiting for the request
+//!   timeout. A stopped server process is not dead to TCP: its host's
+//!   kernel still acknowledges;
 //! - the sockets lose the read/write timeouts of the handshake before they
 //!   are handed over: the kernel's receive thread honours `SO_RCVTIMEO`,
 //!   and an idle device would otherwise see its connections "time out".
@@ -107,6 +124,16 @@ pub mod client_flags {
     /// Disconnect the device when its last opener closes it.
     pub const DISCONNECT_ON_CLOSE: u64 = 1 << 1;
 }
+
+/// How long a TCP connection to the server may go without an answer
+/// (unacknowledged data, or unanswered keepalive probes on an idle one)
+/// before TCP gives it up: `TCP_USER_TIMEOUT`, with keepalive probes from
+/// [`TCP_KEEPIDLE`] of silence every [`TCP_KEEPINTVL`].
+pub const TCP_DEAD_AFTER: Duration = Duration::from_secs(30);
+/// Silence before the first keepalive probe.
+pub const TCP_KEEPIDLE: Duration = Duration::from_secs(10);
+/// Between keepalive probes.
+pub const TCP_KEEPINTVL: Duration = Duration::from_secs(5);
 
 /// How long to wait for the kernel's answer to one request: it answers at
 /// once, unless a device of the same index is still being destroyed.
@@ -350,11 +377,14 @@ pub struct Config {
     /// The device's logical block size (see [`choose_block_size`]).
     pub block_size: u32,
     /// The export's transmission flags, as the handshake gave them: the
-    /// kernel reads read-only, flush, FUA, trim, write-zeroes and multi-conn
-    /// from them.
+    /// kernel reads read-only, flush, FUA, trim and multi-conn from them
+    /// (it never sends write-zeroes).
     pub server_flags: u16,
-    /// Per-request timeout; `None`: the kernel's default (no failure while
-    /// the connection lives).
+    /// Per-request timeout (`NBD_ATTR_TIMEOUT`): a request older than this
+    /// marks its connection dead and is retried on another, or fails once
+    /// none is left and the dead-connection timeout passes. `None`: the
+    /// kernel's default, the block layer's 30 s (see the module docs for
+    /// why that is too short).
     pub timeout: Option<Duration>,
     /// How long I/O waits for a reconnect (`NBD_CMD_RECONFIGURE` with new
     /// sockets) when every connection is dead; zero: fail it at once.
@@ -367,7 +397,8 @@ pub struct Config {
 
 impl Config {
     /// The `NBD_CMD_CONNECT` message for these settings and `sockets`
-    /// (descriptors of the sending process), destroy-on-disconnect.
+    /// (descriptors of the sending process); no client flags (see the
+    /// module docs).
     pub fn message(&self, sockets: &[u32]) -> NbdMessage {
         let mut attrs = Vec::with_capacity(9);
         if let Some(index) = self.index {
@@ -379,7 +410,9 @@ impl Config {
             attrs.push(NbdAttr::Timeout(t.as_secs().max(1)));
         }
         attrs.push(NbdAttr::ServerFlags(u64::from(self.server_flags)));
-        attrs.push(NbdAttr::ClientFlags(client_flags::DESTROY_ON_DISCONNECT));
+        // Explicitly none: also clears a destroy-on-disconnect left on a
+        // reused device by an older scratchd.
+        attrs.push(NbdAttr::ClientFlags(0));
         if !self.dead_conn_timeout.is_zero() {
             attrs.push(NbdAttr::DeadConnTimeout(
                 self.dead_conn_timeout.as_secs().max(1),
@@ -561,7 +594,10 @@ impl Genl {
 }
 
 /// Whether the kernel's nbd driver can be used: its generic netlink family
-/// resolves, or the module is loaded (`/sys/module/nbd`).
+/// resolves, or the module is loaded (`/sys/module/nbd`). From Linux 6.5
+/// on, asking for the family loads the module when it is absent (the
+/// module's `net-pf-16-proto-16-family-nbd` alias): there, a host with the
+/// module installed always has it.
 pub fn kernel_nbd_available() -> bool {
     match Genl::open().and_then(|mut g| g.resolve_nbd()) {
         Ok(_) => true,
@@ -592,7 +628,7 @@ pub fn choose_block_size(constraints: Option<(u32, u32)>, largest: u32) -> Resul
 }
 
 /// Hands the negotiated sockets `fds` to the kernel's nbd driver: one
-/// `NBD_CMD_CONNECT` with every socket and `config`, destroy-on-disconnect.
+/// `NBD_CMD_CONNECT` with every socket and `config`.
 ///
 /// The kernel holds its own references to the sockets: ours are closed
 /// when this returns, whatever the outcome.
@@ -603,19 +639,22 @@ pub fn connect(fds: Vec<OwnedFd>, config: &Config) -> Result<NbdDevice, Error> {
     if !config.block_size.is_power_of_two() || config.block_size < 512 {
         return Err(Error::Invalid(format!("block size {}", config.block_size)));
     }
+    // The kernel refuses it too (EINVAL), saying nothing of why.
+    if !config.size.is_multiple_of(u64::from(config.block_size)) {
+        return Err(Error::Invalid(format!(
+            "the export's size ({} bytes) is not a multiple of the device's block size \
+             ({} bytes), which the kernel's nbd driver needs; use --attach fuse",
+            config.size, config.block_size
+        )));
+    }
     let mut genl = Genl::open()?;
     let family = genl.resolve_nbd()?;
     let mut sockets = Vec::with_capacity(fds.len());
     for fd in &fds {
         // The kernel's receive thread would honour the handshake's
         // timeouts (see the module docs).
-        for which in [
-            rustix::net::sockopt::Timeout::Recv,
-            rustix::net::sockopt::Timeout::Send,
-        ] {
-            rustix::net::sockopt::set_socket_timeout(fd.as_fd(), which, None)
-                .map_err(|e| Error::Invalid(format!("cannot prepare a socket: {e}")))?;
-        }
+        prepare_socket(fd.as_fd())
+            .map_err(|e| Error::Invalid(format!("cannot prepare a socket: {e}")))?;
         let raw = u32::try_from(fd.as_raw_fd())
             .map_err(|_| Error::Invalid(format!("descriptor {}", fd.as_raw_fd())))?;
         sockets.push(raw);
@@ -636,9 +675,31 @@ pub fn connect(fds: Vec<OwnedFd>, config: &Config) -> Result<NbdDevice, Error> {
     })
 }
 
+/// Readies a negotiated socket for the kernel: no handshake timeouts (the
+/// kernel's receive thread would honour them), and on TCP keepalive and
+/// `TCP_USER_TIMEOUT` (see [`TCP_DEAD_AFTER`]).
+fn prepare_socket(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use rustix::net::{sockopt, AddressFamily};
+    for which in [sockopt::Timeout::Recv, sockopt::Timeout::Send] {
+        sockopt::set_socket_timeout(fd, which, None)?;
+    }
+    let domain = sockopt::socket_domain(fd)?;
+    if domain != AddressFamily::INET && domain != AddressFamily::INET6 {
+        return Ok(());
+    }
+    sockopt::set_socket_keepalive(fd, true)?;
+    sockopt::set_tcp_keepidle(fd, TCP_KEEPIDLE)?;
+    sockopt::set_tcp_keepintvl(fd, TCP_KEEPINTVL)?;
+    // With TCP_USER_TIMEOUT set, it decides when unanswered probes kill
+    // the connection; the count only has to be large enough not to first.
+    sockopt::set_tcp_keepcnt(fd, 10)?;
+    let millis = u32::try_from(TCP_DEAD_AFTER.as_millis()).unwrap_or(u32::MAX);
+    sockopt::set_tcp_user_timeout(fd, millis)?;
+    Ok(())
+}
+
 /// `NBD_CMD_DISCONNECT` of `/dev/nbd<index>`: the kernel sends the server
-/// `NBD_CMD_DISC`, fails what is in flight, and (with destroy-on-disconnect)
-/// removes the device.
+/// `NBD_CMD_DISC` and fails what is in flight; the device stays, free.
 pub fn disconnect(index: u32) -> Result<(), Error> {
     let mut genl = Genl::open()?;
     let family = genl.resolve_nbd()?;
@@ -686,9 +747,7 @@ impl NbdDevice {
         let mut genl = Genl::open()?;
         let mut attrs = vec![
             NbdAttr::Index(self.index),
-            NbdAttr::ClientFlags(
-                client_flags::DESTROY_ON_DISCONNECT | client_flags::DISCONNECT_ON_CLOSE,
-            ),
+            NbdAttr::ClientFlags(client_flags::DISCONNECT_ON_CLOSE),
         ];
         // A device with a backend identifier refuses a reconfigure without it.
         if let Some(backend) = &self.backend {

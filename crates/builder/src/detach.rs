@@ -127,6 +127,10 @@ pub fn sweep_stale(state: &StateDir) -> usize {
         info!(mount = %record.mount.display(), id = %record.id, "removing a stale attachment");
         clean_up(state, record);
     }
+    let devices = crate::frontend::kernel::disconnect_dead_runs_devices();
+    if devices > 0 {
+        info!(devices, "disconnected the nbd devices of killed runs");
+    }
     let orphans = state.remove_orphans(ORPHAN_AGE);
     if orphans > 0 {
         info!(
@@ -154,18 +158,19 @@ pub fn clean_up(state: &StateDir, record: &Record) {
 }
 
 /// Unmounts the attachment's file system, if it is still what is mounted
-/// at its directory (retried while busy for a second, then lazily).
-pub(crate) fn unmount_dir(record: &Record) -> Result<(), DetachError> {
+/// at its directory (retried while busy for a second, then lazily); how,
+/// or `None` if it was not mounted there.
+pub(crate) fn unmount_dir(record: &Record) -> Result<Option<ns::Unmounted>, DetachError> {
     let Some(device) = &record.device else {
-        return Ok(());
+        return Ok(None);
     };
     if ns::mount_source(&record.mount).as_ref() != Some(device) {
-        return Ok(());
+        return Ok(None);
     }
     match ns::unmount(&record.mount) {
         Ok(how) => {
             debug!(mount = %record.mount.display(), ?how, "unmounted");
-            Ok(())
+            Ok(Some(how))
         }
         Err(source) => Err(DetachError::Unmount {
             dir: record.mount.clone(),

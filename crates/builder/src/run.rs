@@ -170,7 +170,11 @@ pub fn run<D: LocalDisk, E>(
     };
     // Not the disk's name, which is its key: sysfs shows this to every
     // local user.
-    let label = format!("scratchd-run:{}:{}", std::process::id(), random_id());
+    // It names this process, so that a sweep can disconnect the kernel's
+    // device if the run is killed before the device is tied to its mount.
+    let label = crate::frontend::kernel::run_label(
+        crate::state::Process::current().map_err(|e| RunError::Attach(AttachError::Process(e)))?,
+    );
     let setup = Setup {
         mount: &mount,
         mount_options: source

@@ -61,10 +61,11 @@ fn connect_message_layout() {
     want.extend(u16b(12));
     want.extend(u16b(5));
     want.extend(u64b(0x0165));
-    // NBD_ATTR_CLIENT_FLAGS (6): NBD_CFLAG_DESTROY_ON_DISCONNECT
+    // NBD_ATTR_CLIENT_FLAGS (6): none, not NBD_CFLAG_DESTROY_ON_DISCONNECT
+    // (1), which deleted the host's /dev/nbdN at disconnect
     want.extend(u16b(12));
     want.extend(u16b(6));
-    want.extend(u64b(1));
+    want.extend(u64b(0));
     // NBD_ATTR_DEAD_CONN_TIMEOUT (8): seconds
     want.extend(u16b(12));
     want.extend(u16b(8));
@@ -107,7 +108,7 @@ fn connect_message_with_index_and_timeout() {
             NbdAttr::BlockSizeBytes(4096),
             NbdAttr::Timeout(60),
             NbdAttr::ServerFlags(0x0165),
-            NbdAttr::ClientFlags(client_flags::DESTROY_ON_DISCONNECT),
+            NbdAttr::ClientFlags(0),
             NbdAttr::Sockets(vec![9]),
         ]
     );
@@ -274,4 +275,49 @@ fn connect_checks_its_arguments_first() {
         connect(vec![OwnedFd::from(ours)], &config),
         Err(Error::Invalid(_))
     ));
+}
+
+/// An export size the block size does not divide is refused before the
+/// kernel is asked (it would say only EINVAL), with what to do instead.
+#[test]
+fn connect_refuses_a_size_the_block_size_does_not_divide() {
+    let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let config = Config {
+        size: (1 << 30) + 512,
+        ..config()
+    };
+    match connect(vec![OwnedFd::from(ours)], &config) {
+        Err(e @ Error::Invalid(_)) => {
+            let text = e.to_string();
+            assert!(text.contains("1073742336 bytes"), "{text}");
+            assert!(text.contains("block size (4096 bytes)"), "{text}");
+            assert!(text.contains("--attach fuse"), "{text}");
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+/// A TCP socket handed to the kernel has keepalive and TCP_USER_TIMEOUT
+/// (so that a vanished server is found dead), and no handshake timeouts;
+/// a Unix socket only loses its timeouts.
+#[test]
+fn sockets_are_prepared_for_the_kernel() {
+    use rustix::net::sockopt;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    prepare_socket(tcp.as_fd()).unwrap();
+    assert!(sockopt::socket_keepalive(&tcp).unwrap());
+    assert_eq!(sockopt::tcp_keepidle(&tcp).unwrap(), TCP_KEEPIDLE);
+    assert_eq!(sockopt::tcp_keepintvl(&tcp).unwrap(), TCP_KEEPINTVL);
+    assert_eq!(
+        u128::from(sockopt::tcp_user_timeout(&tcp).unwrap()),
+        TCP_DEAD_AFTER.as_millis()
+    );
+    assert_eq!(tcp.read_timeout().unwrap(), None);
+
+    let (unix, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    prepare_socket(unix.as_fd()).unwrap();
+    assert_eq!(unix.read_timeout().unwrap(), None);
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use scratchd_attach::nbd_kernel::{self, NbdDevice};
 use scratchd_attach::ns;
 use scratchd_client::{Client, Options, Replies, Target};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     mount_disk, AttachError, Attachment, Disk, Driver, FrontEnd, KeepRequest, Origin, Setup,
@@ -35,6 +35,23 @@ use crate::state::{Process, Record, StateDir};
 /// reconnects yet, so this is only a short grace before the build's I/O
 /// fails.
 const DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The kernel's per-request timeout (`NBD_ATTR_TIMEOUT`). The kernel's own
+/// default, 30 s, made a stalled server lose connections for good (with
+/// several connections the kernel marks a connection dead when one of its
+/// requests times out, and nothing of ours gives it a new one): a server
+/// stall up to this long costs nothing. It is also how long a request in
+/// flight to a vanished server waits before it fails (plus
+/// [`DEAD_CONN_TIMEOUT`]); new requests fail sooner, once TCP has found
+/// the connection dead ([`nbd_kernel::TCP_DEAD_AFTER`]). Builds run for
+/// minutes to hours, so five minutes of patience cost little; 120 s was
+/// once exceeded after a 45 s stall in a guest starved of CPU.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The start of a `scratchd run`'s device label: `scratchd-run:PID:START:`
+/// (the run's process and its start time, so that a sweep can tell a dead
+/// run's device), then a random part.
+const RUN_LABEL: &str = "scratchd-run:";
 
 /// The kernel front end's [`Driver`].
 pub(crate) struct Kernel;
@@ -133,7 +150,16 @@ impl Driver for Kernel {
                 pid: holder.pid,
             });
         }
-        detach::unmount_dir(record)?;
+        if let Some(device) = &record.device {
+            if ns::mount_source(&record.mount).as_ref() == Some(device) {
+                write_back(&record.mount);
+            }
+        }
+        // A lazy unmount leaves the file system alive while busy; what it
+        // still holds is written back before the disconnect.
+        if detach::unmount_dir(record)? == Some(ns::Unmounted::Lazily) {
+            sync_all();
+        }
         disconnect_if_ours(record);
         state.remove(&record.id);
         Ok(())
@@ -145,9 +171,17 @@ impl Driver for Kernel {
         nbd_index(record).and_then(nbd_kernel::backend_of) == record.backend
     }
 
+    /// The device is found by its label, since an attach killed before it
+    /// wrote its record recorded none.
     fn clean_up(&self, record: &Record) {
-        detach::unmount_lazily_if_ours(record);
-        disconnect_if_ours(record);
+        let found = record.backend.as_deref().and_then(device_labelled);
+        let record = Record {
+            device: found.map(device_path).or_else(|| record.device.clone()),
+            ..record.clone()
+        };
+        detach::unmount_lazily_if_ours(&record);
+        sync_all();
+        disconnect_if_ours(&record);
     }
 }
 
@@ -195,7 +229,7 @@ impl KernelAttached {
             size: info.size,
             block_size,
             server_flags: info.flags.0,
-            timeout: None,
+            timeout: Some(REQUEST_TIMEOUT),
             dead_conn_timeout: DEAD_CONN_TIMEOUT,
             backend: Some(setup.label.to_owned()),
         };
@@ -235,8 +269,13 @@ impl KernelAttached {
     fn undo(&mut self) {
         if self.mounted {
             self.mounted = false;
-            if let Err(e) = ns::unmount(&self.mount) {
-                warn!(mount = %self.mount.display(), error = %e, "cannot unmount");
+            write_back(&self.mount);
+            match ns::unmount(&self.mount) {
+                Ok(ns::Unmounted::Clean) => {}
+                // Still alive while a leftover process uses it: what it
+                // holds now is written back before the disconnect.
+                Ok(ns::Unmounted::Lazily) => sync_all(),
+                Err(e) => warn!(mount = %self.mount.display(), error = %e, "cannot unmount"),
             }
         }
         if let Some(device) = self.device.take() {
@@ -283,6 +322,94 @@ fn disconnect_if_ours(record: &Record) {
     }
 }
 
+/// Writes back the file system mounted at `dir` and waits for it
+/// (`syncfs`): an unmount that ends up lazy, followed by a disconnect,
+/// would otherwise lose what is still dirty.
+fn write_back(dir: &Path) {
+    let synced = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::NOFOLLOW,
+        rustix::fs::Mode::empty(),
+    )
+    .and_then(rustix::fs::syncfs);
+    if let Err(e) = synced {
+        warn!(mount = %dir.display(), error = %e, "cannot write back the file system");
+    }
+}
+
+/// `sync`: the only way to write back a file system that a lazy unmount
+/// took off every path but that still lives (every file system, waiting
+/// for their writeback).
+fn sync_all() {
+    rustix::fs::sync();
+}
+
+/// `/dev/nbd<index>`.
+fn device_path(index: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/nbd{index}"))
+}
+
+/// The `(index, label)` of every connected nbd device that shows a label.
+fn labelled_devices() -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("nbd")?.parse().ok())
+        .filter_map(|index| Some((index, nbd_kernel::backend_of(index)?)))
+        .filter(|(_, label)| !label.is_empty())
+        .collect()
+}
+
+/// The nbd device the kernel shows with `label`.
+fn device_labelled(label: &str) -> Option<u32> {
+    labelled_devices()
+        .into_iter()
+        .find_map(|(index, shown)| (shown == label).then_some(index))
+}
+
+/// The label of a `scratchd run` by `run` ([`RUN_LABEL`]).
+pub(crate) fn run_label(run: Process) -> String {
+    format!(
+        "{RUN_LABEL}{}:{}:{}",
+        run.pid,
+        run.start_time,
+        crate::id::random_id()
+    )
+}
+
+/// The run whose label this is, if it is a run's.
+fn run_of_label(label: &str) -> Option<Process> {
+    let mut parts = label.strip_prefix(RUN_LABEL)?.split(':');
+    let pid = parts.next()?.parse().ok()?;
+    let start_time = parts.next()?.parse().ok()?;
+    Some(Process { pid, start_time })
+}
+
+/// Disconnects the devices of runs that died with them connected (killed
+/// between the connect and the reconfigure that ties the device to its
+/// mount): nothing else would, and each holds a `/dev/nbdN` and the
+/// server's export. Returns how many. A run has no record; its label
+/// names its process, and a device whose run lives is left alone.
+pub(crate) fn disconnect_dead_runs_devices() -> usize {
+    let mut disconnected = 0;
+    for (index, label) in labelled_devices() {
+        let Some(run) = run_of_label(&label) else {
+            continue;
+        };
+        if run.alive() {
+            continue;
+        }
+        info!(index, label, "disconnecting the device of a dead run");
+        match nbd_kernel::disconnect(index) {
+            Ok(()) => disconnected += 1,
+            Err(e) => warn!(index, error = %e, "cannot disconnect the nbd device"),
+        }
+    }
+    disconnected
+}
+
 /// N of a kernel attachment's `/dev/nbdN`.
 fn nbd_index(record: &Record) -> Option<u32> {
     let name = record.device.as_ref()?.file_name()?.to_str()?;
@@ -311,5 +438,23 @@ mod tests {
         assert!(!Kernel.attached_without_holder(&record));
         record.device = Some("/dev/loop3".into());
         assert_eq!(nbd_index(&record), None);
+    }
+
+    #[test]
+    fn a_run_label_names_its_process() {
+        let me = Process::current().unwrap();
+        let label = run_label(me);
+        assert!(
+            label.starts_with(&format!("scratchd-run:{}:", me.pid)),
+            "{label}"
+        );
+        let named = run_of_label(&label).unwrap();
+        assert_eq!((named.pid, named.start_time), (me.pid, me.start_time));
+        assert!(named.alive());
+        // Another process of the same pid is not the run.
+        let reused = format!("scratchd-run:{}:{}:x", me.pid, me.start_time + 1);
+        assert!(!run_of_label(&reused).unwrap().alive());
+        assert!(run_of_label("scratchd-attach:abc").is_none());
+        assert!(run_of_label("scratchd-run:12:x").is_none());
     }
 }
