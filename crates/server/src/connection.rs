@@ -7,7 +7,7 @@
 //! to do with it (refuse it, run it, or end), and [`Transmission::dispatch`]
 //! runs it on this thread (backends that never block) or hands it to the
 //! worker pool. Requests are parsed in place from the input buffer
-//! ([`crate::input`]); replies leave through the connection's [`Replies`]
+//! ([`crate::input`]); replies leave through the connection's [`ReplyQueue`]
 //! ([`crate::replies`]), gathered so that a client with 32 requests in
 //! flight gets 32 replies in one system call. Commands are executed in
 //! [`crate::executor`]. Whatever ends a connection is a
@@ -37,7 +37,7 @@ use crate::export::{OpenExport, PeerCatalog};
 use crate::identity::Identity;
 use crate::input::{give_back_vec, Filled, Input, INPUT_BUFFER};
 use crate::listener::ServerContext;
-use crate::replies::Replies;
+use crate::replies::ReplyQueue;
 use crate::tls::TlsMode;
 use crate::transport::{Control, Transport, WriteHalf};
 
@@ -130,7 +130,7 @@ fn run(transport: Transport, ctx: &ServerContext) -> Result<(), ConnectionError>
     };
     info!(export = %session.export.name, mode = ?session.mode, "transmission started");
     let pooled = export.device.capabilities().may_block;
-    let replies = Replies::new(writer, control, ctx.reply_timeout, pooled);
+    let replies = ReplyQueue::new(writer, control, ctx.reply_timeout, pooled);
     // Borrowed by every request of the connection, shared with those on
     // the worker pool.
     let errors = Arc::new(ErrorSink::new(ctx.counters.clone(), export.errors.clone()));
@@ -345,7 +345,7 @@ impl Handshake<'_> {
 /// A connection in transmission: everything its loop keeps between requests.
 struct Transmission<'a> {
     input: Input,
-    replies: Replies,
+    replies: ReplyQueue,
     session: &'a Session,
     export: OpenExport,
     device: Arc<dyn BlockDevice>,
@@ -386,7 +386,7 @@ struct Request {
 impl<'a> Transmission<'a> {
     fn new(
         input: Input,
-        replies: Replies,
+        replies: ReplyQueue,
         session: &'a Session,
         errors: &'a Arc<ErrorSink>,
         export: OpenExport,
