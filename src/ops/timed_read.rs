@@ -52,7 +52,22 @@ impl<S: Read + ReadTimeout> Read for Timed<S> {
             ));
         }
         self.socket.set_timeout(left)?;
-        self.socket.read(buf)
+        match self.socket.read(buf) {
+            // The socket's timeout, which ends at the deadline, ran out
+            // (EAGAIN): the deadline passed while reading.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the request did not arrive in time",
+                ))
+            }
+            other => other,
+        }
     }
 }
 
