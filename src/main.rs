@@ -16,6 +16,7 @@
 mod builder;
 mod cli;
 mod generate;
+mod name;
 mod ops;
 mod serve;
 

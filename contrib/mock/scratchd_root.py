@@ -352,18 +352,21 @@ def holder_alive(record):
 
 def run_scratchd(scratchd, args, secret=None):
     """Every scratchd command the plugin runs goes through here. Returns
-    (exit status, stdout, stderr), with `secret` (the disk's name) replaced
-    by its fingerprint in both outputs, so that no message built from them
-    can carry it into a log.
-
-    TODO(issue 16): the name is still on `scratchd attach --name`'s command
-    line, where /proc/PID/cmdline shows it to every local user while the
-    command runs; pass it on a pipe or in a root-only file once scratchd
-    takes it so. This function is the one place to change.
+    (exit status, stdout, stderr). `secret` (the disk's name) goes to
+    scratchd in the SCRATCHD_NAME environment variable, never in `args`:
+    /proc/PID/cmdline shows a command line to every local user, where a
+    root process's environment is root's alone. In both outputs the name
+    is replaced by its fingerprint, so that no message built from them can
+    carry it into a log.
     """
+    env = dict(os.environ)
+    env.pop("SCRATCHD_NAME", None)
+    if secret:
+        env["SCRATCHD_NAME"] = secret
     try:
         done = subprocess.run([scratchd] + list(args), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True, check=False)
+                              stderr=subprocess.PIPE, universal_newlines=True, check=False,
+                              env=env)
     except OSError as err:
         return 127, "", str(err)
     out, err = done.stdout.strip(), done.stderr.strip()
@@ -456,7 +459,9 @@ class ScratchdRoot(object):
             self._detach_or_raise()
         try:
             device = self.scratchd_do(
-                "attach", "--name", self.name, "--mount", self.root_path,
+                # The name goes in SCRATCHD_NAME (run_scratchd), and wins
+                # over any export the server's URI names.
+                "attach", "--mount", self.root_path,
                 "--connections", str(self.conf.get("connections", 4)),
                 "--mount-options", self.conf.get("mount_options", "noatime"),
                 self.server)
@@ -499,7 +504,7 @@ class ScratchdRoot(object):
             self.log("disk {0} goes after the server's linger; {1}".format(
                 fingerprint(old), next_disk))
             return
-        status, _, err = run_scratchd(self.scratchd, ["ctl", "--control", control, "drop", old],
+        status, _, err = run_scratchd(self.scratchd, ["ctl", "--control", control, "drop"],
                                       old)
         if status == 0:
             self.log("dropped disk {0}; {1}".format(fingerprint(old), next_disk))

@@ -794,21 +794,46 @@ class ScratchdRootTest(unittest.TestCase):
 
     # 5. names never logged
 
-    def test_names_never_reach_the_log(self):
+    def test_names_never_reach_the_log_or_a_command_line(self):
         root = "secret-x86_64"
+        # A scratchd that records each command line it is given (as
+        # /proc/PID/cmdline shows it to every local user) and the name in
+        # its environment, then runs the real one.
+        argv_log = os.path.join(WORK, "secret-argv")
+        env_log = os.path.join(WORK, "secret-env")
+        recorder = os.path.join(WORK, "scratchd-recorder")
+        with open(recorder, "w") as f:
+            f.write('#!/bin/sh\nprintf "%%s\\n" "$*" >> %s\n'
+                    'printf "%%s\\n" "${SCRATCHD_NAME:-}" >> %s\n'
+                    'exec "%s" "$@"\n' % (argv_log, env_log, SCRATCHD))
+        os.chmod(recorder, 0o755)
         names = []  # each run's disk, as attached
-        names.append(instance(self.run_mock("init", root)[1]).name)
-        names.append(instance(self.run_mock("rebuild", root, failing_build)[1]).name)
+        names.append(instance(self.run_mock("init", root, scratchd=recorder)[1]).name)
+        names.append(instance(self.run_mock("rebuild", root, failing_build,
+                                            scratchd=recorder)[1]).name)
         status, mock = self.run_mock(
-            "rebuild", root, server="nbd+unix:///?socket=" + os.path.join(WORK, "no-server"))
+            "rebuild", root, server="nbd+unix:///?socket=" + os.path.join(WORK, "no-server"),
+            scratchd=recorder)
         self.assertEqual(status, 20)
         errors = [str(mock.error)]
         names.append(instance(mock).name)
-        _, mock = self.run_mock("clean", root, scrub=["all"])
+        _, mock = self.run_mock("clean", root, scrub=["all"], scratchd=recorder)
         names.append(instance(mock).name)
         self.assertEqual(len(set(names)), 4)
-        for name in names:
-            for line in self.log.lines + errors:
+        with open(argv_log) as f:
+            argvs = f.read().splitlines()
+        with open(env_log) as f:
+            given = f.read().splitlines()
+        self.assertEqual(len(argvs), len(given))
+        commands = [argv.split()[0] for argv in argvs]
+        self.assertIn("attach", commands)
+        self.assertIn("ctl", commands)  # the clean's drop
+        for argv, name in zip(argvs, given):
+            if argv.startswith(("attach", "ctl")):
+                # The name came in the environment.
+                self.assertTrue(name.startswith("mock-") and len(name) == 37, (argv, name))
+        for name in set(names) | set(filter(None, given)):
+            for line in self.log.lines + errors + argvs:
                 self.assertNotIn(name, line)
                 self.assertNotIn(name[len("mock-"):len("mock-") + 12], line)
             self.assertTrue(any(PLUGIN.fingerprint(name) in line for line in self.log.lines))
@@ -818,7 +843,8 @@ class ScratchdRootTest(unittest.TestCase):
     def wrapper(self, *args, **env):
         fake = os.path.join(WORK, "fake-scratchd")
         with open(fake, "w") as f:
-            f.write('#!/bin/sh\necho "$@"\n')
+            f.write('#!/bin/sh\necho "$@"\n'
+                    '[ -z "${FAKE_SHOWS_NAME:-}" ] || echo "name: ${SCRATCHD_NAME:-}"\n')
         os.chmod(fake, 0o755)
         environ = {"PATH": os.environ["PATH"], "SCRATCHD": fake, "REAL_MOCK": "/usr/bin/mock"}
         environ.update(env)
@@ -844,6 +870,20 @@ class ScratchdRootTest(unittest.TestCase):
         self.assertIn("/usr/bin/mock --resultdir=/home/u/rpms --rebuild pkg.src.rpm",
                       done.stdout)
         self.assertEqual(self.wrapper("--help").returncode, 0)
+
+    def test_the_wrapper_keeps_the_name_off_the_command_line(self):
+        done = self.wrapper("--resultdir", "/home/u/rpms", "--rebuild", "pkg.src.rpm",
+                            SCRATCHD_SERVER="nbd://farm/", SCRATCHD_BUILD_ID="ws-secret-42",
+                            FAKE_SHOWS_NAME="1")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        argv, name = done.stdout.splitlines()
+        self.assertNotIn("ws-secret-42", argv)
+        self.assertEqual(argv.split()[:3], ["run", "--server", "nbd://farm/"])
+        self.assertEqual(name, "name: ws-secret-42")
+        # A private disk takes no name from the caller's environment.
+        done = self.wrapper("--resultdir", "/home/u/rpms", "--rebuild", "pkg.src.rpm",
+                            SCRATCHD_NAME="stray", FAKE_SHOWS_NAME="1")
+        self.assertEqual(done.stdout.splitlines()[1], "name: ")
 
     def test_outside_mock_the_errors_are_the_plugins_own(self):
         plugin = load_plugin(under_mock=False)

@@ -9,7 +9,7 @@ use scratchd_builder::attach::AttachRequest;
 use scratchd_builder::frontend::{AttachMode, FrontEndOptions};
 use scratchd_builder::holder::Holder;
 
-use crate::cli;
+use crate::{cli, name};
 
 /// Exit status when attaching failed.
 const EXIT_FAILED: i32 = 1;
@@ -58,8 +58,12 @@ pub struct AttachArgs {
     /// a mount point already).
     #[arg(long, value_name = "DIR")]
     mount: PathBuf,
-    /// The export: overrides the URI's.
-    #[arg(long, value_name = "NAME")]
+    /// The export: overrides the URI's. `-` reads it from a line of
+    /// standard input. Give it there or in $SCRATCHD_NAME (root's
+    /// environment, readable by root alone), not on the command line or in
+    /// the URI, which every local user can read: the name is the disk's
+    /// key.
+    #[arg(long, value_name = "NAME", env = name::NAME_VAR, hide_env_values = true)]
     name: Option<String>,
     #[command(flatten)]
     front_end: FrontEndArgs,
@@ -68,7 +72,9 @@ pub struct AttachArgs {
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     verbose: u8,
     /// The server and export: `nbd+unix:///EXPORT?socket=PATH`,
-    /// `nbd://HOST[:PORT]/EXPORT`, `nbds://...?tls-certificates=DIR`.
+    /// `nbd://HOST[:PORT]/EXPORT`, `nbds://...?tls-certificates=DIR`; leave
+    /// EXPORT out (`nbd://HOST/`) and give it with --name or $SCRATCHD_NAME
+    /// to keep it off the command line.
     #[arg(value_name = "URI")]
     uri: String,
 }
@@ -76,10 +82,14 @@ pub struct AttachArgs {
 /// `scratchd attach`: prints the block device.
 pub fn main(args: AttachArgs) -> i32 {
     cli::init_logging(args.verbose, None);
+    let name = match name::resolve(args.name) {
+        Ok(name) => name,
+        Err(e) => return cli::fail("attach", &e, true, EXIT_FAILED),
+    };
     let request = AttachRequest {
         mount: args.mount,
         uri: args.uri,
-        name: args.name,
+        name,
         front_end: args.front_end.options(),
         verbose: args.verbose,
     };

@@ -13,9 +13,9 @@ use scratchd_scratch::{DiskSettings, OpenDisk, Owner, SpecError};
 use scratchd_store::BlockDevice;
 
 use crate::builder::attach::FrontEndArgs;
-use crate::cli;
 use crate::serve::backend::{BackendError, OpenError};
 use crate::serve::tmpdisk;
+use crate::{cli, name};
 
 /// Exit status when the run itself failed (no disk, no mount).
 const EXIT_FAILED: i32 = 125;
@@ -32,8 +32,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "20G")]
     size: String,
     /// Name of the disk (the build's identity); default: `run-` and 128
-    /// random bits.
-    #[arg(long, value_name = "NAME")]
+    /// random bits. `-` reads it from a line of standard input (the rest
+    /// is the command's). Give it there or in $SCRATCHD_NAME (root's
+    /// environment, readable by root alone; the command does not inherit
+    /// it), not on the command line, which every local user can read: the
+    /// name is the disk's key.
+    #[arg(long, value_name = "NAME", env = name::NAME_VAR, hide_env_values = true)]
     name: Option<String>,
     /// Mount the disk here (default: a fresh directory, removed afterwards).
     /// The mount is private to the command and its children.
@@ -59,9 +63,13 @@ pub struct RunArgs {
 /// `scratchd run`.
 pub fn main(args: RunArgs) -> i32 {
     cli::init_logging(args.verbose, None);
+    let name = match name::resolve(args.name.clone()) {
+        Ok(name) => name,
+        Err(e) => return cli::fail("run", &e, true, EXIT_FAILED),
+    };
     let request = RunRequest {
         server: args.server.clone(),
-        name: args.name.clone(),
+        name,
         mount: args.mount.clone(),
         front_end: args.front_end.options(),
         command: args.command.clone(),

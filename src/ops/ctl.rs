@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
+use crate::name;
 use crate::ops::admin::{Acted, Admin, ExportRow, Status};
 
 /// A request or answer larger than this is refused.
@@ -104,12 +105,20 @@ pub fn serve(path: &Path, admin: Arc<Admin>) -> io::Result<()> {
     Ok(())
 }
 
+use crate::ops::timed_read::Timed;
+
+/// Seconds in a (365-day) year.
+const YEAR: u64 = 365 * 24 * 3600;
+/// The longest `keep --for`: a disk kept longer is kept for good, and a
+/// time past what the clock can add would only be an overflow.
+const MAX_KEEP: Duration = Duration::from_secs(10 * YEAR);
+
 /// Reads one request from `stream` and writes its answer.
 fn answer(stream: UnixStream, admin: &Admin) -> io::Result<()> {
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     let mut line = String::new();
-    BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line)?;
+    BufReader::new(Timed::new(&stream, REQUEST_TIMEOUT).take(MAX_LINE)).read_line(&mut line)?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(req) => match execute(req, admin) {
             Ok(result) => json!({"ok": true, "result": result}),
@@ -153,6 +162,13 @@ fn execute(req: Request, admin: &Admin) -> Result<Value, String> {
         }),
         Request::Keep { name, owner, for_s } => {
             let time = match for_s {
+                Some(s) if s > MAX_KEEP.as_secs_f64() => {
+                    return Err(format!(
+                        "keep: {s} s is more than {} years; keep without --for keeps \
+                         it until it is dropped",
+                        MAX_KEEP.as_secs() / YEAR
+                    ))
+                }
                 Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
                 Some(_) => return Err("keep: for_s must be more than 0".to_owned()),
                 None => None,
@@ -195,6 +211,10 @@ pub enum CtlCommand {
     List,
     /// One export in detail.
     Show {
+        /// The export; `-` reads it from a line of standard input. Give it
+        /// there or in $SCRATCHD_NAME (readable by its user and root
+        /// alone), not here, where every local user can read it.
+        #[arg(value_name = "NAME", env = name::NAME_VAR, hide_env_values = true)]
         name: String,
         /// Which owner's disk: uid:N, uid:N+gid:M, cert:HEX (a prefix
         /// will do), anonymous, or all.
@@ -204,6 +224,8 @@ pub enum CtlCommand {
     /// Disconnect a disk's clients and destroy it (a later connection
     /// with its name gets a fresh disk).
     Drop {
+        /// The export; `-`, or $SCRATCHD_NAME, as for `show`.
+        #[arg(value_name = "NAME", env = name::NAME_VAR, hide_env_values = true)]
         name: String,
         /// Needed when several owners have a disk of that name.
         #[arg(long, value_name = "OWNER")]
@@ -212,6 +234,8 @@ pub enum CtlCommand {
     /// Keep a disk after its last connection (replacing its linger), for
     /// debugging a finished build.
     Keep {
+        /// The export; `-`, or $SCRATCHD_NAME, as for `show`.
+        #[arg(value_name = "NAME", env = name::NAME_VAR, hide_env_values = true)]
         name: String,
         /// Which owner's disk (all of them if several owners have one of
         /// that name and this is left out).
@@ -226,24 +250,34 @@ pub enum CtlCommand {
     Status,
 }
 
-/// Runs `scratchd ctl`; its exit status.
-pub fn main(args: CtlArgs) -> i32 {
-    let req = match &args.command {
+/// The request a command asks, its name read from standard input if it
+/// is `-`.
+fn request(command: &CtlCommand) -> Result<Request, name::NameError> {
+    let named = |name: &String| name::resolve(Some(name.clone())).map(Option::unwrap_or_default);
+    Ok(match command {
         CtlCommand::List => Request::List,
         CtlCommand::Show { name, owner } => Request::Show {
-            name: name.clone(),
+            name: named(name)?,
             owner: owner.clone(),
         },
         CtlCommand::Drop { name, owner } => Request::Drop {
-            name: name.clone(),
+            name: named(name)?,
             owner: owner.clone(),
         },
         CtlCommand::Keep { name, owner, time } => Request::Keep {
-            name: name.clone(),
+            name: named(name)?,
             owner: owner.clone(),
             for_s: time.map(|t| t.as_secs_f64()),
         },
         CtlCommand::Status => Request::Status,
+    })
+}
+
+/// Runs `scratchd ctl`; its exit status.
+pub fn main(args: CtlArgs) -> i32 {
+    let req = match request(&args.command) {
+        Ok(req) => req,
+        Err(e) => return crate::cli::fail("ctl", &e, true, 1),
     };
     let reply = match ask(&args.control, &req) {
         Ok(r) => r,

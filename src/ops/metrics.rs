@@ -37,6 +37,7 @@ pub fn serve(addr: &str, admin: Arc<Admin>) -> io::Result<std::net::SocketAddr> 
         io::Error::new(e.kind(), format!("--metrics: cannot listen on {addr}: {e}"))
     })?;
     let bound = listener.local_addr()?;
+    let hosts = Hosts::of(addr);
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Snapshots(admin)));
     std::thread::Builder::new()
@@ -45,7 +46,7 @@ pub fn serve(addr: &str, admin: Arc<Admin>) -> io::Result<std::net::SocketAddr> 
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {
-                        if let Err(e) = answer(s, &registry) {
+                        if let Err(e) = answer(s, &registry, &hosts) {
                             debug!(error = %e, "metrics client");
                         }
                     }
@@ -56,22 +57,83 @@ pub fn serve(addr: &str, admin: Arc<Admin>) -> io::Result<std::net::SocketAddr> 
     Ok(bound)
 }
 
-/// Answers one HTTP request: `GET /metrics` (or `/`), else 404.
-fn answer(stream: TcpStream, registry: &Registry) -> io::Result<()> {
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+/// The names a scraper may call this endpoint by (the `Host` header). The
+/// metrics name every disk and its owner, so a web page must not read
+/// them through DNS rebinding (a name of its own that it points at this
+/// address): only IP literals, `localhost`, the host named in `--metrics`
+/// and this machine's host name are answered.
+struct Hosts {
+    configured: String,
+    nodename: String,
+}
+
+impl Hosts {
+    fn of(addr: &str) -> Self {
+        Hosts {
+            configured: host_part(addr).to_ascii_lowercase(),
+            nodename: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase(),
+        }
+    }
+
+    /// Whether a request with this `Host` header (none: an HTTP/1.0
+    /// client, which no browser is) may be answered.
+    fn allow(&self, host: Option<&str>) -> bool {
+        let Some(host) = host else { return true };
+        let name = host_part(host).to_ascii_lowercase();
+        name.trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+            || name == "localhost"
+            || name == self.configured
+            || name == self.nodename
+    }
+}
+
+/// `host` of `host:port`, `[v6]:port`, `host` or `v6`.
+fn host_part(text: &str) -> &str {
+    let text = text.trim();
+    if let Some(rest) = text.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
+        _ => text,
+    }
+}
+
+/// Answers one HTTP request: `GET /metrics` (or `/`), else 404; 403 when
+/// its `Host` is not one of this endpoint's names.
+fn answer(stream: TcpStream, registry: &Registry, hosts: &Hosts) -> io::Result<()> {
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    let mut reader = BufReader::new(io::Read::take(&stream, 64 * 1024));
+    let timed = crate::ops::timed_read::Timed::new(&stream, REQUEST_TIMEOUT);
+    let mut reader = BufReader::new(io::Read::take(timed, 64 * 1024));
     let mut request = String::new();
     reader.read_line(&mut request)?;
-    // Headers are read and ignored, up to the blank line.
+    // Headers up to the blank line: only Host matters.
     let mut header = String::new();
+    let mut host = None;
     while reader.read_line(&mut header)? > 2 {
+        if let Some((name, value)) = header.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("host") {
+                host = Some(value.trim().to_owned());
+            }
+        }
         header.clear();
     }
     let mut parts = request.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     let (status, kind, body) = match (method, path) {
+        _ if !hosts.allow(host.as_deref()) => {
+            warn!(
+                host = host.as_deref().unwrap_or(""),
+                "metrics request for another host name refused"
+            );
+            ("403 Forbidden", "text/plain", "unknown Host\n".to_owned())
+        }
         ("GET" | "HEAD", "/metrics" | "/") => {
             let mut body = String::new();
             match prometheus_client::encoding::prometheus_text::encode(&mut body, registry) {
@@ -431,4 +493,43 @@ fn creation_histogram(e: &mut DescriptorEncoder, s: &Status) -> Result<(), std::
         &buckets,
         None::<&HashMap<usize, Exemplar<NoLabelSet, f64>>>,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_endpoints_names_are_answered() {
+        let hosts = Hosts {
+            configured: "metrics.farm".into(),
+            nodename: "builder7".into(),
+        };
+        for ok in [
+            None,
+            Some("127.0.0.1:9810"),
+            Some("[::1]:9810"),
+            Some("::1"),
+            Some("localhost:9810"),
+            Some("Metrics.Farm:9810"),
+            Some("builder7"),
+        ] {
+            assert!(hosts.allow(ok), "{ok:?}");
+        }
+        for refused in [
+            "rebind.attacker.example:9810",
+            "builder7.attacker.example",
+            "",
+        ] {
+            assert!(!hosts.allow(Some(refused)), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn the_host_part_of_an_address() {
+        assert_eq!(host_part("127.0.0.1:9810"), "127.0.0.1");
+        assert_eq!(host_part("[::1]:9810"), "::1");
+        assert_eq!(host_part("::1"), "::1");
+        assert_eq!(host_part("name"), "name");
+    }
 }

@@ -3,8 +3,10 @@
 //!   budgets) and the operator's actions (drop, keep), behind both:
 //! - `ctl.rs`: the control socket (`serve --control PATH`) and `scratchd
 //!   ctl`, its client;
-//! - `metrics.rs`: the Prometheus endpoint (`serve --metrics ADDR`).
+//! - `metrics.rs`: the Prometheus endpoint (`serve --metrics ADDR`);
+//! - `timed_read.rs`: a whole-request deadline for both endpoints' reads.
 
 pub mod admin;
 pub mod ctl;
 pub mod metrics;
+pub mod timed_read;

@@ -112,7 +112,8 @@ pub struct ServeArgs {
     #[serde(default, deserialize_with = "config::cidrs")]
     pub allow: Vec<Cidr>,
     /// At most N connections at once from one TCP client address (0: no
-    /// limit, the default); Unix-socket clients are not counted per peer.
+    /// limit; default a sixteenth of --max-connections, at least 1);
+    /// Unix-socket clients are not counted per peer.
     #[arg(long, value_name = "N")]
     pub max_connections_per_peer: Option<usize>,
     /// Worker threads for backends that may block (file; tmpdisk with
@@ -137,8 +138,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_reply_timeout)]
     #[serde(default, deserialize_with = "config::positive_duration")]
     pub reply_timeout: Option<Duration>,
-    /// Drop a client that takes longer than this to send a handshake
-    /// message or finish its TLS handshake (default 10s).
+    /// Drop a client whose whole handshake (from accept to GO or
+    /// EXPORT_NAME, TLS included) takes longer than this (default 10s).
     #[arg(long, value_name = "DURATION", value_parser = parse_reply_timeout)]
     #[serde(default, deserialize_with = "config::positive_duration")]
     pub handshake_timeout: Option<Duration>,
@@ -155,8 +156,8 @@ pub struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
-    /// tmpdisk: at most N scratch disks at once (lingering ones are evicted
-    /// first).
+    /// tmpdisk: at most N scratch disks at once (the asking owner's
+    /// lingering ones are evicted first, never another owner's).
     #[arg(long, value_name = "N")]
     pub max_exports: Option<usize>,
     /// memory and tmpdisk: RAM that all memory disks may hold together;
@@ -172,8 +173,9 @@ pub struct ServeArgs {
     /// tmpdisk: export names must start with P.
     #[arg(long, value_name = "P")]
     pub name_prefix: Option<String>,
-    /// tmpdisk: at most N scratch disks at once per owner (see owner=); the
-    /// owner's lingering disks are evicted first.
+    /// tmpdisk: at most N scratch disks at once per owner (see owner=;
+    /// default three quarters of --max-exports); the owner's lingering
+    /// disks are evicted first.
     #[arg(long, value_name = "N")]
     pub max_exports_per_owner: Option<NonZeroUsize>,
     /// tmpdisk: RAM the disks of one owner may hold together; their writes
@@ -318,7 +320,7 @@ pub fn main(args: ServeArgs) -> i32 {
             Some(args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)).filter(|&n| n > 0),
         )
         .with_allow(args.allow.clone())
-        .with_max_per_peer(args.max_connections_per_peer.filter(|&n| n > 0)),
+        .with_max_per_peer(max_per_peer(&args)),
         reply_timeout: args.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
         handshake_timeout: args
             .handshake_timeout
@@ -417,6 +419,21 @@ fn start_admin(
     Ok(())
 }
 
+/// Connections one TCP address may hold at once: `--max-connections-per-peer`,
+/// or by default a sixteenth of `--max-connections` (256 of 4,096), so that
+/// one address, before it has authenticated anything, cannot take every
+/// slot while farms of builders still have plenty each. No global limit,
+/// no default per address.
+fn max_per_peer(args: &ServeArgs) -> Option<usize> {
+    match args.max_connections_per_peer {
+        Some(n) => Some(n).filter(|&n| n > 0),
+        None => {
+            let max = args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+            Some((max / 16).max(1)).filter(|_| max > 0)
+        }
+    }
+}
+
 /// The exports to serve, whether their backend may block, and the
 /// operator's view of them.
 fn build_exports(
@@ -476,7 +493,10 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
         disk_limit: args.disk_limit,
         name_prefix: args.name_prefix.clone(),
         per_owner: scratchd_scratch::OwnerLimits {
-            max_exports: args.max_exports_per_owner.map(NonZeroUsize::get),
+            max_exports: args
+                .max_exports_per_owner
+                .map(NonZeroUsize::get)
+                .or_else(|| default_max_exports_per_owner(args.max_exports)),
             memory: args.owner_memory_limit,
             disk: args.owner_disk_limit,
         },
@@ -497,6 +517,16 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
     let registry = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);
     let exports = Arc::new(scratchd_exports::ScratchExports::new(registry.clone()));
     Ok((exports, may_block, AdminBackend::Tmpdisk(registry)))
+}
+
+/// `--max-exports-per-owner` when not given: three quarters of
+/// `--max-exports` (at least one slot short of it from 2 on), so that one
+/// owner cannot take every slot and others can always create a disk.
+fn default_max_exports_per_owner(max_exports: Option<usize>) -> Option<usize> {
+    max_exports.map(|max| match max {
+        0 | 1 => max,
+        _ => max - (max / 4).max(1),
+    })
 }
 
 /// Warns that under `owner=name` every client reaches scratch disks by

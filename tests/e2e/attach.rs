@@ -470,3 +470,167 @@ fn a_holder_killed_while_unmounting_is_freed_by_the_stale_cleanup() {
     assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
     a.assert_nothing_left(&mnt, Some(holder));
 }
+
+/// Koji mode: kojid tears a build root down with its own `umount` (eager,
+/// or lazy with `-l`), never `scratchd detach`. Two processes write, the
+/// directory is unmounted from outside, and within a second the holder,
+/// loop device, FUSE mount and record are gone; the server keeps the disk
+/// for its linger (`ctl show` finds it, idle; attached again, the files are
+/// there). The name is given in the environment only.
+#[test]
+fn an_unmount_from_outside_releases_everything_within_a_second() {
+    if skip_without_fuse("an_unmount_from_outside_releases_everything_within_a_second") {
+        return;
+    }
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("ctl.sock");
+    let server = Server::start(&[
+        "--control",
+        control.to_str().unwrap(),
+        "tmpdisk",
+        "size=64M",
+        "linger=60s",
+    ]);
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    for (umount, name) in [("umount", "koji-eager"), ("umount -l", "koji-lazy")] {
+        let a = Attachments::new();
+        let mnt = a.mount_point("root");
+        let (code, out) = run_status(
+            a.scratchd(&["attach", "--mount", mnt.to_str().unwrap(), &uri])
+                .env("SCRATCHD_NAME", name),
+        );
+        assert_eq!(code, 0, "attach: {}", String::from_utf8_lossy(&out.stderr));
+        let holder = a.holder();
+        let m = mnt.display();
+        let (code, out) = sh(&format!(
+            "echo one > {m}/a & echo two > {m}/b & wait; sync -f {m}/a"
+        ));
+        assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        let (code, out) = sh(&format!("{umount} {m}"));
+        assert_eq!(
+            code,
+            0,
+            "{umount}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let started = Instant::now();
+        let left = crate::util::poll(Duration::from_secs(1), || {
+            a.leftovers(&mnt, Some(holder)).is_empty()
+        });
+        assert!(
+            left.is_some(),
+            "{umount}: still there after {:?}: {:?}",
+            started.elapsed(),
+            a.leftovers(&mnt, Some(holder))
+        );
+        let show = run(Command::new(SCRATCHD)
+            .args(["ctl", "--control", control.to_str().unwrap(), "show"])
+            .env("SCRATCHD_NAME", name));
+        assert!(stdout(&show).contains(name), "{}", stdout(&show));
+        let device = a.attach_ok(&mnt, &server.uri_for(name), &[]);
+        let (code, out) = sh(&format!("cat {m}/a {m}/b"));
+        assert_eq!((code, stdout(&out).as_str()), (0, "one\ntwo\n"), "{umount}");
+        a.detach_ok(&device);
+        a.assert_nothing_left(&mnt, None);
+    }
+}
+
+/// An attach with the name in `SCRATCHD_NAME` and a URI without one: no
+/// command line shows the name while the holder runs, and its info-level
+/// log shows the fingerprint, not the name. `ctl drop -` reads it from
+/// standard input.
+#[test]
+fn attach_names_stay_off_command_lines_and_out_of_info_logs() {
+    if skip_without_fuse("attach_names_stay_off_command_lines_and_out_of_info_logs") {
+        return;
+    }
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("ctl.sock");
+    let server = Server::start(&[
+        "--control",
+        control.to_str().unwrap(),
+        "tmpdisk",
+        "size=64M",
+        "linger=60s",
+    ]);
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    let name = format!("secret-attach-{}", std::process::id());
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    let (code, out) = run_status(
+        a.scratchd(&["attach", "-v", "--mount", mnt.to_str().unwrap(), &uri])
+            .env("SCRATCHD_NAME", &name),
+    );
+    assert_eq!(code, 0, "attach: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        crate::util::cmdlines_containing(&name),
+        Vec::<String>::new()
+    );
+    assert_eq!(a.record().get("export"), name);
+    // The log goes with the record at the detach.
+    let log: String = std::fs::read_dir(a.state.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    a.detach_ok(mnt.to_str().unwrap());
+    let fingerprint = crate::util::fingerprint(&name);
+    assert!(log.contains(&fingerprint) && !log.contains(&name), "{log}");
+
+    let mut drop = Command::new(SCRATCHD)
+        .args(["ctl", "--control", control.to_str().unwrap(), "drop", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = drop.stdin.take().unwrap();
+    std::io::Write::write_all(&mut input, format!("{name}\n").as_bytes()).unwrap();
+    std::mem::drop(input);
+    let out = drop.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(stdout(&out).contains(&name), "{}", stdout(&out));
+}
+
+/// Koji mode, a lazy unmount of a root still in use: the file system lives
+/// on for its last user, who finishes writing; the holder serves it until
+/// then, and lets the loop device and FUSE file go only after it was
+/// written back (the file is on the disk when attached again).
+#[test]
+fn a_lazy_unmount_from_outside_waits_for_the_last_user() {
+    if skip_without_fuse("a_lazy_unmount_from_outside_waits_for_the_last_user") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=64M", "linger=60s"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("root");
+    a.attach_ok(&mnt, &server.uri_for("koji-busy"), &[]);
+    let holder = a.holder();
+    let m = mnt.display();
+    let mut busy = Command::new("sh")
+        .args([
+            "-c",
+            &format!("cd {m} && echo started > /dev/stderr && sleep 1 && echo late > late"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut started = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(busy.stderr.take().unwrap()),
+        &mut started,
+    )
+    .unwrap();
+    let (code, out) = sh(&format!("umount -l {m}"));
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(busy.wait().unwrap().success(), "the last user could write");
+    let left = crate::util::poll(Duration::from_secs(1), || {
+        a.leftovers(&mnt, Some(holder)).is_empty()
+    });
+    assert!(left.is_some(), "{:?}", a.leftovers(&mnt, Some(holder)));
+    let device = a.attach_ok(&mnt, &server.uri_for("koji-busy"), &[]);
+    let (code, out) = sh(&format!("cat {m}/late"));
+    assert_eq!((code, stdout(&out).as_str()), (0, "late\n"));
+    a.detach_ok(&device);
+    a.assert_nothing_left(&mnt, None);
+}

@@ -305,6 +305,17 @@ h.shutdown()
         .arg(script)
         .arg(&server.sock));
     // Kept until dropped: survives its connections, goes when dropped.
+    // A time past what the server's clock can add is refused with a
+    // clear error, and the control socket still answers.
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args(["ctl", "--control"])
+            .arg(&control)
+            .args(["keep", "failed-build", "--for", "100000000000000h"]),
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(code, 0);
+    assert!(said.contains("more than 10 years"), "{said}");
     ctl(&control, &["keep", "failed-build"]);
     assert_eq!(
         ctl_json(&control, &["list"]).get("exports.0.keep"),
@@ -701,4 +712,58 @@ fn the_dashboard_queries_exported_metrics() {
     }
     assert!(used >= 8, "{used}");
     build.finish();
+}
+
+/// The metrics name every disk and its owner: a request by a name that is
+/// not this endpoint's (a web page's own domain pointed at the address,
+/// DNS rebinding) is refused, one by the address is answered, and a
+/// client dripping its request does not hold the endpoint past its
+/// deadline (5 s) while a scraper waits.
+#[test]
+fn metrics_refuse_other_host_names_and_dripping_clients() {
+    use std::io::Write;
+    require("curl");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let Setup {
+        server: _server,
+        _dir,
+        ..
+    } = start(&["--metrics", &addr], &[]);
+    let url = format!("http://{addr}/metrics");
+    let code = |host: &str| {
+        let out = run(Command::new("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+            "-H",
+            &format!("Host: {host}"),
+            &url,
+        ]));
+        stdout(&out)
+    };
+    assert_eq!(code("rebind.attacker.example"), "403");
+    assert_eq!(code(&addr), "200");
+    assert_eq!(code(&format!("localhost:{port}")), "200");
+    let mut drip = std::net::TcpStream::connect(&addr).unwrap();
+    let dripper = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_secs(15) && drip.write_all(b"G").is_ok()
+        {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    assert_eq!(code(&addr), "200");
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(8),
+        "a scrape waited {waited:?} behind a dripping client"
+    );
+    dripper.join().unwrap();
 }

@@ -303,3 +303,60 @@ nbdinfo --list --json "nbd://127.0.0.1:$port/"
     );
     assert_eq!(Json::parse(&stdout(&out)).len("exports"), 0);
 }
+
+/// One owner filling the host cannot destroy another's data: at
+/// `--max-exports`, nobody's lingering disk (a cache a build keeps between
+/// runs) is not evicted for root's new disks, and root, under the default
+/// per-owner cap (three quarters of `--max-exports`), is refused its next
+/// disk with a clear error while nobody's disk keeps its bytes.
+#[test]
+fn one_owner_filling_the_host_leaves_anothers_lingering_disk_alone() {
+    let server = start(&[
+        "--max-exports",
+        "4",
+        "tmpdisk",
+        "size=16M",
+        "type=none",
+        "linger=600s",
+    ]);
+    script_as(
+        Some(NOBODY),
+        &server,
+        r#"
+h = connect(uri("nobodys-cache"))
+h.pwrite(b"\7" * 4096, 0)
+h.shutdown()
+"#,
+        &[],
+    );
+    script_as(
+        None,
+        &server,
+        r#"
+held = [connect(uri(n)) for n in ("a", "b", "c")]
+m = go_error("d")
+assert "at most 3 scratch disks" in m, m
+# Its own lingering disk does make room for it.
+held.pop().shutdown()
+import time
+deadline = time.monotonic() + 10
+while True:
+    try:
+        held.append(connect(uri("d")))
+        break
+    except nbd.Error:
+        assert time.monotonic() < deadline, "c's slot never came back"
+        time.sleep(0.05)
+"#,
+        &[],
+    );
+    script_as(
+        Some(NOBODY),
+        &server,
+        r#"
+h = connect(uri("nobodys-cache"))
+eq(h.pread(4096, 0), b"\7" * 4096, "nobody's lingering disk kept its data")
+"#,
+        &[],
+    );
+}

@@ -31,6 +31,7 @@ mod run;
 mod service;
 mod session_fuzz;
 mod shutdown;
+mod slots;
 mod stuck;
 mod tls;
 mod tmpdisk;

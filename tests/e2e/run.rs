@@ -349,3 +349,67 @@ fn sigterm_to_a_run_mid_build_cleans_up() {
     assert_eq!(status.code(), Some(128 + 15), "{status}");
     assert_eq!(leftovers(&work), Vec::<String>::new());
 }
+
+/// The name given in `SCRATCHD_NAME` is on no command line while the run
+/// lasts, not in the command's environment under that variable (it has
+/// `SCRATCHD_EXPORT`), and not in the run's info-level log, which shows
+/// its fingerprint; `--name -` reads it from standard input and leaves the
+/// rest of the input to the command.
+#[test]
+fn names_stay_off_command_lines_and_out_of_info_logs() {
+    if skip_without_fuse("names_stay_off_command_lines_and_out_of_info_logs") {
+        return;
+    }
+    let server = crate::util::Server::start(&["tmpdisk", "size=64M"]);
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    let name = format!("secret-{}", std::process::id());
+    let stop = tempfile::tempdir().unwrap();
+    let stop_file = stop.path().join("stop");
+    let script = format!(
+        "echo \"$SCRATCHD_EXPORT\"; while [ ! -e {} ]; do sleep 0.05; done; \
+         echo \"name variable: ${{SCRATCHD_NAME:-unset}}\"",
+        stop_file.display()
+    );
+    let mut run = Command::new(SCRATCHD)
+        .args(["run", "-v", "--server", &uri, "--", "sh", "-c", &script])
+        .env("SCRATCHD_NAME", &name)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), name, "the command's disk is the named one");
+    assert_eq!(
+        crate::util::cmdlines_containing(&name),
+        Vec::<String>::new()
+    );
+    std::fs::write(&stop_file, "").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let log = run.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&log.stderr);
+    assert_eq!(rest, "name variable: unset\n");
+    assert!(!log.contains(&name), "{log}");
+    let fingerprint = crate::util::fingerprint(&name);
+    assert!(log.contains(&fingerprint), "{log}");
+
+    let mut run = Command::new(SCRATCHD)
+        .args(["run", "--server", &uri, "--name", "-", "--"])
+        .args(["sh", "-c", "echo \"$SCRATCHD_EXPORT\"; cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = run.stdin.take().unwrap();
+    std::io::Write::write_all(
+        &mut input,
+        format!("{name}\nthe command's input\n").as_bytes(),
+    )
+    .unwrap();
+    drop(input);
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), format!("{name}\nthe command's input\n"));
+}

@@ -431,3 +431,55 @@ print("closed", flush=True)
         started.elapsed()
     );
 }
+
+/// The handshake deadline covers the TLS handshake: a client that asks for
+/// STARTTLS, then drips its TLS hello one byte a second (never letting a
+/// read time out) is cut off at `--handshake-timeout` from its connect.
+#[test]
+fn a_dripped_tls_handshake_is_cut_off_at_the_deadline() {
+    use std::io::{Read, Write};
+    let pki = pki();
+    let (mut server, port) = tls_server(
+        pki.path(),
+        &["--tls", "require", "--handshake-timeout", "3s"],
+    );
+    let started = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(b"IHAVEOPT\0\0\0\x05\0\0\0\0").unwrap(); // NBD_OPT_STARTTLS
+    let mut ack = [0u8; 20];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(ack[12..16].try_into().unwrap()),
+        1,
+        "ACK"
+    );
+    // A TLS handshake record announcing 512 bytes, sent a byte at a time.
+    let hello = [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc];
+    let mut sent = 0;
+    let cut = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "still open after {sent} bytes of TLS hello"
+        );
+        if s.write_all(&[hello[sent % hello.len()]]).is_err() {
+            break started.elapsed();
+        }
+        sent += 1;
+        let mut byte = [0u8; 1];
+        match s.read(&mut byte) {
+            Ok(0) => break started.elapsed(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break started.elapsed(),
+            Ok(_) => {} // an alert on its way out
+        }
+    };
+    assert!(
+        (Duration::from_secs(2)..Duration::from_secs(6)).contains(&cut),
+        "cut after {cut:?}; the deadline was 3 s"
+    );
+    server.assert_alive();
+}

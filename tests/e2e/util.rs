@@ -644,6 +644,41 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The command lines (`/proc/*/cmdline`, readable by every local user)
+/// that contain `secret`, with their pids.
+pub fn cmdlines_containing(secret: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(secret) {
+            found.push(format!("{}: {text}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// What logs show instead of an export's name: the first 8 hex digits of
+/// its SHA-256 (as the mock plugin's `fingerprint`).
+pub fn fingerprint(name: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sha256sum");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(name.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    stdout(&out)[..8].to_owned()
+}
+
 /// A state directory for `scratchd attach`/`detach` (`SCRATCHD_STATE_DIR`)
 /// of one test: under /run, which is root's and 0755 as the builder
 /// requires of every directory above its state (it refuses one under

@@ -452,7 +452,7 @@ where
 
 /// The answer to one request, read from one datagram's worth of messages.
 #[derive(Debug, PartialEq, Eq)]
-enum Answer<F> {
+enum NetlinkAnswer<F> {
     /// Messages of the family, then the ACK.
     Done(Vec<F>),
     /// `NLMSG_ERROR` with this errno.
@@ -463,7 +463,7 @@ enum Answer<F> {
 
 /// Parses the netlink messages in `buf` that answer request `seq`;
 /// messages of other sequence numbers (stale answers) are skipped.
-fn parse_answer<F>(buf: &[u8], seq: u32) -> Result<Answer<F>, Error>
+fn parse_answer<F>(buf: &[u8], seq: u32) -> Result<NetlinkAnswer<F>, Error>
 where
     GenlMessage<F>: NetlinkDeserializable,
     <GenlMessage<F> as NetlinkDeserializable>::Error: std::fmt::Display,
@@ -483,14 +483,14 @@ where
         match message.payload {
             NetlinkPayload::InnerMessage(genl) => replies.push(genl.payload),
             NetlinkPayload::Error(e) => match e.code {
-                Some(code) => return Ok(Answer::Errno(code.get().saturating_abs())),
-                None => return Ok(Answer::Done(replies)),
+                Some(code) => return Ok(NetlinkAnswer::Errno(code.get().saturating_abs())),
+                None => return Ok(NetlinkAnswer::Done(replies)),
             },
-            NetlinkPayload::Done(_) => return Ok(Answer::Done(replies)),
+            NetlinkPayload::Done(_) => return Ok(NetlinkAnswer::Done(replies)),
             _ => {}
         }
     }
-    Ok(Answer::More(replies))
+    Ok(NetlinkAnswer::More(replies))
 }
 
 /// A generic netlink socket that sends one request at a time and waits for
@@ -537,12 +537,12 @@ impl Genl {
                 _ => Error::Netlink(e),
             })?;
             match parse_answer::<F>(&buf, self.seq)? {
-                Answer::Done(mut more) => {
+                NetlinkAnswer::Done(mut more) => {
                     replies.append(&mut more);
                     return Ok(Ok(replies));
                 }
-                Answer::Errno(errno) => return Ok(Err(errno)),
-                Answer::More(mut more) => replies.append(&mut more),
+                NetlinkAnswer::Errno(errno) => return Ok(Err(errno)),
+                NetlinkAnswer::More(mut more) => replies.append(&mut more),
             }
         }
     }

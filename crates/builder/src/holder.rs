@@ -14,7 +14,9 @@
 //!
 //! SIGTERM, SIGINT or SIGHUP (`scratchd detach`) tear it down in order:
 //! DIR if still mounted, the loop device, the FUSE file, the connections
-//! (cleanly, so the server's linger starts), the record.
+//! (cleanly, so the server's linger starts), the record. So does an
+//! unmount of DIR from outside (Koji mode: kojid unmounts build roots
+//! itself), which [`crate::mount_watch`] notices without polling.
 //!
 //! [`start`] is `scratchd attach`'s side: it starts the holder and waits
 //! for its answer; [`stop`] is `scratchd detach`'s.
@@ -34,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, Signal};
+use scratchd_attach::ns;
 use scratchd_client::{Client, Target};
 use serde::{Deserialize, Serialize};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -43,6 +46,8 @@ use tracing::{debug, info, warn};
 use crate::detach::{self, DetachError};
 use crate::frontend::fuse::FuseAttached;
 use crate::frontend::{AttachError, Attachment, Disk, FrontEnd, KeepRequest, Setup};
+use crate::id::{fingerprint, NAME_VAR};
+use crate::mount_watch::{self, FsId};
 use crate::state::{ClaimError, Process, Record, StateDir, StateError};
 
 /// The hidden subcommand of the `scratchd` binary that runs a holder
@@ -112,6 +117,8 @@ pub(crate) fn start(state: &StateDir, request: &KeepRequest) -> Result<PathBuf, 
     let exe = std::env::current_exe().map_err(AttachError::Spawn)?;
     let mut child = Command::new(exe)
         .arg(SUBCOMMAND)
+        // It has its request; it starts nothing that should see the name.
+        .env_remove(NAME_VAR)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -285,13 +292,19 @@ impl Holder {
     /// error and its causes on one line, for the answer.
     pub fn run(self, describe: fn(&dyn Error) -> String) -> i32 {
         let Holder { stops, request } = self;
+        let name = request
+            .as_ref()
+            .ok()
+            .and_then(|r| Target::parse(&r.uri).ok());
+        let name = name.map(|target| target.export).unwrap_or_default();
         let held = stops.and_then(|stops| attach(request?, stops));
         let mut held = match held {
             Ok(held) => held,
             Err(e) => {
                 // One line: mount's own messages may have several.
                 let message = describe(&e).replace('\n', "; ");
-                warn!("{message}");
+                // The server's refusal names the export: not in the log.
+                warn!("{}", hide_name(&message, &name));
                 // scratchd attach may be gone: then nobody is left to tell.
                 let _ = answer(&format!("error {message}"));
                 return 1;
@@ -306,10 +319,21 @@ impl Holder {
         if let Some(client) = held.attached.client() {
             watch_server(std::sync::Arc::downgrade(client));
         }
-        let signal = held.stops.forever().next();
-        info!(?signal, "detaching");
+        held.watch_unmount();
+        match held.stops.forever().next() {
+            Some(signal) => info!(signal, "detaching"),
+            None => info!("the disk was unmounted from outside; detaching"),
+        }
         held.release();
         0
+    }
+}
+
+/// `text` with the disk's name replaced by its fingerprint.
+fn hide_name(text: &str, name: &str) -> String {
+    match name.is_empty() {
+        true => text.to_owned(),
+        false => text.replace(name, &format!("<disk {}>", fingerprint(name))),
     }
 }
 
@@ -351,9 +375,27 @@ struct Held {
     id: String,
     stops: Signals,
     attached: FuseAttached,
+    /// The mounted file system, whose unmount from outside ends the hold.
+    fs: Option<FsId>,
 }
 
 impl Held {
+    /// Ends the wait for a stopping signal once the file system is
+    /// unmounted from outside ([`crate::mount_watch`]).
+    fn watch_unmount(&self) {
+        let Some(fs) = self.fs else {
+            warn!("the mount is not in the mount table: an unmount from outside goes unnoticed");
+            return;
+        };
+        let stops = self.stops.handle();
+        if let Err(e) = mount_watch::on_unmount(fs, move || stops.close()) {
+            warn!(
+                error = &e as &dyn Error,
+                "an unmount from outside goes unnoticed"
+            );
+        }
+    }
+
     /// Tears down in order (see the module docs) and removes the record.
     fn release(self) {
         let Held {
@@ -408,18 +450,25 @@ fn attach(request: Request, mut stops: Signals) -> Result<Held, HolderError> {
     if let Some(signal) = stops.pending().next() {
         return Err(HolderError::Stopped(signal));
     }
+    // The name is the disk's key: info shows its fingerprint, debug the name.
+    debug!(export = %record.export, "the disk's name");
     info!(
-        export = %record.export,
+        disk = %fingerprint(&record.export),
         device = %attached.device_path().display(),
         mount = %request.mount.display(),
         "attached"
     );
+    // Ours only if our device is what is mounted there.
+    let fs = (ns::mount_source(&request.mount).as_deref() == Some(attached.device_path()))
+        .then(|| FsId::mounted_at(&request.mount))
+        .flatten();
     std::mem::forget(claimed);
     Ok(Held {
         state,
         id: request.id,
         stops,
         attached,
+        fs,
     })
 }
 
@@ -456,4 +505,20 @@ fn watch_server(client: Weak<Client>) {
 
 fn default_fs_type() -> String {
     "ext4".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server's refusal names the export; the holder's log must not.
+    #[test]
+    fn logged_errors_show_the_fingerprint_not_the_name() {
+        let message = r#"unix:/s refused export "build-42" (GO: ERR_UNKNOWN)"#;
+        assert_eq!(
+            hide_name(message, "build-42"),
+            r#"unix:/s refused export "<disk 9bf1b543>" (GO: ERR_UNKNOWN)"#
+        );
+        assert_eq!(hide_name(message, ""), message, "no name, nothing hidden");
+    }
 }

@@ -1,4 +1,5 @@
-//! Identifiers nobody can guess.
+//! Identifiers nobody can guess, and what logs say instead of a disk's
+//! name.
 
 use tracing::warn;
 
@@ -18,9 +19,36 @@ pub fn random_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The environment variable that names an export for every command that
+/// takes a name (`attach`, `run`, `ctl show|drop|keep`): root's environment
+/// is readable by root alone, where every local user reads
+/// `/proc/PID/cmdline`. Processes these commands start do not inherit it.
+pub const NAME_VAR: &str = "SCRATCHD_NAME";
+
+/// What logs at info level say instead of a disk's name, which is its key:
+/// the first 8 hex digits of the name's SHA-256. The mock plugin
+/// (`contrib/mock/scratchd_root.py`, `fingerprint`) logs the same, so the
+/// two can be matched up, and so can `scratchd ctl list`'s names. 32 bits
+/// do not help anyone find a name of 128 random bits.
+pub fn fingerprint(name: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same as the mock plugin's `hashlib.sha256(name).hexdigest()[:8]`.
+    #[test]
+    fn fingerprints_are_the_mock_plugins() {
+        // printf %s build-42 | sha256sum
+        assert_eq!(fingerprint("build-42"), "9bf1b543");
+        assert_eq!(fingerprint(""), "e3b0c442");
+    }
 
     #[test]
     fn random_ids_carry_128_bits() {

@@ -14,11 +14,13 @@
 //! - [`run`]: `scratchd run`, and its watchdog;
 //! - [`attach`]: `scratchd attach`; [`holder`]: the process that keeps a
 //!   FUSE attachment, and the line protocol `attach` speaks with it;
+//!   [`mount_watch`]: how it notices an unmount from outside;
 //! - [`detach`]: `scratchd detach`, and the sweep of what dead attachments
 //!   left;
 //! - [`state`]: the records of kept attachments (one JSON file each);
 //! - [`remote`], [`sector`], [`id`]: what the front ends share (our client
-//!   to a server, the block size a file system needs, unguessable names).
+//!   to a server, the block size a file system needs, unguessable names
+//!   and the fingerprints logs show instead of names).
 //!
 //! The kernel primitives (FUSE file, loop device, nbd netlink, mounts and
 //! namespaces) are `scratchd-attach`'s; the NBD client is
@@ -33,6 +35,7 @@ pub mod detach;
 pub mod frontend;
 pub mod holder;
 pub mod id;
+pub mod mount_watch;
 pub mod remote;
 pub mod run;
 pub mod sector;

@@ -3,13 +3,21 @@
 use scratchd_client::{Client, Options, Target};
 use scratchd_store::BlockDevice;
 
+use crate::id::fingerprint;
+
 /// Connects our client to the disk `target` names, over up to
 /// `connections` connections (several only when the server allows
 /// multi-conn).
 pub fn connect(target: &Target, connections: usize) -> Result<Client, scratchd_client::Error> {
     let client = Client::connect_with(target, &options(connections))?;
+    // The export's name is the disk's key: its fingerprint at info level.
+    let server = Target {
+        export: String::new(),
+        ..target.clone()
+    };
     tracing::info!(
-        server = %target,
+        %server,
+        disk = %fingerprint(&target.export),
         connections = client.connection_count(),
         size = client.size(),
         "connected"

@@ -55,7 +55,7 @@ use signal_hook::iterator::Signals;
 use tracing::{debug, info};
 
 use crate::frontend::{AttachError, Disk, FrontEndOptions, Origin, Setup};
-use crate::id::random_id;
+use crate::id::{fingerprint, random_id, NAME_VAR};
 
 /// The hidden subcommand of the `scratchd` binary that runs a run's
 /// watchdog ([`watchdog_main`]).
@@ -189,8 +189,10 @@ pub fn run<D: LocalDisk, E>(
     let attached = front_end
         .driver()
         .attach(source.disk(), &setup, &mut watch)?;
+    // The name is the disk's key: info shows its fingerprint, debug the name.
+    debug!(export = %name, "the disk's name");
     info!(
-        export = %name,
+        disk = %fingerprint(&name),
         %front_end,
         device = %attached.device_path().display(),
         mount = %attached.mount().display(),
@@ -409,7 +411,10 @@ impl Place<'_> {
             .env("SCRATCH_DEV", self.device)
             .env("SCRATCHD_MOUNT", self.mount)
             .env("SCRATCHD_DEVICE", self.device)
-            .env("SCRATCHD_EXPORT", self.name);
+            .env("SCRATCHD_EXPORT", self.name)
+            // The command has the name as SCRATCHD_EXPORT; a scratchd it
+            // runs must not take this run's disk by default.
+            .env_remove(NAME_VAR);
         // A private disk has no URI: nothing else can reach it.
         match self.server {
             // The URI form carries no credentials (the parser drops a

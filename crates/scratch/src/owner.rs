@@ -51,6 +51,16 @@ impl Owner {
     pub fn is_identified(&self) -> bool {
         *self != Owner::Anyone
     }
+
+    /// Who the owner's caps and budget shares are counted for: the user
+    /// alone under `owner=peer+gid`, so that a user switching groups
+    /// (`sg`, `newgrp`) gets more namespaces but not more room.
+    pub fn holder(&self) -> Owner {
+        match *self {
+            Owner::UidGid(uid, _) => Owner::Uid(uid),
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for Owner {
@@ -137,6 +147,12 @@ mod tests {
         assert_eq!(p("name").owner_of(cert), Owner::Anyone);
         assert_eq!(p("peer").owner_of(Peer::Anonymous), Owner::Anyone);
         assert_eq!(OwnerPolicy::default(), OwnerPolicy::Peer);
+        assert_eq!(
+            Owner::UidGid(1000, 100).holder(),
+            Owner::UidGid(1000, 5).holder(),
+            "one user's caps across groups"
+        );
+        assert_ne!(Owner::Uid(1000).holder(), Owner::Uid(1001).holder());
         for bad in ["", "uid", "Peer", "peer+uid"] {
             assert_eq!(OwnerPolicy::parse(bad), Err(OwnerPolicyError(bad.into())));
         }

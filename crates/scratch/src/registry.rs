@@ -191,8 +191,13 @@ pub enum OpenError {
     /// The name breaks the name policy.
     #[error(transparent)]
     Name(#[from] NameError),
-    /// `--max-exports` is reached and no disk lingers.
-    #[error("too many exports: this server holds at most {max} scratch disks at once")]
+    /// `--max-exports` is reached and none of the asking owner's disks
+    /// lingers (other owners' lingering disks are theirs, never evicted
+    /// for someone else).
+    #[error(
+        "too many exports: this server holds at most {max} scratch disks at once, and none \
+         of yours lingers to make room"
+    )]
     TooMany { max: usize },
     /// `--max-exports-per-owner` is reached and none of the owner's disks
     /// lingers.

@@ -7,7 +7,7 @@
 //! to do with it (refuse it, run it, or end), and [`Transmission::dispatch`]
 //! runs it on this thread (backends that never block) or hands it to the
 //! worker pool. Requests are parsed in place from the input buffer
-//! ([`crate::input`]); replies leave through the connection's [`Replies`]
+//! ([`crate::input`]); replies leave through the connection's [`ReplyQueue`]
 //! ([`crate::replies`]), gathered so that a client with 32 requests in
 //! flight gets 32 replies in one system call. Commands are executed in
 //! [`crate::executor`]. Whatever ends a connection is a
@@ -27,16 +27,17 @@ use scratchd_proto::reply::{self, ReplyTo};
 use scratchd_proto::request::{self, Command, RequestHeader, RequestPayload};
 use scratchd_proto::{Codec, Errno};
 use scratchd_store::BlockDevice;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::counters::{ErrorSink, HandshakeFailure};
+use crate::deadline::HandshakeDeadline;
 use crate::error::{Causes, ConnectionError};
 use crate::executor::{self, PoolRequest, ReplyContext, Scratch};
 use crate::export::{OpenExport, PeerCatalog};
 use crate::identity::Identity;
 use crate::input::{give_back_vec, Filled, Input, INPUT_BUFFER};
 use crate::listener::ServerContext;
-use crate::replies::Replies;
+use crate::replies::ReplyQueue;
 use crate::tls::TlsMode;
 use crate::transport::{Control, Transport, WriteHalf};
 
@@ -44,6 +45,10 @@ use crate::transport::{Control, Transport, WriteHalf};
 /// qemu-nbd), so silent connections cannot pin threads forever; the
 /// default of [`ServerContext::handshake_timeout`].
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Options a client may send before GO or EXPORT_NAME. A real client needs
+/// a handful (nbdinfo --list: LIST, then INFO per export it shows); a client
+/// looping on options only keeps its slot without ever opening anything.
+pub const MAX_OPTIONS: usize = 64;
 /// Buffers larger than this (grown by a huge request) are freed when the
 /// connection waits for input; smaller ones are kept, so steady 1 MiB
 /// traffic allocates nothing.
@@ -77,6 +82,11 @@ fn log_end(peer: &str, result: &Result<(), ConnectionError>) {
     match e.ending() {
         None => debug!(%peer, "connection closed"),
         Some(ConnectionError::Closed) => debug!(%peer, "client went away"),
+        // A client that holds its slot without finishing its handshake is
+        // what an attack on the connection limit looks like: worth a warning.
+        Some(ConnectionError::HandshakeDeadline(_) | ConnectionError::TooManyOptions(_)) => {
+            warn!(%peer, error = %Causes(e), "client dropped in its handshake")
+        }
         Some(_) => info!(%peer, error = %Causes(e), "connection ended"),
     }
 }
@@ -90,6 +100,7 @@ fn run(transport: Transport, ctx: &ServerContext) -> Result<(), ConnectionError>
         ..
     } = transport;
     control.set_read_timeout(Some(ctx.handshake_timeout))?;
+    let deadline = HandshakeDeadline::start(control.try_clone()?, ctx.handshake_timeout);
     let mut input = Input::new(reader);
     let shaken = Handshake {
         input: &mut input,
@@ -100,6 +111,12 @@ fn run(transport: Transport, ctx: &ServerContext) -> Result<(), ConnectionError>
         refused: None,
     }
     .run();
+    let shaken = match (deadline.finish(), shaken) {
+        (true, shaken) => shaken,
+        // Cut by the watchdog: whatever the handshake saw last (a closed
+        // stream, usually) is not the reason.
+        (false, _) => Err(ConnectionError::HandshakeDeadline(deadline.limit())),
+    };
     if let Err(e) = &shaken {
         ctx.counters.handshake_failed(HandshakeFailure::of(e));
     }
@@ -113,7 +130,7 @@ fn run(transport: Transport, ctx: &ServerContext) -> Result<(), ConnectionError>
     };
     info!(export = %session.export.name, mode = ?session.mode, "transmission started");
     let pooled = export.device.capabilities().may_block;
-    let replies = Replies::new(writer, control, ctx.reply_timeout, pooled);
+    let replies = ReplyQueue::new(writer, control, ctx.reply_timeout, pooled);
     // Borrowed by every request of the connection, shared with those on
     // the worker pool.
     let errors = Arc::new(ErrorSink::new(ctx.counters.clone(), export.errors.clone()));
@@ -167,7 +184,7 @@ impl Handshake<'_> {
         let mut negotiator = self.greet()?;
         let mut out = Vec::new();
         let mut payload = Vec::new();
-        loop {
+        for _ in 0..MAX_OPTIONS {
             out.clear();
             let Some(header) = self.read_option(&mut payload, &mut out)? else {
                 continue;
@@ -186,6 +203,7 @@ impl Handshake<'_> {
                 }
             }
         }
+        Err(ConnectionError::TooManyOptions(MAX_OPTIONS))
     }
 
     fn send(&mut self, bytes: &[u8]) -> Result<(), ConnectionError> {
@@ -327,7 +345,7 @@ impl Handshake<'_> {
 /// A connection in transmission: everything its loop keeps between requests.
 struct Transmission<'a> {
     input: Input,
-    replies: Replies,
+    replies: ReplyQueue,
     session: &'a Session,
     export: OpenExport,
     device: Arc<dyn BlockDevice>,
@@ -368,7 +386,7 @@ struct Request {
 impl<'a> Transmission<'a> {
     fn new(
         input: Input,
-        replies: Replies,
+        replies: ReplyQueue,
         session: &'a Session,
         errors: &'a Arc<ErrorSink>,
         export: OpenExport,
@@ -629,7 +647,7 @@ fn receive<'b>(input: &'b mut Input, big: &'b mut Vec<u8>, len: usize) -> io::Re
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::time::Duration;
 
     use scratchd_proto::consts::*;
@@ -875,6 +893,55 @@ mod tests {
         assert_eq!(peer.read_to_end().unwrap(), b"");
         served.join().unwrap();
         assert_eq!(failures(&ctx, "timeout"), 1);
+    }
+
+    #[test]
+    fn a_client_dripping_its_handshake_is_cut_at_the_deadline() {
+        let ctx = Setup {
+            handshake_timeout: Duration::from_millis(400),
+            ..Setup::single(Arc::new(TestDevice::new(false)))
+        }
+        .context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        let started = std::time::Instant::now();
+        // An option header one byte every 100 ms: each read is answered
+        // well within the per-read timeout, the whole never ends.
+        for byte in b"IHAVEOPT\0\0\0\x01\0\0\x10\0".iter().cycle() {
+            if served.is_finished() || started.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+            let _ = peer.0.write_all(&[*byte]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        served.join().unwrap();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "not cut off: {took:?}");
+        assert_eq!(failures(&ctx, "timeout"), 1);
+    }
+
+    #[test]
+    fn a_client_that_never_stops_sending_options_is_dropped() {
+        let ctx = Setup::single(Arc::new(TestDevice::new(false))).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.greet();
+        let mut answered = 0;
+        // An option nobody knows: one error reply each, 20 bytes and a
+        // message.
+        for _ in 0..MAX_OPTIONS + 10 {
+            // The last ones find the connection closed.
+            let _ = peer.0.write_all(b"IHAVEOPT\0\0\x77\x77\0\0\0\0");
+            let mut header = [0u8; 20];
+            if peer.0.read_exact(&mut header).is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes(header[16..].try_into().unwrap());
+            peer.read_exact(len as usize);
+            answered += 1;
+        }
+        assert_eq!(answered, MAX_OPTIONS);
+        served.join().unwrap();
+        assert_eq!(failures(&ctx, "malformed"), 1);
     }
 
     #[test]

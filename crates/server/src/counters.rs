@@ -65,11 +65,12 @@ impl HandshakeFailure {
         use ConnectionError as E;
         match e {
             E::Refused { .. } => HandshakeFailure::Refused,
-            E::TimedOut(_) => HandshakeFailure::Timeout,
+            E::TimedOut(_) | E::HandshakeDeadline(_) => HandshakeFailure::Timeout,
             E::Handshake(_)
             | E::StartTls(_)
             | E::Request(_)
             | E::AbsurdPayload(_)
+            | E::TooManyOptions(_)
             | E::Corrupt(_) => HandshakeFailure::Malformed,
             E::Closed | E::Lost(_) => HandshakeFailure::ClientGone,
             E::Tls(_) => HandshakeFailure::Tls,

@@ -40,6 +40,13 @@ pub enum ConnectionError {
     /// STARTTLS used out of turn (bytes sent after it, no socket beneath).
     #[error("bad STARTTLS: {0}")]
     StartTls(&'static str),
+    /// The client had not finished its handshake (TLS included) this long
+    /// after it was accepted, and was cut off.
+    #[error("the handshake did not finish within {0:?} of the connection; client dropped")]
+    HandshakeDeadline(std::time::Duration),
+    /// The client sent this many options without opening an export.
+    #[error("{0} options without opening an export; client dropped")]
+    TooManyOptions(usize),
     /// The TLS handshake failed (bad or untrusted certificate, not TLS).
     #[error("TLS handshake failed")]
     Tls(#[source] io::Error),

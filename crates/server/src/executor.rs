@@ -77,7 +77,7 @@ pub fn execute(
     scratch: &mut Scratch,
 ) -> io::Result<()> {
     let mark = out.buf.len();
-    let mut answer = Answer {
+    let mut answer = Responder {
         dev,
         mode: cx.mode,
         to,
@@ -173,7 +173,7 @@ fn read_into(dev: &dyn BlockDevice, offset: u64, len: u32, out: &mut Vec<u8>) ->
 
 /// One request being answered: the backend, how the reply is framed, and
 /// where it goes.
-struct Answer<'r, 'o> {
+struct Responder<'r, 'o> {
     dev: &'r dyn BlockDevice,
     mode: ReplyMode,
     to: ReplyTo,
@@ -181,7 +181,7 @@ struct Answer<'r, 'o> {
     scratch: &'r mut Scratch,
 }
 
-impl Answer<'_, '_> {
+impl Responder<'_, '_> {
     fn read(&mut self, offset: u64, len: u32, df: bool) -> Result<(), ReadError> {
         let (mode, to) = (self.mode, self.to);
         if len == 0 && mode != ReplyMode::Simple {
@@ -402,7 +402,7 @@ mod tests {
 
     use super::*;
     use crate::counters::ErrorCounts;
-    use crate::replies::Replies;
+    use crate::replies::ReplyQueue;
     use crate::testing::{reply_socket, TestDevice};
 
     const EIO: u32 = 5;
@@ -495,7 +495,7 @@ mod tests {
         let len = DIRECT_READ_MIN as usize;
         dev.write(0, &vec![5; len], false).unwrap();
         let (mut client, writer, control) = reply_socket();
-        let mut replies = Replies::new(writer, control, Duration::from_secs(10), false);
+        let mut replies = ReplyQueue::new(writer, control, Duration::from_secs(10), false);
         replies.batch().extend_from_slice(b"earlier");
         let errors = sink();
         let read = Command::Read {
@@ -561,7 +561,7 @@ mod tests {
     #[test]
     fn a_pool_request_posts_its_reply_and_frees_its_room() {
         let (mut client, writer, control) = reply_socket();
-        let replies = Replies::new(writer, control, Duration::from_secs(10), true);
+        let replies = ReplyQueue::new(writer, control, Duration::from_secs(10), true);
         let job = PoolRequest {
             device: Arc::new(MemoryDevice::new(1 << 20).unwrap()),
             cmd: Command::Flush,

@@ -10,6 +10,8 @@
 //! - [`access`]: who may connect over TCP: `--allow` ranges, connections
 //!   per peer address.
 //! - [`connection`]: one client: the handshake, then the transmission loop.
+//! - [`deadline`]: the whole-handshake deadline, one watchdog thread for
+//!   every connection still in its handshake.
 //! - [`error`]: [`ConnectionError`], why a connection ended, for the
 //!   counters and the log.
 //! - [`input`]: the connection's input buffer, requests parsed in place.
@@ -34,6 +36,7 @@
 pub mod access;
 pub mod connection;
 pub mod counters;
+pub mod deadline;
 pub mod error;
 pub mod executor;
 pub mod export;

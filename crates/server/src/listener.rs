@@ -41,9 +41,10 @@ pub struct ServerContext {
     /// A client that reads none of its replies for this long, while some
     /// wait for it, is cut off (see [`crate::replies`]).
     pub reply_timeout: std::time::Duration,
-    /// A client must send each handshake message (and finish its TLS
-    /// handshake) within this, so silent connections cannot pin threads
-    /// ([`crate::connection::DEFAULT_HANDSHAKE_TIMEOUT`] unless configured).
+    /// A client must finish its whole handshake (TLS included) within
+    /// this of being accepted, so neither silent nor dripping connections
+    /// can pin threads and slots ([`crate::deadline`];
+    /// [`crate::connection::DEFAULT_HANDSHAKE_TIMEOUT`] unless configured).
     pub handshake_timeout: std::time::Duration,
     /// STARTTLS, when `--tls` is on or required.
     pub tls: Option<crate::tls::TlsConfig>,
@@ -311,6 +312,7 @@ impl Listener {
     /// Accepts clients until the process exits, one thread each.
     pub fn spawn(self, ctx: Arc<ServerContext>) -> io::Result<()> {
         let name = self.describe();
+        crate::deadline::start();
         info!(listener = %name, "listening");
         thread::Builder::new()
             .name(format!("accept {name}"))

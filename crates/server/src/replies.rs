@@ -1,6 +1,6 @@
 //! Where a connection's replies leave, and how much may wait to leave.
 //!
-//! Every reply of a connection goes through its [`Replies`]: no other code
+//! Every reply of a connection goes through its [`ReplyQueue`]: no other code
 //! writes to a client. There are two ways a reply leaves:
 //!
 //! - **Inline** (backends that never block): the connection's own thread
@@ -15,7 +15,7 @@
 //!   which sends what the socket takes at once and queues the rest. A
 //!   flusher thread of the connection's own (started the first time anything
 //!   is queued) waits for the client and sends the queue. When the queue and
-//!   the running requests fill the connection's budget, [`Replies::admit`]
+//!   the running requests fill the connection's budget, [`ReplyQueue::admit`]
 //!   waits: that connection stops reading requests, and nobody else notices.
 //!
 //! Either way, a client that reads none of its replies for the stall timeout
@@ -52,7 +52,7 @@ const FLUSHER_STACK: usize = 64 * 1024;
 
 /// A connection's replies: the gathering buffer of its own thread, and the
 /// state it shares with the workers running its requests.
-pub struct Replies {
+pub struct ReplyQueue {
     shared: Arc<Shared>,
     /// Replies gathered by the connection's thread, sent by [`Self::flush`].
     batch: Vec<u8>,
@@ -145,9 +145,9 @@ impl State {
     }
 }
 
-impl Replies {
+impl ReplyQueue {
     pub fn new(writer: WriteHalf, control: Control, stall: Duration, pooled: bool) -> Self {
-        Replies {
+        ReplyQueue {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     writer,
@@ -273,7 +273,7 @@ impl Replies {
 impl Shared {
     /// Sends or queues a reply; never waits for the client. `reserved`:
     /// the reservation of the request it answers, freed in the same step
-    /// (so that [`Replies::wait_idle`] never sees a request neither running
+    /// (so that [`ReplyQueue::wait_idle`] never sees a request neither running
     /// nor replied).
     fn post(self: &Arc<Self>, reply: Vec<u8>, reserved: Option<usize>) -> io::Result<()> {
         let mut st = sync::lock(&self.state);
@@ -431,9 +431,9 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
-    fn replies(pooled: bool, stall: Duration) -> (UnixStream, Replies) {
+    fn replies(pooled: bool, stall: Duration) -> (UnixStream, ReplyQueue) {
         let (client, writer, control) = reply_socket();
-        (client, Replies::new(writer, control, stall, pooled))
+        (client, ReplyQueue::new(writer, control, stall, pooled))
     }
 
     fn read(client: &mut UnixStream, n: usize) -> Vec<u8> {
@@ -443,7 +443,7 @@ mod tests {
     }
 
     /// Admits `bytes` on another thread; the receiver hears when it got in.
-    fn admit_later(replies: &Arc<Replies>, bytes: usize) -> mpsc::Receiver<io::Result<Ticket>> {
+    fn admit_later(replies: &Arc<ReplyQueue>, bytes: usize) -> mpsc::Receiver<io::Result<Ticket>> {
         let (tx, rx) = mpsc::channel();
         let replies = replies.clone();
         thread::spawn(move || tx.send(replies.admit(bytes)).unwrap());

@@ -174,7 +174,7 @@ fn ack(seq: u32, errno: i32) -> Vec<u8> {
 #[test]
 fn connect_reply_gives_the_index() {
     let answer = parse_answer::<NbdMessage>(&connect_answer(7, 5), 7).unwrap();
-    let Answer::Done(replies) = answer else {
+    let NetlinkAnswer::Done(replies) = answer else {
         panic!("{answer:?}");
     };
     assert_eq!(replies.len(), 1);
@@ -187,13 +187,13 @@ fn reply_without_ack_reads_on() {
     let mut only_reply = connect_answer(7, 5);
     only_reply.truncate(28);
     let answer = parse_answer::<NbdMessage>(&only_reply, 7).unwrap();
-    assert!(matches!(answer, Answer::More(ref r) if r[0].index() == Some(5)));
+    assert!(matches!(answer, NetlinkAnswer::More(ref r) if r[0].index() == Some(5)));
 }
 
 #[test]
 fn refusal_gives_the_errno() {
     let answer = parse_answer::<NbdMessage>(&ack(4, libc::EBUSY), 4).unwrap();
-    assert_eq!(answer, Answer::Errno(libc::EBUSY));
+    assert_eq!(answer, NetlinkAnswer::Errno(libc::EBUSY));
 }
 
 #[test]
@@ -202,7 +202,7 @@ fn stale_answers_are_skipped() {
     let mut b = connect_answer(6, 1);
     b.extend(ack(7, 0));
     let answer = parse_answer::<NbdMessage>(&b, 7).unwrap();
-    assert_eq!(answer, Answer::Done(vec![]));
+    assert_eq!(answer, NetlinkAnswer::Done(vec![]));
 }
 
 #[test]

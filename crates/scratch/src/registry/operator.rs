@@ -208,6 +208,8 @@ impl Registry {
     ///
     /// When there is no such disk, or it is still being created.
     pub fn keep(&self, key: &DiskKey, time: Option<Duration>) -> Result<(), AdminError> {
+        // Past a century is forever; beyond, `Instant` additions overflow.
+        let time = time.map(|t| t.min(FOREVER));
         let mut state = self.shared.lock();
         let disk = match state.entries.get_mut(key) {
             None => return Err(AdminError::NotFound(key.name.clone())),

@@ -21,13 +21,16 @@ impl State {
     /// Adds the entry of a new disk for `key`, counting it for its owner
     /// (whose shares are made on its first disk); the owner's shares.
     pub(super) fn add(&mut self, key: DiskKey, entry: Entry, shared: &Shared) -> Budgets {
-        let owner = self.owners.entry(key.owner).or_insert_with(|| OwnerState {
-            disks: 0,
-            shares: shared.budgets.shares(
-                shared.settings.per_owner.memory,
-                shared.settings.per_owner.disk,
-            ),
-        });
+        let owner = self
+            .owners
+            .entry(key.owner.holder())
+            .or_insert_with(|| OwnerState {
+                disks: 0,
+                shares: shared.budgets.shares(
+                    shared.settings.per_owner.memory,
+                    shared.settings.per_owner.disk,
+                ),
+            });
         owner.disks += 1;
         let shares = owner.shares.clone();
         self.entries.insert(key, entry);
@@ -38,18 +41,20 @@ impl State {
     /// caller drops what is returned after unlocking.
     pub(super) fn remove(&mut self, key: &DiskKey) -> Option<Entry> {
         let entry = self.entries.remove(key)?;
-        if let Some(owner) = self.owners.get_mut(&key.owner) {
+        let holder = key.owner.holder();
+        if let Some(owner) = self.owners.get_mut(&holder) {
             owner.disks -= 1;
             if owner.disks == 0 {
-                self.owners.remove(&key.owner);
+                self.owners.remove(&holder);
             }
         }
         Some(entry)
     }
 
-    /// How many entries `owner` has.
+    /// How many entries `owner` has (with its other groups', see
+    /// [`Owner::holder`]).
     fn disks_of(&self, owner: &Owner) -> usize {
-        self.owners.get(owner).map_or(0, |o| o.disks)
+        self.owners.get(&owner.holder()).map_or(0, |o| o.disks)
     }
 
     /// Removes the lingering disk nearest its deadline among those whose
@@ -73,27 +78,28 @@ impl State {
 
 impl Shared {
     /// Frees a slot for a new disk of `owner` under `--max-exports-per-owner`
-    /// and `--max-exports`, evicting the lingering disk nearest its deadline
-    /// (the owner's own, for its cap) if need be; the caller drops the
-    /// evicted disks after unlocking.
+    /// and `--max-exports`, evicting the owner's own lingering disk nearest
+    /// its deadline if need be; the caller drops the evicted disks after
+    /// unlocking. Another owner's lingering disk is never taken: it is
+    /// that owner's data (what a build keeps between runs), and a full
+    /// server is that owner's business only through its own cap.
     pub(super) fn make_room(
         &self,
         state: &mut State,
         owner: &Owner,
     ) -> Result<Vec<Entry>, OpenError> {
         let mut evicted = Vec::new();
+        let own = |key: &DiskKey| key.owner.holder() == owner.holder();
         if let Some(max) = self.settings.per_owner.max_exports {
             if state.disks_of(owner) >= max {
-                let victim = state
-                    .evict(|key| key.owner == *owner)
-                    .ok_or(OpenError::TooManyOfOwner { max })?;
+                let victim = state.evict(own).ok_or(OpenError::TooManyOfOwner { max })?;
                 info!(target: LOG, export = %victim.0.name, owner = %owner, "evicting a lingering disk to stay within --max-exports-per-owner");
                 evicted.push(victim.1);
             }
         }
         if let Some(max) = self.settings.max_exports {
             if state.entries.len() >= max {
-                let victim = state.evict(|_| true).ok_or(OpenError::TooMany { max })?;
+                let victim = state.evict(own).ok_or(OpenError::TooMany { max })?;
                 info!(target: LOG, export = %victim.0.name, owner = %victim.0.owner, "evicting a lingering disk to stay within --max-exports");
                 evicted.push(victim.1);
             }
@@ -134,6 +140,66 @@ mod tests {
         // Existing names still open.
         r.open("a", alice()).unwrap();
         drop((a, c));
+    }
+
+    #[test]
+    fn a_full_server_never_evicts_another_owners_lingering_disk() {
+        let (r, _fake) = registry(Settings {
+            max_exports: Some(2),
+            linger: Duration::from_secs(60),
+            ..settings()
+        });
+        let bob = r.owner_of(peer(2000));
+        let kept = r.open("bobs-cache", bob).unwrap();
+        kept.device.write(0, b"bob's", false).unwrap();
+        drop(kept); // lingers: bob's data between two runs
+        let a = r.open("a", alice()).unwrap();
+        match r.open("b", alice()).err() {
+            Some(e @ OpenError::TooMany { max: 2 }) => {
+                assert!(e.to_string().contains("none of yours lingers"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let back = r.open("bobs-cache", bob).unwrap();
+        let mut buf = [0u8; 5];
+        back.device.read(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"bob's", "bob's lingering disk survived");
+        drop(back);
+        // Alice's own lingering disk does make room for her.
+        drop(a);
+        r.open("b", alice()).unwrap();
+        assert_eq!(r.list(alice()), ["b"]);
+        assert_eq!(r.list(bob), ["bobs-cache"]);
+    }
+
+    #[test]
+    fn switching_groups_does_not_multiply_a_users_cap() {
+        let (r, _) = registry(Settings {
+            owners: OwnerPolicy::PeerGid,
+            per_owner: OwnerLimits {
+                max_exports: Some(2),
+                ..OwnerLimits::default()
+            },
+            ..settings()
+        });
+        let group = |gid| r.owner_of(Peer::Unix { uid: 1000, gid });
+        let one = r.open("x", group(100)).unwrap();
+        let two = r.open("x", group(5)).unwrap();
+        assert!(!Arc::ptr_eq(&one.device, &two.device), "a namespace each");
+        assert!(matches!(
+            r.open("y", group(6)).err(),
+            Some(OpenError::TooManyOfOwner { max: 2 })
+        ));
+        // Another user is counted apart.
+        r.open(
+            "x",
+            r.owner_of(Peer::Unix {
+                uid: 1001,
+                gid: 100,
+            }),
+        )
+        .unwrap();
+        drop((one, two));
     }
 
     #[test]
