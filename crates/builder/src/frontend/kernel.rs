@@ -43,10 +43,9 @@ const DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(5);
 /// stall up to this long costs nothing. It is also how long a request in
 /// flight to a vanished server waits before it fails (plus
 /// [`DEAD_CONN_TIMEOUT`]); new requests fail sooner, once TCP has found
-/// the connection dead ([`nbd_kernel::TCP_DEAD_AFTER`]). Builds run for
-/// minutes to hours, so five minutes of patience cost little; 120 s was
-/// once exceeded after a 45 s stall in a guest starved of CPU.
-pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// the connection dead ([`nbd_kernel::TCP_DEAD_AFTER`]), and how long a
+/// detach of such an attachment waits for its writeback.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The start of a `scratchd run`'s device label: `scratchd-run:PID:START:`
 /// (the run's process and its start time, so that a sweep can tell a dead
