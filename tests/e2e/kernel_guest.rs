@@ -609,10 +609,12 @@ fn a_run_killed_while_mounting_leaves_no_device_after_detach_stale() {
         let label = format!("scratchd-run:{}:", run.id());
         let device = kill_once_connected(&mut run, &label);
         detach_stale(state.path());
+        // By its label: the other guest tests may connect the same index
+        // again at once.
         eventually(
             &format!("round {round}: {device} to disconnect"),
             Duration::from_secs(20),
-            || !connected(&device),
+            || devices_labelled(&label).is_empty(),
         );
     }
 }
@@ -646,14 +648,16 @@ fn an_attach_killed_while_mounting_leaves_no_device_after_detach_stale() {
                 })
         })
         .expect("attach claimed no record");
-        let device = kill_once_connected(&mut attach, &format!("scratchd-attach:{id}"));
+        let label = format!("scratchd-attach:{id}");
+        let device = kill_once_connected(&mut attach, &label);
         detach_stale(a.state.path());
         // The kernel lets the device go once its last opener (the mount,
-        // unmounted lazily) has closed it.
+        // unmounted lazily) has closed it. By its label: the other guest
+        // tests may connect the same index again at once.
         eventually(
             &format!("round {round}: {device} to disconnect"),
             Duration::from_secs(20),
-            || !connected(&device),
+            || devices_labelled(&label).is_empty(),
         );
         let (_, mounts) = sh("cat /proc/self/mountinfo");
         assert!(
