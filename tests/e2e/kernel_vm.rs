@@ -34,7 +34,15 @@ struct KnownFailure {
 }
 
 /// Guest tests expected to fail today, and why.
-const KNOWN_FAILURES: &[KnownFailure] = &[];
+const KNOWN_FAILURES: &[KnownFailure] = &[KnownFailure {
+    test: "a_stalled_server_loses_no_connection",
+    kernels: &["6.1"],
+    why: "under TCG on a 2-core host, with the 6.12 guest beside it, a request of the \
+          emulated 6.1 guest sometimes outlasts the 120 s timeout after a 45 s stall \
+          (seen once in four full runs: 'Connection timed out, retrying (4/4 alive)'); \
+          on real hardware the margin is 75 s",
+    every_time: false,
+}];
 
 /// How long one guest may take, boot to power-off, before it is killed.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(420);
