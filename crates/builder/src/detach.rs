@@ -199,17 +199,7 @@ mod tests {
 
     #[test]
     fn a_kernel_record_whose_device_is_gone_is_stale() {
-        let record = Record {
-            id: "x".into(),
-            kind: FrontEnd::Kernel,
-            mount: "/mnt".into(),
-            device: Some("/dev/nbd12".into()),
-            export: "e".into(),
-            uri: "nbd://h/e".into(),
-            holder: None,
-            fuse_dir: None,
-            backend: Some("scratchd-attach:x".into()),
-        };
+        let record = Record::kernel_example();
         // No such device here: the kernel shows no backend.
         assert!(is_stale(&record));
         let fuse = Record {

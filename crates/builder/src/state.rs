@@ -186,6 +186,22 @@ pub struct Record {
 }
 
 impl Record {
+    /// A kernel attachment of `/dev/nbd12` at `/mnt`, for tests to vary.
+    #[cfg(test)]
+    pub(crate) fn kernel_example() -> Record {
+        Record {
+            id: "x".into(),
+            kind: FrontEnd::Kernel,
+            mount: "/mnt".into(),
+            device: Some("/dev/nbd12".into()),
+            export: "e".into(),
+            uri: "nbd://h/e".into(),
+            holder: None,
+            fuse_dir: None,
+            backend: Some("scratchd-attach:x".into()),
+        }
+    }
+
     /// Whether `path` (canonical) is this attachment's mount point or
     /// block device.
     pub fn names(&self, path: &Path) -> bool {

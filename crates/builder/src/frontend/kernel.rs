@@ -421,17 +421,7 @@ mod tests {
 
     #[test]
     fn nbd_indexes_come_from_the_device_name() {
-        let mut record = Record {
-            id: "x".into(),
-            kind: FrontEnd::Kernel,
-            mount: "/mnt".into(),
-            device: Some("/dev/nbd12".into()),
-            export: "e".into(),
-            uri: "nbd://h/e".into(),
-            holder: None,
-            fuse_dir: None,
-            backend: Some("scratchd-attach:x".into()),
-        };
+        let mut record = Record::kernel_example();
         assert_eq!(nbd_index(&record), Some(12));
         // No such device here: the kernel shows no backend, so it is gone.
         assert!(!Kernel.attached_without_holder(&record));
