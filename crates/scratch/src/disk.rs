@@ -678,6 +678,7 @@ mod tests {
         let expect = Expect {
             trim_zeroes: true,
             may_fill,
+            trim_may_fill: false,
         };
         testing::check_with(&dev, ops, expect, || {
             memory.map_or(Ok(()), |budget| testing::within_budget(budget))
