@@ -132,6 +132,7 @@ pub fn lookup_error(e: OpenError) -> LookupError {
         | OpenError::Share(_) => LookupError::Policy(message),
         OpenError::Create(_) | OpenError::CreateTimeout => LookupError::Platform(message),
         OpenError::Stopping => LookupError::Shutdown(message),
+        OpenError::NoSnapshot(_) => LookupError::Unknown(message),
     }
 }
 

@@ -226,6 +226,18 @@ impl ScratchDevice {
         }
     }
 
+    /// An operator's image file (or block device), read-only, to take a
+    /// snapshot of.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be opened.
+    pub(crate) fn image(path: &std::path::Path) -> io::Result<ScratchDevice> {
+        let dev = FileDevice::open(path, true)?;
+        let inode = File::open(path)?;
+        Ok(Self::file(BudgetedFile::new(dev, inode, None)?))
+    }
+
     /// Turns this disk, blank and serving no one, into a clone of `base`
     /// that writes into it: its budgets are the clone's.
     ///

@@ -78,6 +78,9 @@ pub enum CreateError {
     /// A snapshot could not be copied, or a clone not made.
     #[error("cannot copy the snapshot: {0}")]
     Snapshot(#[source] io::Error),
+    /// The owner's share cannot hold a new snapshot.
+    #[error(transparent)]
+    Share(crate::device::ClaimError),
     /// A snapshot of a disk of another size was asked to start a disk.
     #[error("a snapshot of {snapshot} bytes cannot start a disk of {disk} bytes")]
     SnapshotSize { snapshot: u64, disk: u64 },
@@ -99,10 +102,11 @@ pub trait DiskFactory: Send + Sync {
     /// A new disk, ready to serve.
     fn create(&self) -> Result<ScratchDevice, CreateError>;
     /// A snapshot of `dev`'s contents, held where this factory's disks
-    /// live and charged to the same budgets, once. By default in memory
-    /// charged to nothing, which only factories without budgets (tests)
-    /// may keep.
-    fn snapshot_of(&self, dev: &ScratchDevice) -> Result<Snapshot, CreateError> {
+    /// live and charged to the same budgets, once, within `shares` (its
+    /// owner's). By default in memory charged to nothing, which only
+    /// factories without budgets (tests) may keep.
+    fn snapshot_of(&self, dev: &ScratchDevice, shares: &Budgets) -> Result<Snapshot, CreateError> {
+        let _ = shares;
         dev.snapshot_into(unbudgeted(dev.size())?)
             .map_err(CreateError::Snapshot)
     }
@@ -363,8 +367,9 @@ impl DiskFactory for Maker {
         self.make(true)
     }
 
-    fn snapshot_of(&self, dev: &ScratchDevice) -> Result<Snapshot, CreateError> {
+    fn snapshot_of(&self, dev: &ScratchDevice, shares: &Budgets) -> Result<Snapshot, CreateError> {
         let into = self.make(false)?;
+        into.claim(shares).map_err(CreateError::Share)?;
         dev.snapshot_into(into).map_err(CreateError::Snapshot)
     }
 
@@ -793,7 +798,8 @@ mod tests {
         type Snap = Arc<Snapshot>;
 
         fn snapshot(&mut self, disk: &ScratchDevice) -> io::Result<Arc<Snapshot>> {
-            let snap = Arc::new(self.maker.snapshot_of(disk).map_err(io_error)?);
+            let shares = Budgets::default();
+            let snap = Arc::new(self.maker.snapshot_of(disk, &shares).map_err(io_error)?);
             self.snapshots.push(Arc::downgrade(&snap));
             Ok(snap)
         }
@@ -874,7 +880,7 @@ mod tests {
         };
         let snap = Arc::new(
             maker(1 << 20)
-                .snapshot_of(&maker(1 << 20).create().unwrap())
+                .snapshot_of(&maker(1 << 20).create().unwrap(), &Budgets::default())
                 .unwrap(),
         );
         assert!(matches!(
