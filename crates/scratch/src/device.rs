@@ -307,6 +307,7 @@ impl ScratchDevice {
     pub fn stats(&self) -> StatsSnapshot {
         StatsSnapshot {
             allocated_bytes: self.allocated_bytes(),
+            shared_bytes: self.base().map_or(0, |b| b.data_bytes()),
             ..self.stats.snapshot()
         }
     }

@@ -75,6 +75,8 @@ pub struct Snapshot {
     data: Box<dyn BlockDevice>,
     /// log2 of the copy-on-write block size of clones.
     block_shift: u32,
+    /// Bytes of data copied in (all-zero blocks left out).
+    data_bytes: u64,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -112,25 +114,32 @@ impl Snapshot {
         }
         let block = allocation_block_size();
         let mut buf = vec![0u8; COPY_CHUNK as usize];
+        let mut data_bytes = 0;
         for (start, end) in data_ranges(src)? {
             let mut at = start;
             while at < end {
                 let n = (end - at).min(COPY_CHUNK);
                 let chunk = &mut buf[..n as usize];
                 src.read(at, chunk)?;
-                copy_nonzero_blocks(&*into, at, chunk, block)?;
+                data_bytes += copy_nonzero_blocks(&*into, at, chunk, block)?;
                 at += n;
             }
         }
         Ok(Snapshot {
             data: into,
             block_shift: block.trailing_zeros(),
+            data_bytes,
         })
     }
 
     /// Size in bytes of the disk it was taken of.
     pub fn size(&self) -> u64 {
         self.data.size()
+    }
+
+    /// Bytes of data it holds: what its clones share.
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
     }
 
     /// The copy-on-write block size of its clones.
@@ -172,13 +181,15 @@ fn data_ranges(dev: &dyn BlockDevice) -> io::Result<Vec<(u64, u64)>> {
 }
 
 /// Writes `chunk`, which belongs at `offset`, into `into`, skipping the
-/// blocks (of `block` bytes, aligned to the disk) that are all zeros.
+/// blocks (of `block` bytes, aligned to the disk) that are all zeros;
+/// returns the bytes written.
 fn copy_nonzero_blocks(
     into: &dyn BlockDevice,
     offset: u64,
     chunk: &[u8],
     block: u64,
-) -> io::Result<()> {
+) -> io::Result<u64> {
+    let mut written = 0;
     let mut pos = 0usize;
     let mut run: Option<usize> = None;
     while pos < chunk.len() {
@@ -189,6 +200,7 @@ fn copy_nonzero_blocks(
             (false, None) => run = Some(pos),
             (true, Some(start)) => {
                 into.write(offset + start as u64, &chunk[start..pos], false)?;
+                written += (pos - start) as u64;
                 run = None;
             }
             _ => {}
@@ -197,8 +209,9 @@ fn copy_nonzero_blocks(
     }
     if let Some(start) = run {
         into.write(offset + start as u64, &chunk[start..], false)?;
+        written += (chunk.len() - start) as u64;
     }
-    Ok(())
+    Ok(written)
 }
 
 /// A disk that starts as a [`Snapshot`]'s contents and keeps its own

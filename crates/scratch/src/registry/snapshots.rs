@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use scratchd_store::cow::Snapshot;
-use scratchd_store::{BlockDevice, ExtentKind};
+use scratchd_store::BlockDevice;
 use tracing::info;
 
 use super::{Entry, Registry, Shared, State, LOG};
@@ -321,7 +321,7 @@ impl Shared {
             }
         };
         let held = Held {
-            bytes: data_bytes(snapshot.device()),
+            bytes: snapshot.data_bytes(),
             snapshot: Arc::new(snapshot),
             taken: Instant::now(),
             source,
@@ -363,18 +363,6 @@ impl State {
         self.reserved.insert(key.clone());
         Ok(shares)
     }
-}
-
-/// Bytes in the data extents of `dev`.
-fn data_bytes(dev: &dyn BlockDevice) -> u64 {
-    let mut out = Vec::new();
-    if dev.extents(0, dev.size(), &mut out).is_err() {
-        return dev.size();
-    }
-    out.iter()
-        .filter(|e| e.kind == ExtentKind::Data)
-        .map(|e| e.len)
-        .sum()
 }
 
 #[cfg(test)]

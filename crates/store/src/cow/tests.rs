@@ -59,6 +59,7 @@ fn a_snapshot_holds_the_data_once_and_skips_zero_blocks() {
     assert_eq!(budget.used(), 3 * bs);
     assert_eq!(read(snap.device(), bs, 3 * bs), vec![7; 3 * bs as usize]);
     assert_eq!(data_bytes(snap.device()), 3 * bs);
+    assert_eq!(snap.data_bytes(), 3 * bs);
     drop(snap);
     assert_eq!(budget.used(), 0);
 }
