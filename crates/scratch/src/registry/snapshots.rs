@@ -197,9 +197,13 @@ impl Registry {
         Ok(view)
     }
 
-    /// `owner`'s snapshots, then the published ones, each by name.
+    /// `owner`'s snapshots and the published ones, by owner and name. An
+    /// owner without an identity sees the published ones only: its
+    /// snapshots, like its disks, are everyone's who knows their names
+    /// (see [`Registry::list`]).
     pub fn snapshots_of(&self, owner: Owner) -> Vec<SnapshotView> {
-        self.snapshot_views(|key| key.owner.is_none() || key.owner == Some(owner))
+        let mine = |key: &SnapshotKey| owner.is_identified() && key.owner == Some(owner);
+        self.snapshot_views(|key| key.owner.is_none() || mine(key))
     }
 
     /// Every snapshot: the operator's view.
@@ -376,7 +380,7 @@ mod tests {
     use super::*;
     use crate::config::{FormatKind, FormatSpec};
     use crate::disk::{Maker, Placement};
-    use crate::owner::OwnerLimits;
+    use crate::owner::{OwnerLimits, Peer};
 
     fn read(dev: &dyn BlockDevice, offset: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0; len];
@@ -552,6 +556,19 @@ mod tests {
         assert_eq!(budget.used(), (256 << 10) + 8192);
         drop(clones);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn snapshots_without_an_identity_are_used_by_name_and_never_listed() {
+        let (r, _) = registry(settings());
+        let anyone = r.owner_of(Peer::Anonymous);
+        let disk = r.open("root", anyone).unwrap();
+        disk.device.write(0, b"x", false).unwrap();
+        r.take_snapshot(anyone, "root", "base").unwrap();
+        assert!(r.snapshots_of(anyone).is_empty(), "names are keys here");
+        let clone = r.open_from("build", anyone, Some("base")).unwrap();
+        assert_eq!(read(&*clone.device, 0, 1), b"x");
+        assert_eq!(r.snapshots().len(), 1, "the operator sees it");
     }
 
     #[test]
