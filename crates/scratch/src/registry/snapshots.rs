@@ -388,10 +388,10 @@ mod tests {
         buf
     }
 
-    /// A registry of blank 1 MiB memory disks charged to `budget`.
-    fn budgeted(budget: &Arc<Budget>, settings: Settings) -> Registry {
+    /// A registry of blank memory disks of `size` bytes charged to `budget`.
+    fn budgeted(budget: &Arc<Budget>, size: u64, settings: Settings) -> Registry {
         let maker = Maker {
-            size: 1 << 20,
+            size,
             quota: None,
             placement: Placement::Memory(budget.clone()),
             format: Box::new(FormatSpec {
@@ -518,6 +518,7 @@ mod tests {
         let budget = Arc::new(Budget::new(64 << 20));
         let r = budgeted(
             &budget,
+            1 << 20,
             Settings {
                 per_owner: OwnerLimits {
                     memory: Some(512 << 10),
@@ -569,6 +570,46 @@ mod tests {
         let clone = r.open_from("build", anyone, Some("base")).unwrap();
         assert_eq!(read(&*clone.device, 0, 1), b"x");
         assert_eq!(r.snapshots().len(), 1, "the operator sees it");
+    }
+
+    /// The farm, scaled down 100 times: 50 builds cloned from one
+    /// 4 MiB root, each writing 200 KiB (whole blocks and a partial one),
+    /// hold the root once plus what they wrote, to the block; 50 builds on
+    /// fresh disks would hold 50 roots.
+    #[test]
+    fn fifty_clones_of_one_root_hold_it_once() {
+        const ROOT: u64 = 4 << 20;
+        const WRITTEN: u64 = 200 << 10;
+        let budget = Arc::new(Budget::new(u64::MAX));
+        let r = budgeted(&budget, ROOT, settings());
+        let root = r.open("root", alice()).unwrap();
+        root.device
+            .write(0, &vec![7; ROOT as usize], false)
+            .unwrap();
+        r.take_snapshot(alice(), "root", "base").unwrap();
+        drop(root);
+        assert_eq!(budget.used(), ROOT);
+        let builds: Vec<_> = (0..50)
+            .map(|i| {
+                let build = r
+                    .open_from(&format!("b{i}"), alice(), Some("base"))
+                    .unwrap();
+                // 49 whole blocks, then 4 KiB straddling two more.
+                build.device.write(0, &vec![1; 49 * 4096], false).unwrap();
+                build
+                    .device
+                    .write(49 * 4096 + 2048, &[2; 4096], false)
+                    .unwrap();
+                build
+            })
+            .collect();
+        let per_build = WRITTEN + 4096; // the straddling write copies up two blocks
+        assert_eq!(budget.used(), ROOT + 50 * per_build);
+        let mut buf = vec![0; 4];
+        builds[49].device.read(ROOT - 4, &mut buf).unwrap();
+        assert_eq!(buf, [7; 4], "the root reads through");
+        drop(builds);
+        assert_eq!(budget.used(), ROOT);
     }
 
     #[test]
