@@ -22,6 +22,8 @@
 #   run-server  `scratchd serve -U SOCK tmpdisk size=20G pool=1` and `scratchd run
 #               --server nbd+unix:///?socket=SOCK -- CMD` (scratchd's NBD client,
 #               4 connections, FUSE, direct-I/O loop)
+#   run-server-sync  run-server with `--write-behind off`: every write waits
+#               for the server's reply (before issue 21's write-behind)
 #   run-tcp     the same over TCP loopback: `scratchd serve -i 127.0.0.1 -p PORT
 #               tmpdisk size=20G pool=1`, `scratchd run --server nbd://127.0.0.1:PORT`
 #
@@ -158,8 +160,8 @@ read -r -a phases <<<"$PHASES"
 [ ${#phases[@]} -gt 0 ] || die "PHASES is empty"
 for c in "${cfgs[@]}"; do
   case $c in
-    ceiling | tmpfs | local-disk | nbdkit | run-local | run-server | run-tcp) ;;
-    *) die "unknown configuration '$c' (ceiling tmpfs local-disk nbdkit run-local run-server run-tcp)" ;;
+    ceiling | tmpfs | local-disk | nbdkit | run-local | run-server | run-server-sync | run-tcp) ;;
+    *) die "unknown configuration '$c' (ceiling tmpfs local-disk nbdkit run-local run-server run-server-sync run-tcp)" ;;
   esac
 done
 want_attach="" disk_phases=""
@@ -209,7 +211,7 @@ if has_cfg nbdkit; then
 fi
 
 # --- scratchd ------------------------------------------------------------------
-if has_cfg run-local || has_cfg run-server || has_cfg run-tcp; then
+if has_cfg run-local || has_cfg run-server || has_cfg run-server-sync || has_cfg run-tcp; then
   if [ -z "${SCRATCHD:-}" ]; then
     command -v cargo >/dev/null || die "cargo is needed to build scratchd (or set SCRATCHD=/path/to/scratchd)"
     echo "cargo build --release --locked" >&2
@@ -431,6 +433,7 @@ run_args() { # config -> run_cmd: the scratchd run command line, up to '--'
   case $1 in
     run-local) run_cmd=("$SCRATCHD" run --size "$SIZE") ;;
     run-server) run_cmd=("$SCRATCHD" run --server "nbd+unix:///?socket=$work/sock") ;;
+    run-server-sync) run_cmd=("$SCRATCHD" run --write-behind off --server "nbd+unix:///?socket=$work/sock") ;;
     run-tcp) run_cmd=("$SCRATCHD" run --server "nbd://127.0.0.1:$port") ;;
   esac
 }
@@ -505,7 +508,7 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r: $c" >&2
     case $c in
       nbdkit) start_server nbdkit env TMPDIR="$shm" nbdkit -f -U "$work/sock" tmpdisk size="$SIZE" ;;
-      run-server) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
+      run-server | run-server-sync) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
       run-tcp) start_server scratchd-serve-tcp "$SCRATCHD" serve -i 127.0.0.1 -p "$port" tmpdisk size="$SIZE" pool=1 ;;
     esac
     sync
