@@ -88,12 +88,20 @@ if [ "${1:-}" = phases ]; then
     sync
     case $p in
       install)
+        # scratchd mounts every disk nodev, where device nodes cannot be
+        # opened: the target's /dev is a tmpfs of its own (in every
+        # configuration alike), and container=lxc skips debootstrap's
+        # check that nodes on the target itself work.
+        mkdir -p "$mnt/root/dev"
+        mount -t tmpfs -o mode=755,size=1M bench-dev "$mnt/root/dev"
         t0=$(now)
-        if ! debootstrap --variant=minbase --unpack-tarball="$RW_DEB_TARBALL" "$RW_SUITE" "$mnt/root" \
+        if ! container=lxc debootstrap --variant=minbase --unpack-tarball="$RW_DEB_TARBALL" "$RW_SUITE" "$mnt/root" \
           >"$RW_LOGDIR/debootstrap.log" 2>&1; then
+          umount -l "$mnt/root/dev"
           fail "debootstrap failed: see debootstrap.log (KEEP_LOGS=1 keeps it whole)"
         fi
         t1=$(now)
+        umount "$mnt/root/dev"
         [ -x "$mnt/root/usr/bin/dpkg" ] || fail "debootstrap installed no dpkg"
         ;;
       extract)

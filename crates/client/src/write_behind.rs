@@ -56,9 +56,10 @@ pub struct Window {
 }
 
 impl Default for Window {
-    /// 8 MiB and 64 requests: see docs/PERFORMANCE.md for the measurement
-    /// (the install phase gains nothing beyond a few requests; a bulk
-    /// write of 1 MiB requests keeps 8 in flight).
+    /// 8 MiB and 64 requests: eight of the loop device's 1 MiB requests,
+    /// and one connection's [`crate::Options::max_in_flight`] of small
+    /// ones. Queue-depth-1 writes and the install phase keep far fewer in
+    /// flight (docs/PERFORMANCE.md, issue 21); the bound is for floods.
     fn default() -> Self {
         Window {
             bytes: 8 << 20,
