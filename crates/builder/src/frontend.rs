@@ -428,6 +428,23 @@ mod tests {
         }
     }
 
+    /// `auto` follows the server's FLUSH flag; the names round-trip.
+    #[test]
+    fn write_behind_modes_parse_and_auto_follows_the_flush_flag() {
+        use WriteBehindMode::*;
+        for mode in [Auto, On, Off] {
+            assert_eq!(mode.to_string().parse(), Ok(mode));
+        }
+        assert_eq!(
+            "yes".parse::<WriteBehindMode>(),
+            Err("expected auto, on or off".to_owned())
+        );
+        assert_eq!(WriteBehindMode::default(), Auto);
+        assert!(Auto.enabled(false) && !Auto.enabled(true));
+        assert!(On.enabled(true) && On.enabled(false));
+        assert!(!Off.enabled(true) && !Off.enabled(false));
+    }
+
     /// The match fails to compile when a front end is added: list it in
     /// the preference too.
     #[test]
