@@ -63,6 +63,17 @@
 #   umount_root  detach (`mock --umount`, and first thing in a clean)
 #   postclean    detach, drop the old disk (with `control`), and bump the
 #                root's generation: the next mount_root gets a fresh disk
+#                (started as the current snapshot, if there is one)
+#   make_snapshot    `scratchd snapshot take` of the root's disk (the file
+#                system frozen while mounted); it becomes the current one
+#   rollback_to  the snapshot becomes current; detach and a new generation:
+#                the next mount_root attaches `--from` the snapshot
+#   remove_snapshot  `scratchd snapshot delete`
+#   list_snapshots   the root's snapshots, '* ' before the current one
+#   scrub        `all` removes the root's snapshots too
+# The snapshots are the server's (copy-on-write: a clone costs nothing
+# until written), named by an HMAC under the key like the disks; which
+# exist and which is current is kept beside the key (SnapshotRecord).
 # Teardown hooks never raise: they log a warning, as mock's tmpfs plugin
 # does (mockbuild/plugins/tmpfs.py, _tmpfsUmount), so that one failed
 # detach cannot skip the rest of mock's cleanup.
@@ -104,9 +115,14 @@ requires_api_version = "1.1"
 # attaches and exports per mock run for nothing; and a second instance
 # there would attach the same export as the main root whenever `name` is
 # fixed (mock.py's main deep-copies plugin_conf into the bootstrap root's
-# config). mockbuild/plugin.py, Plugins.init_plugins: a module with
-# run_in_bootstrap False is not initialised for a root with is_bootstrap.
-run_in_bootstrap = False
+# config). The plugin still runs in the bootstrap root, for one reason:
+# mock.py's snapshot modes call make_snapshot, rollback_to,
+# remove_snapshot and list_snapshots on the bootstrap root too, with
+# required=True, and mockbuild/plugin.py's call_hooks raises "Feature ...
+# is not provided by any of enabled plugins" for a root where no plugin
+# registered them. So there it registers those four as no-ops
+# (BootstrapStub) and nothing else.
+run_in_bootstrap = True
 
 PLUGIN = "scratchd_root"
 KEY_BYTES = 32
@@ -266,6 +282,48 @@ class Generations(object):
         _replace_file(self.path, str(self.current() + 1).encode())
 
 
+def snapshot_name(key, root, unique_ext, name):
+    """The scratchd snapshot behind mock snapshot `name` of a build root:
+    keyed like the disks' names, since a snapshot's name is the key to it
+    where peers share a namespace (docs/SECURITY.md, "Snapshots")."""
+    message = "snapshot\0{0}\0{1}\0{2}".format(root, unique_ext, name)
+    digest = hmac.new(key, message.encode(), hashlib.sha256)
+    return "mock-snap-" + digest.hexdigest()[:32]
+
+
+class SnapshotRecord(object):
+    """A build root's mock snapshots and which one is current, in a
+    root-only JSON file beside the generations: the server does not list
+    snapshots to peers that share a namespace, and mock's names are the
+    user's, not the server's. lvm_root keeps its current snapshot in a
+    file the same way (mockbuild/plugins/lvm_root.py, snap_info)."""
+
+    def __init__(self, key_file, key, root, unique_ext):
+        self.dir = os.path.join(os.path.dirname(key_file), ".scratchd-snapshots")
+        digest = hmac.new(key, "snapshots\0{0}\0{1}".format(root, unique_ext).encode(),
+                          hashlib.sha256)
+        self.path = os.path.join(self.dir, digest.hexdigest()[:32])
+
+    def load(self):
+        """{"current": mock name or None, "names": [mock names]}."""
+        try:
+            text = _read_private(self.path)
+        except FileNotFoundError:
+            return {"current": None, "names": []}
+        try:
+            record = json.loads(text.decode())
+            if not isinstance(record.get("names"), list):
+                raise ValueError("no list of names")
+            return {"current": record.get("current"), "names": record["names"]}
+        except ValueError as err:
+            raise ConfigError("{0}: {1} is not a snapshot record ({2})".format(
+                PLUGIN, self.path, err))
+
+    def save(self, record):
+        _make_dir(self.dir, 0o700)
+        _replace_file(self.path, json.dumps(record).encode())
+
+
 # --- what is mounted where, and scratchd's records of it ---
 
 def mounted_at(path):
@@ -401,13 +459,18 @@ class ScratchdRoot(object):
         self.generations = Generations(key_file, key, buildroot.shared_root_name, unique_ext)
         self.key = key
         self.unique_ext = unique_ext
+        self.snapshots = SnapshotRecord(key_file, key, buildroot.shared_root_name, unique_ext)
         self.name = self._name()
-        # All of mock's hooks we serve; no `scrub` hook: Commands.scrub
+        # All of mock's hooks we serve. Commands.scrub
         # (mockbuild/backend.py) removes a root through Buildroot.delete()
         # for `all`, `chroot` and `bootstrap`, which calls umount_root and
         # postclean, and its other kinds (caches, lvm, overlayfs) do not
-        # touch the root.
-        for hook in ("mount_root", "postumount", "umount_root", "postclean"):
+        # touch the root; the `scrub` hook only removes the root's
+        # snapshots on `all`. The snapshot hooks and their order of
+        # registration are lvm_root's and overlayfs's
+        # (mockbuild/plugins/overlayfs.py, __init__'s add_hook calls).
+        for hook in ("make_snapshot", "remove_snapshot", "rollback_to", "list_snapshots",
+                     "mount_root", "postumount", "umount_root", "postclean", "scrub"):
             plugins.add_hook(hook, getattr(self, "hook_" + hook))
         self.log("build root {0} on scratchd disk {1} of {2}".format(
             self.root_path, fingerprint(self.name), self.server))
@@ -457,18 +520,121 @@ class ScratchdRoot(object):
             # holder still serving its mount. Attaching beside it would
             # mount one file system twice; let it go first.
             self._detach_or_raise()
+        current = self.snapshots.load()["current"]
+        if current is not None:
+            try:
+                device = self._attach("--from", self._snapshot(current))
+            except ScratchdError as err:
+                # As lvm_root's get_current_snapshot, which forgets a
+                # current snapshot that is gone: e.g. the server restarted
+                # (its snapshots do not survive it). The root is installed.
+                self.warn("cannot start the root as snapshot {0} ({1}); it starts "
+                          "empty".format(current, err))
+                self._forget_current()
+                current = None
+        if current is None:
+            try:
+                device = self._attach()
+            except ScratchdError as err:
+                raise RootError("{0}: cannot attach the build root's disk: {1}".format(
+                    PLUGIN, err))
+        self.log("attached disk {0} at {1} ({2}{3})".format(
+            fingerprint(self.name), self.root_path, device,
+            "" if current is None else ", as snapshot " + current))
+
+    def _attach(self, *extra):
+        # The name goes in SCRATCHD_NAME (run_scratchd), and wins over any
+        # export the server's URI names. `--from` applies only when the
+        # disk is made now: an existing disk is used as it is.
+        return self.scratchd_do(
+            "attach", "--mount", self.root_path,
+            "--connections", str(self.conf.get("connections", 4)),
+            "--mount-options", self.conf.get("mount_options", "noatime"),
+            *(list(extra) + [self.server]))
+
+    def _forget_current(self):
+        record = self.snapshots.load()
+        record["current"] = None
+        self.snapshots.save(record)
+
+    def _snapshot(self, name):
+        return snapshot_name(self.key, self.buildroot.shared_root_name, self.unique_ext, name)
+
+    # --- mock's snapshot hooks (mock --snapshot, --rollback-to,
+    # --remove-snapshot, --list-snapshots), as lvm_root behaves ---
+
+    def hook_make_snapshot(self, name):
+        """lvm_root's make_snapshot: refused if the name exists; the new
+        snapshot becomes the current one. The root's disk is snapshotted
+        as it is: frozen while mounted here, or lingering (unmounted, hence
+        clean) between mock runs."""
+        record = self.snapshots.load()
+        if name in record["names"]:
+            raise RootError("{0}: snapshot {1} already exists".format(PLUGIN, name))
+        args = ["snapshot", "take"]
+        if is_mount_point(self.root_path):
+            args += ["--freeze", self.root_path]
         try:
-            device = self.scratchd_do(
-                # The name goes in SCRATCHD_NAME (run_scratchd), and wins
-                # over any export the server's URI names.
-                "attach", "--mount", self.root_path,
-                "--connections", str(self.conf.get("connections", 4)),
-                "--mount-options", self.conf.get("mount_options", "noatime"),
-                self.server)
+            self.scratchd_do(*(args + [self.server, self._snapshot(name)]))
         except ScratchdError as err:
-            raise RootError("{0}: cannot attach the build root's disk: {1}".format(PLUGIN, err))
-        self.log("attached disk {0} at {1} ({2})".format(
-            fingerprint(self.name), self.root_path, device))
+            raise RootError("{0}: cannot snapshot the build root's disk: {1}".format(
+                PLUGIN, err))
+        record["names"].append(name)
+        record["current"] = name
+        self.snapshots.save(record)
+        self.log("created {0} snapshot".format(name))
+
+    def hook_rollback_to(self, name):
+        """lvm_root's rollback_to: the snapshot becomes current and the
+        root's disk goes (detached and dropped, a new generation): the next
+        mount_root attaches a fresh disk started as the snapshot."""
+        record = self.snapshots.load()
+        if name not in record["names"]:
+            raise RootError("{0}: snapshot {1} doesn't exist".format(PLUGIN, name))
+        record["current"] = name
+        self.snapshots.save(record)
+        if self._attached():
+            self._detach_or_raise()
+        self._new_generation()
+        self.log("rolled back to {0} snapshot".format(name))
+
+    def hook_remove_snapshot(self, name):
+        """lvm_root's remove_snapshot: refused for an unknown name; the
+        current snapshot, removed, is current no more. Disks started as it
+        keep working (the server holds its bytes until the last goes)."""
+        record = self.snapshots.load()
+        if name not in record["names"]:
+            raise RootError("{0}: snapshot {1} doesn't exist".format(PLUGIN, name))
+        status, _, err = run_scratchd(self.scratchd,
+                                      ["snapshot", "delete", self.server, self._snapshot(name)])
+        if status != 0:
+            # Gone already (a server restart); the record follows.
+            self.warn("the server did not delete snapshot {0}: {1}".format(name, err))
+        record["names"].remove(name)
+        if record["current"] == name:
+            record["current"] = None
+        self.snapshots.save(record)
+        self.log("deleted {0} snapshot".format(name))
+
+    def hook_list_snapshots(self):
+        """lvm_root's list_snapshots: mock prints it to standard output,
+        the current one marked with '* '."""
+        record = self.snapshots.load()
+        print("Snapshots for {0}:".format(self.buildroot.shared_root_name))
+        for name in record["names"]:
+            print(("* " if name == record["current"] else "  ") + name)
+
+    def hook_scrub(self, what):
+        """lvm_root's scrub of 'lvm' or 'all' removes every snapshot of the
+        root; ours does it for 'all' (mock has no kind of ours)."""
+        if what != "all":
+            return
+        for name in list(self.snapshots.load()["names"]):
+            self.hook_remove_snapshot(name)
+
+    def _attached(self):
+        return mounted_source(self.root_path) is not None or \
+            attachment_record(self.root_path) is not None
 
     def _detach_or_raise(self):
         try:
@@ -491,6 +657,11 @@ class ScratchdRoot(object):
 
     def hook_postclean(self):
         self._detach_quietly("a clean")
+        self._new_generation()
+
+    def _new_generation(self):
+        """The root's next disk gets a new name; the old one is dropped
+        (with `control`) or left to the server's linger."""
         old = self.name
         try:
             self.generations.bump()
@@ -526,6 +697,19 @@ class ScratchdRoot(object):
         self.log("detached {0}; {1}".format(self.root_path, why))
 
 
+class BootstrapStub(object):
+    """The plugin in a bootstrap root, which stays on local disk: the
+    snapshot hooks mock.py calls there with required=True, doing nothing
+    (the main root's instance does the work)."""
+
+    def __init__(self, plugins):
+        for hook in ("make_snapshot", "remove_snapshot", "rollback_to", "list_snapshots"):
+            plugins.add_hook(hook, self.nothing)
+
+    def nothing(self, *_args):
+        pass
+
+
 def init(plugins, conf, buildroot):
     """mock's entry point. Safe to run twice for one build root (a
     configuration that also lists the plugin in config_opts['plugins']):
@@ -533,5 +717,8 @@ def init(plugins, conf, buildroot):
     calls init once per entry of the list, so the one instance lives on
     the build root, not in this module."""
     if getattr(buildroot, INSTANCE_ATTR, None) is not None:
+        return
+    if getattr(buildroot, "is_bootstrap", False):
+        setattr(buildroot, INSTANCE_ATTR, BootstrapStub(plugins))
         return
     setattr(buildroot, INSTANCE_ATTR, ScratchdRoot(plugins, conf, buildroot))

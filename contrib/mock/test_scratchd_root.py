@@ -12,11 +12,13 @@ Every fact the fake models names the place in mock's source (upstream
 mock, py/) it comes from; mock's code itself is not copied here.
 """
 
+import contextlib
 import copy
 import fcntl
 import glob
 import importlib.machinery
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -185,9 +187,13 @@ class Plugins(object):
             if not buildroot.is_bootstrap or run_in_bootstrap:
                 module.init(self, self.plugin_conf[plugin + "_opts"], buildroot)
 
-    def call_hooks(self, stage, *args):
-        # call_hooks: the hooks in order; an exception propagates.
-        for hook in self._hooks.get(stage, []):
+    def call_hooks(self, stage, *args, required=False):
+        # call_hooks: the hooks in order; an exception propagates; with
+        # required=True, a stage nobody registered raises Error.
+        hooks = self._hooks.get(stage, [])
+        if required and not hooks:
+            raise EXC.Error("Feature %s is not provided by any of enabled plugins" % stage)
+        for hook in hooks:
             hook(*args)
 
     def add_hook(self, stage, function):
@@ -345,8 +351,9 @@ class Mock(object):
         # so they hold only with a --resultdir elsewhere.
         self.cleanup_after = cleanup_after
 
-    def run(self, mode, action=None):
+    def run(self, mode, action=None, args=()):
         """mock.py, __main__: the exit status of main()."""
+        self.args = list(args)
         try:
             return self.main(mode, action)
         except SystemExit as done:
@@ -374,6 +381,14 @@ class Mock(object):
             self.bootstrap = Buildroot(bconfig, Plugins(bconfig), is_bootstrap=True)
         self.buildroot = Buildroot(config, plugins)
         commands = Commands(plugins, self.buildroot, self.bootstrap)
+        # main: --list-snapshots calls list_snapshots (required) on the
+        # main root, then the bootstrap root, and exits 0 before
+        # run_command and without finalize().
+        if mode == "list_snapshots":
+            plugins.call_hooks("list_snapshots", required=True)
+            if self.bootstrap is not None:
+                self.bootstrap.plugins.call_hooks("list_snapshots", required=True)
+            sys.exit(0)
         # main: run_command in try, finally finalize() of the main root,
         # then of the bootstrap root (skipped if the first one raises).
         try:
@@ -397,6 +412,17 @@ class Mock(object):
                 commands.clean()
         elif mode == "rebuild":
             self.rebuild(action, commands)
+        elif mode in ("snapshot", "rollback-to", "remove_snapshot"):
+            # run_command: without a name, 50; else the hook (required) on
+            # the main root, then on the bootstrap root. No init: the root
+            # need not be mounted.
+            if not self.args:
+                return 50
+            hook = {"snapshot": "make_snapshot", "rollback-to": "rollback_to",
+                    "remove_snapshot": "remove_snapshot"}[mode]
+            self.buildroot.plugins.call_hooks(hook, self.args[0], required=True)
+            if self.bootstrap is not None:
+                self.bootstrap.plugins.call_hooks(hook, self.args[0], required=True)
         elif mode in ("shell", "chroot", "installdeps"):
             # run_command: these modes init (no clean) and work in the root.
             self.buildroot.initialize()
@@ -429,6 +455,22 @@ def sigterm(_buildroot):
 
 def failing_build(_buildroot):
     raise EXC.BuildError("rpmbuild failed")
+
+
+def write_marker(text):
+    """A build action that leaves `text` in the root."""
+    def action(buildroot):
+        with open(buildroot.make_chroot_path("marker"), "w") as f:
+            f.write(text)
+    return action
+
+
+def read_marker(seen):
+    """A build action that appends the root's marker to `seen`."""
+    def action(buildroot):
+        with open(buildroot.make_chroot_path("marker")) as f:
+            seen.append(f.read())
+    return action
 
 
 # --- helpers ---
@@ -480,9 +522,9 @@ class ScratchdRootTest(unittest.TestCase):
                 subprocess.run([SCRATCHD, "detach", json.load(f)["mount"]], check=False)
 
     def run_mock(self, mode, root, action=None, scrub=(), no_clean=False, cleanup_after=False,
-                 **config):
+                 args=(), **config):
         mock = Mock(mock_config(root, **config), scrub, no_clean, cleanup_after)
-        status = mock.run(mode, action)
+        status = mock.run(mode, action, args)
         return status, mock
 
     def assert_nothing_attached(self, root):
@@ -497,8 +539,9 @@ class ScratchdRootTest(unittest.TestCase):
             status, mock = self.run_mock("init", root, append_to_plugins=append)
             self.assertEqual(status, 0, getattr(mock, "error", None))
             hooks = mock.buildroot.plugins._hooks
-            self.assertEqual(sorted(hooks), ["mount_root", "postclean", "postumount",
-                                             "umount_root"])
+            self.assertEqual(sorted(hooks), [
+                "list_snapshots", "make_snapshot", "mount_root", "postclean", "postumount",
+                "remove_snapshot", "rollback_to", "scrub", "umount_root"])
             self.assertTrue(all(len(h) == 1 for h in hooks.values()), hooks)
             self.assert_nothing_attached(root)
 
@@ -523,8 +566,12 @@ class ScratchdRootTest(unittest.TestCase):
 
         mock = Mock(mock_config(root, name="fixed-bootstrap-test"))
         self.assertEqual(mock.run("rebuild", look), 0, getattr(mock, "error", None))
-        self.assertEqual(mock.bootstrap.plugins._hooks, {})
-        self.assertFalse(hasattr(mock.bootstrap, PLUGIN.INSTANCE_ATTR))
+        # Only the snapshot hooks, doing nothing, in the bootstrap root.
+        self.assertEqual(sorted(mock.bootstrap.plugins._hooks), [
+            "list_snapshots", "make_snapshot", "remove_snapshot", "rollback_to"])
+        # (The loader executes the module anew: compare class names.)
+        self.assertEqual(type(getattr(mock.bootstrap, PLUGIN.INSTANCE_ATTR)).__name__,
+                         "BootstrapStub")
         self.assert_nothing_attached(root)
 
     def test_unique_exts_of_one_root_get_disks_of_their_own(self):
@@ -717,6 +764,110 @@ class ScratchdRootTest(unittest.TestCase):
                             for line in self.log.lines))
         self.assertNotEqual(instance(first).name, instance(second).name)
         self.assert_nothing_attached(root)
+
+    # 7. mock's snapshot hooks, as lvm_root behaves, on scratchd snapshots
+
+    def list_snapshots(self, root, **config):
+        """mock --list-snapshots: its standard output."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status, _ = self.run_mock("list_snapshots", root, **config)
+        self.assertEqual(status, 0)
+        return out.getvalue().splitlines()
+
+    def test_snapshot_rollback_list_and_remove(self):
+        for keep in (False, True):  # lingering between runs, or mounted (frozen)
+            root = "snap-%s-x86_64" % keep
+            opts = {"keep_attached": keep}
+            self.assertEqual(self.run_mock("init", root, **opts)[0], 0)
+            self.assertEqual(self.run_mock("shell", root, write_marker("A"), **opts)[0], 0)
+            status, mock = self.run_mock("snapshot", root, args=["one"], **opts)
+            self.assertEqual(status, 0, getattr(mock, "error", None))
+            self.assertIn("scratchd_root: created one snapshot", self.log.lines)
+            # lvm_root's make_snapshot: an existing name is refused.
+            status, mock = self.run_mock("snapshot", root, args=["one"], **opts)
+            self.assertEqual(status, 20)
+            self.assertIn("already exists", str(mock.error))
+            self.assertEqual(self.run_mock("shell", root, write_marker("B"), **opts)[0], 0)
+            status, mock = self.run_mock("snapshot", root, args=["two"], **opts)
+            self.assertEqual(status, 0)
+            old = instance(mock).name
+            self.assertEqual(self.list_snapshots(root, **opts),
+                             ["Snapshots for %s:" % root, "  one", "* two"])
+            status, mock = self.run_mock("rollback-to", root, args=["one"], **opts)
+            self.assertEqual(status, 0, getattr(mock, "error", None))
+            self.assertNotEqual(instance(mock).name, old)  # the next disk is new
+            self.assertNotIn(old, exports())  # dropped: the control socket is set
+            seen = []
+            status, mock = self.run_mock("shell", root, read_marker(seen), **opts)
+            self.assertEqual(status, 0)
+            self.assertEqual(seen, ["A"])
+            self.assertEqual(mock.buildroot.installs, 0)  # the snapshot's root, not installed
+            self.assertEqual(self.list_snapshots(root, **opts),
+                             ["Snapshots for %s:" % root, "* one", "  two"])
+            # A snapshot's clone keeps working when the snapshot goes.
+            self.assertEqual(self.run_mock("remove_snapshot", root, args=["one"], **opts)[0], 0)
+            self.assertEqual(self.list_snapshots(root, **opts),
+                             ["Snapshots for %s:" % root, "  two"])
+            seen = []
+            self.assertEqual(self.run_mock("shell", root, read_marker(seen), **opts)[0], 0)
+            self.assertEqual(seen, ["A"])
+            for mode in ("remove_snapshot", "rollback-to"):
+                status, mock = self.run_mock(mode, root, args=["one"], **opts)
+                self.assertEqual(status, 20, mode)
+                self.assertIn("doesn't exist", str(mock.error))
+            # mock.py's snapshot modes without a name.
+            self.assertEqual(self.run_mock("snapshot", root, **opts)[0], 50)
+            self.assertEqual(self.run_mock("clean", root, scrub=["all"], **opts)[0], 0)
+            self.assertEqual(self.list_snapshots(root, **opts), ["Snapshots for %s:" % root])
+            self.assert_nothing_attached(root)
+
+    def test_a_clean_brings_the_root_back_as_the_current_snapshot(self):
+        # lvm_root: postclean removes the head volume; the next mount_root
+        # makes it anew from the current snapshot (create_head).
+        root = "snapclean-x86_64"
+        self.assertEqual(self.run_mock("init", root)[0], 0)
+        self.assertEqual(self.run_mock("shell", root, write_marker("A"))[0], 0)
+        self.assertEqual(self.run_mock("snapshot", root, args=["base"])[0], 0)
+        seen = []
+        status, mock = self.run_mock("rebuild", root, read_marker(seen))  # cleans first
+        self.assertEqual(status, 0)
+        self.assertEqual((seen, mock.buildroot.installs), (["A"], 0))
+        # The server lost the snapshot (say, it restarted): the root is
+        # installed anew, with a warning, and the record forgets it.
+        name = PLUGIN.snapshot_name(instance(mock).key, root, "head", "base")
+        subprocess.run([SCRATCHD, "snapshot", "delete", URI, name], check=True)
+        status, mock = self.run_mock("rebuild", root)
+        self.assertEqual((status, mock.buildroot.installs), (0, 1))
+        self.assertTrue(any("cannot start the root as snapshot base" in line
+                            for line in self.log.lines), self.log.lines)
+        self.assertEqual(self.list_snapshots(root), ["Snapshots for %s:" % root, "  base"])
+        self.assertEqual(self.run_mock("clean", root, scrub=["all"])[0], 0)
+
+    def test_snapshot_names_are_keyed_and_kept_off_the_log(self):
+        root = "snapname-x86_64"
+        self.assertEqual(self.run_mock("init", root)[0], 0)
+        status, mock = self.run_mock("snapshot", root, args=["mine"])
+        self.assertEqual(status, 0)
+        key = instance(mock).key
+        name = PLUGIN.snapshot_name(key, root, "head", "mine")
+        self.assertTrue(name.startswith("mock-snap-") and "mine" not in name)
+        self.assertNotEqual(name, PLUGIN.snapshot_name(key, root, "other", "mine"))
+        self.assertNotEqual(name, PLUGIN.snapshot_name(b"another builder!" * 2, root, "head",
+                                                       "mine"))
+        for line in self.log.lines:
+            self.assertNotIn(name, line)
+        record = instance(mock).snapshots.path
+        self.assertEqual(stat.S_IMODE(os.stat(record).st_mode), 0o600)
+        self.assertEqual(self.run_mock("clean", root, scrub=["all"])[0], 0)
+
+    def test_without_bootstrap_the_snapshot_modes_work_too(self):
+        root = "snapnoboot-x86_64"
+        self.assertEqual(self.run_mock("init", root, use_bootstrap=False)[0], 0)
+        status, mock = self.run_mock("snapshot", root, args=["x"], use_bootstrap=False)
+        self.assertEqual(status, 0, getattr(mock, "error", None))
+        self.assertIsNone(mock.bootstrap)
+        self.assertEqual(self.run_mock("clean", root, scrub=["all"])[0], 0)
 
     # 6. Koji: attached across mock runs, readable by kojid between them
 

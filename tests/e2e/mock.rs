@@ -6,7 +6,9 @@
 //! scratchd: one registration however it is enabled, the bootstrap root
 //! left local, mock runs of one root sharing its disk, a clean giving a
 //! fresh one, Koji's attached-between-runs mode, teardown hooks that only
-//! warn, the key's checks, no disk name in the log; and the wrapper
+//! warn, the key's checks, no disk name in the log, mock's snapshot hooks
+//! (`--snapshot`, `--rollback-to`, `--remove-snapshot`,
+//! `--list-snapshots`) on the server's snapshots; and the wrapper
 //! `contrib/mock/mock-on-scratchd` refusing results on the disk.
 
 use std::path::Path;
