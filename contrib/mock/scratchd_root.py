@@ -408,7 +408,7 @@ def holder_alive(record):
     return fields[0] != "Z" and fields[19] == str(holder["start_time"])
 
 
-def run_scratchd(scratchd, args, secret=None):
+def run_scratchd(scratchd, args, secret=None, snapshot=None):
     """Every scratchd command the plugin runs goes through here. Returns
     (exit status, stdout, stderr). `secret` (the disk's name) goes to
     scratchd in the SCRATCHD_NAME environment variable, never in `args`:
@@ -431,6 +431,10 @@ def run_scratchd(scratchd, args, secret=None):
     if secret:
         hidden = "<disk {0}>".format(fingerprint(secret))
         out, err = out.replace(secret, hidden), err.replace(secret, hidden)
+    if snapshot:
+        # A snapshot's name (in `args`) is a key too: kept out of messages.
+        hidden = "<snapshot {0}>".format(fingerprint(snapshot))
+        out, err = out.replace(snapshot, hidden), err.replace(snapshot, hidden)
     return done.returncode, out, err
 
 
@@ -489,9 +493,9 @@ class ScratchdRoot(object):
     def warn(self, message):
         self.buildroot.root_log.warning("%s: %s", PLUGIN, message)
 
-    def scratchd_do(self, *args):
+    def scratchd_do(self, *args, snapshot=None):
         """Runs scratchd; its output, or the failure as a message."""
-        status, out, err = run_scratchd(self.scratchd, args, self.name)
+        status, out, err = run_scratchd(self.scratchd, args, self.name, snapshot)
         if status != 0:
             raise ScratchdError("`scratchd {0}` failed (exit {1}): {2}".format(
                 args[0], status, err))
@@ -523,7 +527,7 @@ class ScratchdRoot(object):
         current = self.snapshots.load()["current"]
         if current is not None:
             try:
-                device = self._attach("--from", self._snapshot(current))
+                device = self._attach(self._snapshot(current))
             except ScratchdError as err:
                 # As lvm_root's get_current_snapshot, which forgets a
                 # current snapshot that is gone: e.g. the server restarted
@@ -542,15 +546,17 @@ class ScratchdRoot(object):
             fingerprint(self.name), self.root_path, device,
             "" if current is None else ", as snapshot " + current))
 
-    def _attach(self, *extra):
-        # The name goes in SCRATCHD_NAME (run_scratchd), and wins over any
-        # export the server's URI names. `--from` applies only when the
-        # disk is made now: an existing disk is used as it is.
-        return self.scratchd_do(
-            "attach", "--mount", self.root_path,
-            "--connections", str(self.conf.get("connections", 4)),
-            "--mount-options", self.conf.get("mount_options", "noatime"),
-            *(list(extra) + [self.server]))
+    def _attach(self, snapshot=None):
+        """Attaches the root's disk; a disk made now starts as `snapshot`
+        if one is given (an existing disk is used as it is). The name goes
+        in SCRATCHD_NAME (run_scratchd), and wins over any export the
+        server's URI names."""
+        args = ["attach", "--mount", self.root_path,
+                "--connections", str(self.conf.get("connections", 4)),
+                "--mount-options", self.conf.get("mount_options", "noatime")]
+        if snapshot is not None:
+            args += ["--from", snapshot]
+        return self.scratchd_do(*(args + [self.server]), snapshot=snapshot)
 
     def _forget_current(self):
         record = self.snapshots.load()
@@ -575,7 +581,8 @@ class ScratchdRoot(object):
         if is_mount_point(self.root_path):
             args += ["--freeze", self.root_path]
         try:
-            self.scratchd_do(*(args + [self.server, self._snapshot(name)]))
+            snap = self._snapshot(name)
+            self.scratchd_do(*(args + [self.server, snap]), snapshot=snap)
         except ScratchdError as err:
             raise RootError("{0}: cannot snapshot the build root's disk: {1}".format(
                 PLUGIN, err))
@@ -605,8 +612,9 @@ class ScratchdRoot(object):
         record = self.snapshots.load()
         if name not in record["names"]:
             raise RootError("{0}: snapshot {1} doesn't exist".format(PLUGIN, name))
-        status, _, err = run_scratchd(self.scratchd,
-                                      ["snapshot", "delete", self.server, self._snapshot(name)])
+        snap = self._snapshot(name)
+        status, _, err = run_scratchd(self.scratchd, ["snapshot", "delete", self.server, snap],
+                                      snapshot=snap)
         if status != 0:
             # Gone already (a server restart); the record follows.
             self.warn("the server did not delete snapshot {0}: {1}".format(name, err))
