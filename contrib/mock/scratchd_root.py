@@ -46,6 +46,14 @@
 #   keep_attached   do not detach at the end of a mock run (as lvm_root
 #                   stays mounted): the next mock run, and kojid between
 #                   runs, find the root mounted. For Koji.
+#   shared_postinit the shared postinit snapshot: the first build of a
+#                   configuration that installs its root publishes it as a
+#                   server snapshot, and later builds of that configuration
+#                   (on any builder with the same shared key, in the same
+#                   owner namespace on the server) start as a clone of it
+#   shared_key_file the key naming shared snapshots (default: key_file);
+#                   give every builder of a farm the same one to share
+#   max_age_days    a shared root's lifetime (default 15, root_cache's)
 #
 # The disk's name is "mock-" and an HMAC of the build root's name, mock's
 # unique-ext and a generation (bumped by every clean) under the key: every
@@ -71,6 +79,9 @@
 #   remove_snapshot  `scratchd snapshot delete`
 #   list_snapshots   the root's snapshots, '* ' before the current one
 #   scrub        `all` removes the root's snapshots too
+#   postupdate, postinit (with shared_postinit): a root installed now is
+#                published as the configuration's shared snapshot, one
+#                updated now replaces it
 # The snapshots are the server's (copy-on-write: a clone costs nothing
 # until written), named by an HMAC under the key like the disks; which
 # exist and which is current is kept beside the key (SnapshotRecord).
@@ -86,6 +97,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import time
 
 try:
     # mock's own exception types: mock.py's main reports them with their
@@ -127,6 +139,9 @@ run_in_bootstrap = True
 PLUGIN = "scratchd_root"
 KEY_BYTES = 32
 DEFAULT_PREFIX = "mock-"
+# A shared postinit snapshot's lifetime: root_cache's max_age_days default
+# (mockbuild/config.py, root_cache_opts).
+DEFAULT_MAX_AGE_DAYS = 15
 # `scratchd attach`'s records (docs/RUN.md, "State records"); the same
 # variable as scratchd's, empty counting as unset.
 STATE_DIR_ENV = "SCRATCHD_STATE_DIR"
@@ -289,6 +304,38 @@ def snapshot_name(key, root, unique_ext, name):
     message = "snapshot\0{0}\0{1}\0{2}".format(root, unique_ext, name)
     digest = hmac.new(key, message.encode(), hashlib.sha256)
     return "mock-snap-" + digest.hexdigest()[:32]
+
+
+# The config_opts beyond the configuration files that change what a root
+# holds: mock's command line sets them (--addrepo rewrites dnf.conf,
+# --enablerepo/--disablerepo fill enable_disable_repos, --forcearch ...).
+ROOT_SHAPING_OPTS = ("chroot_setup_cmd", "dnf.conf", "yum.conf", "enable_disable_repos",
+                     "package_manager", "releasever", "target_arch", "forcearch",
+                     "chroot_additional_packages")
+
+
+def root_digest(config):
+    """What a prepared root depends on, as a digest: the content of every
+    configuration file mock read (config_opts['config_paths']: what
+    root_cache compares its tarball against, by mtime; here by content,
+    so a touched but unchanged file keeps the root and a changed one
+    never reuses it) and the options that shape the root."""
+    digest = hashlib.sha256()
+    for path in sorted(config.get("config_paths") or []):
+        with open(path, "rb") as f:
+            content = f.read()
+        digest.update("{0}\0{1}\0".format(path, len(content)).encode() + content)
+    shaping = {k: config.get(k) for k in ROOT_SHAPING_OPTS if k in config}
+    digest.update(json.dumps(shaping, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def shared_root_name(key, root, digest, epoch):
+    """The shared postinit snapshot of a configuration: the same on every
+    builder holding `key`, a different one for another configuration or
+    another age window (`epoch`)."""
+    message = "postinit\0{0}\0{1}\0{2}".format(root, digest, epoch)
+    return "mock-root-" + hmac.new(key, message.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 class SnapshotRecord(object):
@@ -464,6 +511,11 @@ class ScratchdRoot(object):
         self.key = key
         self.unique_ext = unique_ext
         self.snapshots = SnapshotRecord(key_file, key, buildroot.shared_root_name, unique_ext)
+        self.shared = None
+        if conf.get("shared_postinit"):
+            self.shared = self._shared_names(key, key_file)
+        # Set by postupdate: postinit then refreshes the shared snapshot.
+        self.updated = False
         self.name = self._name()
         # All of mock's hooks we serve. Commands.scrub
         # (mockbuild/backend.py) removes a root through Buildroot.delete()
@@ -476,8 +528,30 @@ class ScratchdRoot(object):
         for hook in ("make_snapshot", "remove_snapshot", "rollback_to", "list_snapshots",
                      "mount_root", "postumount", "umount_root", "postclean", "scrub"):
             plugins.add_hook(hook, getattr(self, "hook_" + hook))
+        if self.shared is not None:
+            for hook in ("postinit", "postupdate"):
+                plugins.add_hook(hook, getattr(self, "hook_" + hook))
         self.log("build root {0} on scratchd disk {1} of {2}".format(
             self.root_path, fingerprint(self.name), self.server))
+
+    def _shared_names(self, key, key_file):
+        """(this age window's shared snapshot, the previous window's)."""
+        shared_key_file = self.conf.get("shared_key_file")
+        shared_key = load_key(shared_key_file) if shared_key_file else key
+        try:
+            max_age = float(self.conf.get("max_age_days", DEFAULT_MAX_AGE_DAYS)) * 86400
+        except (TypeError, ValueError):
+            max_age = 0
+        if max_age <= 0:
+            raise ConfigError("{0}: 'max_age_days' must be a positive number".format(PLUGIN))
+        try:
+            digest = root_digest(self.buildroot.config)
+        except OSError as err:
+            raise ConfigError("{0}: cannot read a configuration file: {1}".format(PLUGIN, err))
+        epoch = int(time.time() // max_age)
+        root = self.buildroot.shared_root_name
+        return (shared_root_name(shared_key, root, digest, epoch),
+                shared_root_name(shared_key, root, digest, epoch - 1))
 
     def _name(self):
         generation = self.generations.current()
@@ -536,6 +610,15 @@ class ScratchdRoot(object):
                           "empty".format(current, err))
                 self._forget_current()
                 current = None
+        if current is None and self.shared is not None:
+            try:
+                device = self._attach(self.shared[0])
+                current = "the shared postinit " + fingerprint(self.shared[0])
+            except ScratchdError as err:
+                # None yet (or the server lost it): this build installs
+                # the root, and its postinit offers it to the others.
+                self.log("no shared postinit snapshot {0} to start from ({1})".format(
+                    fingerprint(self.shared[0]), err))
         if current is None:
             try:
                 device = self._attach()
@@ -545,6 +628,47 @@ class ScratchdRoot(object):
         self.log("attached disk {0} at {1} ({2}{3})".format(
             fingerprint(self.name), self.root_path, device,
             "" if current is None else ", as snapshot " + current))
+
+    # --- the shared postinit snapshot (option shared_postinit) ---
+
+    def hook_postupdate(self):
+        """mock updated packages in a root that was prepared already
+        (buildroot.py, _init, update_before_build): the postinit hook that
+        follows refreshes the shared snapshot, as lvm_root re-snapshots in
+        its postupdate."""
+        self.updated = True
+
+    def hook_postinit(self):
+        """The end of mock's _init (.initialized is there, the root is
+        ready): a root installed now becomes the configuration's shared
+        snapshot, unless another build's is there first; an updated one
+        replaces it. Never raises: the build goes on without it."""
+        if not getattr(self.buildroot, "chroot_was_initialized", True):
+            self._publish_shared("installed")
+        elif self.updated:
+            self.updated = False
+            self._delete_shared(self.shared[0])
+            self._publish_shared("updated")
+
+    def _publish_shared(self, why):
+        name, previous = self.shared
+        args = ["snapshot", "take", "--freeze", self.root_path, self.server, name]
+        status, _, err = run_scratchd(self.scratchd, args, self.name, name)
+        if status == 0:
+            self.log("published the {0} root as shared postinit snapshot {1}".format(
+                why, fingerprint(name)))
+            self._delete_shared(previous)  # the last age window's, if still there
+        elif "exists" in err:
+            # The server refuses a second snapshot of one name, atomically:
+            # another build of this configuration published first.
+            self.log("shared postinit snapshot {0} was published by another build".format(
+                fingerprint(name)))
+        else:
+            self.warn("cannot publish shared postinit snapshot {0}: {1}".format(
+                fingerprint(name), err))
+
+    def _delete_shared(self, name):
+        run_scratchd(self.scratchd, ["snapshot", "delete", self.server, name], snapshot=name)
 
     def _attach(self, snapshot=None):
         """Attaches the root's disk; a disk made now starts as `snapshot`

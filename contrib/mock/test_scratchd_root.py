@@ -27,6 +27,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import types
 import unittest
 
@@ -106,7 +107,8 @@ def install_plugin():
     shutil.copy(os.path.join(HERE, "scratchd_root.py"), PLUGIN_DIR)
 
 
-def mock_config(root, append_to_plugins=False, use_bootstrap=True, unique_ext=None, **opts):
+def mock_config(root, append_to_plugins=False, use_bootstrap=True, unique_ext=None,
+                repo_updates=(), config_opts=None, **opts):
     """config_opts as mockbuild/config.py's load_config leaves them, then
     the site configuration of docs/BUILD-FARMS.md on top."""
     config = {
@@ -116,10 +118,20 @@ def mock_config(root, append_to_plugins=False, use_bootstrap=True, unique_ext=No
         "clean": True,  # config.py: config_opts['clean'] = True
         "plugins": list(PLUGIN_LIST),
         "plugin_dir": PLUGIN_DIR,
+        "repo_updates": list(repo_updates),  # the fake's stand-in for the repositories
         "plugin_conf": {p + "_enable": False for p in PLUGIN_LIST},
     }
     for p in PLUGIN_LIST:
         config["plugin_conf"][p + "_opts"] = {}
+    # config.py: config_opts['config_paths'] lists the files read (the
+    # chroot's .cfg here; site-defaults.cfg and includes in real mock).
+    cfg = os.path.join(WORK, "etc", root + ".cfg")
+    if not os.path.exists(cfg):
+        os.makedirs(os.path.dirname(cfg), exist_ok=True)
+        with open(cfg, "w") as f:
+            f.write("config_opts['root'] = %r\n" % root)
+    config["config_paths"] = [cfg]
+    config.update(config_opts or {})  # what mock's command line sets
     if unique_ext is not None:  # config.py: --uniqueext sets config_opts['unique-ext']
         config["unique-ext"] = unique_ext
     # config.py, after `runtime_plugins =`: every *.py in plugin_dir not in
@@ -231,30 +243,45 @@ class Buildroot(object):
     def make_chroot_path(self, *paths):
         return os.path.join(self.rootdir, *[p.lstrip("/") for p in paths])
 
-    def initialize(self):
+    def initialize(self, prebuild=False):
         # initialize: exclusive lock and _init, or _init_locked when another
         # mock holds the root; the lock is left shared for the run.
         try:
             self._lock_buildroot(exclusive=True)
-            self._init()
+            self._init(prebuild)
         except EXC.BuildRootLocked:
             pass
         finally:
             self._lock_buildroot(exclusive=False)
 
-    def _init(self):
-        # _init: make the root directory, call mount_root, then install
-        # the root unless .initialized is there (chroot_is_initialized);
-        # the end of _init touches .initialized.
+    def _init(self, prebuild):
+        # _init: make the root directory, call mount_root, note whether
+        # .initialized is there (chroot_was_initialized), then install the
+        # root if it was not; if it was, and prebuild, with online,
+        # update_before_build and clean: update, and call postupdate if
+        # the packages changed. The end of _init touches .initialized and
+        # calls postinit.
         os.makedirs(self.basedir, exist_ok=True)
         os.makedirs(self.make_chroot_path(), exist_ok=True)
         self.plugins.call_hooks("mount_root")
-        if not os.path.exists(self.make_chroot_path(".initialized")):
+        rpmdb = self.make_chroot_path("var/lib/rpm/rpmdb.sqlite")
+        self.chroot_was_initialized = os.path.exists(self.make_chroot_path(".initialized"))
+        if not self.chroot_was_initialized:
             self.installs += 1
             os.makedirs(self.make_chroot_path("var/lib/rpm"), exist_ok=True)
-            with open(self.make_chroot_path("var/lib/rpm/rpmdb.sqlite"), "w") as f:
+            with open(rpmdb, "w") as f:
                 f.write("bash gcc make rpm-build\n")
-            open(self.make_chroot_path(".initialized"), "w").close()
+        elif prebuild and self.config.get("update_before_build", True) and self.config["clean"]:
+            # The repositories' updates (a test's stand-in for dnf update).
+            updates = self.config.get("repo_updates", [])
+            with open(rpmdb) as f:
+                new = [u for u in updates if u not in f.read()]
+            if new:
+                with open(rpmdb, "a") as f:
+                    f.write("".join(u + "\n" for u in new))
+                self.plugins.call_hooks("postupdate")
+        open(self.make_chroot_path(".initialized"), "w").close()
+        self.plugins.call_hooks("postinit")
 
     def _lock_buildroot(self, exclusive):
         # _lock_buildroot: lockf on basedir/buildroot.lock, non-blocking;
@@ -437,7 +464,8 @@ class Mock(object):
         try:
             if self.config["clean"]:
                 commands.clean()
-            self.buildroot.initialize()
+            # rebuild.py, rebuild_generic: init(prebuild=not short_circuit).
+            self.buildroot.initialize(prebuild=True)
             if build:
                 build(self.buildroot)
             if self.cleanup_after:
@@ -868,6 +896,119 @@ class ScratchdRootTest(unittest.TestCase):
         self.assertEqual(status, 0, getattr(mock, "error", None))
         self.assertIsNone(mock.bootstrap)
         self.assertEqual(self.run_mock("clean", root, scrub=["all"])[0], 0)
+
+    # 8. the shared postinit snapshot: one install per configuration
+
+    def shared_mock(self, mode, root, ext, **config):
+        return self.run_mock(mode, root, unique_ext=ext, shared_postinit=True, **config)
+
+    def test_the_first_init_publishes_the_root_and_later_builds_clone_it(self):
+        root = "shared-x86_64"
+        status, first = self.shared_mock("init", root, "a")
+        self.assertEqual((status, first.buildroot.installs), (0, 1))
+        shared = instance(first).shared[0]
+        self.assertTrue(any("published the installed root" in line for line in self.log.lines))
+        for ext in ("b", "c"):  # other builds (another builder holding the key)
+            seen = []
+            status, mock = self.shared_mock("rebuild", root, ext, action=lambda b: seen.append(
+                open(b.make_chroot_path("var/lib/rpm/rpmdb.sqlite")).read()))
+            self.assertEqual(status, 0, getattr(mock, "error", None))
+            self.assertEqual(mock.buildroot.installs, 0)  # a clone, not installed
+            self.assertEqual(seen, ["bash gcc make rpm-build\n"])
+        # Keyed: the name is not in the log, and differs by key.
+        self.assertFalse(any(shared in line for line in self.log.lines))
+        other = PLUGIN.shared_root_name(b"another farm key" * 2, root, "d", 0)
+        self.assertNotEqual(other, PLUGIN.shared_root_name(instance(first).key, root, "d", 0))
+        # Without the option, nothing is shared.
+        status, mock = self.run_mock("rebuild", root, unique_ext="e")
+        self.assertEqual((status, mock.buildroot.installs), (0, 1))
+
+    def test_a_changed_configuration_never_reuses_the_root(self):
+        root = "shared-cfg-x86_64"
+        self.assertEqual(self.shared_mock("init", root, "a")[0], 0)
+        cfg = os.path.join(WORK, "etc", root + ".cfg")
+        os.utime(cfg)  # touched, not changed: still the same root
+        status, mock = self.shared_mock("rebuild", root, "b")
+        self.assertEqual((status, mock.buildroot.installs), (0, 0))
+        with open(cfg, "a") as f:
+            f.write("config_opts['dnf.conf'] += '[updates-testing]'\n")
+        status, mock = self.shared_mock("rebuild", root, "c")
+        self.assertEqual((status, mock.buildroot.installs), (0, 1))
+        # An option from mock's command line (--addrepo rewrites dnf.conf).
+        status, mock = self.shared_mock("rebuild", root, "d",
+                                        config_opts={"dnf.conf": "[extra]"})
+        self.assertEqual((status, mock.buildroot.installs), (0, 1))
+
+    def test_a_root_older_than_max_age_is_not_reused(self):
+        root = "shared-age-x86_64"
+        window = 3.0  # seconds
+        days = window / 86400
+        # Start early in a window, so that the second build is in the same.
+        time.sleep(window - time.time() % window + 0.05)
+        status, first = self.shared_mock("init", root, "a", max_age_days=days)
+        self.assertEqual(status, 0)
+        status, mock = self.shared_mock("rebuild", root, "b", max_age_days=days)
+        self.assertEqual((status, mock.buildroot.installs), (0, 0))
+        time.sleep(window - time.time() % window + 0.05)  # the next window
+        status, mock = self.shared_mock("rebuild", root, "c", max_age_days=days)
+        self.assertEqual((status, mock.buildroot.installs), (0, 1))
+        # The new root is published, the old window's deleted.
+        listing = subprocess.run([SCRATCHD, "snapshot", "list", URI], check=True,
+                                 stdout=subprocess.PIPE, universal_newlines=True).stdout
+        self.assertNotIn(instance(first).shared[0], listing)
+        self.assertIn(instance(mock).shared[0], listing)
+        status, mock = self.shared_mock("rebuild", root, "d", max_age_days=0)
+        self.assertEqual(status, 3)
+        self.assertIn("max_age_days", str(mock.error))
+
+    def test_an_update_refreshes_the_shared_root(self):
+        root = "shared-upd-x86_64"
+        self.assertEqual(self.shared_mock("init", root, "a")[0], 0)
+        status, mock = self.shared_mock("rebuild", root, "b", repo_updates=["glibc-2.40-2"])
+        self.assertEqual((status, mock.buildroot.installs), (0, 0))
+        self.assertTrue(any("published the updated root" in line for line in self.log.lines))
+        seen = []
+        status, mock = self.shared_mock(
+            "rebuild", root, "c", action=lambda b: seen.append(
+                open(b.make_chroot_path("var/lib/rpm/rpmdb.sqlite")).read()),
+            config_opts={"update_before_build": False})
+        self.assertEqual(status, 0)
+        self.assertIn("glibc-2.40-2", seen[0])  # the update, without updating
+
+    def test_concurrent_first_builds_publish_one_root(self):
+        root = "shared-race-x86_64"
+        results = os.path.join(WORK, "race")
+        os.makedirs(results, exist_ok=True)
+        children = []
+        for ext in "abcd":
+            pid = os.fork()
+            if pid == 0:  # one mock process
+                code = 1
+                try:
+                    status, mock = self.shared_mock("rebuild", root, ext)
+                    with open(os.path.join(results, ext), "w") as f:
+                        json.dump({"status": status, "installs": mock.buildroot.installs,
+                                   "log": self.log.lines}, f)
+                    code = 0
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        for pid in children:
+            self.assertEqual(os.waitpid(pid, 0)[1], 0)
+        runs = []
+        for ext in "abcd":
+            with open(os.path.join(results, ext)) as f:
+                runs.append(json.load(f))
+        self.assertEqual([r["status"] for r in runs], [0] * 4)
+        published = [r for r in runs if any("published the installed root" in line
+                                            for line in r["log"])]
+        self.assertEqual(len(published), 1)  # one publishes; none overwrites it
+        installed = [r for r in runs if r["installs"]]
+        others = [r for r in installed if r not in published]
+        for r in others:  # installed too, found the name taken
+            self.assertTrue(any("published by another build" in line for line in r["log"]))
+        status, mock = self.shared_mock("rebuild", root, "e")
+        self.assertEqual((status, mock.buildroot.installs), (0, 0))
 
     # 6. Koji: attached across mock runs, readable by kojid between them
 
