@@ -493,6 +493,15 @@ def write_marker(text):
     return action
 
 
+def read_rpmdb(seen):
+    """A build action that appends the root's (stand-in) rpm database to
+    `seen`."""
+    def action(buildroot):
+        with open(buildroot.make_chroot_path("var/lib/rpm/rpmdb.sqlite")) as f:
+            seen.append(f.read())
+    return action
+
+
 def read_marker(seen):
     """A build action that appends the root's marker to `seen`."""
     def action(buildroot):
@@ -627,9 +636,7 @@ class ScratchdRootTest(unittest.TestCase):
         self.assertEqual(exports()[name]["state"], "lingering")
 
         seen = []
-        status, second = self.run_mock(
-            "rebuild", root, lambda b: seen.append(open(
-                b.make_chroot_path("var/lib/rpm/rpmdb.sqlite")).read()), no_clean=True)
+        status, second = self.run_mock("rebuild", root, read_rpmdb(seen), no_clean=True)
         self.assertEqual(status, 0)
         self.assertEqual(second.buildroot.installs, 0)  # .initialized found on the disk
         self.assertEqual(seen, ["bash gcc make rpm-build\n"])
@@ -906,12 +913,15 @@ class ScratchdRootTest(unittest.TestCase):
         root = "shared-x86_64"
         status, first = self.shared_mock("init", root, "a")
         self.assertEqual((status, first.buildroot.installs), (0, 1))
+        # The refused attach --from (no snapshot yet) left nothing behind.
+        self.assertTrue(any("no shared postinit snapshot" in line for line in self.log.lines))
+        self.assertEqual(len(exports()), len(set(exports())))
+        self.assert_nothing_attached(root + "-a")
         shared = instance(first).shared[0]
         self.assertTrue(any("published the installed root" in line for line in self.log.lines))
         for ext in ("b", "c"):  # other builds (another builder holding the key)
             seen = []
-            status, mock = self.shared_mock("rebuild", root, ext, action=lambda b: seen.append(
-                open(b.make_chroot_path("var/lib/rpm/rpmdb.sqlite")).read()))
+            status, mock = self.shared_mock("rebuild", root, ext, action=read_rpmdb(seen))
             self.assertEqual(status, 0, getattr(mock, "error", None))
             self.assertEqual(mock.buildroot.installs, 0)  # a clone, not installed
             self.assertEqual(seen, ["bash gcc make rpm-build\n"])
@@ -968,10 +978,8 @@ class ScratchdRootTest(unittest.TestCase):
         self.assertEqual((status, mock.buildroot.installs), (0, 0))
         self.assertTrue(any("published the updated root" in line for line in self.log.lines))
         seen = []
-        status, mock = self.shared_mock(
-            "rebuild", root, "c", action=lambda b: seen.append(
-                open(b.make_chroot_path("var/lib/rpm/rpmdb.sqlite")).read()),
-            config_opts={"update_before_build": False})
+        status, mock = self.shared_mock("rebuild", root, "c", action=read_rpmdb(seen),
+                                        config_opts={"update_before_build": False})
         self.assertEqual(status, 0)
         self.assertIn("glibc-2.40-2", seen[0])  # the update, without updating
 
