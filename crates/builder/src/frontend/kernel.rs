@@ -26,6 +26,7 @@ use super::{
     mount_disk, AttachError, Attachment, Disk, Driver, FrontEnd, KeepRequest, Origin, Setup,
 };
 use crate::detach::{self, DetachError};
+use crate::id::fingerprint;
 use crate::remote;
 use crate::sector::logical_block_size;
 use crate::state::{Process, Record, StateDir};
@@ -131,6 +132,15 @@ impl Driver for Kernel {
             state.remove(request.id);
             return Err(e.into());
         }
+        // As a FUSE attachment's holder logs it: the name is the disk's key,
+        // so info shows its fingerprint, debug the name.
+        debug!(export = %record.export, "the disk's name");
+        info!(
+            disk = %fingerprint(&record.export),
+            device = %attached.device_path.display(),
+            mount = %request.mount.display(),
+            "attached"
+        );
         let device = attached.device_path.clone();
         attached.keep();
         Ok(device)
