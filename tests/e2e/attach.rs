@@ -15,7 +15,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::front::{
-    assert_writes_fail, front_tests, mounted_device, running, sh, Attachments, Front,
+    assert_writes_fail, front_tests, mounted_device, release_limit, running, sh, Attachments, Front,
 };
 use crate::util::{eventually, run, run_status, skip_without_fuse, stdout, Server, SCRATCHD};
 
@@ -111,7 +111,7 @@ front_tests! {
         let record = a.record();
         let holder = a.holder();
         server.signal("KILL");
-        assert_writes_fail(&mnt);
+        assert_writes_fail(&mnt, front);
         if let Some(holder) = holder {
             let log = a.state.path().join(format!("{}.log", record.get("id")));
             eventually(
@@ -192,9 +192,9 @@ front_tests! {
     /// Koji mode: kojid tears a build root down with its own `umount`
     /// (eager, or lazy with `-l`), never `scratchd detach`. Two processes
     /// write, the directory is unmounted from outside, and within a second
-    /// the device and mounts are gone; the server keeps the disk for its
-    /// linger (`ctl show` finds it, idle; attached again, the files are
-    /// there). The name is given in the environment only.
+    /// ([`release_limit`]) the device and mounts are gone; the server keeps
+    /// the disk for its linger (`ctl show` finds it, idle; attached again,
+    /// the files are there). The name is given in the environment only.
     ///
     /// FUSE: the holder sees the unmount and removes the record too, so a
     /// `detach` of the directory then finds nothing to detach. Kernel: no
@@ -231,10 +231,14 @@ front_tests! {
             assert_eq!(code, 0, "{umount}: {}", String::from_utf8_lossy(&out.stderr));
             let record: Vec<String> = match front {
                 Front::Fuse => vec![],
-                Front::Kernel => a.state_files().iter().map(|f| format!("state: {}", f.display())).collect(),
+                Front::Kernel => a
+                    .state_files()
+                    .iter()
+                    .map(|f| format!("state: {}", f.display()))
+                    .collect(),
             };
             let started = Instant::now();
-            let left = crate::util::poll(Duration::from_secs(1), || {
+            let left = crate::util::poll(release_limit(), || {
                 a.leftovers(&mnt, holder) == record
             });
             assert!(
@@ -284,7 +288,8 @@ front_tests! {
         let name = format!("secret-attach-{}", std::process::id());
         let a = Attachments::new(front);
         let mnt = a.mount_point("mnt");
-        let (code, out) = run_status(a.attach_command(&mnt, &uri, &["-v"]).env("SCRATCHD_NAME", &name));
+        let mut attach = a.attach_command(&mnt, &uri, &["-v"]);
+        let (code, out) = run_status(attach.env("SCRATCHD_NAME", &name));
         let attach_log = String::from_utf8_lossy(&out.stderr).into_owned();
         a.attached_ok((code, out));
         assert_eq!(crate::util::cmdlines_containing(&name), Vec::<String>::new());
@@ -352,7 +357,7 @@ front_tests! {
             Front::Fuse => 0,
             Front::Kernel => 1,
         };
-        let left = crate::util::poll(Duration::from_secs(1), || {
+        let left = crate::util::poll(release_limit(), || {
             a.leftovers(&mnt, holder).len() == stale_record && a.state_files().len() == stale_record
         });
         assert!(left.is_some(), "{:?}", a.leftovers(&mnt, holder));
@@ -388,6 +393,17 @@ fn attach_and_detach_usage_errors_are_clear_and_leave_nothing() {
         2,
         "expected auto, kernel or fuse",
     );
+    // The kernel's request timeout: checked as `run` checks it.
+    expect_error(
+        a.attach(&mnt, &uri, &["--timeout", "0"]),
+        2,
+        "is not a whole number of seconds from 1s to 3600s",
+    );
+    expect_error(
+        a.attach(&mnt, &uri, &["--attach", "fuse", "--timeout", "30"]),
+        2,
+        "--attach fuse has none",
+    );
     a.assert_nothing_left(&mnt, None);
 }
 
@@ -409,7 +425,7 @@ fn kill_9_of_the_holder_fails_io_and_stale_cleanup_removes_everything() {
     let m = mnt.display();
     assert_eq!(sh(&format!("echo kept > {m}/f && sync -f {m}")).0, 0);
     kill_holder(holder);
-    assert_writes_fail(&mnt);
+    assert_writes_fail(&mnt, Front::Fuse);
     assert!(
         !a.leftovers(&mnt, None).is_empty(),
         "the dead attachment is left"

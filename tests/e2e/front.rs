@@ -321,9 +321,14 @@ pub fn mounted_device(dir: &Path) -> String {
 }
 
 /// Writes to the file system at `mount` that reach the disk (direct I/O,
-/// and a sync) fail, soon: no hang (124 is timeout's status). The kernel
-/// front end holds I/O for its 5 s dead-connection timeout first.
-pub fn assert_writes_fail(mount: &Path) {
+/// and a sync) fail, soon: no hang (124 is timeout's status). FUSE fails
+/// them at once; the kernel front end holds each for its 5 s
+/// dead-connection timeout first (under emulation, in the guest).
+pub fn assert_writes_fail(mount: &Path, front: Front) {
+    let within = match front {
+        Front::Fuse => Duration::from_secs(10),
+        Front::Kernel => Duration::from_secs(30),
+    };
     let m = mount.display();
     let started = Instant::now();
     for write in [
@@ -333,7 +338,20 @@ pub fn assert_writes_fail(mount: &Path) {
         let (code, _) = sh(&format!("timeout 20 sh -c '{write}'"));
         assert!(code != 0 && code != 124, "{write}: exit status {code}");
     }
-    assert!(started.elapsed() < Duration::from_secs(15), "I/O hung");
+    assert!(
+        started.elapsed() < within,
+        "I/O hung: {:?}",
+        started.elapsed()
+    );
+}
+
+/// How long an unmount from outside may take to release an attachment:
+/// a second, or five under emulation in the guest.
+pub fn release_limit() -> Duration {
+    match crate::util::in_guest() {
+        false => Duration::from_secs(1),
+        true => Duration::from_secs(5),
+    }
 }
 
 /// `sh -c SCRIPT`: its exit status and output.

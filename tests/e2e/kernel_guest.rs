@@ -109,7 +109,47 @@ fn sysfs_describes_the_connected_device() {
     assert_eq!(sysfs(&device, "queue/logical_block_size"), "4096");
     assert_ne!(sysfs(&device, "queue/discard_max_bytes"), "0");
     assert_eq!(sysfs(&device, "ro"), "0");
+    assert_eq!(
+        sysfs(&device, "queue/io_timeout"),
+        "120000",
+        "the default request timeout, in ms"
+    );
     write_and_check(&mnt, "data");
+    a.detach_ok(&device);
+}
+
+/// `--timeout` sets the kernel's request timeout (the block layer's
+/// `queue/io_timeout`, in milliseconds), for `run` and for `attach`.
+#[test]
+#[ignore = "runs in a guest kernel with nbd.ko: kernel_vm boots it"]
+fn the_request_timeout_is_the_timeout_given() {
+    let server = Server::start(&["tmpdisk", "size=64M"]);
+    let (code, out) = run_status(Command::new(SCRATCHD).args([
+        "run",
+        "--attach",
+        "kernel",
+        "--timeout",
+        "7",
+        "--server",
+        &server.uri(),
+        "--",
+        "sh",
+        "-c",
+        "cat /sys/block/${SCRATCHD_DEVICE#/dev/}/queue/io_timeout",
+    ]));
+    assert_eq!(
+        (code, stdout(&out).trim()),
+        (0, "7000"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = kernel_attachments();
+    let mnt = a.mount_point("mnt");
+    let device = a.attach_ok(&mnt, &server.uri_for("timeout"), &["--timeout", "3m"]);
+    assert_eq!(sysfs(&device, "queue/io_timeout"), "180000");
+    a.detach_ok(&device);
+    let device = a.attach_ok(&mnt, &server.uri_for("timeout"), &["--timeout", "45s"]);
+    assert_eq!(sysfs(&device, "queue/io_timeout"), "45000");
     a.detach_ok(&device);
 }
 

@@ -121,7 +121,8 @@ front_tests! {
             head -c 2000000 /dev/urandom > "$SCRATCHD_MOUNT/data"
             sha256sum < "$SCRATCHD_MOUNT/data" > "$SCRATCHD_MOUNT/sum"
             sync -f "$SCRATCHD_MOUNT"
-            dd if="$SCRATCHD_MOUNT/data" iflag=direct bs=1M status=none | sha256sum | cmp - "$SCRATCHD_MOUNT/sum"
+            dd if="$SCRATCHD_MOUNT/data" iflag=direct bs=1M status=none | sha256sum \
+                | cmp - "$SCRATCHD_MOUNT/sum"
             exit 7
         "#;
         let (code, out, pid) = run_to_end(&mut scratchd_run(
@@ -130,7 +131,8 @@ front_tests! {
             script,
         ));
         let text = stdout(&out);
-        assert_eq!(code, 7, "the command's status is the run's\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code, 7, "the command's status is the run's\n{text}{err}");
         let mut lines = text.lines();
         let work = work_dir(lines.next().unwrap());
         assert_eq!(lines.next(), Some("build-remote-1"));
@@ -143,7 +145,8 @@ front_tests! {
 
     fn a_command_killed_by_a_signal_gives_128_plus_the_signal(front) {
         let (_server, uri) = server("64M");
-        let (code, _, _) = run_to_end(&mut scratchd_run(Some(front), &["--server", &uri], "kill -TERM $$"));
+        let mut run = scratchd_run(Some(front), &["--server", &uri], "kill -TERM $$");
+        let (code, _, _) = run_to_end(&mut run);
         assert_eq!(code, 128 + 15);
     }
 
@@ -207,7 +210,8 @@ front_tests! {
             (sleep 2; cat f > /dev/null) &
         "#;
         let started = Instant::now();
-        let (code, out, pid) = run_to_end(&mut scratchd_run(Some(front), &["--server", &uri], script));
+        let mut run = scratchd_run(Some(front), &["--server", &uri], script);
+        let (code, out, pid) = run_to_end(&mut run);
         let took = started.elapsed();
         assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
         assert!(took < Duration::from_secs(15), "the run took {took:?}");
@@ -303,7 +307,8 @@ front_tests! {
         let fingerprint = crate::util::fingerprint(&name);
         assert!(log.contains(&fingerprint), "{log}");
 
-        let mut run = scratchd_run(Some(front), &["--server", &uri, "--name", "-"], "echo \"$SCRATCHD_EXPORT\"; cat")
+        let script = "echo \"$SCRATCHD_EXPORT\"; cat";
+        let mut run = scratchd_run(Some(front), &["--server", &uri, "--name", "-"], script)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -388,6 +393,30 @@ fn a_disk_that_cannot_be_made_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("No such file or directory"), "{err}");
+}
+
+/// `--timeout`, the kernel's request timeout: whole seconds from 1 s to
+/// 1 h, and not for the FUSE front end, which has none; anything else is
+/// a usage error that says why, before anything is attached.
+#[test]
+fn a_request_timeout_the_kernel_cannot_take_is_a_usage_error() {
+    let range = "is not a whole number of seconds from 1s to 3600s";
+    for (args, expected) in [
+        (&["--timeout", "0"][..], range),
+        (&["--timeout", "1500ms"][..], range),
+        (&["--timeout", "61m"][..], range),
+        (&["--timeout", "99999999999999999999"][..], "out of range"),
+        (&["--timeout", "soon"][..], "invalid duration \"soon\""),
+        (
+            &["--attach", "fuse", "--timeout", "30"][..],
+            "--attach fuse has none",
+        ),
+    ] {
+        let (code, out) = run_status(&mut scratchd_run(None, args, "echo ran"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!((code, stdout(&out).as_str()), (2, ""), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
 }
 
 /// A build that writes more than the disk's memory may hold sees an I/O

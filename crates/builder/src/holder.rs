@@ -442,6 +442,8 @@ fn attach(request: Request, mut stops: Signals) -> Result<Held, HolderError> {
         connections: request.connections,
         private_dir: &fuse_dir,
         label: &request.id,
+        // The FUSE front end has none.
+        request_timeout: crate::frontend::kernel::REQUEST_TIMEOUT,
     };
     // Nothing to watch: see the module docs.
     let attached = FuseAttached::attach(Disk::Server(&target), &setup, &mut |_| Ok(()))?;
