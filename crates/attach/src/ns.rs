@@ -22,15 +22,21 @@ use rustix::fs::{Mode, OFlags};
 use tracing::warn;
 
 /// Moves this process into a new mount namespace whose mounts propagate
-/// nowhere. Must run before the process starts any thread (the kernel
-/// refuses to unshare a file-system context shared with other threads).
+/// nowhere, but which follows the host's unmounts. Must run before the
+/// process starts any thread (the kernel refuses to unshare a file-system
+/// context shared with other threads).
 pub fn enter_private_mount_namespace() -> io::Result<()> {
     // SAFETY: plain system call with a flag argument.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // Hosts mount / shared (systemd): without this, mounts made here would
-    // propagate back to the host's namespace.
+    // propagate back to the host's namespace. Slave, not private: the new
+    // namespace holds a copy of every mount of the host's, other builds'
+    // disks included, and a private copy would keep such a disk mounted
+    // (its nbd device connected, its FUSE file system alive) for as long
+    // as this run lasts, however often the host unmounts it (Koji's
+    // `umount` of a build root); as a slave, the host's unmounts reach it.
     let root = c"/";
     // SAFETY: valid NUL-terminated paths; null source, type and data are
     // allowed for a propagation change.
@@ -39,7 +45,7 @@ pub fn enter_private_mount_namespace() -> io::Result<()> {
             std::ptr::null(),
             root.as_ptr(),
             std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
+            libc::MS_REC | libc::MS_SLAVE,
             std::ptr::null(),
         )
     };
