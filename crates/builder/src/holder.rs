@@ -197,6 +197,13 @@ pub(crate) fn stop(holder: Process) -> Result<(), DetachError> {
     // A record names a pid; only a scratchd process, started when the
     // record says, is signalled (checked after the pidfd pins it).
     if !holder.runs_this_program() {
+        // Or it is exiting, and its executable no longer reads (the kernel
+        // lets it go a moment before the exit shows on the pidfd): a holder
+        // ends by itself when it sees its directory unmounted, as a detach
+        // does just before this (seen in twenty attach cycles).
+        if wait_for_exit(&pidfd, Duration::from_secs(1)) {
+            return Ok(());
+        }
         warn!(
             pid = holder.pid,
             "the record's holder is not a scratchd process; not signalled"
