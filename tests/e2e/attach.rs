@@ -213,7 +213,8 @@ front_tests! {
     /// --stale` (after the lazy one) or the next attach's sweep (see
     /// the next test) removes it. A stale record holds nothing but its
     /// file, and every `attach` sweeps the stale records first, so they do
-    /// not pile up.
+    /// not pile up. The roots are on a shared mount, as on a systemd host
+    /// ([`Attachments::on_shared_mount`]).
     fn an_unmount_from_outside_releases_everything_within_a_second(front) {
         let control_dir = tempfile::tempdir().unwrap();
         let control = control_dir.path().join("ctl.sock");
@@ -226,7 +227,7 @@ front_tests! {
         ]);
         let uri = format!("nbd+unix:///?socket={}", server.sock.display());
         for (umount, name) in [("umount", "koji-eager"), ("umount -l", "koji-lazy")] {
-            let a = Attachments::new(front);
+            let a = Attachments::on_shared_mount(front);
             let mnt = a.mount_point("root");
             let m = mnt.display();
             let mut attach = a.attach_command(&mnt, &uri, &[]);
@@ -338,7 +339,7 @@ front_tests! {
     /// the disk when attached again).
     fn a_lazy_unmount_from_outside_waits_for_the_last_user(front) {
         let server = Server::start(&["tmpdisk", "size=64M", "linger=60s"]);
-        let a = Attachments::new(front);
+        let a = Attachments::on_shared_mount(front);
         let mnt = a.mount_point("root");
         a.attach_ok(&mnt, &server.uri_for("koji-busy"), &[]);
         let holder = a.holder();

@@ -116,6 +116,8 @@ pub struct Attachments {
     /// The sysfs labels of the kernel attachments made here, to find
     /// their devices after their records are gone.
     labels: RefCell<Vec<String>>,
+    /// Whether `dirs` is a shared tmpfs of ours, unmounted on drop.
+    shared: bool,
 }
 
 impl Attachments {
@@ -134,7 +136,25 @@ impl Attachments {
             state: crate::util::state_dir(),
             dirs: tempfile::tempdir().unwrap(),
             labels: RefCell::new(Vec::new()),
+            shared: false,
         }
+    }
+
+    /// Attachments whose mount points are on a shared mount, as every
+    /// mount is on a systemd host: the mount namespace of a `scratchd run`
+    /// that starts meanwhile (another test's) is a slave of it, and
+    /// follows an unmount here. (On a private mount, such a run would keep
+    /// its copy of an attachment's file system, and its device, for as
+    /// long as it lasts.)
+    pub fn on_shared_mount(front: Front) -> Attachments {
+        let mut a = Attachments::new(front);
+        let dirs = a.dirs.path().display();
+        let (code, out) = sh(&format!(
+            "mount -t tmpfs none {dirs} && mount --make-shared {dirs}"
+        ));
+        assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        a.shared = true;
+        a
     }
 
     /// A fresh empty directory to mount on (canonical, as records hold it).
@@ -299,6 +319,12 @@ impl Drop for Attachments {
     fn drop(&mut self) {
         let _ = self.scratchd(&["detach", "--all"]).output();
         let _ = self.scratchd(&["detach", "--stale"]).output();
+        if self.shared {
+            let _ = Command::new("umount")
+                .args(["-l"])
+                .arg(self.dirs.path())
+                .status();
+        }
     }
 }
 
