@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::util::{eventually, run, run_status, stdout, Json, SCRATCHD};
+use crate::util::{run, run_status, stdout, Json, SCRATCHD};
 
 /// A front end, as `--attach` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,11 +306,16 @@ impl Attachments {
         found
     }
 
+    /// Waits for [`Attachments::leftovers`] to go: 10 s, or 30 s under
+    /// emulation in the guest (where a disconnected device's sysfs label
+    /// was seen to outlast 10 s at a host load of 13).
     pub fn assert_nothing_left(&self, mount: &Path, holder: Option<u32>) {
-        eventually(
-            "the attachment's leftovers to go",
-            Duration::from_secs(10),
-            || self.leftovers(mount, holder).is_empty(),
+        let within = Duration::from_secs(if crate::util::in_guest() { 30 } else { 10 });
+        let gone = crate::util::poll(within, || self.leftovers(mount, holder).is_empty());
+        assert!(
+            gone.is_some(),
+            "after {within:?}, still there: {:?}",
+            self.leftovers(mount, holder)
         );
     }
 }
