@@ -121,8 +121,15 @@ pub struct Attachments {
 }
 
 impl Attachments {
+    /// In the guest, on a shared mount ([`Attachments::on_shared_mount`]):
+    /// its root is private, and the `scratchd run`s of the tests beside
+    /// each test would otherwise keep copies of its mounts, and so its nbd
+    /// devices connected, after its detach.
     pub fn new(front: Front) -> Attachments {
-        Attachments::with(Some(front))
+        match crate::util::in_guest() {
+            true => Attachments::on_shared_mount(front),
+            false => Attachments::with(Some(front)),
+        }
     }
 
     /// Attachments whose front end `--attach auto` chooses.
@@ -147,7 +154,7 @@ impl Attachments {
     /// its copy of an attachment's file system, and its device, for as
     /// long as it lasts.)
     pub fn on_shared_mount(front: Front) -> Attachments {
-        let mut a = Attachments::new(front);
+        let mut a = Attachments::with(Some(front));
         let dirs = a.dirs.path().display();
         let (code, out) = sh(&format!(
             "mount -t tmpfs none {dirs} && mount --make-shared {dirs}"
