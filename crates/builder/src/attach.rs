@@ -96,6 +96,7 @@ pub fn attach(request: &AttachRequest) -> Result<PathBuf, AttachCommandError> {
         fs_type: &request.front_end.fs_type,
         connections: request.front_end.connections,
         request_timeout: request.front_end.request_timeout(),
+        write_behind: request.front_end.write_behind,
         verbose: request.verbose,
     };
     Ok(front_end.driver().attach_kept(&state, &keep)?)
