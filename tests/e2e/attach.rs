@@ -28,6 +28,18 @@ fn expect_error((code, out): (i32, Output), want_code: i32, want: &str) {
     assert_eq!(stdout(&out), "", "no device printed");
 }
 
+/// A server of 64M tmpdisk exports kept for a minute after their last
+/// connection, with a control socket (for `ctl show` and `ctl drop`):
+/// the server, the socket's directory (removed on drop), the socket's
+/// path, and the server's URI without an export.
+fn server_with_control() -> (Server, tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock").to_str().unwrap().to_owned();
+    let server = Server::start(&["--control", &control, "tmpdisk", "size=64M", "linger=60s"]);
+    let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+    (server, dir, control, uri)
+}
+
 /// Attach, write files (with or without a sync), detach, `rounds` times on
 /// one export, each attach finding the files of the rounds before.
 fn attach_write_detach_cycles(front: Front, export: &str, rounds: u32, sync: bool) {
@@ -216,16 +228,7 @@ front_tests! {
     /// not pile up. The roots are on a shared mount, as on a systemd host
     /// ([`Attachments::on_shared_mount`]).
     fn an_unmount_from_outside_releases_everything_within_a_second(front) {
-        let control_dir = tempfile::tempdir().unwrap();
-        let control = control_dir.path().join("ctl.sock");
-        let server = Server::start(&[
-            "--control",
-            control.to_str().unwrap(),
-            "tmpdisk",
-            "size=64M",
-            "linger=60s",
-        ]);
-        let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+        let (server, _control_dir, control, uri) = server_with_control();
         for (umount, name) in [("umount", "koji-eager"), ("umount -l", "koji-lazy")] {
             let a = Attachments::on_shared_mount(front);
             let mnt = a.mount_point("root");
@@ -258,7 +261,7 @@ front_tests! {
                 a.leftovers(&mnt, holder)
             );
             let show = run(Command::new(SCRATCHD)
-                .args(["ctl", "--control", control.to_str().unwrap(), "show"])
+                .args(["ctl", "--control", &control, "show"])
                 .env("SCRATCHD_NAME", name));
             assert!(stdout(&show).contains(name), "{}", stdout(&show));
             // FUSE: nothing left to detach; kernel: the stale record goes.
@@ -285,16 +288,7 @@ front_tests! {
     /// process stays) shows the fingerprint, not the name. `ctl drop -`
     /// reads it from standard input.
     fn attach_names_stay_off_command_lines_and_out_of_info_logs(front) {
-        let control_dir = tempfile::tempdir().unwrap();
-        let control = control_dir.path().join("ctl.sock");
-        let server = Server::start(&[
-            "--control",
-            control.to_str().unwrap(),
-            "tmpdisk",
-            "size=64M",
-            "linger=60s",
-        ]);
-        let uri = format!("nbd+unix:///?socket={}", server.sock.display());
+        let (_server, _control_dir, control, uri) = server_with_control();
         let name = format!("secret-attach-{}", std::process::id());
         let a = Attachments::new(front);
         let mnt = a.mount_point("mnt");
@@ -320,7 +314,7 @@ front_tests! {
         assert!(log.contains(&fingerprint) && !log.contains(&name), "{log}");
 
         let mut drop = Command::new(SCRATCHD)
-            .args(["ctl", "--control", control.to_str().unwrap(), "drop", "-"])
+            .args(["ctl", "--control", &control, "drop", "-"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
