@@ -167,10 +167,14 @@ front_tests! {
         assert!(!leftovers(&work, pid).is_empty(), "the run is attached");
         started.run.kill().unwrap();
         started.run.wait().unwrap();
-        eventually(
-            "the killed run's device and mounts to go",
-            Duration::from_secs(20),
-            || leftovers(&work, pid) == [format!("directory {}", work.display())],
+        let only_the_directory = [format!("directory {}", work.display())];
+        let gone = crate::util::poll(Duration::from_secs(20), || {
+            leftovers(&work, pid) == only_the_directory
+        });
+        assert!(
+            gone.is_some(),
+            "20 s after the kill, still there: {:?}",
+            leftovers(&work, pid)
         );
         let (code, _, _) = run_to_end(&mut scratchd_run(Some(front), &["--server", &uri], "true"));
         assert_eq!(code, 0);
