@@ -214,6 +214,9 @@ pub struct FrontEndOptions {
     /// [`kernel::check_request_timeout`]); `None`:
     /// [`kernel::REQUEST_TIMEOUT`]. The FUSE front end has no such timeout.
     pub request_timeout: Option<Duration>,
+    /// `--from`: a disk on a server that is made now starts as this
+    /// snapshot (see [`crate::remote::seed`]).
+    pub from: Option<String>,
 }
 
 impl FrontEndOptions {
@@ -520,6 +523,7 @@ mod tests {
             fs_type: "ext4".to_owned(),
             request_timeout: timeout.map(Duration::from_secs),
             write_behind: WriteBehindMode::Auto,
+            from: None,
         };
         assert_eq!(
             options("kernel", Some(7)).choose(server).unwrap(),
