@@ -3,11 +3,14 @@
 //! attach itself is `scratchd_builder::attach`'s.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 use scratchd_builder::attach::AttachRequest;
+use scratchd_builder::frontend::kernel::check_request_timeout;
 use scratchd_builder::frontend::{AttachMode, FrontEndOptions, WriteBehindMode};
 use scratchd_builder::holder::Holder;
+use scratchd_scratch::units::parse_duration;
 
 use crate::{cli, name};
 
@@ -53,6 +56,19 @@ pub struct FrontEndArgs {
     /// snapshot's UUID).
     #[arg(long, value_name = "SNAPSHOT")]
     pub from: Option<String>,
+    /// The kernel front end's per-request timeout (whole seconds, 1s to
+    /// 1h; default 120s): a request the server has not answered within it
+    /// fails, and with several connections costs its connection. Not for
+    /// --attach fuse, which has none; with auto, used if the kernel's
+    /// driver is chosen.
+    #[arg(long, value_name = "DURATION", value_parser = parse_request_timeout)]
+    timeout: Option<Duration>,
+}
+
+/// `--timeout`: a duration the kernel takes as its request timeout.
+fn parse_request_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text).map_err(|e| e.to_string())?;
+    check_request_timeout(timeout).map_err(|e| e.to_string())
 }
 
 impl FrontEndArgs {
@@ -63,6 +79,7 @@ impl FrontEndArgs {
             write_behind: self.write_behind,
             mount_options: self.mount_options(),
             fs_type: self.fs_type.clone(),
+            request_timeout: self.timeout,
             from: self.from.clone(),
         }
     }

@@ -304,3 +304,215 @@ fn a_mount_point_swapped_for_a_symlink_is_refused() {
     assert_ne!(code, 0, "attached through a symlink");
     assert!(err.contains("symlink"), "{err}");
 }
+
+/// A pid no process has (a child that was reaped).
+fn dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    child.id()
+}
+
+/// Another user's entries in a `TMPDIR` everyone may write, named as a
+/// killed run's work directory: a directory of theirs (holding the empty
+/// `fuse` and `mnt` a run leaves) and a symlink to a directory of root's
+/// that holds an empty `fuse` and `mnt`. A run's sweep of killed runs'
+/// work directories removes none of them, nor anything through them; a
+/// real one of root's beside them goes (the sweep ran).
+#[test]
+fn a_run_sweeps_only_the_work_directories_root_made() {
+    if skip_without_fuse("a_run_sweeps_only_the_work_directories_root_made") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    mode(tmp.path(), 0o1777);
+    let roots = tempfile::tempdir().unwrap();
+    let dead = dead_pid();
+    let entry = |name: &str| tmp.path().join(format!("scratchd-run.{dead}.{name}"));
+    let (theirs, link, ours) = (entry("theirs"), entry("link"), entry("ours"));
+    let subdirs = |dir: &Path| [dir.join("fuse"), dir.join("mnt")];
+    let [theirs_fuse, theirs_mnt] = subdirs(&theirs);
+    let (code, out) = as_nobody(&[
+        "mkdir",
+        "-p",
+        theirs_fuse.to_str().unwrap(),
+        theirs_mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    for dir in subdirs(roots.path()).iter().chain(&subdirs(&ours)) {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let (code, out) = as_nobody(&[
+        "ln",
+        "-s",
+        roots.path().to_str().unwrap(),
+        link.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args(["run", "--size", "64M", "--type", "none", "--", "true"])
+            .env("TMPDIR", tmp.path()),
+    );
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!ours.exists(), "the sweep did not run");
+    for kept in subdirs(&theirs).iter().chain(&subdirs(roots.path())) {
+        assert!(kept.is_dir(), "{} was removed", kept.display());
+    }
+    assert!(link.symlink_metadata().is_ok(), "the symlink was removed");
+}
+
+/// `scratchd run` runs mkfs from the system's directories only: an `mkfs`
+/// and `mkfs.ext4` that another user put in a directory first on root's
+/// `PATH` never run (they would leave a mark, then format as the real
+/// ones do).
+#[test]
+fn mkfs_comes_from_the_system_not_the_callers_path() {
+    if skip_without_fuse("mkfs_comes_from_the_system_not_the_callers_path") {
+        return;
+    }
+    let evil = tempfile::tempdir().unwrap();
+    mode(evil.path(), 0o755);
+    chown_nobody(evil.path());
+    let mark = evil.path().join("ran");
+    for tool in ["mkfs", "mkfs.ext4"] {
+        let script = evil.path().join(tool);
+        let real = crate::util::stdout(&run(Command::new("sh").args([
+            "-c",
+            &format!("PATH=/usr/sbin:/usr/bin:/sbin:/bin command -v {tool}"),
+        ])));
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho {tool} >> {}\nexec {} \"$@\"\n",
+                mark.display(),
+                real.trim()
+            ),
+        )
+        .unwrap();
+        mode(&script, 0o755);
+        chown_nobody(&script);
+    }
+    let path = format!(
+        "{}:{}",
+        evil.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (code, out) = run_status(
+        Command::new(SCRATCHD)
+            .args(["run", "--size", "64M", "--", "sh", "-c"])
+            .arg("findmnt -n -o FSTYPE \"$SCRATCHD_MOUNT\"")
+            .env("PATH", &path),
+    );
+    assert_eq!(
+        (code, crate::util::stdout(&out).trim()),
+        (0, "ext4"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !mark.exists(),
+        "ran from the caller's PATH: {}",
+        std::fs::read_to_string(&mark).unwrap_or_default()
+    );
+}
+
+/// A loop device with a file system of someone else's on it, mounted,
+/// and losetup'd and unmounted on drop.
+struct ForeignMount {
+    dir: tempfile::TempDir,
+    device: String,
+}
+
+impl ForeignMount {
+    fn new() -> ForeignMount {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        run(Command::new("mkfs.ext4").arg("-q").arg(&image));
+        let out = run(Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image));
+        let device = crate::util::stdout(&out).trim().to_owned();
+        let mount = ForeignMount { dir, device };
+        std::fs::create_dir(mount.mount_point()).unwrap();
+        run(Command::new("mount")
+            .arg(&mount.device)
+            .arg(mount.mount_point()));
+        mount
+    }
+
+    fn mount_point(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    fn still_mounted(&self) -> bool {
+        let (_, out) = run_status(
+            Command::new("findmnt")
+                .args(["-n", "-o", "SOURCE", "--mountpoint"])
+                .arg(self.mount_point()),
+        );
+        crate::util::stdout(&out).trim() == self.device
+    }
+}
+
+impl Drop for ForeignMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.mount_point()).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+/// A dead FUSE attachment's record whose loop device the kernel has since
+/// given to someone else, whose file system is now mounted at the
+/// record's directory: `detach DIR` and `detach --stale` remove the record
+/// and leave that mount alone (the mount's source matches the record's
+/// device; its backing file is not the attachment's FUSE file).
+#[test]
+fn a_loop_device_given_to_someone_else_is_not_unmounted() {
+    if skip_without_fuse("a_loop_device_given_to_someone_else_is_not_unmounted") {
+        return;
+    }
+    let state = state_dir();
+    let foreign = ForeignMount::new();
+    let record = |id: &str| {
+        let text = format!(
+            r#"{{"id": "{id}", "kind": "fuse", "mount": "{}", "device": "{}",
+                "export": "x", "uri": "nbd+unix:///x?socket=/run/x", "holder": null,
+                "fuse_dir": "{}", "backend": null}}"#,
+            foreign.mount_point().display(),
+            foreign.device,
+            state.path().join(format!("{id}.fuse")).display()
+        );
+        std::fs::write(state.path().join(format!("{id}.json")), text).unwrap();
+    };
+    let scratchd = |args: &[&str]| {
+        let (code, out) = run_status(
+            Command::new(SCRATCHD)
+                .args(args)
+                .env("SCRATCHD_STATE_DIR", state.path()),
+        );
+        assert_eq!(
+            code,
+            0,
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    record("0d1");
+    scratchd(&["detach", foreign.mount_point().to_str().unwrap()]);
+    assert!(
+        foreign.still_mounted(),
+        "detach unmounted someone else's disk"
+    );
+    record("0d2");
+    scratchd(&["detach", "--stale"]);
+    assert!(
+        foreign.still_mounted(),
+        "detach --stale unmounted someone else's disk"
+    );
+    assert!(!state.path().join("0d1.json").exists() && !state.path().join("0d2.json").exists());
+}

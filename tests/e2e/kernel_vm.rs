@@ -1,9 +1,11 @@
 //! Real kernels for the kernel front: each test here boots one of Debian
 //! 12's kernels under qemu with `scripts/vm/guest.sh` (the host's root
-//! read-only over 9p, `nbd.ko` loaded) and runs this test binary's
-//! [`crate::kernel_guest`] tests inside it, then reports each guest test's
-//! result. One boot per kernel keeps the time down: the guest tests run in
-//! parallel within it.
+//! read-only over 9p, `nbd.ko` loaded) and runs this test binary's guest
+//! tests inside it ([`is_guest_test`]: the kernel-only
+//! [`crate::kernel_guest`] tests, and the `kernel::` instances of the
+//! builder tests shared by both front ends, [`crate::front`]), then reports
+//! each guest test's result. One boot per kernel keeps the time down: the
+//! guest tests run in parallel within it.
 //!
 //! They are `#[ignore]`d in a plain `cargo test`: `scripts/test.sh` runs
 //! them on their own after the rest of the suite, since two guests under
@@ -35,7 +37,7 @@ struct KnownFailure {
 
 /// Guest tests expected to fail today, and why.
 const KNOWN_FAILURES: &[KnownFailure] = &[KnownFailure {
-    test: "a_stalled_server_loses_no_connection",
+    test: "kernel_guest::a_stalled_server_loses_no_connection",
     kernels: &["6.1"],
     why: "under TCG on a 2-core host, with the 6.12 guest beside it, a request of the \
           emulated 6.1 guest sometimes outlasts the 120 s timeout after a 45 s stall \
@@ -73,7 +75,7 @@ fn guest_suite(flavour: &str) {
     for known in KNOWN_FAILURES {
         assert!(
             expected.iter().any(|name| name == known.test),
-            "KNOWN_FAILURES names {}, which is no kernel_guest test",
+            "KNOWN_FAILURES names {}, which is no guest test",
             known.test
         );
     }
@@ -140,21 +142,34 @@ fn guest_suite(flavour: &str) {
 }
 
 /// One boot of a guest: the modules loaded at boot, and which guest tests
-/// it runs (libtest's arguments).
+/// it runs (libtest's arguments: filters, which match anywhere in a test's
+/// name, and `--skip`s).
 struct Boot {
     what: &'static str,
     modules: &'static str,
     tests: &'static [&'static str],
 }
 
+/// The kernel-only guest tests start with this.
+const GUEST_ONLY: &str = "kernel_guest::";
+
+/// The shared builder tests' instances on the kernel front have this in
+/// their names (`attach::kernel::NAME`, see [`crate::front`]).
+const SHARED_ON_KERNEL: &str = "::kernel::";
+
 /// The guest tests that need nbd not loaded start with this.
 const WITHOUT_NBD: &str = "kernel_guest::without_nbd";
+
+/// Whether test `name` (with its module path) is one the guests run.
+fn is_guest_test(name: &str) -> bool {
+    name.starts_with(GUEST_ONLY) || name.contains(SHARED_ON_KERNEL)
+}
 
 const BOOTS: &[Boot] = &[
     Boot {
         what: "nbd loaded",
         modules: "nbd loop fuse ext4",
-        tests: &["kernel_guest::", "--skip", WITHOUT_NBD],
+        tests: &[GUEST_ONLY, SHARED_ON_KERNEL, "--skip", WITHOUT_NBD],
     },
     Boot {
         what: "nbd not loaded",
@@ -230,26 +245,29 @@ fn boot_and_run_guest_tests(flavour: &str, boot: &Boot) -> GuestOutcome {
     }
 }
 
-/// The names (without their module) of the `kernel_guest::` tests, as this
-/// test binary lists them.
+/// The names of the guest tests, as this test binary lists them.
 fn guest_tests() -> Vec<String> {
     let exe = std::env::current_exe().expect("the test binary's path");
-    let list = crate::util::run(Command::new(exe).args(["--list", "--ignored", "kernel_guest::"]));
+    let list = crate::util::run(Command::new(exe).args(["--list", "--ignored"]));
     crate::util::stdout(&list)
         .lines()
-        .filter_map(|l| l.strip_prefix("kernel_guest::")?.strip_suffix(": test"))
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|name| is_guest_test(name))
         .map(str::to_owned)
         .collect()
 }
 
-/// `(test name without its module, passed)` of each guest test, from
-/// libtest's `test kernel_guest::NAME ... ok|FAILED` lines.
+/// `(test name, passed)` of each guest test, from libtest's `test NAME
+/// ... ok|FAILED` lines.
 fn parse_results(stdout: &str) -> Vec<(String, bool)> {
     stdout
         .lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix("test kernel_guest::")?;
+            let rest = line.strip_prefix("test ")?;
             let (name, result) = rest.split_once(" ... ")?;
+            if !is_guest_test(name) {
+                return None;
+            }
             match result.trim() {
                 "ok" => Some((name.to_owned(), true)),
                 "FAILED" => Some((name.to_owned(), false)),

@@ -13,6 +13,7 @@ mod cli;
 mod ctl;
 mod faults;
 mod fio;
+mod front;
 mod generate;
 mod hardening;
 mod idle;

@@ -51,10 +51,14 @@ impl Server {
     /// [`Server::start`] with its socket in `dir`, which it keeps.
     fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Server {
         let sock = dir.path().join("nbd.sock");
-        let child = Command::new(SCRATCHD)
-            .arg("serve")
-            .arg("-U")
-            .arg(&sock)
+        let mut command = Command::new(SCRATCHD);
+        command.arg("serve").arg("-U").arg(&sock);
+        if in_guest() {
+            // Emulated clients beside a dozen other tests can take longer
+            // than the default 10 s to negotiate.
+            command.args(["--handshake-timeout", "60s"]);
+        }
+        let child = command
             .args(args)
             .stdin(Stdio::null())
             .spawn()
@@ -690,11 +694,17 @@ pub fn state_dir() -> tempfile::TempDir {
         .expect("a state directory under /run")
 }
 
+/// Whether this runs in a guest that `kernel_vm` booted (under TCG
+/// emulation, so slower): `/run/scratchd-vm` is its results directory.
+pub fn in_guest() -> bool {
+    Path::new("/run/scratchd-vm").exists()
+}
+
 /// How long a server may take to start listening: 10 s, or a minute in a
 /// qemu guest without KVM (`/run/scratchd-vm` is its results directory),
 /// where a debug binary loads over 9p under emulation.
 pub fn startup_limit() -> Duration {
-    if Path::new("/run/scratchd-vm").exists() {
+    if in_guest() {
         Duration::from_secs(60)
     } else {
         Duration::from_secs(10)

@@ -10,6 +10,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,18 +18,25 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
+use rustix::fs::{Mode, OFlags};
 use tracing::warn;
 
 /// Moves this process into a new mount namespace whose mounts propagate
-/// nowhere. Must run before the process starts any thread (the kernel
-/// refuses to unshare a file-system context shared with other threads).
+/// nowhere, but which follows the host's unmounts. Must run before the
+/// process starts any thread (the kernel refuses to unshare a file-system
+/// context shared with other threads).
 pub fn enter_private_mount_namespace() -> io::Result<()> {
     // SAFETY: plain system call with a flag argument.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // Hosts mount / shared (systemd): without this, mounts made here would
-    // propagate back to the host's namespace.
+    // propagate back to the host's namespace. Slave, not private: the new
+    // namespace holds a copy of every mount of the host's, other builds'
+    // disks included, and a private copy would keep such a disk mounted
+    // (its nbd device connected, its FUSE file system alive) for as long
+    // as this run lasts, however often the host unmounts it (Koji's
+    // `umount` of a build root); as a slave, the host's unmounts reach it.
     let root = c"/";
     // SAFETY: valid NUL-terminated paths; null source, type and data are
     // allowed for a propagation change.
@@ -37,7 +45,7 @@ pub fn enter_private_mount_namespace() -> io::Result<()> {
             std::ptr::null(),
             root.as_ptr(),
             std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
+            libc::MS_REC | libc::MS_SLAVE,
             std::ptr::null(),
         )
     };
@@ -48,12 +56,42 @@ pub fn enter_private_mount_namespace() -> io::Result<()> {
 }
 
 /// How [`unmount`] got a file system off its mount point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Unmounted {
     /// Gone, written back.
     Clean,
-    /// Detached while still in use: it lives on until its last user lets go.
-    Lazily,
+    /// Detached while still in use: it lives on until its last user lets
+    /// go, and can still be written back through its root.
+    Lazily(DetachedRoot),
+}
+
+/// The root directory of a file system that a lazy unmount took off every
+/// path, opened just before: it lives on while a leftover process uses it,
+/// and only through this can that one file system be written back. (A
+/// `sync` of every file system instead waits for all of them, such as
+/// another disk whose server stopped answering, for minutes.)
+#[derive(Debug)]
+pub struct DetachedRoot(Option<OwnedFd>);
+
+impl DetachedRoot {
+    /// Opens `dir`'s root before it is detached (`None` if it cannot be
+    /// opened: then [`DetachedRoot::write_back`] falls back to `sync`).
+    fn open(dir: &Path) -> DetachedRoot {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        DetachedRoot(rustix::fs::open(dir, flags, Mode::empty()).ok())
+    }
+
+    /// Writes the file system back and waits for it (`syncfs`); `sync` if
+    /// its root was not kept.
+    pub fn write_back(&self) -> io::Result<()> {
+        match &self.0 {
+            Some(root) => rustix::fs::syncfs(root).map_err(io::Error::from),
+            None => {
+                rustix::fs::sync();
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Unmounts `dir`, never through a symlink at its last component (a user
@@ -62,6 +100,18 @@ pub enum Unmounted {
 /// behind with a file open) is retried for a while, then detached lazily:
 /// it goes once the last user lets go, and cannot outlive the namespace.
 pub fn unmount(dir: &Path) -> io::Result<Unmounted> {
+    unmount_with(dir, false)
+}
+
+/// [`unmount`], and if the file system has to be detached lazily, its root
+/// is kept open to write it back ([`DetachedRoot`]). Only for a file system
+/// the kernel serves alone: opening the root of a FUSE mount asks its
+/// server, which may hang.
+pub fn unmount_keeping_root(dir: &Path) -> io::Result<Unmounted> {
+    unmount_with(dir, true)
+}
+
+fn unmount_with(dir: &Path, keep_root: bool) -> io::Result<Unmounted> {
     let path = CString::new(dir.as_os_str().as_bytes())?;
     for _ in 0..20 {
         // SAFETY: valid NUL-terminated path.
@@ -75,12 +125,21 @@ pub fn unmount(dir: &Path) -> io::Result<Unmounted> {
         thread::sleep(Duration::from_millis(50));
     }
     warn!(dir = %dir.display(), "file system still busy; detaching it lazily");
-    // SAFETY: as above.
-    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == 0 {
-        Ok(Unmounted::Lazily)
-    } else {
-        Err(io::Error::last_os_error())
+    match keep_root {
+        true => unmount_lazily_keeping_root(dir),
+        false => unmount_lazily(dir).map(|()| DetachedRoot(None)),
     }
+    .map(Unmounted::Lazily)
+}
+
+/// Detaches the file system at `dir` at once, however busy (`umount -l`),
+/// keeping its root open so that it can still be written back. Only for a
+/// file system that answers: opening the root of a FUSE mount whose server
+/// hangs would hang too.
+pub fn unmount_lazily_keeping_root(dir: &Path) -> io::Result<DetachedRoot> {
+    let root = DetachedRoot::open(dir);
+    unmount_lazily(dir)?;
+    Ok(root)
 }
 
 /// Detaches the file system at `dir` at once, however busy (`umount -l`):

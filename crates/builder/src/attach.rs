@@ -81,7 +81,7 @@ pub fn attach(request: &AttachRequest) -> Result<PathBuf, AttachCommandError> {
         return Err(AttachCommandError::NotPrivileged);
     }
     let target = export_target(request)?;
-    let front_end = request.front_end.attach.choose(Origin::of(Some(&target)))?;
+    let front_end = request.front_end.choose(Origin::of(Some(&target)))?;
     let mount = mount_dir(&request.mount)?;
     let state = StateDir::open()?;
     let swept = detach::sweep_stale(&state);
@@ -95,6 +95,7 @@ pub fn attach(request: &AttachRequest) -> Result<PathBuf, AttachCommandError> {
         mount_options: &request.front_end.mount_options,
         fs_type: &request.front_end.fs_type,
         connections: request.front_end.connections,
+        request_timeout: request.front_end.request_timeout(),
         write_behind: request.front_end.write_behind,
         verbose: request.verbose,
     };

@@ -157,17 +157,33 @@ pub fn clean_up(state: &StateDir, record: &Record) {
     state.remove(&record.id);
 }
 
+/// Whether the attachment's file system is what is mounted at its
+/// directory: the mount's source is the record's device, and that device
+/// is still this attachment's ([`crate::frontend::Driver::device_is_ours`]):
+/// a device a dead attachment let go may carry someone else's disk since,
+/// mounted at the same place.
+pub(crate) fn mounted_at_its_dir(record: &Record) -> bool {
+    let Some(device) = &record.device else {
+        return false;
+    };
+    ns::mount_source(&record.mount).as_ref() == Some(device)
+        && record.kind.driver().device_is_ours(record)
+}
+
 /// Unmounts the attachment's file system, if it is still what is mounted
 /// at its directory (retried while busy for a second, then lazily); how,
 /// or `None` if it was not mounted there.
 pub(crate) fn unmount_dir(record: &Record) -> Result<Option<ns::Unmounted>, DetachError> {
-    let Some(device) = &record.device else {
-        return Ok(None);
-    };
-    if ns::mount_source(&record.mount).as_ref() != Some(device) {
+    if !mounted_at_its_dir(record) {
         return Ok(None);
     }
-    match ns::unmount(&record.mount) {
+    // A file system the kernel serves alone can be opened to be written
+    // back after a lazy unmount; one served by a process of ours not safely.
+    let unmounted = match record.kind.driver().served_here() {
+        true => ns::unmount(&record.mount),
+        false => ns::unmount_keeping_root(&record.mount),
+    };
+    match unmounted {
         Ok(how) => {
             debug!(mount = %record.mount.display(), ?how, "unmounted");
             Ok(Some(how))
@@ -182,10 +198,7 @@ pub(crate) fn unmount_dir(record: &Record) -> Result<Option<ns::Unmounted>, Deta
 /// Unmounts a dead attachment's file system lazily (its writeback fails at
 /// once), if it is still what is mounted at its directory.
 pub(crate) fn unmount_lazily_if_ours(record: &Record) {
-    let Some(device) = &record.device else {
-        return;
-    };
-    if ns::mount_source(&record.mount).as_ref() == Some(device) {
+    if mounted_at_its_dir(record) {
         if let Err(e) = ns::unmount_lazily(&record.mount) {
             warn!(mount = %record.mount.display(), error = %e, "cannot unmount");
         }

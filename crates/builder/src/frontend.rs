@@ -28,6 +28,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use scratchd_attach::{mount, nbd_kernel};
 use scratchd_client::Target;
@@ -209,9 +210,38 @@ pub struct FrontEndOptions {
     /// The disk's file system type (`--type`): the mount names it, so the
     /// kernel never probes a disk with every driver it has.
     pub fs_type: String,
+    /// The kernel front end's per-request timeout (`--timeout`, checked by
+    /// [`kernel::check_request_timeout`]); `None`:
+    /// [`kernel::REQUEST_TIMEOUT`]. The FUSE front end has no such timeout.
+    pub request_timeout: Option<Duration>,
     /// `--from`: a disk on a server that is made now starts as this
     /// snapshot (see [`crate::remote::seed`]).
     pub from: Option<String>,
+}
+
+impl FrontEndOptions {
+    /// The front end for a disk from `origin` ([`AttachMode::choose`]); a
+    /// request timeout given for a front end that has none is a usage
+    /// error when that front end was asked for by name (with `auto` it
+    /// applies only if the kernel's is chosen).
+    pub fn choose(&self, origin: Origin) -> Result<FrontEnd, AttachError> {
+        let front_end = self.attach.choose(origin)?;
+        if self.request_timeout.is_some()
+            && front_end != FrontEnd::Kernel
+            && self.attach != AttachMode::Auto
+        {
+            return Err(AttachError::Usage(format!(
+                "--timeout is the kernel front end's request timeout: --attach {front_end} \
+                 has none"
+            )));
+        }
+        Ok(front_end)
+    }
+
+    /// The kernel front end's request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout.unwrap_or(kernel::REQUEST_TIMEOUT)
+    }
 }
 
 /// Where the disk to attach comes from: what decides which front ends can
@@ -266,6 +296,8 @@ pub struct Setup<'a> {
     /// `detach` tells it from another one on the same device: never the
     /// export's name, which is the disk's key.
     pub label: &'a str,
+    /// The kernel's per-request timeout ([`FrontEndOptions::request_timeout`]).
+    pub request_timeout: Duration,
 }
 
 /// What `scratchd attach` asks of a front end: an attachment that stays
@@ -279,6 +311,8 @@ pub struct KeepRequest<'a> {
     pub mount_options: &'a str,
     pub fs_type: &'a str,
     pub connections: usize,
+    /// The kernel's per-request timeout ([`FrontEndOptions::request_timeout`]).
+    pub request_timeout: Duration,
     pub write_behind: WriteBehindMode,
     /// The verbosity a process that keeps the attachment logs with.
     pub verbose: u8,
@@ -339,6 +373,11 @@ pub(crate) trait Driver: Sync {
 
     /// Whether the attachment of a record without a holder is still there.
     fn attached_without_holder(&self, record: &Record) -> bool;
+
+    /// Whether the record's block device is still this attachment's (and
+    /// not one the kernel gave to someone else since), so that a mount of
+    /// it is this attachment's to unmount.
+    fn device_is_ours(&self, record: &Record) -> bool;
 
     /// Removes what a dead attachment left (mounts, devices), each only if
     /// it is still this attachment's; not the record.
@@ -472,6 +511,42 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", front_end.name()));
             assert_eq!(serde_json::from_str::<FrontEnd>(&json).unwrap(), front_end);
         }
+    }
+
+    #[test]
+    fn a_request_timeout_needs_a_front_end_that_has_one() {
+        let server = Origin::Server { tls: false };
+        let options = |attach: &str, timeout: Option<u64>| FrontEndOptions {
+            attach: attach.parse().unwrap(),
+            connections: 4,
+            mount_options: String::new(),
+            fs_type: "ext4".to_owned(),
+            request_timeout: timeout.map(Duration::from_secs),
+            write_behind: WriteBehindMode::Auto,
+            from: None,
+        };
+        assert_eq!(
+            options("kernel", Some(7)).choose(server).unwrap(),
+            FrontEnd::Kernel
+        );
+        assert!(matches!(
+            options("fuse", Some(7)).choose(server),
+            Err(AttachError::Usage(m)) if m.contains("--timeout")
+        ));
+        assert_eq!(
+            options("fuse", None).choose(server).unwrap(),
+            FrontEnd::Fuse
+        );
+        // `auto` on a local disk takes FUSE, whose lack of one is no error.
+        assert_eq!(
+            options("auto", Some(7)).choose(Origin::Local).unwrap(),
+            FrontEnd::Fuse
+        );
+        assert_eq!(options("kernel", Some(7)).request_timeout().as_secs(), 7);
+        assert_eq!(
+            options("kernel", None).request_timeout(),
+            kernel::REQUEST_TIMEOUT
+        );
     }
 
     #[test]

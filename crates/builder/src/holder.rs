@@ -203,6 +203,13 @@ pub(crate) fn stop(holder: Process) -> Result<(), DetachError> {
     // A record names a pid; only a scratchd process, started when the
     // record says, is signalled (checked after the pidfd pins it).
     if !holder.runs_this_program() {
+        // Or it is exiting, and its executable no longer reads (the kernel
+        // lets it go a moment before the exit shows on the pidfd): a holder
+        // ends by itself when it sees its directory unmounted, as a detach
+        // does just before this (seen in twenty attach cycles).
+        if wait_for_exit(&pidfd, Duration::from_secs(1)) {
+            return Ok(());
+        }
         warn!(
             pid = holder.pid,
             "the record's holder is not a scratchd process; not signalled"
@@ -449,6 +456,8 @@ fn attach(request: Request, mut stops: Signals) -> Result<Held, HolderError> {
         write_behind: request.write_behind,
         private_dir: &fuse_dir,
         label: &request.id,
+        // The FUSE front end has none.
+        request_timeout: crate::frontend::kernel::REQUEST_TIMEOUT,
     };
     // Nothing to watch: see the module docs.
     let attached = FuseAttached::attach(Disk::Server(&target), &setup, &mut |_| Ok(()))?;

@@ -139,10 +139,7 @@ pub fn run<D: LocalDisk, E>(
     }
     let name = request.name.clone().unwrap_or_else(random_name);
     let server = server_target(request, &name)?;
-    let front_end = request
-        .front_end
-        .attach
-        .choose(Origin::of(server.as_ref()))?;
+    let front_end = request.front_end.choose(Origin::of(server.as_ref()))?;
     // First, while this process has one thread: the kernel will not give a
     // threaded process a namespace of its own.
     ns::enter_private_mount_namespace().map_err(RunError::Namespace)?;
@@ -193,6 +190,7 @@ pub fn run<D: LocalDisk, E>(
         write_behind: request.front_end.write_behind,
         private_dir: &work.path().join("fuse"),
         label: &label,
+        request_timeout: request.front_end.request_timeout(),
     };
     let mut watch = |connection| watchdog.as_mut().map_or(Ok(()), |w| w.watch(connection));
     let attached = front_end

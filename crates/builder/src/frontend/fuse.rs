@@ -98,6 +98,16 @@ impl Driver for Fuse {
         false
     }
 
+    /// The loop device is still on this attachment's FUSE file.
+    fn device_is_ours(&self, record: &Record) -> bool {
+        match (&record.device, &record.fuse_dir) {
+            (Some(device), Some(fuse_dir)) => {
+                loopdev::backing_file(device) == Some(fuse_dir.join(fuse::FILE_NAME))
+            }
+            _ => false,
+        }
+    }
+
     fn clean_up(&self, record: &Record) {
         abort_connection(record);
         detach::unmount_lazily_if_ours(record);

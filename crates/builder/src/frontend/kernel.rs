@@ -26,6 +26,7 @@ use super::{
     mount_disk, AttachError, Attachment, Disk, Driver, FrontEnd, KeepRequest, Origin, Setup,
 };
 use crate::detach::{self, DetachError};
+use crate::id::fingerprint;
 use crate::remote;
 use crate::sector::logical_block_size;
 use crate::state::{Process, Record, StateDir};
@@ -36,16 +37,44 @@ use crate::state::{Process, Record, StateDir};
 /// fails.
 const DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The kernel's per-request timeout (`NBD_ATTR_TIMEOUT`). The kernel's own
-/// default, 30 s, made a stalled server lose connections for good (with
-/// several connections the kernel marks a connection dead when one of its
-/// requests times out, and nothing of ours gives it a new one): a server
-/// stall up to this long costs nothing. It is also how long a request in
-/// flight to a vanished server waits before it fails (plus
-/// [`DEAD_CONN_TIMEOUT`]); new requests fail sooner, once TCP has found
-/// the connection dead ([`nbd_kernel::TCP_DEAD_AFTER`]), and how long a
-/// detach of such an attachment waits for its writeback.
-pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// The kernel's per-request timeout (`NBD_ATTR_TIMEOUT`) unless `--timeout`
+/// gives another. The kernel's own default, 30 s, made a stalled server
+/// lose connections for good (with several connections the kernel marks a
+/// connection dead when one of its requests times out, and nothing of ours
+/// gives it a new one): a server stall up to this long costs nothing. It
+/// is also how long a request in flight to a vanished server waits before
+/// it fails (plus [`DEAD_CONN_TIMEOUT`]); new requests fail sooner, once
+/// TCP has found the connection dead ([`nbd_kernel::TCP_DEAD_AFTER`]), and
+/// how long a detach of such an attachment waits for its writeback.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The longest `--timeout`: an hour of a build's I/O waiting on a server
+/// is already more than any build wants, and far longer values overflow
+/// the kernel's timer (seconds times HZ in 32 bits of jiffies: 49 days at
+/// HZ=1000), which would leave a short timeout instead.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Why a `--timeout` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestTimeoutError {
+    /// The kernel counts whole seconds, and 0 would mean its own default.
+    #[error(
+        "a request timeout of {0:?} is not a whole number of seconds from 1s to {max}s",
+        max = MAX_REQUEST_TIMEOUT.as_secs()
+    )]
+    OutOfRange(Duration),
+}
+
+/// `timeout` if the kernel can take it as the request timeout: whole
+/// seconds, at least one (0 is the kernel's "default", 30 s) and at most
+/// [`MAX_REQUEST_TIMEOUT`].
+pub fn check_request_timeout(timeout: Duration) -> Result<Duration, RequestTimeoutError> {
+    let whole = timeout.subsec_nanos() == 0;
+    match whole && (Duration::from_secs(1)..=MAX_REQUEST_TIMEOUT).contains(&timeout) {
+        true => Ok(timeout),
+        false => Err(RequestTimeoutError::OutOfRange(timeout)),
+    }
+}
 
 /// The start of a `scratchd run`'s device label: `scratchd-run:PID:START:`
 /// (the run's process and its start time, so that a sweep can tell a dead
@@ -122,6 +151,7 @@ impl Driver for Kernel {
             write_behind: request.write_behind,
             private_dir: &state.fuse_dir(request.id),
             label: &label,
+            request_timeout: request.request_timeout,
         };
         let attached = KernelAttached::attach(request.target, &setup)
             .inspect_err(|_| state.remove(request.id))?;
@@ -132,6 +162,15 @@ impl Driver for Kernel {
             state.remove(request.id);
             return Err(e.into());
         }
+        // As a FUSE attachment's holder logs it: the name is the disk's key,
+        // so info shows its fingerprint, debug the name.
+        debug!(export = %record.export, "the disk's name");
+        info!(
+            disk = %fingerprint(&record.export),
+            device = %attached.device_path.display(),
+            mount = %request.mount.display(),
+            "attached"
+        );
         let device = attached.device_path.clone();
         attached.keep();
         Ok(device)
@@ -150,15 +189,13 @@ impl Driver for Kernel {
                 pid: holder.pid,
             });
         }
-        if let Some(device) = &record.device {
-            if ns::mount_source(&record.mount).as_ref() == Some(device) {
-                write_back(&record.mount);
-            }
+        if detach::mounted_at_its_dir(record) {
+            write_back(&record.mount);
         }
         // A lazy unmount leaves the file system alive while busy; what it
         // still holds is written back before the disconnect.
-        if detach::unmount_dir(record)? == Some(ns::Unmounted::Lazily) {
-            sync_all();
+        if let Some(ns::Unmounted::Lazily(root)) = detach::unmount_dir(record)? {
+            write_back_detached(&root);
         }
         disconnect_if_ours(record);
         state.remove(&record.id);
@@ -168,7 +205,13 @@ impl Driver for Kernel {
     /// The kernel still has the device, with this attachment's label (if
     /// someone unmounted it, disconnect-on-close took it away).
     fn attached_without_holder(&self, record: &Record) -> bool {
-        nbd_index(record).and_then(nbd_kernel::backend_of) == record.backend
+        self.device_is_ours(record)
+    }
+
+    /// The device still shows this attachment's label.
+    fn device_is_ours(&self, record: &Record) -> bool {
+        record.backend.is_some()
+            && nbd_index(record).and_then(nbd_kernel::backend_of) == record.backend
     }
 
     /// The device is found by its label, since an attach killed before it
@@ -179,8 +222,12 @@ impl Driver for Kernel {
             device: found.map(device_path).or_else(|| record.device.clone()),
             ..record.clone()
         };
-        detach::unmount_lazily_if_ours(&record);
-        sync_all();
+        if detach::mounted_at_its_dir(&record) {
+            match ns::unmount_lazily_keeping_root(&record.mount) {
+                Ok(root) => write_back_detached(&root),
+                Err(e) => warn!(mount = %record.mount.display(), error = %e, "cannot unmount"),
+            }
+        }
         disconnect_if_ours(&record);
     }
 }
@@ -229,7 +276,7 @@ impl KernelAttached {
             size: info.size,
             block_size,
             server_flags: info.flags.0,
-            timeout: Some(REQUEST_TIMEOUT),
+            timeout: Some(setup.request_timeout),
             dead_conn_timeout: DEAD_CONN_TIMEOUT,
             backend: Some(setup.label.to_owned()),
         };
@@ -270,11 +317,11 @@ impl KernelAttached {
         if self.mounted {
             self.mounted = false;
             write_back(&self.mount);
-            match ns::unmount(&self.mount) {
+            match ns::unmount_keeping_root(&self.mount) {
                 Ok(ns::Unmounted::Clean) => {}
                 // Still alive while a leftover process uses it: what it
                 // holds now is written back before the disconnect.
-                Ok(ns::Unmounted::Lazily) => sync_all(),
+                Ok(ns::Unmounted::Lazily(root)) => write_back_detached(&root),
                 Err(e) => warn!(mount = %self.mount.display(), error = %e, "cannot unmount"),
             }
         }
@@ -337,11 +384,14 @@ fn write_back(dir: &Path) {
     }
 }
 
-/// `sync`: the only way to write back a file system that a lazy unmount
-/// took off every path but that still lives (every file system, waiting
-/// for their writeback).
-fn sync_all() {
-    rustix::fs::sync();
+/// Writes back a file system that a lazy unmount took off every path but
+/// that still lives (a leftover process uses it), and waits for it: that
+/// one file system, through its root kept open, not every one (`sync`
+/// would also wait for other disks whose servers stopped answering).
+fn write_back_detached(root: &ns::DetachedRoot) {
+    if let Err(e) = root.write_back() {
+        warn!(error = %e, "cannot write back the lazily unmounted file system");
+    }
 }
 
 /// `/dev/nbd<index>`.
@@ -419,6 +469,27 @@ fn nbd_index(record: &Record) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_timeouts_are_whole_seconds_from_one_to_an_hour() {
+        let secs = Duration::from_secs;
+        for ok in [secs(1), secs(120), MAX_REQUEST_TIMEOUT] {
+            assert_eq!(check_request_timeout(ok), Ok(ok));
+        }
+        for bad in [
+            Duration::ZERO,
+            Duration::from_millis(500),
+            Duration::from_millis(1500),
+            MAX_REQUEST_TIMEOUT + secs(1),
+            secs(u64::MAX),
+        ] {
+            assert_eq!(
+                check_request_timeout(bad),
+                Err(RequestTimeoutError::OutOfRange(bad))
+            );
+        }
+        assert!(check_request_timeout(REQUEST_TIMEOUT).is_ok());
+    }
 
     #[test]
     fn nbd_indexes_come_from_the_device_name() {
