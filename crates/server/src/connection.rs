@@ -56,6 +56,10 @@ const KEEP_BUFFER: usize = 2 * 1024 * 1024;
 /// Reply bytes a pooled request is expected to need besides READ data
 /// (headers; BLOCK_STATUS descriptors are counted once the reply exists).
 const REPLY_OVERHEAD: usize = 64;
+/// Largest request (payload or READ length) of a backend that may block
+/// that the connection's thread runs itself when it has nothing else to do
+/// (see `Transmission::may_run_here`): the size of a gathered batch.
+const RUN_HERE_MAX: usize = crate::replies::FLUSH_AT;
 
 /// Serves one client from greeting to close. Errors are logged, not returned:
 /// one client's misbehaviour never concerns anyone else.
@@ -352,6 +356,8 @@ struct Transmission<'a> {
     /// Requests run on this thread (backends that never block), not on the
     /// worker pool.
     inline: bool,
+    /// FLUSH and FUA wait for storage (see [`Self::may_run_here`]).
+    durable: bool,
     /// Where error replies are counted; requests on the worker pool take
     /// a handle.
     errors: &'a Arc<ErrorSink>,
@@ -398,6 +404,7 @@ impl<'a> Transmission<'a> {
             replies,
             session,
             inline: !device.capabilities().may_block,
+            durable: device.capabilities().durable_flush,
             device,
             export,
             errors,
@@ -510,13 +517,47 @@ impl<'a> Transmission<'a> {
 
     fn dispatch(&mut self, req: Request) -> Result<(), ConnectionError> {
         if self.inline {
-            self.execute_inline(req)
-        } else {
-            self.submit(req)
+            return self.execute_inline(req);
         }
+        if self.may_run_here(&req) {
+            if let Some(_slot) = self.ctx.workers.here() {
+                return self.execute_inline(req);
+            }
+        }
+        self.submit(req)
     }
 
-    /// Runs a request on this thread; its reply joins the gathered ones.
+    /// Whether a request for a backend that may block runs on this thread
+    /// rather than a worker: the hand-off to a worker and back costs two
+    /// thread wake-ups, most of a round trip when the client waits for each
+    /// reply (queue depth 1, an fsync in a build). Only when nothing can be
+    /// held up by it: no further request is already here, nothing of this
+    /// connection is running or waiting to be sent (so the reply, sent
+    /// without waiting, overtakes nothing), it is small, and it does not
+    /// wait for durable storage (a real FLUSH or FUA takes far longer than
+    /// the hand-off, and requests arriving meanwhile should not wait for it).
+    fn may_run_here(&self, req: &Request) -> bool {
+        let small = match req.cmd {
+            Command::Read { len, .. } => len as usize <= RUN_HERE_MAX,
+            _ => req.payload_len <= RUN_HERE_MAX,
+        };
+        let waits_for_disk = self.durable
+            && match req.cmd {
+                Command::Flush => true,
+                Command::Write { fua, .. }
+                | Command::Trim { fua, .. }
+                | Command::WriteZeroes { fua, .. } => fua,
+                _ => false,
+            };
+        small
+            && !waits_for_disk
+            && self.input.buffered().len() <= req.payload_len
+            && self.replies.is_idle()
+    }
+
+    /// Runs a request on this thread; its reply joins the gathered ones
+    /// (sent before the thread next waits for the client; on a pooled
+    /// connection, without waiting for it).
     fn execute_inline(&mut self, req: Request) -> Result<(), ConnectionError> {
         let Request {
             cmd,
@@ -722,6 +763,52 @@ mod tests {
         peer.send(&request(CMD_READ, 0, 2, 0, data.len() as u32, &[]));
         assert_eq!(peer.reply(), ok(2));
         assert_eq!(peer.read_exact(data.len()), data);
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn a_lone_request_of_a_blocking_backend_runs_on_the_connection_thread() {
+        let device = Arc::new(TestDevice::new(true));
+        let ctx = Setup::single(device.clone()).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        for cookie in 1..4 {
+            peer.send(&request(CMD_WRITE, 0, cookie, 0, 512, &[7; 512]));
+            assert_eq!(peer.reply(), ok(cookie));
+            assert!(!device.gate().last_on_worker(), "request {cookie}");
+        }
+        peer.send(&request(CMD_READ, 0, 4, 0, 512, &[]));
+        assert_eq!(peer.reply(), ok(4));
+        assert_eq!(peer.read_exact(512), [7; 512]);
+        assert!(!device.gate().last_on_worker());
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn requests_go_to_the_pool_while_another_is_running() {
+        let device = Arc::new(TestDevice::new(true));
+        let ctx = Setup {
+            workers: 4,
+            ..Setup::single(device.clone())
+        }
+        .context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        device.gate().close();
+        // Two at once: the first sees the second waiting, so both go to
+        // workers; then one alone, while they still run: it must not hold
+        // the connection's thread either, or the fourth is never read.
+        let mut burst = request(CMD_FLUSH, 0, 1, 0, 0, &[]);
+        burst.extend(request(CMD_FLUSH, 0, 2, 0, 0, &[]));
+        peer.send(&burst);
+        eventually("two running", || device.gate().inside() == 2);
+        peer.send(&request(CMD_FLUSH, 0, 3, 0, 0, &[]));
+        eventually("three running", || device.gate().inside() == 3);
+        peer.send(&request(CMD_FLUSH, 0, 4, 0, 0, &[]));
+        eventually("four running", || device.gate().inside() == 4);
+        device.gate().open();
+        let answered: BTreeSet<u64> = (1..5).map(|_| peer.reply().cookie).collect();
+        assert_eq!(answered, (1..5).collect());
         disconnect(peer, served);
     }
 
