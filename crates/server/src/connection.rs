@@ -537,10 +537,16 @@ impl<'a> Transmission<'a> {
     /// wait for durable storage (a real FLUSH or FUA takes far longer than
     /// the hand-off, and requests arriving meanwhile should not wait for it).
     fn may_run_here(&self, req: &Request) -> bool {
-        let small = match req.cmd {
-            Command::Read { len, .. } => len as usize <= RUN_HERE_MAX,
-            _ => req.payload_len <= RUN_HERE_MAX,
+        // What the storage call touches: a TRIM or zeroing of gigabytes
+        // has no payload but may take long on a file.
+        let size = match req.cmd {
+            Command::Read { len, .. } => u64::from(len),
+            Command::Trim { len, .. }
+            | Command::WriteZeroes { len, .. }
+            | Command::Cache { len, .. } => len,
+            _ => req.payload_len as u64,
         };
+        let small = size <= RUN_HERE_MAX as u64;
         let waits_for_disk = self.durable
             && match req.cmd {
                 Command::Flush => true,
@@ -781,6 +787,32 @@ mod tests {
         assert_eq!(peer.reply(), ok(4));
         assert_eq!(peer.read_exact(512), [7; 512]);
         assert!(!device.gate().last_on_worker());
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn long_or_durable_requests_go_to_the_pool_even_alone() {
+        let mut device = TestDevice::new(true);
+        device.durable = true;
+        let device = Arc::new(device);
+        let ctx = Setup::single(device.clone()).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        let on_worker = |peer: &mut Peer, req: Vec<u8>, cookie: u64| {
+            peer.send(&req);
+            assert_eq!(peer.reply(), ok(cookie));
+            device.gate().last_on_worker()
+        };
+        let zero_all = request(CMD_WRITE_ZEROES, 0, 1, 0, DISK as u32, &[]);
+        assert!(on_worker(&mut peer, zero_all, 1), "a long zeroing");
+        let trim_all = request(CMD_TRIM, 0, 2, 0, DISK as u32, &[]);
+        assert!(on_worker(&mut peer, trim_all, 2), "a long trim");
+        let flush = request(CMD_FLUSH, 0, 3, 0, 0, &[]);
+        assert!(on_worker(&mut peer, flush, 3), "a durable flush");
+        let fua = request(CMD_WRITE, CMD_FLAG_FUA, 4, 0, 512, &[1; 512]);
+        assert!(on_worker(&mut peer, fua, 4), "a durable FUA write");
+        let plain = request(CMD_WRITE, 0, 5, 0, 512, &[1; 512]);
+        assert!(!on_worker(&mut peer, plain, 5), "a small plain write");
         disconnect(peer, served);
     }
 

@@ -35,6 +35,8 @@ pub struct TestDevice {
     pub fail_writes: Option<i32>,
     /// Reads fail with this OS error.
     pub fail_reads: Option<i32>,
+    /// Poses as durable storage (`durable_flush`: FLUSH and FUA matter).
+    pub durable: bool,
     gate: Gate,
 }
 
@@ -98,6 +100,7 @@ impl TestDevice {
             may_block,
             fail_writes: None,
             fail_reads: None,
+            durable: false,
             gate: Gate::default(),
         }
     }
@@ -115,6 +118,7 @@ impl BlockDevice for TestDevice {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             may_block: self.may_block,
+            durable_flush: self.durable,
             ..self.inner.capabilities()
         }
     }
