@@ -22,6 +22,8 @@
 #   run-server  `scratchd serve -U SOCK tmpdisk size=20G pool=1` and `scratchd run
 #               --server nbd+unix:///?socket=SOCK -- CMD` (scratchd's NBD client,
 #               4 connections, FUSE, direct-I/O loop)
+#   run-server-sync  run-server with `--write-behind off`: every write waits
+#               for the server's reply (before issue 21's write-behind)
 #   run-tcp     the same over TCP loopback: `scratchd serve -i 127.0.0.1 -p PORT
 #               tmpdisk size=20G pool=1`, `scratchd run --server nbd://127.0.0.1:PORT`
 #
@@ -94,18 +96,20 @@ if [ "${1:-}" = phases ]; then
     sync
     case $p in
       install)
-        # debootstrap refuses a nodev mount, and scratchd mounts every disk
-        # nodev: allow devices on this mount for the benchmark (root, in
-        # scratchd run's private mount namespace; untimed).
-        if findmnt -n -o OPTIONS "$mnt" | tr , '\n' | grep -qx nodev; then
-          mount -o remount,dev "$mnt" || fail "cannot remount $mnt with dev for debootstrap"
-        fi
+        # scratchd mounts every disk nodev, where device nodes cannot be
+        # opened: the target's /dev is a tmpfs of its own (in every
+        # configuration alike), and container=lxc skips debootstrap's
+        # check that nodes on the target itself work.
+        mkdir -p "$mnt/root/dev"
+        mount -t tmpfs -o mode=755,size=1M bench-dev "$mnt/root/dev"
         t0=$(now)
-        if ! debootstrap --variant=minbase --unpack-tarball="$RW_DEB_TARBALL" "$RW_SUITE" "$mnt/root" \
+        if ! container=lxc debootstrap --variant=minbase --unpack-tarball="$RW_DEB_TARBALL" "$RW_SUITE" "$mnt/root" \
           >"$RW_LOGDIR/debootstrap.log" 2>&1; then
+          umount -l "$mnt/root/dev"
           fail "debootstrap failed: see debootstrap.log (KEEP_LOGS=1 keeps it whole)"
         fi
         t1=$(now)
+        umount "$mnt/root/dev"
         [ -x "$mnt/root/usr/bin/dpkg" ] || fail "debootstrap installed no dpkg"
         ;;
       extract)
@@ -172,8 +176,8 @@ read -r -a phases <<<"$PHASES"
 [ ${#phases[@]} -gt 0 ] || die "PHASES is empty"
 for c in "${cfgs[@]}"; do
   case $c in
-    ceiling | tmpfs | local-disk | nbdkit | run-local | run-server | run-tcp) ;;
-    *) die "unknown configuration '$c' (ceiling tmpfs local-disk nbdkit run-local run-server run-tcp)" ;;
+    ceiling | tmpfs | local-disk | nbdkit | run-local | run-server | run-server-sync | run-tcp) ;;
+    *) die "unknown configuration '$c' (ceiling tmpfs local-disk nbdkit run-local run-server run-server-sync run-tcp)" ;;
   esac
 done
 want_attach="" disk_phases=""
@@ -223,7 +227,7 @@ if has_cfg nbdkit; then
 fi
 
 # --- scratchd ------------------------------------------------------------------
-if has_cfg run-local || has_cfg run-server || has_cfg run-tcp; then
+if has_cfg run-local || has_cfg run-server || has_cfg run-server-sync || has_cfg run-tcp; then
   if [ -z "${SCRATCHD:-}" ]; then
     command -v cargo >/dev/null || die "cargo is needed to build scratchd (or set SCRATCHD=/path/to/scratchd)"
     echo "cargo build --release --locked" >&2
@@ -480,6 +484,7 @@ run_args() { # config -> run_cmd: the scratchd run command line, up to '--'
   case $1 in
     run-local) run_cmd=("$SCRATCHD" run --size "$SIZE") ;;
     run-server | run-tcp) run_cmd=("$SCRATCHD" run --server "$(client_uri "$1")") ;;
+    run-server-sync) run_cmd=("$SCRATCHD" run --write-behind off --server "$(client_uri "$1")") ;;
   esac
 }
 
@@ -554,11 +559,11 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r: $c" >&2
     case $c in
       nbdkit) start_server nbdkit env TMPDIR="$shm" nbdkit -f -U "$work/sock" tmpdisk size="$SIZE" ;;
-      run-server) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
+      run-server | run-server-sync) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
       run-tcp) start_server scratchd-serve-tcp "$SCRATCHD" serve -i 127.0.0.1 -p "$port" tmpdisk size="$SIZE" pool=1 ;;
     esac
     case $c in
-      nbdkit | run-server) start_proxy "unix:$work/sock" ;;
+      nbdkit | run-server | run-server-sync) start_proxy "unix:$work/sock" ;;
       run-tcp) start_proxy "127.0.0.1:$port" ;;
     esac
     sync

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use scratchd_builder::attach::AttachRequest;
-use scratchd_builder::frontend::{AttachMode, FrontEndOptions};
+use scratchd_builder::frontend::{AttachMode, FrontEndOptions, WriteBehindMode};
 use scratchd_builder::holder::Holder;
 
 use crate::{cli, name};
@@ -33,6 +33,13 @@ pub struct FrontEndArgs {
     /// serving the disk's FUSE file.
     #[arg(long, value_name = "N", default_value_t = 4)]
     connections: usize,
+    /// Acknowledge a write of a disk on a server once it is sent, not when
+    /// the server answers, within a bounded window (FUSE front end): auto
+    /// (on for a scratch disk, whose server advertises no flush; off for
+    /// an export that may be durable), on or off. A write the server then
+    /// refuses fails the next write, fsync and close.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    write_behind: WriteBehindMode,
     /// How the disk becomes a block device: fuse (a FUSE file and a loop
     /// device), kernel (the kernel's nbd driver, over netlink; needs a disk
     /// on a server and the nbd module), or auto (kernel where it can be
@@ -46,6 +53,7 @@ impl FrontEndArgs {
         FrontEndOptions {
             attach: self.attach,
             connections: self.connections,
+            write_behind: self.write_behind,
             mount_options: self.mount_options.clone(),
             fs_type: self.fs_type.clone(),
         }

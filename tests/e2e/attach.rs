@@ -634,3 +634,253 @@ fn a_lazy_unmount_from_outside_waits_for_the_last_user() {
     a.detach_ok(&device);
     a.assert_nothing_left(&mnt, None);
 }
+
+/// A Python process writing the FUSE file of an attachment with direct
+/// I/O, as the loop device does, step by step on standard input: what the
+/// build's writes, fsyncs and closes see.
+struct FileWriter {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdin: std::process::ChildStdin,
+}
+
+/// Commands, one a line: `write OFFSET COUNT` (4 KiB writes of `x`
+/// from OFFSET on, each result printed), `fsync`, `close`, `check OFFSET
+/// COUNT` (`intact`, `lost` or `read ERRNO` for each block); each printed as `NAME ok`
+/// or `NAME ERRNO`, then `done`.
+const FILE_WRITER: &str = r#"
+import errno, mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_DIRECT)
+block = mmap.mmap(-1, 4096)
+block.write(b"x" * 4096)
+def attempt(name, f):
+    try:
+        f()
+        print(name, "ok", flush=True)
+    except OSError as e:
+        print(name, errno.errorcode[e.errno], flush=True)
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "write":
+        for i in range(int(cmd[2])):
+            attempt("write", lambda: os.pwrite(fd, block, int(cmd[1]) + i * 4096))
+    elif cmd[0] == "fsync":
+        attempt("fsync", lambda: os.fsync(fd))
+    elif cmd[0] == "close":
+        attempt("close", lambda: os.close(fd))
+    elif cmd[0] == "check":
+        r = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+        back = mmap.mmap(-1, 4096)
+        for i in range(int(cmd[2])):
+            try:
+                os.preadv(r, [back], int(cmd[1]) + i * 4096)
+                print("intact" if back[:] == block[:] else "lost", flush=True)
+            except OSError as e:
+                print("read", errno.errorcode[e.errno], flush=True)
+        os.close(r)
+    print("done", flush=True)
+"#;
+
+impl FileWriter {
+    fn start(file: &Path) -> FileWriter {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = Command::new("/usr/bin/python3")
+            .args(["-c", FILE_WRITER])
+            .arg(file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        FileWriter {
+            child,
+            lines,
+            stdin,
+        }
+    }
+
+    fn send(&mut self, command: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{command}").unwrap();
+    }
+
+    /// The lines up to `done`, or `None` if they take longer than `within`.
+    fn answer(&mut self, within: Duration) -> Option<Vec<String>> {
+        let deadline = Instant::now() + within;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == "done" => return Some(lines),
+                Ok(line) => lines.push(line),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn ask(&mut self, command: &str, within: Duration) -> Vec<String> {
+        self.send(command);
+        self.answer(within)
+            .unwrap_or_else(|| panic!("{command}: no answer within {within:?}"))
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The attachment's FUSE file (what its loop device is on).
+fn fuse_file(a: &Attachments) -> PathBuf {
+    Path::new(a.record().get("fuse_dir")).join("disk")
+}
+
+/// Where the tests below write: past what the file system on the disk
+/// has touched (it is mounted, but never asked to read this).
+const RAW: u64 = 96 << 20;
+
+/// Write-behind is on for a tmpdisk export (`auto`): with the server
+/// stopped, writes are acknowledged. The server then killed, the writes
+/// in flight are lost: the next write, fsync and close fail with EIO, at
+/// once; nothing hangs, and detach cleans up.
+#[test]
+fn a_server_killed_with_writes_in_flight_fails_the_next_write_fsync_and_close() {
+    if skip_without_fuse(
+        "a_server_killed_with_writes_in_flight_fails_the_next_write_fsync_and_close",
+    ) {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=256M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &server.uri_for("killed"), &[]);
+    let mut writer = FileWriter::start(&fuse_file(&a));
+    server.signal("STOP");
+    // 64 KiB: within the window and the socket's buffer.
+    let acked = writer.ask(&format!("write {RAW} 16"), Duration::from_secs(10));
+    assert_eq!(
+        acked,
+        vec!["write ok"; 16],
+        "acknowledged while the server is stopped"
+    );
+    server.signal("KILL");
+    let started = Instant::now();
+    let write = writer.ask(&format!("write {RAW} 1"), Duration::from_secs(10));
+    assert_eq!(write, ["write EIO"]);
+    assert_eq!(writer.ask("fsync", Duration::from_secs(10)), ["fsync EIO"]);
+    assert_eq!(writer.ask("close", Duration::from_secs(10)), ["close EIO"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waited for the dead"
+    );
+    drop(writer);
+    let holder = a.holder();
+    a.detach_ok(mnt.to_str().unwrap());
+    a.assert_nothing_left(&mnt, Some(holder));
+}
+
+/// The server's memory budget runs out while writes are in flight: a
+/// write acknowledged early whose data the server refused is never lost
+/// silently: ENOSPC fails a later write, the fsync and the close, and the
+/// holder logs it.
+#[test]
+fn a_budget_that_runs_out_mid_window_fails_the_next_write_fsync_and_close() {
+    if skip_without_fuse("a_budget_that_runs_out_mid_window_fails_the_next_write_fsync_and_close") {
+        return;
+    }
+    let server = Server::start(&["--memory-limit", "24M", "tmpdisk", "size=256M"]);
+    let a = Attachments::new();
+    let mnt = a.mount_point("mnt");
+    a.attach_ok(&mnt, &server.uri_for("budget"), &[]);
+    let mut writer = FileWriter::start(&fuse_file(&a));
+    // 32 MiB of 4 KiB writes: the budget runs out on the way.
+    let blocks = 8192;
+    let writes = writer.ask(&format!("write {RAW} {blocks}"), Duration::from_secs(120));
+    let fsync = writer.ask("fsync", Duration::from_secs(10));
+    let check = writer.ask(&format!("check {RAW} {blocks}"), Duration::from_secs(120));
+    let close = writer.ask("close", Duration::from_secs(10));
+    let first_lost = check
+        .iter()
+        .position(|c| c == "lost")
+        .expect("the budget ran out");
+    // Acknowledged, and lost: write-behind was on, and the write did fail.
+    assert_eq!(
+        writes[first_lost],
+        "write ok",
+        "{:?}",
+        &writes[..first_lost + 1]
+    );
+    let failed = writes[first_lost..]
+        .iter()
+        .filter(|w| *w == "write ENOSPC")
+        .count();
+    assert!(failed > 0, "no later write failed");
+    assert!(
+        writes[first_lost..].iter().all(|w| w != "write EIO"),
+        "{writes:?}"
+    );
+    assert_eq!(fsync, ["fsync ENOSPC"]);
+    assert_eq!(close, ["close ENOSPC"]);
+    let log = a.state.path().join(format!("{}.log", a.record().get("id")));
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("a write acknowledged early failed"), "{text}");
+}
+
+/// `auto` leaves write-behind off for an export that may be durable (the
+/// `file` backend advertises FLUSH): with the server stopped, a write
+/// waits for it. `--write-behind on` turns it on there too.
+#[test]
+fn write_behind_is_off_for_a_durable_export_unless_asked_for() {
+    if skip_without_fuse("write_behind_is_off_for_a_durable_export_unless_asked_for") {
+        return;
+    }
+    for (flags, behind) in [(&[][..], false), (&["--write-behind", "on"][..], true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(256 << 20))
+            .unwrap();
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        let path = format!("path={}", image.display());
+        let server = Server::start(&["-e", "disk", "file", &path]);
+        let a = Attachments::new();
+        let mnt = a.mount_point("mnt");
+        a.attach_ok(&mnt, &server.uri_for("disk"), flags);
+        let mut writer = FileWriter::start(&fuse_file(&a));
+        server.signal("STOP");
+        writer.send(&format!("write {RAW} 1"));
+        let early = writer.answer(Duration::from_secs(1));
+        server.signal("CONT");
+        match behind {
+            true => assert_eq!(
+                early.as_deref(),
+                Some(&["write ok".to_owned()][..]),
+                "{flags:?}"
+            ),
+            false => {
+                assert!(
+                    early.is_none(),
+                    "{flags:?}: acknowledged with the server stopped"
+                );
+                let late = writer
+                    .answer(Duration::from_secs(10))
+                    .expect("the write went through");
+                assert_eq!(late, ["write ok"]);
+            }
+        }
+        assert_eq!(writer.ask("fsync", Duration::from_secs(10)), ["fsync ok"]);
+        assert_eq!(writer.ask("close", Duration::from_secs(10)), ["close ok"]);
+        drop(writer);
+        a.detach_ok(mnt.to_str().unwrap());
+    }
+}

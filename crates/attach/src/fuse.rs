@@ -8,8 +8,8 @@
 //! concurrent requests are served in parallel; the device is called
 //! directly, with no socket in between.
 //!
-//! Mapping: `read`/`write` are the device's; `fsync` and `flush` are its
-//! `flush`; `fallocate` with `PUNCH_HOLE` is a trim, `ZERO_RANGE` a
+//! Mapping: `read`/`write` are the device's; `fsync` is its `flush`, and
+//! `flush` (close) reports its [`BlockDevice::deferred_error`]; `fallocate` with `PUNCH_HOLE` is a trim, `ZERO_RANGE` a
 //! zeroing that may deallocate, plain allocation a no-op (the device
 //! allocates on write). The file cannot be resized, renamed or removed.
 
@@ -38,6 +38,11 @@ const MAX_WRITE: u32 = 1024 * 1024;
 const MAX_BACKGROUND: u16 = 128;
 /// Attributes never change behind the kernel's back: cache them long.
 const TTL: Duration = Duration::from_secs(3600);
+
+/// Handles of the file opened read-only, and for writing: only the close
+/// of the latter reports a write that failed after it was acknowledged.
+const READING: FileHandle = FileHandle(0);
+const WRITING: FileHandle = FileHandle(1);
 
 const ROOT: INodeNo = INodeNo(1);
 const FILE: INodeNo = INodeNo(2);
@@ -272,12 +277,16 @@ impl Filesystem for DiskFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.open.opened();
         if ino == FILE {
+            let fh = match flags.0 & libc::O_ACCMODE {
+                libc::O_RDONLY => READING,
+                _ => WRITING,
+            };
             // The kernel may keep pages of the file cached across opens:
             // only this process changes it.
-            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
         } else {
             reply.opened(FileHandle(0), FopenFlags::empty());
         }
@@ -348,12 +357,21 @@ impl Filesystem for DiskFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(): nothing to do (fsync is the durability point).
-        reply.ok();
+        // close(): nothing to make durable (fsync is the durability
+        // point), but a write acknowledged early that failed since fails
+        // the close of a handle that may have written.
+        if fh != WRITING {
+            reply.ok();
+            return;
+        }
+        match self.device.deferred_error() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn fsync(
@@ -364,17 +382,22 @@ impl Filesystem for DiskFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if !self.device.capabilities().durable_flush {
+        if !self.device.capabilities().durable_flush && !self.device.writes_behind() {
             // Nothing to make durable (a scratch disk's flush is a no-op):
             // ENOSYS makes the kernel treat this and every later fsync of
             // the file as done without asking, saving a round trip per
-            // flush of the file system above.
+            // flush of the file system above. Not with write-behind: an
+            // fsync is where a write that failed after its acknowledgement
+            // is reported (and costs no round trip to the server there).
             reply.error(Errno::ENOSYS);
             return;
         }
         match self.device.flush() {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => {
+                debug!(error = %e, "fsync failed");
+                reply.error(errno(&e))
+            }
         }
     }
 

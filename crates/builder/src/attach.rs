@@ -95,6 +95,7 @@ pub fn attach(request: &AttachRequest) -> Result<PathBuf, AttachCommandError> {
         mount_options: &request.front_end.mount_options,
         fs_type: &request.front_end.fs_type,
         connections: request.front_end.connections,
+        write_behind: request.front_end.write_behind,
         verbose: request.verbose,
     };
     Ok(front_end.driver().attach_kept(&state, &keep)?)

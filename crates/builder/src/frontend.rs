@@ -143,6 +143,57 @@ fn expected_modes() -> String {
     format!("expected {} or {last}", names.join(", "))
 }
 
+/// `--write-behind`: whether our client acknowledges a write of a disk on a
+/// server once it is sent, not when the server answers (see
+/// `scratchd_client::write_behind`). The FUSE front end's; the kernel's
+/// nbd driver queues on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteBehindMode {
+    /// On for a scratch disk, off for an export that may be durable: on
+    /// exactly when the server advertises no FLUSH (scratchd's scratch
+    /// disks; see docs/CLIENT.md for why that signal).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl WriteBehindMode {
+    /// Whether to write behind on an export whose server does (or does
+    /// not) advertise FLUSH.
+    pub fn enabled(self, server_flushes: bool) -> bool {
+        match self {
+            WriteBehindMode::Auto => !server_flushes,
+            WriteBehindMode::On => true,
+            WriteBehindMode::Off => false,
+        }
+    }
+}
+
+impl fmt::Display for WriteBehindMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WriteBehindMode::Auto => "auto",
+            WriteBehindMode::On => "on",
+            WriteBehindMode::Off => "off",
+        })
+    }
+}
+
+impl FromStr for WriteBehindMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(WriteBehindMode::Auto),
+            "on" => Ok(WriteBehindMode::On),
+            "off" => Ok(WriteBehindMode::Off),
+            _ => Err("expected auto, on or off".to_owned()),
+        }
+    }
+}
+
 /// How a disk becomes a mounted block device: the options `scratchd run`
 /// and `scratchd attach` share.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +203,8 @@ pub struct FrontEndOptions {
     /// Connections to the server (when it allows several), and threads
     /// serving the disk where this process serves it.
     pub connections: usize,
+    /// `--write-behind`.
+    pub write_behind: WriteBehindMode,
     pub mount_options: String,
     /// The disk's file system type (`--type`): the mount names it, so the
     /// kernel never probes a disk with every driver it has.
@@ -200,6 +253,8 @@ pub struct Setup<'a> {
     /// Connections to the server (when it allows several), and threads
     /// serving the disk where this process serves it.
     pub connections: usize,
+    /// Write-behind for a disk on a server (FUSE only).
+    pub write_behind: WriteBehindMode,
     /// A directory for a front end that needs one of its own (FUSE: the
     /// mount point of the disk's file), made by it: it must not exist.
     pub private_dir: &'a Path,
@@ -221,6 +276,7 @@ pub struct KeepRequest<'a> {
     pub mount_options: &'a str,
     pub fs_type: &'a str,
     pub connections: usize,
+    pub write_behind: WriteBehindMode,
     /// The verbosity a process that keeps the attachment logs with.
     pub verbose: u8,
 }
@@ -370,6 +426,23 @@ mod tests {
             let mode = AttachMode::Only(front_end);
             assert_eq!(mode.to_string().parse(), Ok(mode));
         }
+    }
+
+    /// `auto` follows the server's FLUSH flag; the names round-trip.
+    #[test]
+    fn write_behind_modes_parse_and_auto_follows_the_flush_flag() {
+        use WriteBehindMode::*;
+        for mode in [Auto, On, Off] {
+            assert_eq!(mode.to_string().parse(), Ok(mode));
+        }
+        assert_eq!(
+            "yes".parse::<WriteBehindMode>(),
+            Err("expected auto, on or off".to_owned())
+        );
+        assert_eq!(WriteBehindMode::default(), Auto);
+        assert!(Auto.enabled(false) && !Auto.enabled(true));
+        assert!(On.enabled(true) && On.enabled(false));
+        assert!(!Off.enabled(true) && !Off.enabled(false));
     }
 
     /// The match fails to compile when a front end is added: list it in

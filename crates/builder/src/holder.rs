@@ -45,7 +45,9 @@ use tracing::{debug, info, warn};
 
 use crate::detach::{self, DetachError};
 use crate::frontend::fuse::FuseAttached;
-use crate::frontend::{AttachError, Attachment, Disk, FrontEnd, KeepRequest, Setup};
+use crate::frontend::{
+    AttachError, Attachment, Disk, FrontEnd, KeepRequest, Setup, WriteBehindMode,
+};
 use crate::id::{fingerprint, NAME_VAR};
 use crate::mount_watch::{self, FsId};
 use crate::state::{ClaimError, Process, Record, StateDir, StateError};
@@ -74,6 +76,9 @@ pub struct Request {
     /// The export's URI, with the export.
     pub uri: String,
     pub connections: usize,
+    /// `--write-behind` (a holder of an older attach: auto).
+    #[serde(default)]
+    pub write_behind: WriteBehindMode,
     /// The mount point (canonical).
     pub mount: PathBuf,
     pub mount_options: String,
@@ -108,6 +113,7 @@ pub(crate) fn start(state: &StateDir, request: &KeepRequest) -> Result<PathBuf, 
         id: request.id.to_owned(),
         uri: request.target.to_string(),
         connections: request.connections,
+        write_behind: request.write_behind,
         mount: request.mount.to_owned(),
         mount_options: request.mount_options.to_owned(),
         fs_type: request.fs_type.to_owned(),
@@ -440,6 +446,7 @@ fn attach(request: Request, mut stops: Signals) -> Result<Held, HolderError> {
         mount_options: Some(&request.mount_options),
         fs_type: &request.fs_type,
         connections: request.connections,
+        write_behind: request.write_behind,
         private_dir: &fuse_dir,
         label: &request.id,
     };

@@ -182,6 +182,7 @@ pub fn run<D: LocalDisk, E>(
             .then_some(request.front_end.mount_options.as_str()),
         fs_type: &request.front_end.fs_type,
         connections: request.front_end.connections,
+        write_behind: request.front_end.write_behind,
         private_dir: &work.path().join("fuse"),
         label: &label,
     };

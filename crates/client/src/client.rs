@@ -33,7 +33,7 @@ use scratchd_store::{
 };
 use tracing::debug;
 
-use crate::connection::{Connection, Reply, Request, Settings, Ticket};
+use crate::connection::{Callback, Connection, Reply, Request, Settings, Ticket};
 use crate::error::Error;
 use crate::handshake::{greet, negotiate, start_tls, ExportInfo, Replies};
 use crate::transport::Stream;
@@ -107,6 +107,8 @@ pub struct Client {
     connections: Vec<Connection>,
     /// Round-robin position.
     next: AtomicUsize,
+    /// [`Options::request_timeout`], for those who wait on its behalf.
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -149,6 +151,7 @@ impl Client {
             address,
             connections,
             next: AtomicUsize::new(0),
+            timeout: options.request_timeout,
         })
     }
 
@@ -223,6 +226,37 @@ impl Client {
     /// Requests sent on every connection and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.connections.iter().map(Connection::in_flight).sum()
+    }
+
+    /// [`Options::request_timeout`].
+    pub fn request_timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// Closes every connection at once, failing whatever is in flight: for
+    /// a waiter that gave up on the server.
+    pub(crate) fn abort(&self) {
+        self.connections.iter().for_each(Connection::abort);
+    }
+
+    /// Sends one request carrying `payload` (at most the maximum payload)
+    /// without waiting for its reply, which goes to `call` (see
+    /// [`Connection::submit_then`]).
+    pub(crate) fn submit_then(
+        &self,
+        command: u16,
+        offset: u64,
+        payload: &[u8],
+        call: Callback,
+    ) -> io::Result<()> {
+        let request = Request {
+            command,
+            flags: 0,
+            offset,
+            len: payload.len() as u64,
+            payload,
+        };
+        self.pick().submit_then(&request, call)
     }
 
     fn pick(&self) -> &Connection {

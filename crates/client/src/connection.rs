@@ -118,7 +118,31 @@ struct Pending {
     extents: Vec<Descriptor>,
     /// The first error the server reported; later chunks still get read.
     error: Option<u32>,
-    done: Sender<io::Result<Reply>>,
+    done: Done,
+}
+
+/// What a request's outcome is handed to, on the reply thread.
+pub(crate) type Callback = Box<dyn FnOnce(io::Result<Reply>) + Send>;
+
+/// Where a request's outcome goes: a [`Ticket`] that someone waits on, or
+/// a callback for a request nobody waits for (write-behind). A callback
+/// runs on the reply thread (or on the thread that finds the connection
+/// lost), with no lock of the connection held; it must not block.
+pub(crate) enum Done {
+    Ticket(Sender<io::Result<Reply>>),
+    Call(Callback),
+}
+
+impl Done {
+    fn send(self, outcome: io::Result<Reply>) {
+        match self {
+            // The caller may have timed out and gone; nothing to tell then.
+            Done::Ticket(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Done::Call(call) => call(outcome),
+        }
+    }
 }
 
 impl Connection {
@@ -157,7 +181,7 @@ impl Connection {
     /// Sends `request`; the reply comes through the returned ticket.
     pub fn submit(&self, request: &Request) -> io::Result<Ticket> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let cookie = self.register(request, tx)?;
+        let cookie = self.register(request, Done::Ticket(tx))?;
         self.send(cookie, request)?;
         Ok(Ticket {
             rx,
@@ -165,6 +189,22 @@ impl Connection {
             timeout: self.timeout,
             shared: self.shared.clone(),
         })
+    }
+
+    /// Sends `request` and returns once it is written to the socket; its
+    /// outcome goes to `call`, exactly once: with the reply, or with an
+    /// error when the connection is lost first. When sending fails, the
+    /// error is returned and `call` is not called (or called with the lost
+    /// connection's error, if the reply thread got to it first; either
+    /// way, once).
+    pub fn submit_then(&self, request: &Request, call: Callback) -> io::Result<()> {
+        let cookie = self.register(request, Done::Call(call))?;
+        self.send(cookie, request)
+    }
+
+    /// Closes the connection: every request in flight fails.
+    pub fn abort(&self) {
+        self.shared.closer.close();
     }
 
     /// Requests on this connection still waiting for a reply.
@@ -178,7 +218,7 @@ impl Connection {
     }
 
     /// Takes a slot and a cookie for `request`.
-    fn register(&self, request: &Request, done: Sender<io::Result<Reply>>) -> io::Result<u64> {
+    fn register(&self, request: &Request, done: Done) -> io::Result<u64> {
         let shared = &self.shared;
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let mut state = lock(&shared.state);
@@ -329,14 +369,12 @@ impl Shared {
 
     /// Frees the request's slot and hands it its outcome.
     fn complete(&self, pending: Pending) {
-        let done = pending.done.clone();
-        let outcome = pending.outcome();
+        let (done, outcome) = pending.outcome();
         let mut state = lock(&self.state);
         state.in_flight -= 1;
         drop(state);
         self.room.notify_one();
-        // The caller may have timed out and gone; nothing to tell then.
-        let _ = done.send(outcome);
+        done.send(outcome);
     }
 
     /// Marks the connection lost and fails every pending request.
@@ -351,27 +389,29 @@ impl Shared {
             debug!(reason, requests = pending.len(), "failing pending requests");
         }
         for p in pending {
-            let _ = p.done.send(Err(lost(reason)));
+            p.done.send(Err(lost(reason)));
         }
     }
 }
 
 impl Pending {
-    fn outcome(self) -> io::Result<Reply> {
-        if let Some(code) = self.error {
-            return Err(nbd_error(code));
-        }
-        if self.command == CMD_READ && self.covered != self.len {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        Ok(Reply {
-            data: self.data,
-            extents: self.extents,
-        })
+    /// Where the outcome goes, and the outcome.
+    fn outcome(self) -> (Done, io::Result<Reply>) {
+        let outcome = if let Some(code) = self.error {
+            Err(nbd_error(code))
+        } else if self.command == CMD_READ && self.covered != self.len {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            Ok(Reply {
+                data: self.data,
+                extents: self.extents,
+            })
+        };
+        (self.done, outcome)
     }
 
     fn fail(self, reason: &str) {
-        let _ = self.done.send(Err(lost(reason)));
+        self.done.send(Err(lost(reason)));
     }
 
     /// Where `len` bytes at `offset` land in a READ's buffer.

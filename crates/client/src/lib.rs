@@ -31,6 +31,8 @@
 //!   flight, every waiter failed when the connection breaks.
 //! - [`client`]: [`Client`]: multi-conn, splitting, the [`BlockDevice`]
 //!   implementation.
+//! - [`write_behind`]: [`WriteBehind`]: writes acknowledged once sent,
+//!   within a bounded window, their errors latched.
 //! - [`error`]: [`Error`] for connecting, errno mapping for requests.
 //!
 //! `docs/CLIENT.md` describes the design at more length.
@@ -44,6 +46,7 @@ pub mod handshake;
 pub mod tls;
 pub mod transport;
 pub mod uri;
+pub mod write_behind;
 
 pub use client::{Client, Handshaken, Options};
 pub use error::{errno, nbd_error, Error, Lost};
@@ -52,3 +55,4 @@ pub use scratchd_proto::negotiation::{BlockSize, ReplyMode};
 pub use scratchd_store::{BlockDevice, Capabilities, Extent, ExtentKind, ZeroFlags};
 pub use transport::Stream;
 pub use uri::{Address, Target, UriError};
+pub use write_behind::{Window, WriteBehind};

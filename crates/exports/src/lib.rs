@@ -24,6 +24,7 @@
 use std::sync::Arc;
 
 use scratchd_proto::negotiation::{ExportInfo, ExportListing, LookupError};
+use scratchd_proto::TransmissionFlags;
 use scratchd_scratch::{DiskInfo, OpenDisk, OpenError, Owner, Peer, Registry};
 use scratchd_server::export::{flags_for, BLOCK_SIZE};
 use scratchd_server::shutdown::Members;
@@ -108,12 +109,23 @@ pub fn peer_of(identity: &Identity) -> Peer {
 }
 
 /// A name's description as NBD's export info: the server's flags for the
-/// disk's capabilities and the registry's `--readonly`.
+/// disk's capabilities and the registry's `--readonly`, less FLUSH and FUA
+/// for a disk whose flush makes nothing durable (every scratch disk).
+///
+/// That absence is how a client tells a throw-away disk: nothing is
+/// promised beyond a write's reply, so the client need not wait for that
+/// either (our client's write-behind, docs/CLIENT.md), and a kernel or
+/// nbdfuse client sends no flushes that would each cost a round trip for
+/// nothing.
 pub fn export_info(info: DiskInfo) -> ExportInfo {
+    let mut flags = flags_for(info.caps, info.read_only);
+    if !info.caps.durable_flush {
+        flags.0 &= !(TransmissionFlags::SEND_FLUSH | TransmissionFlags::SEND_FUA);
+    }
     ExportInfo {
         name: info.name,
         size: info.size,
-        flags: flags_for(info.caps, info.read_only),
+        flags,
         block_size: BLOCK_SIZE,
         description: info.description,
     }

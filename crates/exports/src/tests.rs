@@ -86,7 +86,10 @@ fn refusals_become_policy_errors_failures_platform_errors() {
 
 #[test]
 fn disk_info_becomes_export_info_with_the_servers_flags() {
-    let caps = Blank.capabilities();
+    let caps = Capabilities {
+        durable_flush: true,
+        ..Blank.capabilities()
+    };
     let info = |read_only| DiskInfo {
         name: "build".into(),
         size: 1 << 20,
@@ -104,6 +107,30 @@ fn disk_info_becomes_export_info_with_the_servers_flags() {
     assert!(has(&rw, F::SEND_WRITE_ZEROES) && !has(&rw, F::READ_ONLY));
     let ro = export_info(info(true));
     assert!(has(&ro, F::READ_ONLY) && !has(&ro, F::SEND_WRITE_ZEROES));
+}
+
+/// A disk whose flush makes nothing durable advertises no FLUSH and no
+/// FUA: how clients tell a throw-away disk (write-behind's `auto`).
+#[test]
+fn a_disk_without_durable_flush_advertises_no_flush_or_fua() {
+    let caps = Capabilities {
+        durable_flush: false,
+        ..Blank.capabilities()
+    };
+    let info = export_info(DiskInfo {
+        name: "build".into(),
+        size: 1 << 20,
+        caps,
+        read_only: false,
+        description: None,
+    });
+    let has = |flag: u16| info.flags.0 & flag != 0;
+    assert!(!has(F::SEND_FLUSH) && !has(F::SEND_FUA));
+    assert!(has(F::CAN_MULTI_CONN) && has(F::SEND_WRITE_ZEROES));
+    assert_eq!(
+        info.flags.0 | F::SEND_FLUSH | F::SEND_FUA,
+        flags_for(caps, false).0
+    );
 }
 
 #[test]

@@ -124,6 +124,21 @@ pub trait BlockDevice: Send + Sync {
         None
     }
 
+    /// The error of a write this device acknowledged before it was done
+    /// (write-behind), once one failed: it is latched, and every later
+    /// write and flush fails with it too. For a front end's close(), which
+    /// must not report success over a lost write.
+    fn deferred_error(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Whether writes are acknowledged before they are done: then a front
+    /// end must pass flushes on even where nothing is durable, as they are
+    /// where a failed write is reported.
+    fn writes_behind(&self) -> bool {
+        false
+    }
+
     /// Receives `len` bytes from `src` straight into the backend's memory at
     /// `offset` (durably with `fua`), sparing the copy through an
     /// intermediate buffer. Returns `None` when the backend has no such memory

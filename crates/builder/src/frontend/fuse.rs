@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use scratchd_attach::fuse::{self, FuseFile};
 use scratchd_attach::loopdev::{self, LoopDevice};
 use scratchd_attach::ns;
-use scratchd_client::Client;
+use scratchd_client::{Client, Window, WriteBehind};
+use scratchd_store::BlockDevice;
 use tracing::{debug, warn};
 
 use super::{mount_disk, AttachError, Attachment, Disk, Driver, KeepRequest, Origin, Setup};
@@ -113,6 +114,8 @@ pub(crate) struct FuseAttached {
     fuse: Option<FuseFile>,
     /// The client of a disk on a server, disconnected cleanly last.
     client: Option<Arc<Client>>,
+    /// Write-behind on that client, drained before it disconnects.
+    write_behind: Option<Arc<WriteBehind>>,
 }
 
 impl FuseAttached {
@@ -124,11 +127,14 @@ impl FuseAttached {
         watch: &mut dyn FnMut(u32) -> io::Result<()>,
     ) -> Result<Self, AttachError> {
         std::fs::create_dir(setup.private_dir).map_err(AttachError::FuseDir)?;
-        let (device, client) = match disk {
-            Disk::Local(device) => (device, None),
+        let (device, client, write_behind) = match disk {
+            Disk::Local(device) => (device, None, None),
             Disk::Server(target) => {
                 let client = Arc::new(remote::connect(target, setup.connections)?);
-                (client.clone() as _, Some(client))
+                match write_behind(&client, setup) {
+                    Some(wb) => (wb.clone() as _, Some(client), Some(wb)),
+                    None => (client.clone() as _, Some(client), None),
+                }
             }
         };
         let read_only = device.capabilities().read_only;
@@ -145,6 +151,7 @@ impl FuseAttached {
             device: loopdev,
             fuse: Some(fuse),
             client,
+            write_behind,
         };
         if let Some(options) = setup.mount_options {
             let device = attached.device.path();
@@ -190,10 +197,26 @@ impl FuseAttached {
                 warn!(error = %e, "cannot unmount the FUSE file");
             }
         }
+        if let Some(wb) = self.write_behind.take() {
+            // Nothing is lost silently: a write the server refused after
+            // the file system was told it was done is logged here, if the
+            // build did not see it fail a later write or fsync.
+            if let Err(e) = wb.drain() {
+                warn!(error = %e, "a write acknowledged early failed on the server");
+            }
+        }
         if let Some(client) = self.client.take() {
             remote::close(client);
         }
     }
+}
+
+/// Write-behind on `client` if `--write-behind` and the export call for it.
+fn write_behind(client: &Arc<Client>, setup: &Setup) -> Option<Arc<WriteBehind>> {
+    let server_flushes = client.capabilities().durable_flush;
+    let on = setup.write_behind.enabled(server_flushes);
+    debug!(mode = %setup.write_behind, server_flushes, on, "write-behind");
+    on.then(|| Arc::new(WriteBehind::new(client.clone(), Window::default())))
 }
 
 impl Attachment for FuseAttached {

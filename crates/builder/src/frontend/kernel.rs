@@ -119,6 +119,7 @@ impl Driver for Kernel {
             mount_options: Some(request.mount_options),
             fs_type: request.fs_type,
             connections: request.connections,
+            write_behind: request.write_behind,
             private_dir: &state.fuse_dir(request.id),
             label: &label,
         };

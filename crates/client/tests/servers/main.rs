@@ -10,3 +10,4 @@ mod nbdkit;
 mod qemu;
 mod scratchd;
 mod util;
+mod write_behind;

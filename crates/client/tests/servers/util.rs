@@ -31,6 +31,9 @@ pub fn connect(target: &Target, connections: usize, replies: Replies) -> Client 
         .unwrap_or_else(|e| panic!("connect to {target}: {e}"))
 }
 
+/// Makes the device an in-process export serves from its memory disk.
+pub type Wrap = Box<dyn FnOnce(MemoryDevice) -> Arc<dyn BlockDevice>>;
+
 /// How an in-process scratchd export is set up.
 pub struct Scratchd {
     pub name: &'static str,
@@ -39,6 +42,8 @@ pub struct Scratchd {
     /// Memory budget in bytes (`None`: unlimited).
     pub budget: Option<u64>,
     pub tcp: bool,
+    /// Wraps the memory disk (to slow or hold its writes).
+    pub wrap: Option<Wrap>,
 }
 
 impl Default for Scratchd {
@@ -49,6 +54,7 @@ impl Default for Scratchd {
             read_only: false,
             budget: None,
             tcp: false,
+            wrap: None,
         }
     }
 }
@@ -68,7 +74,10 @@ impl Scratchd {
             None => MemoryDevice::new(self.size),
         }
         .expect("memory device");
-        let device: Arc<dyn BlockDevice> = Arc::new(device);
+        let device: Arc<dyn BlockDevice> = match self.wrap {
+            Some(wrap) => wrap(device),
+            None => Arc::new(device),
+        };
         let exports = SingleExport::new(self.name.into(), None, device, self.read_only);
         let ctx = Arc::new(ServerContext {
             exports: Arc::new(exports),
