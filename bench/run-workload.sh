@@ -59,7 +59,7 @@
 # the disk phases of one round. New kernel messages that look like trouble are shown at the end.
 #
 # DELAY_US=N puts bench/delay-proxy between the NBD clients and servers (nbdkit,
-# run-server, run-tcp): the clients connect over TCP to the proxy, which adds
+# run-server, run-server-sync, run-tcp): the clients connect over TCP to the proxy, which adds
 # N/2 microseconds each way (N of round trip) and forwards to the server's
 # socket. DELAY_US=0 goes through the proxy without delay (the baseline for
 # the others: the proxy costs some latency of its own). bench/delay-workload.sh
