@@ -20,7 +20,7 @@ mod name;
 mod ops;
 mod serve;
 
-use builder::{attach, detach, run};
+use builder::{attach, detach, run, snapshot};
 use ops::ctl;
 use serve::backend;
 
@@ -54,6 +54,9 @@ enum Command {
     /// Undo an attach (DIR or DEVICE), or remove what dead ones left
     /// (--stale).
     Detach(detach::DetachArgs),
+    /// Take, list and delete snapshots of your disks on a server; new
+    /// disks start as one with `run --from` or `attach --from`.
+    Snapshot(snapshot::SnapshotArgs),
     /// Look at and act on a running server through its control socket
     /// (`serve --control PATH`): list, show, drop and keep disks, status.
     Ctl(ctl::CtlArgs),
@@ -77,6 +80,7 @@ fn main() {
         Command::RunWatchdog => scratchd_builder::run::watchdog_main(),
         Command::Attach(args) => attach::main(args),
         Command::Detach(args) => detach::main(args),
+        Command::Snapshot(args) => snapshot::main(args),
         Command::AttachHolder => attach::holder_main(),
     };
     std::process::exit(code);

@@ -46,6 +46,13 @@ pub struct FrontEndArgs {
     /// used, else fuse).
     #[arg(long, value_name = "HOW", default_value = "auto")]
     attach: AttachMode,
+    /// Start the disk as this snapshot on the server (yours, or one the
+    /// operator published): no mkfs, nothing copied, mounted at once. It
+    /// applies when the disk is made now; a disk that exists is used as it
+    /// is. XFS clones are mounted with `nouuid` (they share the
+    /// snapshot's UUID).
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub from: Option<String>,
 }
 
 impl FrontEndArgs {
@@ -54,8 +61,19 @@ impl FrontEndArgs {
             attach: self.attach,
             connections: self.connections,
             write_behind: self.write_behind,
-            mount_options: self.mount_options.clone(),
+            mount_options: self.mount_options(),
             fs_type: self.fs_type.clone(),
+            from: self.from.clone(),
+        }
+    }
+
+    /// `--mount-options`, with `nouuid` for a clone's XFS: every clone of
+    /// a snapshot carries its UUID, which XFS refuses to mount twice.
+    fn mount_options(&self) -> String {
+        let has_nouuid = self.mount_options.split(',').any(|o| o == "nouuid");
+        match (&self.from, self.fs_type.as_str()) {
+            (Some(_), "xfs") if !has_nouuid => format!("{},nouuid", self.mount_options),
+            _ => self.mount_options.clone(),
         }
     }
 }

@@ -67,6 +67,10 @@ pub fn main(args: RunArgs) -> i32 {
         Ok(name) => name,
         Err(e) => return cli::fail("run", &e, true, EXIT_FAILED),
     };
+    if args.front_end.from.is_some() && args.server.is_none() {
+        let e = LocalDiskError::Usage("--from needs --server: snapshots live on a server".into());
+        return cli::fail("run", &e, true, EXIT_FAILED);
+    }
     let request = RunRequest {
         server: args.server.clone(),
         name,

@@ -50,7 +50,12 @@ pub struct ExportRow {
     #[serde(default)]
     pub class: String,
     pub size: u64,
+    /// Bytes it holds itself (a clone: what it wrote privately).
     pub allocated_bytes: u64,
+    /// A clone: bytes of its snapshot, which it shares with the
+    /// snapshot's other clones (held once); 0 for other disks.
+    #[serde(default)]
+    pub shared_bytes: u64,
     pub connections: u64,
     pub connections_total: u64,
     pub age_s: f64,
@@ -190,6 +195,7 @@ fn row(view: &DiskView, kind: &str) -> ExportRow {
         class: view.class.clone(),
         size: view.size,
         allocated_bytes: s.allocated_bytes,
+        shared_bytes: s.shared_bytes,
         connections: s.connections,
         connections_total: s.connections_total,
         age_s: s.age.as_secs_f64(),
@@ -277,6 +283,7 @@ impl Admin {
                     class: scratchd_scratch::config::DEFAULT_CLASS.to_owned(),
                     size: device.size(),
                     allocated_bytes: 0,
+                    shared_bytes: 0,
                     connections: status.connections,
                     connections_total: status.connections_accepted,
                     age_s: status.uptime_s,
@@ -353,6 +360,118 @@ impl Admin {
                 })
             })
             .collect()
+    }
+}
+
+/// One snapshot, for `ctl snapshots` and the snapshot metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRow {
+    pub name: String,
+    /// The owner selector (`uid:N`, ...), or `published`.
+    pub owner: String,
+    pub size: u64,
+    /// Bytes of data it holds, once whatever its clones.
+    pub bytes: u64,
+    /// Disks alive that started as it.
+    pub clones: u64,
+    pub age_s: f64,
+    /// What it was made from: a disk's name, an image's path.
+    pub source: String,
+}
+
+/// The owner column of a snapshot.
+fn snapshot_owner(owner: Option<&Owner>) -> String {
+    owner.map_or_else(|| PUBLISHED.to_owned(), owner_selector)
+}
+
+/// The owner selector of published snapshots.
+pub const PUBLISHED: &str = "published";
+
+impl Admin {
+    /// The registry, for the snapshot actions.
+    fn registry(&self) -> Result<&Registry, String> {
+        match &self.backend {
+            Backend::Tmpdisk(registry) => Ok(registry),
+            Backend::Single { .. } => Err("only tmpdisk servers keep snapshots".to_owned()),
+        }
+    }
+
+    /// Every snapshot, by owner and name (none without tmpdisk).
+    pub fn snapshots(&self) -> Vec<SnapshotRow> {
+        let Ok(registry) = self.registry() else {
+            return Vec::new();
+        };
+        registry
+            .snapshots()
+            .into_iter()
+            .map(|v| SnapshotRow {
+                name: v.key.name.clone(),
+                owner: snapshot_owner(v.key.owner.as_ref()),
+                size: v.size,
+                bytes: v.bytes,
+                clones: v.clones as u64,
+                age_s: v.age.as_secs_f64(),
+                source: v.source,
+            })
+            .collect()
+    }
+
+    /// The owner of `owner`'s (a selector, or `published`) snapshot
+    /// `name`: None for a published one.
+    fn snapshot_owner_of(&self, name: &str, owner: &str) -> Result<Option<Owner>, String> {
+        if owner == PUBLISHED {
+            return Ok(None);
+        }
+        let registry = self.registry()?;
+        let owners: Vec<Owner> = registry
+            .snapshots()
+            .into_iter()
+            .filter(|v| v.key.name == name)
+            .filter_map(|v| v.key.owner)
+            .filter(|o| owner_matches(owner, o))
+            .collect();
+        match owners.as_slice() {
+            [one] => Ok(Some(*one)),
+            [] => Err(format!("no snapshot {name:?} of owner {owner}")),
+            _ => Err(format!(
+                "{owner} matches several owners of {name:?}: be exact"
+            )),
+        }
+    }
+
+    /// `ctl publish`: `owner`'s snapshot `name` published as `published`.
+    pub fn publish(&self, name: &str, owner: &str, published: &str) -> Result<SnapshotRow, String> {
+        let Some(owner) = self.snapshot_owner_of(name, owner)? else {
+            return Err("publish takes an owner's snapshot: it is published already".to_owned());
+        };
+        self.registry()?
+            .publish_snapshot(owner, name, published)
+            .map_err(|e| e.to_string())?;
+        self.snapshot_row(published, None)
+    }
+
+    /// `ctl import`: the image file at `image` published as `name`.
+    pub fn import(&self, name: &str, image: &str) -> Result<SnapshotRow, String> {
+        self.registry()?
+            .import_snapshot(name, std::path::Path::new(image))
+            .map_err(|e| e.to_string())?;
+        self.snapshot_row(name, None)
+    }
+
+    /// `ctl delete-snapshot`: `owner`'s (or the published) snapshot `name`.
+    pub fn delete_snapshot(&self, name: &str, owner: &str) -> Result<(), String> {
+        let owner = self.snapshot_owner_of(name, owner)?;
+        self.registry()?
+            .delete_snapshot(owner, name)
+            .map_err(|e| e.to_string())
+    }
+
+    fn snapshot_row(&self, name: &str, owner: Option<&Owner>) -> Result<SnapshotRow, String> {
+        let selector = snapshot_owner(owner);
+        self.snapshots()
+            .into_iter()
+            .find(|r| r.name == name && r.owner == selector)
+            .ok_or_else(|| format!("snapshot {name:?} went meanwhile"))
     }
 }
 

@@ -12,11 +12,17 @@
 //! {"cmd":"drop","name":"build-42","owner":"uid:1000"}
 //! {"cmd":"keep","name":"build-42","owner":null,"for_s":3600.0}
 //! {"cmd":"status"}
+//! {"cmd":"snapshots"}
+//! {"cmd":"publish","name":"root","owner":"uid:1000","as":"farm-root"}
+//! {"cmd":"import","name":"farm-root","image":"/srv/roots/f40.img"}
+//! {"cmd":"delete-snapshot","name":"farm-root","owner":"published"}
 //! ```
 //!
 //! Answers are `{"ok":true,"result":…}` or `{"ok":false,"error":"…"}`;
 //! `result` is `{"exports":[…]}` for list and show, `{"acted":[…]}` for drop
-//! and keep, and the status object for status (fields in
+//! and keep, `{"snapshots":[…]}` for the snapshot commands (the one
+//! published or imported, none for delete-snapshot), and the status
+//! object for status (fields in
 //! `docs/OPERATIONS.md`). `ctl --json` prints `result` as it came.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -33,7 +39,7 @@ use serde_json::{json, Value};
 use tracing::{debug, warn};
 
 use crate::name;
-use crate::ops::admin::{Acted, Admin, ExportRow, Status};
+use crate::ops::admin::{Acted, Admin, ExportRow, SnapshotRow, Status};
 
 /// A request or answer larger than this is refused.
 const MAX_LINE: u64 = 64 * 1024;
@@ -60,6 +66,22 @@ pub enum Request {
         for_s: Option<f64>,
     },
     Status,
+    Snapshots,
+    Publish {
+        name: String,
+        owner: String,
+        #[serde(rename = "as")]
+        published: String,
+    },
+    Import {
+        name: String,
+        image: String,
+    },
+    #[serde(rename = "delete-snapshot")]
+    DeleteSnapshot {
+        name: String,
+        owner: String,
+    },
 }
 
 /// Binds the control socket at `path` with mode 0600 and serves it on a
@@ -178,7 +200,29 @@ fn execute(req: Request, admin: &Admin) -> Result<Value, String> {
             })
         }
         Request::Status => to_json(&admin.snapshot().status),
+        Request::Snapshots => to_json(&SnapshotsResult {
+            snapshots: admin.snapshots(),
+        }),
+        Request::Publish {
+            name,
+            owner,
+            published,
+        } => to_json(&SnapshotsResult {
+            snapshots: vec![admin.publish(&name, &owner, &published)?],
+        }),
+        Request::Import { name, image } => to_json(&SnapshotsResult {
+            snapshots: vec![admin.import(&name, &image)?],
+        }),
+        Request::DeleteSnapshot { name, owner } => {
+            admin.delete_snapshot(&name, &owner)?;
+            to_json(&SnapshotsResult { snapshots: vec![] })
+        }
     }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotsResult {
+    snapshots: Vec<SnapshotRow>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -248,6 +292,39 @@ pub enum CtlCommand {
     },
     /// Budgets, export and connection totals.
     Status,
+    /// Every snapshot: name, owner (or published), size, bytes held once,
+    /// clones alive, age, what it was made from.
+    Snapshots,
+    /// Publish an owner's snapshot to every owner (a farm-wide base root):
+    /// the same bytes, held once.
+    Publish {
+        /// The snapshot, as its owner named it.
+        #[arg(value_name = "SNAPSHOT")]
+        name: String,
+        /// Its owner: uid:N, uid:N+gid:M, cert:HEX (a prefix will do).
+        #[arg(long, value_name = "OWNER")]
+        owner: String,
+        /// The published name (default: the same).
+        #[arg(long = "as", value_name = "NAME")]
+        published: Option<String>,
+    },
+    /// Publish a disk image (a file or block device of the disks' size,
+    /// copied now) as a snapshot for every owner.
+    Import {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "IMAGE")]
+        image: PathBuf,
+    },
+    /// Delete a snapshot (its clones keep working; its bytes go with the
+    /// last of them).
+    DeleteSnapshot {
+        #[arg(value_name = "SNAPSHOT")]
+        name: String,
+        /// Whose: an owner selector, or `published` (the default).
+        #[arg(long, value_name = "OWNER", default_value = "published")]
+        owner: String,
+    },
 }
 
 /// The request a command asks, its name read from standard input if it
@@ -270,6 +347,24 @@ fn request(command: &CtlCommand) -> Result<Request, name::NameError> {
             for_s: time.map(|t| t.as_secs_f64()),
         },
         CtlCommand::Status => Request::Status,
+        CtlCommand::Snapshots => Request::Snapshots,
+        CtlCommand::Publish {
+            name,
+            owner,
+            published,
+        } => Request::Publish {
+            name: name.clone(),
+            owner: owner.clone(),
+            published: published.clone().unwrap_or_else(|| name.clone()),
+        },
+        CtlCommand::Import { name, image } => Request::Import {
+            name: name.clone(),
+            image: image.to_string_lossy().into_owned(),
+        },
+        CtlCommand::DeleteSnapshot { name, owner } => Request::DeleteSnapshot {
+            name: name.clone(),
+            owner: owner.clone(),
+        },
     })
 }
 
@@ -334,6 +429,11 @@ pub fn main(args: CtlArgs) -> i32 {
         CtlCommand::Status => {
             serde_json::from_value(result).map(|s: Status| print!("{}", status_text(&s)))
         }
+        CtlCommand::Snapshots
+        | CtlCommand::Publish { .. }
+        | CtlCommand::Import { .. }
+        | CtlCommand::DeleteSnapshot { .. } => serde_json::from_value(result)
+            .map(|r: SnapshotsResult| print!("{}", snapshot_table(&r.snapshots))),
     };
     match printed {
         Ok(()) => 0,
@@ -438,6 +538,30 @@ fn table(exports: &[ExportRow]) -> String {
     line(header.to_vec());
     for r in &rows {
         line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// `ctl snapshots`' table.
+fn snapshot_table(snapshots: &[SnapshotRow]) -> String {
+    if snapshots.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "{:<24}  {:<16}  {:>8}  {:>8}  {:>6}  {:>8}  SOURCE\n",
+        "NAME", "OWNER", "SIZE", "BYTES", "CLONES", "AGE"
+    );
+    for s in snapshots {
+        out.push_str(&format!(
+            "{:<24}  {:<16}  {:>8}  {:>8}  {:>6}  {:>8}  {}\n",
+            s.name,
+            s.owner,
+            human_bytes(s.size),
+            human_bytes(s.bytes),
+            s.clones,
+            human_secs(s.age_s),
+            s.source
+        ));
     }
     out
 }

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 use scratchd_server::counters::ServerCounters;
 use MetricType::{Counter, Gauge};
 
-use crate::ops::admin::{Admin, Budget, ExportRow, Pool, Status};
+use crate::ops::admin::{Admin, Budget, ExportRow, Pool, SnapshotRow, Status};
 
 /// How long one scraper may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -227,6 +227,7 @@ impl Collector for Snapshots {
         budgets(e, s)?;
         export_totals(e, s)?;
         pools(e, s)?;
+        snapshots(e, &self.0.snapshots())?;
         connections(e, s)?;
         server_events(e, &self.0.server.counters)?;
         creation_histogram(e, s)
@@ -287,6 +288,13 @@ fn export_sizes(e: &mut DescriptorEncoder, exports: &[ExportRow]) -> Result<(), 
         "Memory or disk space the export holds",
         Gauge,
         &per_export(exports, |e| e.allocated_bytes),
+    )?;
+    family(
+        e,
+        "scratchd_export_shared_bytes",
+        "Bytes of the snapshot a clone reads through to (held once for all its clones)",
+        Gauge,
+        &per_export(exports, |e| e.shared_bytes),
     )?;
     family(
         e,
@@ -416,6 +424,39 @@ fn pools(e: &mut DescriptorEncoder, s: &Status) -> Result<(), std::fmt::Error> {
         "Formatted disks the class's pool keeps ready (pool=)",
         Gauge,
         &by_class(&|p| p.target),
+    )
+}
+
+/// Each snapshot's bytes and clones, and their number.
+fn snapshots(e: &mut DescriptorEncoder, rows: &[SnapshotRow]) -> Result<(), std::fmt::Error> {
+    let each = |f: &dyn Fn(&SnapshotRow) -> u64| -> Vec<(Labels, u64)> {
+        rows.iter()
+            .map(|r| {
+                let labels = vec![("snapshot", r.name.clone()), ("owner", r.owner.clone())];
+                (labels, f(r))
+            })
+            .collect()
+    };
+    family(
+        e,
+        "scratchd_snapshots",
+        "Snapshots held under a name (owners' and published)",
+        Gauge,
+        &single(rows.len() as u64),
+    )?;
+    family(
+        e,
+        "scratchd_snapshot_bytes",
+        "Bytes of data a snapshot holds, once whatever its clones",
+        Gauge,
+        &each(&|r| r.bytes),
+    )?;
+    family(
+        e,
+        "scratchd_snapshot_clones",
+        "Disks alive that started as the snapshot",
+        Gauge,
+        &each(&|r| r.clones),
     )
 }
 

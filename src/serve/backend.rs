@@ -58,6 +58,8 @@ pub enum UsageError {
     },
     #[error("key {0:?} given twice")]
     DuplicateKey(String),
+    #[error("--publish {0:?} is not NAME=IMAGE")]
+    Publish(String),
     #[error("backend {backend} needs {key}=... ({hint})")]
     MissingKey {
         backend: &'static str,
@@ -92,6 +94,9 @@ pub enum OpenError {
     File { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Scratch(#[from] BuildError),
+    /// `--publish`: an image could not become a snapshot.
+    #[error("--publish: {0}")]
+    Publish(#[source] scratchd_scratch::registry::SnapshotError),
 }
 
 /// A backend's parameters sorted by key.

@@ -264,6 +264,7 @@ impl ServeArgs {
             owner_disk_limit,
             control,
             metrics,
+            publish,
             backend,
             params,
             memory: _,
@@ -309,6 +310,11 @@ impl ServeArgs {
             owner_disk_limit: owner_disk_limit.or(file.owner_disk_limit),
             control: control.or(file.control),
             metrics: metrics.or(file.metrics),
+            publish: if publish.is_empty() {
+                file.publish
+            } else {
+                publish
+            },
             memory: file.memory.filter(|_| table("memory")),
             file: file.file.filter(|_| table("file")),
             tmpdisk: file.tmpdisk.filter(|_| table("tmpdisk")),

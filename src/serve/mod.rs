@@ -198,6 +198,13 @@ pub struct ServeArgs {
     /// 127.0.0.1:9810; port 0 picks a free one, logged at startup).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// tmpdisk: publish the disk image IMAGE (a file or block device of the
+    /// default class's disk size, read once at startup) as snapshot NAME
+    /// for every owner: `run --from NAME`, or a class with `from=NAME`,
+    /// starts disks as it. Repeatable.
+    #[arg(long = "publish", value_name = "NAME=IMAGE")]
+    #[serde(default)]
+    pub publish: Vec<String>,
     /// Backend: memory, file or tmpdisk (may come from --config instead).
     pub backend: Option<String>,
     /// Backend parameters, KEY=VALUE (added to, and overriding, those of
@@ -488,6 +495,28 @@ fn build_exports(
     Ok((Arc::new(export), may_block, admin))
 }
 
+/// `--publish NAME=IMAGE`: each image, copied into a published snapshot.
+fn publish_images(
+    registry: &scratchd_scratch::Registry,
+    publish: &[String],
+) -> Result<(), BackendError> {
+    for item in publish {
+        let Some((name, image)) = item.split_once('=') else {
+            return Err(UsageError::Publish(item.clone()).into());
+        };
+        let view = registry
+            .import_snapshot(name, std::path::Path::new(image))
+            .map_err(OpenError::Publish)?;
+        tracing::info!(
+            snapshot = name,
+            image,
+            bytes = view.bytes,
+            "snapshot published"
+        );
+    }
+    Ok(())
+}
+
 fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBackend), BackendError> {
     let limits = tmpdisk::Limits {
         max_exports: args.max_exports,
@@ -517,6 +546,7 @@ fn build_tmpdisk(args: &ServeArgs) -> Result<(Arc<dyn Exports>, bool, AdminBacke
         .disks()
         .any(|d| d.backing != scratchd_scratch::Backing::Memory);
     let registry = Arc::new(scratchd_scratch::from_config(config).map_err(OpenError::from)?);
+    publish_images(&registry, &args.publish)?;
     let exports = Arc::new(scratchd_exports::ScratchExports::new(registry.clone()));
     Ok((exports, may_block, AdminBackend::Tmpdisk(registry)))
 }

@@ -32,6 +32,7 @@ mod service;
 mod session_fuzz;
 mod shutdown;
 mod slots;
+mod snapshots;
 mod stuck;
 mod tls;
 mod tmpdisk;

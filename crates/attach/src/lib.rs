@@ -3,6 +3,8 @@
 //! file system, and how `scratchd detach` finds what is left of one.
 //!
 //! Layout:
+//! - [`freeze`]: a mounted file system frozen (FIFREEZE) while a snapshot
+//!   of its disk is taken;
 //! - [`fuse`]: the device as one file in a FUSE mount, served by several
 //!   threads calling the device directly (hosts without an `nbd` module);
 //! - [`loopdev`]: a loop device on that file, in direct-I/O mode, cleared
@@ -17,6 +19,7 @@
 //!   with it; mounting a device, unmounting, and what is mounted where
 //!   (from mountinfo).
 
+pub mod freeze;
 pub mod fuse;
 pub mod loopdev;
 pub mod mount;

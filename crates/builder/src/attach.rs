@@ -98,6 +98,11 @@ pub fn attach(request: &AttachRequest) -> Result<PathBuf, AttachCommandError> {
         write_behind: request.front_end.write_behind,
         verbose: request.verbose,
     };
+    // Held until the holder's connections have the disk.
+    let _seed = match &request.front_end.from {
+        Some(from) => Some(crate::remote::seed(&target, from).map_err(AttachError::Server)?),
+        None => None,
+    };
     Ok(front_end.driver().attach_kept(&state, &keep)?)
 }
 

@@ -209,6 +209,9 @@ pub struct FrontEndOptions {
     /// The disk's file system type (`--type`): the mount names it, so the
     /// kernel never probes a disk with every driver it has.
     pub fs_type: String,
+    /// `--from`: a disk on a server that is made now starts as this
+    /// snapshot (see [`crate::remote::seed`]).
+    pub from: Option<String>,
 }
 
 /// Where the disk to attach comes from: what decides which front ends can

@@ -1,6 +1,6 @@
 //! Our NBD client to a disk on a server, as both front ends open it.
 
-use scratchd_client::{Client, Options, Target};
+use scratchd_client::{Client, Handshaken, Options, Replies, Target};
 use scratchd_store::BlockDevice;
 
 use crate::id::fingerprint;
@@ -23,6 +23,29 @@ pub fn connect(target: &Target, connections: usize) -> Result<Client, scratchd_c
         "connected"
     );
     Ok(client)
+}
+
+/// Makes the disk `target` names start as the snapshot `from` (when the
+/// server makes it now: an existing disk is opened as it is), and holds it
+/// open with one idle, negotiated connection until the result is dropped,
+/// so that the front end's own connections find it. No thread is started:
+/// a run still enters its mount namespace after this.
+///
+/// # Errors
+///
+/// When the server cannot be reached or refuses (no such snapshot; a
+/// server without snapshots refuses the option).
+pub fn seed(target: &Target, from: &str) -> Result<Handshaken, scratchd_client::Error> {
+    let options = Options {
+        connections: 1,
+        replies: Replies::Simple,
+        block_status: false,
+        from: Some(from.to_owned()),
+        ..Default::default()
+    };
+    let seed = Client::handshake_only(target, &options)?;
+    tracing::info!(disk = %fingerprint(&target.export), size = seed.info.size, "disk started as a snapshot");
+    Ok(seed)
 }
 
 /// The client's options for up to `connections` connections (at least one).

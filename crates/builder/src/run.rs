@@ -158,6 +158,14 @@ pub fn run<D: LocalDisk, E>(
         Some(target) => Source::Server(target),
         None => Source::Local(open_local(&name).map_err(RunError::LocalDisk)?),
     };
+    // Held until the run ends: the disk is made, as a clone, before the
+    // front end connects.
+    let _seed = match (&source, &request.front_end.from) {
+        (Source::Server(target), Some(from)) => {
+            Some(crate::remote::seed(target, from).map_err(AttachError::Server)?)
+        }
+        _ => None,
+    };
     stopped(&mut stops)?;
     let work = work_dir()?;
     let mount = match &request.mount {

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use scratchd_proto::consts::*;
 use scratchd_proto::negotiation::ReplyMode;
+use scratchd_proto::snapshots::{SnapshotAnswer, SnapshotRequest};
 use scratchd_proto::TransmissionFlags as F;
 use scratchd_store::{
     check_range, push_extent, BlockDevice, Capabilities, Extent, ExtentKind, ZeroFlags,
@@ -35,7 +36,7 @@ use tracing::debug;
 
 use crate::connection::{Callback, Connection, Reply, Request, Settings, Ticket};
 use crate::error::Error;
-use crate::handshake::{greet, negotiate, start_tls, ExportInfo, Replies};
+use crate::handshake::{greet, negotiate, start_tls, ExportInfo, Replies, Wanted};
 use crate::transport::Stream;
 use crate::uri::{Address, Target};
 
@@ -64,6 +65,9 @@ pub struct Options {
     pub request_timeout: Option<Duration>,
     /// Limit on connecting and negotiating.
     pub handshake_timeout: Option<Duration>,
+    /// If the export's disk is made by this connection, it starts as this
+    /// snapshot (scratchd's `OPT_SCRATCHD_FROM`; other servers refuse).
+    pub from: Option<String>,
 }
 
 impl Default for Options {
@@ -75,6 +79,7 @@ impl Default for Options {
             max_in_flight: 64,
             request_timeout: None,
             handshake_timeout: Some(Duration::from_secs(30)),
+            from: None,
         }
     }
 }
@@ -512,6 +517,39 @@ impl BlockDevice for Client {
 
 /// Connects and negotiates one connection.
 fn open(target: &Target, options: &Options) -> Result<(ExportInfo, Stream), Error> {
+    let (mut stream, no_zeroes) = greeted(target, options)?;
+    let address = target.address.to_string();
+    let want = Wanted {
+        replies: options.replies,
+        block_status: options.block_status,
+        from: options.from.as_deref(),
+    };
+    let info = negotiate(&mut stream, &address, &target.export, no_zeroes, &want)?;
+    Ok((info, stream))
+}
+
+/// Sends one of scratchd's snapshot requests to the server `target` names
+/// (its export name is not used), over a connection of its own with the
+/// same TLS and identity as any other; the server's answer.
+///
+/// # Errors
+///
+/// When the server cannot be reached, or refuses (no such disk or
+/// snapshot, a name in use, no room; a server without snapshots answers
+/// `ERR_UNSUP`).
+pub fn snapshot_request(
+    target: &Target,
+    options: &Options,
+    request: &SnapshotRequest,
+) -> Result<SnapshotAnswer, Error> {
+    let (mut stream, _) = greeted(target, options)?;
+    crate::handshake::snapshot_request(&mut stream, &target.address.to_string(), request)
+}
+
+/// A connection to `target`'s server, greeted (and in TLS when the target
+/// asks for it), ready for options; and whether the server lets the client
+/// skip the zeros of the EXPORT_NAME reply.
+fn greeted(target: &Target, options: &Options) -> Result<(Stream, bool), Error> {
     let address = target.address.to_string();
     let mut stream =
         Stream::connect(&target.address, options.handshake_timeout).map_err(|source| {
@@ -541,15 +579,7 @@ fn open(target: &Target, options: &Options) -> Result<(ExportInfo, Stream), Erro
             })?;
         stream = Stream::Tls(tls);
     }
-    let info = negotiate(
-        &mut stream,
-        &address,
-        &target.export,
-        no_zeroes,
-        options.replies,
-        options.block_status,
-    )?;
-    Ok((info, stream))
+    Ok((stream, no_zeroes))
 }
 
 /// `[offset, offset + len)` in consecutive pieces of at most `max` bytes.

@@ -28,6 +28,10 @@ use scratchd_proto::options::{
     InfoReply, InfoRequest, MetaContextRequest, OptionReplyBody, OptionRequest,
 };
 use scratchd_proto::request::MAX_PAYLOAD;
+use scratchd_proto::snapshots::{
+    encode_from, SnapshotAnswer, SnapshotEntry, SnapshotRequest, OPT_SCRATCHD_FROM,
+    OPT_SCRATCHD_SNAPSHOT, OPT_SCRATCHD_SNAPSHOTS, REP_SCRATCHD_SNAPSHOT,
+};
 use scratchd_proto::TransmissionFlags;
 use tracing::debug;
 
@@ -134,14 +138,21 @@ pub(crate) fn negotiate(
     address: &str,
     export: &str,
     no_zeroes: bool,
-    want: Replies,
-    block_status: bool,
+    want: &Wanted<'_>,
 ) -> Result<ExportInfo, Error> {
     let mut n = Negotiation {
         io,
         address,
         export,
     };
+    let Wanted {
+        replies: want,
+        block_status,
+        from,
+    } = *want;
+    if let Some(from) = from {
+        n.start_from(from)?;
+    }
     let mut mode = ReplyMode::Simple;
     if want >= Replies::Extended && n.toggle(OptionRequest::ExtendedHeaders)? {
         mode = ReplyMode::Extended;
@@ -175,6 +186,68 @@ pub(crate) fn negotiate(
         mode,
         base_allocation,
     })
+}
+
+/// What [`negotiate`] asks the server for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wanted<'a> {
+    pub replies: Replies,
+    pub block_status: bool,
+    /// A disk made by the GO starts as this snapshot (scratchd only).
+    pub from: Option<&'a str>,
+}
+
+/// Sends one of scratchd's snapshot requests on `io`, after [`greet`] (and
+/// TLS), and reads its answer; then ends the session with ABORT.
+pub(crate) fn snapshot_request(
+    io: &mut dyn ReadWrite,
+    address: &str,
+    request: &SnapshotRequest,
+) -> Result<SnapshotAnswer, Error> {
+    let subject = match request {
+        SnapshotRequest::Take { disk, .. } => disk.as_str(),
+        SnapshotRequest::List => "",
+        SnapshotRequest::Delete { name } => name.as_str(),
+    };
+    let mut n = Negotiation {
+        io,
+        address,
+        export: subject,
+    };
+    let option = request.option();
+    let mut data = Vec::new();
+    request.encode(&mut data);
+    n.request(&OptionRequest::Other { option, data })?;
+    let mut listing = Vec::new();
+    loop {
+        match n.reply(option)? {
+            OptionReplyBody::Other {
+                reply_type: REP_SCRATCHD_SNAPSHOT,
+                data,
+            } => listing.push(SnapshotEntry::decode(&data).map_err(|e| n.bad_message(e))?),
+            OptionReplyBody::Ack => break,
+            OptionReplyBody::Error { code, message } => {
+                return Err(n.refused(snapshot_option_name(option), code, message))
+            }
+            other => return Err(n.protocol(format!("unexpected {other:?} to a snapshot request"))),
+        }
+    }
+    // The session ends here; the server's answer to ABORT changes nothing.
+    let _ = n.request(&OptionRequest::Abort);
+    Ok(match request {
+        SnapshotRequest::List => SnapshotAnswer::Listing(listing),
+        _ => SnapshotAnswer::Done,
+    })
+}
+
+/// The name of a snapshot option, for messages.
+fn snapshot_option_name(option: u32) -> &'static str {
+    match option {
+        OPT_SCRATCHD_FROM => "SCRATCHD_FROM",
+        OPT_SCRATCHD_SNAPSHOT => "SCRATCHD_SNAPSHOT",
+        OPT_SCRATCHD_SNAPSHOTS => "SCRATCHD_SNAPSHOTS",
+        _ => "SCRATCHD_DELETE_SNAPSHOT",
+    }
 }
 
 /// `Read + Write` as one object-safe trait, so the handshake runs over any
@@ -262,6 +335,32 @@ impl Negotiation<'_> {
                 Ok(false)
             }
             other => Err(self.protocol(format!("unexpected reply {other:?} to option {option}"))),
+        }
+    }
+
+    fn refused(&self, option: &'static str, code: u32, message: String) -> Error {
+        Error::Refused {
+            address: self.address.to_owned(),
+            export: self.export.to_owned(),
+            option,
+            code,
+            message,
+        }
+    }
+
+    /// `OPT_SCRATCHD_FROM`: the disk GO makes starts as snapshot `from`. A
+    /// server that does not know the option refuses it like any other.
+    fn start_from(&mut self, from: &str) -> Result<(), Error> {
+        let mut data = Vec::new();
+        encode_from(from, &mut data);
+        let option = OPT_SCRATCHD_FROM;
+        self.request(&OptionRequest::Other { option, data })?;
+        match self.reply(option)? {
+            OptionReplyBody::Ack => Ok(()),
+            OptionReplyBody::Error { code, message } => {
+                Err(self.refused("SCRATCHD_FROM", code, message))
+            }
+            other => Err(self.protocol(format!("unexpected {other:?} to SCRATCHD_FROM"))),
         }
     }
 
@@ -387,13 +486,98 @@ mod tests {
             input: io::Cursor::new(server),
             output: Vec::new(),
         };
-        let r = greet(&mut s, "test", "disk")
-            .and_then(|no_zeroes| negotiate(&mut s, "test", "disk", no_zeroes, want, true));
+        let r = greet(&mut s, "test", "disk").and_then(|no_zeroes| {
+            let want = Wanted {
+                replies: want,
+                block_status: true,
+                from: None,
+            };
+            negotiate(&mut s, "test", "disk", no_zeroes, &want)
+        });
         (r, s.output)
     }
 
     fn greeting(flags: u16) -> Vec<u8> {
         Greeting { flags }.to_bytes()
+    }
+
+    #[test]
+    fn snapshot_requests_read_their_listing_and_refusals_are_typed() {
+        let entry = SnapshotEntry {
+            name: "base".into(),
+            published: true,
+            size: 1 << 20,
+            bytes: 4096,
+            clones: 2,
+            age_ms: 5,
+        };
+        let mut server = Vec::new();
+        let mut data = Vec::new();
+        entry.encode(&mut data);
+        let option = OPT_SCRATCHD_SNAPSHOTS;
+        let listed = OptionReplyBody::Other {
+            reply_type: REP_SCRATCHD_SNAPSHOT,
+            data,
+        };
+        reply(option, listed, &mut server);
+        reply(option, OptionReplyBody::Ack, &mut server);
+        let mut s = Script {
+            input: io::Cursor::new(server),
+            output: Vec::new(),
+        };
+        let answer = snapshot_request(&mut s, "test", &SnapshotRequest::List).unwrap();
+        assert_eq!(answer, SnapshotAnswer::Listing(vec![entry]));
+        // The request, then ABORT.
+        let sent = OptionRequest::Other {
+            option,
+            data: vec![],
+        };
+        let mut want = sent.to_bytes();
+        want.extend(OptionRequest::Abort.to_bytes());
+        assert_eq!(s.output, want);
+
+        let mut server = Vec::new();
+        let option = OPT_SCRATCHD_SNAPSHOT;
+        put_option_error(&mut server, option, OptError::Unknown, "no disk \"root\"");
+        let mut s = Script {
+            input: io::Cursor::new(server),
+            output: Vec::new(),
+        };
+        let take = SnapshotRequest::Take {
+            disk: "root".into(),
+            name: "base".into(),
+        };
+        let err = snapshot_request(&mut s, "test", &take).unwrap_err();
+        assert_eq!(err.refusal(), Some(OptError::Unknown));
+        assert!(err.to_string().contains("no disk"), "{err}");
+    }
+
+    #[test]
+    fn a_snapshot_to_start_from_is_named_before_go_and_a_refusal_stops() {
+        let mut server = greeting(FLAG_FIXED_NEWSTYLE);
+        put_option_error(&mut server, OPT_SCRATCHD_FROM, OptError::Unsup, "what?");
+        let mut s = Script {
+            input: io::Cursor::new(server),
+            output: Vec::new(),
+        };
+        let err = greet(&mut s, "test", "disk")
+            .and_then(|no_zeroes| {
+                let want = Wanted {
+                    replies: Replies::Simple,
+                    block_status: false,
+                    from: Some("base"),
+                };
+                negotiate(&mut s, "test", "disk", no_zeroes, &want)
+            })
+            .unwrap_err();
+        assert_eq!(err.refusal(), Some(OptError::Unsup));
+        let mut data = Vec::new();
+        encode_from("base", &mut data);
+        let from = OptionRequest::Other {
+            option: OPT_SCRATCHD_FROM,
+            data,
+        };
+        assert!(s.output.ends_with(&from.to_bytes()), "FROM was sent first");
     }
 
     #[test]

@@ -48,10 +48,11 @@ pub mod transport;
 pub mod uri;
 pub mod write_behind;
 
-pub use client::{Client, Handshaken, Options};
+pub use client::{snapshot_request, Client, Handshaken, Options};
 pub use error::{errno, nbd_error, Error, Lost};
 pub use handshake::{ExportInfo, Replies};
 pub use scratchd_proto::negotiation::{BlockSize, ReplyMode};
+pub use scratchd_proto::snapshots::{SnapshotAnswer, SnapshotEntry, SnapshotRequest};
 pub use scratchd_store::{BlockDevice, Capabilities, Extent, ExtentKind, ZeroFlags};
 pub use transport::Stream;
 pub use uri::{Address, Target, UriError};

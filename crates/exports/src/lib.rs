@@ -24,7 +24,9 @@
 use std::sync::Arc;
 
 use scratchd_proto::negotiation::{ExportInfo, ExportListing, LookupError};
+use scratchd_proto::snapshots::{SnapshotAnswer, SnapshotEntry, SnapshotRequest};
 use scratchd_proto::TransmissionFlags;
+use scratchd_scratch::registry::{SnapshotError, SnapshotView};
 use scratchd_scratch::{DiskInfo, OpenDisk, OpenError, Owner, Peer, Registry};
 use scratchd_server::export::{flags_for, BLOCK_SIZE};
 use scratchd_server::shutdown::Members;
@@ -72,6 +74,72 @@ impl Exports for ScratchExports {
     fn open(&self, name: &str, peer: &Identity) -> Result<OpenExport, LookupError> {
         let open = self.registry.open(name, self.owner(peer));
         open.map(open_export).map_err(lookup_error)
+    }
+
+    fn open_from(
+        &self,
+        name: &str,
+        peer: &Identity,
+        from: &str,
+    ) -> Result<OpenExport, LookupError> {
+        let open = self.registry.open_from(name, self.owner(peer), Some(from));
+        open.map(open_export).map_err(lookup_error)
+    }
+
+    /// Within the peer's owner, as every other question: it snapshots its
+    /// own disks, lists its own snapshots and the published ones, deletes
+    /// its own.
+    fn snapshots(
+        &self,
+        request: &SnapshotRequest,
+        peer: &Identity,
+    ) -> Result<SnapshotAnswer, LookupError> {
+        let owner = self.owner(peer);
+        let done = match request {
+            SnapshotRequest::Take { disk, name } => self
+                .registry
+                .take_snapshot(owner, disk, name)
+                .map(|_| SnapshotAnswer::Done),
+            SnapshotRequest::List => Ok(SnapshotAnswer::Listing(
+                self.registry
+                    .snapshots_of(owner)
+                    .iter()
+                    .map(snapshot_entry)
+                    .collect(),
+            )),
+            SnapshotRequest::Delete { name } => self
+                .registry
+                .delete_snapshot(Some(owner), name)
+                .map(|()| SnapshotAnswer::Done),
+        };
+        done.map_err(snapshot_error)
+    }
+}
+
+/// A snapshot as the client lists it.
+pub fn snapshot_entry(view: &SnapshotView) -> SnapshotEntry {
+    SnapshotEntry {
+        name: view.key.name.clone(),
+        published: view.key.owner.is_none(),
+        size: view.size,
+        bytes: view.bytes,
+        clones: u32::try_from(view.clones).unwrap_or(u32::MAX),
+        age_ms: u64::try_from(view.age.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// Why a snapshot request failed, as an option error: a name unknown to
+/// the client (another owner's is unknown too), a refusal of its request,
+/// or the server failing to make it. The message is the registry's.
+pub fn snapshot_error(e: SnapshotError) -> LookupError {
+    let message = e.to_string();
+    match e {
+        SnapshotError::NoDisk(_) | SnapshotError::NoSnapshot(_) => LookupError::Unknown(message),
+        SnapshotError::Name(_)
+        | SnapshotError::Exists(_)
+        | SnapshotError::TooMany { .. }
+        | SnapshotError::Creating(_) => LookupError::Policy(message),
+        _ => LookupError::Platform(message),
     }
 }
 
@@ -144,6 +212,7 @@ pub fn lookup_error(e: OpenError) -> LookupError {
         | OpenError::Share(_) => LookupError::Policy(message),
         OpenError::Create(_) | OpenError::CreateTimeout => LookupError::Platform(message),
         OpenError::Stopping => LookupError::Shutdown(message),
+        OpenError::NoSnapshot(_) => LookupError::Unknown(message),
     }
 }
 

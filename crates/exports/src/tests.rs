@@ -71,6 +71,7 @@ fn refusals_become_policy_errors_failures_platform_errors() {
         (OpenError::Create(Arc::new(create)), "platform"),
         (OpenError::CreateTimeout, "platform"),
         (OpenError::Stopping, "shutdown"),
+        (OpenError::NoSnapshot("base".into()), "unknown"),
     ];
     for (e, kind) in cases {
         let message = e.to_string();
@@ -164,6 +165,58 @@ fn each_peer_sees_its_owners_disks() {
 /// `ctl drop` reaches the connection through the members the exports
 /// layer gave it: its socket stops reading. It counts the connections that
 /// were transmitting (members), not those still negotiating.
+#[test]
+fn each_peer_snapshots_and_clones_within_its_owner() {
+    use scratchd_proto::snapshots::{SnapshotAnswer, SnapshotRequest};
+    let (exports, registry) = served(settings());
+    let (alice, bob) = (unix(1000, 1000), unix(2000, 2000));
+    let disk = exports.open("root", &alice).unwrap();
+    disk.device.write(0, b"alice", false).unwrap();
+    let take = |disk: &str| SnapshotRequest::Take {
+        disk: disk.into(),
+        name: "base".into(),
+    };
+    assert_eq!(
+        exports.snapshots(&take("root"), &alice),
+        Ok(SnapshotAnswer::Done)
+    );
+    assert!(matches!(
+        exports.snapshots(&take("root"), &alice),
+        Err(LookupError::Policy(m)) if m.contains("exists")
+    ));
+    // Bob has no disk "root" and no snapshot "base".
+    assert!(matches!(
+        exports.snapshots(&take("root"), &bob),
+        Err(LookupError::Unknown(_))
+    ));
+    assert!(matches!(
+        exports.open_from("x", &bob, "base").err(),
+        Some(LookupError::Unknown(_))
+    ));
+    let Ok(SnapshotAnswer::Listing(bobs)) = exports.snapshots(&SnapshotRequest::List, &bob) else {
+        panic!("bob lists")
+    };
+    assert!(bobs.is_empty());
+    let clone = exports.open_from("build", &alice, "base").unwrap();
+    let mut buf = [0; 5];
+    clone.device.read(0, &mut buf).unwrap();
+    assert_eq!(&buf, b"alice");
+    let Ok(SnapshotAnswer::Listing(alices)) = exports.snapshots(&SnapshotRequest::List, &alice)
+    else {
+        panic!("alice lists")
+    };
+    assert_eq!((alices[0].name.as_str(), alices[0].clones), ("base", 1));
+    let delete = SnapshotRequest::Delete {
+        name: "base".into(),
+    };
+    assert!(matches!(
+        exports.snapshots(&delete, &bob),
+        Err(LookupError::Unknown(_))
+    ));
+    assert_eq!(exports.snapshots(&delete, &alice), Ok(SnapshotAnswer::Done));
+    assert!(registry.snapshots().is_empty());
+}
+
 #[test]
 fn dropping_a_disk_ends_its_connections() {
     let (exports, registry) = served(settings());

@@ -17,6 +17,7 @@ use scratchd_proto::reply::{
 use scratchd_proto::request::{
     request_len, validate, Command, RequestHeader, RequestPayload, MAX_PAYLOAD,
 };
+use scratchd_proto::snapshots::SnapshotAnswer;
 use scratchd_proto::{Codec, Errno, Reader, TransmissionFlags};
 
 use crate::Input;
@@ -152,7 +153,18 @@ pub fn negotiation(data: &[u8]) {
                 }
                 return;
             }
-            Step::Open { name, via } => {
+            Step::Snapshots(request) => {
+                assert_eq!(request.option(), option);
+                assert!(out.is_empty(), "replied before the request was carried out");
+                let result = if open_fails {
+                    Err(LookupError::Unknown("no snapshot".into()))
+                } else {
+                    Ok(SnapshotAnswer::Done)
+                };
+                n.finish_snapshots(&request, result, &mut out);
+                check_option_replies(&out, option, true);
+            }
+            Step::Open { name, via, from: _ } => {
                 assert!(matches!(option, OPT_GO | OPT_EXPORT_NAME));
                 assert!(out.is_empty(), "replied before the export was opened");
                 let result = if open_fails {

@@ -124,6 +124,7 @@ pub fn storage(data: &[u8]) {
     let exact = Expect {
         trim_zeroes: true,
         may_fill: false,
+        trim_may_fill: false,
     };
     let result = match backend {
         0 => {

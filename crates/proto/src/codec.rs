@@ -36,6 +36,9 @@ pub enum DecodeError {
     /// one expected here (`what` names the message).
     #[error("bad {what} magic {found:#x}")]
     BadMagic { what: &'static str, found: u64 },
+    /// A boolean byte that is neither 0 nor 1.
+    #[error("flag byte is {0}, neither 0 nor 1")]
+    BadFlag(u8),
 }
 
 /// A cursor over a byte slice that can only move forward and never past the

@@ -23,6 +23,8 @@
 //!   option request a client sends, and every option reply (errors too).
 //! - [`negotiation`]: the server's option-haggling state machine (LIST, INFO,
 //!   GO, STRUCTURED_REPLY, EXTENDED_HEADERS, meta contexts, ...).
+//! - [`snapshots`]: scratchd's own options (snapshots, disks that start
+//!   as one), beside the spec's.
 //! - [`request`]: transmission request headers and their validation.
 //! - [`reply`]: simple, structured and extended replies and chunk payloads.
 //! - [`consts`]: magic numbers, flags and error codes from the spec.
@@ -37,6 +39,7 @@ pub mod options;
 pub mod reply;
 pub mod request;
 pub mod session;
+pub mod snapshots;
 
 pub use codec::{Codec, DecodeError, Reader};
 pub use consts::{Errno, TransmissionFlags};

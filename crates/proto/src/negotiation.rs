@@ -16,6 +16,10 @@ use crate::options::{
 /// The session types, where the server and client crates have always found
 /// them (they live in [`crate::session`]).
 pub use crate::session::{BlockSize, ExportInfo, ReplyMode, Session};
+use crate::snapshots::{
+    decode_from, SnapshotAnswer, SnapshotRequest, OPT_SCRATCHD_DELETE_SNAPSHOT, OPT_SCRATCHD_FROM,
+    OPT_SCRATCHD_SNAPSHOT, OPT_SCRATCHD_SNAPSHOTS, REP_SCRATCHD_SNAPSHOT,
+};
 
 /// One entry of an `NBD_OPT_LIST` answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,9 +72,18 @@ pub enum Step {
     Continue,
     /// Send the output, then close the connection.
     Close,
-    /// Open the named export (creating it if need be) and pass the result to
+    /// Open the named export (creating it if need be, as a clone of the
+    /// snapshot `from` if the client named one) and pass the result to
     /// [`Negotiator::finish_open`].
-    Open { name: String, via: OpenVia },
+    Open {
+        name: String,
+        via: OpenVia,
+        from: Option<String>,
+    },
+    /// Carry out a snapshot request (scratchd's own options, see
+    /// [`crate::snapshots`]) and pass the result to
+    /// [`Negotiator::finish_snapshots`].
+    Snapshots(SnapshotRequest),
     /// Send the output (STARTTLS's ACK), run the TLS handshake, then call
     /// [`Negotiator::tls_started`] and read the next option over TLS.
     StartTls,
@@ -115,6 +128,9 @@ pub struct Negotiator {
     tls: TlsPolicy,
     /// TLS is up on this connection.
     tls_active: bool,
+    /// The snapshot a disk made by GO/EXPORT_NAME starts as
+    /// (`OPT_SCRATCHD_FROM`).
+    from: Option<String>,
 }
 
 impl Negotiator {
@@ -136,6 +152,7 @@ impl Negotiator {
         self.structured = false;
         self.extended = false;
         self.meta_for = None;
+        self.from = None;
         self.tls_active = true;
     }
 
@@ -173,6 +190,14 @@ impl Negotiator {
             OPT_EXTENDED_HEADERS => self.extended_headers(payload, out),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 self.meta_context(option, payload, catalog, out)
+            }
+            OPT_SCRATCHD_FROM => self.remember_from(payload, out),
+            OPT_SCRATCHD_SNAPSHOT | OPT_SCRATCHD_SNAPSHOTS | OPT_SCRATCHD_DELETE_SNAPSHOT => {
+                match SnapshotRequest::decode(option, payload) {
+                    Some(Ok(request)) => Step::Snapshots(request),
+                    Some(Err(e)) => invalid(out, option, &format!("malformed request: {e}")),
+                    None => invalid(out, option, "not a snapshot request"),
+                }
             }
             _ => {
                 let message = format!("option {option} is not supported");
@@ -221,6 +246,7 @@ impl Negotiator {
             return Step::Open {
                 name,
                 via: OpenVia::Go { info_requests },
+                from: self.from.clone(),
             };
         }
         match catalog.info(&name) {
@@ -290,9 +316,48 @@ impl Negotiator {
             Ok(name) => Step::Open {
                 name: name.to_owned(),
                 via: OpenVia::ExportName,
+                from: self.from.clone(),
             },
             Err(_) => Step::Close,
         }
+    }
+
+    /// `OPT_SCRATCHD_FROM`: remembers the snapshot for the next open.
+    fn remember_from(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Step {
+        match decode_from(payload) {
+            Ok(name) => {
+                self.from = Some(name);
+                ack(out, OPT_SCRATCHD_FROM);
+                Step::Continue
+            }
+            Err(e) => invalid(out, OPT_SCRATCHD_FROM, &format!("malformed request: {e}")),
+        }
+    }
+
+    /// Answers a snapshot request once the caller has carried it out.
+    pub fn finish_snapshots(
+        &self,
+        request: &SnapshotRequest,
+        result: Result<SnapshotAnswer, LookupError>,
+        out: &mut Vec<u8>,
+    ) {
+        let option = request.option();
+        match result {
+            Ok(SnapshotAnswer::Done) => {}
+            Ok(SnapshotAnswer::Listing(entries)) => {
+                for entry in entries {
+                    let mut data = Vec::new();
+                    entry.encode(&mut data);
+                    let body = OptionReplyBody::Other {
+                        reply_type: REP_SCRATCHD_SNAPSHOT,
+                        data,
+                    };
+                    reply(out, option, body);
+                }
+            }
+            Err(e) => return put_lookup_error(out, option, &e),
+        }
+        ack(out, option);
     }
 
     /// Completes GO or EXPORT_NAME once the caller has tried to open `name`.
@@ -542,10 +607,10 @@ mod tests {
 
         let (step, r) = handle(&mut n, OPT_GO, &name_request("disk", &[]));
         assert!(r.is_empty());
-        let Step::Open { name, via } = step else {
+        let Step::Open { name, via, from } = step else {
             panic!("GO must open")
         };
-        assert_eq!(name, "disk");
+        assert_eq!((name.as_str(), from), ("disk", None));
         let mut out = Vec::new();
         let opened = n.finish_open(&via, OneExport.info("disk"), &mut out);
         let Opened::Transmit(s) = opened else {
@@ -554,6 +619,64 @@ mod tests {
         assert_eq!(s.mode, ReplyMode::Simple);
         assert_eq!(s.base_allocation, None);
         assert_eq!(replies(&out).last().unwrap().1, REP_ACK);
+    }
+
+    #[test]
+    fn scratchd_options_name_a_snapshot_for_the_open_and_ask_for_snapshot_requests() {
+        use crate::snapshots::*;
+        let mut n = Negotiator::with_tls(false, TlsPolicy::On);
+        let mut from = Vec::new();
+        encode_from("base", &mut from);
+        let (step, r) = handle(&mut n, OPT_SCRATCHD_FROM, &from);
+        assert_eq!((step, r[0].1), (Step::Continue, REP_ACK));
+        let (step, _) = handle(&mut n, OPT_GO, &name_request("disk", &[]));
+        assert!(matches!(step, Step::Open { from: Some(f), .. } if f == "base"));
+        let (step, _) = handle(&mut n, OPT_EXPORT_NAME, b"disk");
+        assert!(matches!(step, Step::Open { from: Some(f), .. } if f == "base"));
+        // TLS forgets it, as everything negotiated before.
+        n.tls_started();
+        let (step, _) = handle(&mut n, OPT_GO, &name_request("disk", &[]));
+        assert!(matches!(step, Step::Open { from: None, .. }));
+        // Malformed payloads are refused, and change nothing.
+        let (step, r) = handle(&mut n, OPT_SCRATCHD_FROM, &from[..3]);
+        assert_eq!((step, r[0].1), (Step::Continue, OptError::Invalid as u32));
+        let (step, r) = handle(&mut n, OPT_SCRATCHD_SNAPSHOTS, b"x");
+        assert_eq!((step, r[0].1), (Step::Continue, OptError::Invalid as u32));
+        // Requests go to the caller, whose answer the negotiator encodes.
+        let mut take = Vec::new();
+        let request = SnapshotRequest::Take {
+            disk: "root".into(),
+            name: "base".into(),
+        };
+        request.encode(&mut take);
+        let (step, r) = handle(&mut n, OPT_SCRATCHD_SNAPSHOT, &take);
+        assert_eq!((step, r.len()), (Step::Snapshots(request.clone()), 0));
+        let mut out = Vec::new();
+        n.finish_snapshots(&request, Ok(SnapshotAnswer::Done), &mut out);
+        assert_eq!(replies(&out)[0].1, REP_ACK);
+        let entry = SnapshotEntry {
+            name: "base".into(),
+            published: false,
+            size: 1,
+            bytes: 0,
+            clones: 0,
+            age_ms: 0,
+        };
+        out.clear();
+        let listing = Ok(SnapshotAnswer::Listing(vec![entry.clone()]));
+        n.finish_snapshots(&SnapshotRequest::List, listing, &mut out);
+        let r = replies(&out);
+        assert_eq!(
+            (r[0].0, r[0].1),
+            (OPT_SCRATCHD_SNAPSHOTS, REP_SCRATCHD_SNAPSHOT)
+        );
+        assert_eq!(SnapshotEntry::decode(&r[0].2), Ok(entry));
+        assert_eq!(r[1].1, REP_ACK);
+        out.clear();
+        let refused = Err(LookupError::Unknown("no disk".into()));
+        n.finish_snapshots(&request, refused, &mut out);
+        let r = replies(&out);
+        assert_eq!((r.len(), r[0].1), (1, OptError::Unknown as u32));
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct DiskSpec {
     pub linger: Duration,
     /// Formatted disks kept ready.
     pub pool: usize,
+    /// The snapshot new disks start as (`from=`), instead of a format.
+    pub from: Option<String>,
 }
 
 /// An export class: new disks whose names match `pattern` are made as

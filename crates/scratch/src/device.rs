@@ -32,6 +32,8 @@ use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use scratchd_store::cow::{CloneDevice, Snapshot};
+use scratchd_store::gate::WriteGate;
 use scratchd_store::memory::{Budget, NarrowError};
 use scratchd_store::sync;
 use scratchd_store::{
@@ -49,6 +51,10 @@ const BLOCK: u64 = 4096;
 pub struct ScratchDevice {
     backend: Backend,
     stats: Stats,
+    /// Held by every call that changes the disk, closed while a snapshot
+    /// of it is taken, so that the snapshot holds each write whole or not
+    /// at all.
+    gate: WriteGate,
     /// The budgets this disk alone charges (within the server's), to move
     /// under an owner's shares.
     own: Budgets,
@@ -109,17 +115,90 @@ enum Backend {
     Memory(MemoryDevice),
     File(BudgetedFile),
     Spill(SpillDevice),
+    /// A snapshot's contents, written privately into a blank backend of
+    /// the disk's placement.
+    Clone(Box<CloneDevice<Backend>>),
 }
 
 /// Runs `$body` with `$dev` bound to the backend as a `&dyn`-free reference.
 macro_rules! delegate {
-    ($self:ident, $dev:ident => $body:expr) => {
-        match &$self.backend {
+    ($self:expr, $dev:ident => $body:expr) => {
+        match $self {
             Backend::Memory($dev) => $body,
             Backend::File($dev) => $body,
             Backend::Spill($dev) => $body,
+            Backend::Clone($dev) => $body,
         }
     };
+}
+
+impl Backend {
+    /// Memory or disk space it holds now (a clone: what it wrote itself).
+    fn allocated_bytes(&self) -> u64 {
+        match self {
+            Backend::Memory(dev) => dev.allocated_bytes(),
+            Backend::File(dev) => dev.allocated(),
+            Backend::Spill(dev) => dev.allocated_bytes(),
+            Backend::Clone(dev) => dev.private().allocated_bytes(),
+        }
+    }
+}
+
+impl BlockDevice for Backend {
+    fn size(&self) -> u64 {
+        delegate!(self, dev => dev.size())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        delegate!(self, dev => dev.capabilities())
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        delegate!(self, dev => dev.read(offset, buf))
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        delegate!(self, dev => dev.write(offset, data, fua))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        delegate!(self, dev => dev.flush())
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        delegate!(self, dev => dev.trim(offset, len, fua))
+    }
+
+    fn zero(&self, offset: u64, len: u64, flags: ZeroFlags, fua: bool) -> io::Result<()> {
+        delegate!(self, dev => dev.zero(offset, len, flags, fua))
+    }
+
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> io::Result<()> {
+        delegate!(self, dev => dev.extents(offset, len, out))
+    }
+
+    fn read_to(
+        &self,
+        offset: u64,
+        len: usize,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
+        delegate!(self, dev => dev.read_to(offset, len, sink))
+    }
+
+    fn write_from(
+        &self,
+        offset: u64,
+        len: usize,
+        src: &mut dyn io::Read,
+        fua: bool,
+    ) -> Option<io::Result<()>> {
+        delegate!(self, dev => dev.write_from(offset, len, src, fua))
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        delegate!(self, dev => dev.cache(offset, len))
+    }
 }
 
 impl ScratchDevice {
@@ -142,7 +221,51 @@ impl ScratchDevice {
         ScratchDevice {
             backend,
             stats: Stats::default(),
+            gate: WriteGate::default(),
             own: Budgets::default(),
+        }
+    }
+
+    /// An operator's image file (or block device), read-only, to take a
+    /// snapshot of.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be opened.
+    pub(crate) fn image(path: &std::path::Path) -> io::Result<ScratchDevice> {
+        let dev = FileDevice::open(path, true)?;
+        let inode = File::open(path)?;
+        Ok(Self::file(BudgetedFile::new(dev, inode, None)?))
+    }
+
+    /// Turns this disk, blank and serving no one, into a clone of `base`
+    /// that writes into it: its budgets are the clone's.
+    ///
+    /// # Errors
+    ///
+    /// `EINVAL` when the sizes differ.
+    pub(crate) fn into_clone(self, base: Arc<Snapshot>) -> io::Result<ScratchDevice> {
+        let clone = CloneDevice::new(base, self.backend)?;
+        Ok(Self::with_backend(Backend::Clone(Box::new(clone))).charging(self.own))
+    }
+
+    /// A snapshot of the disk's contents, copied into `into` (a blank disk
+    /// of the same size, whose budgets then hold the snapshot's bytes).
+    /// Writes wait while it is taken, so it holds each whole or not at all.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Snapshot::copy`]: `ENOSPC` when `into`'s budget is full.
+    pub fn snapshot_into(&self, into: ScratchDevice) -> io::Result<Snapshot> {
+        let _frozen = self.gate.freeze();
+        Snapshot::copy(&self.backend, Box::new(into))
+    }
+
+    /// The snapshot the disk is a clone of, if it is one.
+    pub fn base(&self) -> Option<&Arc<Snapshot>> {
+        match &self.backend {
+            Backend::Clone(dev) => Some(dev.snapshot()),
+            _ => None,
         }
     }
 
@@ -174,12 +297,9 @@ impl ScratchDevice {
     }
 
     /// Memory or disk space the disk holds now.
+    /// A clone counts only what it holds privately.
     pub fn allocated_bytes(&self) -> u64 {
-        match &self.backend {
-            Backend::Memory(dev) => dev.allocated_bytes(),
-            Backend::File(dev) => dev.allocated(),
-            Backend::Spill(dev) => dev.allocated_bytes(),
-        }
+        self.backend.allocated_bytes()
     }
 
     /// The I/O counters and the allocation; connection counts and age are
@@ -187,6 +307,7 @@ impl ScratchDevice {
     pub fn stats(&self) -> StatsSnapshot {
         StatsSnapshot {
             allocated_bytes: self.allocated_bytes(),
+            shared_bytes: self.base().map_or(0, |b| b.data_bytes()),
             ..self.stats.snapshot()
         }
     }
@@ -218,22 +339,23 @@ pub(crate) fn scratch_capabilities(backend: Capabilities) -> Capabilities {
 
 impl BlockDevice for ScratchDevice {
     fn size(&self) -> u64 {
-        delegate!(self, dev => dev.size())
+        self.backend.size()
     }
 
     fn capabilities(&self) -> Capabilities {
-        scratch_capabilities(delegate!(self, dev => dev.capabilities()))
+        scratch_capabilities(self.backend.capabilities())
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        delegate!(self, dev => dev.read(offset, buf))?;
+        self.backend.read(offset, buf)?;
         self.stats.read.add(buf.len() as u64);
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         self.drop_fua(fua);
-        delegate!(self, dev => dev.write(offset, data, false))?;
+        let _pass = self.gate.enter();
+        self.backend.write(offset, data, false)?;
         self.stats.written.add(data.len() as u64);
         Ok(())
     }
@@ -247,20 +369,22 @@ impl BlockDevice for ScratchDevice {
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         self.drop_fua(fua);
-        delegate!(self, dev => dev.trim(offset, len, false))?;
+        let _pass = self.gate.enter();
+        self.backend.trim(offset, len, false)?;
         self.stats.trimmed.add(len);
         Ok(())
     }
 
     fn zero(&self, offset: u64, len: u64, flags: ZeroFlags, fua: bool) -> io::Result<()> {
         self.drop_fua(fua);
-        delegate!(self, dev => dev.zero(offset, len, flags, false))?;
+        let _pass = self.gate.enter();
+        self.backend.zero(offset, len, flags, false)?;
         self.stats.zeroed.add(len);
         Ok(())
     }
 
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> io::Result<()> {
-        delegate!(self, dev => dev.extents(offset, len, out))
+        self.backend.extents(offset, len, out)
     }
 
     fn read_to(
@@ -269,7 +393,7 @@ impl BlockDevice for ScratchDevice {
         len: usize,
         sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> Option<io::Result<()>> {
-        let result = delegate!(self, dev => dev.read_to(offset, len, sink))?;
+        let result = self.backend.read_to(offset, len, sink)?;
         if result.is_ok() {
             self.stats.read.add(len as u64);
         }
@@ -283,7 +407,8 @@ impl BlockDevice for ScratchDevice {
         src: &mut dyn io::Read,
         fua: bool,
     ) -> Option<io::Result<()>> {
-        let result = delegate!(self, dev => dev.write_from(offset, len, src, false))?;
+        let _pass = self.gate.enter();
+        let result = self.backend.write_from(offset, len, src, false)?;
         self.drop_fua(fua);
         if result.is_ok() {
             self.stats.written.add(len as u64);
@@ -292,7 +417,7 @@ impl BlockDevice for ScratchDevice {
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
-        delegate!(self, dev => dev.cache(offset, len))
+        self.backend.cache(offset, len)
     }
 }
 

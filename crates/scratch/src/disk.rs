@@ -36,6 +36,7 @@ use std::sync::Arc;
 
 use rustix::fs::{fstat, memfd_create, seek, MemfdFlags, SeekFrom};
 use rustix::io::Errno;
+use scratchd_store::cow::Snapshot;
 use scratchd_store::memory::Budget;
 use scratchd_store::{BlockDevice, Capabilities, FileDevice, MemoryDevice};
 
@@ -74,6 +75,15 @@ pub enum CreateError {
     Image(#[from] ImageError),
     #[error("cannot load the formatted disk: {0}")]
     Load(#[source] io::Error),
+    /// A snapshot could not be copied, or a clone not made.
+    #[error("cannot copy the snapshot: {0}")]
+    Snapshot(#[source] io::Error),
+    /// The owner's share cannot hold a new snapshot.
+    #[error(transparent)]
+    Share(crate::device::ClaimError),
+    /// A snapshot of a disk of another size was asked to start a disk.
+    #[error("a snapshot of {snapshot} bytes cannot start a disk of {disk} bytes")]
+    SnapshotSize { snapshot: u64, disk: u64 },
     /// Loading the formatted image into a memory disk hit the memory budget.
     #[error("the memory budget is exhausted ({used} of {limit} bytes in use)")]
     MemoryBudgetExhausted {
@@ -87,10 +97,27 @@ pub enum CreateError {
     SpillFull { dir: PathBuf, source: io::Error },
 }
 
-/// Makes new, formatted disks.
+/// Makes new, formatted disks, snapshots of disks, and clones of those.
 pub trait DiskFactory: Send + Sync {
     /// A new disk, ready to serve.
     fn create(&self) -> Result<ScratchDevice, CreateError>;
+    /// A snapshot of `dev`'s contents, held where this factory's disks
+    /// live and charged to the same budgets, once, within `shares` (its
+    /// owner's). By default in memory charged to nothing, which only
+    /// factories without budgets (tests) may keep.
+    fn snapshot_of(&self, dev: &ScratchDevice, shares: &Budgets) -> Result<Snapshot, CreateError> {
+        let _ = shares;
+        dev.snapshot_into(unbudgeted(dev.size())?)
+            .map_err(CreateError::Snapshot)
+    }
+    /// A new disk that starts as `base` and holds only what it writes;
+    /// no copy and no format, whatever the size. By default in memory
+    /// charged to nothing, as for [`DiskFactory::snapshot_of`].
+    fn clone_of(&self, base: &Arc<Snapshot>) -> Result<ScratchDevice, CreateError> {
+        unbudgeted(base.size())?
+            .into_clone(base.clone())
+            .map_err(CreateError::Snapshot)
+    }
     /// Size of the disks made.
     fn size(&self) -> u64;
     /// What the disks made can do (for INFO on names without a disk).
@@ -100,6 +127,13 @@ pub trait DiskFactory: Send + Sync {
     fn budgets(&self) -> Budgets {
         Budgets::default()
     }
+}
+
+/// A blank memory disk of `size` bytes that charges no budget.
+fn unbudgeted(size: u64) -> Result<ScratchDevice, CreateError> {
+    MemoryDevice::new(size)
+        .map(ScratchDevice::memory)
+        .map_err(|source| CreateError::Memory { size, source })
 }
 
 /// Where a [`Maker`] places its disks (RAM, a directory, or RAM spilling
@@ -191,12 +225,13 @@ impl Maker {
     /// `ENOSPC` into the error that says which budget was full.
     fn format_into(
         &self,
+        formatted: bool,
         dev: &dyn BlockDevice,
         image: &File,
         budget: Option<(&Budget, &'static str)>,
         no_space: impl FnOnce(io::Error) -> CreateError,
     ) -> Result<(), CreateError> {
-        if self.format.is_blank() {
+        if !formatted || self.format.is_blank() {
             return Ok(());
         }
         let charge = self.format_charged(image, budget)?;
@@ -219,6 +254,7 @@ impl Maker {
 
     fn create_spilling(
         &self,
+        formatted: bool,
         path: &Path,
         memory: &Arc<Budget>,
         disk: &Option<Arc<Budget>>,
@@ -240,14 +276,20 @@ impl Maker {
         // RAM: a spill disk must be creatable when the memory budget is full.
         let (image, _) = self.unnamed_file(path)?;
         let disk_budget = disk.as_deref().map(|b| (b, "disk"));
-        self.format_into(&dev, &image, disk_budget, |source| CreateError::SpillFull {
-            dir: path.to_owned(),
-            source,
+        self.format_into(formatted, &dev, &image, disk_budget, |source| {
+            CreateError::SpillFull {
+                dir: path.to_owned(),
+                source,
+            }
         })?;
         Ok(ScratchDevice::spill(dev).charging(own))
     }
 
-    fn create_in_memory(&self, budget: &Arc<Budget>) -> Result<ScratchDevice, CreateError> {
+    fn create_in_memory(
+        &self,
+        formatted: bool,
+        budget: &Arc<Budget>,
+    ) -> Result<ScratchDevice, CreateError> {
         let own = Arc::new(Budget::within(
             budget.clone(),
             self.quota.unwrap_or(u64::MAX),
@@ -255,13 +297,17 @@ impl Maker {
         let dev = MemoryDevice::with_budget(self.size, own.clone())
             .map_err(|source| self.memory_error(source))?;
         let memfd = self.memfd()?;
-        self.format_into(&dev, &memfd, Some((budget, "memory")), |source| {
-            CreateError::MemoryBudgetExhausted {
+        self.format_into(
+            formatted,
+            &dev,
+            &memfd,
+            Some((budget, "memory")),
+            |source| CreateError::MemoryBudgetExhausted {
                 used: budget.used(),
                 limit: budget.limit(),
                 source,
-            }
-        })?;
+            },
+        )?;
         Ok(ScratchDevice::memory(dev).charging(Budgets {
             memory: Some(own),
             disk: None,
@@ -277,13 +323,16 @@ impl Maker {
 
     fn create_in_dir(
         &self,
+        formatted: bool,
         path: &Path,
         budget: &Option<Arc<Budget>>,
     ) -> Result<ScratchDevice, CreateError> {
         let (inode, fd_path) = self.unnamed_file(path)?;
         // The image is the disk itself: its charge ends here and the disk
         // charges the same blocks just below.
-        drop(self.format_charged(&inode, budget.as_deref().map(|b| (b, "disk")))?);
+        if formatted {
+            drop(self.format_charged(&inode, budget.as_deref().map(|b| (b, "disk")))?);
+        }
         let dev = FileDevice::open(&fd_path, false).map_err(CreateError::ReopenFile)?;
         let own = Budgets {
             memory: None,
@@ -300,13 +349,40 @@ impl Maker {
     }
 }
 
+impl Maker {
+    /// A new disk of the placement, formatted or left blank (all holes).
+    fn make(&self, formatted: bool) -> Result<ScratchDevice, CreateError> {
+        match &self.placement {
+            Placement::Memory(budget) => self.create_in_memory(formatted, budget),
+            Placement::Dir { path, budget } => self.create_in_dir(formatted, path, budget),
+            Placement::Spill { path, memory, disk } => {
+                self.create_spilling(formatted, path, memory, disk)
+            }
+        }
+    }
+}
+
 impl DiskFactory for Maker {
     fn create(&self) -> Result<ScratchDevice, CreateError> {
-        match &self.placement {
-            Placement::Memory(budget) => self.create_in_memory(budget),
-            Placement::Dir { path, budget } => self.create_in_dir(path, budget),
-            Placement::Spill { path, memory, disk } => self.create_spilling(path, memory, disk),
+        self.make(true)
+    }
+
+    fn snapshot_of(&self, dev: &ScratchDevice, shares: &Budgets) -> Result<Snapshot, CreateError> {
+        let into = self.make(false)?;
+        into.claim(shares).map_err(CreateError::Share)?;
+        dev.snapshot_into(into).map_err(CreateError::Snapshot)
+    }
+
+    fn clone_of(&self, base: &Arc<Snapshot>) -> Result<ScratchDevice, CreateError> {
+        if base.size() != self.size {
+            return Err(CreateError::SnapshotSize {
+                snapshot: base.size(),
+                disk: self.size,
+            });
         }
+        self.make(false)?
+            .into_clone(base.clone())
+            .map_err(CreateError::Snapshot)
     }
 
     fn size(&self) -> u64 {
@@ -678,6 +754,7 @@ mod tests {
         let expect = Expect {
             trim_zeroes: true,
             may_fill,
+            trim_may_fill: false,
         };
         testing::check_with(&dev, ops, expect, || {
             memory.map_or(Ok(()), |budget| testing::within_budget(budget))
@@ -689,6 +766,172 @@ mod tests {
             "a budget kept a charge"
         );
         Ok(())
+    }
+
+    /// The clone suite over a [`Maker`]: snapshots and clones live where
+    /// its disks do and charge its budgets.
+    struct MakerCow {
+        maker: Maker,
+        /// Every snapshot made, to see which are still alive.
+        snapshots: Vec<std::sync::Weak<Snapshot>>,
+    }
+
+    /// Bytes in data extents of `dev`.
+    fn data_bytes(dev: &dyn BlockDevice) -> u64 {
+        let mut out = Vec::new();
+        dev.extents(0, dev.size(), &mut out).unwrap();
+        out.iter()
+            .filter(|e| e.kind == scratchd_store::ExtentKind::Data)
+            .map(|e| e.len)
+            .sum()
+    }
+
+    fn io_error(e: CreateError) -> io::Error {
+        match e {
+            CreateError::Snapshot(e) => e,
+            other => io::Error::other(other),
+        }
+    }
+
+    impl testing::Cow for MakerCow {
+        type Disk = ScratchDevice;
+        type Snap = Arc<Snapshot>;
+
+        fn snapshot(&mut self, disk: &ScratchDevice) -> io::Result<Arc<Snapshot>> {
+            let shares = Budgets::default();
+            let snap = Arc::new(self.maker.snapshot_of(disk, &shares).map_err(io_error)?);
+            self.snapshots.push(Arc::downgrade(&snap));
+            Ok(snap)
+        }
+
+        fn clone_of(&mut self, snap: &Arc<Snapshot>) -> io::Result<ScratchDevice> {
+            self.maker.clone_of(snap).map_err(io_error)
+        }
+
+        /// In RAM: the budget holds each disk's private bytes and each
+        /// live snapshot's data (to the block) once. Anywhere: no budget
+        /// is overdrawn.
+        fn check(&mut self, disks: &[ScratchDevice], _: &[Arc<Snapshot>]) -> Result<(), String> {
+            for budget in budgets(&self.maker.placement) {
+                testing::within_budget(budget)?;
+            }
+            let Placement::Memory(budget) = &self.maker.placement else {
+                return Ok(());
+            };
+            let private: u64 = disks.iter().map(ScratchDevice::allocated_bytes).sum();
+            let live = self.snapshots.iter().filter_map(std::sync::Weak::upgrade);
+            let (mut low, mut high) = (private, private);
+            for snap in live {
+                let data = data_bytes(snap.device());
+                low += data;
+                high += data.next_multiple_of(4096);
+            }
+            if !(low..=high).contains(&budget.used()) {
+                return Err(format!(
+                    "{} bytes charged, {low} to {high} held",
+                    budget.used()
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    /// Runs the clone suite over a [`Maker`] with `placement`, whose first
+    /// disk is blank; afterwards every budget must be whole again.
+    fn clone_case(
+        size: u64,
+        steps: &[testing::CloneStep],
+        placement: Placement,
+        may_fill: bool,
+    ) -> Result<(), TestCaseError> {
+        let maker = Maker {
+            quota: None,
+            size,
+            placement,
+            format: spec(FormatKind::None),
+        };
+        let first = maker.create().unwrap();
+        let mut cow = MakerCow {
+            maker,
+            snapshots: Vec::new(),
+        };
+        let expect = Expect {
+            trim_zeroes: true,
+            may_fill,
+            trim_may_fill: may_fill,
+        };
+        testing::check_clones(&mut cow, first, steps, expect)?;
+        prop_assert!(cow.snapshots.iter().all(|s| s.strong_count() == 0));
+        let budgets = budgets(&cow.maker.placement);
+        prop_assert!(
+            budgets.iter().all(|b| b.used() == 0),
+            "a budget kept a charge"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_clone_of_another_size_is_refused() {
+        let maker = |size| Maker {
+            quota: None,
+            size,
+            placement: Placement::Memory(Arc::new(Budget::new(u64::MAX))),
+            format: spec(FormatKind::None),
+        };
+        let snap = Arc::new(
+            maker(1 << 20)
+                .snapshot_of(&maker(1 << 20).create().unwrap(), &Budgets::default())
+                .unwrap(),
+        );
+        assert!(matches!(
+            maker(2 << 20).clone_of(&snap),
+            Err(CreateError::SnapshotSize { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Clones in RAM, with a budget of 0 to 64 blocks.
+        #[test]
+        fn memory_clones_behave_like_the_model(
+            (size, steps) in testing::sized_clone_steps(32 << 10, 128 << 10),
+            blocks in 0u64..=64,
+        ) {
+            let budget = Arc::new(Budget::new(blocks * 4096));
+            clone_case(size, &steps, Placement::Memory(budget), true)?;
+        }
+
+        /// Clones in unnamed files, with or without a disk budget.
+        #[test]
+        fn dir_clones_behave_like_the_model(
+            (size, steps) in testing::sized_clone_steps(32 << 10, 128 << 10),
+            blocks in prop::option::of(0u64..=64),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let placement = Placement::Dir {
+                path: dir.path().to_owned(),
+                budget: blocks.map(|b| Arc::new(Budget::new(b * 4096))),
+            };
+            clone_case(size, &steps, placement, blocks.is_some())?;
+            prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+
+        /// Clones in RAM that spill to files.
+        #[test]
+        fn spilling_clones_behave_like_the_model(
+            (size, steps) in testing::sized_clone_steps(32 << 10, 128 << 10),
+            blocks in 0u64..=64,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let placement = Placement::Spill {
+                path: dir.path().to_owned(),
+                memory: Arc::new(Budget::new(blocks * 4096)),
+                disk: None,
+            };
+            clone_case(size, &steps, placement, false)?;
+            prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
     }
 
     proptest! {

@@ -97,6 +97,7 @@ pub fn from_config(config: Config) -> Result<Registry, BuildError> {
             factory: Arc::new(make(&memory, &disk, &class.disk)?),
             linger: class.disk.linger,
             pool: class.disk.pool,
+            from: class.disk.from.clone(),
         });
     }
     let settings = Settings {
@@ -107,6 +108,7 @@ pub fn from_config(config: Config) -> Result<Registry, BuildError> {
         max_exports: config.max_exports,
         read_only: config.read_only,
         pool: config.disk.pool,
+        from: config.disk.from.clone(),
         owners: config.owners,
         per_owner: config.per_owner,
         ..Settings::new(config.disk.format.timeout)

@@ -72,7 +72,7 @@
 //! - `users`: who holds a disk, and how to end them on `ctl drop`.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -91,6 +91,7 @@ mod histogram;
 mod lifecycle;
 mod operator;
 mod owners;
+mod snapshots;
 #[cfg(test)]
 mod testing;
 mod users;
@@ -99,6 +100,7 @@ pub use classes::{Class, PoolStatus};
 pub use histogram::CREATION_BUCKETS_MS;
 pub use lifecycle::Lease;
 pub use operator::{AdminError, BudgetUse, DiskState, DiskView, Keep, RegistryStatus};
+pub use snapshots::{SnapshotError, SnapshotKey, SnapshotView, MAX_SNAPSHOTS_PER_OWNER};
 
 use classes::ClassEntry;
 use histogram::Counters;
@@ -132,6 +134,8 @@ pub struct Settings {
     pub owners: OwnerPolicy,
     /// What one owner may hold.
     pub per_owner: OwnerLimits,
+    /// The snapshot new disks of the default class start as (`from=`).
+    pub from: Option<String>,
 }
 
 impl Settings {
@@ -146,6 +150,7 @@ impl Settings {
             create_timeout: format_timeout + CREATE_WAIT_SLACK,
             read_only: false,
             pool: 0,
+            from: None,
             owners: OwnerPolicy::default(),
             per_owner: OwnerLimits::default(),
         }
@@ -209,6 +214,10 @@ pub enum OpenError {
     /// The owner's share of a budget is too small for the new disk.
     #[error(transparent)]
     Share(Arc<ClaimError>),
+    /// The snapshot a new disk was to start as is neither the owner's nor
+    /// published.
+    #[error("no snapshot {0:?}")]
+    NoSnapshot(String),
     /// Making the disk failed (budget, file system, format command).
     #[error("cannot create the scratch disk: {0}")]
     Create(#[source] Arc<CreateError>),
@@ -252,6 +261,10 @@ struct State {
     /// Lingering deadlines: (when, disk id, key). Stale ones (the disk was
     /// revived or is gone) are skipped when they come up.
     deadlines: BinaryHeap<Reverse<(Instant, u64, DiskKey)>>,
+    /// Snapshots by owner (or published) and name.
+    snapshots: HashMap<SnapshotKey, snapshots::Held>,
+    /// Names of snapshots being taken.
+    reserved: HashSet<SnapshotKey>,
     stop: bool,
 }
 
@@ -366,8 +379,24 @@ impl Registry {
     /// for a new disk, the disk cannot be made in time, or the registry is
     /// stopping.
     pub fn open(&self, name: &str, owner: Owner) -> Result<OpenDisk, OpenError> {
+        self.open_from(name, owner, None)
+    }
+
+    /// [`Registry::open`], and if the disk is made now, it starts as the
+    /// snapshot `from` (the owner's, else a published one) rather than as
+    /// its class's disks do. An existing disk is opened as it is.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Registry::open`], and when there is no such snapshot.
+    pub fn open_from(
+        &self,
+        name: &str,
+        owner: Owner,
+        from: Option<&str>,
+    ) -> Result<OpenDisk, OpenError> {
         let key = self.shared.key_for(name, owner)?;
-        self.shared.open(&key)
+        self.shared.open(&key, from)
     }
 }
 

@@ -30,6 +30,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::config::{check_env_key, Backing, Class, DiskSpec, EnvKeyError, FormatKind, FormatSpec};
+use crate::names::{NameError, NamePolicy};
 use crate::owner::{OwnerPolicy, OwnerPolicyError};
 use crate::units::{parse_duration, parse_size, DurationError, SizeError};
 
@@ -55,6 +56,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("pool", "keep N formatted disks ready (default 0)"),
     (
+        "from",
+        "new disks start as this snapshot (the owner's, else a published one): no format, copy-on-write",
+    ),
+    (
         "quota",
         "most bytes one disk may allocate (RAM and file each); past it, ENOSPC for that disk",
     ),
@@ -72,7 +77,7 @@ pub const KEYS: &[(&str, &str)] = &[
 /// besides `match`; the others come from `[tmpdisk]`, except `pool`: a
 /// class has a pool only when it asks for one.
 pub const CLASS_KEYS: &[&str] = &[
-    "size", "type", "backing", "quota", "linger", "label", "pool",
+    "size", "type", "backing", "quota", "linger", "label", "pool", "from",
 ];
 
 /// How long a format command may run unless `format-timeout=` says.
@@ -107,6 +112,8 @@ pub enum SpecError {
     Backing(String),
     #[error("pool={0:?} is not a number")]
     Pool(String),
+    #[error("from: {0}")]
+    From(#[from] NameError),
     #[error(transparent)]
     Owner(#[from] OwnerPolicyError),
     #[error(transparent)]
@@ -154,6 +161,8 @@ pub struct DiskSettings {
     pub linger: Option<Duration>,
     /// `pool=`.
     pub pool: Option<usize>,
+    /// `from=`: a snapshot's name.
+    pub from: Option<String>,
     /// `quota=`, in bytes.
     pub quota: Option<u64>,
     /// `format-timeout=`.
@@ -207,6 +216,10 @@ impl DiskSettings {
             "pool" => fill(&mut self.pool, key, || {
                 text.parse().map_err(|_| SpecError::Pool(text.to_owned()))
             }),
+            "from" => fill(&mut self.from, key, || {
+                NamePolicy::default().check(text)?;
+                Ok(text.to_owned())
+            }),
             "quota" => fill(&mut self.quota, key, || Ok(parse_size("quota", text)?)),
             "format-timeout" => fill(&mut self.format_timeout, key, || {
                 duration("format-timeout", text)
@@ -234,6 +247,7 @@ impl DiskSettings {
             backing,
             linger,
             pool,
+            from,
             quota,
             format_timeout,
             owner,
@@ -252,6 +266,7 @@ impl DiskSettings {
             backing: backing.or_else(|| base.backing.clone()),
             linger: linger.or(base.linger),
             pool: pool.or(base.pool),
+            from: from.or_else(|| base.from.clone()),
             quota: quota.or(base.quota),
             format_timeout: format_timeout.or(base.format_timeout),
             owner: owner.or(base.owner),
@@ -297,6 +312,7 @@ impl DiskSettings {
             backing: self.backing.clone().unwrap_or(Backing::Memory),
             linger: self.linger.unwrap_or(Duration::ZERO),
             pool: self.pool.unwrap_or(0),
+            from: self.from.clone(),
         })
     }
 }
@@ -574,6 +590,7 @@ counter = "/tmp/x"
                 backing: Some(Backing::MemorySpill("/var/tmp".into())),
                 linger: Some(Duration::from_secs(30)),
                 pool: Some(2),
+                from: None,
                 quota: Some(3 << 29),
                 format_timeout: Some(Duration::from_secs(120)),
                 owner: Some(OwnerPolicy::PeerGid),

@@ -480,7 +480,7 @@ mod tests {
         ) {
             let dir = tempfile::tempdir().unwrap();
             let (dev, budget) = device(dir.path(), size, blocks * 4096);
-            let expect = Expect { trim_zeroes: true, may_fill: false };
+            let expect = Expect { trim_zeroes: true, may_fill: false, trim_may_fill: false };
             testing::check_with(&dev, &ops, expect, || testing::within_budget(&budget))?;
             dev.trim(0, size, false).unwrap();
             prop_assert_eq!(budget.used(), 0);

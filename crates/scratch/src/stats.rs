@@ -75,8 +75,12 @@ pub struct StatsSnapshot {
     pub io: IoCounters,
     /// Error replies by errno name (`ENOSPC`), those that were sent only.
     pub errors: Vec<(&'static str, u64)>,
-    /// Memory or disk space the disk holds now.
+    /// Memory or disk space the disk holds now (a clone: what it wrote
+    /// privately).
     pub allocated_bytes: u64,
+    /// A clone: the bytes of the snapshot it reads through to, held once
+    /// for all its clones; 0 for other disks.
+    pub shared_bytes: u64,
     /// Time since the disk was given its name.
     pub age: Duration,
 }

@@ -287,7 +287,12 @@ impl Handshake<'_> {
                 negotiator.tls_started();
                 Ok(Then::Next)
             }
-            Step::Open { name, via } => Ok(self.open(negotiator, name, &via, out)),
+            Step::Open { name, via, from } => Ok(self.open(negotiator, name, from, &via, out)),
+            Step::Snapshots(request) => {
+                let result = self.ctx.exports.snapshots(&request, &self.peer);
+                negotiator.finish_snapshots(&request, result, out);
+                Ok(Then::Next)
+            }
         }
     }
 
@@ -296,10 +301,16 @@ impl Handshake<'_> {
         &mut self,
         negotiator: &mut Negotiator,
         name: String,
+        from: Option<String>,
         via: &OpenVia,
         out: &mut Vec<u8>,
     ) -> Then {
-        let (info, export) = match self.ctx.exports.open(&name, &self.peer) {
+        let exports = &self.ctx.exports;
+        let opened = match &from {
+            Some(from) => exports.open_from(&name, &self.peer, from),
+            None => exports.open(&name, &self.peer),
+        };
+        let (info, export) = match opened {
             Ok(e) => (Ok(e.info.clone()), Some(e)),
             Err(e) => {
                 self.refused = Some(name);

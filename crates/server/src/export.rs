@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use scratchd_proto::negotiation::{BlockSize, Catalog, ExportInfo, ExportListing, LookupError};
 use scratchd_proto::request::MAX_PAYLOAD;
+use scratchd_proto::snapshots::{SnapshotAnswer, SnapshotRequest};
 use scratchd_proto::TransmissionFlags;
 use scratchd_store::{BlockDevice, Capabilities};
 
@@ -43,6 +44,32 @@ pub trait Exports: Send + Sync {
     /// Opens `name` for transmission, creating its disk if the registry does
     /// that; the returned lease keeps it alive.
     fn open(&self, name: &str, peer: &Identity) -> Result<OpenExport, LookupError>;
+    /// Opens `name` like [`Exports::open`], but a disk made now starts as
+    /// the snapshot `from` (scratchd's `OPT_SCRATCHD_FROM`). Exports
+    /// without snapshots know none.
+    fn open_from(
+        &self,
+        name: &str,
+        peer: &Identity,
+        from: &str,
+    ) -> Result<OpenExport, LookupError> {
+        let _ = (name, peer);
+        Err(LookupError::Unknown(format!(
+            "no snapshot {from:?}: this server keeps no snapshots"
+        )))
+    }
+    /// Carries out a snapshot request for `peer`. Exports without
+    /// snapshots refuse it.
+    fn snapshots(
+        &self,
+        request: &SnapshotRequest,
+        peer: &Identity,
+    ) -> Result<SnapshotAnswer, LookupError> {
+        let _ = (request, peer);
+        Err(LookupError::Policy(
+            "this server keeps no snapshots".to_owned(),
+        ))
+    }
 }
 
 /// One connection's view of the exports: the [`Catalog`] its negotiator

@@ -590,6 +590,7 @@ mod tests {
         let expect = Expect {
             trim_zeroes: !refuse[0],
             may_fill: false,
+            trim_may_fill: false,
         };
         testing::check(&dev, ops, expect)
     }

@@ -8,6 +8,8 @@
 //! Layout:
 //! - [`memory`]: a sparse in-memory disk shared by every connection.
 //! - [`file`](mod@file): an existing regular file or block device.
+//! - [`cow`]: snapshots of a disk, and copy-on-write clones of them.
+//! - [`gate`]: lets a snapshot see every write whole or not at all.
 //! - [`sync`]: lock helpers that recover from poisoning, shared by every crate.
 //! - [`errors`]: error replies by errno, counted per device by whoever
 //!   answers its requests.
@@ -16,8 +18,10 @@
 
 use std::io;
 
+pub mod cow;
 pub mod errors;
 pub mod file;
+pub mod gate;
 pub mod memory;
 pub mod sync;
 #[cfg(any(test, feature = "testing"))]

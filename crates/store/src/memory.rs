@@ -284,7 +284,7 @@ impl MemoryDevice {
     }
 
     fn build(size: u64, budget: Option<Arc<Budget>>) -> io::Result<Self> {
-        let block_size = system_page_size().max(MIN_BLOCK_SIZE);
+        let block_size = allocation_block_size();
         let map_len = size
             .checked_next_multiple_of(block_size)
             .and_then(|len| usize::try_from(len).ok())
@@ -740,6 +740,13 @@ impl Drop for MemoryDevice {
     }
 }
 
+/// The block size of every [`MemoryDevice`]: 4 KiB, or the system page
+/// size where that is larger. Copy-on-write clones use it too, so that a
+/// clone's private blocks are its memory device's blocks.
+pub(crate) fn allocation_block_size() -> u64 {
+    system_page_size().max(MIN_BLOCK_SIZE)
+}
+
 /// The system page size, or 0 if it cannot be known.
 fn system_page_size() -> u64 {
     // SAFETY: sysconf only reads a system parameter.
@@ -803,8 +810,9 @@ impl Drop for Mapping {
     }
 }
 
-/// One bit per block, set when the block is allocated.
-struct Bitmap {
+/// One bit per block, set when the block is allocated (for a memory
+/// device) or no longer shared with a snapshot (for a clone).
+pub(crate) struct Bitmap {
     /// Null until the first allocation under the leaf; then owned by `self`.
     leaves: Box<[AtomicPtr<Leaf>]>,
 }
@@ -816,7 +824,7 @@ struct Leaf {
 }
 
 impl Bitmap {
-    fn new(blocks: u64) -> Self {
+    pub(crate) fn new(blocks: u64) -> Self {
         let leaves = blocks.div_ceil(LEAF_BLOCKS);
         Self {
             leaves: (0..leaves)
@@ -862,8 +870,18 @@ impl Bitmap {
         }
     }
 
+    /// Sets the bits of blocks `[first, end)`, whatever they were.
+    pub(crate) fn set_range(&self, first: u64, end: u64) {
+        for (leaf_index, lo, hi) in leaf_spans(first, end) {
+            let leaf = self.leaf_or_insert(leaf_index);
+            for (word_index, mask) in word_masks(lo, hi) {
+                leaf.words[word_index].fetch_or(mask, Ordering::AcqRel);
+            }
+        }
+    }
+
     /// Whether `block` is allocated.
-    fn is_set(&self, block: u64) -> bool {
+    pub(crate) fn is_set(&self, block: u64) -> bool {
         let local = block % LEAF_BLOCKS;
         self.leaf((block / LEAF_BLOCKS) as usize)
             .is_some_and(|leaf| {
@@ -889,7 +907,7 @@ impl Bitmap {
     /// The state of block `start` and the end of the run of blocks in that
     /// state, at most `end` (which must exceed `start`). Skips whole words,
     /// and whole missing leaves, at a time.
-    fn run(&self, start: u64, end: u64) -> (bool, u64) {
+    pub(crate) fn run(&self, start: u64, end: u64) -> (bool, u64) {
         let allocated = self.is_set(start);
         // XOR with this turns the blocks in the other state into set bits.
         let flip = if allocated { u64::MAX } else { 0 };
@@ -1392,7 +1410,7 @@ mod tests {
         #[test]
         fn behaves_like_the_model((size, ops) in testing::sized_ops(64 * KIB, MIB)) {
             let dev = MemoryDevice::new(size).unwrap();
-            testing::check(&dev, &ops, Expect { trim_zeroes: true, may_fill: false })?;
+            testing::check(&dev, &ops, Expect { trim_zeroes: true, may_fill: false, trim_may_fill: false })?;
             check_accounting(&dev, None)?;
         }
 
@@ -1403,7 +1421,7 @@ mod tests {
         ) {
             let budget = Arc::new(Budget::new(blocks * 4096));
             let dev = MemoryDevice::with_budget(size, budget.clone()).unwrap();
-            let expect = Expect { trim_zeroes: true, may_fill: true };
+            let expect = Expect { trim_zeroes: true, may_fill: true, trim_may_fill: false };
             testing::check_with(&dev, &ops, expect, || testing::within_budget(&budget))?;
             check_accounting(&dev, Some(&budget))?;
         }

@@ -30,7 +30,7 @@
 //!     #![proptest_config(ProptestConfig::with_cases(8))]
 //!     fn behaves_like_the_model((size, ops) in testing::sized_ops(64 << 10, 256 << 10)) {
 //!         let dev = MemoryDevice::new(size).unwrap();
-//!         testing::check(&dev, &ops, Expect { trim_zeroes: true, may_fill: false })?;
+//!         testing::check(&dev, &ops, Expect { trim_zeroes: true, may_fill: false, trim_may_fill: false })?;
 //!     }
 //! }
 //! behaves_like_the_model();
@@ -239,6 +239,10 @@ pub struct Expect {
     /// budget), leaving the device unchanged; when false, `ENOSPC` fails the
     /// test like any other error.
     pub may_fill: bool,
+    /// Trims, and zeroing that may trim, may fail with `ENOSPC` too (when
+    /// `may_fill`), leaving the device unchanged: a clone copies up a
+    /// shared block that such a request covers in part.
+    pub trim_may_fill: bool,
 }
 
 /// An invariant for [`check_with`]: `budget` holds no more than its limit.
@@ -267,55 +271,181 @@ pub fn check_with(
     expect: Expect,
     mut invariant: impl FnMut() -> Result<(), String>,
 ) -> Result<(), TestCaseError> {
-    let full = |e: &std::io::Error| expect.may_fill && e.raw_os_error() == Some(libc::ENOSPC);
     let size = dev.size();
     let mut model = vec![0u8; size as usize];
     for (step, op) in ops.iter().enumerate() {
-        match *op {
-            Op::Write { offset, len, seed } => {
-                let data = bytes(seed, len);
-                // Odd seeds go through `write_from` where the backend has it.
-                let direct = (seed % 2 == 1)
-                    .then(|| dev.write_from(offset, data.len(), &mut &data[..], false))
-                    .flatten();
-                match direct.unwrap_or_else(|| dev.write(offset, &data, false)) {
-                    Ok(()) => model[offset as usize..][..len as usize].copy_from_slice(&data),
-                    Err(e) if full(&e) => {}
-                    Err(e) => return Err(fail(step, op, e)),
-                }
-            }
-            Op::Read { offset, len } => {
-                let want = &model[offset as usize..][..len as usize];
-                compare(dev, offset, want, step, op)?;
-                let mut got = Vec::new();
-                let mut append = |b: &[u8]| {
-                    got.extend_from_slice(b);
-                    Ok(())
-                };
-                if let Some(r) = dev.read_to(offset, len as usize, &mut append) {
-                    r.map_err(|e| fail(step, op, e))?;
-                    prop_assert!(got == want, "step {step}: read_to differs after {op:?}");
-                }
-            }
-            Op::Trim { offset, len } => {
-                dev.trim(offset, len, false)
-                    .map_err(|e| fail(step, op, e))?;
-                if expect.trim_zeroes {
-                    model[offset as usize..][..len as usize].fill(0);
-                }
-            }
-            Op::Zero { offset, len, flags } => match dev.zero(offset, len, flags, false) {
-                Ok(()) => model[offset as usize..][..len as usize].fill(0),
-                Err(e) if full(&e) && !flags.may_trim => {}
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && flags.fast => {}
-                Err(e) => return Err(fail(step, op, e)),
-            },
-            Op::Extents { offset, len } => check_extents(dev, &model, offset, len, step, op)?,
-            Op::Cache { offset, len } => dev.cache(offset, len).map_err(|e| fail(step, op, e))?,
-            Op::Flush => dev.flush().map_err(|e| fail(step, op, e))?,
-        }
+        apply(dev, &mut model, op, step, expect)?;
         compare(dev, 0, &model, step, op)?;
         invariant().map_err(|e| fail(step, op, e))?;
     }
     check_extents(dev, &model, 0, size, ops.len(), &Op::Flush)
+}
+
+/// Runs `op` on `dev` and on `model`, checking what it returns (reads, extents).
+fn apply(
+    dev: &dyn BlockDevice,
+    model: &mut [u8],
+    op: &Op,
+    step: usize,
+    expect: Expect,
+) -> Result<(), TestCaseError> {
+    let full = |e: &std::io::Error| expect.may_fill && e.raw_os_error() == Some(libc::ENOSPC);
+    match *op {
+        Op::Write { offset, len, seed } => {
+            let data = bytes(seed, len);
+            // Odd seeds go through `write_from` where the backend has it.
+            let direct = (seed % 2 == 1)
+                .then(|| dev.write_from(offset, data.len(), &mut &data[..], false))
+                .flatten();
+            match direct.unwrap_or_else(|| dev.write(offset, &data, false)) {
+                Ok(()) => model[offset as usize..][..len as usize].copy_from_slice(&data),
+                Err(e) if full(&e) => {}
+                Err(e) => return Err(fail(step, op, e)),
+            }
+        }
+        Op::Read { offset, len } => {
+            let want = &model[offset as usize..][..len as usize];
+            compare(dev, offset, want, step, op)?;
+            let mut got = Vec::new();
+            let mut append = |b: &[u8]| {
+                got.extend_from_slice(b);
+                Ok(())
+            };
+            if let Some(r) = dev.read_to(offset, len as usize, &mut append) {
+                r.map_err(|e| fail(step, op, e))?;
+                prop_assert!(got == want, "step {step}: read_to differs after {op:?}");
+            }
+        }
+        Op::Trim { offset, len } => match dev.trim(offset, len, false) {
+            Ok(()) if expect.trim_zeroes => model[offset as usize..][..len as usize].fill(0),
+            Ok(()) => {}
+            // A clone copies up a shared block that a trim covers in part.
+            Err(e) if expect.trim_may_fill && full(&e) => {}
+            Err(e) => return Err(fail(step, op, e)),
+        },
+        Op::Zero { offset, len, flags } => match dev.zero(offset, len, flags, false) {
+            Ok(()) => model[offset as usize..][..len as usize].fill(0),
+            Err(e) if full(&e) && (!flags.may_trim || expect.trim_may_fill) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && flags.fast => {}
+            Err(e) => return Err(fail(step, op, e)),
+        },
+        Op::Extents { offset, len } => check_extents(dev, model, offset, len, step, op)?,
+        Op::Cache { offset, len } => dev.cache(offset, len).map_err(|e| fail(step, op, e))?,
+        Op::Flush => dev.flush().map_err(|e| fail(step, op, e))?,
+    }
+    Ok(())
+}
+
+/// One step of the clone suite ([`check_clones`]). Indices are taken
+/// modulo the number of disks or snapshots alive; a step that names none
+/// does nothing.
+#[derive(Debug, Clone)]
+pub enum CloneStep {
+    /// `op` on a disk.
+    On { disk: usize, op: Op },
+    /// A snapshot of a disk.
+    Snapshot { disk: usize },
+    /// A new disk, a clone of a snapshot.
+    Clone { snapshot: usize },
+    /// The suite lets go of a snapshot; its clones keep it alive.
+    DropSnapshot { snapshot: usize },
+    /// A disk goes (not the last one).
+    DropDisk { disk: usize },
+}
+
+fn clone_step(size: u64) -> impl Strategy<Value = CloneStep> {
+    prop_oneof![
+        12 => (any::<usize>(), op(size)).prop_map(|(disk, op)| CloneStep::On { disk, op }),
+        2 => any::<usize>().prop_map(|disk| CloneStep::Snapshot { disk }),
+        3 => any::<usize>().prop_map(|snapshot| CloneStep::Clone { snapshot }),
+        1 => any::<usize>().prop_map(|snapshot| CloneStep::DropSnapshot { snapshot }),
+        1 => any::<usize>().prop_map(|disk| CloneStep::DropDisk { disk }),
+    ]
+}
+
+/// A disk size in `[min, max]` and up to 48 clone-suite steps.
+pub fn sized_clone_steps(min: u64, max: u64) -> impl Strategy<Value = (u64, Vec<CloneStep>)> {
+    prop_oneof![
+        (min / BLOCK..=max / BLOCK).prop_map(|blocks| blocks * BLOCK),
+        min..=max,
+    ]
+    .prop_flat_map(|size| (Just(size), prop::collection::vec(clone_step(size), 1..48)))
+}
+
+/// What [`check_clones`] needs of a backing: snapshots of its disks, and
+/// clones of those, and a check of its accounting.
+pub trait Cow {
+    /// A disk: the first one, or a clone.
+    type Disk: BlockDevice;
+    /// A snapshot, as the suite holds it.
+    type Snap;
+    /// A snapshot of `disk`.
+    fn snapshot(&mut self, disk: &Self::Disk) -> std::io::Result<Self::Snap>;
+    /// A new disk that starts as `snap`.
+    fn clone_of(&mut self, snap: &Self::Snap) -> std::io::Result<Self::Disk>;
+    /// After every step, with what the suite holds: every budget exact
+    /// (an `Err` names what is wrong).
+    fn check(&mut self, disks: &[Self::Disk], snaps: &[Self::Snap]) -> Result<(), String>;
+}
+
+/// Runs `steps` on `first`, a zero-filled disk, and on the snapshots and
+/// clones they make, each beside a model; after every step every disk must
+/// read as its model and `cow.check` must pass. Taking a snapshot may fail
+/// with `ENOSPC` when `expect.may_fill`.
+pub fn check_clones<C: Cow>(
+    cow: &mut C,
+    first: C::Disk,
+    steps: &[CloneStep],
+    expect: Expect,
+) -> Result<(), TestCaseError> {
+    let size = first.size();
+    let mut disks = vec![first];
+    let mut models = vec![vec![0u8; size as usize]];
+    let mut snaps: Vec<C::Snap> = Vec::new();
+    let mut snap_models: Vec<Vec<u8>> = Vec::new();
+    let flush = Op::Flush;
+    for (step, how) in steps.iter().enumerate() {
+        let stepfail = |e: &dyn Debug| TestCaseError::fail(format!("step {step}, {how:?}: {e:?}"));
+        match *how {
+            CloneStep::On { disk, ref op } => {
+                let i = disk % disks.len();
+                apply(&disks[i], &mut models[i], op, step, expect)?;
+            }
+            CloneStep::Snapshot { disk } => {
+                let i = disk % disks.len();
+                match cow.snapshot(&disks[i]) {
+                    Ok(snap) => {
+                        snaps.push(snap);
+                        snap_models.push(models[i].clone());
+                    }
+                    Err(e) if expect.may_fill && e.raw_os_error() == Some(libc::ENOSPC) => {}
+                    Err(e) => return Err(stepfail(&e)),
+                }
+            }
+            CloneStep::Clone { snapshot } if !snaps.is_empty() => {
+                let i = snapshot % snaps.len();
+                disks.push(cow.clone_of(&snaps[i]).map_err(|e| stepfail(&e))?);
+                models.push(snap_models[i].clone());
+            }
+            CloneStep::DropSnapshot { snapshot } if !snaps.is_empty() => {
+                let i = snapshot % snaps.len();
+                snaps.remove(i);
+                snap_models.remove(i);
+            }
+            CloneStep::DropDisk { disk } if disks.len() > 1 => {
+                let i = disk % disks.len();
+                disks.remove(i);
+                models.remove(i);
+            }
+            _ => {}
+        }
+        for (disk, model) in disks.iter().zip(&models) {
+            compare(disk, 0, model, step, &flush)?;
+        }
+        cow.check(&disks, &snaps).map_err(|e| stepfail(&e))?;
+    }
+    for (disk, model) in disks.iter().zip(&models) {
+        check_extents(disk, model, 0, size, steps.len(), &flush)?;
+    }
+    Ok(())
 }

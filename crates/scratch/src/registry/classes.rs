@@ -21,6 +21,9 @@ pub struct Class {
     pub factory: Arc<dyn DiskFactory>,
     pub linger: Duration,
     pub pool: usize,
+    /// The snapshot its new disks start as (`from=`): the owner's of that
+    /// name, else a published one.
+    pub from: Option<String>,
 }
 
 /// A class with what its disks can do, probed once, and its pool.
@@ -75,6 +78,14 @@ impl Shared {
         self.classes
             .iter()
             .position(|c| glob_match(&c.class.pattern, name))
+    }
+
+    /// The snapshot new disks of `class` start as, if it names one.
+    pub(super) fn base_of(&self, class: Option<usize>) -> Option<&str> {
+        match class {
+            Some(i) => self.classes[i].class.from.as_deref(),
+            None => self.settings.from.as_deref(),
+        }
     }
 
     /// The pool of a class, if it has one.
@@ -155,6 +166,7 @@ mod tests {
             factory: Arc::new(Sized(size)),
             linger: Duration::from_secs(linger),
             pool: 0,
+            from: None,
         };
         let classes = vec![
             class("big-*", 4 << 20, 60),
@@ -204,6 +216,7 @@ mod tests {
             factory: big.clone(),
             linger: Duration::ZERO,
             pool: 2,
+            from: None,
         };
         let settings = Settings {
             pool: 1,

@@ -115,7 +115,11 @@ impl Drop for Lease {
 impl Shared {
     /// Opens `key`'s disk: attaches to it if it is live or lingering,
     /// waits for it if it is being created, creates it otherwise.
-    pub(super) fn open(self: &Arc<Self>, key: &DiskKey) -> Result<OpenDisk, OpenError> {
+    pub(super) fn open(
+        self: &Arc<Self>,
+        key: &DiskKey,
+        from: Option<&str>,
+    ) -> Result<OpenDisk, OpenError> {
         let deadline = Instant::now() + self.settings.create_timeout;
         loop {
             let mut state = self.lock();
@@ -146,7 +150,7 @@ impl Shared {
                     let shares = state.add(key.clone(), Entry::Creating(pending.clone()), self);
                     drop(state);
                     drop(evicted);
-                    return self.create(key, &pending, &shares);
+                    return self.create(key, &pending, &shares, from);
                 }
             };
             drop(state);
@@ -162,10 +166,11 @@ impl Shared {
         key: &DiskKey,
         pending: &Pending,
         shares: &Budgets,
+        from: Option<&str>,
     ) -> Result<OpenDisk, OpenError> {
         let start = Instant::now();
         let class = self.class_of(&key.name);
-        let result = self.make(key, class, shares).map(|(device, from_pool)| {
+        let result = self.make(key, class, shares, from).map(|(device, from_pool)| {
             let took = start.elapsed();
             self.counters.created(took);
             info!(target: LOG, export = %key.name, owner = %key.owner, class = self.class_name(class), from_pool, ms = took.as_secs_f64() * 1e3, "scratch disk created");
@@ -194,7 +199,14 @@ impl Shared {
         key: &DiskKey,
         class: Option<usize>,
         shares: &Budgets,
+        from: Option<&str>,
     ) -> Result<(ScratchDevice, bool), OpenError> {
+        let from = from.or_else(|| self.base_of(class));
+        if let Some(from) = from {
+            let device = self.make_clone(key, class, from)?;
+            self.claim(key, &device, shares)?;
+            return Ok((device, false));
+        }
         // Each class's pool holds disks made by that class's factory.
         let pooled = self.pool_of(class).and_then(Pool::take);
         let from_pool = pooled.is_some();
@@ -205,11 +217,37 @@ impl Shared {
                 OpenError::Create(Arc::new(why))
             })?,
         };
+        self.claim(key, &device, shares)?;
+        Ok((device, from_pool))
+    }
+
+    /// A new disk for `key` of `class` that starts as the snapshot `from`.
+    fn make_clone(
+        &self,
+        key: &DiskKey,
+        class: Option<usize>,
+        from: &str,
+    ) -> Result<ScratchDevice, OpenError> {
+        let base = self
+            .find_snapshot(key.owner, from)
+            .map_err(|_| OpenError::NoSnapshot(from.to_owned()))?;
+        self.factory_of(class).clone_of(&base).map_err(|why| {
+            warn!(target: LOG, export = %key.name, owner = %key.owner, snapshot = %from, "cannot clone a snapshot: {why}");
+            OpenError::Create(Arc::new(why))
+        })
+    }
+
+    /// Moves a new disk's charges under its owner's `shares`.
+    fn claim(
+        &self,
+        key: &DiskKey,
+        device: &ScratchDevice,
+        shares: &Budgets,
+    ) -> Result<(), OpenError> {
         device.claim(shares).map_err(|why| {
             info!(target: LOG, export = %key.name, owner = %key.owner, "new disk refused: {why}");
             OpenError::Share(Arc::new(why))
-        })?;
-        Ok((device, from_pool))
+        })
     }
 
     /// Gives a new device its name.

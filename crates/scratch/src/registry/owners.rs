@@ -13,24 +13,52 @@ use crate::owner::Owner;
 pub(super) struct OwnerState {
     /// Its entries (being created, live or lingering).
     disks: usize,
-    /// Its shares of the server's budgets, which its disks charge.
-    shares: Budgets,
+    /// Its snapshots (being taken or held under a name).
+    pub(super) snapshots: usize,
+    /// Its shares of the server's budgets, which its disks and snapshots
+    /// charge.
+    pub(super) shares: Budgets,
 }
 
 impl State {
-    /// Adds the entry of a new disk for `key`, counting it for its owner
-    /// (whose shares are made on its first disk); the owner's shares.
-    pub(super) fn add(&mut self, key: DiskKey, entry: Entry, shared: &Shared) -> Budgets {
-        let owner = self
-            .owners
-            .entry(key.owner.holder())
+    /// `owner`'s holdings, made (with its shares) if it has none yet.
+    pub(super) fn owner_state(&mut self, owner: &Owner, shared: &Shared) -> &mut OwnerState {
+        self.owners
+            .entry(owner.holder())
             .or_insert_with(|| OwnerState {
                 disks: 0,
+                snapshots: 0,
                 shares: shared.budgets.shares(
                     shared.settings.per_owner.memory,
                     shared.settings.per_owner.disk,
                 ),
-            });
+            })
+    }
+
+    /// Forgets `owner` if it holds neither disks nor snapshots.
+    pub(super) fn forget_if_idle(&mut self, owner: &Owner) {
+        let holder = owner.holder();
+        if self
+            .owners
+            .get(&holder)
+            .is_some_and(|o| o.disks == 0 && o.snapshots == 0)
+        {
+            self.owners.remove(&holder);
+        }
+    }
+
+    /// One of `owner`'s snapshots is gone (or was never made).
+    pub(super) fn release_snapshot(&mut self, owner: &Owner) {
+        if let Some(held) = self.owners.get_mut(&owner.holder()) {
+            held.snapshots = held.snapshots.saturating_sub(1);
+        }
+        self.forget_if_idle(owner);
+    }
+
+    /// Adds the entry of a new disk for `key`, counting it for its owner
+    /// (whose shares are made on its first disk); the owner's shares.
+    pub(super) fn add(&mut self, key: DiskKey, entry: Entry, shared: &Shared) -> Budgets {
+        let owner = self.owner_state(&key.owner, shared);
         owner.disks += 1;
         let shares = owner.shares.clone();
         self.entries.insert(key, entry);
@@ -44,10 +72,8 @@ impl State {
         let holder = key.owner.holder();
         if let Some(owner) = self.owners.get_mut(&holder) {
             owner.disks -= 1;
-            if owner.disks == 0 {
-                self.owners.remove(&holder);
-            }
         }
+        self.forget_if_idle(&key.owner);
         Some(entry)
     }
 
