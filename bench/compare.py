@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # Vendored from the project's shared benchmark helpers (shared/bench/compare.py);
-# extended here with TCP servers ({port}) and client URI templates (--uri), for TLS.
+# extended here with TCP servers ({port}), client URI templates (--uri), for TLS, and more
+# candidates than one (--also).
 """Compare two NBD servers on the same fio workloads, alternating A B B A ... in one run.
 
     compare.py --a 'nbdkit -f -U {sock} memory 4G' \
@@ -15,7 +16,15 @@ path, {port} by a free TCP port of 127.0.0.1), waits for the socket (or for the 
 when the template has {port}), connects fio to --uri (same placeholders; default: the socket), runs every
 workload with fio's nbd engine, records throughput and the server's CPU time per operation (user+sys
 of the whole process), then stops the server with SIGTERM. It prints medians per workload and the
-ratio B/A for IOPS and for CPU per op. Alternating servers in one run keeps the comparison fair on a
+ratio B/A for IOPS and for CPU per op.
+
+    compare.py --qd 1 --a 'nbdkit ...' --b 'scratchd serve ... memory ...' \
+               --also 'tmpdisk=scratchd serve -U {sock} tmpdisk size=4G type=none' \
+               --also-uri 'tmpdisk=nbd+unix:///build-1?socket={sock}'
+
+--also adds more candidates (LABEL=TEMPLATE, repeatable), measured in the same rotation; a
+second table then gives every server's figures and ratios to A. The load average is printed
+with the figures. Alternating servers in one run keeps the comparison fair on a
 noisy machine; quote the ratios, not the absolute figures.
 """
 import argparse
@@ -134,15 +143,27 @@ def main():
     p.add_argument("--uri", help="the URI fio connects to ({sock}, {port}); default: the socket")
     p.add_argument("--uri-b", help="B's URI when it differs from A's (e.g. plain against TLS)")
     p.add_argument("--workloads", default=DEFAULT_WORKLOADS)
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=TEMPLATE",
+                   help="another candidate server (repeatable)")
+    p.add_argument("--also-uri", action="append", default=[], metavar="LABEL=URI",
+                   help="the URI for an --also server when it differs from --uri")
     args = p.parse_args()
     workloads = args.workloads.split()
-    runs = {"A": {w: [] for w in workloads}, "B": {w: [] for w in workloads}}
+    also_uri = dict(u.split("=", 1) for u in args.also_uri)
+    servers = [("A", args.a, args.uri), ("B", args.b, args.uri_b or args.uri)]
+    for a in args.also:
+        label, tmpl = a.split("=", 1)
+        servers.append((label, tmpl, also_uri.get(label, args.uri)))
+    runs = {name: {w: [] for w in workloads} for name, _, _ in servers}
+    loads = [load()]
     for r in range(args.rounds):
-        order = (("A", args.a, args.uri), ("B", args.b, args.uri_b or args.uri))
-        for name, tmpl, uri in (order if r % 2 == 0 else order[::-1]):  # ABBA: no server always goes first
+        # ABBA (ABC CBA ...): no server always goes first
+        for name, tmpl, uri in (servers if r % 2 == 0 else servers[::-1]):
             for w, v in measure(tmpl, uri, workloads, args).items():
                 runs[name][w].append(v)
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        loads.append(load())
+        print(f"round {r + 1}/{args.rounds} done, load {loads[-1]}", file=sys.stderr)
+    print(f"load average (1 min) before and after each round: {' '.join(loads)}")
     print(f"A = {args.a}\nB = {args.b}\nmedians of {args.rounds} rounds, qd={args.qd} jobs={args.jobs}")
     print(f"{'workload':<14}{'A IOPS':>10}{'B IOPS':>10}{'B/A':>7}{'A us/op':>10}{'B us/op':>10}{'B/A':>7}"
           f"{'A MB/s':>9}{'B MB/s':>9}")
@@ -151,6 +172,26 @@ def main():
         b = [statistics.median(x) for x in zip(*runs["B"][w])]
         print(f"{w:<14}{a[0]:>10.0f}{b[0]:>10.0f}{b[0] / a[0]:>7.2f}{a[2]:>10.2f}{b[2]:>10.2f}"
               f"{b[2] / a[2]:>7.2f}{a[1]:>9.0f}{b[1]:>9.0f}")
+    if len(servers) > 2:
+        print_all(servers, runs, workloads)
+
+
+def load():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+def print_all(servers, runs, workloads):
+    """Every server's medians, with ratios to A's."""
+    print()
+    for name, tmpl, _ in servers:
+        print(f"{name} = {tmpl}")
+    print(f"{'workload':<14}{'server':<12}{'IOPS':>10}{'x A':>7}{'us/op':>9}{'x A':>7}{'MB/s':>9}")
+    for w in workloads:
+        a = [statistics.median(x) for x in zip(*runs["A"][w])]
+        for name, _, _ in servers:
+            m = [statistics.median(x) for x in zip(*runs[name][w])]
+            print(f"{w:<14}{name:<12}{m[0]:>10.0f}{m[0] / a[0]:>7.2f}{m[2]:>9.2f}{m[2] / a[2]:>7.2f}{m[1]:>9.0f}")
 
 
 if __name__ == "__main__":

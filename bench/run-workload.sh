@@ -58,6 +58,14 @@
 # extract and rm at most 0.75x nbdkit, attach < 100 ms). `total` = the sum of
 # the disk phases of one round. New kernel messages that look like trouble are shown at the end.
 #
+# DELAY_US=N puts bench/delay-proxy between the NBD clients and servers (nbdkit,
+# run-server, run-server-sync, run-tcp): the clients connect over TCP to the proxy, which adds
+# N/2 microseconds each way (N of round trip) and forwards to the server's
+# socket. DELAY_US=0 goes through the proxy without delay (the baseline for
+# the others: the proxy costs some latency of its own). bench/delay-workload.sh
+# runs this over several delays. DELAY_PROXY: the proxy's binary (default:
+# built with `cargo build --release --locked -p delay-proxy`).
+#
 # Other knobs: SCRATCHD (binary; default: target/release/scratchd, built with
 # `cargo build --release --locked` first), TAR (default
 # /var/tmp/linux-source-6.1.tar), SRC_DIR (where hello_*.orig.tar.gz is kept,
@@ -224,10 +232,20 @@ if has_cfg run-local || has_cfg run-server || has_cfg run-server-sync || has_cfg
     command -v cargo >/dev/null || die "cargo is needed to build scratchd (or set SCRATCHD=/path/to/scratchd)"
     echo "cargo build --release --locked" >&2
     cargo build --release --locked -q || die "cargo build failed"
-    SCRATCHD=$PWD/target/release/scratchd
+    SCRATCHD=${CARGO_TARGET_DIR:-$PWD/target}/release/scratchd
   fi
   [ -x "$SCRATCHD" ] || die "no scratchd binary at $SCRATCHD"
   "$SCRATCHD" run --help >/dev/null 2>&1 || die "$SCRATCHD has no 'run' command"
+fi
+
+DELAY_US=${DELAY_US:-}
+if [ -n "$DELAY_US" ]; then
+  [[ $DELAY_US =~ ^[0-9]+$ ]] || die "DELAY_US must be a whole number of microseconds, not '$DELAY_US'"
+  if [ -z "${DELAY_PROXY:-}" ]; then
+    cargo build --release --locked -q -p delay-proxy || die "cargo build -p delay-proxy failed"
+    DELAY_PROXY=${CARGO_TARGET_DIR:-$PWD/target}/release/delay-proxy
+  fi
+  [ -x "$DELAY_PROXY" ] || die "no delay-proxy binary at $DELAY_PROXY"
 fi
 
 # --- inputs (untimed, once) ----------------------------------------------------
@@ -310,9 +328,12 @@ work=$(mktemp -d /var/tmp/run-workload.XXXXXX)
 shm=$(mktemp -d /dev/shm/run-workload.XXXXXX)
 mnt=$work/mnt fusedir=$work/fuse logdir=$work/logs
 mkdir -p "$mnt" "$fusedir" "$logdir"
-server_pid="" fuse_pid="" loopdev="" mounted="" fuse_mounted="" child_pid=""
+server_pid="" proxy_pid="" fuse_pid="" loopdev="" mounted="" fuse_mounted="" child_pid=""
 # run-tcp's port: one free now (the kernel's choice)
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+# with DELAY_US: the delay proxy's port, which the NBD clients connect to
+proxy_port=$(free_port)
 dmesg_start=$(dmesg 2>/dev/null | wc -l || echo 0)
 
 stop_pid() { # pid [seconds [group]]: stop a process we started (with 'group': its
@@ -349,7 +370,29 @@ teardown() { # everything one measurement set up, in reverse order; never fails
   rm -f "$shm/ext4.img"
   rm -rf "$work/local"
 }
-stop_server() { stop_pid "$server_pid"; server_pid=""; rm -f "$work/sock"; }
+stop_server() {
+  stop_pid "$proxy_pid"; proxy_pid=""
+  stop_pid "$server_pid"; server_pid=""; rm -f "$work/sock"
+}
+start_proxy() { # target (HOST:PORT or unix:PATH): the delay proxy in front of the server
+  [ -n "$DELAY_US" ] || return 0
+  setsid "$DELAY_PROXY" "127.0.0.1:$proxy_port" "$1" $((DELAY_US / 2)) >"$logdir/delay-proxy.log" 2>&1 &
+  proxy_pid=$!
+  for _ in $(seq 400); do
+    (: <"/dev/tcp/127.0.0.1/$proxy_port") 2>/dev/null && return 0
+    kill -0 "$proxy_pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  die "delay-proxy did not start"
+}
+# the URI an NBD client uses for the server on $work/sock (or, run-tcp, $port)
+client_uri() { # config
+  if [ -n "$DELAY_US" ]; then echo "nbd://127.0.0.1:$proxy_port"; return; fi
+  case $1 in
+    run-tcp) echo "nbd://127.0.0.1:$port" ;;
+    *) echo "nbd+unix:///?socket=$work/sock" ;;
+  esac
+}
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM HUP
@@ -414,7 +457,7 @@ local_up() {
 # nbdkit: nbdfuse DIR/disk URI, loop (buffered), mount
 nbdkit_up() {
   rm -f "$work/nbdfuse.pid"
-  setsid nbdfuse -P "$work/nbdfuse.pid" "$fusedir/disk" "nbd+unix:///?socket=$work/sock" >>"$logdir/nbdfuse.log" 2>&1 &
+  setsid nbdfuse -P "$work/nbdfuse.pid" "$fusedir/disk" "$(client_uri nbdkit)" >>"$logdir/nbdfuse.log" 2>&1 &
   fuse_pid=$! fuse_mounted=1
   for _ in $(seq 400); do
     [ -s "$work/nbdfuse.pid" ] && break
@@ -440,9 +483,8 @@ down() { # unmount, detach and stop what *_up made (timed in attach)
 run_args() { # config -> run_cmd: the scratchd run command line, up to '--'
   case $1 in
     run-local) run_cmd=("$SCRATCHD" run --size "$SIZE") ;;
-    run-server) run_cmd=("$SCRATCHD" run --server "nbd+unix:///?socket=$work/sock") ;;
-    run-server-sync) run_cmd=("$SCRATCHD" run --write-behind off --server "nbd+unix:///?socket=$work/sock") ;;
-    run-tcp) run_cmd=("$SCRATCHD" run --server "nbd://127.0.0.1:$port") ;;
+    run-server | run-tcp) run_cmd=("$SCRATCHD" run --server "$(client_uri "$1")") ;;
+    run-server-sync) run_cmd=("$SCRATCHD" run --write-behind off --server "$(client_uri "$1")") ;;
   esac
 }
 
@@ -507,6 +549,7 @@ has_cfg nbdkit && echo "# nbdkit $(nbdkit --version | awk '{print $2}'), $(nbdfu
 [ -n "${SCRATCHD:-}" ] && echo "# scratchd: $SCRATCHD ($(git -C "$PWD" describe --always --dirty 2>/dev/null || echo '?'))"
 has_phase extract && echo "# tree: $TAR ($(du -h "$TAR" | cut -f1))"
 has_phase rpm && echo "# rpm: $hello, rpmbuild $(rpmbuild --version | awk '{print $NF}')"
+[ -n "$DELAY_US" ] && echo "# delay-proxy: $DELAY_US us of round trip added ($((DELAY_US / 2)) us each way) for nbdkit, run-server, run-tcp"
 echo "# rounds=$ROUNDS configs=\"${cfgs[*]}\" phases=\"${phases[*]}\" attach tries=$ATTACH_TRIES"
 printf 'result\tround\tconfig\tphase\tseconds\n'
 for r in $(seq "$ROUNDS"); do
@@ -518,6 +561,10 @@ for r in $(seq "$ROUNDS"); do
       nbdkit) start_server nbdkit env TMPDIR="$shm" nbdkit -f -U "$work/sock" tmpdisk size="$SIZE" ;;
       run-server | run-server-sync) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
       run-tcp) start_server scratchd-serve-tcp "$SCRATCHD" serve -i 127.0.0.1 -p "$port" tmpdisk size="$SIZE" pool=1 ;;
+    esac
+    case $c in
+      nbdkit | run-server | run-server-sync) start_proxy "unix:$work/sock" ;;
+      run-tcp) start_proxy "127.0.0.1:$port" ;;
     esac
     sync
     if [ -n "$want_attach" ]; then measure_attach "$r" "$c"; fi

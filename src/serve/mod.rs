@@ -117,7 +117,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_connections_per_peer: Option<usize>,
     /// Worker threads for backends that may block (file; tmpdisk with
-    /// dir: or spill=; default 16).
+    /// dir: or spill=; default 16). A connection with one small request
+    /// and nothing else in flight runs it on its own thread instead; at
+    /// most this many do so at once.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// TLS: off (STARTTLS refused; the default), on (offered), require

@@ -56,6 +56,10 @@ const KEEP_BUFFER: usize = 2 * 1024 * 1024;
 /// Reply bytes a pooled request is expected to need besides READ data
 /// (headers; BLOCK_STATUS descriptors are counted once the reply exists).
 const REPLY_OVERHEAD: usize = 64;
+/// Largest request (payload or READ length) of a backend that may block
+/// that the connection's thread runs itself when it has nothing else to do
+/// (see `Transmission::may_run_here`): the size of a gathered batch.
+const RUN_HERE_MAX: usize = crate::replies::FLUSH_AT;
 
 /// Serves one client from greeting to close. Errors are logged, not returned:
 /// one client's misbehaviour never concerns anyone else.
@@ -363,6 +367,8 @@ struct Transmission<'a> {
     /// Requests run on this thread (backends that never block), not on the
     /// worker pool.
     inline: bool,
+    /// FLUSH and FUA wait for storage (see [`Self::may_run_here`]).
+    durable: bool,
     /// Where error replies are counted; requests on the worker pool take
     /// a handle.
     errors: &'a Arc<ErrorSink>,
@@ -409,6 +415,7 @@ impl<'a> Transmission<'a> {
             replies,
             session,
             inline: !device.capabilities().may_block,
+            durable: device.capabilities().durable_flush,
             device,
             export,
             errors,
@@ -521,13 +528,53 @@ impl<'a> Transmission<'a> {
 
     fn dispatch(&mut self, req: Request) -> Result<(), ConnectionError> {
         if self.inline {
-            self.execute_inline(req)
-        } else {
-            self.submit(req)
+            return self.execute_inline(req);
         }
+        if self.may_run_here(&req) {
+            if let Some(_slot) = self.ctx.workers.here() {
+                return self.execute_inline(req);
+            }
+        }
+        self.submit(req)
     }
 
-    /// Runs a request on this thread; its reply joins the gathered ones.
+    /// Whether a request for a backend that may block runs on this thread
+    /// rather than a worker: the hand-off to a worker and back costs two
+    /// thread wake-ups, most of a round trip when the client waits for each
+    /// reply (queue depth 1, an fsync in a build). Only when nothing can be
+    /// held up by it: no further request is already here, nothing of this
+    /// connection is running or waiting to be sent (so the reply, sent
+    /// without waiting, overtakes nothing), it is small, and it does not
+    /// wait for durable storage (a real FLUSH or FUA takes far longer than
+    /// the hand-off, and requests arriving meanwhile should not wait for it).
+    fn may_run_here(&self, req: &Request) -> bool {
+        // What the storage call touches: a TRIM or zeroing of gigabytes
+        // has no payload but may take long on a file.
+        let size = match req.cmd {
+            Command::Read { len, .. } => u64::from(len),
+            Command::Trim { len, .. }
+            | Command::WriteZeroes { len, .. }
+            | Command::Cache { len, .. } => len,
+            _ => req.payload_len as u64,
+        };
+        let small = size <= RUN_HERE_MAX as u64;
+        let waits_for_disk = self.durable
+            && match req.cmd {
+                Command::Flush => true,
+                Command::Write { fua, .. }
+                | Command::Trim { fua, .. }
+                | Command::WriteZeroes { fua, .. } => fua,
+                _ => false,
+            };
+        small
+            && !waits_for_disk
+            && self.input.buffered().len() <= req.payload_len
+            && self.replies.is_idle()
+    }
+
+    /// Runs a request on this thread; its reply joins the gathered ones
+    /// (sent before the thread next waits for the client; on a pooled
+    /// connection, without waiting for it).
     fn execute_inline(&mut self, req: Request) -> Result<(), ConnectionError> {
         let Request {
             cmd,
@@ -733,6 +780,78 @@ mod tests {
         peer.send(&request(CMD_READ, 0, 2, 0, data.len() as u32, &[]));
         assert_eq!(peer.reply(), ok(2));
         assert_eq!(peer.read_exact(data.len()), data);
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn a_lone_request_of_a_blocking_backend_runs_on_the_connection_thread() {
+        let device = Arc::new(TestDevice::new(true));
+        let ctx = Setup::single(device.clone()).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        for cookie in 1..4 {
+            peer.send(&request(CMD_WRITE, 0, cookie, 0, 512, &[7; 512]));
+            assert_eq!(peer.reply(), ok(cookie));
+            assert!(!device.gate().last_on_worker(), "request {cookie}");
+        }
+        peer.send(&request(CMD_READ, 0, 4, 0, 512, &[]));
+        assert_eq!(peer.reply(), ok(4));
+        assert_eq!(peer.read_exact(512), [7; 512]);
+        assert!(!device.gate().last_on_worker());
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn long_or_durable_requests_go_to_the_pool_even_alone() {
+        let mut device = TestDevice::new(true);
+        device.durable = true;
+        let device = Arc::new(device);
+        let ctx = Setup::single(device.clone()).context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        let on_worker = |peer: &mut Peer, req: Vec<u8>, cookie: u64| {
+            peer.send(&req);
+            assert_eq!(peer.reply(), ok(cookie));
+            device.gate().last_on_worker()
+        };
+        let zero_all = request(CMD_WRITE_ZEROES, 0, 1, 0, DISK as u32, &[]);
+        assert!(on_worker(&mut peer, zero_all, 1), "a long zeroing");
+        let trim_all = request(CMD_TRIM, 0, 2, 0, DISK as u32, &[]);
+        assert!(on_worker(&mut peer, trim_all, 2), "a long trim");
+        let flush = request(CMD_FLUSH, 0, 3, 0, 0, &[]);
+        assert!(on_worker(&mut peer, flush, 3), "a durable flush");
+        let fua = request(CMD_WRITE, CMD_FLAG_FUA, 4, 0, 512, &[1; 512]);
+        assert!(on_worker(&mut peer, fua, 4), "a durable FUA write");
+        let plain = request(CMD_WRITE, 0, 5, 0, 512, &[1; 512]);
+        assert!(!on_worker(&mut peer, plain, 5), "a small plain write");
+        disconnect(peer, served);
+    }
+
+    #[test]
+    fn requests_go_to_the_pool_while_another_is_running() {
+        let device = Arc::new(TestDevice::new(true));
+        let ctx = Setup {
+            workers: 4,
+            ..Setup::single(device.clone())
+        }
+        .context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        device.gate().close();
+        // Two at once: the first sees the second waiting, so both go to
+        // workers; then one alone, while they still run: it must not hold
+        // the connection's thread either, or the fourth is never read.
+        let mut burst = request(CMD_FLUSH, 0, 1, 0, 0, &[]);
+        burst.extend(request(CMD_FLUSH, 0, 2, 0, 0, &[]));
+        peer.send(&burst);
+        eventually("two running", || device.gate().inside() == 2);
+        peer.send(&request(CMD_FLUSH, 0, 3, 0, 0, &[]));
+        eventually("three running", || device.gate().inside() == 3);
+        peer.send(&request(CMD_FLUSH, 0, 4, 0, 0, &[]));
+        eventually("four running", || device.gate().inside() == 4);
+        device.gate().open();
+        let answered: BTreeSet<u64> = (1..5).map(|_| peer.reply().cookie).collect();
+        assert_eq!(answered, (1..5).collect());
         disconnect(peer, served);
     }
 

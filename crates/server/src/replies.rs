@@ -17,11 +17,16 @@
 //!   is queued) waits for the client and sends the queue. When the queue and
 //!   the running requests fill the connection's budget, [`ReplyQueue::admit`]
 //!   waits: that connection stops reading requests, and nobody else notices.
+//!   A lone request (nothing running, nothing queued) may run on the
+//!   connection's own thread instead; its reply leaves the same way, sent
+//!   without waiting and queued behind nothing, so whatever the client does
+//!   next goes through admission again.
 //!
 //! Either way, a client that reads none of its replies for the stall timeout
 //! (`--reply-timeout`) while some are waiting is cut off, and what it had
 //! queued is dropped.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -119,22 +124,31 @@ impl State {
     }
 
     /// Sends `reply` now as far as the socket takes it, after anything
-    /// already queued; queues the rest.
-    fn send_or_queue(&mut self, mut reply: Vec<u8>) -> io::Result<()> {
+    /// already queued; queues the rest. A borrowed reply that leaves whole
+    /// (the usual case) costs no allocation.
+    fn send_or_queue(&mut self, reply: Cow<'_, [u8]>) -> io::Result<()> {
+        let mut sent = 0;
         if self.queue.is_empty() {
             match self.writer.try_write(&reply) {
                 Ok(n) if n == reply.len() => return Ok(()),
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.progress = Instant::now();
-                    reply.drain(..n);
+                    sent = n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.progress = Instant::now(),
                 Err(e) => return Err(e),
             }
         }
-        self.queued_bytes += reply.len();
-        self.queue.push_back(reply);
+        let rest = match reply {
+            Cow::Owned(mut v) => {
+                v.drain(..sent);
+                v
+            }
+            Cow::Borrowed(b) => b[sent..].to_vec(),
+        };
+        self.queued_bytes += rest.len();
+        self.queue.push_back(rest);
         Ok(())
     }
 
@@ -185,8 +199,11 @@ impl ReplyQueue {
             return Ok(());
         }
         if self.pooled {
-            let batch = std::mem::take(&mut self.batch);
-            return self.shared.post(batch, None);
+            // Sent from the batch itself: the buffer is kept for the next
+            // replies, and only what the socket cannot take now is copied.
+            let r = self.shared.post(Cow::Borrowed(&self.batch), None);
+            self.batch.clear();
+            return r;
         }
         let r = self.writer().write_all(&self.batch);
         self.batch.clear();
@@ -238,6 +255,15 @@ impl ReplyQueue {
         })
     }
 
+    /// Whether nothing of this pooled connection is running on a worker or
+    /// waiting to be sent (and the client is still there): a request run
+    /// now on the connection's thread has its reply sent at once, with no
+    /// other reply to overtake or to wait for.
+    pub fn is_idle(&self) -> bool {
+        let st = sync::lock(&self.shared.state);
+        st.running == 0 && !st.backlog() && !st.closed
+    }
+
     /// Waits until every admitted request has posted its reply and every
     /// reply has been sent (or dropped, if the client is gone or stalled).
     pub fn wait_idle(&self) {
@@ -275,7 +301,7 @@ impl Shared {
     /// the reservation of the request it answers, freed in the same step
     /// (so that [`ReplyQueue::wait_idle`] never sees a request neither running
     /// nor replied).
-    fn post(self: &Arc<Self>, reply: Vec<u8>, reserved: Option<usize>) -> io::Result<()> {
+    fn post(self: &Arc<Self>, reply: Cow<'_, [u8]>, reserved: Option<usize>) -> io::Result<()> {
         let mut st = sync::lock(&self.state);
         if let Some(bytes) = reserved {
             st.running -= 1;
@@ -370,7 +396,7 @@ impl Ticket {
     /// send error means the client is gone; its connection's thread notices.
     pub fn post(mut self, reply: Vec<u8>) {
         self.posted = true;
-        let _ = self.shared.post(reply, Some(self.bytes));
+        let _ = self.shared.post(Cow::Owned(reply), Some(self.bytes));
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -35,6 +35,8 @@ pub struct TestDevice {
     pub fail_writes: Option<i32>,
     /// Reads fail with this OS error.
     pub fail_reads: Option<i32>,
+    /// Poses as durable storage (`durable_flush`: FLUSH and FUA matter).
+    pub durable: bool,
     gate: Gate,
 }
 
@@ -45,6 +47,7 @@ pub struct Gate {
     changed: Condvar,
     inside: AtomicUsize,
     most_inside: AtomicUsize,
+    on_worker: AtomicBool,
 }
 
 impl Gate {
@@ -67,7 +70,16 @@ impl Gate {
         self.most_inside.load(Ordering::SeqCst)
     }
 
+    /// Whether the last call that passed ran on a worker of the pool.
+    pub fn last_on_worker(&self) -> bool {
+        self.on_worker.load(Ordering::SeqCst)
+    }
+
     fn pass<T>(&self, call: impl FnOnce() -> T) -> T {
+        let worker = thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("worker-"));
+        self.on_worker.store(worker, Ordering::SeqCst);
         let now = self.inside.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_inside.fetch_max(now, Ordering::SeqCst);
         let mut closed = self.closed.lock().unwrap();
@@ -88,6 +100,7 @@ impl TestDevice {
             may_block,
             fail_writes: None,
             fail_reads: None,
+            durable: false,
             gate: Gate::default(),
         }
     }
@@ -105,6 +118,7 @@ impl BlockDevice for TestDevice {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             may_block: self.may_block,
+            durable_flush: self.durable,
             ..self.inner.capabilities()
         }
     }
