@@ -243,3 +243,56 @@ while True:
         break
 print(" ".join(words))
 "#;
+
+/// With `backing=dir:` a snapshot and a clone of it live in the directory
+/// without names, as disks do: nothing is left there after a SIGKILL of
+/// the server.
+#[test]
+fn snapshots_and_clones_in_files_leave_nothing_after_sigkill() {
+    let backing = tempfile::tempdir().unwrap();
+    let dir = backing.path().canonicalize().unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("scratchd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "backend = \"tmpdisk\"\n[tmpdisk]\nsize = \"64M\"\ntype = \"none\"\n\
+             linger = \"60s\"\nbacking = \"dir:{}\"\n\n\
+             [[class]]\nmatch = \"build-*\"\nfrom = \"base\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let uri = server.uri();
+    let libnbd = |name: &str, script: &str| {
+        let out = crate::util::libnbd(&server.uri_for(name), script, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    libnbd("root", "h = connect()\nh.pwrite(b'r' * 65536, 0)\n");
+    let (code, _, err) = scratchd(&["snapshot", "take", &uri, "--name", "root", "base"]);
+    assert_eq!(code, 0, "{err}");
+    // A clone (its class starts it as the snapshot), written privately,
+    // lingering beside the snapshot and the root.
+    libnbd(
+        "build-1",
+        "h = connect()\neq(h.pread(4, 0), b'rrrr', 'the snapshot data')\nh.pwrite(b'c' * 4096, 0)\n",
+    );
+    let open_in_dir = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|target| target.starts_with(&dir))
+        .count();
+    assert!(
+        open_in_dir >= 3,
+        "root, snapshot and clone files open in the directory: {open_in_dir}"
+    );
+    let named = || std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(named(), 0, "while live");
+    drop(server); // SIGKILL
+    assert_eq!(named(), 0, "after SIGKILL");
+}
