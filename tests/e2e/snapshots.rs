@@ -86,6 +86,13 @@ fn a_prepared_root_snapshotted_starts_builds_that_write_privately() {
 /// An image the operator publishes, which a class's new disks start as:
 /// qemu-img sees the image's bytes on a fresh disk of that class, and the
 /// metrics count the snapshot's clone.
+/// `qemu-img compare` of a raw image with an export: 0 when equal, 1 when
+/// they differ.
+fn qemu_img_compare(image: &Path, uri: &str) -> (i32, std::process::Output) {
+    let image = image.to_str().unwrap();
+    run_status(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", image, uri]))
+}
+
 #[test]
 fn plain_clients_get_a_clone_of_a_published_image_through_a_class() {
     require("qemu-img");
@@ -109,26 +116,10 @@ fn plain_clients_get_a_clone_of_a_published_image_through_a_class() {
         control.to_str().unwrap(),
     ]);
     let clone = server.uri_for("ci-1");
-    let (code, out) = run_status(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        image.to_str().unwrap(),
-        &clone,
-    ]));
+    let (code, out) = qemu_img_compare(&image, &clone);
     assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
     // A name outside the class is a blank disk.
-    let (code, _) = run_status(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        image.to_str().unwrap(),
-        &server.uri_for("other"),
-    ]));
+    let (code, _) = qemu_img_compare(&image, &server.uri_for("other"));
     assert_eq!(code, 1, "a disk outside the class differs from the image");
     let (code, out, err) = scratchd(&[
         "ctl",
