@@ -889,6 +889,23 @@ mod tests {
         ));
     }
 
+    /// Unnamed files in `dir`, with a disk budget of `blocks` if any.
+    fn dir_placement(dir: &std::path::Path, blocks: Option<u64>) -> Placement {
+        Placement::Dir {
+            path: dir.to_owned(),
+            budget: blocks.map(|b| Arc::new(Budget::new(b * 4096))),
+        }
+    }
+
+    /// RAM up to `blocks`, then unnamed files in `dir`.
+    fn spill_placement(dir: &std::path::Path, blocks: u64) -> Placement {
+        Placement::Spill {
+            path: dir.to_owned(),
+            memory: Arc::new(Budget::new(blocks * 4096)),
+            disk: None,
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
@@ -909,10 +926,7 @@ mod tests {
             blocks in prop::option::of(0u64..=64),
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let placement = Placement::Dir {
-                path: dir.path().to_owned(),
-                budget: blocks.map(|b| Arc::new(Budget::new(b * 4096))),
-            };
+            let placement = dir_placement(dir.path(), blocks);
             clone_case(size, &steps, placement, blocks.is_some())?;
             prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         }
@@ -924,11 +938,7 @@ mod tests {
             blocks in 0u64..=64,
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let placement = Placement::Spill {
-                path: dir.path().to_owned(),
-                memory: Arc::new(Budget::new(blocks * 4096)),
-                disk: None,
-            };
+            let placement = spill_placement(dir.path(), blocks);
             clone_case(size, &steps, placement, false)?;
             prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         }
@@ -954,10 +964,7 @@ mod tests {
             blocks in prop::option::of(0u64..=64),
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let placement = Placement::Dir {
-                path: dir.path().to_owned(),
-                budget: blocks.map(|b| Arc::new(Budget::new(b * 4096))),
-            };
+            let placement = dir_placement(dir.path(), blocks);
             model_case(size, &ops, placement, blocks.is_some())?;
             prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         }
@@ -970,11 +977,7 @@ mod tests {
             blocks in 0u64..=64,
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let placement = Placement::Spill {
-                path: dir.path().to_owned(),
-                memory: Arc::new(Budget::new(blocks * 4096)),
-                disk: None,
-            };
+            let placement = spill_placement(dir.path(), blocks);
             model_case(size, &ops, placement, false)?;
             prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         }
