@@ -14,9 +14,14 @@ fn block() -> u64 {
     allocation_block_size()
 }
 
+/// A snapshot of `src`, held in memory.
+fn snapshot_in_memory(src: &MemoryDevice) -> Arc<Snapshot> {
+    let into = MemoryDevice::new(src.size()).unwrap();
+    Arc::new(Snapshot::copy(src, Box::new(into)).unwrap())
+}
+
 fn empty_snapshot(size: u64) -> Arc<Snapshot> {
-    let src = MemoryDevice::new(size).unwrap();
-    Arc::new(Snapshot::copy(&src, Box::new(MemoryDevice::new(size).unwrap())).unwrap())
+    snapshot_in_memory(&MemoryDevice::new(size).unwrap())
 }
 
 fn kinds(dev: &dyn BlockDevice, offset: u64, len: u64) -> Vec<(ExtentKind, u64)> {
@@ -81,13 +86,7 @@ fn a_snapshot_of_another_size_or_past_its_budget_is_refused() {
 fn clones_read_through_and_write_privately() {
     let bs = block();
     let size = 16 * bs;
-    let snap = Arc::new(
-        Snapshot::copy(
-            &disk_with(size, 0, 8 * bs, 3),
-            Box::new(MemoryDevice::new(size).unwrap()),
-        )
-        .unwrap(),
-    );
+    let snap = snapshot_in_memory(&disk_with(size, 0, 8 * bs, 3));
     let a = CloneDevice::new(snap.clone(), MemoryDevice::new(size).unwrap()).unwrap();
     let b = CloneDevice::new(snap.clone(), MemoryDevice::new(size).unwrap()).unwrap();
     // Reading costs a clone nothing.
@@ -112,13 +111,7 @@ fn trimmed_and_zeroed_blocks_of_a_clone_read_as_zeros_and_report_holes() {
     use ExtentKind::{Data, Hole};
     let bs = block();
     let size = 16 * bs;
-    let snap = Arc::new(
-        Snapshot::copy(
-            &disk_with(size, 0, 8 * bs, 3),
-            Box::new(MemoryDevice::new(size).unwrap()),
-        )
-        .unwrap(),
-    );
+    let snap = snapshot_in_memory(&disk_with(size, 0, 8 * bs, 3));
     let clone = CloneDevice::new(snap, MemoryDevice::new(size).unwrap()).unwrap();
     clone.trim(bs, 2 * bs, false).unwrap();
     let punch = ZeroFlags {
@@ -157,13 +150,7 @@ fn trimmed_and_zeroed_blocks_of_a_clone_read_as_zeros_and_report_holes() {
 fn a_full_budget_fails_a_clone_write_and_changes_nothing() {
     let bs = block();
     let size = 8 * bs;
-    let snap = Arc::new(
-        Snapshot::copy(
-            &disk_with(size, 0, size, 3),
-            Box::new(MemoryDevice::new(size).unwrap()),
-        )
-        .unwrap(),
-    );
+    let snap = snapshot_in_memory(&disk_with(size, 0, size, 3));
     let budget = Arc::new(Budget::new(bs));
     let private = MemoryDevice::with_budget(size, budget.clone()).unwrap();
     let clone = CloneDevice::new(snap, private).unwrap();
@@ -197,13 +184,7 @@ fn a_clone_costs_the_same_whatever_the_size() {
 fn disjoint_writes_to_one_shared_block_all_land() {
     let bs = block();
     let size = 64 * bs;
-    let snap = Arc::new(
-        Snapshot::copy(
-            &disk_with(size, 0, size, 0xee),
-            Box::new(MemoryDevice::new(size).unwrap()),
-        )
-        .unwrap(),
-    );
+    let snap = snapshot_in_memory(&disk_with(size, 0, size, 0xee));
     let clone = CloneDevice::new(snap, MemoryDevice::new(size).unwrap()).unwrap();
     const SECTOR: u64 = 512;
     // Each thread writes every fourth sector: every block is copied up by
