@@ -273,11 +273,7 @@ fn snapshots_and_clones_in_files_leave_nothing_after_sigkill() {
         "build-1",
         "h = connect()\neq(h.pread(4, 0), b'rrrr', 'the snapshot data')\nh.pwrite(b'c' * 4096, 0)\n",
     );
-    let open_in_dir = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
-        .filter(|target| target.starts_with(&dir))
-        .count();
+    let open_in_dir = crate::util::files_open_under(server.pid(), &dir);
     assert!(
         open_in_dir >= 3,
         "root, snapshot and clone files open in the directory: {open_in_dir}"

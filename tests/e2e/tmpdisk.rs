@@ -365,13 +365,8 @@ eq(h.pread(2, 1080), b"xx", "own data over the superblock")
 
     let holder = Holder::start(&server, "build-b");
     // The disk is open in the server, unlinked, inside the backing dir.
-    let fds = format!("/proc/{}/fd", server.pid());
     let backing_dir = backing.path().canonicalize().unwrap();
-    let open_in_dir = std::fs::read_dir(&fds)
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
-        .filter(|target| target.starts_with(&backing_dir))
-        .count();
+    let open_in_dir = crate::util::files_open_under(server.pid(), &backing_dir);
     assert!(
         open_in_dir >= 1,
         "no disk file open in {}",

@@ -487,6 +487,16 @@ pub fn libnbd(uri: &str, script: &str, args: &[&str]) -> Output {
     libnbd_as(None, uri, script, args)
 }
 
+/// How many of process `pid`'s descriptors are files below `dir` (a
+/// canonical path): unnamed ones too, as `/proc` shows them.
+pub fn files_open_under(pid: u32, dir: &Path) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
+}
+
 /// The user nobody, as whom tests run clients of a second owner.
 pub const NOBODY: u32 = 65534;
 
