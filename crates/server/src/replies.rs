@@ -67,7 +67,8 @@ pub struct ReplyQueue {
 
 struct Shared {
     state: Mutex<State>,
-    /// Signalled when room is freed, when the queue gets work, and on close.
+    /// Signalled when room is freed, when the queue gets work, and on close;
+    /// only while someone waits on it (see [`Shared::notify`]).
     changed: Condvar,
     /// The socket, to wait for it without holding the state's lock and to
     /// cut off a stalled client.
@@ -88,6 +89,8 @@ struct State {
     /// The client is gone or was cut off: replies are dropped from now on.
     closed: bool,
     flusher: bool,
+    /// Threads waiting on `changed` (admission, `wait_idle`, the flusher).
+    waiters: usize,
     /// When the client last took bytes of a queued reply.
     progress: Instant,
 }
@@ -171,6 +174,7 @@ impl ReplyQueue {
                     reserved: 0,
                     closed: false,
                     flusher: false,
+                    waiters: 0,
                     progress: Instant::now(),
                 }),
                 changed: Condvar::new(),
@@ -244,7 +248,7 @@ impl ReplyQueue {
             if fits && st.running < MAX_IN_FLIGHT {
                 break;
             }
-            st = sync::wait(&shared.changed, st);
+            st = shared.wait(st);
         }
         st.running += 1;
         st.reserved += bytes;
@@ -269,15 +273,16 @@ impl ReplyQueue {
     pub fn wait_idle(&self) {
         let mut st = sync::lock(&self.shared.state);
         while st.running > 0 || (st.backlog() && !st.closed) {
-            st = sync::wait(&self.shared.changed, st);
+            st = self.shared.wait(st);
         }
     }
 
     /// Drops what is queued and every reply still to come: the client is
     /// gone. Ends the flusher.
     pub fn close(&self) {
-        sync::lock(&self.shared.state).close();
-        self.shared.changed.notify_all();
+        let mut st = sync::lock(&self.shared.state);
+        st.close();
+        self.shared.notify(&st);
     }
 
     /// Frees the batch buffer if a huge request grew it past `keep` bytes
@@ -306,18 +311,42 @@ impl Shared {
         if let Some(bytes) = reserved {
             st.running -= 1;
             st.reserved -= bytes;
+        }
+        let sent = match st.closed {
+            true => Ok(()),
+            false => st.send_or_queue(reply),
+        };
+        match sent {
+            Err(_) => st.close(),
+            Ok(()) => self.start_flusher(&mut st),
+        }
+        // Room was freed, the flusher may have work, or the client is gone.
+        self.notify(&st);
+        sent
+    }
+
+    /// Waits on `changed`, counted so that a notification is sent only when
+    /// someone waits for it.
+    fn wait<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.waiters += 1;
+        let mut st = sync::wait(&self.changed, st);
+        st.waiters -= 1;
+        st
+    }
+
+    /// Wakes whoever waits on `changed`. A notification is a system call
+    /// even when nobody waits, and every pooled reply would pay one.
+    fn notify(&self, st: &State) {
+        if st.waiters > 0 {
             self.changed.notify_all();
         }
-        if st.closed {
-            return Ok(());
-        }
-        if let Err(e) = st.send_or_queue(reply) {
-            st.close();
-            drop(st);
-            self.changed.notify_all();
-            return Err(e);
-        }
-        if st.backlog() && !st.flusher {
+    }
+
+    /// Starts the connection's flusher thread the first time a reply waits
+    /// for the client; if it cannot start, the client is cut off (nothing
+    /// else would ever send what waits).
+    fn start_flusher(self: &Arc<Self>, st: &mut State) {
+        if st.backlog() && !st.flusher && !st.closed {
             st.flusher = true;
             let shared = self.clone();
             let spawned = thread::Builder::new()
@@ -330,7 +359,6 @@ impl Shared {
                 self.control.cut();
             }
         }
-        Ok(())
     }
 
     /// The flusher thread: sends queued replies as the client reads them,
@@ -342,7 +370,7 @@ impl Shared {
                 return;
             }
             if !st.backlog() {
-                st = sync::wait(&self.changed, st);
+                st = self.wait(st);
                 continue;
             }
             let before = st.queued_bytes;
@@ -356,7 +384,7 @@ impl Shared {
                 }
             }
             if st.queued_bytes < before {
-                self.changed.notify_all();
+                self.notify(&st);
             }
             if !st.backlog() {
                 continue;
@@ -378,7 +406,7 @@ impl Shared {
     fn cut<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         st.close();
         self.control.cut();
-        self.changed.notify_all();
+        self.notify(&st);
         st
     }
 }
@@ -406,7 +434,7 @@ impl Drop for Ticket {
             let mut st = sync::lock(&self.shared.state);
             st.running -= 1;
             st.reserved -= self.bytes;
-            self.shared.changed.notify_all();
+            self.shared.notify(&st);
         }
     }
 }
@@ -523,6 +551,24 @@ mod tests {
         }
         replies.wait_idle();
         assert_eq!(sync::lock(&replies.shared.state).queued_bytes, 0);
+    }
+
+    #[test]
+    fn a_gathered_batch_the_socket_cannot_take_wakes_the_sleeping_flusher() {
+        let (mut client, mut replies) = replies(true, 10 * SECOND);
+        // A reply too large for the socket starts the flusher; once the
+        // client has it all, the flusher sleeps.
+        let len = 4 * 1024 * 1024;
+        replies.admit(len).unwrap().post(vec![1; len]);
+        assert!(read(&mut client, len).iter().all(|&b| b == 1));
+        crate::testing::eventually("the flusher asleep", || {
+            sync::lock(&replies.shared.state).waiters == 1
+        });
+        // The connection's own replies (refusals), again too many for the
+        // socket: what is queued must leave without any other reply posted.
+        replies.batch().resize(len, 2);
+        replies.flush().unwrap();
+        assert!(read(&mut client, len).iter().all(|&b| b == 2));
     }
 
     #[test]
