@@ -317,7 +317,14 @@ impl Shared {
             self.changed.notify_all();
             return Err(e);
         }
-        if st.backlog() && !st.flusher {
+        if !st.backlog() {
+            return Ok(());
+        }
+        if st.flusher {
+            // It may be asleep with nothing to send: this reply is news to
+            // it, and no other post may come to wake it.
+            self.changed.notify_all();
+        } else {
             st.flusher = true;
             let shared = self.clone();
             let spawned = thread::Builder::new()
@@ -523,6 +530,25 @@ mod tests {
         }
         replies.wait_idle();
         assert_eq!(sync::lock(&replies.shared.state).queued_bytes, 0);
+    }
+
+    /// The connection thread's own batch, queued behind a full socket when
+    /// the flusher already exists and sleeps with nothing to send, must
+    /// wake it: nothing else might (no request of this connection may be
+    /// running). Found in a guest: a reply held for the kernel's whole
+    /// 120 s request timeout, sent only when the next request came.
+    #[test]
+    fn a_batch_queued_behind_a_full_socket_wakes_a_sleeping_flusher() {
+        let (mut client, mut replies) = replies(true, 10 * SECOND);
+        let len = 4 * 1024 * 1024;
+        for round in 1..=2u8 {
+            replies.batch().resize(len, round);
+            replies.flush().unwrap();
+            assert!(sync::lock(&replies.shared.state).queued_bytes > 0);
+            assert!(read(&mut client, len).iter().all(|&b| b == round));
+            // The flusher sent it all and sleeps until told of more.
+            replies.wait_idle();
+        }
     }
 
     #[test]
