@@ -151,7 +151,9 @@ fn guest_suite(flavour: &str) {
         problems.is_empty(),
         "kernel {flavour}: {} (a failed guest run's dmesg and nbd trace are kept under {})",
         problems.join("; "),
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-vm").display()
+        Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("kernel-vm")
+            .display()
     );
 }
 
