@@ -529,13 +529,12 @@ impl<'a> Transmission<'a> {
     }
 
     /// Sends the gathered replies if the rest of a request's `payload` is
-    /// not here yet. A client may hold that rest back until it has a reply
-    /// it waits for: the kernel's nbd driver, when a signal interrupts its
-    /// send part-way, parks the request (`nsock->pending` in `nbd_send_cmd`,
-    /// drivers/block/nbd.c) and finishes it only when the block layer runs
-    /// the queue again, which a completion does. Waiting for the payload with
-    /// replies held back would leave both sides waiting until the kernel's
-    /// request timeout.
+    /// not here yet: the rest may be a while. The kernel's nbd driver, when
+    /// a signal interrupts its send part-way, parks the request
+    /// (`nsock->pending` in `nbd_send_cmd`, drivers/block/nbd.c) and
+    /// finishes it on a later run of the block layer's queue; a client of
+    /// its own may as well wait for a reply before sending more. Replies
+    /// must not wait for that.
     fn flush_before_waiting_for(&mut self, payload: u64) -> io::Result<()> {
         if (self.input.buffered().len() as u64) < payload {
             self.replies.flush()?;
@@ -914,10 +913,10 @@ mod tests {
         disconnect(peer, served);
     }
 
-    /// The kernel's nbd driver can send a WRITE's header and part of its
-    /// payload, then wait for a completion before sending the rest (see
-    /// `flush_before_waiting_for`): the replies before it must not wait
-    /// with it. Inline and pooled, for a payload received or one skipped.
+    /// A client may send a WRITE's header and part of its payload, and the
+    /// rest only later (see `flush_before_waiting_for`): the replies before
+    /// it must not wait with it. Inline and pooled, for a payload received
+    /// or one skipped.
     #[test]
     fn replies_leave_before_the_server_waits_for_the_rest_of_a_payload() {
         let oversize = request::MAX_PAYLOAD + 1;
