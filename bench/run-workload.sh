@@ -17,6 +17,9 @@
 #               journal), TMPDIR=/dev/shm so its disk is in RAM as ours; attached
 #               as a new user would: `nbdfuse DIR/disk URI`, `losetup --find
 #               --show` (buffered loop), mount -o noatime
+#   nbdfuse-scratchd  the same client (nbdfuse, 4 connections with multi-conn,
+#               buffered loop) against `scratchd serve -U SOCK tmpdisk
+#               size=20G pool=1`: our server under a client nobody here wrote
 #   run-local   `scratchd run --size 20G -- CMD`: a private disk (a FUSE file
 #               calling the store directly, direct-I/O loop), mounted noatime
 #   run-server  `scratchd serve -U SOCK tmpdisk size=20G pool=1` and `scratchd run
@@ -176,8 +179,8 @@ read -r -a phases <<<"$PHASES"
 [ ${#phases[@]} -gt 0 ] || die "PHASES is empty"
 for c in "${cfgs[@]}"; do
   case $c in
-    ceiling | tmpfs | local-disk | nbdkit | run-local | run-server | run-server-sync | run-tcp) ;;
-    *) die "unknown configuration '$c' (ceiling tmpfs local-disk nbdkit run-local run-server run-server-sync run-tcp)" ;;
+    ceiling | tmpfs | local-disk | nbdkit | nbdfuse-scratchd | run-local | run-server | run-server-sync | run-tcp) ;;
+    *) die "unknown configuration '$c' (ceiling tmpfs local-disk nbdkit nbdfuse-scratchd run-local run-server run-server-sync run-tcp)" ;;
   esac
 done
 want_attach="" disk_phases=""
@@ -207,7 +210,8 @@ need mkfs.ext4 e2fsprogs
 need losetup mount
 need awk gawk
 need python3 python3
-if has_cfg nbdkit; then need nbdkit nbdkit; need nbdfuse libnbd-bin; need fusermount3 fuse3; fi
+if has_cfg nbdkit; then need nbdkit nbdkit; fi
+if has_cfg nbdkit || has_cfg nbdfuse-scratchd; then need nbdfuse libnbd-bin; need fusermount3 fuse3; fi
 if has_phase extract; then need xz xz-utils; [ -s "$TAR" ] || [ -f "$XZ" ] || missing+=(linux-source-6.1); fi
 if has_phase rpm; then need rpmbuild rpm; need gcc gcc; need make make; fi
 if has_phase install; then need debootstrap debootstrap; fi
@@ -227,7 +231,7 @@ if has_cfg nbdkit; then
 fi
 
 # --- scratchd ------------------------------------------------------------------
-if has_cfg run-local || has_cfg run-server || has_cfg run-server-sync || has_cfg run-tcp; then
+if has_cfg run-local || has_cfg run-server || has_cfg run-server-sync || has_cfg run-tcp || has_cfg nbdfuse-scratchd; then
   if [ -z "${SCRATCHD:-}" ]; then
     command -v cargo >/dev/null || die "cargo is needed to build scratchd (or set SCRATCHD=/path/to/scratchd)"
     echo "cargo build --release --locked" >&2
@@ -454,10 +458,10 @@ local_up() {
   mount --bind "$work/local" "$mnt"
   mounted=1
 }
-# nbdkit: nbdfuse DIR/disk URI, loop (buffered), mount
-nbdkit_up() {
+# nbdkit, nbdfuse-scratchd: nbdfuse DIR/disk URI, loop (buffered), mount
+nbdfuse_up() {
   rm -f "$work/nbdfuse.pid"
-  setsid nbdfuse -P "$work/nbdfuse.pid" "$fusedir/disk" "$(client_uri nbdkit)" >>"$logdir/nbdfuse.log" 2>&1 &
+  setsid nbdfuse -P "$work/nbdfuse.pid" "$fusedir/disk" "$(client_uri nbdfuse)" >>"$logdir/nbdfuse.log" 2>&1 &
   fuse_pid=$! fuse_mounted=1
   for _ in $(seq 400); do
     [ -s "$work/nbdfuse.pid" ] && break
@@ -502,7 +506,7 @@ measure_attach() { # round config
       ceiling) t0=$(now); ceiling_up; down; t1=$(now) ;;
       tmpfs) t0=$(now); tmpfs_up; down; t1=$(now) ;;
       local-disk) t0=$(now); local_up; down; t1=$(now) ;;
-      nbdkit) t0=$(now); nbdkit_up; down; t1=$(now) ;;
+      nbdkit | nbdfuse-scratchd) t0=$(now); nbdfuse_up; down; t1=$(now) ;;
       run-*)
         run_args "$c"
         t0=$(now)
@@ -521,10 +525,10 @@ measure_disk() { # round config: extract, rpm, rm on one fresh disk
     ceiling) ceiling_up ;;
     tmpfs) tmpfs_up ;;
     local-disk) local_up ;;
-    nbdkit) nbdkit_up ;;
+    nbdkit | nbdfuse-scratchd) nbdfuse_up ;;
   esac
   case $c in
-    ceiling | tmpfs | local-disk | nbdkit) setsid bash "$SELF" phases "$mnt" >"$out" 2>"$logdir/phases.log" & ;;
+    ceiling | tmpfs | local-disk | nbdkit | nbdfuse-scratchd) setsid bash "$SELF" phases "$mnt" >"$out" 2>"$logdir/phases.log" & ;;
     run-*) run_args "$c"; setsid "${run_cmd[@]}" -- bash "$SELF" phases >"$out" 2>"$logdir/phases.log" & ;;
   esac
   child_pid=$!
@@ -533,7 +537,7 @@ measure_disk() { # round config: extract, rpm, rm on one fresh disk
   if [ $rc -ne 0 ]; then
     die "$c round $r: the phases failed (exit status $rc; their log follows)"
   fi
-  case $c in ceiling | tmpfs | local-disk | nbdkit) down ;; esac
+  case $c in ceiling | tmpfs | local-disk | nbdkit | nbdfuse-scratchd) down ;; esac
   local p s n=0
   while read -r tag p s; do
     [ "$tag" = phase ] || continue
@@ -559,11 +563,11 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r: $c" >&2
     case $c in
       nbdkit) start_server nbdkit env TMPDIR="$shm" nbdkit -f -U "$work/sock" tmpdisk size="$SIZE" ;;
-      run-server | run-server-sync) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
+      run-server | run-server-sync | nbdfuse-scratchd) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
       run-tcp) start_server scratchd-serve-tcp "$SCRATCHD" serve -i 127.0.0.1 -p "$port" tmpdisk size="$SIZE" pool=1 ;;
     esac
     case $c in
-      nbdkit | run-server | run-server-sync) start_proxy "unix:$work/sock" ;;
+      nbdkit | nbdfuse-scratchd | run-server | run-server-sync) start_proxy "unix:$work/sock" ;;
       run-tcp) start_proxy "127.0.0.1:$port" ;;
     esac
     sync
@@ -598,8 +602,10 @@ for c, limit in (("run-local", 1.05), ("run-server", 1.10), ("run-tcp", 1.10)):
     for p in ("extract", "rm"):
         target[(c, p, "nbdkit")] = 0.75
     target[(c, "attach", "abs")] = 0.100
+# issue 21: our server under nbdfuse, against nbdkit under nbdfuse
+target[("nbdfuse-scratchd", "install", "nbdkit")] = 0.95
 print(f"\nmedians of {rounds} round(s), seconds; 'x ceiling' / 'x nbdkit' = median / that configuration's median")
-hdr = f"{'phase':<8} {'configuration':<12} {'n':>2} {'median':>8} {'min':>8} {'max':>8} {'x ceiling':>10} {'x nbdkit':>9}  target"
+hdr = f"{'phase':<8} {'configuration':<16} {'n':>2} {'median':>8} {'min':>8} {'max':>8} {'x ceiling':>10} {'x nbdkit':>9}  target"
 print(hdr)
 print("-" * len(hdr))
 for p in phases:
@@ -622,7 +628,7 @@ for p in phases:
             t = target[(c, p, "nbdkit")]
             notes.append(f"<= {t:.2f}x nbdkit {'met' if xn <= t else 'MISSED'}")
         fx = lambda x: f"{x:.2f}x" if x is not None else "-"
-        print(f"{p:<8} {c:<12} {len(v):>2} {m:>8.3f} {min(v):>8.3f} {max(v):>8.3f} {fx(xc):>10} {fx(xn):>9}  {'; '.join(notes)}")
+        print(f"{p:<8} {c:<16} {len(v):>2} {m:>8.3f} {min(v):>8.3f} {max(v):>8.3f} {fx(xc):>10} {fx(xn):>9}  {'; '.join(notes)}")
 PY
 
 # --- kernel messages that look like trouble --------------------------------------

@@ -31,7 +31,9 @@
 # machines hangs at boot, and that cannot be told from outside in advance).
 # SCRATCHD_VM_CPUS (default 2) and SCRATCHD_VM_MEM (MiB, default 2048) size
 # the guest. SCRATCHD_VM_KEEP=1 keeps the run directory (console log,
-# dmesg) and prints its path.
+# dmesg) and prints its path; SCRATCHD_VM_KEEP_FAILED=DIR copies it to DIR
+# if the command fails, with the guest's nbd trace (the driver's trace
+# events of each request sent and reply received).
 set -euo pipefail
 
 fail() {
@@ -150,11 +152,17 @@ fi
 
 run=$(mktemp -d "${TMPDIR:-/tmp}/scratchd-vm.XXXXXX")
 cleanup() {
+  local status=$?
   if [ "${SCRATCHD_VM_KEEP:-}" = 1 ]; then
     echo "guest.sh: run directory kept: $run" >&2
-  else
-    rm -rf "$run"
+    return
   fi
+  if [ "$status" != 0 ] && [ -n "${SCRATCHD_VM_KEEP_FAILED:-}" ]; then
+    mkdir -p "$SCRATCHD_VM_KEEP_FAILED"
+    cp -r "$run"/. "$SCRATCHD_VM_KEEP_FAILED"/
+    echo "guest.sh: the failed run's directory (dmesg, nbd trace) kept in $SCRATCHD_VM_KEEP_FAILED" >&2
+  fi
+  rm -rf "$run"
 }
 trap cleanup EXIT
 

@@ -44,14 +44,36 @@ fn sysfs(device: &str, file: &str) -> String {
         .to_owned()
 }
 
-/// The kernel log lines about block device `/dev/NAME` (`block NAME: ...`).
-fn kernel_log_of(device: &str) -> Vec<String> {
-    let name = device.strip_prefix("/dev/").expect(device);
+/// The kernel log's lines, each with its time stamp (seconds since boot).
+fn kernel_log() -> Vec<(f64, String)> {
     let log = run(&mut Command::new("dmesg"));
     stdout(&log)
         .lines()
-        .filter(|l| l.contains(&format!("block {name}:")))
-        .map(str::to_owned)
+        .map(|l| {
+            let stamp = l
+                .strip_prefix('[')
+                .and_then(|rest| rest.split_once(']'))
+                .and_then(|(t, _)| t.trim().parse().ok())
+                .unwrap_or(0.0);
+            (stamp, l.to_owned())
+        })
+        .collect()
+}
+
+/// Where the kernel log ends now: a test reads only what comes after, as
+/// an earlier test's device of the same name may have logged before.
+fn kernel_log_mark() -> f64 {
+    kernel_log().last().map_or(0.0, |(stamp, _)| *stamp)
+}
+
+/// The kernel log lines about block device `/dev/NAME` (`block NAME: ...`)
+/// after `since` (a [`kernel_log_mark`]).
+fn kernel_log_of(device: &str, since: f64) -> Vec<String> {
+    let name = device.strip_prefix("/dev/").expect(device);
+    kernel_log()
+        .into_iter()
+        .filter(|(stamp, l)| *stamp > since && l.contains(&format!("block {name}:")))
+        .map(|(_, l)| l)
         .collect()
 }
 
@@ -248,6 +270,7 @@ fn attach_as_non_root_is_refused() {
 fn a_stalled_server_loses_no_connection() {
     let server = Server::start(&["tmpdisk", "size=512M"]);
     let a = kernel_attachments();
+    let since = kernel_log_mark();
     let mnt = a.mount_point("mnt");
     let device = a.attach_ok(&mnt, &server.uri_for("stall"), &["--connections", "4"]);
     write_and_check(&mnt, "before");
@@ -265,7 +288,7 @@ fn a_stalled_server_loses_no_connection() {
         .into_iter()
         .map(|r| r.wait_with_output().unwrap())
         .collect();
-    let log = kernel_log_of(&device);
+    let log = kernel_log_of(&device, since);
     for out in &outs {
         assert!(
             out.status.success(),
@@ -331,6 +354,7 @@ fn io_fails_soon_when_the_server_vanishes() {
     let net = ServerNetwork::new();
     let (_server, uri) = net.start_server();
     let a = kernel_attachments();
+    let since = kernel_log_mark();
     let mnt = a.mount_point("mnt");
     let device = a.attach_ok(
         &mnt,
@@ -344,11 +368,11 @@ fn io_fails_soon_when_the_server_vanishes() {
     );
     write_and_check(&mnt, "before");
     run(Command::new("sync").arg("-f").arg(&mnt));
-    let logged = kernel_log_of(&device).len();
+    let logged = kernel_log_of(&device, since).len();
     net.link("down");
     let started = Instant::now();
     let found_dead = poll(VANISHED_SERVER_DEAD, || {
-        kernel_log_of(&device).len() > logged
+        kernel_log_of(&device, since).len() > logged
     });
     let dead_after = started.elapsed();
     let mut reader = Command::new("dd")
@@ -372,7 +396,7 @@ fn io_fails_soon_when_the_server_vanishes() {
         Some(status) => status,
         None => reader.wait().unwrap(),
     };
-    let log = kernel_log_of(&device).join("\n");
+    let log = kernel_log_of(&device, since).join("\n");
     eprintln!(
         "server vanished: found dead after {dead_after:?}; a read then ended after \
          {read_took:?} ({status}); kernel log:\n{log}"

@@ -18,7 +18,7 @@
 //! so that the list is shortened with the fix.
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,28 +35,11 @@ struct KnownFailure {
     every_time: bool,
 }
 
-/// Guest tests expected to fail today, and why.
-const KNOWN_FAILURES: &[KnownFailure] = &[
-    KnownFailure {
-        test: "kernel_guest::a_stalled_server_loses_no_connection",
-        kernels: &["6.1"],
-        why: "under TCG on a 2-core host, with the 6.12 guest beside it, a request of the \
-          emulated 6.1 guest sometimes outlasts the 120 s timeout after a 45 s stall \
-          (seen once in four full runs: 'Connection timed out, retrying (4/4 alive)'); \
-          on real hardware the margin is 75 s",
-        every_time: false,
-    },
-    KnownFailure {
-        test: "attach::kernel::a_busy_mount_is_detached_lazily_and_goes_when_let_go",
-        kernels: &["6.1"],
-        why: "once in three full runs on a loaded 2-core host the detach took 125 s, the \
-          120 s request timeout plus the 5 s dead-connection timeout: one request went \
-          unanswered until the kernel retried it on another connection, the same \
-          signature as the stall test's; whether TCG starved it or a request was lost \
-          is open (issue 17)",
-        every_time: false,
-    },
-];
+/// Guest tests expected to fail today, and why. Empty: the last two
+/// (a stalled server's and a busy mount's request unanswered for 120 s on
+/// 6.1) were the kernel's receive works starved by their workqueue's
+/// rescuer, which attach now checks for (docs/RUN.md, "Every socket read").
+const KNOWN_FAILURES: &[KnownFailure] = &[];
 
 /// How long one guest may take, boot to power-off, before it is killed.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(420);
@@ -129,7 +112,8 @@ fn guest_suite(flavour: &str) {
         match (passed, known) {
             (true, None) => eprintln!("kernel {flavour}: {name}: ok"),
             (false, Some(known)) => {
-                eprintln!("kernel {flavour}: {name}: KNOWN FAILURE: {}", known.why)
+                eprintln!("kernel {flavour}: {name}: KNOWN FAILURE: {}", known.why);
+                record_known_failure(flavour, name);
             }
             (false, None) => problems.push(format!("{name} failed")),
             (true, Some(known)) if !known.every_time => eprintln!(
@@ -148,8 +132,11 @@ fn guest_suite(flavour: &str) {
     );
     assert!(
         problems.is_empty(),
-        "kernel {flavour}: {}",
-        problems.join("; ")
+        "kernel {flavour}: {} (a failed guest run's dmesg and nbd trace are kept under {})",
+        problems.join("; "),
+        Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("kernel-vm")
+            .display()
     );
 }
 
@@ -212,6 +199,8 @@ fn boot_and_run_guest_tests(flavour: &str, boot: &Boot) -> GuestOutcome {
     // qemu ends, and an unread pipe would block it.
     let logs = tempfile::tempdir().expect("tempdir");
     let file = |name: &str| std::fs::File::create(logs.path().join(name)).expect("log file");
+    let kept = kept_logs(flavour, boot);
+    let _ = std::fs::remove_dir_all(&kept);
     let started = Instant::now();
     let child = Command::new(&script)
         .args([
@@ -224,6 +213,7 @@ fn boot_and_run_guest_tests(flavour: &str, boot: &Boot) -> GuestOutcome {
         .args(["--ignored", "--test-threads=8"])
         .args(boot.tests)
         .env("SCRATCHD_VM_MODULES", boot.modules)
+        .env("SCRATCHD_VM_KEEP_FAILED", &kept)
         // guest.sh's run directory inside ours: gone with it even when
         // guest.sh itself had to be killed.
         .env("TMPDIR", logs.path())
@@ -254,6 +244,36 @@ fn boot_and_run_guest_tests(flavour: &str, boot: &Boot) -> GuestOutcome {
         stdout,
         stderr,
         elapsed: started.elapsed(),
+    }
+}
+
+/// Where guest.sh keeps a failed guest run's directory: its dmesg, the
+/// nbd driver's trace of every request, the console log.
+fn kept_logs(flavour: &str, boot: &Boot) -> PathBuf {
+    let slug = boot.what.replace(' ', "-");
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kernel-vm/{flavour}-{slug}"))
+}
+
+/// Notes a known failure where `scripts/test.sh` shows it (libtest shows a
+/// passing test's output to nobody), so that each occurrence is seen and
+/// its kept logs can be read.
+fn record_known_failure(flavour: &str, test: &str) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-vm");
+    let file = dir.join("known-failures");
+    let line = format!(
+        "kernel {flavour}: {test} failed (known, intermittent); guest logs: {}/{flavour}-*\n",
+        dir.display()
+    );
+    let appended = std::fs::create_dir_all(&dir)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)
+        })
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    if let Err(e) = appended {
+        eprintln!("cannot note the known failure in {}: {e}", file.display());
     }
 }
 

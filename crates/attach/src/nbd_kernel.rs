@@ -72,7 +72,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
     parse_string, parse_u32, parse_u64, DecodeError, DefaultNla, Emitable, NetlinkBuffer,
@@ -167,6 +167,16 @@ pub enum Error {
     Malformed(String),
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "/dev/nbd{index}: {running} of the kernel's {connections} receive works run after \
+         {waited:?}: requests on the others would go unanswered"
+    )]
+    ReceiversStarved {
+        index: u32,
+        running: usize,
+        connections: usize,
+        waited: Duration,
+    },
 }
 
 /// One attribute of an nbd message.
@@ -696,6 +706,74 @@ fn prepare_socket(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     let millis = u32::try_from(TCP_DEAD_AFTER.as_millis()).unwrap_or(u32::MAX);
     sockopt::set_tcp_user_timeout(fd, millis)?;
     Ok(())
+}
+
+/// Waits until each of `/dev/nbd<index>`'s `connections` sockets has a
+/// running receive work, for at most `limit`.
+///
+/// Why: the driver reads each socket's replies in a work item that runs as
+/// long as the connection, queued on the device's `nbdN-recv` workqueue
+/// when it connects (`nbd_start_device`, drivers/block/nbd.c). That
+/// workqueue has a rescuer (`WQ_MEM_RECLAIM`), and when the system cannot
+/// start a worker within 10 ms (a loaded host) the rescuer takes every
+/// work item still queued and runs them one after the other
+/// (`rescuer_thread`, kernel/workqueue.c): the first receive work never
+/// ends, so the sockets of the others are never read. Their requests then
+/// wait for the request timeout, and the driver retries them on another
+/// connection. Seen under TCG on a loaded 2-core host, in the nbd driver's
+/// trace: a request sent whole and answered by the server at once, its
+/// reply read only 120 s later.
+///
+/// A running work shows in its thread's name (`/proc/PID/comm`, which a
+/// workqueue worker extends with `+` and the workqueue's name while it runs
+/// a work item of it).
+pub fn wait_for_receivers(index: u32, connections: usize, limit: Duration) -> Result<(), Error> {
+    let started = Instant::now();
+    loop {
+        let running = running_receivers(index);
+        if running >= connections {
+            return Ok(());
+        }
+        let waited = started.elapsed();
+        if waited >= limit {
+            return Err(Error::ReceiversStarved {
+                index,
+                running,
+                connections,
+                waited,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// How many threads run a receive work of `/dev/nbd<index>` now.
+fn running_receivers(index: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+        .filter(|comm| runs_receive_work(comm, index))
+        .count()
+}
+
+/// Whether a thread named `comm` runs a work item of `/dev/nbd<index>`'s
+/// receive workqueue (`kworker/u5:1+nbd0-recv`; the rescuer's own name is
+/// `nbd0-recv`, `kworker/R-nbd0-recv` from Linux 6.9, and gets the same
+/// suffix while it runs one).
+fn runs_receive_work(comm: &str, index: u32) -> bool {
+    comm.trim_end()
+        .strip_suffix("-recv")
+        .and_then(|rest| rest.strip_suffix(&format!("+nbd{index}")))
+        .is_some()
 }
 
 /// `NBD_CMD_DISCONNECT` of `/dev/nbd<index>`: the kernel sends the server

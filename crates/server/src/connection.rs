@@ -480,6 +480,7 @@ impl<'a> Transmission<'a> {
             RequestPayload::None => 0,
             RequestPayload::Receive(n) => n as usize,
             RequestPayload::Discard(n) => {
+                self.flush_before_waiting_for(n)?;
                 self.input.discard(n)?;
                 let refusal = refuse(to, Errno::Inval, "payload too large");
                 log_refusal(&header, &refusal);
@@ -489,6 +490,7 @@ impl<'a> Transmission<'a> {
                 return Err(ConnectionError::AbsurdPayload(header.length));
             }
         };
+        self.flush_before_waiting_for(payload_len as u64)?;
         let refusal = if self.ctx.shutdown.is_started() {
             refuse(to, Errno::Shutdown, "server is shutting down")
         } else {
@@ -524,6 +526,20 @@ impl<'a> Transmission<'a> {
             }
         }
         Ok(true)
+    }
+
+    /// Sends the gathered replies if the rest of a request's `payload` is
+    /// not here yet: the rest may be a while. The kernel's nbd driver, when
+    /// a signal interrupts its send part-way, parks the request
+    /// (`nsock->pending` in `nbd_send_cmd`, drivers/block/nbd.c) and
+    /// finishes it on a later run of the block layer's queue; a client of
+    /// its own may as well wait for a reply before sending more. Replies
+    /// must not wait for that.
+    fn flush_before_waiting_for(&mut self, payload: u64) -> io::Result<()> {
+        if (self.input.buffered().len() as u64) < payload {
+            self.replies.flush()?;
+        }
+        Ok(())
     }
 
     fn dispatch(&mut self, req: Request) -> Result<(), ConnectionError> {
@@ -895,6 +911,31 @@ mod tests {
         assert_eq!(peer.reply(), ok(2));
         sender.join().unwrap();
         disconnect(peer, served);
+    }
+
+    /// A client may send a WRITE's header and part of its payload, and the
+    /// rest only later (see `flush_before_waiting_for`): the replies before
+    /// it must not wait with it. Inline and pooled, for a payload received
+    /// or one skipped.
+    #[test]
+    fn replies_leave_before_the_server_waits_for_the_rest_of_a_payload() {
+        let oversize = request::MAX_PAYLOAD + 1;
+        for may_block in [false, true] {
+            for (len, answer) in [(4096, ok(2)), (oversize, failed(EINVAL, 2))] {
+                let (mut peer, served, _ctx) = open(TestDevice::new(may_block));
+                let mut burst = request(CMD_READ, 0, 1, 0, 512, &[]);
+                burst.extend(request(CMD_WRITE, 0, 2, 0, len, &[7; 100]));
+                peer.send(&burst);
+                assert_eq!(peer.reply(), ok(1), "may_block {may_block}, len {len}");
+                assert_eq!(peer.read_exact(512), [0; 512]);
+                let rest = vec![7; len as usize - 100];
+                let mut writer = peer.0.try_clone().unwrap();
+                let sender = std::thread::spawn(move || writer.write_all(&rest).unwrap());
+                assert_eq!(peer.reply(), answer);
+                sender.join().unwrap();
+                disconnect(peer, served);
+            }
+        }
     }
 
     #[test]

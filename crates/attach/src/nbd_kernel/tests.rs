@@ -321,3 +321,26 @@ fn sockets_are_prepared_for_the_kernel() {
     prepare_socket(unix.as_fd()).unwrap();
     assert_eq!(unix.read_timeout().unwrap(), None);
 }
+
+/// A workqueue worker's name while it runs a receive work of the device,
+/// and of a worker idle, of another device, or another queue.
+#[test]
+fn receive_works_are_told_by_their_threads_names() {
+    for (comm, index, runs) in [
+        ("kworker/u5:1+nbd0-recv\n", 0, true),
+        ("nbd0-recv+nbd0-recv", 0, true),
+        ("kworker/R-nbd3-recv+nbd3-recv", 3, true),
+        ("kworker/u5:1-nbd0-recv", 0, false),
+        ("nbd0-recv", 0, false),
+        ("kworker/u5:1+nbd10-recv", 1, false),
+        ("kworker/u5:1+nbd1-recv", 11, false),
+        ("kworker/u5:1+nbd0-del", 0, false),
+        ("kworker/u5:1+xnbd0-recv", 0, false),
+    ] {
+        assert_eq!(
+            runs_receive_work(comm, index),
+            runs,
+            "{comm:?} for nbd{index}"
+        );
+    }
+}

@@ -48,6 +48,11 @@ const DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(5);
 /// how long a detach of such an attachment waits for its writeback.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long a new device's sockets may wait for their receive works to
+/// start (see [`nbd_kernel::wait_for_receivers`]): milliseconds on a
+/// healthy host; seconds under emulation.
+const RECEIVERS_LIMIT: Duration = Duration::from_secs(3);
+
 /// The longest `--timeout`: an hour of a build's I/O waiting on a server
 /// is already more than any build wants, and far longer values overflow
 /// the kernel's timer (seconds times HZ in 32 bits of jiffies: 49 days at
@@ -241,6 +246,77 @@ pub(crate) struct KernelAttached {
     device: Option<NbdDevice>,
 }
 
+/// [`connect_device`], again while the kernel leaves sockets unread (see
+/// [`nbd_kernel::wait_for_receivers`]): twice with the connections asked
+/// for, then with one, whose lone receive work nothing can hold up.
+fn connect_with_receivers(
+    target: &Target,
+    options: &Options,
+    largest: u32,
+    setup: &Setup,
+) -> Result<(NbdDevice, bool), AttachError> {
+    let asked = options.connections.max(1);
+    let mut plan = vec![asked, asked, 1];
+    plan.dedup();
+    let last = plan.len() - 1;
+    for (attempt, &connections) in plan.iter().enumerate() {
+        let options = Options {
+            connections,
+            ..options.clone()
+        };
+        let (device, read_only, sockets) = connect_device(target, &options, largest, setup)?;
+        if sockets == 1 {
+            return Ok((device, read_only));
+        }
+        match nbd_kernel::wait_for_receivers(device.index(), sockets, RECEIVERS_LIMIT) {
+            Ok(()) => return Ok((device, read_only)),
+            Err(e) if attempt < last => {
+                warn!(error = %e, "connecting the device again");
+                device.disconnect()?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the plan's last attempt has one connection")
+}
+
+/// Negotiates with `target` and hands the sockets to the kernel; the
+/// device, whether it is read-only, and how many sockets it got.
+fn connect_device(
+    target: &Target,
+    options: &Options,
+    largest: u32,
+    setup: &Setup,
+) -> Result<(NbdDevice, bool, usize), AttachError> {
+    // The kernel speaks simple replies only, and asks no block status.
+    let handshaken = Client::handshake_only(
+        target,
+        &Options {
+            replies: Replies::Simple,
+            block_status: false,
+            ..options.clone()
+        },
+    )?;
+    let info = handshaken.info.clone();
+    let block_size =
+        nbd_kernel::choose_block_size(info.block_size.map(|b| (b.min, b.max)), largest)?;
+    let config = nbd_kernel::Config {
+        index: None,
+        size: info.size,
+        block_size,
+        server_flags: info.flags.0,
+        timeout: Some(setup.request_timeout),
+        dead_conn_timeout: DEAD_CONN_TIMEOUT,
+        backend: Some(setup.label.to_owned()),
+    };
+    let streams = handshaken.into_fds().ok_or_else(|| {
+        AttachError::Usage("the kernel cannot take over TLS connections".to_owned())
+    })?;
+    let sockets = streams.len();
+    let device = nbd_kernel::connect(streams, &config)?;
+    Ok((device, info.read_only(), sockets))
+}
+
 impl KernelAttached {
     /// Connects to `target` over up to `setup.connections` connections,
     /// hands the sockets to the kernel (the device's sysfs `backend` reads
@@ -258,32 +334,8 @@ impl KernelAttached {
             },
         )?;
         let largest = logical_block_size(&probe).map_err(AttachError::Probe)?;
-        // The kernel speaks simple replies only, and asks no block status.
-        let handshaken = Client::handshake_only(
-            target,
-            &Options {
-                replies: Replies::Simple,
-                block_status: false,
-                ..options
-            },
-        )?;
-        let info = handshaken.info.clone();
-        let handshaken_read_only = info.read_only();
-        let block_size =
-            nbd_kernel::choose_block_size(info.block_size.map(|b| (b.min, b.max)), largest)?;
-        let config = nbd_kernel::Config {
-            index: None,
-            size: info.size,
-            block_size,
-            server_flags: info.flags.0,
-            timeout: Some(setup.request_timeout),
-            dead_conn_timeout: DEAD_CONN_TIMEOUT,
-            backend: Some(setup.label.to_owned()),
-        };
-        let streams = handshaken.into_fds().ok_or_else(|| {
-            AttachError::Usage("the kernel cannot take over TLS connections".to_owned())
-        })?;
-        let device = nbd_kernel::connect(streams, &config)?;
+        let (device, handshaken_read_only) =
+            connect_with_receivers(target, &options, largest, setup)?;
         let mut attached = KernelAttached {
             mount: setup.mount.to_owned(),
             mounted: false,
