@@ -724,21 +724,24 @@ fn prepare_socket(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
 /// trace: a request sent whole and answered by the server at once, its
 /// reply read only 120 s later.
 ///
-/// A running work shows in its thread's name (`/proc/PID/comm`, which a
-/// workqueue worker extends with `+` and the workqueue's name while it runs
-/// a work item of it).
+/// A running work shows in its thread's name (see [`Receivers::among`]).
+/// The rescuer running one while fewer than `connections` run is starvation
+/// for sure, and is reported at once; otherwise the works may only be slow
+/// to start, and get until `limit`.
 pub fn wait_for_receivers(index: u32, connections: usize, limit: Duration) -> Result<(), Error> {
     let started = Instant::now();
     loop {
-        let running = running_receivers(index);
-        if running >= connections {
+        let receivers = Receivers::now(index);
+        if receivers.running >= connections {
             return Ok(());
         }
+        // The rescuer running one while some never started: it took them
+        // all, and the rest wait behind the one that never ends.
         let waited = started.elapsed();
-        if waited >= limit {
+        if receivers.rescuer || waited >= limit {
             return Err(Error::ReceiversStarved {
                 index,
-                running,
+                running: receivers.running,
                 connections,
                 waited,
             });
@@ -747,33 +750,52 @@ pub fn wait_for_receivers(index: u32, connections: usize, limit: Duration) -> Re
     }
 }
 
-/// How many threads run a receive work of `/dev/nbd<index>` now.
-fn running_receivers(index: u32) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
-        .filter(|comm| runs_receive_work(comm, index))
-        .count()
+/// The threads running a receive work of one device.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Receivers {
+    running: usize,
+    /// Whether the workqueue's rescuer is one of them.
+    rescuer: bool,
 }
 
-/// Whether a thread named `comm` runs a work item of `/dev/nbd<index>`'s
-/// receive workqueue (`kworker/u5:1+nbd0-recv`; the rescuer's own name is
-/// `nbd0-recv`, `kworker/R-nbd0-recv` from Linux 6.9, and gets the same
-/// suffix while it runs one).
-fn runs_receive_work(comm: &str, index: u32) -> bool {
-    comm.trim_end()
-        .strip_suffix("-recv")
-        .and_then(|rest| rest.strip_suffix(&format!("+nbd{index}")))
-        .is_some()
+impl Receivers {
+    /// `/dev/nbd<index>`'s, from every thread's name in `/proc`.
+    fn now(index: u32) -> Receivers {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Receivers::default();
+        };
+        let names = entries
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok());
+        Receivers::among(names, index)
+    }
+
+    /// From thread names (`/proc/PID/comm`): a workqueue worker running a
+    /// work item shows `+` and the workqueue's name after its own,
+    /// `kworker/u5:1+nbd0-recv`; the rescuer's own name is the workqueue's,
+    /// `nbd0-recv` (`kworker/R-nbd0-recv` from Linux 6.9).
+    fn among(names: impl Iterator<Item = String>, index: u32) -> Receivers {
+        let queue = format!("nbd{index}-recv");
+        let mut receivers = Receivers::default();
+        for name in names {
+            let Some((thread, work)) = name.trim_end().split_once('+') else {
+                continue;
+            };
+            if work != queue {
+                continue;
+            }
+            receivers.running += 1;
+            let rescuer = thread.strip_prefix("kworker/R-").unwrap_or(thread) == queue;
+            receivers.rescuer |= rescuer;
+        }
+        receivers
+    }
 }
 
 /// `NBD_CMD_DISCONNECT` of `/dev/nbd<index>`: the kernel sends the server

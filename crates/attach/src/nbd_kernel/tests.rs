@@ -322,25 +322,35 @@ fn sockets_are_prepared_for_the_kernel() {
     assert_eq!(unix.read_timeout().unwrap(), None);
 }
 
-/// A workqueue worker's name while it runs a receive work of the device,
-/// and of a worker idle, of another device, or another queue.
+/// Workqueue workers' names while they run a receive work of the device
+/// (and the rescuer's), and of workers idle, of another device, or of
+/// another queue.
 #[test]
 fn receive_works_are_told_by_their_threads_names() {
-    for (comm, index, runs) in [
-        ("kworker/u5:1+nbd0-recv\n", 0, true),
-        ("nbd0-recv+nbd0-recv", 0, true),
-        ("kworker/R-nbd3-recv+nbd3-recv", 3, true),
-        ("kworker/u5:1-nbd0-recv", 0, false),
-        ("nbd0-recv", 0, false),
-        ("kworker/u5:1+nbd10-recv", 1, false),
-        ("kworker/u5:1+nbd1-recv", 11, false),
-        ("kworker/u5:1+nbd0-del", 0, false),
-        ("kworker/u5:1+xnbd0-recv", 0, false),
-    ] {
-        assert_eq!(
-            runs_receive_work(comm, index),
-            runs,
-            "{comm:?} for nbd{index}"
-        );
-    }
+    let among =
+        |names: &[&str], index| Receivers::among(names.iter().map(|n| format!("{n}\n")), index);
+    let counted = |running, rescuer| Receivers { running, rescuer };
+    assert_eq!(
+        among(&["kworker/u5:1+nbd0-recv", "kworker/u5:2+nbd0-recv"], 0),
+        counted(2, false)
+    );
+    assert_eq!(
+        among(&["nbd0-recv+nbd0-recv", "kworker/u5:2+nbd0-recv"], 0),
+        counted(2, true)
+    );
+    assert_eq!(
+        among(&["kworker/R-nbd3-recv+nbd3-recv"], 3),
+        counted(1, true)
+    );
+    let others = [
+        "kworker/u5:1-nbd0-recv",
+        "nbd0-recv",
+        "kworker/R-nbd0-recv",
+        "kworker/u5:1+nbd10-recv",
+        "kworker/u5:1+nbd0-del",
+        "kworker/u5:1+xnbd0-recv",
+        "bash",
+    ];
+    assert_eq!(among(&others, 0), counted(0, false));
+    assert_eq!(among(&["nbd1-recv+nbd1-recv"], 11), counted(0, false));
 }
