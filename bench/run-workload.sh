@@ -391,10 +391,13 @@ start_proxy() { # target (HOST:PORT or unix:PATH): the delay proxy in front of t
 }
 # the URI an NBD client uses for the server on $work/sock (or, run-tcp, $port)
 client_uri() { # config
-  if [ -n "$DELAY_US" ]; then echo "nbd://127.0.0.1:$proxy_port"; return; fi
+  # scratchd's tmpdisk wants an export name (the build's); nbdkit's takes any
+  local name=
+  [ "$1" = nbdfuse-scratchd ] && name=bench
+  if [ -n "$DELAY_US" ]; then echo "nbd://127.0.0.1:$proxy_port/$name"; return; fi
   case $1 in
-    run-tcp) echo "nbd://127.0.0.1:$port" ;;
-    *) echo "nbd+unix:///?socket=$work/sock" ;;
+    run-tcp) echo "nbd://127.0.0.1:$port/$name" ;;
+    *) echo "nbd+unix:///$name?socket=$work/sock" ;;
   esac
 }
 cleanup() {
@@ -459,9 +462,9 @@ local_up() {
   mounted=1
 }
 # nbdkit, nbdfuse-scratchd: nbdfuse DIR/disk URI, loop (buffered), mount
-nbdfuse_up() {
+nbdfuse_up() { # config
   rm -f "$work/nbdfuse.pid"
-  setsid nbdfuse -P "$work/nbdfuse.pid" "$fusedir/disk" "$(client_uri nbdfuse)" >>"$logdir/nbdfuse.log" 2>&1 &
+  setsid nbdfuse -P "$work/nbdfuse.pid" "$fusedir/disk" "$(client_uri "$1")" >>"$logdir/nbdfuse.log" 2>&1 &
   fuse_pid=$! fuse_mounted=1
   for _ in $(seq 400); do
     [ -s "$work/nbdfuse.pid" ] && break
@@ -506,7 +509,7 @@ measure_attach() { # round config
       ceiling) t0=$(now); ceiling_up; down; t1=$(now) ;;
       tmpfs) t0=$(now); tmpfs_up; down; t1=$(now) ;;
       local-disk) t0=$(now); local_up; down; t1=$(now) ;;
-      nbdkit | nbdfuse-scratchd) t0=$(now); nbdfuse_up; down; t1=$(now) ;;
+      nbdkit | nbdfuse-scratchd) t0=$(now); nbdfuse_up "$c"; down; t1=$(now) ;;
       run-*)
         run_args "$c"
         t0=$(now)
@@ -525,7 +528,7 @@ measure_disk() { # round config: extract, rpm, rm on one fresh disk
     ceiling) ceiling_up ;;
     tmpfs) tmpfs_up ;;
     local-disk) local_up ;;
-    nbdkit | nbdfuse-scratchd) nbdfuse_up ;;
+    nbdkit | nbdfuse-scratchd) nbdfuse_up "$c" ;;
   esac
   case $c in
     ceiling | tmpfs | local-disk | nbdkit | nbdfuse-scratchd) setsid bash "$SELF" phases "$mnt" >"$out" 2>"$logdir/phases.log" & ;;
