@@ -270,7 +270,7 @@ fn server_target<E>(request: &RunRequest, name: &str) -> Result<Option<Target>, 
 
 /// Work directories are `$TMPDIR/scratchd-run.PID.XXXXXX`, holding the
 /// (empty) mount points of the FUSE file and of the disk.
-const WORK_PREFIX: &str = "scratchd-run.";
+pub(crate) const WORK_PREFIX: &str = "scratchd-run.";
 
 /// A fresh work directory for this run (after sweeping those of killed
 /// runs).
