@@ -1080,6 +1080,51 @@ class ScratchdRootTest(unittest.TestCase):
         with self.assertRaises(PLUGIN.ConfigError):
             PLUGIN.load_key(short)
 
+    def test_directories_of_someone_else_are_refused(self):
+        # The records' directories are beside the key, in mock's base
+        # directory, which mock's group writes (mock's spec file makes
+        # /var/lib/mock root:mock 02775): a member may make them first.
+        nobody = 65534
+        basedir = os.path.join(WORK, "keys", "planted")
+        os.makedirs(basedir)
+        key_file = os.path.join(basedir, "key")
+        key = PLUGIN.load_key(key_file)
+        elsewhere = os.path.join(WORK, "keys", "root-only")
+        os.mkdir(elsewhere, 0o700)
+
+        def uses(name):
+            if name == ".scratchd-snapshots":
+                record = PLUGIN.SnapshotRecord(key_file, key, "planted-x86_64", "")
+                return [record.load, lambda: record.save({"current": None, "names": []})]
+            generations = PLUGIN.Generations(key_file, key, "planted-x86_64", "")
+            return [generations.current, generations.bump]
+
+        for name in (".scratchd-snapshots", ".scratchd-generations"):
+            path = os.path.join(basedir, name)
+            for plant, why in ((lambda p: (os.mkdir(p, 0o700), os.chown(p, nobody, nobody)),
+                                "uid 65534"),
+                               (lambda p: (os.mkdir(p), os.chmod(p, 0o777)), "mode 777"),
+                               (lambda p: os.symlink(elsewhere, p), "symlink")):
+                plant(path)
+                for use in uses(name):
+                    with self.assertRaises(PLUGIN.ConfigError) as refused:
+                        use()
+                    self.assertIn(why, str(refused.exception))
+                self.assertEqual(os.listdir(elsewhere), [])  # nothing written through it
+                if os.path.islink(path):
+                    os.unlink(path)
+                else:
+                    shutil.rmtree(path)
+        # A mock run with such a directory fails as a configuration error.
+        os.mkdir(os.path.join(basedir, ".scratchd-generations"), 0o755)
+        status, mock = self.run_mock("init", "planted-x86_64", key_file=key_file)
+        self.assertEqual(status, 3, getattr(mock, "error", None))
+        self.assertIn("must be a directory of root's", str(mock.error))
+        # Made by the plugin, they pass.
+        shutil.rmtree(os.path.join(basedir, ".scratchd-generations"))
+        for use in uses(".scratchd-snapshots") + uses(".scratchd-generations"):
+            use()
+
     def test_names_are_stable_per_builder_and_unguessable(self):
         key = PLUGIN.load_key(os.path.join(WORK, "mock", ".scratchd-name-key"))
         name = PLUGIN.build_name(key, "names-x86_64", "head")
