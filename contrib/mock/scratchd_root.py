@@ -503,19 +503,29 @@ def holder_alive(record):
     return fields[0] != "Z" and fields[19] == str(holder["start_time"])
 
 
-def run_scratchd(scratchd, args, secret=None, snapshot=None):
+# Where scratchd takes the snapshot a new disk starts as (attach --from),
+# and the snapshot `snapshot take` and `snapshot delete` name.
+FROM_VAR = "SCRATCHD_FROM"
+SNAPSHOT_VAR = "SCRATCHD_SNAPSHOT"
+
+
+def run_scratchd(scratchd, args, secret=None, snapshot=None, snapshot_var=SNAPSHOT_VAR):
     """Every scratchd command the plugin runs goes through here. Returns
     (exit status, stdout, stderr). `secret` (the disk's name) goes to
-    scratchd in the SCRATCHD_NAME environment variable, never in `args`:
+    scratchd in the SCRATCHD_NAME environment variable, and `snapshot` (a
+    server snapshot's name, a key too) in `snapshot_var`, never in `args`:
     /proc/PID/cmdline shows a command line to every local user, where a
-    root process's environment is root's alone. In both outputs the name
-    is replaced by its fingerprint, so that no message built from them can
-    carry it into a log.
+    root process's environment is root's alone. In both outputs the names
+    are replaced by their fingerprints, so that no message built from them
+    can carry them into a log.
     """
     env = dict(os.environ)
-    env.pop("SCRATCHD_NAME", None)
+    for var in ("SCRATCHD_NAME", FROM_VAR, SNAPSHOT_VAR):
+        env.pop(var, None)
     if secret:
         env["SCRATCHD_NAME"] = secret
+    if snapshot:
+        env[snapshot_var] = snapshot
     try:
         done = subprocess.run([scratchd] + list(args), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, universal_newlines=True, check=False,
@@ -527,7 +537,7 @@ def run_scratchd(scratchd, args, secret=None, snapshot=None):
         hidden = "<disk {0}>".format(fingerprint(secret))
         out, err = out.replace(secret, hidden), err.replace(secret, hidden)
     if snapshot:
-        # A snapshot's name (in `args`) is a key too: kept out of messages.
+        # A snapshot's name is a key too: kept out of messages.
         hidden = "<snapshot {0}>".format(fingerprint(snapshot))
         out, err = out.replace(snapshot, hidden), err.replace(snapshot, hidden)
     return done.returncode, out, err
@@ -615,9 +625,9 @@ class ScratchdRoot(object):
     def warn(self, message):
         self.buildroot.root_log.warning("%s: %s", PLUGIN, message)
 
-    def scratchd_do(self, *args, snapshot=None):
+    def scratchd_do(self, *args, snapshot=None, snapshot_var=SNAPSHOT_VAR):
         """Runs scratchd; its output, or the failure as a message."""
-        status, out, err = run_scratchd(self.scratchd, args, self.name, snapshot)
+        status, out, err = run_scratchd(self.scratchd, args, self.name, snapshot, snapshot_var)
         if status != 0:
             raise ScratchdError("`scratchd {0}` failed (exit {1}): {2}".format(
                 args[0], status, err))
@@ -700,7 +710,7 @@ class ScratchdRoot(object):
 
     def _publish_shared(self, why):
         name, previous = self.shared
-        args = ["snapshot", "take", "--freeze", self.root_path, self.server, name]
+        args = ["snapshot", "take", "--freeze", self.root_path, self.server]
         status, _, err = run_scratchd(self.scratchd, args, self.name, name)
         if status == 0:
             self.log("published the {0} root as shared postinit snapshot {1}".format(
@@ -716,19 +726,17 @@ class ScratchdRoot(object):
                 fingerprint(name), err))
 
     def _delete_shared(self, name):
-        run_scratchd(self.scratchd, ["snapshot", "delete", self.server, name], snapshot=name)
+        run_scratchd(self.scratchd, ["snapshot", "delete", self.server], snapshot=name)
 
     def _attach(self, snapshot=None):
         """Attaches the root's disk; a disk made now starts as `snapshot`
         if one is given (an existing disk is used as it is). The name goes
         in SCRATCHD_NAME (run_scratchd), and wins over any export the
-        server's URI names."""
+        server's URI names; the snapshot in SCRATCHD_FROM."""
         args = ["attach", "--mount", self.root_path,
                 "--connections", str(self.conf.get("connections", 4)),
                 "--mount-options", self.conf.get("mount_options", "noatime")]
-        if snapshot is not None:
-            args += ["--from", snapshot]
-        return self.scratchd_do(*(args + [self.server]), snapshot=snapshot)
+        return self.scratchd_do(*(args + [self.server]), snapshot=snapshot, snapshot_var=FROM_VAR)
 
     def _forget_current(self):
         record = self.snapshots.load()
@@ -754,7 +762,7 @@ class ScratchdRoot(object):
             args += ["--freeze", self.root_path]
         try:
             snap = self._snapshot(name)
-            self.scratchd_do(*(args + [self.server, snap]), snapshot=snap)
+            self.scratchd_do(*(args + [self.server]), snapshot=snap)
         except ScratchdError as err:
             raise RootError("{0}: cannot snapshot the build root's disk: {1}".format(
                 PLUGIN, err))
@@ -785,7 +793,7 @@ class ScratchdRoot(object):
         if name not in record["names"]:
             raise RootError("{0}: snapshot {1} doesn't exist".format(PLUGIN, name))
         snap = self._snapshot(name)
-        status, _, err = run_scratchd(self.scratchd, ["snapshot", "delete", self.server, snap],
+        status, _, err = run_scratchd(self.scratchd, ["snapshot", "delete", self.server],
                                       snapshot=snap)
         if status != 0:
             # Gone already (a server restart); the record follows.

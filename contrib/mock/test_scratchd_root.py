@@ -1183,6 +1183,48 @@ class ScratchdRootTest(unittest.TestCase):
                 self.assertNotIn(name[len("mock-"):len("mock-") + 12], line)
             self.assertTrue(any(PLUGIN.fingerprint(name) in line for line in self.log.lines))
 
+    def test_snapshot_names_stay_off_command_lines(self):
+        # The server's snapshot names (mock-snap-…, mock-root-…) are keys
+        # where peers share a namespace: the plugin passes them to scratchd
+        # in SCRATCHD_SNAPSHOT (snapshot take, delete) and SCRATCHD_FROM
+        # (attach --from), as it passes the disk's name in SCRATCHD_NAME.
+        argv_log = os.path.join(WORK, "snap-argv")
+        env_log = os.path.join(WORK, "snap-env")
+        recorder = os.path.join(WORK, "scratchd-snap-recorder")
+        with open(recorder, "w") as f:
+            f.write('#!/bin/sh\nprintf "%%s\\n" "$*" >> %s\n'
+                    'printf "%%s %%s\\n" "${SCRATCHD_SNAPSHOT:--}" "${SCRATCHD_FROM:--}" >> %s\n'
+                    'exec "%s" "$@"\n' % (argv_log, env_log, SCRATCHD))
+        os.chmod(recorder, 0o755)
+        root = "snapargv-x86_64"
+        opts = {"scratchd": recorder, "keep_attached": True}
+        for mode, args in (("init", ()), ("snapshot", ["one"]), ("rollback-to", ["one"]),
+                           ("shell", None), ("remove_snapshot", ["one"])):
+            action = write_marker("A") if args is None else None
+            status, mock = self.run_mock(mode, root, action=action, args=args or (), **opts)
+            self.assertEqual(status, 0, (mode, getattr(mock, "error", None)))
+        status, mock = self.shared_mock("init", root, "shared", scratchd=recorder)
+        self.assertEqual(status, 0, getattr(mock, "error", None))
+        self.assertEqual(self.run_mock("clean", root, scrub=["all"], **opts)[0], 0)
+        with open(argv_log) as f:
+            argvs = f.read().splitlines()
+        with open(env_log) as f:
+            given = [line.split() for line in f.read().splitlines()]
+        taken, started = [], []
+        for argv, (snapshot, start) in zip(argvs, given):
+            self.assertNotIn("mock-snap-", argv)
+            self.assertNotIn("mock-root-", argv)
+            if argv.startswith(("snapshot take", "snapshot delete")):
+                taken.append(snapshot)
+            if start != "-":
+                self.assertTrue(argv.startswith("attach"), argv)
+                started.append(start)
+        # make_snapshot, remove_snapshot, the shared root's publication;
+        # the rollback's and the shared root's attach --from.
+        self.assertTrue(any(name.startswith("mock-snap-") for name in taken), taken)
+        self.assertTrue(any(name.startswith("mock-root-") for name in taken), taken)
+        self.assertTrue(any(name.startswith("mock-snap-") for name in started), started)
+
     # the wrapper (contrib/mock/mock-on-scratchd): results must live off the disk
 
     def wrapper(self, *args, **env):

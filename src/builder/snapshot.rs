@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use scratchd_builder::id::SNAPSHOT_VAR;
 use scratchd_client::{snapshot_request, Options, SnapshotAnswer, SnapshotRequest, Target};
 
 use crate::{cli, name};
@@ -41,7 +42,9 @@ enum Action {
         /// `nbd://HOST[:PORT]/NAME`, `nbds://...?tls-certificates=DIR`.
         #[arg(value_name = "URI")]
         uri: String,
-        #[arg(value_name = "SNAPSHOT")]
+        /// The new snapshot's name; or $SCRATCHD_SNAPSHOT, off the command
+        /// line, where a snapshot's name is a key (`owner=name`).
+        #[arg(value_name = "SNAPSHOT", env = SNAPSHOT_VAR, hide_env_values = true)]
         snapshot: String,
     },
     /// List your snapshots and the published ones: name, size, bytes
@@ -55,7 +58,8 @@ enum Action {
     Delete {
         #[arg(value_name = "URI")]
         uri: String,
-        #[arg(value_name = "SNAPSHOT")]
+        /// Its name; or $SCRATCHD_SNAPSHOT.
+        #[arg(value_name = "SNAPSHOT", env = SNAPSHOT_VAR, hide_env_values = true)]
         snapshot: String,
     },
 }
