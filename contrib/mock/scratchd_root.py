@@ -835,8 +835,11 @@ class ScratchdRoot(object):
 
     def hook_postumount(self):
         if self.conf.get("keep_attached"):
-            self.log("disk {0} stays attached at {1} (keep_attached)".format(
-                fingerprint(self.name), self.root_path))
+            # Not after a rollback, which detached it (mock's finalize
+            # calls postumount after every mode).
+            if self._attached():
+                self.log("disk {0} stays attached at {1} (keep_attached)".format(
+                    fingerprint(self.name), self.root_path))
             return
         self._detach_quietly("the server keeps the disk for its linger")
 
