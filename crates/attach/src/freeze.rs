@@ -174,11 +174,6 @@ impl Frozen {
         self.thaw_once()
     }
 
-    /// The guard's process id, while there is one (for tests).
-    pub fn guard_pid(&self) -> Option<u32> {
-        self.guard.as_ref().map(|g| g.pid as u32)
-    }
-
     fn thaw_once(&mut self) -> io::Result<()> {
         let Some(guard) = self.guard.take() else {
             return Ok(());
