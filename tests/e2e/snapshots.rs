@@ -284,37 +284,6 @@ fn snapshots_and_clones_in_files_leave_nothing_after_sigkill() {
     assert_eq!(named(), 0, "after SIGKILL");
 }
 
-/// A run's command snapshots its own disk with its file system frozen, as
-/// docs/RUN.md shows: `--freeze "$SCRATCH_DIR"` is accepted as a live
-/// run's disk (it has no attachment record), and the snapshot starts a
-/// build that reads what was written before it.
-#[test]
-fn a_run_snapshots_its_own_disk_frozen() {
-    if skip_without_fuse("a_run_snapshots_its_own_disk_frozen") {
-        return;
-    }
-    let server = Server::start(&["tmpdisk", "size=64M", "linger=60s"]);
-    let uri = server.uri();
-    let script = format!(
-        r#"echo prepared > "$SCRATCH_DIR/tool" &&
-           {SCRATCHD} snapshot take "{uri}" --name root --freeze "$SCRATCH_DIR" base &&
-           echo after > "$SCRATCH_DIR/later""#
-    );
-    let (code, out, err) = run_on(&uri, "root", None, &script);
-    assert_eq!((code, out.trim()), (0, "base"), "{err}");
-    let (code, out, err) = run_on(
-        &uri,
-        "build",
-        Some("base"),
-        r#"cat "$SCRATCH_DIR/tool"; ls "$SCRATCH_DIR""#,
-    );
-    assert_eq!(code, 0, "{err}");
-    assert!(
-        out.starts_with("prepared\n") && !out.contains("later"),
-        "{out}"
-    );
-}
-
 /// Snapshot names are keys where peers share a namespace (`owner=name`),
 /// so they come from the environment as disk names do: `snapshot take`
 /// and `delete` read SCRATCHD_SNAPSHOT, `run --from` SCRATCHD_FROM. The

@@ -41,10 +41,14 @@ pub enum FreezeRefusal {
     State(#[from] StateError),
     #[error(
         "{} is not the mount point of a scratchd disk (an attachment's or a run's): \
-         its file system ({device}) is not frozen",
+         its file system ({device}: {why}) is not frozen",
         dir.display()
     )]
-    NotScratchd { dir: PathBuf, device: String },
+    NotScratchd {
+        dir: PathBuf,
+        device: String,
+        why: String,
+    },
     #[error(
         "{} is the mount point of attachment {id}, whose disk is not the one \
          being snapshotted: not frozen",
@@ -99,31 +103,41 @@ fn check_owner(
             dir: dir.to_owned(),
             id: record.id.clone(),
         }),
-        None if is_a_live_runs(device) => Ok(()),
-        None => Err(FreezeRefusal::NotScratchd {
+        None => live_runs(device).map_err(|why| FreezeRefusal::NotScratchd {
             dir: dir.to_owned(),
             device: device.display().to_string(),
+            why,
         }),
     }
 }
 
-/// Whether `device` is the disk of a `scratchd run` that still runs.
-fn is_a_live_runs(device: &Path) -> bool {
-    let Some(name) = device.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
+/// Accepts `device` if it is the disk of a `scratchd run` that still
+/// runs; else says why not.
+fn live_runs(device: &Path) -> Result<(), String> {
+    let name = device.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let run = if let Some(index) = name.strip_prefix("nbd") {
-        index
-            .parse()
-            .ok()
-            .and_then(nbd_kernel::backend_of)
-            .and_then(|label| crate::frontend::kernel::run_of_label(&label))
+        let label = index.parse().ok().and_then(nbd_kernel::backend_of);
+        let run = label
+            .as_deref()
+            .and_then(crate::frontend::kernel::run_of_label);
+        run.ok_or_else(|| format!("no attachment's, and its label {label:?} is no run's"))?
     } else if name.starts_with("loop") {
-        loopdev::backing_file(device).and_then(|file| run_of_fuse_file(&file))
+        let file = loopdev::backing_file(device);
+        let run = file.as_deref().and_then(run_of_fuse_file);
+        run.ok_or_else(|| format!("no attachment's, and its file {file:?} is no run's"))?
     } else {
-        None
+        return Err("neither a loop nor an nbd device".to_owned());
     };
-    run.is_some_and(|run| run.alive() && run.runs_this_program())
+    // The label and the FUSE file are root's doing (only root configures
+    // nbd and loop devices), and a run's device goes with its run; what is
+    // left to check is that the run still runs (its start time, for an
+    // nbd label). Not also by its executable's path: in the qemu guests,
+    // read from inside the run, the run's `/proc/PID/exe` did not compare
+    // equal to ours (kernel 6.12; why is not established).
+    match run.alive() {
+        true => Ok(()),
+        false => Err(format!("the run {} has ended", run.pid)),
+    }
 }
 
 /// The run whose FUSE file this is: `…/scratchd-run.PID.XXXX/fuse/disk`
