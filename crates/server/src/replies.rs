@@ -12,7 +12,11 @@
 //!   every connection, so a worker must never wait for one client. Each
 //!   request is first admitted with a [`Ticket`] that reserves room for its
 //!   payload and reply; the worker hands its reply to [`Ticket::post`],
-//!   which sends what the socket takes at once and queues the rest. A
+//!   which sends what the socket takes at once and queues the rest. The
+//!   send happens outside the connection's lock: replies posted by other
+//!   workers meanwhile are gathered behind it and leave in the sender's
+//!   next write, together (at queue depth 32, fewer writes than replies,
+//!   and no worker waits for another's system call). A
 //!   flusher thread of the connection's own (started the first time anything
 //!   is queued) waits for the client and sends the queue. When the queue and
 //!   the running requests fill the connection's budget, [`ReplyQueue::admit`]
@@ -52,6 +56,10 @@ const SMALL: usize = 64 * 1024;
 /// Gathered inline replies are written once they reach this size, even if
 /// more requests are waiting, to keep memory and latency bounded.
 pub const FLUSH_AT: usize = 256 * 1024;
+/// Writes one post makes for replies gathered behind it before it leaves
+/// the rest to the flusher: a worker is lent to sending for a while, not
+/// kept from the pool by a busy connection.
+const GATHER_ROUNDS: usize = 16;
 /// Stack of a connection's flusher thread: it only moves buffers.
 const FLUSHER_STACK: usize = 64 * 1024;
 
@@ -67,8 +75,11 @@ pub struct ReplyQueue {
 
 struct Shared {
     state: Mutex<State>,
-    /// Signalled when room is freed, when the queue gets work, and on close.
+    /// Signalled when room is freed, when replies leave, and on close; only
+    /// while someone waits on it (see [`Shared::notify`]).
     changed: Condvar,
+    /// Signalled when the flusher has work: replies queued, or the close.
+    work: Condvar,
     /// The socket, to wait for it without holding the state's lock and to
     /// cut off a stalled client.
     control: Control,
@@ -76,10 +87,17 @@ struct Shared {
 }
 
 struct State {
-    writer: WriteHalf,
+    /// `None` while a post sends outside the lock (see
+    /// [`Shared::send_gathering`]).
+    writer: Option<WriteHalf>,
     /// Replies, or their unsent ends, waiting for the client to read; sent
     /// in order, each whole before the next.
     queue: VecDeque<Vec<u8>>,
+    /// Small replies posted while another post was sending, in order: that
+    /// post sends them in its next write, all at once. (Larger ones are
+    /// queued instead, not copied.)
+    gathered: Vec<u8>,
+    /// Bytes posted and not yet written: queued, gathered or being sent.
     queued_bytes: usize,
     /// Admitted requests that have not posted a reply yet.
     running: usize,
@@ -88,6 +106,10 @@ struct State {
     /// The client is gone or was cut off: replies are dropped from now on.
     closed: bool,
     flusher: bool,
+    /// Threads waiting on `changed` (admission, `wait_idle`).
+    waiters: usize,
+    /// The flusher waits on `work`.
+    flusher_asleep: bool,
     /// When the client last took bytes of a queued reply.
     progress: Instant,
 }
@@ -97,18 +119,44 @@ impl State {
         self.reserved + self.queued_bytes
     }
 
-    /// Whether anything waits to be sent: queued replies, or records a TLS
-    /// transport holds.
+    /// Whether anything waits to be sent or is being sent: queued replies,
+    /// a post sending outside the lock, or records a TLS transport holds.
     fn backlog(&self) -> bool {
-        !self.queue.is_empty() || self.writer.pending()
+        match &self.writer {
+            Some(writer) => !self.queue.is_empty() || writer.pending(),
+            None => true,
+        }
+    }
+
+    /// Whether a post is sending outside the lock (it holds the writer).
+    fn sending(&self) -> bool {
+        self.writer.is_none()
+    }
+
+    /// Keeps `reply` until whoever sends next takes it: a small one
+    /// gathered behind the post that is sending now, else queued for the
+    /// flusher (after what was gathered before it).
+    fn hold(&mut self, reply: Cow<'_, [u8]>) {
+        self.queued_bytes += reply.len();
+        if self.sending() && reply.len() <= SMALL {
+            return self.gathered.extend_from_slice(&reply);
+        }
+        if !self.gathered.is_empty() {
+            let gathered = std::mem::take(&mut self.gathered);
+            self.queue.push_back(gathered);
+        }
+        self.queue.push_back(reply.into_owned());
     }
 
     /// Sends queued replies until the queue is empty or the socket is full
-    /// (`WouldBlock`).
+    /// (`WouldBlock`). Only while no post is sending (the flusher checks).
     fn send_queued(&mut self) -> io::Result<()> {
-        self.writer.try_flush()?;
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        writer.try_flush()?;
         while let Some(front) = self.queue.front_mut() {
-            let n = self.writer.try_write(front)?;
+            let n = writer.try_write(front)?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -120,41 +168,54 @@ impl State {
                 front.drain(..n);
             }
         }
-        self.writer.try_flush()
+        writer.try_flush()
     }
 
-    /// Sends `reply` now as far as the socket takes it, after anything
-    /// already queued; queues the rest. A borrowed reply that leaves whole
-    /// (the usual case) costs no allocation.
-    fn send_or_queue(&mut self, reply: Cow<'_, [u8]>) -> io::Result<()> {
-        let mut sent = 0;
-        if self.queue.is_empty() {
-            match self.writer.try_write(&reply) {
-                Ok(n) if n == reply.len() => return Ok(()),
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.progress = Instant::now();
-                    sent = n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.progress = Instant::now(),
-                Err(e) => return Err(e),
+    /// Counts `n` bytes of `out` as taken by the client. Whether replies
+    /// gathered meanwhile are to be written next, by the sender; if not
+    /// (the socket was full, a large reply was queued meanwhile, or the
+    /// sender may not `go_on`), the rest of `out`, then what was queued and
+    /// gathered, wait for the flusher, in that order.
+    fn sent(&mut self, n: usize, out: &mut Cow<'_, [u8]>, go_on: bool) -> bool {
+        self.progress = Instant::now();
+        self.queued_bytes -= n;
+        if n == out.len() && go_on && self.queue.is_empty() {
+            return !self.gathered.is_empty();
+        }
+        let rest = match std::mem::take(out) {
+            // A large reply keeps its buffer (no copy, and its memory
+            // returns to the system as one piece).
+            Cow::Owned(mut reply) => {
+                reply.drain(..n);
+                reply
+            }
+            Cow::Borrowed(reply) => reply[n..].to_vec(),
+        };
+        if !rest.is_empty() {
+            self.queue.push_front(rest);
+        }
+        if !self.gathered.is_empty() {
+            let gathered = std::mem::take(&mut self.gathered);
+            self.queue.push_back(gathered);
+        }
+        false
+    }
+
+    /// Keeps a sent gathering buffer for the next gathering, unless a
+    /// huge burst grew it.
+    fn recycle(&mut self, sent: Cow<'_, [u8]>) {
+        if let Cow::Owned(mut buf) = sent {
+            if buf.capacity() <= FLUSH_AT && self.gathered.capacity() == 0 {
+                buf.clear();
+                self.gathered = buf;
             }
         }
-        let rest = match reply {
-            Cow::Owned(mut v) => {
-                v.drain(..sent);
-                v
-            }
-            Cow::Borrowed(b) => b[sent..].to_vec(),
-        };
-        self.queued_bytes += rest.len();
-        self.queue.push_back(rest);
-        Ok(())
     }
 
     fn close(&mut self) {
         self.closed = true;
         self.queue.clear();
+        self.gathered.clear();
         self.queued_bytes = 0;
     }
 }
@@ -164,16 +225,20 @@ impl ReplyQueue {
         ReplyQueue {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
-                    writer,
+                    writer: Some(writer),
                     queue: VecDeque::new(),
+                    gathered: Vec::new(),
                     queued_bytes: 0,
                     running: 0,
                     reserved: 0,
                     closed: false,
                     flusher: false,
+                    waiters: 0,
+                    flusher_asleep: false,
                     progress: Instant::now(),
                 }),
                 changed: Condvar::new(),
+                work: Condvar::new(),
                 control,
                 stall,
             }),
@@ -244,7 +309,7 @@ impl ReplyQueue {
             if fits && st.running < MAX_IN_FLIGHT {
                 break;
             }
-            st = sync::wait(&shared.changed, st);
+            st = shared.wait(st);
         }
         st.running += 1;
         st.reserved += bytes;
@@ -269,15 +334,16 @@ impl ReplyQueue {
     pub fn wait_idle(&self) {
         let mut st = sync::lock(&self.shared.state);
         while st.running > 0 || (st.backlog() && !st.closed) {
-            st = sync::wait(&self.shared.changed, st);
+            st = self.shared.wait(st);
         }
     }
 
     /// Drops what is queued and every reply still to come: the client is
     /// gone. Ends the flusher.
     pub fn close(&self) {
-        sync::lock(&self.shared.state).close();
-        self.shared.changed.notify_all();
+        let mut st = sync::lock(&self.shared.state);
+        st.close();
+        self.shared.notify(&st);
     }
 
     /// Frees the batch buffer if a huge request grew it past `keep` bytes
@@ -306,25 +372,94 @@ impl Shared {
         if let Some(bytes) = reserved {
             st.running -= 1;
             st.reserved -= bytes;
-            self.changed.notify_all();
         }
-        if st.closed {
-            return Ok(());
-        }
-        if let Err(e) = st.send_or_queue(reply) {
-            st.close();
-            drop(st);
-            self.changed.notify_all();
-            return Err(e);
-        }
-        if !st.backlog() {
-            return Ok(());
-        }
-        if st.flusher {
-            // It may be asleep with nothing to send: this reply is news to
-            // it, and no other post may come to wake it.
-            self.changed.notify_all();
+        let sent = if st.closed {
+            Ok(())
+        } else if st.backlog() {
+            st.hold(reply);
+            Ok(())
         } else {
+            let sent;
+            (st, sent) = self.send_gathering(st, reply);
+            sent
+        };
+        match sent {
+            Err(_) => st.close(),
+            Ok(()) => self.start_flusher(&mut st),
+        }
+        // Room was freed, the flusher may have work, or the client is gone.
+        self.notify(&st);
+        sent
+    }
+
+    /// Sends `reply` with the lock released, so that workers posting
+    /// meanwhile neither wait for the system call nor make one: their
+    /// replies gather behind it and leave in the next write, together. Ends
+    /// when nothing more was posted, or when the socket is full: what it did
+    /// not take is queued for the flusher. Never waits for the client.
+    fn send_gathering<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        reply: Cow<'_, [u8]>,
+    ) -> (MutexGuard<'a, State>, io::Result<()>) {
+        let Some(mut writer) = st.writer.take() else {
+            st.hold(reply);
+            return (st, Ok(()));
+        };
+        st.queued_bytes += reply.len();
+        let mut out = reply;
+        let mut rounds = 1;
+        loop {
+            drop(st);
+            let written = write_now(&mut writer, &out);
+            st = sync::lock(&self.state);
+            let more = match written {
+                // Cut off meanwhile: what is left was dropped.
+                _ if st.closed => Ok(false),
+                Ok(n) => Ok(st.sent(n, &mut out, rounds < GATHER_ROUNDS)),
+                Err(e) => Err(e),
+            };
+            match more {
+                Ok(true) => {
+                    let next = Cow::Owned(std::mem::take(&mut st.gathered));
+                    st.recycle(std::mem::replace(&mut out, next));
+                    rounds += 1;
+                }
+                done => {
+                    st.writer = Some(writer);
+                    return (st, done.map(drop));
+                }
+            }
+        }
+    }
+
+    /// Waits on `changed`, counted so that a notification is sent only when
+    /// someone waits for it.
+    fn wait<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.waiters += 1;
+        let mut st = sync::wait(&self.changed, st);
+        st.waiters -= 1;
+        st
+    }
+
+    /// Wakes whoever waits on `changed`, and the flusher if it has work
+    /// now. A notification is a system call even when nobody waits, and
+    /// every pooled reply would pay one; a flusher woken for nothing costs
+    /// two context switches.
+    fn notify(&self, st: &State) {
+        if st.waiters > 0 {
+            self.changed.notify_all();
+        }
+        if st.flusher_asleep && (st.closed || (st.backlog() && !st.sending())) {
+            self.work.notify_one();
+        }
+    }
+
+    /// Starts the connection's flusher thread the first time a reply waits
+    /// for the client; if it cannot start, the client is cut off (nothing
+    /// else would ever send what waits).
+    fn start_flusher(self: &Arc<Self>, st: &mut State) {
+        if st.backlog() && !st.flusher && !st.closed {
             st.flusher = true;
             let shared = self.clone();
             let spawned = thread::Builder::new()
@@ -337,7 +472,6 @@ impl Shared {
                 self.control.cut();
             }
         }
-        Ok(())
     }
 
     /// The flusher thread: sends queued replies as the client reads them,
@@ -348,8 +482,12 @@ impl Shared {
             if st.closed {
                 return;
             }
-            if !st.backlog() {
-                st = sync::wait(&self.changed, st);
+            // A post sending outside the lock sends what waits, or queues it
+            // and wakes this thread.
+            if !st.backlog() || st.sending() {
+                st.flusher_asleep = true;
+                st = sync::wait(&self.work, st);
+                st.flusher_asleep = false;
                 continue;
             }
             let before = st.queued_bytes;
@@ -363,7 +501,7 @@ impl Shared {
                 }
             }
             if st.queued_bytes < before {
-                self.changed.notify_all();
+                self.notify(&st);
             }
             if !st.backlog() {
                 continue;
@@ -385,8 +523,18 @@ impl Shared {
     fn cut<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         st.close();
         self.control.cut();
-        self.changed.notify_all();
+        self.notify(&st);
         st
+    }
+}
+
+/// Writes as much of `out` as the socket takes now, without waiting: 0
+/// when it takes nothing.
+fn write_now(writer: &mut WriteHalf, out: &[u8]) -> io::Result<usize> {
+    match writer.try_write(out) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+        r => r,
     }
 }
 
@@ -413,7 +561,7 @@ impl Drop for Ticket {
             let mut st = sync::lock(&self.shared.state);
             st.running -= 1;
             st.reserved -= self.bytes;
-            self.shared.changed.notify_all();
+            self.shared.notify(&st);
         }
     }
 }
@@ -449,7 +597,12 @@ pub struct Writer<'a> {
 impl Writer<'_> {
     /// Writes all of `bytes`, waiting for the client up to the stall timeout.
     pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.state.writer.write_all(bytes, self.stall)
+        // Only pooled connections post, so an inline one always holds its
+        // writer here.
+        match self.state.writer.as_mut() {
+            Some(writer) => writer.write_all(bytes, self.stall),
+            None => Err(io::Error::other("a pooled reply is being sent")),
+        }
     }
 }
 
@@ -549,6 +702,112 @@ mod tests {
             // The flusher sent it all and sleeps until told of more.
             replies.wait_idle();
         }
+    }
+
+    /// Takes the writer as a post sending outside the lock does, so that
+    /// what is posted meanwhile gathers; `send_gathering` gives it back.
+    fn start_sending(replies: &ReplyQueue) -> WriteHalf {
+        sync::lock(&replies.shared.state).writer.take().unwrap()
+    }
+
+    /// Finishes the send `start_sending` began, with `first` as the reply
+    /// it was sending.
+    fn finish_sending(replies: &ReplyQueue, writer: WriteHalf, first: &[u8]) {
+        let mut st = sync::lock(&replies.shared.state);
+        st.writer = Some(writer);
+        let (mut st, sent) = replies.shared.send_gathering(st, Cow::Borrowed(first));
+        sent.unwrap();
+        replies.shared.start_flusher(&mut st);
+        replies.shared.notify(&st);
+    }
+
+    #[test]
+    fn replies_posted_during_a_send_gather_and_leave_after_it_in_order() {
+        let (mut client, replies) = replies(true, SECOND);
+        let writer = start_sending(&replies);
+        replies.admit(3).unwrap().post(b"two".to_vec());
+        replies.admit(5).unwrap().post(b"three".to_vec());
+        // Posting did not wait for the send, nor send anything itself.
+        assert_eq!(sync::lock(&replies.shared.state).gathered, b"twothree");
+        client.set_nonblocking(true).unwrap();
+        let mut byte = [0];
+        assert_eq!(
+            client.read(&mut byte).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        client.set_nonblocking(false).unwrap();
+        finish_sending(&replies, writer, b"one");
+        assert_eq!(read(&mut client, 11), b"onetwothree");
+        replies.wait_idle();
+        let st = sync::lock(&replies.shared.state);
+        assert_eq!((st.queued_bytes, st.gathered.len()), (0, 0));
+    }
+
+    #[test]
+    fn gathered_replies_the_socket_cannot_take_are_queued_behind_the_rest() {
+        let (mut client, replies) = replies(true, 10 * SECOND);
+        let len = 4 * 1024 * 1024;
+        let writer = start_sending(&replies);
+        replies.admit(len).unwrap().post(vec![2; len]);
+        replies.admit(3).unwrap().post(vec![3; 3]);
+        // More than the socket holds: the end of the first reply and what
+        // was gathered wait for the flusher, in order.
+        finish_sending(&replies, writer, &vec![1; len]);
+        assert!(read(&mut client, len).iter().all(|&b| b == 1));
+        assert!(read(&mut client, len).iter().all(|&b| b == 2));
+        assert_eq!(read(&mut client, 3), [3; 3]);
+        replies.wait_idle();
+    }
+
+    #[test]
+    fn a_sender_that_used_its_rounds_leaves_the_gathered_replies_to_the_flusher() {
+        let (mut client, replies) = replies(true, SECOND);
+        let writer = start_sending(&replies);
+        replies.admit(3).unwrap().post(b"two".to_vec());
+        let mut st = sync::lock(&replies.shared.state);
+        st.writer = Some(writer);
+        st.queued_bytes += 3;
+        // "one" was written whole, on the sender's last round.
+        assert!(!st.sent(3, &mut Cow::Borrowed(b"one"), false));
+        assert_eq!(st.queue, [b"two".to_vec()]);
+        assert!(st.gathered.is_empty());
+        replies.shared.start_flusher(&mut st);
+        replies.shared.notify(&st);
+        drop(st);
+        assert_eq!(read(&mut client, 3), b"two");
+        replies.wait_idle();
+    }
+
+    #[test]
+    fn a_large_reply_posted_during_a_send_is_queued_in_its_place_not_copied() {
+        let (mut client, replies) = replies(true, SECOND);
+        let writer = start_sending(&replies);
+        replies.admit(1).unwrap().post(b"a".to_vec());
+        replies.admit(SMALL + 1).unwrap().post(vec![2; SMALL + 1]);
+        replies.admit(1).unwrap().post(b"c".to_vec());
+        {
+            let st = sync::lock(&replies.shared.state);
+            assert_eq!(st.queue.len(), 2, "what was gathered, then the large one");
+            assert_eq!(st.gathered, b"c");
+        }
+        finish_sending(&replies, writer, b"one");
+        assert_eq!(read(&mut client, 4), b"onea");
+        assert!(read(&mut client, SMALL + 1).iter().all(|&b| b == 2));
+        assert_eq!(read(&mut client, 1), b"c");
+        replies.wait_idle();
+    }
+
+    #[test]
+    fn gathered_replies_count_against_the_budget() {
+        let (_client, replies) = replies(true, SECOND);
+        let replies = Arc::new(replies);
+        let _writer = start_sending(&replies);
+        replies.admit(SMALL).unwrap().post(vec![0; SMALL]);
+        assert_eq!(sync::lock(&replies.shared.state).gathered.len(), SMALL);
+        // Nothing is running any more, but the gathered reply holds its
+        // room until it is sent.
+        let next = admit_later(&replies, BUDGET);
+        assert!(waits(&next));
     }
 
     #[test]
