@@ -89,6 +89,7 @@
 # does (mockbuild/plugins/tmpfs.py, _tmpfsUmount), so that one failed
 # detach cannot skip the rest of mock's cleanup.
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -189,10 +190,11 @@ def _read_key(path):
     return key
 
 
-def _read_private(path):
-    """A root-only file's contents; FileNotFoundError if there is none."""
+def _read_private(path, dir_fd=None):
+    """A root-only file's contents; FileNotFoundError if there is none.
+    With `dir_fd` (a _private_dir), `path` is a name in that directory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         raise
     except OSError as err:
@@ -241,19 +243,20 @@ def _create_file(path, data):
         os.unlink(tmp)
 
 
-def _replace_file(path, data):
-    """Writes `data` to `path` whole, replacing what was there."""
-    tmp = os.path.join(os.path.dirname(path),
-                       ".{0}.{1}".format(os.path.basename(path), secrets.token_hex(8)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def _replace_file(name, data, dir_fd):
+    """Writes `data` to file `name` of directory `dir_fd` (a _private_dir)
+    whole, replacing what was there."""
+    tmp = ".{0}.{1}".format(name, secrets.token_hex(8))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dir_fd)
     try:
         try:
             _write_all(fd, data)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        os.unlink(tmp)
+        os.unlink(tmp, dir_fd=dir_fd)
         raise
 
 
@@ -269,6 +272,41 @@ def _make_dir(path, mode):
         raise ConfigError("{0}: cannot make {1}: {2}".format(PLUGIN, path, err))
 
 
+@contextlib.contextmanager
+def _private_dir(path, create=True):
+    """The directory at `path` (made 0700 if missing and `create`, else
+    FileNotFoundError), opened without following a symlink and held by its
+    descriptor: it must be root's and nobody else's. Its parent is mock's base directory, which mock's group
+    may write: a member could have made it first (to read or plant the
+    records root keeps in it), or swap it after the check; files are then
+    reached from the descriptor, never by path again."""
+    if create:
+        _make_dir(os.path.dirname(path), 0o755)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise ConfigError("{0}: cannot make {1}: {2}".format(PLUGIN, path, err))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise ConfigError("{0}: cannot open the directory {1} (a symlink is refused): {2}".format(
+            PLUGIN, path, err))
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != 0 or info.st_mode & 0o077:
+            raise ConfigError(
+                "{0}: {1} must be a directory of root's that nobody else can use (it is uid "
+                "{2}, mode {3:o}): someone else may have made it; remove it".format(
+                    PLUGIN, path, info.st_uid, stat.S_IMODE(info.st_mode)))
+        yield fd
+    finally:
+        os.close(fd)
+
+
 class Generations(object):
     """How many times each build root was cleaned, in root-only files in a
     directory beside the key: mixed into the disk's name, so that the
@@ -280,11 +318,19 @@ class Generations(object):
         # The file's name is keyed too: it says nothing about the root.
         digest = hmac.new(key, "generation\0{0}\0{1}".format(root, unique_ext).encode(),
                           hashlib.sha256)
-        self.path = os.path.join(self.dir, digest.hexdigest()[:32])
+        self.name = digest.hexdigest()[:32]
+        self.path = os.path.join(self.dir, self.name)
 
     def current(self):
         try:
-            text = _read_private(self.path)
+            with _private_dir(self.dir, create=False) as dir_fd:
+                return self._current(dir_fd)
+        except FileNotFoundError:
+            return 0
+
+    def _current(self, dir_fd):
+        try:
+            text = _read_private(self.name, dir_fd)
         except FileNotFoundError:
             return 0
         try:
@@ -293,8 +339,8 @@ class Generations(object):
             raise ConfigError("{0}: {1} does not hold a number".format(PLUGIN, self.path))
 
     def bump(self):
-        _make_dir(self.dir, 0o700)
-        _replace_file(self.path, str(self.current() + 1).encode())
+        with _private_dir(self.dir) as dir_fd:
+            _replace_file(self.name, str(self._current(dir_fd) + 1).encode(), dir_fd)
 
 
 def snapshot_name(key, root, unique_ext, name):
@@ -349,12 +395,14 @@ class SnapshotRecord(object):
         self.dir = os.path.join(os.path.dirname(key_file), ".scratchd-snapshots")
         digest = hmac.new(key, "snapshots\0{0}\0{1}".format(root, unique_ext).encode(),
                           hashlib.sha256)
-        self.path = os.path.join(self.dir, digest.hexdigest()[:32])
+        self.name = digest.hexdigest()[:32]
+        self.path = os.path.join(self.dir, self.name)
 
     def load(self):
         """{"current": mock name or None, "names": [mock names]}."""
         try:
-            text = _read_private(self.path)
+            with _private_dir(self.dir, create=False) as dir_fd:
+                text = _read_private(self.name, dir_fd)
         except FileNotFoundError:
             return {"current": None, "names": []}
         try:
@@ -367,8 +415,8 @@ class SnapshotRecord(object):
                 PLUGIN, self.path, err))
 
     def save(self, record):
-        _make_dir(self.dir, 0o700)
-        _replace_file(self.path, json.dumps(record).encode())
+        with _private_dir(self.dir) as dir_fd:
+            _replace_file(self.name, json.dumps(record).encode(), dir_fd)
 
 
 # --- what is mounted where, and scratchd's records of it ---
@@ -455,19 +503,29 @@ def holder_alive(record):
     return fields[0] != "Z" and fields[19] == str(holder["start_time"])
 
 
-def run_scratchd(scratchd, args, secret=None, snapshot=None):
+# Where scratchd takes the snapshot a new disk starts as (attach --from),
+# and the snapshot `snapshot take` and `snapshot delete` name.
+FROM_VAR = "SCRATCHD_FROM"
+SNAPSHOT_VAR = "SCRATCHD_SNAPSHOT"
+
+
+def run_scratchd(scratchd, args, secret=None, snapshot=None, snapshot_var=SNAPSHOT_VAR):
     """Every scratchd command the plugin runs goes through here. Returns
     (exit status, stdout, stderr). `secret` (the disk's name) goes to
-    scratchd in the SCRATCHD_NAME environment variable, never in `args`:
+    scratchd in the SCRATCHD_NAME environment variable, and `snapshot` (a
+    server snapshot's name, a key too) in `snapshot_var`, never in `args`:
     /proc/PID/cmdline shows a command line to every local user, where a
-    root process's environment is root's alone. In both outputs the name
-    is replaced by its fingerprint, so that no message built from them can
-    carry it into a log.
+    root process's environment is root's alone. In both outputs the names
+    are replaced by their fingerprints, so that no message built from them
+    can carry them into a log.
     """
     env = dict(os.environ)
-    env.pop("SCRATCHD_NAME", None)
+    for var in ("SCRATCHD_NAME", FROM_VAR, SNAPSHOT_VAR):
+        env.pop(var, None)
     if secret:
         env["SCRATCHD_NAME"] = secret
+    if snapshot:
+        env[snapshot_var] = snapshot
     try:
         done = subprocess.run([scratchd] + list(args), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, universal_newlines=True, check=False,
@@ -479,7 +537,7 @@ def run_scratchd(scratchd, args, secret=None, snapshot=None):
         hidden = "<disk {0}>".format(fingerprint(secret))
         out, err = out.replace(secret, hidden), err.replace(secret, hidden)
     if snapshot:
-        # A snapshot's name (in `args`) is a key too: kept out of messages.
+        # A snapshot's name is a key too: kept out of messages.
         hidden = "<snapshot {0}>".format(fingerprint(snapshot))
         out, err = out.replace(snapshot, hidden), err.replace(snapshot, hidden)
     return done.returncode, out, err
@@ -567,9 +625,9 @@ class ScratchdRoot(object):
     def warn(self, message):
         self.buildroot.root_log.warning("%s: %s", PLUGIN, message)
 
-    def scratchd_do(self, *args, snapshot=None):
+    def scratchd_do(self, *args, snapshot=None, snapshot_var=SNAPSHOT_VAR):
         """Runs scratchd; its output, or the failure as a message."""
-        status, out, err = run_scratchd(self.scratchd, args, self.name, snapshot)
+        status, out, err = run_scratchd(self.scratchd, args, self.name, snapshot, snapshot_var)
         if status != 0:
             raise ScratchdError("`scratchd {0}` failed (exit {1}): {2}".format(
                 args[0], status, err))
@@ -652,7 +710,7 @@ class ScratchdRoot(object):
 
     def _publish_shared(self, why):
         name, previous = self.shared
-        args = ["snapshot", "take", "--freeze", self.root_path, self.server, name]
+        args = ["snapshot", "take", "--freeze", self.root_path, self.server]
         status, _, err = run_scratchd(self.scratchd, args, self.name, name)
         if status == 0:
             self.log("published the {0} root as shared postinit snapshot {1}".format(
@@ -668,19 +726,17 @@ class ScratchdRoot(object):
                 fingerprint(name), err))
 
     def _delete_shared(self, name):
-        run_scratchd(self.scratchd, ["snapshot", "delete", self.server, name], snapshot=name)
+        run_scratchd(self.scratchd, ["snapshot", "delete", self.server], snapshot=name)
 
     def _attach(self, snapshot=None):
         """Attaches the root's disk; a disk made now starts as `snapshot`
         if one is given (an existing disk is used as it is). The name goes
         in SCRATCHD_NAME (run_scratchd), and wins over any export the
-        server's URI names."""
+        server's URI names; the snapshot in SCRATCHD_FROM."""
         args = ["attach", "--mount", self.root_path,
                 "--connections", str(self.conf.get("connections", 4)),
                 "--mount-options", self.conf.get("mount_options", "noatime")]
-        if snapshot is not None:
-            args += ["--from", snapshot]
-        return self.scratchd_do(*(args + [self.server]), snapshot=snapshot)
+        return self.scratchd_do(*(args + [self.server]), snapshot=snapshot, snapshot_var=FROM_VAR)
 
     def _forget_current(self):
         record = self.snapshots.load()
@@ -706,7 +762,7 @@ class ScratchdRoot(object):
             args += ["--freeze", self.root_path]
         try:
             snap = self._snapshot(name)
-            self.scratchd_do(*(args + [self.server, snap]), snapshot=snap)
+            self.scratchd_do(*(args + [self.server]), snapshot=snap)
         except ScratchdError as err:
             raise RootError("{0}: cannot snapshot the build root's disk: {1}".format(
                 PLUGIN, err))
@@ -737,7 +793,7 @@ class ScratchdRoot(object):
         if name not in record["names"]:
             raise RootError("{0}: snapshot {1} doesn't exist".format(PLUGIN, name))
         snap = self._snapshot(name)
-        status, _, err = run_scratchd(self.scratchd, ["snapshot", "delete", self.server, snap],
+        status, _, err = run_scratchd(self.scratchd, ["snapshot", "delete", self.server],
                                       snapshot=snap)
         if status != 0:
             # Gone already (a server restart); the record follows.
@@ -779,8 +835,11 @@ class ScratchdRoot(object):
 
     def hook_postumount(self):
         if self.conf.get("keep_attached"):
-            self.log("disk {0} stays attached at {1} (keep_attached)".format(
-                fingerprint(self.name), self.root_path))
+            # Not after a rollback, which detached it (mock's finalize
+            # calls postumount after every mode).
+            if self._attached():
+                self.log("disk {0} stays attached at {1} (keep_attached)".format(
+                    fingerprint(self.name), self.root_path))
             return
         self._detach_quietly("the server keeps the disk for its linger")
 

@@ -829,8 +829,12 @@ class ScratchdRootTest(unittest.TestCase):
             old = instance(mock).name
             self.assertEqual(self.list_snapshots(root, **opts),
                              ["Snapshots for %s:" % root, "  one", "* two"])
+            logged = len(self.log.lines)
             status, mock = self.run_mock("rollback-to", root, args=["one"], **opts)
             self.assertEqual(status, 0, getattr(mock, "error", None))
+            # Detached: finalize's postumount does not say it stays (seen
+            # under real mock, docs/BUILD-FARMS.md).
+            self.assertFalse(any("stays attached" in line for line in self.log.lines[logged:]))
             self.assertNotEqual(instance(mock).name, old)  # the next disk is new
             self.assertNotIn(old, exports())  # dropped: the control socket is set
             seen = []
@@ -1080,6 +1084,51 @@ class ScratchdRootTest(unittest.TestCase):
         with self.assertRaises(PLUGIN.ConfigError):
             PLUGIN.load_key(short)
 
+    def test_directories_of_someone_else_are_refused(self):
+        # The records' directories are beside the key, in mock's base
+        # directory, which mock's group writes (mock's spec file makes
+        # /var/lib/mock root:mock 02775): a member may make them first.
+        nobody = 65534
+        basedir = os.path.join(WORK, "keys", "planted")
+        os.makedirs(basedir)
+        key_file = os.path.join(basedir, "key")
+        key = PLUGIN.load_key(key_file)
+        elsewhere = os.path.join(WORK, "keys", "root-only")
+        os.mkdir(elsewhere, 0o700)
+
+        def uses(name):
+            if name == ".scratchd-snapshots":
+                record = PLUGIN.SnapshotRecord(key_file, key, "planted-x86_64", "")
+                return [record.load, lambda: record.save({"current": None, "names": []})]
+            generations = PLUGIN.Generations(key_file, key, "planted-x86_64", "")
+            return [generations.current, generations.bump]
+
+        for name in (".scratchd-snapshots", ".scratchd-generations"):
+            path = os.path.join(basedir, name)
+            for plant, why in ((lambda p: (os.mkdir(p, 0o700), os.chown(p, nobody, nobody)),
+                                "uid 65534"),
+                               (lambda p: (os.mkdir(p), os.chmod(p, 0o777)), "mode 777"),
+                               (lambda p: os.symlink(elsewhere, p), "symlink")):
+                plant(path)
+                for use in uses(name):
+                    with self.assertRaises(PLUGIN.ConfigError) as refused:
+                        use()
+                    self.assertIn(why, str(refused.exception))
+                self.assertEqual(os.listdir(elsewhere), [])  # nothing written through it
+                if os.path.islink(path):
+                    os.unlink(path)
+                else:
+                    shutil.rmtree(path)
+        # A mock run with such a directory fails as a configuration error.
+        os.mkdir(os.path.join(basedir, ".scratchd-generations"), 0o755)
+        status, mock = self.run_mock("init", "planted-x86_64", key_file=key_file)
+        self.assertEqual(status, 3, getattr(mock, "error", None))
+        self.assertIn("must be a directory of root's", str(mock.error))
+        # Made by the plugin, they pass.
+        shutil.rmtree(os.path.join(basedir, ".scratchd-generations"))
+        for use in uses(".scratchd-snapshots") + uses(".scratchd-generations"):
+            use()
+
     def test_names_are_stable_per_builder_and_unguessable(self):
         key = PLUGIN.load_key(os.path.join(WORK, "mock", ".scratchd-name-key"))
         name = PLUGIN.build_name(key, "names-x86_64", "head")
@@ -1137,6 +1186,48 @@ class ScratchdRootTest(unittest.TestCase):
                 self.assertNotIn(name, line)
                 self.assertNotIn(name[len("mock-"):len("mock-") + 12], line)
             self.assertTrue(any(PLUGIN.fingerprint(name) in line for line in self.log.lines))
+
+    def test_snapshot_names_stay_off_command_lines(self):
+        # The server's snapshot names (mock-snap-…, mock-root-…) are keys
+        # where peers share a namespace: the plugin passes them to scratchd
+        # in SCRATCHD_SNAPSHOT (snapshot take, delete) and SCRATCHD_FROM
+        # (attach --from), as it passes the disk's name in SCRATCHD_NAME.
+        argv_log = os.path.join(WORK, "snap-argv")
+        env_log = os.path.join(WORK, "snap-env")
+        recorder = os.path.join(WORK, "scratchd-snap-recorder")
+        with open(recorder, "w") as f:
+            f.write('#!/bin/sh\nprintf "%%s\\n" "$*" >> %s\n'
+                    'printf "%%s %%s\\n" "${SCRATCHD_SNAPSHOT:--}" "${SCRATCHD_FROM:--}" >> %s\n'
+                    'exec "%s" "$@"\n' % (argv_log, env_log, SCRATCHD))
+        os.chmod(recorder, 0o755)
+        root = "snapargv-x86_64"
+        opts = {"scratchd": recorder, "keep_attached": True}
+        for mode, args in (("init", ()), ("snapshot", ["one"]), ("rollback-to", ["one"]),
+                           ("shell", None), ("remove_snapshot", ["one"])):
+            action = write_marker("A") if args is None else None
+            status, mock = self.run_mock(mode, root, action=action, args=args or (), **opts)
+            self.assertEqual(status, 0, (mode, getattr(mock, "error", None)))
+        status, mock = self.shared_mock("init", root, "shared", scratchd=recorder)
+        self.assertEqual(status, 0, getattr(mock, "error", None))
+        self.assertEqual(self.run_mock("clean", root, scrub=["all"], **opts)[0], 0)
+        with open(argv_log) as f:
+            argvs = f.read().splitlines()
+        with open(env_log) as f:
+            given = [line.split() for line in f.read().splitlines()]
+        taken, started = [], []
+        for argv, (snapshot, start) in zip(argvs, given):
+            self.assertNotIn("mock-snap-", argv)
+            self.assertNotIn("mock-root-", argv)
+            if argv.startswith(("snapshot take", "snapshot delete")):
+                taken.append(snapshot)
+            if start != "-":
+                self.assertTrue(argv.startswith("attach"), argv)
+                started.append(start)
+        # make_snapshot, remove_snapshot, the shared root's publication;
+        # the rollback's and the shared root's attach --from.
+        self.assertTrue(any(name.startswith("mock-snap-") for name in taken), taken)
+        self.assertTrue(any(name.startswith("mock-root-") for name in taken), taken)
+        self.assertTrue(any(name.startswith("mock-snap-") for name in started), started)
 
     # the wrapper (contrib/mock/mock-on-scratchd): results must live off the disk
 

@@ -53,8 +53,9 @@ pub struct FrontEndArgs {
     /// operator published): no mkfs, nothing copied, mounted at once. It
     /// applies when the disk is made now; a disk that exists is used as it
     /// is. XFS clones are mounted with `nouuid` (they share the
-    /// snapshot's UUID).
-    #[arg(long, value_name = "SNAPSHOT")]
+    /// snapshot's UUID). Give it in $SCRATCHD_FROM rather than on the
+    /// command line where a snapshot's name is a key (`owner=name`).
+    #[arg(long, value_name = "SNAPSHOT", env = scratchd_builder::id::FROM_VAR, hide_env_values = true)]
     pub from: Option<String>,
     /// The kernel front end's per-request timeout (whole seconds, 1s to
     /// 1h; default 120s): a request the server has not answered within it

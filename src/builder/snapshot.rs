@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use scratchd_builder::id::SNAPSHOT_VAR;
 use scratchd_client::{snapshot_request, Options, SnapshotAnswer, SnapshotRequest, Target};
 
 use crate::{cli, name};
@@ -41,7 +42,9 @@ enum Action {
         /// `nbd://HOST[:PORT]/NAME`, `nbds://...?tls-certificates=DIR`.
         #[arg(value_name = "URI")]
         uri: String,
-        #[arg(value_name = "SNAPSHOT")]
+        /// The new snapshot's name; or $SCRATCHD_SNAPSHOT, off the command
+        /// line, where a snapshot's name is a key (`owner=name`).
+        #[arg(value_name = "SNAPSHOT", env = SNAPSHOT_VAR, hide_env_values = true)]
         snapshot: String,
     },
     /// List your snapshots and the published ones: name, size, bytes
@@ -55,7 +58,8 @@ enum Action {
     Delete {
         #[arg(value_name = "URI")]
         uri: String,
-        #[arg(value_name = "SNAPSHOT")]
+        /// Its name; or $SCRATCHD_SNAPSHOT.
+        #[arg(value_name = "SNAPSHOT", env = SNAPSHOT_VAR, hide_env_values = true)]
         snapshot: String,
     },
 }
@@ -71,12 +75,8 @@ enum SnapshotCommandError {
     Uri(#[from] scratchd_client::UriError),
     #[error(transparent)]
     Server(#[from] scratchd_client::Error),
-    #[error("cannot freeze the file system at {}", dir.display())]
-    Freeze {
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Freeze(#[from] scratchd_builder::freeze::FreezeRefusal),
     #[error("cannot thaw the file system at {}", dir.display())]
     Thaw {
         dir: PathBuf,
@@ -121,7 +121,7 @@ fn act(action: Action) -> Result<(), SnapshotCommandError> {
                 disk: target.export.clone(),
                 name: snapshot.clone(),
             };
-            take_frozen(freeze.as_deref(), || ask(&target, &request))?;
+            take_frozen(freeze.as_deref(), &target.export, || ask(&target, &request))?;
             println!("{snapshot}");
             Ok(())
         }
@@ -160,19 +160,18 @@ fn ask(target: &Target, request: &SnapshotRequest) -> Result<SnapshotAnswer, Sna
     Ok(snapshot_request(target, &Options::default(), request)?)
 }
 
-/// Runs `take` with the file system at `dir` frozen, if there is one.
+/// Runs `take` with the file system at `dir` frozen, if there is one: it
+/// must be the mount point of `disk` (`scratchd_builder::freeze`).
 fn take_frozen(
     dir: Option<&std::path::Path>,
+    disk: &str,
     take: impl FnOnce() -> Result<SnapshotAnswer, SnapshotCommandError>,
 ) -> Result<(), SnapshotCommandError> {
     let Some(dir) = dir else {
         return take().map(drop);
     };
-    let frozen =
-        scratchd_attach::freeze::freeze(dir).map_err(|source| SnapshotCommandError::Freeze {
-            dir: dir.to_owned(),
-            source,
-        })?;
+    let frozen = scratchd_builder::freeze::freeze_disk(dir, disk)?;
+    tracing::info!(dir = %dir.display(), "froze the file system");
     let taken = take();
     frozen.thaw().map_err(|source| SnapshotCommandError::Thaw {
         dir: dir.to_owned(),

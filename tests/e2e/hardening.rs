@@ -516,3 +516,157 @@ fn a_loop_device_given_to_someone_else_is_not_unmounted() {
     );
     assert!(!state.path().join("0d1.json").exists() && !state.path().join("0d2.json").exists());
 }
+
+/// `snapshot take --freeze DIR` as root, DIR in a directory `nobody`
+/// owns, as mock's build roots are in a directory mock's group writes:
+/// only the mount point of the attachment of the disk being snapshotted
+/// is frozen. A symlink to it, a directory inside it, another attachment,
+/// a file system that is not a scratchd disk (even with a record forged
+/// to name it) and the host's `/` are refused, each before anything is
+/// frozen; the real one freezes and thaws. `nobody` may not freeze at all.
+#[test]
+fn freeze_takes_only_the_mount_point_of_the_disk_snapshotted() {
+    if skip_without_fuse("freeze_takes_only_the_mount_point_of_the_disk_snapshotted") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=64M", "linger=30s"]);
+    let attachments = crate::front::Attachments::new(crate::front::Front::Fuse);
+    let root = attachments.mount_point("root");
+    let other = attachments.mount_point("other");
+    attachments.attach_ok(&root, &server.uri_for("root"), &[]);
+    attachments.attach_ok(&other, &server.uri_for("other"), &[]);
+    let work = tempfile::tempdir().unwrap();
+    mode(work.path(), 0o755);
+    let theirs = work.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    chown_nobody(&theirs);
+    let link = theirs.join("root");
+    let (code, _) = as_nobody(&["ln", "-s", root.to_str().unwrap(), link.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    std::fs::create_dir(root.join("sub")).unwrap();
+    let foreign = ForeignMount::new();
+    let forged = format!(
+        r#"{{"id": "0f0", "kind": "fuse", "mount": "{}", "device": "{}",
+            "export": "root", "uri": "{}", "holder": null,
+            "fuse_dir": "{}", "backend": null}}"#,
+        foreign.mount_point().display(),
+        foreign.device,
+        server.uri_for("root"),
+        attachments.state.path().join("0f0.fuse").display()
+    );
+    std::fs::write(attachments.state.path().join("0f0.json"), forged).unwrap();
+    let take = |dir: &Path, snapshot: &str| {
+        run_status(&mut attachments.scratchd(&[
+            "snapshot",
+            "take",
+            "--freeze",
+            dir.to_str().unwrap(),
+            &server.uri_for("root"),
+            snapshot,
+        ]))
+    };
+    let refusals: [(&Path, &str); 5] = [
+        (&link, "symlink"),
+        (&root.join("sub"), "not the mount point"),
+        (&other, "whose disk is not the one being snapshotted"),
+        (
+            &foreign.mount_point(),
+            "not the mount point of a scratchd disk",
+        ),
+        (Path::new("/"), "not the mount point of a scratchd disk"),
+    ];
+    for (dir, why) in refusals {
+        let (code, out) = take(dir, "refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(code != 0 && err.contains(why), "{}: {err}", dir.display());
+    }
+    let (_, out) = run_status(&mut attachments.scratchd(&["snapshot", "list", &server.uri()]));
+    assert!(
+        !crate::util::stdout(&out).contains("refused"),
+        "a refusal took a snapshot"
+    );
+    let (code, out) = take(&root, "base");
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(root.join("after"), b"thawed").unwrap();
+    let argv = [
+        SCRATCHD,
+        "snapshot",
+        "take",
+        "--freeze",
+        root.to_str().unwrap(),
+    ];
+    let uri = server.uri_for("root");
+    let (code, out) = as_nobody(&[argv[0], argv[1], argv[2], argv[3], argv[4], &uri, "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(code != 0 && err.contains("only root"), "{err}");
+}
+
+/// `kill -9` of `snapshot take --freeze` while the file system is frozen
+/// (its server never answers): the guard it forked thaws it, so a writer
+/// waiting on it goes on, and the guard is gone after. Without the guard
+/// every writer would hang for ever, unkillable.
+#[test]
+fn a_freeze_outlives_no_kill_9_of_the_snapshot() {
+    use std::io::BufRead;
+    if skip_without_fuse("a_freeze_outlives_no_kill_9_of_the_snapshot") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=64M", "linger=30s"]);
+    let attachments = crate::front::Attachments::new(crate::front::Front::Fuse);
+    let root = attachments.mount_point("root");
+    attachments.attach_ok(&root, &server.uri_for("root"), &[]);
+    let silent = tempfile::tempdir().unwrap();
+    let sock = silent.path().join("silent.sock");
+    // Connections wait in its backlog, never greeted.
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let snapshot = format!("killed-{}", std::process::id());
+    let mut take = attachments
+        .scratchd(&["snapshot", "take", "-v", "--freeze", root.to_str().unwrap()])
+        .arg(format!("nbd+unix:///root?socket={}", sock.display()))
+        .arg(&snapshot)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = std::io::BufReader::new(take.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("froze the file system") {
+        line.clear();
+        assert_ne!(log.read_line(&mut line).unwrap(), 0, "no freeze logged");
+    }
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo x > {}/during", root.display()))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let frozen = writer.try_wait().unwrap().is_none();
+    take.kill().unwrap();
+    take.wait().unwrap();
+    let thawed = crate::util::poll(std::time::Duration::from_secs(10), || {
+        writer.try_wait().unwrap().is_some()
+    });
+    if thawed.is_none() {
+        // Left frozen: thaw it, or the test's clean-up and the writer hang.
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&root)
+            .status();
+        let _ = writer.wait();
+    }
+    assert!(
+        frozen,
+        "the file system was not frozen while the snapshot was taken"
+    );
+    assert!(
+        thawed.is_some(),
+        "still frozen 10 s after kill -9 of the snapshot"
+    );
+    let guard_gone = crate::util::poll(std::time::Duration::from_secs(10), || {
+        crate::util::cmdlines_containing(&snapshot).is_empty()
+    });
+    assert!(
+        guard_gone.is_some(),
+        "{:?}",
+        crate::util::cmdlines_containing(&snapshot)
+    );
+}

@@ -332,6 +332,32 @@ front_tests! {
         assert!(out.status.success());
         assert_eq!(stdout(&out), format!("{name}\nthe command's input\n"));
     }
+
+    /// A run's command snapshots its own disk with its file system frozen,
+    /// as docs/RUN.md shows: `--freeze "$SCRATCH_DIR"` is accepted as a
+    /// live run's disk (a run has no attachment record: its loop device's
+    /// FUSE file, or its nbd device's label, names the run), and the
+    /// snapshot starts a run that reads what was written before it.
+    fn a_run_snapshots_its_own_disk_frozen(front) {
+        let (_server, uri) = server("64M");
+        let script = format!(
+            r#"echo prepared > "$SCRATCH_DIR/tool" &&
+               {SCRATCHD} snapshot take "{uri}" --name frozen-root --freeze "$SCRATCH_DIR" base &&
+               echo after > "$SCRATCH_DIR/later""#
+        );
+        let (code, out, _) =
+            run_to_end(&mut scratchd_run(Some(front), &["--server", &uri, "--name", "frozen-root"], &script));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!((code, stdout(&out).trim()), (0, "base"), "{err}");
+        let (code, out, _) = run_to_end(&mut scratchd_run(
+            Some(front),
+            &["--server", &uri, "--name", "frozen-build", "--from", "base"],
+            r#"cat "$SCRATCH_DIR/tool"; ls "$SCRATCH_DIR""#,
+        ));
+        let text = stdout(&out);
+        assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.starts_with("prepared\n") && !text.contains("later"), "{text}");
+    }
 }
 
 /// The run's own disk (no `--server`: FUSE, as the kernel cannot serve

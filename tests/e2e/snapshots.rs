@@ -283,3 +283,59 @@ fn snapshots_and_clones_in_files_leave_nothing_after_sigkill() {
     drop(server); // SIGKILL
     assert_eq!(named(), 0, "after SIGKILL");
 }
+
+/// Snapshot names are keys where peers share a namespace (`owner=name`),
+/// so they come from the environment as disk names do: `snapshot take`
+/// and `delete` read SCRATCHD_SNAPSHOT, `run --from` SCRATCHD_FROM. The
+/// run's command line never holds the name, and its command inherits
+/// neither variable (a scratchd it runs must not reuse them).
+#[test]
+fn snapshot_names_come_from_the_environment_and_stay_off_command_lines() {
+    if skip_without_fuse("snapshot_names_come_from_the_environment_and_stay_off_command_lines") {
+        return;
+    }
+    let server = Server::start(&["tmpdisk", "size=64M", "linger=60s"]);
+    let uri = server.uri();
+    let secret = format!("snap-{}", std::process::id());
+    let (code, _, err) = run_on(&uri, "root", None, r#"echo prepared > "$SCRATCH_DIR/tool""#);
+    assert_eq!(code, 0, "{err}");
+    let with_env = |args: &[&str], var: &str| {
+        let (code, out) = run_status(Command::new(SCRATCHD).args(args).env(var, &secret));
+        (
+            code,
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = with_env(
+        &["snapshot", "take", &uri, "--name", "root"],
+        "SCRATCHD_SNAPSHOT",
+    );
+    assert_eq!((code, out.trim()), (0, secret.as_str()), "{err}");
+    // The run's own command line (its command's parent), and the
+    // command's environment.
+    let script = r#"cat "$SCRATCH_DIR/tool"; tr '\0' ' ' < /proc/$PPID/cmdline; echo; env"#;
+    let (code, out, err) = with_env(
+        &[
+            "run", "--server", &uri, "--name", "build", "--", "sh", "-c", script,
+        ],
+        "SCRATCHD_FROM",
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("prepared"),
+        "not started as the snapshot: {out}"
+    );
+    let cmdline = lines.next().unwrap_or_default();
+    assert!(cmdline.contains("run --server"), "{cmdline}");
+    assert!(
+        !out.contains(&secret),
+        "the snapshot's name reached the command: {out}"
+    );
+    let (code, _, err) = with_env(&["snapshot", "delete", &uri], "SCRATCHD_SNAPSHOT");
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = scratchd(&["snapshot", "list", &uri]);
+    assert!(!out.contains(&secret), "not deleted: {out}");
+}

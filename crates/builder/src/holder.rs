@@ -48,7 +48,7 @@ use crate::frontend::fuse::FuseAttached;
 use crate::frontend::{
     AttachError, Attachment, Disk, FrontEnd, KeepRequest, Setup, WriteBehindMode,
 };
-use crate::id::{fingerprint, NAME_VAR};
+use crate::id::{fingerprint, SECRET_VARS};
 use crate::mount_watch::{self, FsId};
 use crate::state::{ClaimError, Process, Record, StateDir, StateError};
 
@@ -121,10 +121,13 @@ pub(crate) fn start(state: &StateDir, request: &KeepRequest) -> Result<PathBuf, 
     };
     let log = state.open_log(&request.id)?;
     let exe = std::env::current_exe().map_err(AttachError::Spawn)?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    // It has its request; it starts nothing that should see the names.
+    for var in SECRET_VARS {
+        command.env_remove(var);
+    }
+    let mut child = command
         .arg(SUBCOMMAND)
-        // It has its request; it starts nothing that should see the name.
-        .env_remove(NAME_VAR)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log)

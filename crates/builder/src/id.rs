@@ -25,6 +25,19 @@ pub fn random_id() -> String {
 /// `/proc/PID/cmdline`. Processes these commands start do not inherit it.
 pub const NAME_VAR: &str = "SCRATCHD_NAME";
 
+/// The environment variable that names the snapshot a new disk starts as
+/// (`run --from`, `attach --from`): a snapshot's name is a key too, where
+/// peers share a namespace (`owner=name`). Not inherited either.
+pub const FROM_VAR: &str = "SCRATCHD_FROM";
+
+/// The environment variable that names the snapshot `scratchd snapshot
+/// take` makes and `scratchd snapshot delete` deletes, for the same
+/// reason. Not inherited either.
+pub const SNAPSHOT_VAR: &str = "SCRATCHD_SNAPSHOT";
+
+/// Every variable above: what processes these commands start lose.
+pub const SECRET_VARS: [&str; 3] = [NAME_VAR, FROM_VAR, SNAPSHOT_VAR];
+
 /// What logs at info level say instead of a disk's name, which is its key:
 /// the first 8 hex digits of the name's SHA-256. The mock plugin
 /// (`contrib/mock/scratchd_root.py`, `fingerprint`) logs the same, so the

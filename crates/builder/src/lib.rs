@@ -17,6 +17,7 @@
 //!   [`mount_watch`]: how it notices an unmount from outside;
 //! - [`detach`]: `scratchd detach`, and the sweep of what dead attachments
 //!   left;
+//! - [`freeze`]: which file systems `snapshot take --freeze` may freeze;
 //! - [`state`]: the records of kept attachments (one JSON file each);
 //! - [`remote`], [`sector`], [`id`]: what the front ends share (our client
 //!   to a server, the block size a file system needs, unguessable names
@@ -32,6 +33,7 @@
 
 pub mod attach;
 pub mod detach;
+pub mod freeze;
 pub mod frontend;
 pub mod holder;
 pub mod id;

@@ -55,7 +55,7 @@ use signal_hook::iterator::Signals;
 use tracing::{debug, info};
 
 use crate::frontend::{AttachError, Disk, FrontEndOptions, Origin, Setup};
-use crate::id::{fingerprint, random_id, NAME_VAR};
+use crate::id::{fingerprint, random_id, SECRET_VARS};
 
 /// The hidden subcommand of the `scratchd` binary that runs a run's
 /// watchdog ([`watchdog_main`]).
@@ -270,7 +270,7 @@ fn server_target<E>(request: &RunRequest, name: &str) -> Result<Option<Target>, 
 
 /// Work directories are `$TMPDIR/scratchd-run.PID.XXXXXX`, holding the
 /// (empty) mount points of the FUSE file and of the disk.
-const WORK_PREFIX: &str = "scratchd-run.";
+pub(crate) const WORK_PREFIX: &str = "scratchd-run.";
 
 /// A fresh work directory for this run (after sweeping those of killed
 /// runs).
@@ -418,10 +418,12 @@ impl Place<'_> {
             .env("SCRATCH_DEV", self.device)
             .env("SCRATCHD_MOUNT", self.mount)
             .env("SCRATCHD_DEVICE", self.device)
-            .env("SCRATCHD_EXPORT", self.name)
-            // The command has the name as SCRATCHD_EXPORT; a scratchd it
-            // runs must not take this run's disk by default.
-            .env_remove(NAME_VAR);
+            .env("SCRATCHD_EXPORT", self.name);
+        // The command has the name as SCRATCHD_EXPORT; a scratchd it runs
+        // must not take this run's disk (or snapshot) by default.
+        for var in SECRET_VARS {
+            command.env_remove(var);
+        }
         // A private disk has no URI: nothing else can reach it.
         match self.server {
             // The URI form carries no credentials (the parser drops a

@@ -57,6 +57,13 @@ pub enum Error {
     /// The server sent something the protocol does not allow.
     #[error("{address} broke the NBD protocol: {reason}")]
     Protocol { address: String, reason: String },
+    /// The server's answer to a snapshot request (scratchd's own options)
+    /// is not one.
+    #[error("{address} sent a malformed answer to a snapshot request")]
+    SnapshotAnswer {
+        address: String,
+        source: scratchd_proto::snapshots::SnapshotReplyError,
+    },
     /// A further connection for multi-conn saw a different export.
     #[error("connection {index} to {address} saw a different export (size or flags changed)")]
     Inconsistent { address: String, index: usize },
@@ -79,12 +86,29 @@ fn code_name(code: u32) -> String {
     }
 }
 
+/// The longest part of a server's message an error shows: the message is
+/// the server's to choose, up to the option reply's bound (16 MiB).
+const MAX_MESSAGE_SHOWN: usize = 1024;
+
+/// The server's message as an error shows it: clipped, its control
+/// characters escaped, so that a hostile server can neither flood a log
+/// line nor drive the terminal that prints it.
 fn message_suffix(message: &str) -> String {
     if message.is_empty() {
-        String::new()
-    } else {
-        format!(": {message}")
+        return String::new();
     }
+    let mut shown = String::from(": ");
+    for (i, c) in message.chars().enumerate() {
+        if i == MAX_MESSAGE_SHOWN {
+            shown.push_str("...");
+            break;
+        }
+        match c.is_control() {
+            true => shown.extend(c.escape_default()),
+            false => shown.push(c),
+        }
+    }
+    shown
 }
 
 /// For callers that want one error type: refusals of a name become
@@ -102,9 +126,10 @@ impl From<Error> for io::Error {
                 Some(OptError::Policy) | Some(OptError::TlsReqd) => ErrorKind::PermissionDenied,
                 _ => ErrorKind::Other,
             },
-            Error::Handshake { .. } | Error::Protocol { .. } | Error::Inconsistent { .. } => {
-                ErrorKind::InvalidData
-            }
+            Error::Handshake { .. }
+            | Error::Protocol { .. }
+            | Error::SnapshotAnswer { .. }
+            | Error::Inconsistent { .. } => ErrorKind::InvalidData,
         };
         io::Error::new(kind, e)
     }

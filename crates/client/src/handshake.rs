@@ -29,8 +29,8 @@ use scratchd_proto::options::{
 };
 use scratchd_proto::request::MAX_PAYLOAD;
 use scratchd_proto::snapshots::{
-    encode_from, SnapshotAnswer, SnapshotEntry, SnapshotRequest, OPT_SCRATCHD_FROM,
-    OPT_SCRATCHD_SNAPSHOT, OPT_SCRATCHD_SNAPSHOTS, REP_SCRATCHD_SNAPSHOT,
+    encode_from, option_name, AnswerReader, SnapshotAnswer, SnapshotReplyError, SnapshotRequest,
+    OPT_SCRATCHD_FROM,
 };
 use scratchd_proto::TransmissionFlags;
 use tracing::debug;
@@ -218,36 +218,25 @@ pub(crate) fn snapshot_request(
     let mut data = Vec::new();
     request.encode(&mut data);
     n.request(&OptionRequest::Other { option, data })?;
-    let mut listing = Vec::new();
-    loop {
-        match n.reply(option)? {
-            OptionReplyBody::Other {
-                reply_type: REP_SCRATCHD_SNAPSHOT,
-                data,
-            } => listing.push(SnapshotEntry::decode(&data).map_err(|e| n.bad_message(e))?),
-            OptionReplyBody::Ack => break,
+    let mut reader = AnswerReader::new(request);
+    let answer = loop {
+        let read = match n.reply(option)? {
             OptionReplyBody::Error { code, message } => {
-                return Err(n.refused(snapshot_option_name(option), code, message))
+                return Err(n.refused(option_name(option), code, message))
             }
-            other => return Err(n.protocol(format!("unexpected {other:?} to a snapshot request"))),
+            OptionReplyBody::Other { reply_type, data } => reader.reply(reply_type, &data),
+            // Known types carry nothing a snapshot answer takes: the
+            // reader refuses them by their type.
+            other => reader.reply(other.reply_type(), &[]),
+        };
+        match read.map_err(|source| n.bad_snapshot_answer(source))? {
+            Some(answer) => break answer,
+            None => continue,
         }
-    }
+    };
     // The session ends here; the server's answer to ABORT changes nothing.
     let _ = n.request(&OptionRequest::Abort);
-    Ok(match request {
-        SnapshotRequest::List => SnapshotAnswer::Listing(listing),
-        _ => SnapshotAnswer::Done,
-    })
-}
-
-/// The name of a snapshot option, for messages.
-fn snapshot_option_name(option: u32) -> &'static str {
-    match option {
-        OPT_SCRATCHD_FROM => "SCRATCHD_FROM",
-        OPT_SCRATCHD_SNAPSHOT => "SCRATCHD_SNAPSHOT",
-        OPT_SCRATCHD_SNAPSHOTS => "SCRATCHD_SNAPSHOTS",
-        _ => "SCRATCHD_DELETE_SNAPSHOT",
-    }
+    Ok(answer)
 }
 
 /// `Read + Write` as one object-safe trait, so the handshake runs over any
@@ -276,6 +265,13 @@ impl Negotiation<'_> {
         Error::Protocol {
             address: self.address.to_owned(),
             reason: reason.into(),
+        }
+    }
+
+    fn bad_snapshot_answer(&self, source: SnapshotReplyError) -> Error {
+        Error::SnapshotAnswer {
+            address: self.address.to_owned(),
+            source,
         }
     }
 
@@ -446,6 +442,10 @@ mod tests {
     use super::*;
     use scratchd_proto::options::put_option_error;
     use scratchd_proto::options::OptionReply;
+    use scratchd_proto::snapshots::{
+        SnapshotEntry, MAX_LISTED, OPT_SCRATCHD_SNAPSHOT, OPT_SCRATCHD_SNAPSHOTS,
+        REP_SCRATCHD_SNAPSHOT,
+    };
 
     /// A scripted server: what it sends is fixed up front, what the client
     /// sends is recorded.
@@ -550,6 +550,122 @@ mod tests {
         let err = snapshot_request(&mut s, "test", &take).unwrap_err();
         assert_eq!(err.refusal(), Some(OptError::Unknown));
         assert!(err.to_string().contains("no disk"), "{err}");
+    }
+
+    /// The answer of a scripted server to `request`, whose replies to
+    /// `option` are `replies` (type, payload).
+    fn snapshot_answer(
+        request: &SnapshotRequest,
+        replies: &[(u32, u32, Vec<u8>)],
+    ) -> Result<SnapshotAnswer, Error> {
+        let mut server = Vec::new();
+        for (option, reply_type, data) in replies {
+            let body = OptionReplyBody::Other {
+                reply_type: *reply_type,
+                data: data.clone(),
+            };
+            reply(*option, body, &mut server);
+        }
+        let mut s = Script {
+            input: io::Cursor::new(server),
+            output: Vec::new(),
+        };
+        snapshot_request(&mut s, "test", request)
+    }
+
+    fn listed(name: &str) -> Vec<u8> {
+        let mut data = Vec::new();
+        SnapshotEntry {
+            name: name.into(),
+            published: false,
+            size: 1,
+            bytes: 0,
+            clones: 0,
+            age_ms: 0,
+        }
+        .encode(&mut data);
+        data
+    }
+
+    /// A hostile server's answers to snapshot requests: each a clear error
+    /// of its own kind, none a panic, a hang or a listing without end.
+    #[test]
+    fn hostile_snapshot_answers_are_refused() {
+        let list = SnapshotRequest::List;
+        let take = SnapshotRequest::Take {
+            disk: "root".into(),
+            name: "base".into(),
+        };
+        let (snaps, snap) = (OPT_SCRATCHD_SNAPSHOTS, OPT_SCRATCHD_SNAPSHOT);
+        let entry = (snaps, REP_SCRATCHD_SNAPSHOT, listed("base"));
+        let ack = |option| (option, REP_ACK, Vec::new());
+        // Too many entries: refused at the first past the bound.
+        let flood: Vec<_> = std::iter::repeat_n(entry.clone(), MAX_LISTED + 1)
+            .chain([ack(snaps)])
+            .collect();
+        // Not `expect_err`, which would print the whole listing.
+        let Err(err) = snapshot_answer(&list, &flood) else {
+            panic!("a listing past the bound was taken");
+        };
+        assert!(
+            matches!(
+                &err,
+                Error::SnapshotAnswer {
+                    source: SnapshotReplyError::TooMany,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // A truncated entry, an over-long one, a name with an escape.
+        let whole = listed("base");
+        for bad in [
+            whole[..whole.len() - 2].to_vec(),
+            [whole.clone(), vec![0]].concat(),
+            listed("\x1b[2J"),
+        ] {
+            let err = snapshot_answer(&list, &[(snaps, REP_SCRATCHD_SNAPSHOT, bad), ack(snaps)])
+                .unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    Error::SnapshotAnswer {
+                        source: SnapshotReplyError::Entry(_),
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        // A listing to a take; another reply type; a reply to another option.
+        let err = snapshot_answer(&take, &[(snap, REP_SCRATCHD_SNAPSHOT, listed("x"))]);
+        assert!(err.unwrap_err().to_string().contains("malformed answer"));
+        let err = snapshot_answer(&take, &[(snap, REP_SERVER, vec![0, 0, 0, 0])]).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::SnapshotAnswer {
+                    source: SnapshotReplyError::UnexpectedReply { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = snapshot_answer(&take, &[ack(snaps)]).unwrap_err();
+        assert!(matches!(err, Error::Protocol { .. }), "{err}");
+        // A refusal whose message would drive a terminal and fill a screen.
+        let mut message = b"\x1b]0;owned\x07".to_vec();
+        message.extend(std::iter::repeat_n(b'x', 100_000));
+        let err = snapshot_answer(&take, &[(snap, OptError::Unsup as u32, message)]).unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            !shown.contains('\x1b') && shown.contains("\\u{1b}"),
+            "{shown:?}"
+        );
+        assert!(shown.len() < 2048, "{} bytes", shown.len());
+        // A server that hangs up mid-listing.
+        let err = snapshot_answer(&list, &[entry]).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
     }
 
     #[test]

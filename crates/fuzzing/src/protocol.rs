@@ -17,7 +17,9 @@ use scratchd_proto::reply::{
 use scratchd_proto::request::{
     request_len, validate, Command, RequestHeader, RequestPayload, MAX_PAYLOAD,
 };
-use scratchd_proto::snapshots::SnapshotAnswer;
+use scratchd_proto::snapshots::{
+    AnswerReader, SnapshotAnswer, SnapshotEntry, SnapshotRequest, REP_SCRATCHD_SNAPSHOT,
+};
 use scratchd_proto::{Codec, Errno, Reader, TransmissionFlags};
 
 use crate::Input;
@@ -396,12 +398,41 @@ pub fn decode(data: &[u8]) {
     if let Ok(o) = OptionReply::from_bytes(rest) {
         assert_eq!(OptionReply::from_bytes(&o.to_bytes()), Ok(o));
     }
+    if let Ok(entry) = SnapshotEntry::decode(rest) {
+        let mut out = Vec::new();
+        entry.encode(&mut out);
+        assert_eq!(out, rest);
+    }
+    snapshot_answer(selector, rest);
     let kind = u16::from(selector & 0x0f) | if selector & 0x80 != 0 { 0x8000 } else { 0 };
     if let Ok(p) = ChunkPayload::decode(kind, &mut Reader::new(rest)) {
         let mut out = Vec::new();
         p.encode(&mut out);
         assert_eq!(out.len() as u64, p.encoded_len());
         assert_eq!(ChunkPayload::decode(kind, &mut Reader::new(&out)), Ok(p));
+    }
+}
+
+/// A server's reply to a snapshot request, as the client reads it: any
+/// bytes give an answer or an error, never a panic; a listing is only
+/// ever one of the request that lists.
+fn snapshot_answer(selector: u8, data: &[u8]) {
+    let request = match selector % 3 {
+        0 => SnapshotRequest::List,
+        1 => SnapshotRequest::Delete { name: "a".into() },
+        _ => SnapshotRequest::Take {
+            disk: "d".into(),
+            name: "a".into(),
+        },
+    };
+    let reply_type = match selector >> 6 {
+        0 => REP_ACK,
+        1 => REP_SCRATCHD_SNAPSHOT,
+        _ => u32::from(selector),
+    };
+    let mut reader = AnswerReader::new(&request);
+    if let Ok(Some(SnapshotAnswer::Listing(_))) = reader.reply(reply_type, data) {
+        assert_eq!(request, SnapshotRequest::List);
     }
 }
 

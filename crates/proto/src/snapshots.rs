@@ -170,6 +170,108 @@ pub enum SnapshotAnswer {
     Listing(Vec<SnapshotEntry>),
 }
 
+/// The most entries a client takes in one [`OPT_SCRATCHD_SNAPSHOTS`]
+/// answer: an owner holds at most 64 snapshots (scratchd's registry), and
+/// the operator publishes a handful; a server sending more is refused
+/// rather than let grow the client's memory without end (each entry may
+/// be 4 KiB).
+pub const MAX_LISTED: usize = 4096;
+
+/// Why the replies to a snapshot request are not an answer: each is the
+/// server misbehaving (its error replies are refusals, not these).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotReplyError {
+    #[error("more than {MAX_LISTED} snapshots listed")]
+    TooMany,
+    #[error("a snapshot listed in answer to {0}, which lists nothing")]
+    ListingUnasked(&'static str),
+    #[error("reply type {reply_type:#x} to {option}, which answers only ACK{}", if *listing { " and SNAPSHOT" } else { "" })]
+    UnexpectedReply {
+        option: &'static str,
+        reply_type: u32,
+        listing: bool,
+    },
+    #[error("a listed snapshot is malformed")]
+    Entry(#[source] DecodeError),
+}
+
+/// Reads the answer to one [`SnapshotRequest`] from its non-error
+/// replies, in order, bounded by [`MAX_LISTED`]: the one decoder of
+/// snapshot answers.
+#[derive(Debug)]
+pub struct AnswerReader {
+    option: u32,
+    /// The entries so far; `None` for a request that lists nothing.
+    listing: Option<Vec<SnapshotEntry>>,
+}
+
+impl AnswerReader {
+    pub fn new(request: &SnapshotRequest) -> Self {
+        AnswerReader {
+            option: request.option(),
+            listing: matches!(request, SnapshotRequest::List).then(Vec::new),
+        }
+    }
+
+    /// Takes one reply of type `reply_type` (not an error: bit 31 clear)
+    /// with its `data`; the answer once the reply is the ACK.
+    ///
+    /// # Errors
+    ///
+    /// A reply the option does not answer with, an entry that does not
+    /// decode or has a control character in its name, too many entries.
+    pub fn reply(
+        &mut self,
+        reply_type: u32,
+        data: &[u8],
+    ) -> Result<Option<SnapshotAnswer>, SnapshotReplyError> {
+        match (reply_type, &mut self.listing) {
+            (crate::consts::REP_ACK, listing) => Ok(Some(match listing.take() {
+                Some(entries) => SnapshotAnswer::Listing(entries),
+                None => SnapshotAnswer::Done,
+            })),
+            (REP_SCRATCHD_SNAPSHOT, Some(entries)) => {
+                if entries.len() >= MAX_LISTED {
+                    return Err(SnapshotReplyError::TooMany);
+                }
+                entries.push(listed_entry(data)?);
+                Ok(None)
+            }
+            (REP_SCRATCHD_SNAPSHOT, None) => {
+                Err(SnapshotReplyError::ListingUnasked(option_name(self.option)))
+            }
+            (reply_type, listing) => Err(SnapshotReplyError::UnexpectedReply {
+                option: option_name(self.option),
+                reply_type,
+                listing: listing.is_some(),
+            }),
+        }
+    }
+}
+
+/// An entry as a client takes it: well formed, and with a name no
+/// terminal acts on (scratchd's names are letters, digits, `.`, `_`, `-`;
+/// a list prints them).
+fn listed_entry(data: &[u8]) -> Result<SnapshotEntry, SnapshotReplyError> {
+    let entry = SnapshotEntry::decode(data).map_err(SnapshotReplyError::Entry)?;
+    if entry.name.is_empty() || entry.name.chars().any(char::is_control) {
+        return Err(SnapshotReplyError::Entry(DecodeError::BadString));
+    }
+    Ok(entry)
+}
+
+/// The name of a snapshot option, for messages.
+pub fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_SCRATCHD_FROM => "SCRATCHD_FROM",
+        OPT_SCRATCHD_SNAPSHOT => "SCRATCHD_SNAPSHOT",
+        OPT_SCRATCHD_SNAPSHOTS => "SCRATCHD_SNAPSHOTS",
+        OPT_SCRATCHD_DELETE_SNAPSHOT => "SCRATCHD_DELETE_SNAPSHOT",
+        _ => "an option that is not scratchd's",
+    }
+}
+
 fn string32(r: &mut Reader<'_>) -> Result<String, DecodeError> {
     Ok(r.string32(MAX_STRING_LEN)?.to_owned())
 }
@@ -229,5 +331,76 @@ mod tests {
         encode_from("base", &mut from);
         assert_eq!(decode_from(&from), Ok("base".into()));
         assert!(decode_from(&from[..5]).is_err());
+    }
+
+    fn entry(name: &str) -> Vec<u8> {
+        let mut data = Vec::new();
+        SnapshotEntry {
+            name: name.into(),
+            published: false,
+            size: 4096,
+            bytes: 0,
+            clones: 0,
+            age_ms: 1,
+        }
+        .encode(&mut data);
+        data
+    }
+
+    #[test]
+    fn answers_are_read_within_bounds() {
+        use crate::consts::{REP_ACK, REP_SERVER};
+        let list = SnapshotRequest::List;
+        let mut reader = AnswerReader::new(&list);
+        assert_eq!(reader.reply(REP_SCRATCHD_SNAPSHOT, &entry("a")), Ok(None));
+        let Ok(Some(SnapshotAnswer::Listing(entries))) = reader.reply(REP_ACK, &[]) else {
+            panic!("no listing");
+        };
+        assert_eq!(entries.len(), 1);
+        // Bounded: the entry after the last allowed is refused.
+        let mut reader = AnswerReader::new(&list);
+        for _ in 0..MAX_LISTED {
+            assert_eq!(reader.reply(REP_SCRATCHD_SNAPSHOT, &entry("a")), Ok(None));
+        }
+        assert_eq!(
+            reader.reply(REP_SCRATCHD_SNAPSHOT, &entry("a")),
+            Err(SnapshotReplyError::TooMany)
+        );
+        // Names: truncated, over-long, a terminal's escape, none.
+        let mut reader = AnswerReader::new(&list);
+        let whole = entry("base");
+        for bad in [
+            whole[..whole.len() - 1].to_vec(),
+            [whole.clone(), vec![0]].concat(),
+            entry("\x1b]0;owned\x07"),
+            entry(""),
+        ] {
+            assert!(matches!(
+                reader.reply(REP_SCRATCHD_SNAPSHOT, &bad),
+                Err(SnapshotReplyError::Entry(_))
+            ));
+        }
+        let mut long = entry("");
+        long.truncate(long.len() - 4);
+        long.extend_from_slice(&(MAX_STRING_LEN as u32 + 1).to_be_bytes());
+        long.extend(std::iter::repeat_n(b'a', MAX_STRING_LEN + 1));
+        assert!(matches!(
+            reader.reply(REP_SCRATCHD_SNAPSHOT, &long),
+            Err(SnapshotReplyError::Entry(DecodeError::StringTooLong { .. }))
+        ));
+        // A take or delete lists nothing, and no option takes another type.
+        let delete = SnapshotRequest::Delete { name: "a".into() };
+        let mut reader = AnswerReader::new(&delete);
+        assert_eq!(
+            reader.reply(REP_SCRATCHD_SNAPSHOT, &entry("a")),
+            Err(SnapshotReplyError::ListingUnasked(
+                "SCRATCHD_DELETE_SNAPSHOT"
+            ))
+        );
+        assert!(matches!(
+            reader.reply(REP_SERVER, &[]),
+            Err(SnapshotReplyError::UnexpectedReply { .. })
+        ));
+        assert_eq!(reader.reply(REP_ACK, &[]), Ok(Some(SnapshotAnswer::Done)));
     }
 }

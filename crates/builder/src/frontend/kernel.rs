@@ -482,7 +482,7 @@ pub(crate) fn run_label(run: Process) -> String {
 }
 
 /// The run whose label this is, if it is a run's.
-fn run_of_label(label: &str) -> Option<Process> {
+pub(crate) fn run_of_label(label: &str) -> Option<Process> {
     let mut parts = label.strip_prefix(RUN_LABEL)?.split(':');
     let pid = parts.next()?.parse().ok()?;
     let start_time = parts.next()?.parse().ok()?;
