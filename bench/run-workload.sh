@@ -20,6 +20,7 @@
 #   nbdfuse-scratchd  the same client (nbdfuse, 4 connections with multi-conn,
 #               buffered loop) against `scratchd serve -U SOCK tmpdisk
 #               size=20G pool=1`: our server under a client nobody here wrote
+#               (NBDFUSE_ARGS: more nbdfuse options for both, e.g. "-C 1")
 #   run-local   `scratchd run --size 20G -- CMD`: a private disk (a FUSE file
 #               calling the store directly, direct-I/O loop), mounted noatime
 #   run-server  `scratchd serve -U SOCK tmpdisk size=20G pool=1` and `scratchd run
@@ -464,7 +465,8 @@ local_up() {
 # nbdkit, nbdfuse-scratchd: nbdfuse DIR/disk URI, loop (buffered), mount
 nbdfuse_up() { # config
   rm -f "$work/nbdfuse.pid"
-  setsid nbdfuse -P "$work/nbdfuse.pid" "$fusedir/disk" "$(client_uri "$1")" >>"$logdir/nbdfuse.log" 2>&1 &
+  # shellcheck disable=SC2086
+  setsid nbdfuse ${NBDFUSE_ARGS:-} -P "$work/nbdfuse.pid" "$fusedir/disk" "$(client_uri "$1")" >>"$logdir/nbdfuse.log" 2>&1 &
   fuse_pid=$! fuse_mounted=1
   for _ in $(seq 400); do
     [ -s "$work/nbdfuse.pid" ] && break
