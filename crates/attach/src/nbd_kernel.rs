@@ -728,7 +728,19 @@ fn prepare_socket(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
 /// The rescuer running one while fewer than `connections` run is starvation
 /// for sure, and is reported at once; otherwise the works may only be slow
 /// to start, and get until `limit`.
+///
+/// In a PID namespace of its own (a container) the kernel's threads are
+/// not in `/proc`: nothing can be checked there, and it returns at once
+/// rather than count nothing for `limit` and fall back to one connection.
 pub fn wait_for_receivers(index: u32, connections: usize, limit: Duration) -> Result<(), Error> {
+    let kthreadd = std::fs::read_to_string("/proc/2/comm").ok();
+    if !shows_kernel_threads(kthreadd.as_deref()) {
+        debug!(
+            index,
+            "the kernel's threads are not in /proc: receive works not checked"
+        );
+        return Ok(());
+    }
     let started = Instant::now();
     loop {
         let receivers = Receivers::now(index);
@@ -748,6 +760,13 @@ pub fn wait_for_receivers(index: u32, connections: usize, limit: Duration) -> Re
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Whether this `/proc` shows the kernel's threads: given the name of PID
+/// 2, which is the kernel's thread creator (`kthreadd`) in the first PID
+/// namespace and something else, or nothing, in any other.
+fn shows_kernel_threads(pid_2_name: Option<&str>) -> bool {
+    pid_2_name.is_some_and(|name| name.trim_end() == "kthreadd")
 }
 
 /// The threads running a receive work of one device.

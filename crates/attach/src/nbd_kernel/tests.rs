@@ -354,3 +354,12 @@ fn receive_works_are_told_by_their_threads_names() {
     assert_eq!(among(&others, 0), counted(0, false));
     assert_eq!(among(&["nbd1-recv+nbd1-recv"], 11), counted(0, false));
 }
+
+/// Only a `/proc` whose PID 2 is the kernel's thread creator shows the
+/// receive works; in a container's PID namespace the check is skipped.
+#[test]
+fn receive_works_are_checked_only_where_kernel_threads_show() {
+    assert!(shows_kernel_threads(Some("kthreadd\n")));
+    assert!(!shows_kernel_threads(Some("bash\n")));
+    assert!(!shows_kernel_threads(None));
+}
