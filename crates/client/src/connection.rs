@@ -37,7 +37,7 @@ use scratchd_proto::reply::{
     reply_header_len, ChunkPayload, Descriptor, ReplyHeader, EXTENDED_REPLY_LEN,
 };
 use scratchd_proto::request::{RequestHeader, EXTENDED_REQUEST_LEN};
-use scratchd_store::sync::{lock, wait, wait_timeout};
+use scratchd_store::sync::{lock, wait_until};
 use tracing::debug;
 
 use crate::error::{lost, nbd_error, timed_out};
@@ -229,16 +229,12 @@ impl Connection {
             if state.in_flight < shared.settings.max_in_flight {
                 break;
             }
-            state = match deadline {
-                None => wait(&shared.room, state),
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        drop(state);
-                        shared.closer.close();
-                        return Err(timed_out("request (waiting for a free slot)"));
-                    }
-                    wait_timeout(&shared.room, state, left).0
+            state = match wait_until(&shared.room, state, deadline) {
+                Ok(state) => state,
+                Err(state) => {
+                    drop(state);
+                    shared.closer.close();
+                    return Err(timed_out("request (waiting for a free slot)"));
                 }
             };
         }

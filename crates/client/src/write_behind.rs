@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use scratchd_proto::consts::CMD_WRITE;
 use scratchd_proto::TransmissionFlags as F;
-use scratchd_store::sync::{lock, wait, wait_timeout};
+use scratchd_store::sync::{lock, wait_until};
 use scratchd_store::{check_range, BlockDevice, Capabilities, Extent, ZeroFlags};
 use tracing::{debug, error};
 
@@ -238,16 +238,12 @@ impl WriteBehind {
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let mut state = lock(&shared.state);
         while !ready(&state) {
-            state = match deadline {
-                None => wait(&shared.changed, state),
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        drop(state);
-                        self.client.abort();
-                        return Err(timed_out("WRITE (write-behind)"));
-                    }
-                    wait_timeout(&shared.changed, state, left).0
+            state = match wait_until(&shared.changed, state, deadline) {
+                Ok(state) => state,
+                Err(state) => {
+                    drop(state);
+                    self.client.abort();
+                    return Err(timed_out("WRITE (write-behind)"));
                 }
             };
         }
