@@ -733,6 +733,10 @@ fn prepare_socket(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
 /// not in `/proc`: nothing can be checked there, and it returns at once
 /// rather than count nothing for `limit` and fall back to one connection.
 pub fn wait_for_receivers(index: u32, connections: usize, limit: Duration) -> Result<(), Error> {
+    // A lone receive work has no other to wait behind.
+    if connections <= 1 {
+        return Ok(());
+    }
     let kthreadd = std::fs::read_to_string("/proc/2/comm").ok();
     if !shows_kernel_threads(kthreadd.as_deref()) {
         debug!(
@@ -769,6 +773,18 @@ fn shows_kernel_threads(pid_2_name: Option<&str>) -> bool {
     pid_2_name.is_some_and(|name| name.trim_end() == "kthreadd")
 }
 
+/// Whether `/proc/PID/stat` is a kernel thread's: `PF_KTHREAD`
+/// (include/linux/sched.h) in its flags, the ninth field, which no process
+/// can set for itself. The name (second field, in parentheses) may hold
+/// spaces and parentheses: the fields are counted after its last `)`.
+fn is_kernel_thread(stat: &str) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6))
+        .and_then(|flags| flags.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
 /// The threads running a receive work of one device.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Receivers {
@@ -790,6 +806,11 @@ impl Receivers {
                     .to_string_lossy()
                     .bytes()
                     .all(|b| b.is_ascii_digit())
+            })
+            // Any process may name itself like a worker (PR_SET_NAME):
+            // only kernel threads count.
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| is_kernel_thread(&s))
             })
             .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok());
         Receivers::among(names, index)

@@ -363,3 +363,54 @@ fn receive_works_are_checked_only_where_kernel_threads_show() {
     assert!(!shows_kernel_threads(Some("bash\n")));
     assert!(!shows_kernel_threads(None));
 }
+
+/// Kernel threads are told by their flags, which no process can set,
+/// however their names (with spaces and parentheses) read.
+#[test]
+fn kernel_threads_are_told_by_their_flags() {
+    let kthreadd = std::fs::read_to_string("/proc/2/stat").unwrap();
+    assert!(is_kernel_thread(&kthreadd), "{kthreadd}");
+    let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+    assert!(!is_kernel_thread(&me), "{me}");
+    let forged = "42 (x) 0 0 0 0 0 2129984 (y) S 1 42 42 0 -1 4194560 0";
+    assert!(!is_kernel_thread(forged));
+    assert!(!is_kernel_thread("garbage"));
+}
+
+/// A process of another user that names itself like a receive worker
+/// (PR_SET_NAME) is not counted: it could otherwise pass a starved
+/// device as served, or force a reconnect.
+#[test]
+fn a_process_named_like_a_receive_worker_is_not_counted() {
+    // Names hold 15 bytes: short, but enough to end like a worker's.
+    const NAME: &str = "x+nbd77-recv";
+    let script = format!(
+        "import ctypes, time; ctypes.CDLL(None).prctl(15, b'{NAME}', 0, 0, 0); time.sleep(30)"
+    );
+    let mut command = if rustix::process::geteuid().is_root() {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/usr/bin/python3",
+        ]);
+        c
+    } else {
+        std::process::Command::new("/usr/bin/python3")
+    };
+    let mut child = command
+        .args(["-c", &script])
+        .spawn()
+        .expect("/usr/bin/python3");
+    let comm = format!("/proc/{}/comm", child.id());
+    let named = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::read_to_string(&comm).is_ok_and(|c| c.trim_end() == NAME)
+    });
+    let counted = Receivers::now(77);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(named, "the process never took the name");
+    assert_eq!(counted, Receivers::default());
+}

@@ -255,29 +255,25 @@ fn connect_with_receivers(
     largest: u32,
     setup: &Setup,
 ) -> Result<(NbdDevice, bool), AttachError> {
-    let asked = options.connections.max(1);
-    let mut plan = vec![asked, asked, 1];
-    plan.dedup();
-    let last = plan.len() - 1;
-    for (attempt, &connections) in plan.iter().enumerate() {
-        let options = Options {
-            connections,
-            ..options.clone()
-        };
-        let (device, read_only, sockets) = connect_device(target, &options, largest, setup)?;
-        if sockets == 1 {
-            return Ok((device, read_only));
-        }
-        match nbd_kernel::wait_for_receivers(device.index(), sockets, RECEIVERS_LIMIT) {
-            Ok(()) => return Ok((device, read_only)),
-            Err(e) if attempt < last => {
-                warn!(error = %e, "connecting the device again");
-                device.disconnect()?;
+    let with = |connections| Options {
+        connections,
+        ..options.clone()
+    };
+    if options.connections > 1 {
+        for _ in 0..2 {
+            let (device, read_only, sockets) =
+                connect_device(target, &with(options.connections), largest, setup)?;
+            match nbd_kernel::wait_for_receivers(device.index(), sockets, RECEIVERS_LIMIT) {
+                Ok(()) => return Ok((device, read_only)),
+                Err(e) => {
+                    warn!(error = %e, "connecting the device again");
+                    device.disconnect()?;
+                }
             }
-            Err(e) => return Err(e.into()),
         }
     }
-    unreachable!("the plan's last attempt has one connection")
+    let (device, read_only, _) = connect_device(target, &with(1), largest, setup)?;
+    Ok((device, read_only))
 }
 
 /// Negotiates with `target` and hands the sockets to the kernel; the
