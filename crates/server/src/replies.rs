@@ -321,12 +321,19 @@ impl ReplyQueue {
     }
 
     /// Whether nothing of this pooled connection is running on a worker or
-    /// waiting to be sent (and the client is still there): a request run
-    /// now on the connection's thread has its reply sent at once, with no
-    /// other reply to overtake or to wait for.
+    /// waiting for the client (and the client is still there): a request
+    /// run now on the connection's thread has its reply sent without
+    /// waiting, behind no queue. A post still in its system call counts as
+    /// idle: its client may already have the reply and have sent the next
+    /// request (queue depth 1), and a reply posted meanwhile is gathered
+    /// into that post's next write.
     pub fn is_idle(&self) -> bool {
         let st = sync::lock(&self.shared.state);
-        st.running == 0 && !st.backlog() && !st.closed
+        let waiting = match &st.writer {
+            Some(writer) => !st.queue.is_empty() || writer.pending(),
+            None => !st.queue.is_empty(),
+        };
+        st.running == 0 && !waiting && !st.closed
     }
 
     /// Waits until every admitted request has posted its reply and every
