@@ -218,22 +218,7 @@ pub(crate) fn snapshot_request(
     let mut data = Vec::new();
     request.encode(&mut data);
     n.request(&OptionRequest::Other { option, data })?;
-    let mut reader = AnswerReader::new(request);
-    let answer = loop {
-        let read = match n.reply(option)? {
-            OptionReplyBody::Error { code, message } => {
-                return Err(n.refused(option_name(option), code, message))
-            }
-            OptionReplyBody::Other { reply_type, data } => reader.reply(reply_type, &data),
-            // Known types carry nothing a snapshot answer takes: the
-            // reader refuses them by their type.
-            other => reader.reply(other.reply_type(), &[]),
-        };
-        match read.map_err(|source| n.bad_snapshot_answer(source))? {
-            Some(answer) => break answer,
-            None => continue,
-        }
-    };
+    let answer = n.scratchd_answer(option, AnswerReader::new(request))?;
     // The session ends here; the server's answer to ABORT changes nothing.
     let _ = n.request(&OptionRequest::Abort);
     Ok(answer)
@@ -351,12 +336,34 @@ impl Negotiation<'_> {
         encode_from(from, &mut data);
         let option = OPT_SCRATCHD_FROM;
         self.request(&OptionRequest::Other { option, data })?;
-        match self.reply(option)? {
-            OptionReplyBody::Ack => Ok(()),
-            OptionReplyBody::Error { code, message } => {
-                Err(self.refused("SCRATCHD_FROM", code, message))
+        self.scratchd_answer(option, AnswerReader::start_from())
+            .map(drop)
+    }
+
+    /// Reads the answer to scratchd's `option`, whose request was sent:
+    /// every reply goes through `reader`, the one bounded decoder of those
+    /// answers, which shows the server's bytes only as a listing's checked
+    /// names; an error reply is [`Error::Refused`], whose message is shown
+    /// clipped and escaped. Nothing the server sends reaches a person
+    /// another way.
+    fn scratchd_answer(
+        &mut self,
+        option: u32,
+        mut reader: AnswerReader,
+    ) -> Result<SnapshotAnswer, Error> {
+        loop {
+            let read = match self.reply(option)? {
+                OptionReplyBody::Error { code, message } => {
+                    return Err(self.refused(option_name(option), code, message))
+                }
+                OptionReplyBody::Other { reply_type, data } => reader.reply(reply_type, &data),
+                // Known types carry nothing a scratchd answer takes: the
+                // reader refuses them by their type.
+                other => reader.reply(other.reply_type(), &[]),
+            };
+            if let Some(answer) = read.map_err(|source| self.bad_snapshot_answer(source))? {
+                return Ok(answer);
             }
-            other => Err(self.protocol(format!("unexpected {other:?} to SCRATCHD_FROM"))),
         }
     }
 
@@ -694,6 +701,74 @@ mod tests {
             data,
         };
         assert!(s.output.ends_with(&from.to_bytes()), "FROM was sent first");
+    }
+
+    /// The error of a negotiation that starts from snapshot "base" with a
+    /// server that sends `replies` (option, type, payload) after its
+    /// greeting.
+    fn start_from_answer(replies: &[(u32, u32, Vec<u8>)]) -> Error {
+        let mut server = greeting(FLAG_FIXED_NEWSTYLE);
+        for (option, reply_type, data) in replies {
+            let body = OptionReplyBody::Other {
+                reply_type: *reply_type,
+                data: data.clone(),
+            };
+            reply(*option, body, &mut server);
+        }
+        let mut s = Script {
+            input: io::Cursor::new(server),
+            output: Vec::new(),
+        };
+        let want = Wanted {
+            replies: Replies::Simple,
+            block_status: false,
+            from: Some("base"),
+        };
+        let Err(err) = greet(&mut s, "test", "disk")
+            .and_then(|no_zeroes| negotiate(&mut s, "test", "disk", no_zeroes, &want))
+        else {
+            panic!("a hostile answer to SCRATCHD_FROM was taken");
+        };
+        err
+    }
+
+    /// An error and its causes, as a command shows them.
+    fn shown(err: &Error) -> String {
+        let mut text = err.to_string();
+        let mut cause = std::error::Error::source(err);
+        while let Some(c) = cause {
+            text = format!("{text}: {c}");
+            cause = c.source();
+        }
+        text
+    }
+
+    /// SCRATCHD_FROM's replies go through the snapshot answers' decoder:
+    /// whatever the server sends, the error says it in a short line.
+    #[test]
+    fn hostile_answers_to_a_start_from_are_refused_within_bounds() {
+        let from = OPT_SCRATCHD_FROM;
+        let huge = vec![0x1b; 1 << 20];
+        let server_reply = [&[0, 0, 0, 4][..], b"\x1b[2J", &huge].concat();
+        for (reply_type, data) in [(REP_SCRATCHD_SNAPSHOT, huge), (REP_SERVER, server_reply)] {
+            let err = start_from_answer(&[(from, reply_type, data), (from, REP_ACK, vec![])]);
+            assert!(matches!(err, Error::SnapshotAnswer { .. }), "{err:?}");
+            let shown = shown(&err);
+            assert!(shown.contains("to SCRATCHD_FROM"), "{shown}");
+            assert!(shown.len() < 300, "{} bytes", shown.len());
+        }
+        // A refusal's message is shown as every refusal's: clipped, escaped.
+        let message = [b"\x1b]0;owned\x07".as_slice(), &[b'x'; 100_000]].concat();
+        let err = start_from_answer(&[(from, OptError::Unknown as u32, message)]);
+        assert_eq!(err.refusal(), Some(OptError::Unknown));
+        let shown = err.to_string();
+        assert!(shown.contains("SCRATCHD_FROM") && shown.contains("\\u{1b}]0;owned"));
+        assert!(!shown.contains('\x1b') && shown.len() < 2048, "{shown:?}");
+        // A reply to another option; a hang-up mid-answer.
+        let err = start_from_answer(&[(OPT_GO, REP_ACK, vec![])]);
+        assert!(matches!(err, Error::Protocol { .. }), "{err}");
+        let err = start_from_answer(&[]);
+        assert!(matches!(err, Error::Io { .. }), "{err}");
     }
 
     #[test]

@@ -214,6 +214,16 @@ impl AnswerReader {
         }
     }
 
+    /// The reader of [`OPT_SCRATCHD_FROM`]'s answer, an ACK alone: the
+    /// option only changes the negotiation's state, but its replies come
+    /// from the same server as the others' and are read as strictly.
+    pub fn start_from() -> Self {
+        AnswerReader {
+            option: OPT_SCRATCHD_FROM,
+            listing: None,
+        }
+    }
+
     /// Takes one reply of type `reply_type` (not an error: bit 31 clear)
     /// with its `data`; the answer once the reply is the ACK.
     ///
@@ -401,6 +411,22 @@ mod tests {
             reader.reply(REP_SERVER, &[]),
             Err(SnapshotReplyError::UnexpectedReply { .. })
         ));
+        assert_eq!(reader.reply(REP_ACK, &[]), Ok(Some(SnapshotAnswer::Done)));
+    }
+
+    #[test]
+    fn a_start_from_is_answered_by_an_ack_alone() {
+        use crate::consts::{REP_ACK, REP_SERVER};
+        let mut reader = AnswerReader::start_from();
+        assert_eq!(
+            reader.reply(REP_SCRATCHD_SNAPSHOT, &entry("a")),
+            Err(SnapshotReplyError::ListingUnasked("SCRATCHD_FROM"))
+        );
+        let refused = reader.reply(REP_SERVER, &[0; 1 << 20]).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "reply type 0x2 to SCRATCHD_FROM, which answers only ACK"
+        );
         assert_eq!(reader.reply(REP_ACK, &[]), Ok(Some(SnapshotAnswer::Done)));
     }
 }
