@@ -16,6 +16,7 @@ mod fio;
 mod front;
 mod generate;
 mod hardening;
+mod hostile_server;
 mod idle;
 mod isolation;
 mod kernel_guest;

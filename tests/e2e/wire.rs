@@ -8,8 +8,12 @@
 
 #![allow(dead_code)] // each test module uses a different part of this
 
-use std::io::{ErrorKind, Read};
-use std::os::unix::net::UnixStream;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::util::{read_n, send, Server};
@@ -611,4 +615,120 @@ impl Conn {
         self.request(0, CMD_DISC, 0xd15c, 0, 0);
         expect_closed(&mut self.s, "after NBD_CMD_DISC");
     }
+}
+
+// ---------------------------------------------------------- scripted server
+
+/// An option reply as a server sends it: magic, option, type, length, data.
+pub fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
+    Msg::new()
+        .u64(OPTION_REPLY_MAGIC)
+        .u32(option)
+        .u32(kind)
+        .u32(data.len() as u32)
+        .bytes(data)
+        .0
+}
+
+/// What a [`ScriptedServer`] does once a client has sent its first option.
+pub struct Answer {
+    /// Sent as they are: option replies, or anything else.
+    pub bytes: Vec<u8>,
+    /// Hang up after sending them; otherwise read until the client does.
+    pub hang_up: bool,
+}
+
+/// A scripted NBD server, for tests of our binary as a client (the
+/// mirror of the client above, and like it written from the protocol
+/// text): on a Unix socket of its own it greets each connection (fixed
+/// newstyle, no zeroes), takes the client's flags and first option, sends
+/// what its script answers for that option, then hangs up or reads until
+/// the client does. It notes every first option, so that a test can tell
+/// an answer refused from a request never sent.
+pub struct ScriptedServer {
+    _dir: tempfile::TempDir,
+    pub sock: PathBuf,
+    asked: Arc<Mutex<Vec<u32>>>,
+    accepting: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ScriptedServer {
+    /// Listens, answering each connection's first option with `script`.
+    pub fn start(script: impl Fn(u32) -> Answer + Send + Sync + 'static) -> ScriptedServer {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("scripted.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let asked = Arc::default();
+        let stop = Arc::<AtomicBool>::default();
+        let script = Arc::new(script);
+        let (noted, stopped) = (Arc::clone(&asked), Arc::clone(&stop));
+        let accepting = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let (script, noted) = (Arc::clone(&script), Arc::clone(&noted));
+                // A client that fails the script's way is no error here.
+                std::thread::spawn(move || {
+                    let _ = serve_script(client?, &*script, &noted);
+                    std::io::Result::Ok(())
+                });
+            }
+        });
+        ScriptedServer {
+            _dir: dir,
+            sock,
+            asked,
+            accepting: Some(accepting),
+            stop,
+        }
+    }
+
+    /// The URI of export `name` on it.
+    pub fn uri_for(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.sock.display())
+    }
+
+    /// The first option of every connection so far.
+    pub fn asked(&self) -> Vec<u32> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ScriptedServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accepting thread, which then sees the stop.
+        let _ = UnixStream::connect(&self.sock);
+        if let Some(accepting) = self.accepting.take() {
+            let _ = accepting.join();
+        }
+    }
+}
+
+/// One connection of a [`ScriptedServer`].
+fn serve_script(
+    mut s: UnixStream,
+    script: &(dyn Fn(u32) -> Answer + Sync),
+    asked: &Mutex<Vec<u32>>,
+) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let greeting = Msg::new()
+        .u64(NBDMAGIC)
+        .u64(IHAVEOPT)
+        .u16(FIXED_NEWSTYLE | NO_ZEROES);
+    s.write_all(&greeting.0)?;
+    let mut flags_and_option = [0; 4 + 16];
+    s.read_exact(&mut flags_and_option)?;
+    let option = be32(&flags_and_option, 12);
+    let len = be32(&flags_and_option, 16).min(1 << 20);
+    std::io::copy(&mut (&mut s).take(u64::from(len)), &mut std::io::sink())?;
+    asked.lock().unwrap().push(option);
+    let answer = script(option);
+    s.write_all(&answer.bytes)?;
+    if !answer.hang_up {
+        std::io::copy(&mut s, &mut std::io::sink())?;
+    }
+    Ok(())
 }
