@@ -1,8 +1,9 @@
-//! A tiny NBD client for raw-socket tests.
+//! A tiny NBD client for raw-socket tests, and a scripted server
+//! ([`ScriptedServer`]) for tests of our binary as a client.
 //!
-//! It is written from the protocol text (`docs/protocol-notes.md`,
+//! Both are written from the protocol text (`docs/protocol-notes.md`,
 //! `/work/shared/nbd-protocol.md`), deliberately without the server's
-//! `scratchd-proto` crate, so it checks that crate instead of sharing its
+//! `scratchd-proto` crate, so they check that crate instead of sharing its
 //! mistakes. Every `expect_*` helper reads exactly the bytes the reply must
 //! have and panics, naming the field, on anything else.
 
