@@ -8,11 +8,15 @@
 //! entry's layout are written here from `docs/protocol-notes.md` §13, not
 //! taken from `scratchd-proto`, so that a mistake there shows.
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::front::{Attachments, Front};
 use crate::util::{run_status, skip_without_fuse, SCRATCHD};
-use crate::wire::{option_reply, Answer, Msg, ScriptedServer, REP_ACK, REP_SERVER};
+use crate::wire::{
+    option_reply, Answer, Msg, ScriptedServer, ERR_POLICY, OPT_EXTENDED_HEADERS, OPT_GO,
+    OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REP_ACK, REP_SERVER,
+};
 
 const OPT_SCRATCHD_FROM: u32 = 0x5344_0001;
 const OPT_SCRATCHD_SNAPSHOT: u32 = 0x5344_0002;
@@ -237,8 +241,28 @@ fn start_from_cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     ]
 }
 
+/// `scratchd run --attach fuse [MORE...] --server URI -- true` on
+/// `server`'s disk "build", with `tmp` as its `$TMPDIR` (where a run makes
+/// its work directory).
+fn run_command(server: &ScriptedServer, more: &[&str], tmp: &Path) -> Command {
+    let mut run = Command::new(SCRATCHD);
+    run.args(["run", "--attach", "fuse"])
+        .args(more)
+        .arg("--server")
+        .arg(server.uri_for("build"))
+        .args(["--", "true"])
+        .env("TMPDIR", tmp);
+    run
+}
+
+/// Asserts that a run left nothing in its `$TMPDIR`.
+fn assert_nothing_left_in(tmp: &Path, case: &str) {
+    let left: Vec<_> = std::fs::read_dir(tmp).unwrap().collect();
+    assert!(left.is_empty(), "{case}: left in TMPDIR: {left:?}");
+}
+
 /// `run --from` fails before its disk is attached, and leaves no work
-/// directory (it makes one in `$TMPDIR`) and no mount.
+/// directory and no mount.
 #[test]
 fn run_from_refuses_hostile_answers_cleanly() {
     if skip_without_fuse("run_from_refuses_hostile_answers_cleanly") {
@@ -247,16 +271,58 @@ fn run_from_refuses_hostile_answers_cleanly() {
     for (case, answer, why) in start_from_cases() {
         let server = answering([answer, option_reply(OPT_SCRATCHD_FROM, REP_ACK, &[])].concat());
         let tmp = tempfile::tempdir().unwrap();
-        let mut run = Command::new(SCRATCHD);
-        run.args(["run", "--attach", "fuse", "--server"])
-            .arg(server.uri_for("build"))
-            .args(["--from", "base", "--", "true"])
-            .env("TMPDIR", tmp.path());
+        let mut run = run_command(&server, &["--from", "base"], tmp.path());
         assert_refused_cleanly(case, "run", bounded(&mut run), why);
         assert_eq!(server.asked(), [OPT_SCRATCHD_FROM], "{case}");
-        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
-        assert!(left.is_empty(), "{case}: left in TMPDIR: {left:?}");
+        assert_nothing_left_in(tmp.path(), case);
     }
+}
+
+/// The options every connection of ours sends, answered hostilely:
+/// refusals full of escapes, which `-vv` logs (EXTENDED_HEADERS,
+/// SET_META_CONTEXT) and the error shows (GO), and a reply of 1 MiB of a
+/// type the option does not take. A run shows neither raw nor whole.
+#[test]
+fn run_shows_no_raw_server_text_in_its_log_or_errors() {
+    if skip_without_fuse("run_shows_no_raw_server_text_in_its_log_or_errors") {
+        return;
+    }
+    let server = ScriptedServer::start(|option| Answer {
+        bytes: match option {
+            OPT_STRUCTURED_REPLY => option_reply(option, REP_ACK, &[]),
+            other => option_reply(other, ERR_POLICY, &escape_laden_message()),
+        },
+        hang_up: false,
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, out) = bounded(&mut run_command(&server, &["-vv"], tmp.path()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(code != 0 && code != 124, "{code}: {stderr}");
+    let asked = [
+        OPT_EXTENDED_HEADERS,
+        OPT_STRUCTURED_REPLY,
+        OPT_SET_META_CONTEXT,
+        OPT_GO,
+    ];
+    assert_eq!(server.asked(), asked);
+    let raw = stderr.chars().any(|c| c.is_control() && c != '\n');
+    assert!(!raw, "raw server bytes in the log: {stderr:?}");
+    // Both refusals logged, and GO's in the error, each escaped, clipped.
+    let shown = "\\u{1b}]0;owned\\u{7}\\u{1b}[2Jxxx";
+    assert_eq!(stderr.matches(shown).count(), 3, "{stderr}");
+    assert!(stderr.lines().all(|l| l.len() < 2048), "{stderr}");
+    assert_nothing_left_in(tmp.path(), "refusals");
+
+    let huge = option_reply(
+        OPT_EXTENDED_HEADERS,
+        REP_SCRATCHD_SNAPSHOT,
+        &[0x1b; 1 << 20],
+    );
+    let server = answering(huge);
+    let run = bounded(&mut run_command(&server, &[], tmp.path()));
+    let why = "unexpected reply type 0x53440001 to option 11";
+    assert_refused_cleanly("1 MiB to EXTENDED_HEADERS", "run", run, why);
+    assert_nothing_left_in(tmp.path(), "1 MiB to EXTENDED_HEADERS");
 }
 
 /// `attach --from` fails before a holder starts: no record, no mount, no

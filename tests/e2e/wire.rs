@@ -631,21 +631,21 @@ pub fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
         .0
 }
 
-/// What a [`ScriptedServer`] does once a client has sent its first option.
+/// What a [`ScriptedServer`] does when a client has sent an option.
 pub struct Answer {
     /// Sent as they are: option replies, or anything else.
     pub bytes: Vec<u8>,
-    /// Hang up after sending them; otherwise read until the client does.
+    /// Hang up after sending them; otherwise wait for the next option.
     pub hang_up: bool,
 }
 
 /// A scripted NBD server, for tests of our binary as a client (the
 /// mirror of the client above, and like it written from the protocol
 /// text): on a Unix socket of its own it greets each connection (fixed
-/// newstyle, no zeroes), takes the client's flags and first option, sends
-/// what its script answers for that option, then hangs up or reads until
-/// the client does. It notes every first option, so that a test can tell
-/// an answer refused from a request never sent.
+/// newstyle, no zeroes), takes the client's flags, and answers each option
+/// with what its script gives for it, until the script hangs up or the
+/// client does. It notes every option asked, so that a test can tell an
+/// answer refused from a request never sent.
 pub struct ScriptedServer {
     _dir: tempfile::TempDir,
     pub sock: PathBuf,
@@ -655,7 +655,7 @@ pub struct ScriptedServer {
 }
 
 impl ScriptedServer {
-    /// Listens, answering each connection's first option with `script`.
+    /// Listens, answering each option with `script`.
     pub fn start(script: impl Fn(u32) -> Answer + Send + Sync + 'static) -> ScriptedServer {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("scripted.sock");
@@ -691,7 +691,7 @@ impl ScriptedServer {
         format!("nbd+unix:///{name}?socket={}", self.sock.display())
     }
 
-    /// The first option of every connection so far.
+    /// The options asked so far, over every connection.
     pub fn asked(&self) -> Vec<u32> {
         self.asked.lock().unwrap().clone()
     }
@@ -720,16 +720,19 @@ fn serve_script(
         .u64(IHAVEOPT)
         .u16(FIXED_NEWSTYLE | NO_ZEROES);
     s.write_all(&greeting.0)?;
-    let mut flags_and_option = [0; 4 + 16];
-    s.read_exact(&mut flags_and_option)?;
-    let option = be32(&flags_and_option, 12);
-    let len = be32(&flags_and_option, 16).min(1 << 20);
-    std::io::copy(&mut (&mut s).take(u64::from(len)), &mut std::io::sink())?;
-    asked.lock().unwrap().push(option);
-    let answer = script(option);
-    s.write_all(&answer.bytes)?;
-    if !answer.hang_up {
-        std::io::copy(&mut s, &mut std::io::sink())?;
+    let mut client_flags = [0; 4];
+    s.read_exact(&mut client_flags)?;
+    loop {
+        // An option: IHAVEOPT, its number, its length, its data (skipped).
+        let mut header = [0; 16];
+        s.read_exact(&mut header)?;
+        let (option, len) = (be32(&header, 8), be32(&header, 12));
+        std::io::copy(&mut (&mut s).take(u64::from(len)), &mut std::io::sink())?;
+        asked.lock().unwrap().push(option);
+        let answer = script(option);
+        s.write_all(&answer.bytes)?;
+        if answer.hang_up {
+            return Ok(());
+        }
     }
-    Ok(())
 }

@@ -612,7 +612,7 @@ fn apply_payload(
         | ChunkPayload::ErrorOffset { error, message, .. } => {
             debug!(
                 error,
-                message,
+                reason = %crate::error::shown(&message),
                 command = command_name(command),
                 "server error"
             );

@@ -90,14 +90,20 @@ fn code_name(code: u32) -> String {
 /// the server's to choose, up to the option reply's bound (16 MiB).
 const MAX_MESSAGE_SHOWN: usize = 1024;
 
-/// The server's message as an error shows it: clipped, its control
-/// characters escaped, so that a hostile server can neither flood a log
-/// line nor drive the terminal that prints it.
+/// The server's message after an error's text, if it has one.
 fn message_suffix(message: &str) -> String {
-    if message.is_empty() {
-        return String::new();
+    match message.is_empty() {
+        true => String::new(),
+        false => format!(": {}", shown(message)),
     }
-    let mut shown = String::from(": ");
+}
+
+/// A server's message as errors and logs show it: clipped, its control
+/// characters escaped, so that a hostile server can neither flood a log
+/// line nor drive the terminal that prints it. Every message of a server
+/// that errors or logs show goes through here.
+pub(crate) fn shown(message: &str) -> String {
+    let mut shown = String::new();
     for (i, c) in message.chars().enumerate() {
         if i == MAX_MESSAGE_SHOWN {
             shown.push_str("...");

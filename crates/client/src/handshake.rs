@@ -35,7 +35,7 @@ use scratchd_proto::snapshots::{
 use scratchd_proto::TransmissionFlags;
 use tracing::debug;
 
-use crate::error::Error;
+use crate::error::{shown, Error};
 
 /// The richest reply framing a connection asks for; the server may grant
 /// less. The kernel's nbd driver speaks only [`Replies::Simple`].
@@ -126,7 +126,7 @@ pub(crate) fn start_tls(io: &mut dyn ReadWrite, address: &str, export: &str) -> 
             code,
             message,
         }),
-        other => Err(n.protocol(format!("unexpected reply {other:?} to STARTTLS"))),
+        other => Err(n.unexpected(&other, "STARTTLS")),
     }
 }
 
@@ -253,6 +253,16 @@ impl Negotiation<'_> {
         }
     }
 
+    /// A reply `to` an option does not take, named by its type alone: its
+    /// payload is the server's to fill (up to 16 MiB), and is shown to
+    /// nobody.
+    fn unexpected(&self, reply: &OptionReplyBody, to: impl std::fmt::Display) -> Error {
+        self.protocol(format!(
+            "unexpected reply type {:#x} to {to}",
+            reply.reply_type()
+        ))
+    }
+
     fn bad_snapshot_answer(&self, source: SnapshotReplyError) -> Error {
         Error::SnapshotAnswer {
             address: self.address.to_owned(),
@@ -312,10 +322,10 @@ impl Negotiation<'_> {
         match self.reply(option)? {
             OptionReplyBody::Ack => Ok(true),
             OptionReplyBody::Error { code, message } => {
-                debug!(option, code, message, "option refused");
+                debug!(option, code, reason = %shown(&message), "option refused");
                 Ok(false)
             }
-            other => Err(self.protocol(format!("unexpected reply {other:?} to option {option}"))),
+            other => Err(self.unexpected(&other, format_args!("option {option}"))),
         }
     }
 
@@ -381,12 +391,10 @@ impl Negotiation<'_> {
                 OptionReplyBody::MetaContext { .. } => {}
                 OptionReplyBody::Ack => return Ok(id),
                 OptionReplyBody::Error { code, message } => {
-                    debug!(code, message, "SET_META_CONTEXT refused");
+                    debug!(code, reason = %shown(&message), "SET_META_CONTEXT refused");
                     return Ok(None);
                 }
-                other => {
-                    return Err(self.protocol(format!("unexpected {other:?} to SET_META_CONTEXT")))
-                }
+                other => return Err(self.unexpected(&other, "SET_META_CONTEXT")),
             }
         }
     }
@@ -419,7 +427,7 @@ impl Negotiation<'_> {
                         message,
                     })
                 }
-                other => return Err(self.protocol(format!("unexpected {other:?} to GO"))),
+                other => return Err(self.unexpected(&other, "GO")),
             }
         }
         match export {
