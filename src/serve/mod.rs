@@ -155,7 +155,7 @@ pub struct ServeArgs {
     /// Spin for up to this long for a client's next request before
     /// sleeping, while its requests come that quickly (saves a thread
     /// wake-up per round trip, costs CPU; at most one fewer connection
-    /// spins at once than there are CPUs); 0: off (default 50us).
+    /// spins at once than there are CPUs); 0: off (default 200us).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_or_off)]
     #[serde(default, deserialize_with = "config::duration_or_off")]
     pub busy_poll: Option<Duration>,

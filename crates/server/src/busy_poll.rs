@@ -11,10 +11,14 @@
 //! Spinning burns CPU, so it is bounded three ways:
 //! - **per wait**: at most [`BusyPolling::limit`] (`--busy-poll`, default
 //!   [`DEFAULT_LIMIT`]; 0 turns it off);
-//! - **per connection**: only while requests come quickly: a connection
-//!   spins only if its previous request came within the limit, so an idle
-//!   or slow client costs one wasted spin at most, after which it sleeps
-//!   as before until a request comes quickly again;
+//! - **per connection**: only while its requests come quickly. Each
+//!   request that comes within the limit of the wait's start raises the
+//!   connection's score by one, each later one lowers it by four, and a
+//!   wait spins only at a score of at least half the most. So spinning
+//!   lasts only while more than four in five requests come quickly: a
+//!   client that spreads its requests over several connections (nbdfuse's
+//!   four, say), whose each connection sees a mix of quick and slow ones,
+//!   is soon not spun for, and an idle one costs a few missed spins;
 //! - **per server**: at most [`Spinners`]' slots at once (one fewer than
 //!   the CPUs), so spinning connections never take every CPU from the
 //!   clients and workers they wait for. A connection that finds no slot
@@ -30,10 +34,13 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
-/// The default spin before a connection sleeps: longer than a client's
-/// turnaround between a reply and its next request on the same host or a
-/// fast network, short against the sleep it saves.
-pub const DEFAULT_LIMIT: Duration = Duration::from_micros(50);
+/// The default spin before a connection sleeps. The gap it must cover is
+/// the reply's way to the client, the client's own wake-up and turnaround,
+/// and the request's way back: on a 2-CPU virtual machine, 40-90 µs over a
+/// Unix socket and more over TCP loopback, so 50 µs caught most Unix
+/// requests and few TCP ones; 200 µs also leaves room for a fast network
+/// (docs/PERFORMANCE.md, "Busy-polling").
+pub const DEFAULT_LIMIT: Duration = Duration::from_micros(200);
 
 /// The server's busy-polling: how long a wait may spin, the slots every
 /// connection's spinning shares, and what the spins caught.
@@ -90,7 +97,7 @@ impl BusyPolling {
             limit: self.limit,
             spinners: self.spinners.clone(),
             waiting_since: None,
-            quick: true,
+            score: SPIN_AT,
         })
     }
 }
@@ -134,17 +141,27 @@ pub enum Spin {
     Skipped,
 }
 
-/// One connection's busy-polling: the socket it watches and whether its
-/// requests have been coming quickly.
+/// The score of a connection whose requests all come quickly.
+const MOST: u8 = 16;
+/// The score at which a wait spins (a new connection starts there).
+const SPIN_AT: u8 = MOST / 2;
+/// What a request that comes late costs the score (one that comes
+/// quickly adds one): spinning goes on only while more than
+/// `PENALTY / (PENALTY + 1)` of the requests come quickly.
+const PENALTY: u8 = 4;
+
+/// One connection's busy-polling: the socket it watches and how quickly
+/// its requests have been coming.
 pub struct BusyPoll {
     socket: OwnedFd,
     limit: Duration,
     spinners: Arc<Spinners>,
     /// When the connection started waiting for its next request.
     waiting_since: Option<Instant>,
-    /// Whether the previous request came within `limit` of the wait's
-    /// start: only then is the next wait spun.
-    quick: bool,
+    /// Up by one for each request that came within `limit` of the wait's
+    /// start, down by [`PENALTY`] for each that came later; waits spin from
+    /// [`SPIN_AT`].
+    score: u8,
 }
 
 impl BusyPoll {
@@ -154,7 +171,7 @@ impl BusyPoll {
     pub fn before_waiting(&mut self) -> Spin {
         let start = Instant::now();
         self.waiting_since = Some(start);
-        if !self.quick {
+        if self.score < SPIN_AT {
             return Spin::Skipped;
         }
         let Some(_slot) = self.spinners.take() else {
@@ -167,7 +184,6 @@ impl BusyPoll {
             }
             if start.elapsed() >= self.limit {
                 self.spinners.missed.fetch_add(1, Ordering::Relaxed);
-                self.quick = false;
                 return Spin::Missed;
             }
             // Not a bare spin: a client or worker sharing this CPU (the
@@ -177,10 +193,15 @@ impl BusyPoll {
     }
 
     /// Called when bytes came after [`before_waiting`](Self::before_waiting):
-    /// whether they came quickly decides whether the next wait spins.
+    /// whether they came quickly moves the score that decides whether later
+    /// waits spin.
     pub fn arrived(&mut self) {
         if let Some(since) = self.waiting_since.take() {
-            self.quick = since.elapsed() <= self.limit;
+            self.score = if since.elapsed() <= self.limit {
+                (self.score + 1).min(MOST)
+            } else {
+                self.score.saturating_sub(PENALTY)
+            };
         }
     }
 
@@ -227,30 +248,58 @@ mod tests {
         drop(sender.join());
     }
 
-    #[test]
-    fn a_slow_client_is_not_spun_for_until_a_request_comes_quickly() {
-        let polling = BusyPolling::with_spinners(Duration::from_millis(5), 1);
-        let (mut poll, mut client) = watched(&polling);
-        assert_eq!(poll.before_waiting(), Spin::Missed);
-        client.write_all(b"slow").unwrap();
+    /// One wait, for a request that comes after the wait's limit (`late`)
+    /// or at once, which the server then reads.
+    fn wait_for(poll: &mut BusyPoll, client: &mut UnixStream, late: bool) -> Spin {
+        let spin = poll.before_waiting();
+        if late {
+            std::thread::sleep(poll.limit + Duration::from_millis(1));
+        }
+        client.write_all(b"request").unwrap();
         poll.arrived();
-        // Missed: the next wait sleeps at once.
-        assert_eq!(poll.before_waiting(), Spin::Skipped);
-        poll.arrived();
-        // That request was there at once: quick again.
-        assert_eq!(poll.before_waiting(), Spin::Caught);
-        assert_eq!(polling.outcomes(), (1, 1));
+        let mut ours = poll.socket.try_clone().map(UnixStream::from).unwrap();
+        std::io::Read::read(&mut ours, &mut [0; 64]).unwrap();
+        spin
     }
 
     #[test]
-    fn a_request_that_came_late_to_an_unspun_wait_keeps_the_next_unspun() {
-        let polling = BusyPolling::with_spinners(Duration::from_millis(5), 1);
-        let (mut poll, _client) = watched(&polling);
-        assert_eq!(poll.before_waiting(), Spin::Missed);
-        assert_eq!(poll.before_waiting(), Spin::Skipped);
-        std::thread::sleep(Duration::from_millis(10));
-        poll.arrived();
-        assert_eq!(poll.before_waiting(), Spin::Skipped);
+    fn a_client_whose_requests_come_quickly_stays_spun_for() {
+        let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        let (mut poll, mut client) = watched(&polling);
+        for _ in 0..20 {
+            client.write_all(b"request").unwrap();
+            assert_eq!(poll.before_waiting(), Spin::Caught);
+            poll.arrived();
+            let mut ours = poll.socket.try_clone().map(UnixStream::from).unwrap();
+            std::io::Read::read(&mut ours, &mut [0; 64]).unwrap();
+        }
+        assert_eq!(poll.score, MOST);
+        assert_eq!(polling.outcomes(), (20, 0));
+    }
+
+    #[test]
+    fn a_client_with_one_late_request_in_two_is_soon_not_spun_for() {
+        let polling = BusyPolling::with_spinners(Duration::from_millis(2), 1);
+        let (mut poll, mut client) = watched(&polling);
+        let spins: Vec<Spin> = (0..12)
+            .map(|i| wait_for(&mut poll, &mut client, i % 2 == 0))
+            .collect();
+        let spun = spins.iter().filter(|s| **s != Spin::Skipped).count();
+        assert!(spun <= 3, "spun {spun} of 12 waits: {spins:?}");
+        assert_eq!(spins.last(), Some(&Spin::Skipped));
+    }
+
+    #[test]
+    fn a_client_that_turns_quick_is_spun_for_again() {
+        let polling = BusyPolling::with_spinners(Duration::from_millis(2), 1);
+        let (mut poll, mut client) = watched(&polling);
+        for _ in 0..4 {
+            wait_for(&mut poll, &mut client, true);
+        }
+        assert_eq!(poll.score, 0);
+        let first_spun =
+            (0..MOST).position(|_| wait_for(&mut poll, &mut client, false) != Spin::Skipped);
+        assert_eq!(first_spun, Some(SPIN_AT as usize));
     }
 
     #[test]
