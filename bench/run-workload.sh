@@ -20,7 +20,9 @@
 #   nbdfuse-scratchd  the same client (nbdfuse, 4 connections with multi-conn,
 #               buffered loop) against `scratchd serve -U SOCK tmpdisk
 #               size=20G pool=1`: our server under a client nobody here wrote
-#               (NBDFUSE_ARGS: more nbdfuse options for both, e.g. "-C 1")
+#               (NBDFUSE_ARGS: more nbdfuse options for both, e.g. "-C 1";
+#               SERVE_ARGS: more `scratchd serve` options for every scratchd
+#               server, e.g. "--busy-poll 0")
 #   run-local   `scratchd run --size 20G -- CMD`: a private disk (a FUSE file
 #               calling the store directly, direct-I/O loop), mounted noatime
 #   run-server  `scratchd serve -U SOCK tmpdisk size=20G pool=1` and `scratchd run
@@ -568,8 +570,8 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r: $c" >&2
     case $c in
       nbdkit) start_server nbdkit env TMPDIR="$shm" nbdkit -f -U "$work/sock" tmpdisk size="$SIZE" ;;
-      run-server | run-server-sync | nbdfuse-scratchd) start_server scratchd-serve "$SCRATCHD" serve -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
-      run-tcp) start_server scratchd-serve-tcp "$SCRATCHD" serve -i 127.0.0.1 -p "$port" tmpdisk size="$SIZE" pool=1 ;;
+      run-server | run-server-sync | nbdfuse-scratchd) start_server scratchd-serve "$SCRATCHD" serve ${SERVE_ARGS:-} -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
+      run-tcp) start_server scratchd-serve-tcp "$SCRATCHD" serve ${SERVE_ARGS:-} -i 127.0.0.1 -p "$port" tmpdisk size="$SIZE" pool=1 ;;
     esac
     case $c in
       nbdkit | nbdfuse-scratchd | run-server | run-server-sync) start_proxy "unix:$work/sock" ;;

@@ -75,9 +75,9 @@ pub fn parse_reply_timeout(text: &str) -> Result<Duration, String> {
     parse_positive_duration(text).map_err(|e| e.to_string())
 }
 
-/// `--tcp-keepalive`: a duration, 0 for off (clap's value parser for
-/// [`parse_duration`]).
-pub fn parse_keepalive(text: &str) -> Result<Duration, String> {
+/// A duration where 0 turns something off (`--tcp-keepalive`,
+/// `--busy-poll`): clap's value parser for [`parse_duration`].
+pub fn parse_duration_or_off(text: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|e| e.to_string())
 }
 
@@ -101,6 +101,6 @@ mod tests {
     fn durations() {
         assert_eq!(parse_reply_timeout("60s"), Ok(Duration::from_secs(60)));
         assert!(parse_reply_timeout("0").is_err());
-        assert_eq!(parse_keepalive("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_off("0"), Ok(Duration::ZERO));
     }
 }

@@ -22,6 +22,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tracing::{debug, warn};
 
+use scratchd_server::busy_poll::BusyPolling;
 use scratchd_server::counters::ServerCounters;
 use MetricType::{Counter, Gauge};
 
@@ -230,6 +231,7 @@ impl Collector for Snapshots {
         snapshots(e, &self.0.snapshots())?;
         connections(e, s)?;
         server_events(e, &self.0.server.counters)?;
+        busy_polling(e, &self.0.server.busy_polling)?;
         creation_histogram(e, s)
     }
 }
@@ -509,6 +511,19 @@ fn server_events(e: &mut DescriptorEncoder, c: &ServerCounters) -> Result<(), st
         "TLS handshakes, by result",
         Counter,
         &labelled("result", vec![("completed", completed), ("failed", failed)]),
+    )
+}
+
+/// What the connections' spins for their next request caught
+/// (`--busy-poll`).
+fn busy_polling(e: &mut DescriptorEncoder, b: &BusyPolling) -> Result<(), std::fmt::Error> {
+    let (caught, missed) = b.outcomes();
+    family(
+        e,
+        "scratchd_busy_poll_waits",
+        "Waits for a client's next request that spun first, by whether it came during the spin",
+        Counter,
+        &labelled("outcome", vec![("caught", caught), ("missed", missed)]),
     )
 }
 

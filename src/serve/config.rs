@@ -77,8 +77,8 @@ pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Durat
         .map_err(de::Error::custom)
 }
 
-/// `tcp-keepalive = "60s"` (or seconds; 0 is off).
-pub fn keepalive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+/// `tcp-keepalive = "60s"`, `busy-poll = "50us"` (or seconds; 0 is off).
+pub fn duration_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = deserialize_text(d, "a duration such as \"60s\", or seconds")?;
     parse_duration(&text).map(Some).map_err(de::Error::custom)
 }
@@ -253,6 +253,7 @@ impl ServeArgs {
             reply_timeout,
             handshake_timeout,
             tcp_keepalive,
+            busy_poll,
             verbose,
             log_level,
             max_exports,
@@ -299,6 +300,7 @@ impl ServeArgs {
             reply_timeout: reply_timeout.or(file.reply_timeout),
             handshake_timeout: handshake_timeout.or(file.handshake_timeout),
             tcp_keepalive: tcp_keepalive.or(file.tcp_keepalive),
+            busy_poll: busy_poll.or(file.busy_poll),
             verbose: if verbose > 0 { verbose } else { file.verbose },
             log_level: log_level.or(file.log_level),
             max_exports: max_exports.or(file.max_exports),

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
+use scratchd_server::busy_poll::{self, BusyPolling};
 use scratchd_server::tls::{TlsConfig, TlsMode};
 use scratchd_server::{
     shutdown::Shutdown, workers::WorkerPool, Cidr, ConnectionLimit, Exports, Listener,
@@ -30,7 +31,7 @@ use serde::Deserialize;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
-use crate::cli::{init_logging, parse_keepalive, parse_reply_timeout, EXIT_USAGE};
+use crate::cli::{init_logging, parse_duration_or_off, parse_reply_timeout, EXIT_USAGE};
 use crate::ops::admin::{Admin, Backend as AdminBackend};
 use backend::{open_backend, BackendError, OpenError, Options, UsageError};
 use notify::Notifier;
@@ -148,9 +149,16 @@ pub struct ServeArgs {
     /// TCP keepalive: probe a TCP client after this long without traffic
     /// and end its connection when it vanished (about twice this); 0: off
     /// (default 60s).
-    #[arg(long, value_name = "DURATION", value_parser = parse_keepalive)]
-    #[serde(default, deserialize_with = "config::keepalive")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_or_off)]
+    #[serde(default, deserialize_with = "config::duration_or_off")]
     pub tcp_keepalive: Option<Duration>,
+    /// Spin for up to this long for a client's next request before
+    /// sleeping, while its requests come that quickly (saves a thread
+    /// wake-up per round trip, costs CPU; at most one fewer connection
+    /// spins at once than there are CPUs); 0: off (default 200us).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_or_off)]
+    #[serde(default, deserialize_with = "config::duration_or_off")]
+    pub busy_poll: Option<Duration>,
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     #[serde(default)]
@@ -336,6 +344,7 @@ pub fn main(args: ServeArgs) -> i32 {
             .unwrap_or(scratchd_server::connection::DEFAULT_HANDSHAKE_TIMEOUT),
         tcp_keepalive: Some(args.tcp_keepalive.unwrap_or(DEFAULT_TCP_KEEPALIVE))
             .filter(|d| !d.is_zero()),
+        busy_polling: BusyPolling::new(args.busy_poll.unwrap_or(busy_poll::DEFAULT_LIMIT)),
         tls,
     });
     if args.exit_with_parent {

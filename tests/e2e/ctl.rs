@@ -767,3 +767,50 @@ fn metrics_refuse_other_host_names_and_dripping_clients() {
     );
     dripper.join().unwrap();
 }
+
+/// `--busy-poll`: a client that sends each request as soon as its last
+/// is answered (libnbd's synchronous calls) has its requests caught by
+/// the server's spin, and `scratchd_busy_poll_waits_total` says so; with
+/// `--busy-poll 0` nothing spins. The data is right either way.
+#[test]
+fn spins_that_catch_a_clients_next_request_are_counted() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (limit, spins) in [("20ms", cpus > 1), ("0", false)] {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let Setup { server, _dir, .. } = start(&["--metrics", &addr, "--busy-poll", limit], &[]);
+        let out = crate::util::libnbd(
+            &server.uri_for("spin"),
+            r#"
+h = connect(URI)
+for i in range(50):
+    h.pwrite(bytes([i]) * 4096, i * 4096)
+for i in range(50):
+    assert h.pread(4096, i * 4096) == bytes([i]) * 4096, i
+"#,
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = scrape(&format!("http://{addr}/metrics"));
+        let series =
+            |outcome: &str| format!("scratchd_busy_poll_waits_total{{outcome=\"{outcome}\"}}");
+        assert!(
+            s.iter().any(|(k, _)| *k == series("caught")),
+            "no busy-poll series: {s:?}"
+        );
+        let caught = value(&s, &series("caught"));
+        if spins {
+            assert!(caught >= 1.0, "--busy-poll {limit}: nothing caught");
+        } else {
+            assert_eq!(
+                caught + value(&s, &series("missed")),
+                0.0,
+                "spun with --busy-poll 0"
+            );
+        }
+    }
+}

@@ -100,7 +100,7 @@ pub enum DurationError {
     Zero { text: String },
 }
 
-/// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or plain (possibly
+/// Parses a duration: `30s`, `500ms`, `50us`, `2m`, `1h`, or plain (possibly
 /// fractional) seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let t = text.trim();
@@ -111,6 +111,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let scale = match unit {
         "" | "s" => 1.0,
         "ms" => 1e-3,
+        "us" | "µs" => 1e-6,
         "m" | "min" => 60.0,
         "h" => 3600.0,
         _ => {
@@ -192,6 +193,7 @@ mod tests {
         let ms = Duration::from_millis;
         assert_eq!(parse_duration("30s"), Ok(ms(30_000)));
         assert_eq!(parse_duration("500ms"), Ok(ms(500)));
+        assert_eq!(parse_duration("50us"), Ok(Duration::from_micros(50)));
         assert_eq!(parse_duration("2m"), Ok(ms(120_000)));
         assert_eq!(parse_duration("1h"), Ok(ms(3_600_000)));
         assert_eq!(parse_duration("10"), Ok(ms(10_000)));

@@ -128,6 +128,11 @@ fn run(transport: Transport, ctx: &ServerContext) -> Result<(), ConnectionError>
         return Ok(());
     };
     input.watch_idle(Box::new(control.try_clone()?))?;
+    if let Some(socket) = control.socket() {
+        if let Some(poll) = ctx.busy_polling.watch(socket?) {
+            input.busy_poll(poll);
+        }
+    }
     let _membership = match &export.members {
         Some(m) => Some(m.join(control.try_clone()?)),
         None => None,

@@ -15,6 +15,8 @@
 use std::io::{self, Read};
 use std::time::Duration;
 
+use crate::busy_poll::BusyPoll;
+
 /// Input buffer size: holds dozens of small requests, so one read() serves many.
 pub const INPUT_BUFFER: usize = 256 * 1024;
 /// After this long without a byte from the client, a connection in
@@ -37,6 +39,8 @@ pub struct Input {
     /// In transmission: the socket, whose read timeout ([`IDLE_AFTER`])
     /// says the client has gone quiet; a timeout is then no error.
     idle: Option<IdleWatch>,
+    /// In transmission: spinning for the next request before sleeping.
+    busy_poll: Option<BusyPoll>,
 }
 
 struct IdleWatch {
@@ -110,6 +114,7 @@ impl Input {
             start: 0,
             end: 0,
             idle: None,
+            busy_poll: None,
         }
     }
 
@@ -129,6 +134,11 @@ impl Input {
             armed: true,
         });
         Ok(())
+    }
+
+    /// From now on, waits for a request spin first (see [`crate::busy_poll`]).
+    pub fn busy_poll(&mut self, busy_poll: BusyPoll) {
+        self.busy_poll = Some(busy_poll);
     }
 
     /// Reads from the stream into `dst`, part of a message. Read timeouts
@@ -182,11 +192,22 @@ impl Input {
             self.end -= self.start;
             self.start = 0;
         }
+        let between_requests = self.end == self.start;
+        if between_requests {
+            if let Some(poll) = &mut self.busy_poll {
+                poll.before_waiting();
+            }
+        }
         while self.end - self.start < n {
             match self.reader.read(&mut self.buf[self.end..]) {
                 Ok(0) if self.end == self.start => return Ok(Filled::End),
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(k) => {
+                    if between_requests && self.end == self.start {
+                        if let Some(poll) = &mut self.busy_poll {
+                            poll.arrived();
+                        }
+                    }
                     self.end += k;
                     self.rearm()?;
                 }

@@ -9,6 +9,8 @@
 //!   connection limits.
 //! - [`access`]: who may connect over TCP: `--allow` ranges, connections
 //!   per peer address.
+//! - [`busy_poll`]: spinning briefly for a client's next request before
+//!   sleeping, where requests come quickly.
 //! - [`connection`]: one client: the handshake, then the transmission loop.
 //! - [`deadline`]: the whole-handshake deadline, one watchdog thread for
 //!   every connection still in its handshake.
@@ -34,6 +36,7 @@
 //! socket pair, and a device that can block, fail or hold calls.
 
 pub mod access;
+pub mod busy_poll;
 pub mod connection;
 pub mod counters;
 pub mod deadline;

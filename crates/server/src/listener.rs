@@ -52,6 +52,9 @@ pub struct ServerContext {
     /// powered off, a cut network) is probed after this long without
     /// traffic and its connection ended when it does not answer; `None`: off.
     pub tcp_keepalive: Option<std::time::Duration>,
+    /// Spinning for a client's next request before sleeping
+    /// ([`crate::busy_poll`]).
+    pub busy_polling: crate::busy_poll::BusyPolling,
 }
 
 /// Who may connect, and how many connections may be open at once. Each

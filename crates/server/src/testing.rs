@@ -193,6 +193,7 @@ impl Setup {
             handshake_timeout: self.handshake_timeout,
             tls: None,
             tcp_keepalive: None,
+            busy_polling: crate::busy_poll::BusyPolling::off(),
         })
     }
 }

@@ -89,6 +89,7 @@ impl Scratchd {
             handshake_timeout: scratchd_server::connection::DEFAULT_HANDSHAKE_TIMEOUT,
             tls: None,
             tcp_keepalive: None,
+            busy_polling: scratchd_server::busy_poll::BusyPolling::off(),
         });
         let dir = tempfile::tempdir().expect("tempdir");
         let (listener, target) = if self.tcp {

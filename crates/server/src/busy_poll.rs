@@ -1,0 +1,334 @@
+//! Busy-polling for the next request before a connection sleeps.
+//!
+//! A client that waits for each reply before sending its next request
+//! (queue depth 1: an fsync in a build, a loop device's flush) sends that
+//! request a few microseconds after our reply reached it. A connection
+//! thread that blocks in `read` for it pays a sleep and a wake-up each
+//! time: the scheduler's path in and out, on a virtual machine often the
+//! largest part of the round trip. Watching the socket for a short while
+//! first catches the request on a running CPU instead.
+//!
+//! Spinning burns CPU, so it is bounded three ways:
+//! - **per wait**: at most [`BusyPolling::limit`] (`--busy-poll`, default
+//!   [`DEFAULT_LIMIT`]; 0 turns it off);
+//! - **per connection**: only while its requests come quickly. Each
+//!   request that comes within the limit of the wait's start raises the
+//!   connection's score by one, each later one lowers it by four, and a
+//!   wait spins only at a score of at least half the most. So spinning
+//!   lasts only while more than four in five requests come quickly: a
+//!   client that spreads its requests over several connections (nbdfuse's
+//!   four, say), whose each connection sees a mix of quick and slow ones,
+//!   is soon not spun for, and an idle one costs a few missed spins;
+//! - **per server**: at most [`Spinners`]' slots at once (one fewer than
+//!   the CPUs), so spinning connections never take every CPU from the
+//!   clients and workers they wait for. A connection that finds no slot
+//!   free sleeps.
+//!
+//! The spin only watches: the read that follows is the ordinary one, so
+//! whatever the spin decides, no byte is read differently (TLS included).
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
+/// The default spin before a connection sleeps. The gap it must cover is
+/// the reply's way to the client, the client's own wake-up and turnaround,
+/// and the request's way back: on a 2-CPU virtual machine, 40-90 µs over a
+/// Unix socket and more over TCP loopback, so 50 µs caught most Unix
+/// requests and few TCP ones; 200 µs also leaves room for a fast network
+/// (docs/PERFORMANCE.md, "Busy-polling").
+pub const DEFAULT_LIMIT: Duration = Duration::from_micros(200);
+
+/// The server's busy-polling: how long a wait may spin, the slots every
+/// connection's spinning shares, and what the spins caught.
+#[derive(Clone, Debug)]
+pub struct BusyPolling {
+    limit: Duration,
+    spinners: Arc<Spinners>,
+}
+
+impl BusyPolling {
+    /// Spins of at most `limit` (zero: off), at most one fewer at once than
+    /// the CPUs this process may use.
+    pub fn new(limit: Duration) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_spinners(limit, cpus.saturating_sub(1))
+    }
+
+    /// Spins of at most `limit`, at most `spinners` at once.
+    pub fn with_spinners(limit: Duration, spinners: usize) -> Self {
+        BusyPolling {
+            limit,
+            spinners: Arc::new(Spinners {
+                max: spinners,
+                now: AtomicUsize::new(0),
+                caught: AtomicU64::new(0),
+                missed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn off() -> Self {
+        Self::with_spinners(Duration::ZERO, 0)
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// Waits that spun so far: (the request came during the spin, it did
+    /// not). For the metrics: many misses mean the limit is too short for
+    /// these clients, and the CPU spent on them is wasted.
+    pub fn outcomes(&self) -> (u64, u64) {
+        (
+            self.spinners.caught.load(Ordering::Relaxed),
+            self.spinners.missed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A connection's busy-polling on `socket`; `None` when off, or where
+    /// no connection may spin (one CPU).
+    pub fn watch(&self, socket: OwnedFd) -> Option<BusyPoll> {
+        (!self.limit.is_zero() && self.spinners.max > 0).then(|| BusyPoll {
+            socket,
+            limit: self.limit,
+            spinners: self.spinners.clone(),
+            waiting_since: None,
+            score: SPIN_AT,
+        })
+    }
+}
+
+/// The slots for spinning, shared by every connection, and the outcomes.
+#[derive(Debug)]
+struct Spinners {
+    max: usize,
+    now: AtomicUsize,
+    caught: AtomicU64,
+    missed: AtomicU64,
+}
+
+impl Spinners {
+    fn take(&self) -> Option<SpinSlot<'_>> {
+        self.now
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SpinSlot(self))
+    }
+}
+
+struct SpinSlot<'a>(&'a Spinners);
+
+impl Drop for SpinSlot<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// What one wait's spin did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Spin {
+    /// The request came while spinning: no sleep.
+    Caught,
+    /// The limit passed first; the connection sleeps as without spinning.
+    Missed,
+    /// Not spun: the previous request was slow, or every slot was taken.
+    Skipped,
+}
+
+/// The score of a connection whose requests all come quickly.
+const MOST: u8 = 16;
+/// The score at which a wait spins (a new connection starts there).
+const SPIN_AT: u8 = MOST / 2;
+/// What a request that comes late costs the score (one that comes
+/// quickly adds one): spinning goes on only while more than
+/// `PENALTY / (PENALTY + 1)` of the requests come quickly.
+const PENALTY: u8 = 4;
+
+/// One connection's busy-polling: the socket it watches and how quickly
+/// its requests have been coming.
+pub struct BusyPoll {
+    socket: OwnedFd,
+    limit: Duration,
+    spinners: Arc<Spinners>,
+    /// When the connection started waiting for its next request.
+    waiting_since: Option<Instant>,
+    /// Up by one for each request that came within `limit` of the wait's
+    /// start, down by [`PENALTY`] for each that came later; waits spin from
+    /// [`SPIN_AT`].
+    score: u8,
+}
+
+impl BusyPoll {
+    /// Called before the connection blocks for its next request: spins
+    /// until the socket has bytes to read or the limit has passed, if this
+    /// connection's requests come quickly and a slot is free.
+    pub fn before_waiting(&mut self) -> Spin {
+        let start = Instant::now();
+        self.waiting_since = Some(start);
+        if self.score < SPIN_AT {
+            return Spin::Skipped;
+        }
+        let Some(_slot) = self.spinners.take() else {
+            return Spin::Skipped;
+        };
+        loop {
+            if self.readable() {
+                self.spinners.caught.fetch_add(1, Ordering::Relaxed);
+                return Spin::Caught;
+            }
+            if start.elapsed() >= self.limit {
+                self.spinners.missed.fetch_add(1, Ordering::Relaxed);
+                return Spin::Missed;
+            }
+            // Not a bare spin: a client or worker sharing this CPU (the
+            // one this connection waits for, maybe) runs first.
+            std::thread::yield_now();
+        }
+    }
+
+    /// Called when bytes came after [`before_waiting`](Self::before_waiting):
+    /// whether they came quickly moves the score that decides whether later
+    /// waits spin.
+    pub fn arrived(&mut self) {
+        if let Some(since) = self.waiting_since.take() {
+            self.score = if since.elapsed() <= self.limit {
+                (self.score + 1).min(MOST)
+            } else {
+                self.score.saturating_sub(PENALTY)
+            };
+        }
+    }
+
+    /// Whether the socket has bytes (or an end, or an error) to read now.
+    fn readable(&self) -> bool {
+        let mut fds = [PollFd::new(&self.socket, PollFlags::IN)];
+        matches!(poll(&mut fds, Some(&Timespec::default())), Ok(n) if n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn watched(polling: &BusyPolling) -> (BusyPoll, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        (polling.watch(ours.into()).unwrap(), theirs)
+    }
+
+    #[test]
+    fn a_request_already_there_is_caught_at_once() {
+        let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        let (mut poll, mut client) = watched(&polling);
+        client.write_all(b"request").unwrap();
+        let start = Instant::now();
+        assert_eq!(poll.before_waiting(), Spin::Caught);
+        assert!(start.elapsed() < Duration::from_secs(30), "spun on");
+        assert_eq!(polling.outcomes(), (1, 0));
+    }
+
+    #[test]
+    fn a_request_sent_during_the_spin_is_caught() {
+        let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        let (mut poll, mut client) = watched(&polling);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            client.write_all(b"request").unwrap();
+            client
+        });
+        assert_eq!(poll.before_waiting(), Spin::Caught);
+        drop(sender.join());
+    }
+
+    /// One wait, for a request that comes after the wait's limit (`late`)
+    /// or at once, which the server then reads.
+    fn wait_for(poll: &mut BusyPoll, client: &mut UnixStream, late: bool) -> Spin {
+        let spin = poll.before_waiting();
+        if late {
+            std::thread::sleep(poll.limit + Duration::from_millis(1));
+        }
+        client.write_all(b"request").unwrap();
+        poll.arrived();
+        let mut ours = poll.socket.try_clone().map(UnixStream::from).unwrap();
+        std::io::Read::read(&mut ours, &mut [0; 64]).unwrap();
+        spin
+    }
+
+    #[test]
+    fn a_client_whose_requests_come_quickly_stays_spun_for() {
+        let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        let (mut poll, mut client) = watched(&polling);
+        for _ in 0..20 {
+            client.write_all(b"request").unwrap();
+            assert_eq!(poll.before_waiting(), Spin::Caught);
+            poll.arrived();
+            let mut ours = poll.socket.try_clone().map(UnixStream::from).unwrap();
+            std::io::Read::read(&mut ours, &mut [0; 64]).unwrap();
+        }
+        assert_eq!(poll.score, MOST);
+        assert_eq!(polling.outcomes(), (20, 0));
+    }
+
+    #[test]
+    fn a_client_with_one_late_request_in_two_is_soon_not_spun_for() {
+        let polling = BusyPolling::with_spinners(Duration::from_millis(2), 1);
+        let (mut poll, mut client) = watched(&polling);
+        let spins: Vec<Spin> = (0..12)
+            .map(|i| wait_for(&mut poll, &mut client, i % 2 == 0))
+            .collect();
+        let spun = spins.iter().filter(|s| **s != Spin::Skipped).count();
+        assert!(spun <= 3, "spun {spun} of 12 waits: {spins:?}");
+        assert_eq!(spins.last(), Some(&Spin::Skipped));
+    }
+
+    #[test]
+    fn a_client_that_turns_quick_is_spun_for_again() {
+        let polling = BusyPolling::with_spinners(Duration::from_millis(2), 1);
+        let (mut poll, mut client) = watched(&polling);
+        for _ in 0..4 {
+            wait_for(&mut poll, &mut client, true);
+        }
+        assert_eq!(poll.score, 0);
+        let first_spun =
+            (0..MOST).position(|_| wait_for(&mut poll, &mut client, false) != Spin::Skipped);
+        assert_eq!(first_spun, Some(SPIN_AT as usize));
+    }
+
+    #[test]
+    fn no_more_connections_spin_at_once_than_there_are_slots() {
+        let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        let (mut first, first_client) = watched(&polling);
+        let (mut second, mut second_client) = watched(&polling);
+        let spinning = std::thread::spawn(move || first.before_waiting());
+        while polling.spinners.now.load(Ordering::Acquire) == 0 {
+            std::thread::yield_now();
+        }
+        second_client.write_all(b"request").unwrap();
+        // Its request is there, but the one slot is taken: no spin.
+        assert_eq!(second.before_waiting(), Spin::Skipped);
+        drop(first_client);
+        assert_eq!(
+            spinning.join().unwrap(),
+            Spin::Caught,
+            "a hang-up ends the spin"
+        );
+        assert_eq!(polling.spinners.now.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn off_or_on_one_cpu_nothing_spins() {
+        let (ours, _) = UnixStream::pair().unwrap();
+        assert!(BusyPolling::off().watch(ours.into()).is_none());
+        let (ours, _) = UnixStream::pair().unwrap();
+        let one_cpu = BusyPolling::with_spinners(Duration::from_micros(50), 0);
+        assert!(one_cpu.watch(ours.into()).is_none());
+    }
+}
