@@ -8,10 +8,18 @@
 //! largest part of the round trip. Watching the socket for a short while
 //! first catches the request on a running CPU instead.
 //!
-//! Spinning burns CPU, so it is bounded three ways:
+//! Spinning burns CPU, so it is bounded four ways:
+//! - **by the client's pattern**: only a wait after a lone request spins,
+//!   and a wait after several lowers the score below like a late request.
+//!   A client with many requests in flight (a queue depth of 32) is not
+//!   waiting on a round trip: its next requests come by themselves (a
+//!   server that keeps up with it still often reads them one at a time,
+//!   but now and then finds several), and spinning for them would only
+//!   cost CPU per request;
 //! - **per wait**: at most [`BusyPolling::limit`] (`--busy-poll`, default
 //!   [`DEFAULT_LIMIT`]; 0 turns it off);
-//! - **per connection**: only while its requests come quickly. Each
+//! - **per connection**: only while its requests come quickly, each after
+//!   the client read our replies (else it is pipelining). Each such
 //!   request that comes within the limit of the wait's start raises the
 //!   connection's score by one, each later one lowers it by four, and a
 //!   wait spins only at a score of at least half the most. So spinning
@@ -27,7 +35,7 @@
 //! The spin only watches: the read that follows is the ordinary one, so
 //! whatever the spin decides, no byte is read differently (TLS included).
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -97,7 +105,7 @@ impl BusyPolling {
             limit: self.limit,
             spinners: self.spinners.clone(),
             waiting_since: None,
-            score: SPIN_AT,
+            score: 0,
         })
     }
 }
@@ -143,8 +151,11 @@ pub enum Spin {
 
 /// The score of a connection whose requests all come quickly.
 const MOST: u8 = 16;
-/// The score at which a wait spins (a new connection starts there).
-const SPIN_AT: u8 = MOST / 2;
+/// The score at which a wait spins. A new connection starts at 0: a
+/// client with many requests in flight shows itself while nothing spins
+/// (its requests pile up during each wake-up), one that waits for each
+/// reply is spun for from its `SPIN_AT`th request.
+pub(crate) const SPIN_AT: u8 = MOST / 2;
 /// What a request that comes late costs the score (one that comes
 /// quickly adds one): spinning goes on only while more than
 /// `PENALTY / (PENALTY + 1)` of the requests come quickly.
@@ -165,13 +176,18 @@ pub struct BusyPoll {
 }
 
 impl BusyPoll {
-    /// Called before the connection blocks for its next request: spins
-    /// until the socket has bytes to read or the limit has passed, if this
-    /// connection's requests come quickly and a slot is free.
-    pub fn before_waiting(&mut self) -> Spin {
+    /// Called before the connection blocks for its next request, having
+    /// read `requests` since its last wait: spins until the socket has
+    /// bytes to read or the limit has passed, if that was one request (its
+    /// client waits for each reply before sending the next), its requests
+    /// come quickly and a slot is free.
+    pub fn before_waiting(&mut self, requests: u32) -> Spin {
         let start = Instant::now();
         self.waiting_since = Some(start);
-        if self.score < SPIN_AT {
+        if requests > 1 {
+            self.score = self.score.saturating_sub(PENALTY);
+        }
+        if requests != 1 || self.score < SPIN_AT {
             return Spin::Skipped;
         }
         let Some(_slot) = self.spinners.take() else {
@@ -193,16 +209,31 @@ impl BusyPoll {
     }
 
     /// Called when bytes came after [`before_waiting`](Self::before_waiting):
-    /// whether they came quickly moves the score that decides whether later
-    /// waits spin.
+    /// whether they came quickly, from a client that had read our replies,
+    /// moves the score that decides whether later waits spin.
     pub fn arrived(&mut self) {
         if let Some(since) = self.waiting_since.take() {
-            self.score = if since.elapsed() <= self.limit {
+            self.score = if since.elapsed() <= self.limit && !self.replies_unread() {
                 (self.score + 1).min(MOST)
             } else {
                 self.score.saturating_sub(PENALTY)
             };
         }
+    }
+
+    /// Whether bytes we sent are still on their way to the client: it
+    /// sent its request without reading our replies first, so it is not
+    /// waiting on them. On a Unix socket `SIOCOUTQ` counts the bytes the
+    /// peer has not read (`unix_outq_len`, net/unix/af_unix.c); on TCP,
+    /// those not yet acknowledged, which a loopback peer acknowledges as
+    /// they come, so there a pipelining client shows only by several
+    /// requests per wait.
+    fn replies_unread(&self) -> bool {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) on a socket we own writes one int to
+        // the pointer, which points at one.
+        let r = unsafe { libc::ioctl(self.socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        r == 0 && queued > 0
     }
 
     /// Whether the socket has bytes (or an end, or an error) to read now.
@@ -224,13 +255,21 @@ mod tests {
         (polling.watch(ours.into()).unwrap(), theirs)
     }
 
+    /// A connection whose requests have come quickly so far: its next
+    /// wait spins.
+    fn quick(polling: &BusyPolling) -> (BusyPoll, UnixStream) {
+        let (mut poll, client) = watched(polling);
+        poll.score = SPIN_AT;
+        (poll, client)
+    }
+
     #[test]
     fn a_request_already_there_is_caught_at_once() {
         let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
-        let (mut poll, mut client) = watched(&polling);
+        let (mut poll, mut client) = quick(&polling);
         client.write_all(b"request").unwrap();
         let start = Instant::now();
-        assert_eq!(poll.before_waiting(), Spin::Caught);
+        assert_eq!(poll.before_waiting(1), Spin::Caught);
         assert!(start.elapsed() < Duration::from_secs(30), "spun on");
         assert_eq!(polling.outcomes(), (1, 0));
     }
@@ -238,20 +277,20 @@ mod tests {
     #[test]
     fn a_request_sent_during_the_spin_is_caught() {
         let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
-        let (mut poll, mut client) = watched(&polling);
+        let (mut poll, mut client) = quick(&polling);
         let sender = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             client.write_all(b"request").unwrap();
             client
         });
-        assert_eq!(poll.before_waiting(), Spin::Caught);
+        assert_eq!(poll.before_waiting(1), Spin::Caught);
         drop(sender.join());
     }
 
     /// One wait, for a request that comes after the wait's limit (`late`)
     /// or at once, which the server then reads.
     fn wait_for(poll: &mut BusyPoll, client: &mut UnixStream, late: bool) -> Spin {
-        let spin = poll.before_waiting();
+        let spin = poll.before_waiting(1);
         if late {
             std::thread::sleep(poll.limit + Duration::from_millis(1));
         }
@@ -265,10 +304,10 @@ mod tests {
     #[test]
     fn a_client_whose_requests_come_quickly_stays_spun_for() {
         let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
-        let (mut poll, mut client) = watched(&polling);
+        let (mut poll, mut client) = quick(&polling);
         for _ in 0..20 {
             client.write_all(b"request").unwrap();
-            assert_eq!(poll.before_waiting(), Spin::Caught);
+            assert_eq!(poll.before_waiting(1), Spin::Caught);
             poll.arrived();
             let mut ours = poll.socket.try_clone().map(UnixStream::from).unwrap();
             std::io::Read::read(&mut ours, &mut [0; 64]).unwrap();
@@ -290,6 +329,23 @@ mod tests {
     }
 
     #[test]
+    fn a_request_sent_before_our_replies_were_read_does_not_count_as_quick() {
+        let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        let (mut poll, mut client) = quick(&polling);
+        let mut ours = poll.socket.try_clone().map(UnixStream::from).unwrap();
+        ours.write_all(b"reply").unwrap();
+        // A request that came at once, but with our reply still unread:
+        // the client is pipelining, not waiting on us.
+        poll.waiting_since = Some(Instant::now());
+        poll.arrived();
+        assert_eq!(poll.score, SPIN_AT - PENALTY);
+        std::io::Read::read(&mut client, &mut [0; 64]).unwrap();
+        poll.waiting_since = Some(Instant::now());
+        poll.arrived();
+        assert_eq!(poll.score, SPIN_AT - PENALTY + 1);
+    }
+
+    #[test]
     fn a_client_that_turns_quick_is_spun_for_again() {
         let polling = BusyPolling::with_spinners(Duration::from_millis(2), 1);
         let (mut poll, mut client) = watched(&polling);
@@ -305,15 +361,15 @@ mod tests {
     #[test]
     fn no_more_connections_spin_at_once_than_there_are_slots() {
         let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
-        let (mut first, first_client) = watched(&polling);
-        let (mut second, mut second_client) = watched(&polling);
-        let spinning = std::thread::spawn(move || first.before_waiting());
+        let (mut first, first_client) = quick(&polling);
+        let (mut second, mut second_client) = quick(&polling);
+        let spinning = std::thread::spawn(move || first.before_waiting(1));
         while polling.spinners.now.load(Ordering::Acquire) == 0 {
             std::thread::yield_now();
         }
         second_client.write_all(b"request").unwrap();
         // Its request is there, but the one slot is taken: no spin.
-        assert_eq!(second.before_waiting(), Spin::Skipped);
+        assert_eq!(second.before_waiting(1), Spin::Skipped);
         drop(first_client);
         assert_eq!(
             spinning.join().unwrap(),

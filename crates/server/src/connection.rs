@@ -382,6 +382,10 @@ struct Transmission<'a> {
     scratch: Scratch,
     /// Payloads too large for the input buffer (inline connections).
     big_payload: Vec<u8>,
+    /// Requests read since the connection last waited for one: a client
+    /// that sends one at a time waits for each reply (see
+    /// [`crate::busy_poll`]).
+    since_wait: u32,
     ctx: &'a ServerContext,
 }
 
@@ -432,6 +436,7 @@ impl<'a> Transmission<'a> {
             header_len: request::request_len(session.mode),
             scratch: Scratch::default(),
             big_payload: Vec::new(),
+            since_wait: 0,
             ctx,
         }
     }
@@ -477,6 +482,7 @@ impl<'a> Transmission<'a> {
             RequestHeader::from_bytes(&self.input.buffered()[..self.header_len], self.cx.mode)
                 .map_err(ConnectionError::Request)?;
         self.input.consume(self.header_len);
+        self.since_wait += 1;
         let to = ReplyTo {
             cookie: header.cookie,
             offset: header.offset,
@@ -524,6 +530,7 @@ impl<'a> Transmission<'a> {
         while self.input.buffered().len() < self.header_len {
             self.replies.flush()?;
             self.shrink_buffers();
+            self.input.waits_after(std::mem::take(&mut self.since_wait));
             match self.input.fill_or_idle(self.header_len)? {
                 Filled::Ready => {}
                 Filled::End => return Ok(false),
@@ -732,6 +739,7 @@ mod tests {
     use scratchd_proto::consts::*;
 
     use super::*;
+    use crate::busy_poll::BusyPolling;
     use crate::testing::{
         connect, eventually, request, Peer, Setup, SimpleReply, TestDevice, DISK,
     };
@@ -782,6 +790,45 @@ mod tests {
         assert_eq!(peer.reply(), ok(3));
         assert_eq!(peer.reply(), ok(4));
         assert_eq!(peer.read_exact(16), [0; 16]);
+        disconnect(peer, served);
+    }
+
+    /// A client that sends one request and waits for its reply is spun
+    /// for; one that sends several at once is not, even when they come as
+    /// quickly, and it takes several lone requests to be spun for again.
+    #[test]
+    fn only_a_wait_after_a_lone_request_spins() {
+        let mut setup = Setup::single(Arc::new(TestDevice::new(false)));
+        setup.busy_polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        let ctx = setup.context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        let spins = || {
+            let (caught, missed) = ctx.busy_polling.outcomes();
+            caught + missed
+        };
+        // Pairs of requests: after each pair the server sleeps.
+        for cookie in (0..10).step_by(2) {
+            let mut two = request(CMD_READ, 0, cookie, 0, 16, &[]);
+            two.extend(request(CMD_READ, 0, cookie + 1, 0, 16, &[]));
+            peer.send(&two);
+            for c in [cookie, cookie + 1] {
+                assert_eq!(peer.reply(), ok(c));
+                peer.read_exact(16);
+            }
+        }
+        assert_eq!(spins(), 0, "spun for a client with two in flight");
+        for cookie in 10..30 {
+            peer.send(&request(CMD_READ, 0, cookie, 0, 16, &[]));
+            assert_eq!(peer.reply(), ok(cookie));
+            peer.read_exact(16);
+        }
+        // The pairs brought the score to the bottom; each lone request
+        // that came quickly adds one, and waits spin from SPIN_AT: the
+        // waits after requests 10 + SPIN_AT - 1 to 28 (the one after 29
+        // still spins, for the DISC below).
+        let spun = 20 - crate::busy_poll::SPIN_AT as u64;
+        assert_eq!(ctx.busy_polling.outcomes(), (spun, 0));
         disconnect(peer, served);
     }
 

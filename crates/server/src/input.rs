@@ -41,6 +41,8 @@ pub struct Input {
     idle: Option<IdleWatch>,
     /// In transmission: spinning for the next request before sleeping.
     busy_poll: Option<BusyPoll>,
+    /// Requests the connection read since it last waited.
+    requests_since_wait: u32,
 }
 
 struct IdleWatch {
@@ -115,6 +117,7 @@ impl Input {
             end: 0,
             idle: None,
             busy_poll: None,
+            requests_since_wait: 0,
         }
     }
 
@@ -139,6 +142,12 @@ impl Input {
     /// From now on, waits for a request spin first (see [`crate::busy_poll`]).
     pub fn busy_poll(&mut self, busy_poll: BusyPoll) {
         self.busy_poll = Some(busy_poll);
+    }
+
+    /// Says how many requests the connection read since its last wait,
+    /// before it waits for more (see [`BusyPoll::before_waiting`]).
+    pub fn waits_after(&mut self, requests: u32) {
+        self.requests_since_wait = requests;
     }
 
     /// Reads from the stream into `dst`, part of a message. Read timeouts
@@ -195,7 +204,7 @@ impl Input {
         let between_requests = self.end == self.start;
         if between_requests {
             if let Some(poll) = &mut self.busy_poll {
-                poll.before_waiting();
+                poll.before_waiting(self.requests_since_wait);
             }
         }
         while self.end - self.start < n {

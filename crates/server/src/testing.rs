@@ -160,6 +160,7 @@ pub struct Setup {
     pub workers: usize,
     pub handshake_timeout: Duration,
     pub reply_timeout: Duration,
+    pub busy_polling: crate::busy_poll::BusyPolling,
 }
 
 impl Setup {
@@ -179,6 +180,7 @@ impl Setup {
             workers: 2,
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(10),
+            busy_polling: crate::busy_poll::BusyPolling::off(),
         }
     }
 
@@ -193,7 +195,7 @@ impl Setup {
             handshake_timeout: self.handshake_timeout,
             tls: None,
             tcp_keepalive: None,
-            busy_polling: crate::busy_poll::BusyPolling::off(),
+            busy_polling: self.busy_polling,
         })
     }
 }
