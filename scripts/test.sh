@@ -14,11 +14,16 @@ for tool in nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdfuse:nbdfuse qemu-img:qem
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+# A fresh machine may carry qemu-utils from bookworm-backports (10.0), whose
+# files clash with Debian 12's qemu-system (7.2): apt would remove it and
+# with it qemu-img and qemu-nbd. Take both from Debian 12 itself.
+case " ${need[*]} " in *" qemu-system-x86 "*) need+=(qemu-utils/bookworm) ;; esac
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test clients: ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --allow-downgrades \
+    "${need[@]}" >/dev/null
 fi
 
 # The kernels the guest tests boot (tests/e2e/kernel_vm.rs), fetched while
