@@ -174,7 +174,11 @@ trap cleanup EXIT
 } >"$run/guest.env"
 printf '%q ' "$@" >"$run/command"
 
-accel=tcg
+# thread=single: one host thread runs every vCPU in turn. With a thread per
+# vCPU (qemu 7.2's default), a vCPU can still run code another has just
+# patched through int3 (the kernel's text_poke_bp), and 6.12 then dies of an
+# "Oops: int3" (seen with two guests at once on this 2-core host).
+accel=tcg,thread=single
 [ "${SCRATCHD_VM_ACCEL:-}" != kvm ] || accel=kvm
 started=$(date +%s%N)
 set +e
