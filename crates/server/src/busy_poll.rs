@@ -26,7 +26,8 @@
 //!   lasts only while more than four in five requests come quickly: a
 //!   client that spreads its requests over several connections (nbdfuse's
 //!   four, say), whose each connection sees a mix of quick and slow ones,
-//!   is soon not spun for, and an idle one costs a few missed spins;
+//!   is soon not spun for, and one that falls idle costs one missed spin
+//!   (its next request, late, lowers the score);
 //! - **per server**: at most [`Spinners`]' slots at once (one fewer than
 //!   the CPUs), so spinning connections never take every CPU from the
 //!   clients and workers they wait for. A connection that finds no slot
