@@ -567,13 +567,9 @@ mod tests {
         assert!(err.to_string().contains("no disk"), "{err}");
     }
 
-    /// The answer of a scripted server to `request`, whose replies to
-    /// `option` are `replies` (type, payload).
-    fn snapshot_answer(
-        request: &SnapshotRequest,
-        replies: &[(u32, u32, Vec<u8>)],
-    ) -> Result<SnapshotAnswer, Error> {
-        let mut server = Vec::new();
+    /// A server that sends `first`, then `replies` (option, type, payload).
+    fn scripted(first: Vec<u8>, replies: &[(u32, u32, Vec<u8>)]) -> Script {
+        let mut server = first;
         for (option, reply_type, data) in replies {
             let body = OptionReplyBody::Other {
                 reply_type: *reply_type,
@@ -581,10 +577,19 @@ mod tests {
             };
             reply(*option, body, &mut server);
         }
-        let mut s = Script {
+        Script {
             input: io::Cursor::new(server),
             output: Vec::new(),
-        };
+        }
+    }
+
+    /// The answer of a scripted server to `request`, whose replies to
+    /// `option` are `replies` (type, payload).
+    fn snapshot_answer(
+        request: &SnapshotRequest,
+        replies: &[(u32, u32, Vec<u8>)],
+    ) -> Result<SnapshotAnswer, Error> {
+        let mut s = scripted(Vec::new(), replies);
         snapshot_request(&mut s, "test", request)
     }
 
@@ -715,18 +720,7 @@ mod tests {
     /// server that sends `replies` (option, type, payload) after its
     /// greeting.
     fn start_from_answer(replies: &[(u32, u32, Vec<u8>)]) -> Error {
-        let mut server = greeting(FLAG_FIXED_NEWSTYLE);
-        for (option, reply_type, data) in replies {
-            let body = OptionReplyBody::Other {
-                reply_type: *reply_type,
-                data: data.clone(),
-            };
-            reply(*option, body, &mut server);
-        }
-        let mut s = Script {
-            input: io::Cursor::new(server),
-            output: Vec::new(),
-        };
+        let mut s = scripted(greeting(FLAG_FIXED_NEWSTYLE), replies);
         let want = Wanted {
             replies: Replies::Simple,
             block_status: false,
