@@ -530,8 +530,11 @@ impl<'a> Transmission<'a> {
         while self.input.buffered().len() < self.header_len {
             self.replies.flush()?;
             self.shrink_buffers();
-            self.input.waits_after(std::mem::take(&mut self.since_wait));
-            match self.input.fill_or_idle(self.header_len)? {
+            let requests_read = std::mem::take(&mut self.since_wait);
+            match self
+                .input
+                .fill_request_or_idle(self.header_len, requests_read)?
+            {
                 Filled::Ready => {}
                 Filled::End => return Ok(false),
                 Filled::Idle => self.give_back_buffers(),
@@ -829,6 +832,35 @@ mod tests {
         // still spins, for the DISC below).
         let spun = 20 - crate::busy_poll::SPIN_AT as u64;
         assert_eq!(ctx.busy_polling.outcomes(), (spun, 0));
+        disconnect(peer, served);
+    }
+
+    /// Only a wait for a request spins: the rest of a request's payload is
+    /// waited for without.
+    #[test]
+    fn a_wait_for_the_rest_of_a_payload_does_not_spin() {
+        let mut setup = Setup::single(Arc::new(TestDevice::new(false)));
+        setup.busy_polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        let ctx = setup.context();
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        let lone = crate::busy_poll::SPIN_AT as u64 + 2;
+        for cookie in 0..lone {
+            peer.send(&request(CMD_READ, 0, cookie, 0, 16, &[]));
+            assert_eq!(peer.reply(), ok(cookie));
+            peer.read_exact(16);
+        }
+        // The wait after the last read spins; it catches this header.
+        peer.send(&request(CMD_WRITE, 0, 100, 0, 4096, &[]));
+        std::thread::sleep(Duration::from_millis(20));
+        peer.send(&[7; 4096]);
+        assert_eq!(peer.reply(), ok(100));
+        // Spun for and caught: the waits after reads SPIN_AT - 1 up to the
+        // last. A spin for the payload would have caught it too.
+        assert_eq!(
+            ctx.busy_polling.outcomes(),
+            (lone - (crate::busy_poll::SPIN_AT as u64 - 1), 0)
+        );
         disconnect(peer, served);
     }
 

@@ -41,8 +41,6 @@ pub struct Input {
     idle: Option<IdleWatch>,
     /// In transmission: spinning for the next request before sleeping.
     busy_poll: Option<BusyPoll>,
-    /// Requests the connection read since it last waited.
-    requests_since_wait: u32,
 }
 
 struct IdleWatch {
@@ -117,7 +115,6 @@ impl Input {
             end: 0,
             idle: None,
             busy_poll: None,
-            requests_since_wait: 0,
         }
     }
 
@@ -142,12 +139,6 @@ impl Input {
     /// From now on, waits for a request spin first (see [`crate::busy_poll`]).
     pub fn busy_poll(&mut self, busy_poll: BusyPoll) {
         self.busy_poll = Some(busy_poll);
-    }
-
-    /// Says how many requests the connection read since its last wait,
-    /// before it waits for more (see [`BusyPoll::before_waiting`]).
-    pub fn waits_after(&mut self, requests: u32) {
-        self.requests_since_wait = requests;
     }
 
     /// Reads from the stream into `dst`, part of a message. Read timeouts
@@ -201,22 +192,11 @@ impl Input {
             self.end -= self.start;
             self.start = 0;
         }
-        let between_requests = self.end == self.start;
-        if between_requests {
-            if let Some(poll) = &mut self.busy_poll {
-                poll.before_waiting(self.requests_since_wait);
-            }
-        }
         while self.end - self.start < n {
             match self.reader.read(&mut self.buf[self.end..]) {
                 Ok(0) if self.end == self.start => return Ok(Filled::End),
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(k) => {
-                    if between_requests && self.end == self.start {
-                        if let Some(poll) = &mut self.busy_poll {
-                            poll.arrived();
-                        }
-                    }
                     self.end += k;
                     self.rearm()?;
                 }
@@ -231,6 +211,26 @@ impl Input {
             }
         }
         Ok(Filled::Ready)
+    }
+
+    /// [`fill_or_idle`](Self::fill_or_idle) for a request's header, the
+    /// connection having read `requests_read` requests since it last
+    /// waited: where nothing of it is here yet, busy-polling may spin
+    /// before the read sleeps, and learns how soon it came.
+    pub fn fill_request_or_idle(&mut self, n: usize, requests_read: u32) -> io::Result<Filled> {
+        let between_requests = self.end == self.start;
+        if between_requests {
+            if let Some(poll) = &mut self.busy_poll {
+                poll.before_waiting(requests_read);
+            }
+        }
+        let filled = self.fill_or_idle(n)?;
+        if between_requests && self.end > self.start {
+            if let Some(poll) = &mut self.busy_poll {
+                poll.arrived();
+            }
+        }
+        Ok(filled)
     }
 
     /// Gives the (empty) buffer's pages back and stops the timeout until
