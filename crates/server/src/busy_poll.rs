@@ -191,6 +191,25 @@ impl BusyPoll {
         if requests != 1 || self.score < SPIN_AT {
             return Spin::Skipped;
         }
+        self.spin(start)
+    }
+
+    /// Called before the connection blocks for the rest of a request it
+    /// has the start of (a client may send a header and its payload
+    /// apart, the payload right after): spins for it like
+    /// [`before_waiting`](Self::before_waiting) while this connection's
+    /// requests come quickly. Moves no score: how soon a request's own
+    /// bytes follow says nothing of the client's next request.
+    pub fn before_waiting_for_rest(&mut self) -> Spin {
+        if self.score < SPIN_AT {
+            return Spin::Skipped;
+        }
+        self.spin(Instant::now())
+    }
+
+    /// Watches the socket until it has bytes or the limit since `start`
+    /// has passed, if a slot is free.
+    fn spin(&self, start: Instant) -> Spin {
         let Some(_slot) = self.spinners.take() else {
             return Spin::Skipped;
         };
@@ -327,6 +346,20 @@ mod tests {
         let spun = spins.iter().filter(|s| **s != Spin::Skipped).count();
         assert!(spun <= 3, "spun {spun} of 12 waits: {spins:?}");
         assert_eq!(spins.last(), Some(&Spin::Skipped));
+    }
+
+    #[test]
+    fn the_rest_of_a_request_is_spun_for_only_on_a_quick_connection_and_moves_no_score() {
+        let polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        let (mut slow, mut slow_client) = watched(&polling);
+        slow_client.write_all(b"payload").unwrap();
+        assert_eq!(slow.before_waiting_for_rest(), Spin::Skipped);
+        let (mut poll, mut client) = quick(&polling);
+        client.write_all(b"payload").unwrap();
+        assert_eq!(poll.before_waiting_for_rest(), Spin::Caught);
+        poll.arrived();
+        assert_eq!((slow.score, poll.score), (0, SPIN_AT));
+        assert_eq!(polling.outcomes(), (1, 0));
     }
 
     #[test]

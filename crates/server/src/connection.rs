@@ -835,13 +835,25 @@ mod tests {
         disconnect(peer, served);
     }
 
-    /// Only a wait for a request spins: the rest of a request's payload is
-    /// waited for without.
+    /// The rest of a request (a payload sent after its header) is spun for
+    /// on a connection whose requests come quickly, and only there.
     #[test]
-    fn a_wait_for_the_rest_of_a_payload_does_not_spin() {
+    fn the_rest_of_a_payload_is_spun_for_where_requests_come_quickly() {
         let mut setup = Setup::single(Arc::new(TestDevice::new(false)));
         setup.busy_polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
         let ctx = setup.context();
+        let split_write = |peer: &mut Peer, cookie| {
+            peer.send(&request(CMD_WRITE, 0, cookie, 0, 4096, &[]));
+            std::thread::sleep(Duration::from_millis(20));
+            peer.send(&[7; 4096]);
+            assert_eq!(peer.reply(), ok(cookie));
+        };
+        // A new connection is not spun for, its payloads neither.
+        let (mut peer, served) = connect(&ctx);
+        peer.open("disk");
+        split_write(&mut peer, 1);
+        assert_eq!(ctx.busy_polling.outcomes(), (0, 0));
+        disconnect(peer, served);
         let (mut peer, served) = connect(&ctx);
         peer.open("disk");
         let lone = crate::busy_poll::SPIN_AT as u64 + 2;
@@ -850,17 +862,12 @@ mod tests {
             assert_eq!(peer.reply(), ok(cookie));
             peer.read_exact(16);
         }
-        // The wait after the last read spins; it catches this header.
-        peer.send(&request(CMD_WRITE, 0, 100, 0, 4096, &[]));
-        std::thread::sleep(Duration::from_millis(20));
-        peer.send(&[7; 4096]);
-        assert_eq!(peer.reply(), ok(100));
-        // Spun for and caught: the waits after reads SPIN_AT - 1 up to the
-        // last. A spin for the payload would have caught it too.
-        assert_eq!(
-            ctx.busy_polling.outcomes(),
-            (lone - (crate::busy_poll::SPIN_AT as u64 - 1), 0)
-        );
+        // The waits after reads SPIN_AT - 1 up to the last spin and catch
+        // the next request (the last one, the write's header); then the
+        // wait for the write's payload spins and catches it.
+        split_write(&mut peer, 100);
+        let spun = lone - (crate::busy_poll::SPIN_AT as u64 - 1);
+        assert_eq!(ctx.busy_polling.outcomes(), (spun + 1, 0));
         disconnect(peer, served);
     }
 

@@ -166,10 +166,16 @@ impl Input {
         }
     }
 
-    /// Reads until at least `n` (≤ buffer size) bytes are buffered. Returns
+    /// Reads until at least `n` (≤ buffer size) bytes are buffered, the
+    /// rest of a message: busy-polling may spin for it first. Returns
     /// false on end of stream with nothing buffered; end of stream part-way
     /// through a message is an error.
     pub fn fill(&mut self, n: usize) -> io::Result<bool> {
+        if self.end - self.start < n {
+            if let Some(poll) = &mut self.busy_poll {
+                poll.before_waiting_for_rest();
+            }
+        }
         loop {
             match self.fill_or_idle(n)? {
                 Filled::Ready => return Ok(true),
