@@ -33,6 +33,10 @@
 //!   clients and workers they wait for. A connection that finds no slot
 //!   free sleeps.
 //!
+//! The rest of a request whose header came alone is spun for the same
+//! way (a client may send a header and its payload apart), on a
+//! connection spun for, without moving its score.
+//!
 //! The spin only watches: the read that follows is the ordinary one, so
 //! whatever the spin decides, no byte is read differently (TLS included).
 
