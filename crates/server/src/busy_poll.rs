@@ -150,7 +150,9 @@ pub enum Spin {
     Caught,
     /// The limit passed first; the connection sleeps as without spinning.
     Missed,
-    /// Not spun: the previous request was slow, or every slot was taken.
+    /// Not spun: this connection is not spun for (its requests come late,
+    /// several at a time or before it read our replies), or every slot
+    /// was taken.
     Skipped,
 }
 
