@@ -796,14 +796,28 @@ mod tests {
         disconnect(peer, served);
     }
 
+    /// A server whose connections busy-poll, with a limit no test reaches.
+    fn busy_polled() -> Arc<ServerContext> {
+        let mut setup = Setup::single(Arc::new(TestDevice::new(false)));
+        setup.busy_polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
+        setup.context()
+    }
+
+    /// Reads of 16 bytes, each sent once the previous reply is read.
+    fn lone_reads(peer: &mut Peer, cookies: std::ops::Range<u64>) {
+        for cookie in cookies {
+            peer.send(&request(CMD_READ, 0, cookie, 0, 16, &[]));
+            assert_eq!(peer.reply(), ok(cookie));
+            peer.read_exact(16);
+        }
+    }
+
     /// A client that sends one request and waits for its reply is spun
     /// for; one that sends several at once is not, even when they come as
     /// quickly, and it takes several lone requests to be spun for again.
     #[test]
     fn only_a_wait_after_a_lone_request_spins() {
-        let mut setup = Setup::single(Arc::new(TestDevice::new(false)));
-        setup.busy_polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
-        let ctx = setup.context();
+        let ctx = busy_polled();
         let (mut peer, served) = connect(&ctx);
         peer.open("disk");
         let spins = || {
@@ -821,11 +835,7 @@ mod tests {
             }
         }
         assert_eq!(spins(), 0, "spun for a client with two in flight");
-        for cookie in 10..30 {
-            peer.send(&request(CMD_READ, 0, cookie, 0, 16, &[]));
-            assert_eq!(peer.reply(), ok(cookie));
-            peer.read_exact(16);
-        }
+        lone_reads(&mut peer, 10..30);
         // The pairs brought the score to the bottom; each lone request
         // that came quickly adds one, and waits spin from SPIN_AT: the
         // waits after requests 10 + SPIN_AT - 1 to 28 (the one after 29
@@ -839,9 +849,7 @@ mod tests {
     /// on a connection whose requests come quickly, and only there.
     #[test]
     fn the_rest_of_a_payload_is_spun_for_where_requests_come_quickly() {
-        let mut setup = Setup::single(Arc::new(TestDevice::new(false)));
-        setup.busy_polling = BusyPolling::with_spinners(Duration::from_secs(60), 1);
-        let ctx = setup.context();
+        let ctx = busy_polled();
         let split_write = |peer: &mut Peer, cookie| {
             peer.send(&request(CMD_WRITE, 0, cookie, 0, 4096, &[]));
             std::thread::sleep(Duration::from_millis(20));
@@ -857,11 +865,7 @@ mod tests {
         let (mut peer, served) = connect(&ctx);
         peer.open("disk");
         let lone = crate::busy_poll::SPIN_AT as u64 + 2;
-        for cookie in 0..lone {
-            peer.send(&request(CMD_READ, 0, cookie, 0, 16, &[]));
-            assert_eq!(peer.reply(), ok(cookie));
-            peer.read_exact(16);
-        }
+        lone_reads(&mut peer, 0..lone);
         // The waits after reads SPIN_AT - 1 up to the last spin and catch
         // the next request (the last one, the write's header); then the
         // wait for the write's payload spins and catches it.

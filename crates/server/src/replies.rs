@@ -122,10 +122,13 @@ impl State {
     /// Whether anything waits to be sent or is being sent: queued replies,
     /// a post sending outside the lock, or records a TLS transport holds.
     fn backlog(&self) -> bool {
-        match &self.writer {
-            Some(writer) => !self.queue.is_empty() || writer.pending(),
-            None => true,
-        }
+        self.sending() || self.waiting_for_client()
+    }
+
+    /// Whether replies wait for the socket to take them: queued, or left
+    /// inside the transport (TLS records) by an earlier write.
+    fn waiting_for_client(&self) -> bool {
+        !self.queue.is_empty() || self.writer.as_ref().is_some_and(|w| w.pending())
     }
 
     /// Whether a post is sending outside the lock (it holds the writer).
@@ -329,11 +332,7 @@ impl ReplyQueue {
     /// into that post's next write.
     pub fn is_idle(&self) -> bool {
         let st = sync::lock(&self.shared.state);
-        let waiting = match &st.writer {
-            Some(writer) => !st.queue.is_empty() || writer.pending(),
-            None => !st.queue.is_empty(),
-        };
-        st.running == 0 && !waiting && !st.closed
+        st.running == 0 && !st.waiting_for_client() && !st.closed
     }
 
     /// Waits until every admitted request has posted its reply and every
