@@ -155,7 +155,8 @@ pub struct ServeArgs {
     /// Spin for up to this long for a client's next request before
     /// sleeping, while its requests come that quickly (saves a thread
     /// wake-up per round trip, costs CPU; at most one fewer connection
-    /// spins at once than there are CPUs); 0: off (default 200us).
+    /// spins at once than there are CPUs); 0: off (default 200us, at
+    /// most 100ms).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_or_off)]
     #[serde(default, deserialize_with = "config::duration_or_off")]
     pub busy_poll: Option<Duration>,
@@ -306,6 +307,14 @@ pub fn main(args: ServeArgs) -> i32 {
         init_logging(args.verbose, args.log_level.as_deref());
     }
     let _ = args.foreground;
+    let busy_poll = args.busy_poll.unwrap_or(busy_poll::DEFAULT_LIMIT);
+    if busy_poll > busy_poll::MAX_LIMIT {
+        eprintln!(
+            "scratchd: --busy-poll {busy_poll:?} is longer than a spin can pay off: at most {:?} (0: off)",
+            busy_poll::MAX_LIMIT
+        );
+        return EXIT_USAGE;
+    }
     let (exports, may_block, admin_backend) = match build_exports(&args, &backend) {
         Ok(e) => e,
         Err(BackendError::Usage(e)) => {
@@ -344,7 +353,7 @@ pub fn main(args: ServeArgs) -> i32 {
             .unwrap_or(scratchd_server::connection::DEFAULT_HANDSHAKE_TIMEOUT),
         tcp_keepalive: Some(args.tcp_keepalive.unwrap_or(DEFAULT_TCP_KEEPALIVE))
             .filter(|d| !d.is_zero()),
-        busy_polling: BusyPolling::new(args.busy_poll.unwrap_or(busy_poll::DEFAULT_LIMIT)),
+        busy_polling: BusyPolling::new(busy_poll),
         tls,
     });
     if args.exit_with_parent {

@@ -57,6 +57,14 @@ fn usage_errors_exit_2_and_name_what_is_valid() {
             &["--owner-disk-limit", "dir:PATH"],
         ),
         (
+            &["--busy-poll", "fast", "memory", "1M"],
+            &["--busy-poll", "fast"],
+        ),
+        (
+            &["--busy-poll", "2s", "memory", "1M"],
+            &["--busy-poll", "2s", "100ms"],
+        ),
+        (
             &["tmpdisk", "1M", "owner=root"],
             &["owner=", "root", "peer", "peer+gid", "name"],
         ),

@@ -55,6 +55,11 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 /// (docs/PERFORMANCE.md, "Busy-polling").
 pub const DEFAULT_LIMIT: Duration = Duration::from_micros(200);
 
+/// The longest spin `--busy-poll` takes. A sleep and wake-up cost tens of
+/// microseconds: a spin far longer than that only burns a CPU, and a
+/// connection falling idle would burn this much each time.
+pub const MAX_LIMIT: Duration = Duration::from_millis(100);
+
 /// The server's busy-polling: how long a wait may spin, the slots every
 /// connection's spinning shares, and what the spins caught.
 #[derive(Clone, Debug)]
