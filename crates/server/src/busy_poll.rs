@@ -107,10 +107,15 @@ impl BusyPolling {
         )
     }
 
-    /// A connection's busy-polling on `socket`; `None` when off, or where
-    /// no connection may spin (one CPU).
+    /// Whether any connection may spin: on, and more than one CPU.
+    pub fn spins(&self) -> bool {
+        !self.limit.is_zero() && self.spinners.max > 0
+    }
+
+    /// A connection's busy-polling on `socket`; `None` where no connection
+    /// may spin (see [`spins`](Self::spins)).
     pub fn watch(&self, socket: OwnedFd) -> Option<BusyPoll> {
-        (!self.limit.is_zero() && self.spinners.max > 0).then(|| BusyPoll {
+        self.spins().then(|| BusyPoll {
             socket,
             limit: self.limit,
             spinners: self.spinners.clone(),

@@ -128,8 +128,10 @@ fn run(transport: Transport, ctx: &ServerContext) -> Result<(), ConnectionError>
         return Ok(());
     };
     input.watch_idle(Box::new(control.try_clone()?))?;
-    if let Some(socket) = control.socket() {
-        if let Some(poll) = ctx.busy_polling.watch(socket?) {
+    // Only where connections may spin: else no second descriptor.
+    if ctx.busy_polling.spins() {
+        let socket = control.socket().transpose()?;
+        if let Some(poll) = socket.and_then(|s| ctx.busy_polling.watch(s)) {
             input.busy_poll(poll);
         }
     }
