@@ -92,9 +92,10 @@ const MAX_MESSAGE_SHOWN: usize = 1024;
 
 /// The server's message after an error's text, if it has one.
 fn message_suffix(message: &str) -> String {
-    match message.is_empty() {
-        true => String::new(),
-        false => format!(": {}", shown(message)),
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", shown(message))
     }
 }
 
