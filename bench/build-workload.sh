@@ -39,7 +39,7 @@ CONFIGS=${CONFIGS:-"scratchd nbdkit tmpfs tmpfs-default"}
 TAR=${TAR:-/var/tmp/linux-source-6.1.tar}
 XZ=${XZ:-/usr/src/linux-source-6.1.tar.xz}
 # scratchd's default ext4 options (crates/scratch/src/format.rs, mkfs_options)
-SCRATCH_MKFS="-F -q -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard -O ^has_journal"
+SCRATCH_MKFS="-F -q -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard -O ^has_journal"
 
 [ "$(id -u)" = 0 ] || { echo "needs root (losetup, mount)" >&2; exit 1; }
 [ -e /dev/fuse ] || { echo "needs /dev/fuse" >&2; exit 1; }

@@ -9,7 +9,7 @@
 # Configurations (CONFIGS, default all seven, in this order):
 #   ceiling     ext4 on a loop device (buffered) over a sparse 20G image in
 #               /dev/shm, made with scratchd's default mkfs options (ext4
-#               without journal, -b 4096 -m 0, lazy init, nodiscard; see
+#               without journal, -b 4096 -m 0, lazy init, discard (inode tables flagged zeroed); see
 #               crates/scratch/src/format.rs), mounted noatime
 #   tmpfs       a tmpfs (size=20G) mounted on the directory: no block device at all
 #   local-disk  a directory on /var/tmp (this machine's own disk), bind-mounted
@@ -169,7 +169,7 @@ SUITE=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 DEB_TARBALL=${DEB_TARBALL:-/var/tmp/debootstrap-minbase-$SUITE.tgz}
 SIZE=20G
 # scratchd's default ext4 options (crates/scratch/src/format.rs, mkfs_options)
-SCRATCH_MKFS="-F -q -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard -O ^has_journal"
+SCRATCH_MKFS="-F -q -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard -O ^has_journal"
 
 die() { echo "run-workload: $*" >&2; exit 1; }
 

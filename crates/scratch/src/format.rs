@@ -145,14 +145,25 @@ impl FormatSpec {
 /// `mkfs` options for a throw-away disk of type `fs`.
 ///
 /// ext2/3/4: no reserved blocks (`-m 0`: nobody needs root's 5% on a build
-/// disk), lazy inode table and journal initialisation, no discard pass
-/// (the disk is already all zeros), and 4 KiB blocks whatever the size
-/// (mke2fs picks 1 KiB for small disks), matching the preferred block size
-/// every export advertises, so the disk also mounts on a device with 4 KiB
-/// sectors (`scratchd run`'s loop device). ext4 also drops the journal, as
-/// OBS does for its build roots: a scratch disk never has to survive a
-/// crash. Types
-/// without a known quiet or force flag get only the label.
+/// disk), lazy inode table and journal initialisation, and 4 KiB blocks
+/// whatever the size (mke2fs picks 1 KiB for small disks), matching the
+/// preferred block size every export advertises, so the disk also mounts on
+/// a device with 4 KiB sectors (`scratchd run`'s loop device). ext4 also
+/// drops the journal, as OBS does for its build roots: a scratch disk never
+/// has to survive a crash.
+///
+/// ext4 gets `discard`, although the disk is already all zeros: the disk
+/// is always a regular file here (a memfd or an unnamed file), where mke2fs's discard
+/// punches holes, costs nothing on an empty file, and tells it that the
+/// inode tables read as zeros. It then flags them zeroed. Without that
+/// flag, the kernel's `ext4lazyinit` thread zeroes every inode table after
+/// the first mount, during the build: on a 20 GiB disk 160 requests
+/// zeroing 318 MiB, through every layer between the file system and the
+/// server. (`assume_storage_prezeroed` says the same without the discard,
+/// but only from e2fsprogs 1.47.0 on.) ext2 and ext3 have no such flags
+/// and no lazy zeroing: `nodiscard`, the pass being of no use there.
+///
+/// Types without a known quiet or force flag get only the label.
 pub(crate) fn mkfs_options(fs: &str, label: Option<&str>) -> Vec<String> {
     let mut args: Vec<&str> = match fs {
         "ext4" => vec![
@@ -163,7 +174,7 @@ pub(crate) fn mkfs_options(fs: &str, label: Option<&str>) -> Vec<String> {
             "-m",
             "0",
             "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            "lazy_itable_init=1,lazy_journal_init=1,discard",
             "-O",
             "^has_journal",
         ],
@@ -436,6 +447,36 @@ mod tests {
         match err {
             FormatError::Exit { code: 1, stderr } => assert!(stderr.len() <= SUMMARY_LEN + 3),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// Checked with the real mke2fs and dumpe2fs: an ext4 scratch disk's
+    /// inode tables are flagged zeroed, so no kernel thread zeroes them
+    /// after the first mount.
+    #[test]
+    fn ext4_inode_tables_are_flagged_zeroed() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(1 << 30).unwrap();
+        let spec = FormatSpec {
+            kind: FormatKind::Filesystem("ext4".into()),
+            fs_type: "ext4".into(),
+            label: None,
+            env: vec![],
+            timeout: Duration::from_secs(30),
+        };
+        spec.format(image.path(), 1 << 30, None).unwrap();
+        let out = Command::new("dumpe2fs")
+            .env("PATH", SYSTEM_PATH)
+            .arg(image.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        let groups: Vec<&str> = text.lines().filter(|l| l.contains(": (Blocks ")).collect();
+        // 1 GiB of 4 KiB blocks: 8 groups of 32768 blocks.
+        assert_eq!(groups.len(), 8);
+        for group in groups {
+            assert!(group.contains("ITABLE_ZEROED"), "{group}");
         }
     }
 
