@@ -8,8 +8,8 @@
 #   ROUNDS=5 CONFIGS="scratchd tmpfs" bench/build-workload.sh
 #
 # Configurations (CONFIGS, in this order; each round rotates the order):
-#   scratchd        scratchd serve tmpdisk size=20G (its default mkfs: ext4 without
-#                   journal, -m 0, lazy init); nbdfuse with multi-conn (4 connections)
+#   scratchd        scratchd serve tmpdisk size=20G (its default mkfs: ext4 with a
+#                   64 MiB journal, -m 0, lazy init); nbdfuse with multi-conn (4 connections)
 #   nbdkit          nbdkit tmpdisk size=20G (its default mkfs: ext4 WITH journal, the
 #                   disk a sparse file in $TMPDIR=/var/tmp); nbdfuse -C 1 (nbdkit's
 #                   tmpdisk gives each connection its own disk, and does not advertise
@@ -19,7 +19,7 @@
 #   tmpfs-default   the same with plain `mkfs.ext4 -F -q` (journal; nbdkit's choice)
 # Extra configurations (not run by default; for analysis):
 #   nbdkit-shm      nbdkit tmpdisk with TMPDIR=/dev/shm (disk in RAM, as scratchd's)
-#   nbdkit-nojournal  nbdkit tmpdisk, TMPDIR=/dev/shm, command= scratchd's mkfs options
+#   nbdkit-nojournal  nbdkit tmpdisk, TMPDIR=/dev/shm, command= scratchd's mkfs options (named when those had no journal)
 #   nbdkit-memory   nbdkit memory 20G, multi-conn (4), formatted with scratchd's options
 #   scratchd-c1     scratchd tmpdisk, nbdfuse -C 1
 #   scratchd-dio    scratchd tmpdisk, `losetup --direct-io=on` (loop submits requests
@@ -39,7 +39,7 @@ CONFIGS=${CONFIGS:-"scratchd nbdkit tmpfs tmpfs-default"}
 TAR=${TAR:-/var/tmp/linux-source-6.1.tar}
 XZ=${XZ:-/usr/src/linux-source-6.1.tar.xz}
 # scratchd's default ext4 options (crates/scratch/src/format.rs, mkfs_options)
-SCRATCH_MKFS="-F -q -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard -O ^has_journal"
+SCRATCH_MKFS="-F -q -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard -J size=64"
 
 [ "$(id -u)" = 0 ] || { echo "needs root (losetup, mount)" >&2; exit 1; }
 [ -e /dev/fuse ] || { echo "needs /dev/fuse" >&2; exit 1; }

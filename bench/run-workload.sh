@@ -9,7 +9,8 @@
 # Configurations (CONFIGS, default all seven, in this order):
 #   ceiling     ext4 on a loop device (buffered) over a sparse 20G image in
 #               /dev/shm, made with scratchd's default mkfs options (ext4
-#               without journal, -b 4096 -m 0, lazy init, discard (inode tables flagged zeroed); see
+#               with a 64 MiB journal, -b 4096 -m 0, lazy init, discard: inode
+#               tables flagged zeroed; see
 #               crates/scratch/src/format.rs), mounted noatime
 #   tmpfs       a tmpfs (size=20G) mounted on the directory: no block device at all
 #   local-disk  a directory on /var/tmp (this machine's own disk), bind-mounted
@@ -76,7 +77,11 @@
 # `cargo build --release --locked` first), TAR (default
 # /var/tmp/linux-source-6.1.tar), SRC_DIR (where hello_*.orig.tar.gz is kept,
 # default /var/tmp), DEB_TARBALL (default
-# /var/tmp/debootstrap-minbase-SUITE.tgz), KEEP_LOGS=1 (keep the work directory with every log).
+# /var/tmp/debootstrap-minbase-SUITE.tgz), KEEP_LOGS=1 (keep the work directory with every log),
+# SCRATCH_MKFS (mkfs.ext4 options of the ceiling's image; when not scratchd's
+# default, scratchd's tmpdisk servers get `command=mkfs.ext4 SCRATCH_MKFS $disk`
+# too, e.g. "-F -q -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard -O ^has_journal"
+# for ext4 without a journal, the default before 2026-12-07).
 #
 # Needs root, /dev/fuse and loop devices. Installs what is missing with
 # apt-get: nbdkit, libnbd-bin (nbdfuse), fuse3, e2fsprogs, rpm, gcc, make,
@@ -169,7 +174,14 @@ SUITE=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 DEB_TARBALL=${DEB_TARBALL:-/var/tmp/debootstrap-minbase-$SUITE.tgz}
 SIZE=20G
 # scratchd's default ext4 options (crates/scratch/src/format.rs, mkfs_options)
-SCRATCH_MKFS="-F -q -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard -O ^has_journal"
+SCRATCH_MKFS_DEFAULT="-F -q -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard -J size=64"
+SCRATCH_MKFS=${SCRATCH_MKFS:-$SCRATCH_MKFS_DEFAULT}
+# scratchd servers format their own disks; another SCRATCH_MKFS is given to
+# them as their format command, so that the ceiling and they stay alike
+tmpdisk_format=()
+if [ "$SCRATCH_MKFS" != "$SCRATCH_MKFS_DEFAULT" ]; then
+  tmpdisk_format=("command=mkfs.ext4 $SCRATCH_MKFS \$disk")
+fi
 
 die() { echo "run-workload: $*" >&2; exit 1; }
 
@@ -570,8 +582,8 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r: $c" >&2
     case $c in
       nbdkit) start_server nbdkit env TMPDIR="$shm" nbdkit -f -U "$work/sock" tmpdisk size="$SIZE" ;;
-      run-server | run-server-sync | nbdfuse-scratchd) start_server scratchd-serve "$SCRATCHD" serve ${SERVE_ARGS:-} -U "$work/sock" tmpdisk size="$SIZE" pool=1 ;;
-      run-tcp) start_server scratchd-serve-tcp "$SCRATCHD" serve ${SERVE_ARGS:-} -i 127.0.0.1 -p "$port" tmpdisk size="$SIZE" pool=1 ;;
+      run-server | run-server-sync | nbdfuse-scratchd) start_server scratchd-serve "$SCRATCHD" serve ${SERVE_ARGS:-} -U "$work/sock" tmpdisk size="$SIZE" pool=1 "${tmpdisk_format[@]}" ;;
+      run-tcp) start_server scratchd-serve-tcp "$SCRATCHD" serve ${SERVE_ARGS:-} -i 127.0.0.1 -p "$port" tmpdisk size="$SIZE" pool=1 "${tmpdisk_format[@]}" ;;
     esac
     case $c in
       nbdkit | nbdfuse-scratchd | run-server | run-server-sync) start_proxy "unix:$work/sock" ;;

@@ -43,7 +43,7 @@ measure() { # round config
   case $2 in
     ceiling)
       truncate -s 20G "$work/ext4.img"
-      mkfs.ext4 -q -F -O ^has_journal -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard "$work/ext4.img"
+      mkfs.ext4 -q -F -J size=64 -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard "$work/ext4.img"
       mount -o loop,noatime "$work/ext4.img" "$work/ceiling"
       out=$(fio_on "$work/ceiling")
       umount "$work/ceiling"; rm -f "$work/ext4.img" ;;

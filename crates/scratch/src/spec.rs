@@ -39,7 +39,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("size", "size of each disk, e.g. 20G (required)"),
     (
         "type",
-        "filesystem for mkfs -t (default ext4, no journal); none: blank",
+        "filesystem for mkfs -t (default ext4, journal of at most 64 MiB); none: blank",
     ),
     ("label", "filesystem label"),
     (
