@@ -174,8 +174,8 @@ const JOURNAL_CAPPED_FROM: u64 = 16 << 30;
 /// tells it that the inode tables read as zeros. It then flags them
 /// zeroed. Without that flag, the kernel's `ext4lazyinit` thread zeroes
 /// every inode table after the first mount, during the build: on a 20 GiB
-/// disk 160 requests zeroing 318 MiB, through every layer between the file
-/// system and the server. (`assume_storage_prezeroed` says the same
+/// disk some 160 requests zeroing ~310 MiB, through every layer between
+/// the file system and the server. (`assume_storage_prezeroed` says the same
 /// without the discard, but only from e2fsprogs 1.47.0 on.) ext2 and ext3
 /// have no such flags and no lazy zeroing: `nodiscard`, the pass being of
 /// no use there.
