@@ -143,7 +143,7 @@ impl FormatSpec {
 }
 
 /// The largest ext4 journal a scratch disk gets, in MiB.
-pub(crate) const JOURNAL_MAX_MIB: u64 = 64;
+const JOURNAL_MAX_MIB: u64 = 64;
 /// The disk size from which mke2fs would make a larger journal than
 /// [`JOURNAL_MAX_MIB`] (its `ext2fs_default_journal_size`: 128 MiB from
 /// 4 Mi blocks of 4 KiB on).
