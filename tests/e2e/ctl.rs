@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::util::free_port;
@@ -126,10 +126,19 @@ fn start(flags: &[&str], params: &[&str]) -> Setup {
 
 /// `scratchd ctl --control PATH ARGS…`, which must succeed; its output.
 pub(crate) fn ctl(control: &Path, args: &[&str]) -> String {
-    stdout(&run(Command::new(SCRATCHD)
-        .args(["ctl", "--control"])
-        .arg(control)
-        .args(args)))
+    stdout(&run(&mut ctl_command(control, args)))
+}
+
+/// [`ctl`] that may fail: its exit code and output.
+fn ctl_status(control: &Path, args: &[&str]) -> (i32, Output) {
+    run_status(&mut ctl_command(control, args))
+}
+
+/// `scratchd ctl --control CONTROL ARGS...`.
+fn ctl_command(control: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(SCRATCHD);
+    cmd.args(["ctl", "--control"]).arg(control).args(args);
+    cmd
 }
 
 /// [`ctl`] with `--json`, parsed.
@@ -216,12 +225,7 @@ fn ctl_list_show_and_status_while_two_builds_are_connected() {
     assert_eq!(status.int("exports_destroyed"), 2);
     assert_eq!(status.int("memory.used"), 0);
     // Unknown names are errors, with a message.
-    let (code, out) = run_status(
-        Command::new(SCRATCHD)
-            .args(["ctl", "--control"])
-            .arg(&control)
-            .args(["show", "nope"]),
-    );
+    let (code, out) = ctl_status(&control, &["show", "nope"]);
     assert_eq!(code, 1);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no export \"nope\""));
 }
@@ -262,12 +266,7 @@ fn ctl_drop_disconnects_the_clients_and_frees_the_disk() {
         1
     );
     again.finish();
-    let (code, out) = run_status(
-        Command::new(SCRATCHD)
-            .args(["ctl", "--control"])
-            .arg(&control)
-            .args(["drop", "never-was"]),
-    );
+    let (code, out) = ctl_status(&control, &["drop", "never-was"]);
     assert_eq!(code, 1, "{}", stdout(&out));
 }
 
@@ -307,11 +306,9 @@ h.shutdown()
     // Kept until dropped: survives its connections, goes when dropped.
     // A time past what the server's clock can add is refused with a
     // clear error, and the control socket still answers.
-    let (code, out) = run_status(
-        Command::new(SCRATCHD)
-            .args(["ctl", "--control"])
-            .arg(&control)
-            .args(["keep", "failed-build", "--for", "100000000000000h"]),
+    let (code, out) = ctl_status(
+        &control,
+        &["keep", "failed-build", "--for", "100000000000000h"],
     );
     let said = String::from_utf8_lossy(&out.stderr);
     assert_ne!(code, 0);
@@ -343,12 +340,7 @@ fn ctl_on_a_single_export_backend() {
     assert_eq!(list.get("exports.0.backend"), "memory");
     assert_eq!(list.int("exports.0.size"), 8 << 20);
     assert_eq!(ctl_json(&control, &["status"]).get("backend"), "memory");
-    let (code, _) = run_status(
-        Command::new(SCRATCHD)
-            .args(["ctl", "--control"])
-            .arg(&control)
-            .args(["drop", "disk"]),
-    );
+    let (code, _) = ctl_status(&control, &["drop", "disk"]);
     assert_eq!(code, 1);
     // Removed at exit, like the NBD socket.
     server.signal("TERM");
@@ -380,12 +372,7 @@ fn ctl_asks_which_owner_when_a_name_is_ambiguous() {
         nobody
     );
     // drop will not guess.
-    let (code, out) = run_status(
-        Command::new(SCRATCHD)
-            .args(["ctl", "--control"])
-            .arg(&control)
-            .args(["drop", "same"]),
-    );
+    let (code, out) = ctl_status(&control, &["drop", "same"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(code, 1);
     assert!(
