@@ -81,7 +81,8 @@
 # SCRATCH_MKFS (mkfs.ext4 options of the ceiling's image; when not scratchd's
 # default, scratchd's tmpdisk servers get `command=mkfs.ext4 SCRATCH_MKFS $disk`
 # too, e.g. "-F -q -b 4096 -m 0 -E lazy_itable_init=1,lazy_journal_init=1,discard -O ^has_journal"
-# for ext4 without a journal, the default before 2026-12-07).
+# for ext4 without a journal, the default before 2026-12-07; run-local's
+# private disk keeps scratchd's own options).
 #
 # Needs root, /dev/fuse and loop devices. Installs what is missing with
 # apt-get: nbdkit, libnbd-bin (nbdfuse), fuse3, e2fsprogs, rpm, gcc, make,
