@@ -28,8 +28,8 @@ pub struct FrontEndArgs {
     mount_options: String,
     /// The disk's file system: what is mounted (only that driver reads the
     /// disk; the kernel never probes it with others) and, for `run`'s own
-    /// disk, what mkfs makes (ext4 without a journal; `none` for no file
-    /// system and no mount).
+    /// disk, what mkfs makes (ext4 with a journal of at most 64 MiB; `none`
+    /// for no file system and no mount).
     #[arg(long = "type", value_name = "TYPE", default_value = "ext4")]
     pub fs_type: String,
     /// Connections to the server (when it allows several), and threads
